@@ -1,0 +1,42 @@
+"""Stable hashing shared by every hash policy (source hash, Maglev, sticky keys).
+
+Hash policies must agree across worker processes, restarts and machines, so they use one fixed
+function, xxHash64 (https://github.com/Cyan4973/xxHash, XXH64), and never Python's `hash()`, which
+is randomised per process for str and bytes (PYTHONHASHSEED).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import xxhash
+
+HASH_KEYS = ("source_ip", "source_ip_port")
+"""The connection fields a hash policy may key on."""
+
+
+def stable_hash64(data: bytes, seed: int = 0) -> int:
+    """Return XXH64 of `data` as an unsigned 64-bit integer.
+
+    `seed` gives independent hash functions over the same input (Maglev needs two per backend).
+    """
+    return xxhash.xxh64_intdigest(data, seed)
+
+
+def source_key(ip: str, port: int, hash_key: str) -> bytes:
+    """Build the hash key for a client address.
+
+    The packed binary address is used rather than the text, so "1.2.3.4", "::ffff:1.2.3.4" (a
+    v4 client seen on a dual-stack socket) and differently spelled IPv6 addresses all hash alike.
+    For "source_ip_port" the port follows as two big-endian bytes.
+    """
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if hash_key == "source_ip":
+        return address.packed
+    if hash_key == "source_ip_port":
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"port out of range: {port}")
+        return address.packed + port.to_bytes(2, "big")
+    raise ValueError(f"unknown hash key {hash_key!r}; expected one of {HASH_KEYS}")

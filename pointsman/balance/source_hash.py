@@ -1,0 +1,73 @@
+"""Source hash by weighted rendezvous (highest random weight) hashing.
+
+Sources: Thaler and Ravishankar, "Using Name-Based Mappings to Increase Hit Rates" (IEEE/ACM
+Transactions on Networking 6(1), 1998) for rendezvous hashing; the weighted score
+`-weight / ln(u)`, with `u` the key's hash for that backend mapped into (0, 1), is the logarithmic
+method of Schindelhauer and Schomaker, "Weighted Distributed Hash Tables" (SPAA 2005). It gives each
+backend a share of keys proportional to its weight.
+
+Every backend scores every key independently and the highest score wins, so removing a backend moves
+only the keys it held (each to its runner-up), and adding one moves to it only the keys it now wins:
+no other key changes backend. The price is O(n) hashes per pick; for large pools Maglev is O(1).
+
+Hash policies use the configured weight, not the slow start ramp (as HAProxy does): a ramp would
+move keys back and forth while it runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence, Set
+
+from pointsman.balance.base import Candidate
+from pointsman.balance.hashing import stable_hash64
+
+_TO_UNIT = 2.0**-53
+"""Scales the top 53 bits of a hash (a float's mantissa) into [0, 1)."""
+
+
+def _unit(hash64: int) -> float:
+    """Map a 64-bit hash into the open interval (0, 1), so ln() is finite and negative."""
+    return ((hash64 >> 11) + 0.5) * _TO_UNIT
+
+
+class SourceHash:
+    """Weighted rendezvous hashing of the connection key over the available candidates."""
+
+    __slots__ = ("_available", "_ids", "_uniform", "_weights")
+
+    def __init__(self, candidates: Sequence[Candidate]) -> None:
+        self._available: tuple[int, ...] = tuple(
+            i for i, c in enumerate(candidates) if c.weight > 0
+        )
+        self._ids: tuple[bytes, ...] = tuple(c.id.encode() for c in candidates)
+        self._weights: tuple[float, ...] = tuple(c.weight for c in candidates)
+        # With equal weights the score is monotonic in the hash, so the log can be skipped.
+        self._uniform = len({self._weights[i] for i in self._available}) <= 1
+
+    def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
+        """Return the available, non-excluded index with the highest score for `key`."""
+        # The key's own hash seeds each backend's hash: the same as hashing key and id together,
+        # without the ambiguity of concatenation (b"ab" + "c" == b"a" + "bc").
+        seed = stable_hash64(key)
+        ids = self._ids
+        best = -1
+        if self._uniform:
+            best_hash = -1
+            for index in self._available:
+                if index in exclude:
+                    continue
+                value = stable_hash64(ids[index], seed)
+                if value > best_hash:
+                    best, best_hash = index, value
+            return None if best < 0 else best
+        weights = self._weights
+        log = math.log
+        best_score = 0.0
+        for index in self._available:
+            if index in exclude:
+                continue
+            score = -weights[index] / log(_unit(stable_hash64(ids[index], seed)))
+            if best < 0 or score > best_score:
+                best, best_score = index, score
+        return None if best < 0 else best

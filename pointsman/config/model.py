@@ -1,0 +1,128 @@
+"""The typed, frozen config an operator writes (YAML), validated by pydantic.
+
+Key names here are the public interface: later features add keys, never rename them. Cross-object
+rules (unique names, references to pools) live in `semantics.py` so each error can name its path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+from pointsman.config.addresses import HostPort, parse_host_port
+from pointsman.config.durations import parse_duration, parse_fraction
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Fraction = Annotated[float, BeforeValidator(parse_fraction)]
+Address = Annotated[HostPort, BeforeValidator(parse_host_port), PlainSerializer(str)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+ALGORITHMS = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "power_of_two",
+    "source_hash",
+    "maglev",
+)
+Algorithm = Literal[
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "power_of_two",
+    "source_hash",
+    "maglev",
+]
+HashKey = Literal["source_ip", "source_ip_port"]
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors and validated objects are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(Strict):
+    address: Address
+    name: Name | None = None
+    weight: int = Field(default=1, ge=0, le=1000)
+
+    @property
+    def id(self) -> str:
+        """Stable identity: the configured name, else the address as written."""
+        return self.name or str(self.address)
+
+
+class AffinityConfig(Strict):
+    key: HashKey = "source_ip"
+    timeout: Duration = 600.0
+    max_entries: int = Field(default=100_000, ge=1)
+
+
+class HttpCheckConfig(Strict):
+    path: str = "/"
+    expect_status: list[int] = Field(default_factory=lambda: [200])
+    host: str | None = None
+
+
+class TlsCheckConfig(Strict):
+    server_name: str | None = None
+    verify: bool = False
+
+
+class HealthCheckConfig(Strict):
+    type: Literal["tcp", "send_expect", "http", "tls", "udp", "none"] = "tcp"
+    interval: Duration = 2.0
+    timeout: Duration = 1.0
+    rise: int = Field(default=2, ge=1)
+    fall: int = Field(default=3, ge=1)
+    jitter: Fraction = 0.1
+    port: int | None = Field(default=None, ge=1, le=65535)
+    send: str | None = None
+    send_hex: str | None = None
+    expect: str | None = None
+    expect_regex: str | None = None
+    http: HttpCheckConfig = Field(default_factory=HttpCheckConfig)
+    tls: TlsCheckConfig = Field(default_factory=TlsCheckConfig)
+
+
+class PassiveConfig(Strict):
+    consecutive_failures: int = Field(default=5, ge=0)
+    base_ejection: Duration = 30.0
+    max_ejection: Duration = 300.0
+
+
+class PoolConfig(Strict):
+    name: Name
+    algorithm: Algorithm = "round_robin"
+    backends: list[BackendConfig] = Field(min_length=1)
+    connect_timeout: Duration = 2.0
+    idle_timeout: Duration = 300.0
+    retries: int = Field(default=2, ge=0, le=100)
+    hash_key: HashKey = "source_ip"
+    maglev_table_size: int = Field(default=65537, ge=3, le=1_000_003)
+    slow_start: Duration = 0.0
+    affinity: AffinityConfig | None = None
+    health_check: HealthCheckConfig | None = None
+    passive: PassiveConfig = Field(default_factory=PassiveConfig)
+    on_down: Literal["keep_sessions", "close_sessions"] = "keep_sessions"
+    initial_state: Literal["up", "down"] = "up"
+
+
+class ListenerConfig(Strict):
+    name: Name
+    bind: Address
+    protocol: Literal["tcp", "udp"] = "tcp"
+    pool: Name
+    max_connections: int = Field(default=10_000, ge=1)
+    backlog: int = Field(default=1024, ge=1)
+
+
+class Config(Strict):
+    listeners: list[ListenerConfig] = Field(min_length=1)
+    pools: list[PoolConfig] = Field(min_length=1)
+    shutdown_grace: Duration = 30.0
+
+    def pool(self, name: str) -> PoolConfig:
+        return next(p for p in self.pools if p.name == name)

@@ -1,0 +1,61 @@
+"""The built-in demo: three local backends that each say who they are, behind one listener."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pointsman.config.loader import load_text
+from pointsman.runtime import Runtime
+
+DEMO_CONFIG = """
+listeners:
+  - name: demo
+    bind: "127.0.0.1:{port}"
+    protocol: tcp
+    pool: demo
+pools:
+  - name: demo
+    algorithm: round_robin
+    connect_timeout: 1s
+    idle_timeout: 1m
+    retries: 2
+    backends:
+{backends}
+"""
+
+
+async def _backend(name: str) -> asyncio.Server:
+    """A backend that greets with its name, then echoes what it reads."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(f"hello from {name}\n".encode())
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def run_demo(port: int) -> None:
+    servers = [await _backend(f"backend-{i}") for i in range(1, 4)]
+    ports = [s.sockets[0].getsockname()[1] for s in servers]
+    backends = "\n".join(f'      - address: "127.0.0.1:{p}"' for p in ports)
+    config = load_text(DEMO_CONFIG.format(port=port, backends=backends), "<demo>")
+    runtime = Runtime(config)
+    await runtime.start()
+    print(
+        f"\npointsman demo: 3 backends on ports {', '.join(map(str, ports))}.\n"
+        f"Try:  echo hi | nc -q1 127.0.0.1 {port}    (run it a few times: round robin)\n"
+        "Stop with Ctrl-C.\n",
+        flush=True,
+    )
+    try:
+        await runtime.run()
+    finally:
+        for server in servers:
+            server.close()

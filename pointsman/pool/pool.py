@@ -1,0 +1,263 @@
+"""The one owner of a pool's backend state: state machines, passive ejection, slow start, weights.
+
+Health checks, the data plane's passive signals and operator calls all come here as events; the
+pool applies them to each backend's state machine and publishes a new immutable `PoolSnapshot`
+whenever what the data plane must see changes. Nothing else mutates backend state.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pointsman.balance import build_picker
+from pointsman.balance.affinity import AffinityTable
+from pointsman.balance.base import Candidate
+from pointsman.balance.slow_start import effective_weight
+from pointsman.config.model import BackendConfig, PoolConfig
+from pointsman.health.ejection import PassiveEjector
+from pointsman.pool.snapshot import BackendView, PoolSnapshot
+from pointsman.pool.state import BackendState, BackendStateMachine, Event, Transition
+from pointsman.telemetry.stats import BackendStats
+
+log = logging.getLogger("pointsman.pool")
+
+# Slow start ramps weights only for the dynamic algorithms; hash policies keep the configured
+# weight, because ramping would move keys between backends at every step (HAProxy does the same).
+_DYNAMIC = frozenset({"round_robin", "weighted_round_robin", "least_connections", "power_of_two"})
+
+TransitionListener = Callable[[str, str, Transition], None]
+
+
+@dataclass(slots=True)
+class Member:
+    """One backend as the pool owns it."""
+
+    config: BackendConfig
+    machine: BackendStateMachine
+    ejector: PassiveEjector | None
+    stats: BackendStats = field(default_factory=BackendStats)
+    weight: int = 1
+    available_since: float | None = None
+    last_check: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+
+class UnknownBackend(KeyError):
+    pass
+
+
+class Pool:
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._members: dict[str, Member] = {}
+        self._listeners: list[TransitionListener] = []
+        self._version = 0
+        self._maglev_key: tuple[tuple[str, float], ...] | None = None
+        self._picker_cache: object = None
+        self.affinity: AffinityTable | None = None
+        self.snapshot: PoolSnapshot
+        self.reconfigure(config)
+
+    # --- configuration -------------------------------------------------------------------------
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """Apply a (re)loaded config: backends that remain keep their state, stats and sessions."""
+        now = self._clock()
+        self.config = config
+        members: dict[str, Member] = {}
+        for backend in config.backends:
+            member = self._members.get(backend.id)
+            if member is None:
+                member = self._new_member(backend, now)
+            else:
+                member.config = backend
+                member.ejector = self._ejector()
+            member.weight = backend.weight
+            members[backend.id] = member
+        self._members = members
+        if config.affinity is None:
+            self.affinity = None
+        elif self.affinity is None or self.affinity.max_entries != config.affinity.max_entries:
+            self.affinity = AffinityTable(config.affinity.timeout, config.affinity.max_entries)
+        self._maglev_key = None
+        self._publish(now)
+
+    def _ejector(self) -> PassiveEjector | None:
+        """consecutive_failures: 0 turns passive ejection off."""
+        p = self.config.passive
+        if p.consecutive_failures == 0:
+            return None
+        return PassiveEjector(p.consecutive_failures, max(p.base_ejection, 0.001),
+                              max(p.max_ejection, p.base_ejection, 0.001))
+
+    def _new_member(self, backend: BackendConfig, now: float) -> Member:
+        initial = BackendState.UP if self.config.initial_state == "up" else BackendState.DOWN
+        machine = BackendStateMachine(initial, now, backend=backend.id)
+        member = Member(backend, machine, self._ejector())
+        if initial is BackendState.UP:
+            member.available_since = now - self.config.slow_start  # a fresh start is not a ramp
+        return member
+
+    def subscribe(self, listener: TransitionListener) -> None:
+        """Call `listener(pool, backend_id, transition)` on every state change."""
+        self._listeners.append(listener)
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def member(self, backend_id: str) -> Member:
+        try:
+            return self._members[backend_id]
+        except KeyError:
+            raise UnknownBackend(backend_id) from None
+
+    def members(self) -> list[Member]:
+        return list(self._members.values())
+
+    def drain(self, backend_id: str, reason: str = "operator drain") -> None:
+        self._apply(self.member(backend_id), Event.DRAIN, reason)
+
+    def maintenance(self, backend_id: str, reason: str = "operator maintenance") -> None:
+        self._apply(self.member(backend_id), Event.MAINTENANCE, reason)
+
+    def enable(self, backend_id: str, reason: str = "operator enable") -> None:
+        self._apply(self.member(backend_id), Event.ENABLE, reason)
+
+    def set_weight(self, backend_id: str, weight: int) -> None:
+        if not 0 <= weight <= 1000:
+            raise ValueError("weight must be between 0 and 1000")
+        member = self.member(backend_id)
+        if member.weight != weight:
+            member.weight = weight
+            log.info("backend %s/%s: weight -> %d (operator)", self.name, backend_id, weight)
+            self._publish(self._clock())
+
+    def is_drained(self, backend_id: str) -> bool:
+        """True once a draining (or maintenance) backend holds no connection."""
+        member = self.member(backend_id)
+        return member.machine.state is not BackendState.UP and member.stats.active == 0
+
+    def health_verdict(self, backend_id: str, healthy: bool, detail: str) -> None:
+        member = self._members.get(backend_id)
+        if member is None:
+            return
+        event = Event.HEALTH_UP if healthy else Event.HEALTH_DOWN
+        self._apply(member, event, f"health check {'passed' if healthy else 'failed'}: {detail}")
+
+    def record_check(self, backend_id: str, detail: str) -> None:
+        if (member := self._members.get(backend_id)) is not None:
+            member.last_check = detail
+
+    def report_connect_failure(self, backend_id: str) -> None:
+        """Passive signal from the data plane: a connect to this backend failed."""
+        member = self._members.get(backend_id)
+        if member is None:
+            return
+        member.stats.connect_failures += 1
+        if member.ejector is None or member.machine.ejecting:
+            return
+        now = self._clock()
+        deadline = member.ejector.record_failure(now)
+        if deadline is not None:
+            self._apply(member, Event.EJECT, f"{member.ejector.threshold} consecutive connect "
+                        f"failures; ejected for {deadline - now:.0f}s")
+
+    def report_connect_success(self, backend_id: str) -> None:
+        member = self._members.get(backend_id)
+        if member is not None and member.ejector is not None:
+            member.ejector.record_success()
+
+    def tick(self) -> None:
+        """Periodic: end expired ejections and advance slow-start ramps."""
+        now = self._clock()
+        for member in self._members.values():
+            ejector = member.ejector
+            if member.machine.ejecting and ejector is not None and ejector.expired(now):
+                self._apply(member, Event.EJECT_EXPIRED, "ejection time over")
+        if self.config.slow_start > 0 and any(self._ramping(m, now) for m in self._members.values()):
+            self._publish(now)
+
+    def _ramping(self, member: Member, now: float) -> bool:
+        since = member.available_since
+        return since is not None and now - since < self.config.slow_start + 1.0
+
+    def _apply(self, member: Member, event: Event, reason: str) -> None:
+        now = self._clock()
+        transition = member.machine.apply(event, reason, now)
+        if transition is None:
+            return
+        log.info("backend %s/%s: %s -> %s (%s)", self.name, member.id,
+                 transition.old.value, transition.new.value, reason)
+        if transition.new is BackendState.UP:
+            member.available_since = now
+        elif transition.old is BackendState.UP:
+            member.available_since = None
+            if self.affinity is not None:
+                self.affinity.forget_backend(member.id)
+        self._publish(now)
+        for listener in list(self._listeners):
+            listener(self.name, member.id, transition)
+
+    # --- publication -------------------------------------------------------------------------------
+
+    def _weight_now(self, member: Member, now: float) -> float:
+        if member.machine.state is not BackendState.UP or member.weight == 0:
+            return 0.0
+        if self.config.algorithm not in _DYNAMIC or self.config.slow_start <= 0:
+            return float(member.weight)
+        return effective_weight(member.weight, member.available_since, now, self.config.slow_start)
+
+    def _publish(self, now: float) -> None:
+        members = list(self._members.values())
+        weights = [self._weight_now(m, now) for m in members]
+        candidates = [Candidate(m.id, w) for m, w in zip(members, weights, strict=True)]
+        stats = tuple(m.stats for m in members)
+        picker = self._picker(candidates, stats)
+        self._version += 1
+        self.snapshot = PoolSnapshot(
+            name=self.name,
+            version=self._version,
+            config=self.config,
+            backends=tuple(
+                BackendView(m.id, m.config.address.host, m.config.address.port, m.weight, w,
+                            m.machine.state)
+                for m, w in zip(members, weights, strict=True)
+            ),
+            stats=stats,
+            picker=picker,
+            affinity=self.affinity,
+            needs_key=self.affinity is not None
+            or self.config.algorithm in ("source_hash", "maglev"),
+        )
+
+    def _picker(self, candidates: list[Candidate], stats: tuple[BackendStats, ...]) -> object:
+        """Build the picker; the Maglev table is rebuilt only when the backend set or weights change."""
+        if self.config.algorithm == "maglev":
+            key = tuple((c.id, c.weight) for c in candidates)
+            if key == self._maglev_key:
+                return self._picker_cache
+            self._maglev_key = key
+        picker = build_picker(
+            self.config.algorithm,
+            candidates,
+            load=stats,
+            table_size=self.config.maglev_table_size,
+            rng=self._rng,
+        )
+        self._picker_cache = picker
+        return picker

@@ -1,0 +1,349 @@
+"""The userspace TCP data path: one client protocol and one upstream protocol per connection.
+
+Design, after Envoy's tcp_proxy and uvicorn's flow control:
+- the client is not read until the upstream connects (nothing to buffer, nothing to lose);
+- watermarks cross over: when one side's write buffer passes the high-water mark we stop reading
+  the other side, and resume below the low-water mark, so memory per connection stays bounded;
+- a FIN is forwarded as a FIN (`write_eof`), never as a close, so half-closed streams still deliver
+  their replies; a reset on one side aborts the other;
+- the idle timer is one handle per connection, re-armed lazily from the last-activity time instead
+  of being reset on every read;
+- how the connection ended is decided once, at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, cast
+
+from pointsman.balance.hashing import source_key
+from pointsman.telemetry.flow import EndReason, RejectReason
+
+if TYPE_CHECKING:
+    from pointsman.pool.snapshot import PoolSnapshot
+    from pointsman.proxy.listener import TcpListener
+    from pointsman.telemetry.stats import BackendStats
+
+log = logging.getLogger("pointsman.proxy")
+
+# Write-buffer watermarks per direction. 256 KiB high lets a bulk stream keep a few socket
+# buffers' worth in flight; memory per connection is bounded by about 2 x (HIGH + one read).
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+# Bytes read from a client before its upstream is connected; past this we stop reading.
+EARLY_DATA_MAX = 64 * 1024
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """The backend side: forwards to the client connection that owns it."""
+
+    __slots__ = ("flow",)
+
+    def __init__(self, flow: ClientConnection) -> None:
+        self.flow = flow
+
+    def data_received(self, data: bytes) -> None:
+        self.flow.from_backend(data)
+
+    def eof_received(self) -> bool:
+        self.flow.backend_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self.flow.pause_client()
+
+    def resume_writing(self) -> None:
+        self.flow.resume_client()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.flow.backend_lost(exc)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One proxied TCP connection, owned by its listener from accept to teardown."""
+
+    __slots__ = (
+        "backend_id",
+        "backend_stats",
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "client_eof",
+        "connect_task",
+        "early",
+        "ended",
+        "first_byte_at",
+        "idle_handle",
+        "last_activity",
+        "listener",
+        "loop",
+        "peer",
+        "reason",
+        "started",
+        "upstream",
+        "upstream_eof",
+    )
+
+    def __init__(self, listener: TcpListener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.early: list[bytes] = []
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.backend_id: str | None = None
+        self.backend_stats: BackendStats | None = None
+        self.peer: tuple[str, int] = ("", 0)
+        self.reason: EndReason | None = None
+        self.client_eof = False
+        self.upstream_eof = False
+        self.ended = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = 0.0
+        self.last_activity = 0.0
+        self.first_byte_at = 0.0
+
+    # --- client side ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.client = transport
+        listener = self.listener
+        stats = listener.stats
+        reject = listener.admit()
+        if reject is not None:
+            stats.rejected[reject] += 1
+            self.reason = EndReason.REJECTED
+            self.ended = True
+            transport.abort()
+            return
+        stats.accepted += 1
+        stats.active += 1
+        listener.connections.add(self)
+        transport.pause_reading()
+        if listener.set_nodelay:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0], peer[1]) if peer else ("", 0)
+        self.started = self.loop.time()
+        self.connect_task = self.loop.create_task(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_activity = self.loop.time()
+        upstream = self.upstream
+        if upstream is None:
+            self._hold(data)
+        else:
+            upstream.write(data)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes that arrive before the upstream is connected (uvloop may deliver a first
+        read even though reading was paused at accept); bounded by pausing the client."""
+        self.early.append(data)
+        if sum(map(len, self.early)) >= EARLY_DATA_MAX and self.client is not None:
+            self.client.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.reason is None:
+            self.reason = EndReason.CLIENT_FIN
+        upstream = self.upstream
+        if upstream is not None and not upstream.is_closing():
+            upstream.write_eof()
+        if self.upstream_eof:
+            self._close_both()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.reason is None:
+            self.reason = EndReason.CLIENT_RESET
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+        upstream = self.upstream
+        if upstream is not None:
+            if exc is not None or self.reason is EndReason.IDLE_TIMEOUT:
+                upstream.abort()
+            else:
+                upstream.close()
+        self._teardown()
+
+    # --- backend side (called by UpstreamProtocol) ---------------------------------------------------
+
+    def from_backend(self, data: bytes) -> None:
+        now = self.loop.time()
+        if not self.bytes_out:
+            self.first_byte_at = now
+        self.bytes_out += len(data)
+        self.last_activity = now
+        assert self.client is not None
+        self.client.write(data)
+
+    def backend_eof(self) -> None:
+        self.upstream_eof = True
+        if self.reason is None:
+            self.reason = EndReason.BACKEND_FIN
+        client = self.client
+        if client is not None and not client.is_closing():
+            client.write_eof()
+        if self.client_eof:
+            self._close_both()
+
+    def pause_client(self) -> None:
+        if self.client is not None and not self.client.is_closing():
+            self.client.pause_reading()
+
+    def resume_client(self) -> None:
+        if self.client is not None and not self.client.is_closing():
+            self.client.resume_reading()
+
+    def backend_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.reason is None:
+            self.reason = EndReason.BACKEND_RESET
+        client = self.client
+        if client is not None and not client.is_closing():
+            if exc is not None:
+                client.abort()
+            else:
+                client.close()
+
+    # --- connect, retry, idle ---------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """Pick a backend and connect, retrying other backends on refusal or timeout."""
+        listener = self.listener
+        snapshot = listener.pool.snapshot
+        config = snapshot.config
+        key = source_key(self.peer[0], self.peer[1], config.hash_key) if snapshot.needs_key else b""
+        tried: set[int] = set()
+        index = self._sticky_index(snapshot)
+        for attempt in range(config.retries + 1):
+            if index is None or index in tried:
+                index = snapshot.picker.pick(key, tried)
+            if index is None:
+                break
+            tried.add(index)
+            if attempt:
+                listener.stats.retried += 1
+            if await self._try_backend(snapshot, index):
+                if snapshot.affinity is not None and config.affinity is not None:
+                    sticky = source_key(self.peer[0], self.peer[1], config.affinity.key)
+                    snapshot.affinity.remember(sticky, snapshot.backends[index].id, self.loop.time())
+                return
+            index = None
+        listener.stats.connect_failed += 1
+        self.reason = EndReason.CONNECT_FAILED
+        if self.client is not None:
+            self.client.close()
+
+    def _sticky_index(self, snapshot: PoolSnapshot) -> int | None:
+        if snapshot.affinity is None or snapshot.config.affinity is None:
+            return None
+        sticky = source_key(self.peer[0], self.peer[1], snapshot.config.affinity.key)
+        backend_id = snapshot.affinity.lookup(sticky, self.loop.time())
+        if backend_id is None:
+            return None
+        for i, backend in enumerate(snapshot.backends):
+            if backend.id == backend_id and backend.effective_weight > 0:
+                return i
+        return None
+
+    async def _try_backend(self, snapshot: PoolSnapshot, index: int) -> bool:
+        backend = snapshot.backends[index]
+        stats = snapshot.stats[index]
+        stats.active += 1  # a connect in progress counts as load for least-connections
+        pool = self.listener.pool
+        try:
+            async with asyncio.timeout(snapshot.config.connect_timeout):
+                transport, _ = await self.loop.create_connection(
+                    lambda: UpstreamProtocol(self), backend.host, backend.port
+                )
+        except (OSError, TimeoutError) as exc:
+            stats.active -= 1
+            log.debug("connect to %s failed: %r", backend.id, exc)
+            pool.report_connect_failure(backend.id)
+            return False
+        except asyncio.CancelledError:
+            stats.active -= 1
+            raise
+        pool.report_connect_success(backend.id)
+        stats.total += 1
+        transport = cast(asyncio.Transport, transport)
+        self.backend_id = backend.id
+        self.backend_stats = stats
+        self.upstream = transport
+        if self.client is None or self.client.is_closing():
+            transport.abort()
+            return True
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.client.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if self.early:
+            transport.writelines(self.early)
+            self.early.clear()
+        if self.client_eof:
+            transport.write_eof()
+        self.last_activity = self.loop.time()
+        idle = snapshot.config.idle_timeout
+        if idle > 0:
+            self.idle_handle = self.loop.call_later(idle, self._check_idle, idle)
+        self.client.resume_reading()
+        return True
+
+    def _check_idle(self, idle: float) -> None:
+        remaining = self.last_activity + idle - self.loop.time()
+        if remaining > 0:
+            self.idle_handle = self.loop.call_later(remaining, self._check_idle, idle)
+            return
+        self.idle_handle = None
+        self.close(EndReason.IDLE_TIMEOUT)
+
+    # --- teardown -----------------------------------------------------------------------------------
+
+    def close(self, reason: EndReason) -> None:
+        """Cut the connection now (idle timeout, shutdown deadline, operator)."""
+        if self.reason is None or reason in (EndReason.IDLE_TIMEOUT, EndReason.SHUTDOWN):
+            self.reason = reason
+        if self.upstream is not None:
+            self.upstream.abort()
+        if self.client is not None:
+            self.client.abort()
+
+    def _close_both(self) -> None:
+        """Both sides sent FIN: close after flushing what is buffered."""
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.client is not None:
+            self.client.close()
+
+    def _teardown(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        listener = self.listener
+        stats = listener.stats
+        stats.active -= 1
+        stats.bytes_in += self.bytes_in
+        stats.bytes_out += self.bytes_out
+        stats.ended[self.reason or EndReason.CLIENT_FIN] += 1
+        if self.backend_stats is not None:
+            self.backend_stats.active -= 1
+            self.backend_stats.bytes_in += self.bytes_in
+            self.backend_stats.bytes_out += self.bytes_out
+        listener.connections.discard(self)
+        listener.flow_ended(self)

@@ -1,0 +1,174 @@
+"""The running load balancer in one process: pools, listeners, health checks, reload, shutdown.
+
+Shutdown has one written order: stop accepting (close listeners), stop health checks, let open
+connections finish for `shutdown_grace`, then cut the rest and count them as `shutdown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from pointsman.config.loader import ConfigError, load_file
+from pointsman.config.model import Config, ListenerConfig, PoolConfig
+from pointsman.pool.pool import Pool
+from pointsman.pool.state import BackendState, Transition
+from pointsman.proxy.listener import TcpListener
+from pointsman.telemetry.flow import EndReason
+from pointsman.telemetry.stats import ListenerStats
+
+log = logging.getLogger("pointsman")
+
+TICK_SECONDS = 0.5
+
+
+def describe(listener: ListenerConfig, pool: Pool) -> str:
+    n = len(pool.config.backends)
+    return (
+        f"listening {listener.protocol} {listener.bind} -> pool {pool.name} "
+        f"({n} backend{'s' if n != 1 else ''}, {pool.config.algorithm})"
+    )
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | Path | None = None,
+        announce: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.announce = announce
+        self.pools: dict[str, Pool] = {}
+        self.listeners: dict[str, TcpListener] = {}
+        self._stats: dict[str, ListenerStats] = {}
+        self._stopping = asyncio.Event()
+        self._retired: set[asyncio.Task[None]] = set()
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+
+    # --- start -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for pool_config in self.config.pools:
+            self.pools[pool_config.name] = self._new_pool(pool_config)
+        for listener_config in self.config.listeners:
+            await self._start_listener(listener_config)
+        self._tick_handle = self.loop.call_later(TICK_SECONDS, self._tick)
+
+    def _new_pool(self, pool_config: PoolConfig) -> Pool:
+        pool = Pool(pool_config)
+        pool.subscribe(self._on_transition)
+        return pool
+
+    async def _start_listener(self, config: ListenerConfig) -> None:
+        pool = self.pools[config.pool]
+        stats = self._stats.setdefault(config.name, ListenerStats(config.max_connections))
+        listener = TcpListener(config, pool, self.loop, stats=stats)
+        await listener.start()
+        self.listeners[config.name] = listener
+        self.announce(describe(config, pool))
+
+    def _tick(self) -> None:
+        for pool in self.pools.values():
+            pool.tick()
+        self._tick_handle = self.loop.call_later(TICK_SECONDS, self._tick)
+
+    def _on_transition(self, pool_name: str, backend_id: str, transition: Transition) -> None:
+        """on_down: close_sessions cuts a backend's connections when it leaves service."""
+        pool = self.pools.get(pool_name)
+        if pool is None or pool.config.on_down != "close_sessions":
+            return
+        if transition.new in (BackendState.DOWN, BackendState.EJECTED):
+            for listener in self.listeners.values():
+                if listener.pool is pool:
+                    listener.close_backend(backend_id, EndReason.CLOSED_BY_OPERATOR)
+
+    # --- run, reload, stop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+        self.install_signal_handlers()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.shutdown()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_stop)
+        if self.config_path is not None:
+            self.loop.add_signal_handler(signal.SIGHUP, self._reload_from_file)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    def _reload_from_file(self) -> None:
+        assert self.config_path is not None
+        try:
+            config = load_file(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays:\n%s", exc)
+            return
+        task = self.loop.create_task(self.apply(config))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def apply(self, config: Config) -> None:
+        """Apply a validated config without closing sockets or connections that still fit."""
+        for pool_config in config.pools:
+            if (pool := self.pools.get(pool_config.name)) is not None:
+                pool.reconfigure(pool_config)
+            else:
+                self.pools[pool_config.name] = self._new_pool(pool_config)
+        wanted = {listener.name: listener for listener in config.listeners}
+        for name, listener in list(self.listeners.items()):
+            new = wanted.get(name)
+            if new is not None and new.bind == listener.config.bind:
+                listener.reconfigure(new, self.pools[new.pool])
+                continue
+            del self.listeners[name]
+            self._retire(listener, config.shutdown_grace)
+        for name, new in wanted.items():
+            if name not in self.listeners:
+                await self._start_listener(new)
+        for name in set(self.pools) - {p.name for p in config.pools}:
+            del self.pools[name]
+        self.config = config
+        log.info("config applied: %d listeners, %d pools", len(self.listeners), len(self.pools))
+
+    def _retire(self, listener: TcpListener, grace: float) -> None:
+        listener.stop_accepting()
+
+        async def drain() -> None:
+            if not await listener.wait_drained(grace):
+                listener.close_all(EndReason.SHUTDOWN)
+
+        task = self.loop.create_task(drain())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def shutdown(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        listeners = list(self.listeners.values())
+        for listener in listeners:
+            listener.stop_accepting()
+        grace = self.config.shutdown_grace
+        results = await asyncio.gather(*(lst.wait_drained(grace) for lst in listeners))
+        cut = sum(
+            lst.close_all(EndReason.SHUTDOWN)
+            for lst, drained in zip(listeners, results, strict=True)
+            if not drained
+        )
+        if cut:
+            log.warning("shutdown: cut %d connections still open after %.0fs", cut, grace)
+        for task in list(self._retired):
+            task.cancel()
+        await asyncio.gather(*self._retired, return_exceptions=True)
+        # Let the cut connections' connection_lost callbacks run before the loop goes away.
+        await asyncio.sleep(0)

@@ -1,0 +1,25 @@
+"""How a connection or UDP session ended: one enum, used as flow-log field and metric label."""
+
+from __future__ import annotations
+
+import enum
+
+
+class EndReason(str, enum.Enum):
+    CLIENT_FIN = "client_fin"
+    BACKEND_FIN = "backend_fin"
+    CLIENT_RESET = "client_reset"
+    BACKEND_RESET = "backend_reset"
+    IDLE_TIMEOUT = "idle_timeout"
+    CONNECT_FAILED = "connect_failed"
+    REJECTED = "rejected"
+    SHUTDOWN = "shutdown"
+    CLOSED_BY_OPERATOR = "closed_by_operator"
+
+
+class RejectReason(str, enum.Enum):
+    """Why a connection was refused before any backend was tried."""
+
+    TABLE_FULL = "table_full"
+    NO_BACKEND = "no_backend"
+    SHUTTING_DOWN = "shutting_down"

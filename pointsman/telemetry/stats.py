@@ -1,0 +1,48 @@
+"""Cheap counters the data plane increments (an integer add); exporters read them.
+
+One instance per listener and per backend, kept across config reloads by name so totals survive.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from pointsman.telemetry.flow import EndReason, RejectReason
+
+
+class ListenerStats:
+    __slots__ = (
+        "accepted",
+        "active",
+        "bytes_in",
+        "bytes_out",
+        "capacity",
+        "connect_failed",
+        "ended",
+        "rejected",
+        "retried",
+    )
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.accepted = 0
+        self.active = 0
+        self.connect_failed = 0
+        self.retried = 0
+        self.bytes_in = 0  # client -> backend
+        self.bytes_out = 0  # backend -> client
+        self.rejected: Counter[RejectReason] = Counter()
+        self.ended: Counter[EndReason] = Counter()
+
+
+class BackendStats:
+    """Live load and totals of one backend; `active` is what least-connections reads."""
+
+    __slots__ = ("active", "bytes_in", "bytes_out", "connect_failures", "total")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.total = 0
+        self.connect_failures = 0
+        self.bytes_in = 0
+        self.bytes_out = 0

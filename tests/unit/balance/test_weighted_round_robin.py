@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pointsman.balance.weighted_round_robin import WeightedRoundRobin
+
+from .helpers import candidates
+
+
+def sequence(weights: tuple[float, ...], count: int) -> str:
+    picker = WeightedRoundRobin(candidates(*weights))
+    letters = "abcdefgh"
+    return "".join(letters[p] if p is not None else "-" for p in (picker.pick(b"") for _ in range(count)))
+
+
+def test_nginx_commit_example_5_1_1() -> None:
+    # The sequence given in nginx commit 52327e0627f4's message, which tabulates every step.
+    assert sequence((5, 1, 1), 14) == "aabacaa" * 2
+
+
+def test_4_2_1_worked_by_hand() -> None:
+    # current after "+= weight" then the winner loses 7:
+    # (4,2,1)a (1,4,2)b (5,-1,3)a (2,1,4)c (6,3,-2)a (3,5,-1)b (7,0,0)a -> back to (0,0,0)
+    assert sequence((4, 2, 1), 14) == "abacaba" * 2
+
+
+def test_zero_weight_never_picked() -> None:
+    assert sequence((2, 0, 1), 6) == "acaaca"
+
+
+def test_float_weights_exact_shares() -> None:
+    # Binary fractions add exactly, so the cycle closes exactly as with integers.
+    assert sequence((0.5, 0.25), 6) == "abaaba"
+
+
+def test_excluded_sits_out_the_round() -> None:
+    picker = WeightedRoundRobin(candidates(5, 1, 1))
+    assert picker.pick(b"", frozenset({0})) == 1
+    assert picker.pick(b"", frozenset({0, 1, 2})) is None
+    assert WeightedRoundRobin(candidates(0, 0)).pick(b"") is None
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=8), st.integers(1, 3))
+def test_counts_exactly_proportional(weights: list[int], rounds: int) -> None:
+    total = sum(weights)
+    picker = WeightedRoundRobin(candidates(*weights))
+    counts = Counter(picker.pick(b"") for _ in range(rounds * total))
+    expected = {i: rounds * w for i, w in enumerate(weights) if w > 0}
+    assert dict(counts) == expected
