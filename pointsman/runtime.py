@@ -17,8 +17,12 @@ from pointsman.config.model import Config, ListenerConfig, PoolConfig
 from pointsman.pool.pool import Pool
 from pointsman.pool.state import BackendState, Transition
 from pointsman.proxy.listener import TcpListener
+from pointsman.proxy.udp import UdpListener
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.stats import ListenerStats
+from pointsman.telemetry.udp_stats import UdpListenerStats
+
+Listener = TcpListener | UdpListener
 
 log = logging.getLogger("pointsman")
 
@@ -44,8 +48,8 @@ class Runtime:
         self.config_path = config_path
         self.announce = announce
         self.pools: dict[str, Pool] = {}
-        self.listeners: dict[str, TcpListener] = {}
-        self._stats: dict[str, ListenerStats] = {}
+        self.listeners: dict[str, Listener] = {}
+        self._stats: dict[str, ListenerStats | UdpListenerStats] = {}
         self._stopping = asyncio.Event()
         self._retired: set[asyncio.Task[None]] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -67,8 +71,17 @@ class Runtime:
 
     async def _start_listener(self, config: ListenerConfig) -> None:
         pool = self.pools[config.pool]
-        stats = self._stats.setdefault(config.name, ListenerStats(config.max_connections))
-        listener = TcpListener(config, pool, self.loop, stats=stats)
+        listener: Listener
+        if config.protocol == "udp":
+            udp_stats = self._stats.get(config.name)
+            if not isinstance(udp_stats, UdpListenerStats):
+                udp_stats = self._stats[config.name] = UdpListenerStats(config.udp.max_sessions)
+            listener = UdpListener(config, pool, self.loop, stats=udp_stats)
+        else:
+            tcp_stats = self._stats.get(config.name)
+            if not isinstance(tcp_stats, ListenerStats):
+                tcp_stats = self._stats[config.name] = ListenerStats(config.max_connections)
+            listener = TcpListener(config, pool, self.loop, stats=tcp_stats)
         await listener.start()
         self.listeners[config.name] = listener
         self.announce(describe(config, pool))
@@ -128,7 +141,9 @@ class Runtime:
         wanted = {listener.name: listener for listener in config.listeners}
         for name, listener in list(self.listeners.items()):
             new = wanted.get(name)
-            if new is not None and new.bind == listener.config.bind:
+            same = new is not None and (new.bind, new.protocol) == (
+                listener.config.bind, listener.config.protocol)
+            if new is not None and same:
                 listener.reconfigure(new, self.pools[new.pool])
                 continue
             del self.listeners[name]
@@ -141,7 +156,7 @@ class Runtime:
         self.config = config
         log.info("config applied: %d listeners, %d pools", len(self.listeners), len(self.pools))
 
-    def _retire(self, listener: TcpListener, grace: float) -> None:
+    def _retire(self, listener: Listener, grace: float) -> None:
         listener.stop_accepting()
 
         async def drain() -> None:

@@ -110,6 +110,13 @@ class PoolConfig(Strict):
     initial_state: Literal["up", "down"] = "up"
 
 
+class UdpConfig(Strict):
+    session_timeout: Duration = 30.0
+    max_sessions: int = Field(default=100_000, ge=1)
+    responses: int = Field(default=0, ge=0)
+    per_packet: bool = False
+
+
 class ListenerConfig(Strict):
     name: Name
     bind: Address
@@ -117,6 +124,7 @@ class ListenerConfig(Strict):
     pool: Name
     max_connections: int = Field(default=10_000, ge=1)
     backlog: int = Field(default=1024, ge=1)
+    udp: UdpConfig = Field(default_factory=UdpConfig)
 
 
 class Config(Strict):

@@ -23,3 +23,22 @@ class RejectReason(str, enum.Enum):
     TABLE_FULL = "table_full"
     NO_BACKEND = "no_backend"
     SHUTTING_DOWN = "shutting_down"
+
+
+class DropReason(str, enum.Enum):
+    """Why a UDP datagram was dropped."""
+
+    TABLE_FULL = "table_full"
+    NO_BACKEND = "no_backend"
+    SEND_FAILED = "send_failed"
+    BACKEND_REFUSED = "backend_refused"
+
+
+class UdpEndReason(str, enum.Enum):
+    """How a UDP session ended."""
+
+    IDLE_TIMEOUT = "idle_timeout"
+    RESPONSES = "responses"
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+    BACKEND_REFUSED = "backend_refused"
+    SHUTDOWN = "shutdown"

@@ -42,7 +42,9 @@ def test_source_key_ipv6_uses_packed_form() -> None:
 
 
 def test_source_key_mapped_ipv4_hashes_like_ipv4() -> None:
-    assert source_key("::ffff:192.0.2.1", 53, "source_ip") == source_key("192.0.2.1", 0, "source_ip")
+    assert source_key("::ffff:192.0.2.1", 53, "source_ip") == source_key(
+        "192.0.2.1", 0, "source_ip"
+    )
     assert source_key("::ffff:192.0.2.1", 53, "source_ip_port") == source_key(
         "192.0.2.1", 53, "source_ip_port"
     )

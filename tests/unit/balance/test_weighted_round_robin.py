@@ -13,7 +13,9 @@ from .helpers import candidates
 def sequence(weights: tuple[float, ...], count: int) -> str:
     picker = WeightedRoundRobin(candidates(*weights))
     letters = "abcdefgh"
-    return "".join(letters[p] if p is not None else "-" for p in (picker.pick(b"") for _ in range(count)))
+    return "".join(
+        letters[p] if p is not None else "-" for p in (picker.pick(b"") for _ in range(count))
+    )
 
 
 def test_nginx_commit_example_5_1_1() -> None:

@@ -1,0 +1,353 @@
+"""The userspace UDP data path: sessions keyed by client address, one upstream socket each.
+
+A session is (client address, port). Its first datagram picks a backend with the pool's algorithm;
+later datagrams go to the same backend through the session's own connected socket, and replies
+come back to the client from the listener's address. Datagram boundaries are kept exactly.
+
+Unlike IPVS, a session whose backend leaves service (down, ejected, drained) moves to an available
+backend on its next datagram. ICMP port unreachable from a backend surfaces as ECONNREFUSED on the
+connected upstream socket and counts as a passive failure of that backend.
+
+Sockets are read with `add_reader` callbacks, not Tasks: a session costs one socket and one small
+object. Idle sessions are swept by one timer per listener over a table kept in last-use order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pointsman.balance.hashing import source_key
+from pointsman.config.model import ListenerConfig
+from pointsman.pool.pool import Pool
+from pointsman.proxy.sockets import family_of, listen_socket
+from pointsman.telemetry.flow import DropReason, UdpEndReason
+from pointsman.telemetry.stats import BackendStats
+from pointsman.telemetry.udp_stats import UdpListenerStats
+
+if TYPE_CHECKING:
+    from pointsman.pool.snapshot import PoolSnapshot
+
+log = logging.getLogger("pointsman.udp")
+
+# Largest UDP payload over IPv4 is 65507 bytes; IPv6 allows 65527 without jumbograms. One buffer
+# size covers both, so no datagram is ever truncated.
+MAX_DATAGRAM = 65535
+# Datagrams read per readiness callback before yielding to the loop: amortises the callback cost
+# without letting one busy socket starve the others.
+READ_BATCH = 64
+
+ClientAddr = tuple[str, int]
+SessionKey = tuple[str, int] | tuple[str, int, int]
+SessionSink = Callable[["UdpSession"], None]
+
+
+class UdpSession:
+    """One client's flow to one backend."""
+
+    __slots__ = (
+        "backend_id",
+        "backend_index",
+        "backend_stats",
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "datagrams_in",
+        "datagrams_out",
+        "key",
+        "last_activity",
+        "listener",
+        "reason",
+        "sock",
+        "started",
+        "version",
+    )
+
+    def __init__(self, listener: UdpListener, key: SessionKey, client: ClientAddr) -> None:
+        self.listener = listener
+        self.key = key
+        self.client = client
+        self.sock: socket.socket | None = None
+        self.backend_id = ""
+        self.backend_index = -1
+        self.backend_stats: BackendStats | None = None
+        self.version = -1
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = listener.loop.time()
+        self.last_activity = self.started
+        self.reason: UdpEndReason | None = None
+
+    def attach(self, index: int, backend_id: str, host: str, port: int, stats: BackendStats,
+               version: int) -> None:
+        """Open the connected upstream socket for the chosen backend."""
+        self.detach()
+        sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.connect((host, port))
+        self.sock = sock
+        self.backend_index = index
+        self.backend_id = backend_id
+        self.backend_stats = stats
+        self.version = version
+        stats.active += 1
+        stats.total += 1
+        self.listener.loop.add_reader(sock.fileno(), self._readable)
+
+    def detach(self) -> None:
+        if self.sock is not None:
+            self.listener.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        if self.backend_stats is not None:
+            self.backend_stats.active -= 1
+            self.backend_stats = None
+
+    def send(self, data: bytes) -> bool:
+        """Forward one datagram to the backend; False if the backend refused it."""
+        assert self.sock is not None
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            self.listener.stats.drops[DropReason.SEND_FAILED] += 1
+            return True
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            self.listener.stats.drops[DropReason.SEND_FAILED] += 1
+            return True
+        self.datagrams_in += 1
+        self.bytes_in += len(data)
+        return True
+
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        listener = self.listener
+        out = listener.sock
+        client = self.client
+        for _ in range(READ_BATCH):
+            try:
+                data = sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                listener.backend_refused(self)
+                return
+            except OSError as exc:
+                log.debug("udp session %s: recv failed: %r", client, exc)
+                break
+            try:
+                out.sendto(data, client)
+            except OSError:
+                listener.stats.drops[DropReason.SEND_FAILED] += 1
+                continue
+            n = len(data)
+            self.datagrams_out += 1
+            self.bytes_out += n
+            listener.stats.datagrams_out += 1
+            listener.stats.bytes_out += n
+            self.last_activity = listener.loop.time()
+            limit = listener.config.udp.responses
+            if limit and self.datagrams_out >= limit:
+                listener.end_session(self, UdpEndReason.RESPONSES)
+                return
+
+
+class UdpListener:
+    """Receives datagrams on one address and balances sessions over one pool."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        pool: Pool,
+        loop: asyncio.AbstractEventLoop,
+        stats: UdpListenerStats | None = None,
+        session_sink: SessionSink | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.pool = pool
+        self.loop = loop
+        self.stats = stats or UdpListenerStats(config.udp.max_sessions)
+        self.stats.capacity = config.udp.max_sessions
+        self.sessions: OrderedDict[SessionKey, UdpSession] = OrderedDict()
+        self.session_sink = session_sink
+        self.sock: socket.socket
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self.accepting = False
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        self.sock = sock or listen_socket(self.config.bind, socket.SOCK_DGRAM)
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        self.accepting = True
+        self._arm_sweep()
+
+    def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
+        """Reload: new settings and pool for new sessions; live sessions keep their backend."""
+        self.config = config
+        self.stats.capacity = config.udp.max_sessions
+        self.pool = pool
+
+    # --- client datagrams ------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        sock = self.sock
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("udp listener %s: recvfrom failed: %r", self.name, exc)
+                return
+            self.datagram(data, (addr[0], addr[1]))
+
+    def datagram(self, data: bytes, client: ClientAddr) -> None:
+        stats = self.stats
+        snapshot = self.pool.snapshot
+        per_packet = self.config.udp.per_packet
+        index = -1
+        if per_packet:
+            index = self._pick(snapshot, client)
+            if index is None:
+                stats.drops[DropReason.NO_BACKEND] += 1
+                return
+            key: SessionKey = (client[0], client[1], index)
+        else:
+            key = client
+        session = self.sessions.get(key)
+        if session is None:
+            if len(self.sessions) >= self.config.udp.max_sessions:
+                stats.drops[DropReason.TABLE_FULL] += 1
+                return
+            session = UdpSession(self, key, client)
+        elif session.version != snapshot.version and not self._still_available(session):
+            session.detach()
+        if session.sock is None and not self._connect(session, snapshot, index):
+            if session.key not in self.sessions:
+                return
+            self.end_session(session, UdpEndReason.BACKEND_UNAVAILABLE)
+            return
+        if session.key not in self.sessions:
+            self.sessions[key] = session
+            stats.sessions += 1
+            stats.sessions_created += 1
+        else:
+            self.sessions.move_to_end(key)
+        session.last_activity = self.loop.time()
+        if not session.send(data):
+            self.backend_refused(session)
+            return
+        stats.datagrams_in += 1
+        stats.bytes_in += len(data)
+
+    def _pick(self, snapshot: PoolSnapshot, client: ClientAddr) -> int | None:
+        config = snapshot.config
+        key = source_key(client[0], client[1], config.hash_key) if snapshot.needs_key else b""
+        return snapshot.picker.pick(key)
+
+    def _still_available(self, session: UdpSession) -> bool:
+        """After a snapshot change: is the session's backend still in service?"""
+        snapshot = self.pool.snapshot
+        for i, backend in enumerate(snapshot.backends):
+            if backend.id == session.backend_id:
+                if backend.effective_weight > 0:
+                    session.version = snapshot.version
+                    session.backend_index = i
+                    return True
+                return False
+        return False
+
+    def _connect(self, session: UdpSession, snapshot: PoolSnapshot, index: int) -> bool:
+        if index < 0:
+            picked = self._pick(snapshot, session.client)
+            if picked is None:
+                self.stats.drops[DropReason.NO_BACKEND] += 1
+                return False
+            index = picked
+        backend = snapshot.backends[index]
+        try:
+            session.attach(index, backend.id, backend.host, backend.port, snapshot.stats[index],
+                           snapshot.version)
+        except OSError as exc:
+            log.debug("udp connect to %s failed: %r", backend.id, exc)
+            self.pool.report_connect_failure(backend.id)
+            self.stats.drops[DropReason.SEND_FAILED] += 1
+            return False
+        return True
+
+    # --- session end ---------------------------------------------------------------------------------
+
+    def backend_refused(self, session: UdpSession) -> None:
+        """ICMP port unreachable from the backend: a passive failure; the session ends."""
+        self.stats.drops[DropReason.BACKEND_REFUSED] += 1
+        self.pool.report_connect_failure(session.backend_id)
+        if session.key in self.sessions:
+            self.end_session(session, UdpEndReason.BACKEND_REFUSED)
+        else:
+            session.detach()
+
+    def end_session(self, session: UdpSession, reason: UdpEndReason) -> None:
+        if self.sessions.pop(session.key, None) is None:
+            return
+        session.reason = reason
+        session.detach()
+        stats = self.stats
+        stats.sessions -= 1
+        stats.sessions_ended[reason.value] += 1
+        if self.session_sink is not None:
+            self.session_sink(session)
+
+    def _arm_sweep(self) -> None:
+        period = max(min(self.config.udp.session_timeout / 4, 1.0), 0.01)
+        self._sweep_handle = self.loop.call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        """Expire idle sessions; the table is in last-use order, so stop at the first live one."""
+        deadline = self.loop.time() - self.config.udp.session_timeout
+        while self.sessions:
+            session = next(iter(self.sessions.values()))
+            if max(session.last_activity, 0.0) > deadline:
+                break
+            self.end_session(session, UdpEndReason.IDLE_TIMEOUT)
+        self._arm_sweep()
+
+    # --- shutdown --------------------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+
+    @property
+    def connections(self) -> OrderedDict[SessionKey, UdpSession]:
+        return self.sessions
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """UDP has no close handshake: sessions end at once on shutdown."""
+        return not self.sessions
+
+    def close_all(self, reason: object = None) -> int:
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            self.end_session(session, UdpEndReason.SHUTDOWN)
+        return len(sessions)
+
+    def close_backend(self, backend_id: str, reason: object = None) -> int:
+        victims = [s for s in self.sessions.values() if s.backend_id == backend_id]
+        for session in victims:
+            self.end_session(session, UdpEndReason.BACKEND_UNAVAILABLE)
+        return len(victims)
