@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pointsman.balance import ALGORITHMS, Candidate, build_picker, build_table  # noqa: E402
+from pointsman.balance import ALGORITHMS, Candidate, build_picker, build_table
 
 SIZES = (10, 100, 1000)
 TABLE_SIZE = 65537
@@ -73,7 +73,8 @@ def main() -> None:
         row = "".join(f"{ns_per_pick(algorithm, n):>19,.0f}" for n in SIZES)
         print(algorithm.ljust(24) + row)
     print()
-    print(f"Maglev build, M={TABLE_SIZE}, ms".ljust(24) + "".join(f"{n:>10} backends" for n in SIZES))
+    header = "".join(f"{n:>10} backends" for n in SIZES)
+    print(f"Maglev build, M={TABLE_SIZE}, ms".ljust(24) + header)
     for weighted in (False, True):
         label = "weighted 1-5" if weighted else "equal weights"
         row = "".join(f"{build_seconds(n, weighted) * 1e3:>19,.1f}" for n in SIZES)

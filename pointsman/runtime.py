@@ -14,6 +14,9 @@ from pathlib import Path
 
 from pointsman.config.loader import ConfigError, load_file
 from pointsman.config.model import Config, ListenerConfig, PoolConfig
+from pointsman.health.checker import HealthChecker
+from pointsman.health.probes import ProbeResult
+from pointsman.health.targets import targets_for
 from pointsman.pool.pool import Pool
 from pointsman.pool.state import BackendState, Transition
 from pointsman.proxy.listener import TcpListener
@@ -53,6 +56,8 @@ class Runtime:
         self._stopping = asyncio.Event()
         self._retired: set[asyncio.Task[None]] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
+        self.checkers: dict[str, HealthChecker] = {}
+        self._checker_tasks: dict[str, asyncio.Task[None]] = {}
         self.loop = asyncio.get_running_loop()
 
     # --- start -----------------------------------------------------------------------------------
@@ -62,6 +67,7 @@ class Runtime:
             self.pools[pool_config.name] = self._new_pool(pool_config)
         for listener_config in self.config.listeners:
             await self._start_listener(listener_config)
+        self._sync_health_checks()
         self._tick_handle = self.loop.call_later(TICK_SECONDS, self._tick)
 
     def _new_pool(self, pool_config: PoolConfig) -> Pool:
@@ -85,6 +91,36 @@ class Runtime:
         await listener.start()
         self.listeners[config.name] = listener
         self.announce(describe(config, pool))
+
+    def _sync_health_checks(self) -> None:
+        """One checker per pool; on reload unchanged targets keep their counters."""
+        for name, pool in self.pools.items():
+            checker = self.checkers.get(name)
+            if checker is None:
+                checker = self.checkers[name] = HealthChecker(self._on_check(pool))
+                task = self.loop.create_task(checker.run(), name=f"health:{name}")
+                self._checker_tasks[name] = task
+            checker.set_targets(targets_for(pool, pool.config))
+        for name in set(self.checkers) - set(self.pools):
+            del self.checkers[name]
+            self._checker_tasks.pop(name).cancel()
+
+    @staticmethod
+    def _on_check(pool: Pool) -> Callable[[str, ProbeResult, bool | None], None]:
+        def on_result(backend_id: str, result: ProbeResult, verdict: bool | None) -> None:
+            pool.record_check(backend_id, result)
+            if verdict is not None:
+                pool.health_verdict(backend_id, verdict, result.detail)
+
+        return on_result
+
+    async def _stop_health_checks(self) -> None:
+        tasks = list(self._checker_tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._checker_tasks.clear()
+        self.checkers.clear()
 
     def _tick(self) -> None:
         for pool in self.pools.values():
@@ -153,6 +189,7 @@ class Runtime:
                 await self._start_listener(new)
         for name in set(self.pools) - {p.name for p in config.pools}:
             del self.pools[name]
+        self._sync_health_checks()
         self.config = config
         log.info("config applied: %d listeners, %d pools", len(self.listeners), len(self.pools))
 
@@ -173,6 +210,7 @@ class Runtime:
         listeners = list(self.listeners.values())
         for listener in listeners:
             listener.stop_accepting()
+        await self._stop_health_checks()
         grace = self.config.shutdown_grace
         results = await asyncio.gather(*(lst.wait_drained(grace) for lst in listeners))
         cut = sum(

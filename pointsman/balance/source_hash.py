@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence, Set
+from typing import TypeVar
 
 from pointsman.balance.base import Candidate
 from pointsman.balance.hashing import stable_hash64
+
+_Score = TypeVar("_Score", int, float)
 
 _TO_UNIT = 2.0**-53
 """Scales the top 53 bits of a hash (a float's mantissa) into [0, 1)."""
@@ -40,34 +43,36 @@ class SourceHash:
         self._available: tuple[int, ...] = tuple(
             i for i, c in enumerate(candidates) if c.weight > 0
         )
-        self._ids: tuple[bytes, ...] = tuple(c.id.encode() for c in candidates)
-        self._weights: tuple[float, ...] = tuple(c.weight for c in candidates)
+        self._ids: tuple[bytes, ...] = tuple(candidates[i].id.encode() for i in self._available)
+        self._weights: tuple[float, ...] = tuple(candidates[i].weight for i in self._available)
         # With equal weights the score is monotonic in the hash, so the log can be skipped.
-        self._uniform = len({self._weights[i] for i in self._available}) <= 1
+        self._uniform = len(set(self._weights)) <= 1
 
     def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
         """Return the available, non-excluded index with the highest score for `key`."""
+        available = self._available
+        if not available:
+            return None
         # The key's own hash seeds each backend's hash: the same as hashing key and id together,
         # without the ambiguity of concatenation (b"ab" + "c" == b"a" + "bc").
         seed = stable_hash64(key)
-        ids = self._ids
-        best = -1
         if self._uniform:
-            best_hash = -1
-            for index in self._available:
-                if index in exclude:
-                    continue
-                value = stable_hash64(ids[index], seed)
-                if value > best_hash:
-                    best, best_hash = index, value
-            return None if best < 0 else best
-        weights = self._weights
+            hashes = [stable_hash64(name, seed) for name in self._ids]
+            return _highest(hashes, available, exclude)
         log = math.log
-        best_score = 0.0
-        for index in self._available:
-            if index in exclude:
-                continue
-            score = -weights[index] / log(_unit(stable_hash64(ids[index], seed)))
-            if best < 0 or score > best_score:
-                best, best_score = index, score
-        return None if best < 0 else best
+        scores = [
+            -weight / log(_unit(stable_hash64(name, seed)))
+            for name, weight in zip(self._ids, self._weights, strict=True)
+        ]
+        return _highest(scores, available, exclude)
+
+
+def _highest(scores: list[_Score], available: Sequence[int], exclude: Set[int]) -> int | None:
+    """The index in `available` with the top score, skipping `exclude`; the first on a tie."""
+    if not exclude:
+        return available[scores.index(max(scores))]
+    ranked = [s for s, i in zip(scores, available, strict=True) if i not in exclude]
+    if not ranked:
+        return None
+    best = max(ranked)
+    return next(i for s, i in zip(scores, available, strict=True) if s == best and i not in exclude)

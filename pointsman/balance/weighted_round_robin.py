@@ -15,6 +15,7 @@ weights work unchanged, which slow start needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence, Set
 
 from pointsman.balance.base import Candidate
@@ -46,23 +47,18 @@ class WeightedRoundRobin:
         weights = self._weights
         current = [c + w for c, w in zip(self._current, weights, strict=True)]
         total = self._total
+        ranked = current
         if exclude:
-            eligible = len(current)
-            for index in exclude:
-                position = self._position.get(index)
-                if position is not None:
-                    current[position] = self._current[position]
-                    total -= weights[position]
-                    eligible -= 1
-            if eligible == 0:
+            skipped = {p for i in exclude if (p := self._position.get(i)) is not None}
+            if len(skipped) == len(current):
                 return None
-            best = max(c for p, c in enumerate(current) if self._available[p] not in exclude)
-            position = next(
-                p for p, c in enumerate(current) if c == best and self._available[p] not in exclude
-            )
-        else:
-            best = max(current)
-            position = current.index(best)  # the first on a tie, as nginx
+            ranked = current[:]
+            for p in skipped:
+                current[p] = self._current[p]
+                ranked[p] = -math.inf
+                total -= weights[p]
+        best = max(ranked)
+        position = ranked.index(best)  # the first on a tie, as nginx
         current[position] = best - total
         self._current = current
         return self._available[position]

@@ -11,6 +11,8 @@ rather than stepping down one level at a time: a backend that has carried real t
 whole maximum ejection period has shown it is fixed, and the next failure deserves the short
 base ejection again, not a penalty remembered from a previous incident.
 
+`consecutive_failures: 0` turns passive ejection off: `record_failure` never ejects.
+
 Pure: time is always an argument, nothing is scheduled here. The owner sets a timer for the
 deadline `record_failure` returns and calls `expired(now)` when it fires.
 """
@@ -45,8 +47,8 @@ class PassiveEjector:
         *,
         decay_after: float | None = None,
     ) -> None:
-        if consecutive_failures < 1:
-            raise ValueError(f"consecutive_failures must be at least 1, got {consecutive_failures}")
+        if consecutive_failures < 0:
+            raise ValueError(f"consecutive_failures must be >= 0 (0 = off): {consecutive_failures}")
         if base_ejection <= 0:
             raise ValueError(f"base_ejection must be positive, got {base_ejection}")
         if max_ejection < base_ejection:
@@ -87,7 +89,7 @@ class PassiveEjector:
 
     @property
     def threshold(self) -> int:
-        """Consecutive failures that eject."""
+        """Consecutive failures that eject; 0 turns passive ejection off."""
         return self._threshold
 
     @property
@@ -122,7 +124,7 @@ class PassiveEjector:
 
         Failures reported during an ejection (connects started before it) are ignored.
         """
-        if self._deadline is not None:
+        if self._deadline is not None or self._threshold == 0:
             return None
         self._failures += 1
         if self._failures < self._threshold:

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -76,8 +77,8 @@ _Runner = Callable[[ProbeSpec, str, int], Awaitable[_Outcome]]
 
 async def probe(spec: ProbeSpec, host: str, port: int) -> ProbeResult:
     """Run one check of `spec` against host:port. Never raises except on cancellation."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    # time.monotonic, not loop.time(): uvloop's clock has millisecond resolution.
+    start = time.monotonic()
     try:
         async with asyncio.timeout(spec.timeout):
             ok, detail = await _RUNNERS[spec.type](spec, host, port)
@@ -93,7 +94,7 @@ async def probe(spec: ProbeSpec, host: str, port: int) -> ProbeResult:
         ok, detail = False, _os_detail(spec, exc)
     except Exception as exc:  # a bug in one probe must not stop every other check
         ok, detail = False, f"internal error: {type(exc).__name__}: {exc}"
-    return ProbeResult(ok, loop.time() - start, detail)
+    return ProbeResult(ok, time.monotonic() - start, detail)
 
 
 def _os_detail(spec: ProbeSpec, exc: OSError) -> str:

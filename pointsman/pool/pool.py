@@ -19,6 +19,7 @@ from pointsman.balance.base import Candidate
 from pointsman.balance.slow_start import effective_weight
 from pointsman.config.model import BackendConfig, PoolConfig
 from pointsman.health.ejection import PassiveEjector
+from pointsman.health.probes import ProbeResult
 from pointsman.pool.snapshot import BackendView, PoolSnapshot
 from pointsman.pool.state import BackendState, BackendStateMachine, Event, Transition
 from pointsman.telemetry.stats import BackendStats
@@ -42,7 +43,9 @@ class Member:
     stats: BackendStats = field(default_factory=BackendStats)
     weight: int = 1
     available_since: float | None = None
-    last_check: str = ""
+    last_check: ProbeResult | None = None
+    checks: int = 0
+    check_failures: int = 0
 
     @property
     def id(self) -> str:
@@ -159,9 +162,12 @@ class Pool:
         event = Event.HEALTH_UP if healthy else Event.HEALTH_DOWN
         self._apply(member, event, f"health check {'passed' if healthy else 'failed'}: {detail}")
 
-    def record_check(self, backend_id: str, detail: str) -> None:
+    def record_check(self, backend_id: str, result: ProbeResult) -> None:
+        """Keep the last probe result for the status page and metrics."""
         if (member := self._members.get(backend_id)) is not None:
-            member.last_check = detail
+            member.last_check = result
+            member.checks += 1
+            member.check_failures += not result.ok
 
     def report_connect_failure(self, backend_id: str) -> None:
         """Passive signal from the data plane: a connect to this backend failed."""

@@ -81,6 +81,7 @@ class ClientConnection(asyncio.Protocol):
         "loop",
         "peer",
         "reason",
+        "reject",
         "started",
         "upstream",
         "upstream_eof",
@@ -98,6 +99,7 @@ class ClientConnection(asyncio.Protocol):
         self.backend_stats: BackendStats | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.reason: EndReason | None = None
+        self.reject: RejectReason | None = None
         self.client_eof = False
         self.upstream_eof = False
         self.ended = False
@@ -118,8 +120,11 @@ class ClientConnection(asyncio.Protocol):
         if reject is not None:
             stats.rejected[reject] += 1
             self.reason = EndReason.REJECTED
+            self.reject = reject
             self.ended = True
+            self.started = self.loop.time()
             transport.abort()
+            listener.flow_ended(self)
             return
         stats.accepted += 1
         stats.active += 1
@@ -188,6 +193,7 @@ class ClientConnection(asyncio.Protocol):
         now = self.loop.time()
         if not self.bytes_out:
             self.first_byte_at = now
+            self.listener.stats.ttfb.observe(now - self.started)
         self.bytes_out += len(data)
         self.last_activity = now
         assert self.client is not None
@@ -267,6 +273,7 @@ class ClientConnection(asyncio.Protocol):
         stats = snapshot.stats[index]
         stats.active += 1  # a connect in progress counts as load for least-connections
         pool = self.listener.pool
+        began = self.loop.time()
         try:
             async with asyncio.timeout(snapshot.config.connect_timeout):
                 transport, _ = await self.loop.create_connection(
@@ -282,6 +289,7 @@ class ClientConnection(asyncio.Protocol):
             raise
         pool.report_connect_success(backend.id)
         stats.total += 1
+        stats.connect_time.observe(self.loop.time() - began)
         transport = cast(asyncio.Transport, transport)
         self.backend_id = backend.id
         self.backend_stats = stats
@@ -341,6 +349,7 @@ class ClientConnection(asyncio.Protocol):
         stats.bytes_in += self.bytes_in
         stats.bytes_out += self.bytes_out
         stats.ended[self.reason or EndReason.CLIENT_FIN] += 1
+        stats.duration.observe(self.loop.time() - self.started)
         if self.backend_stats is not None:
             self.backend_stats.active -= 1
             self.backend_stats.bytes_in += self.bytes_in

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 from pointsman.telemetry.flow import EndReason, RejectReason
+from pointsman.telemetry.histogram import DURATION_BUCKETS, Histogram
 
 
 class ListenerStats:
@@ -18,9 +19,11 @@ class ListenerStats:
         "bytes_out",
         "capacity",
         "connect_failed",
+        "duration",
         "ended",
         "rejected",
         "retried",
+        "ttfb",
     )
 
     def __init__(self, capacity: int) -> None:
@@ -33,12 +36,14 @@ class ListenerStats:
         self.bytes_out = 0  # backend -> client
         self.rejected: Counter[RejectReason] = Counter()
         self.ended: Counter[EndReason] = Counter()
+        self.ttfb = Histogram()  # accept -> first byte from the backend
+        self.duration = Histogram(DURATION_BUCKETS)
 
 
 class BackendStats:
     """Live load and totals of one backend; `active` is what least-connections reads."""
 
-    __slots__ = ("active", "bytes_in", "bytes_out", "connect_failures", "total")
+    __slots__ = ("active", "bytes_in", "bytes_out", "connect_failures", "connect_time", "total")
 
     def __init__(self) -> None:
         self.active = 0
@@ -46,3 +51,4 @@ class BackendStats:
         self.connect_failures = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.connect_time = Histogram()

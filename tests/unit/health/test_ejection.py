@@ -106,13 +106,19 @@ def test_reconfigure_keeps_a_running_ejection() -> None:
     assert e.expired(deadline)
     assert e.duration(deadline) == 40.0  # level 1 kept, new base
     with pytest.raises(ValueError):
-        e.reconfigure(0, 20.0, 400.0)
+        e.reconfigure(-1, 20.0, 400.0)
     assert e.threshold == 5
 
 
 @pytest.mark.parametrize(
-    ("failures", "base", "maximum"), [(0, 1.0, 2.0), (1, 0.0, 2.0), (1, 3.0, 2.0)]
+    ("failures", "base", "maximum"), [(-1, 1.0, 2.0), (1, 0.0, 2.0), (1, 3.0, 2.0)]
 )
 def test_rejects_bad_settings(failures: int, base: float, maximum: float) -> None:
     with pytest.raises(ValueError):
         PassiveEjector(failures, base, maximum)
+
+
+def test_zero_threshold_turns_ejection_off() -> None:
+    e = PassiveEjector(0, 30.0, 300.0)
+    assert all(e.record_failure(float(t)) is None for t in range(1000))
+    assert not e.ejected and e.failures == 0

@@ -1,0 +1,371 @@
+"""Shared helpers for tests that use real sockets on loopback.
+
+- ports: `free_port`, `refused_port` (a bound, never-listening socket: connects get RST), `has_ipv6`;
+- peers: `backend(handler)` runs an asyncio server in the test's loop, `echo_backend()` echoes;
+- pointsman: `pointsman_process` / `pointsman_process_async` run `python -m pointsman run` (uvloop)
+  as a subprocess; `running(config_text)` runs a `Runtime` in the test's own event loop;
+- waiting: `wait_for(predicate, timeout)` polls with a deadline, `read_all` / `wait_closed` read a
+  client stream to its end with a deadline.
+
+Nothing here sleeps to synchronise: every wait has a condition and a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pointsman.config.loader import load_text
+from pointsman.runtime import Runtime
+
+LOOPBACK = "127.0.0.1"
+LOOPBACK6 = "::1"
+
+# Generous deadlines for a loaded 2-core VM; a passing run never waits this long.
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+
+# --- ports ---------------------------------------------------------------------------------------
+
+
+def free_port(host: str = LOOPBACK, kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """A port the kernel just handed out on `host` (free now; tests use it at once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def refused_port(host: str = LOOPBACK) -> Iterator[int]:
+    """A port that refuses connections: bound (so nobody else takes it) but never listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        yield int(sock.getsockname()[1])
+
+
+def has_ipv6() -> bool:
+    """True when ::1 can be bound (containers without IPv6 skip the v6 tests)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind((LOOPBACK6, 0))
+    except OSError:
+        return False
+    return True
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- config text -----------------------------------------------------------------------------------
+
+
+def one_pool_config(
+    bind: str,
+    backends: list[str],
+    *,
+    listener: dict[str, Any] | None = None,
+    pool: dict[str, Any] | None = None,
+    shutdown_grace: str | float = "1s",
+) -> str:
+    """YAML for one TCP listener `lb` in front of one pool `p` (extra keys merge in)."""
+    data = {
+        "listeners": [{"name": "lb", "bind": bind, "pool": "p", **(listener or {})}],
+        "pools": [
+            {
+                "name": "p",
+                "connect_timeout": "1s",
+                "backends": [{"address": address} for address in backends],
+                **(pool or {}),
+            }
+        ],
+        "shutdown_grace": shutdown_grace,
+    }
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# --- waiting -------------------------------------------------------------------------------------
+
+
+async def wait_for(
+    predicate: Callable[[], bool], timeout: float, interval: float = 0.005, what: str = ""
+) -> None:
+    """Poll `predicate` until it is true; raise AssertionError after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() >= deadline:
+            raise AssertionError(f"not true after {timeout}s: {what or predicate}")
+        await asyncio.sleep(interval)
+
+
+async def read_all(reader: asyncio.StreamReader, timeout: float, chunk: int = 65536) -> bytes:
+    """Read until EOF, at most `timeout` seconds (TimeoutError past it)."""
+    parts = []
+    async with asyncio.timeout(timeout):
+        while data := await reader.read(chunk):
+            parts.append(data)
+    return b"".join(parts)
+
+
+async def wait_closed(reader: asyncio.StreamReader, timeout: float) -> str:
+    """Wait until the peer ends the stream; return "eof" or "reset". Data before the end is an
+    error: the callers expect a connection that is cut, not one that talks."""
+    async with asyncio.timeout(timeout):
+        try:
+            data = await reader.read(65536)
+        except ConnectionResetError:
+            return "reset"
+    assert data == b"", f"expected the connection to end, got {data[:64]!r}"
+    return "eof"
+
+
+async def connect(address: str, timeout: float = 2.0) -> tuple[
+    asyncio.StreamReader, asyncio.StreamWriter
+]:
+    host, _, port = address.rpartition(":")
+    async with asyncio.timeout(timeout):
+        return await asyncio.open_connection(host.strip("[]"), int(port))
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+# --- backends in the test's event loop --------------------------------------------------------------
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class Backend:
+    """A running test backend: where it listens, how many connections it took, what went wrong."""
+
+    host: str
+    port: int
+    accepted: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return hostport(self.host, self.port)
+
+
+@contextlib.asynccontextmanager
+async def backend(handler: Handler, host: str = LOOPBACK) -> AsyncIterator[Backend]:
+    """Serve `handler` on an ephemeral port. A handler exception other than a connection reset
+    (the proxy may cut a connection on purpose) fails the test when the block exits."""
+    info = Backend(host, 0)
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        info.accepted += 1
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception as exc:  # reported at exit, not lost in the loop's log
+            info.errors.append(exc)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(guarded, host, 0)
+    info.port = server.sockets[0].getsockname()[1]
+    try:
+        yield info
+    finally:
+        server.close()
+        await server.wait_closed()
+    if info.errors:
+        raise AssertionError(f"backend handler failed: {info.errors!r}") from info.errors[0]
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo until EOF, then half-close (FIN) back."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+def echo_backend(host: str = LOOPBACK) -> contextlib.AbstractAsyncContextManager[Backend]:
+    return backend(echo, host)
+
+
+async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: bytes,
+                    timeout: float = 2.0) -> None:
+    """Send `message` to an echo peer and assert the same bytes come back."""
+    writer.write(message)
+    async with asyncio.timeout(timeout):
+        await writer.drain()
+        got = await reader.readexactly(len(message))
+    assert got == message
+
+
+# --- pointsman in the test's event loop ------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(config_text: str, shutdown_grace: float | None = 0.2) -> AsyncIterator[Runtime]:
+    """A `Runtime` started in the running loop; shut down on exit (`shutdown_grace` overrides the
+    config's so a test that leaves a connection open does not wait long)."""
+    config = load_text(config_text, "<test>")
+    if shutdown_grace is not None:
+        config = config.model_copy(update={"shutdown_grace": shutdown_grace})
+    runtime = Runtime(config, announce=lambda line: None)
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.shutdown()
+
+
+# --- pointsman as a subprocess ----------------------------------------------------------------------
+
+
+class PointsmanProcess:
+    """`python -m pointsman ARGS` with stdout read line by line and stderr kept in a file."""
+
+    def __init__(self, args: list[str], workdir: Path, *, uvloop: bool = True) -> None:
+        self.args = args
+        self.stderr_path = workdir / "pointsman.stderr"
+        self.lines: list[str] = []
+        self._pending = b""
+        argv = [sys.executable, "-m", "pointsman", *args]
+        if not uvloop and args and args[0] == "run":
+            argv.append("--no-uvloop")
+        with self.stderr_path.open("wb") as stderr:
+            self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
+        assert self.popen.stdout is not None
+        os.set_blocking(self.popen.stdout.fileno(), False)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_lines(self, predicate: Callable[[list[str]], bool], timeout: float = START_TIMEOUT) -> None:
+        """Read stdout until `predicate(lines)` holds; fail on exit or after `timeout` seconds."""
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.popen.stdout, selectors.EVENT_READ)
+            while not predicate(self.lines):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"pointsman {self.args} not ready after {timeout}s; stdout={self.lines}, "
+                        f"stderr:\n{self.stderr()}"
+                    )
+                if not sel.select(remaining):
+                    continue
+                chunk = os.read(self.popen.stdout.fileno(), 65536)
+                if not chunk:
+                    self.popen.wait(timeout=STOP_TIMEOUT)
+                    raise AssertionError(
+                        f"pointsman {self.args} exited with {self.popen.returncode} before it was "
+                        f"ready; stdout={self.lines}, stderr:\n{self.stderr()}"
+                    )
+                *complete, self._pending = (self._pending + chunk).split(b"\n")
+                self.lines.extend(line.decode() for line in complete)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Wait for exit; kill and fail past `timeout`."""
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise AssertionError(
+                f"pointsman {self.args} still running {timeout}s after SIGTERM; "
+                f"stderr:\n{self.stderr()}"
+            ) from None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def close(self) -> None:
+        """Last resort at teardown: never leave a process behind."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+def _listening_lines(count: int) -> Callable[[list[str]], bool]:
+    return lambda lines: sum(line.startswith("listening ") for line in lines) >= count
+
+
+def _start_run(config_text: str, workdir: Path, uvloop: bool) -> PointsmanProcess:
+    listeners = len(load_text(config_text, "<test>").listeners)
+    path = workdir / "pointsman.yaml"
+    path.write_text(config_text)
+    proc = PointsmanProcess(["run", str(path)], workdir, uvloop=uvloop)
+    try:
+        proc.wait_lines(_listening_lines(listeners))
+    except BaseException:
+        proc.close()
+        raise
+    return proc
+
+
+def _finish(proc: PointsmanProcess) -> None:
+    try:
+        if proc.popen.poll() is None:
+            code = proc.stop()
+            assert code == 0, f"pointsman exited with {code} on SIGTERM; stderr:\n{proc.stderr()}"
+    finally:
+        proc.close()
+
+
+@contextlib.contextmanager
+def pointsman_process(
+    config_text: str, workdir: Path, *, uvloop: bool = True
+) -> Iterator[PointsmanProcess]:
+    """`pointsman run` on `config_text`, ready once it printed one "listening" line per listener;
+    SIGTERM on exit, which must end it with status 0 (unless the test already ended it)."""
+    proc = _start_run(config_text, workdir, uvloop)
+    try:
+        yield proc
+    finally:
+        _finish(proc)
+
+
+@contextlib.asynccontextmanager
+async def pointsman_process_async(
+    config_text: str, workdir: Path, *, uvloop: bool = True
+) -> AsyncIterator[PointsmanProcess]:
+    """As `pointsman_process`, with the blocking waits in a thread so that backends served by
+    the test's own loop keep running meanwhile."""
+    proc = await asyncio.to_thread(_start_run, config_text, workdir, uvloop)
+    try:
+        yield proc
+    finally:
+        await asyncio.to_thread(_finish, proc)
