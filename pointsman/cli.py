@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from pointsman import __version__
+from pointsman.admin.client import AdminClient, AdminError, token_from
 from pointsman.config.loader import ConfigError, load_file
 from pointsman.config.model import Config
 from pointsman.loop import run as run_loop
@@ -90,5 +93,69 @@ def demo(port: int) -> None:
     run_loop(run_demo(port))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+# --- talking to a running pointsman through its admin API -------------------------------------------
+
+def _admin_options(f):  # type: ignore[no-untyped-def]
+    f = click.option("--admin", "admin_url", default="http://127.0.0.1:9900", show_default=True,
+                     envvar="POINTSMAN_ADMIN", help="Admin API URL.")(f)
+    return click.option("--token-file", default=None,
+                        help="File holding the bearer token (or POINTSMAN_TOKEN).")(f)
+
+
+def _client(admin_url: str, token_file: str | None) -> AdminClient:
+    return AdminClient(admin_url, token_from(token_file))
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except AdminError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@_admin_options
+def status(admin_url: str, token_file: str | None) -> None:
+    """Show pools and backends: state, weight, active connections, conn/s."""
+    from pointsman.admin.table import render_status
+
+    client = _client(admin_url, token_file)
+    first = _call(client.status)
+    time.sleep(1.0)  # two samples one second apart give conn/s
+    second = _call(client.status)
+    click.echo(render_status(first, second, 1.0))
+
+
+def _backend_command(action: str, doc: str) -> None:
+    @main.command(name=action, help=doc)
+    @click.argument("pool")
+    @click.argument("backend")
+    @_admin_options
+    def command(pool: str, backend: str, admin_url: str, token_file: str | None) -> None:
+        result = _call(lambda: _client(admin_url, token_file).backend_action(pool, backend, action))
+        click.echo(f"{pool}/{backend}: {result['state']} ({result['active']} active)")
+
+
+_backend_command("drain", "Drain BACKEND of POOL: no new connections, existing ones finish.")
+_backend_command("enable", "Return BACKEND of POOL to service.")
+_backend_command("maintenance", "Put BACKEND of POOL in maintenance: no new connections.")
+
+
+@main.command()
+@click.argument("pool")
+@click.argument("backend")
+@click.argument("weight", type=click.IntRange(0, 1000))
+@_admin_options
+def weight(pool: str, backend: str, weight: int, admin_url: str, token_file: str | None) -> None:
+    """Set the WEIGHT of BACKEND in POOL (0 takes no new connections)."""
+    _call(lambda: _client(admin_url, token_file).set_weight(pool, backend, weight))
+    click.echo(f"{pool}/{backend}: weight {weight}")
+
+
+@main.command()
+@_admin_options
+def reload(admin_url: str, token_file: str | None) -> None:
+    """Ask a running pointsman to re-read its config file."""
+    _call(lambda: _client(admin_url, token_file).reload())
+    click.echo("reloaded")

@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
+import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pointsman.config.loader import ConfigError, load_file
-from pointsman.config.model import Config, ListenerConfig, PoolConfig
+from pointsman.config.model import Config, FlowLogConfig, ListenerConfig, PoolConfig
 from pointsman.health.checker import HealthChecker
 from pointsman.health.probes import ProbeResult
 from pointsman.health.targets import targets_for
@@ -22,14 +26,21 @@ from pointsman.pool.state import BackendState, Transition
 from pointsman.proxy.listener import TcpListener
 from pointsman.proxy.udp import UdpListener
 from pointsman.telemetry.flow import EndReason
+from pointsman.telemetry.flowlog import FlowLog
 from pointsman.telemetry.stats import ListenerStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
+
+if TYPE_CHECKING:
+    from pointsman.admin.server import AdminServer
+    from pointsman.proxy.tcp import ClientConnection
+    from pointsman.proxy.udp import UdpSession
 
 Listener = TcpListener | UdpListener
 
 log = logging.getLogger("pointsman")
 
 TICK_SECONDS = 0.5
+TRANSITIONS_KEPT = 200  # recent backend state changes shown on the status page
 
 
 def describe(listener: ListenerConfig, pool: Pool) -> str:
@@ -56,6 +67,11 @@ class Runtime:
         self._stopping = asyncio.Event()
         self._retired: set[asyncio.Task[None]] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
+        self.loop_lag = 0.0
+        self.started_at = time.time()
+        self.flow_log: FlowLog | None = None
+        self.transitions: deque[tuple[float, str, Transition]] = deque(maxlen=TRANSITIONS_KEPT)
+        self.admin: AdminServer | None = None
         self.checkers: dict[str, HealthChecker] = {}
         self._checker_tasks: dict[str, asyncio.Task[None]] = {}
         self.loop = asyncio.get_running_loop()
@@ -63,12 +79,32 @@ class Runtime:
     # --- start -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._open_flow_log(self.config.flow_log)
         for pool_config in self.config.pools:
             self.pools[pool_config.name] = self._new_pool(pool_config)
         for listener_config in self.config.listeners:
             await self._start_listener(listener_config)
         self._sync_health_checks()
-        self._tick_handle = self.loop.call_later(TICK_SECONDS, self._tick)
+        self._tick_at = self.loop.time() + TICK_SECONDS
+        self._tick_handle = self.loop.call_at(self._tick_at, self._tick)
+        if self.config.admin is not None:
+            from pointsman.admin.server import AdminServer
+
+            self.admin = AdminServer(self, self.config.admin)
+            await self.admin.start()
+            self.announce(f"admin api and status page on http://{self.config.admin.bind}/")
+
+    def _open_flow_log(self, config: FlowLogConfig | None) -> None:
+        if config is None or not config.enabled:
+            self.flow_log = None
+            return
+        stream = sys.stderr if config.path == "-" else open(config.path, "a")  # noqa: SIM115
+        self.flow_log = FlowLog(self.loop, stream, config.sample, config.queue_size)
+
+    def _flow_sinks(self) -> tuple[Callable[[ClientConnection], None] | None,
+                                   Callable[[UdpSession], None] | None]:
+        log_ = self.flow_log
+        return (log_.tcp, log_.udp) if log_ is not None else (None, None)
 
     def _new_pool(self, pool_config: PoolConfig) -> Pool:
         pool = Pool(pool_config)
@@ -82,12 +118,14 @@ class Runtime:
             udp_stats = self._stats.get(config.name)
             if not isinstance(udp_stats, UdpListenerStats):
                 udp_stats = self._stats[config.name] = UdpListenerStats(config.udp.max_sessions)
-            listener = UdpListener(config, pool, self.loop, stats=udp_stats)
+            listener = UdpListener(config, pool, self.loop, stats=udp_stats,
+                                   session_sink=self._flow_sinks()[1])
         else:
             tcp_stats = self._stats.get(config.name)
             if not isinstance(tcp_stats, ListenerStats):
                 tcp_stats = self._stats[config.name] = ListenerStats(config.max_connections)
-            listener = TcpListener(config, pool, self.loop, stats=tcp_stats)
+            listener = TcpListener(config, pool, self.loop, stats=tcp_stats,
+                                   flow_sink=self._flow_sinks()[0])
         await listener.start()
         self.listeners[config.name] = listener
         self.announce(describe(config, pool))
@@ -123,12 +161,16 @@ class Runtime:
         self.checkers.clear()
 
     def _tick(self) -> None:
+        now = self.loop.time()
+        self.loop_lag = max(now - self._tick_at, 0.0)
         for pool in self.pools.values():
             pool.tick()
-        self._tick_handle = self.loop.call_later(TICK_SECONDS, self._tick)
+        self._tick_at = now + TICK_SECONDS
+        self._tick_handle = self.loop.call_at(self._tick_at, self._tick)
 
     def _on_transition(self, pool_name: str, backend_id: str, transition: Transition) -> None:
-        """on_down: close_sessions cuts a backend's connections when it leaves service."""
+        """Keep recent transitions; on_down: close_sessions cuts the backend's connections."""
+        self.transitions.append((time.time(), pool_name, transition))
         pool = self.pools.get(pool_name)
         if pool is None or pool.config.on_down != "close_sessions":
             return
@@ -157,15 +199,25 @@ class Runtime:
         self._stopping.set()
 
     def _reload_from_file(self) -> None:
-        assert self.config_path is not None
+        task = self.loop.create_task(self.reload())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file; return its errors (the running config then stays)."""
+        if self.config_path is None:
+            return ["no config file to reload (config came from elsewhere)"]
         try:
             config = load_file(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, the running config stays:\n%s", exc)
-            return
-        task = self.loop.create_task(self.apply(config))
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+            return [str(issue) for issue in exc.issues]
+        try:
+            await self.apply(config)
+        except OSError as exc:
+            log.error("reload failed to bind: %s", exc)
+            return [f"cannot apply: {exc}"]
+        return []
 
     async def apply(self, config: Config) -> None:
         """Apply a validated config without closing sockets or connections that still fit."""
@@ -207,6 +259,8 @@ class Runtime:
     async def shutdown(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self.admin is not None:
+            await self.admin.stop()
         listeners = list(self.listeners.values())
         for listener in listeners:
             listener.stop_accepting()
@@ -225,3 +279,5 @@ class Runtime:
         await asyncio.gather(*self._retired, return_exceptions=True)
         # Let the cut connections' connection_lost callbacks run before the loop goes away.
         await asyncio.sleep(0)
+        if self.flow_log is not None:
+            self.flow_log.close()

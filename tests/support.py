@@ -1,6 +1,6 @@
 """Shared helpers for tests that use real sockets on loopback.
 
-- ports: `free_port`, `refused_port` (a bound, never-listening socket: connects get RST), `has_ipv6`;
+- ports: `free_port`, `refused_port` (bound, never listening: connects are refused), `has_ipv6`;
 - peers: `backend(handler)` runs an asyncio server in the test's loop, `echo_backend()` echoes;
 - pointsman: `pointsman_process` / `pointsman_process_async` run `python -m pointsman run` (uvloop)
   as a subprocess; `running(config_text)` runs a `Runtime` in the test's own event loop;
@@ -74,7 +74,7 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# --- config text -----------------------------------------------------------------------------------
+# --- config text ---------------------------------------------------------------------------------
 
 
 def one_pool_config(
@@ -137,9 +137,9 @@ async def wait_closed(reader: asyncio.StreamReader, timeout: float) -> str:
     return "eof"
 
 
-async def connect(address: str, timeout: float = 2.0) -> tuple[
-    asyncio.StreamReader, asyncio.StreamWriter
-]:
+async def connect(
+    address: str, timeout: float = 2.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, _, port = address.rpartition(":")
     async with asyncio.timeout(timeout):
         return await asyncio.open_connection(host.strip("[]"), int(port))
@@ -151,7 +151,7 @@ async def close_writer(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
-# --- backends in the test's event loop --------------------------------------------------------------
+# --- backends in the test's event loop -----------------------------------------------------------
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -211,8 +211,9 @@ def echo_backend(host: str = LOOPBACK) -> contextlib.AbstractAsyncContextManager
     return backend(echo, host)
 
 
-async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: bytes,
-                    timeout: float = 2.0) -> None:
+async def roundtrip(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: bytes, timeout: float = 2.0
+) -> None:
     """Send `message` to an echo peer and assert the same bytes come back."""
     writer.write(message)
     async with asyncio.timeout(timeout):
@@ -221,7 +222,7 @@ async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     assert got == message
 
 
-# --- pointsman in the test's event loop ------------------------------------------------------------
+# --- pointsman in the test's event loop ----------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
@@ -239,7 +240,7 @@ async def running(config_text: str, shutdown_grace: float | None = 0.2) -> Async
         await runtime.shutdown()
 
 
-# --- pointsman as a subprocess ----------------------------------------------------------------------
+# --- pointsman as a subprocess -------------------------------------------------------------------
 
 
 class PointsmanProcess:
@@ -265,7 +266,9 @@ class PointsmanProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
-    def wait_lines(self, predicate: Callable[[list[str]], bool], timeout: float = START_TIMEOUT) -> None:
+    def wait_lines(
+        self, predicate: Callable[[list[str]], bool], timeout: float = START_TIMEOUT
+    ) -> None:
         """Read stdout until `predicate(lines)` holds; fail on exit or after `timeout` seconds."""
         assert self.popen.stdout is not None
         deadline = time.monotonic() + timeout

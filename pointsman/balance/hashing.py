@@ -8,6 +8,7 @@ is randomised per process for str and bytes (PYTHONHASHSEED).
 from __future__ import annotations
 
 import ipaddress
+from typing import Protocol
 
 import xxhash
 
@@ -15,12 +16,17 @@ HASH_KEYS = ("source_ip", "source_ip_port")
 """The connection fields a hash policy may key on."""
 
 
-def stable_hash64(data: bytes, seed: int = 0) -> int:
-    """Return XXH64 of `data` as an unsigned 64-bit integer.
+class _Hash64(Protocol):
+    def __call__(self, data: bytes, seed: int = 0, /) -> int: ...
 
-    `seed` gives independent hash functions over the same input (Maglev needs two per backend).
-    """
-    return xxhash.xxh64_intdigest(data, seed)
+
+stable_hash64: _Hash64 = xxhash.xxh64_intdigest
+"""`stable_hash64(data, seed=0)`: XXH64 of `data` as an unsigned 64-bit integer.
+
+`seed` gives independent hash functions over the same input (Maglev needs two per backend). Bound
+straight to the C function, not wrapped: pickers call it once per backend per connection, and a
+Python wrapper costs more than the hash itself.
+"""
 
 
 def source_key(ip: str, port: int, hash_key: str) -> bytes:

@@ -7,6 +7,7 @@ them are reported together, not only the first.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,9 @@ def _reference_problems(data: Any) -> Iterator[tuple[Loc, str]]:
 
 
 def _model_problems(config: Config) -> Iterator[tuple[Loc, str]]:
+    admin = config.admin
+    if admin is not None and admin.token_file is None and not _is_loopback(admin.bind.host):
+        yield ("admin", "token_file"), "required when admin.bind is not a loopback address"
     for i, pool in enumerate(config.pools):
         if pool.algorithm == "maglev" and not _is_prime(pool.maglev_table_size):
             yield ("pools", i, "maglev_table_size"), f"must be prime, got {pool.maglev_table_size}"
@@ -201,6 +205,13 @@ def _duplicates(where: str | Loc, names: list[str], what: str = "name") -> Itera
         if name in seen:
             yield (*base, i), f"duplicate {what} {name!r} (first at index {seen[name]})"
         seen.setdefault(name, i)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _is_prime(n: int) -> bool:

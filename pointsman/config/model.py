@@ -127,10 +127,24 @@ class ListenerConfig(Strict):
     udp: UdpConfig = Field(default_factory=UdpConfig)
 
 
+class AdminConfig(Strict):
+    bind: Address = Field(default_factory=lambda: parse_host_port("127.0.0.1:9900"))
+    token_file: str | None = None
+
+
+class FlowLogConfig(Strict):
+    enabled: bool = True
+    path: str = "-"  # "-" is stderr
+    sample: Fraction = 1.0
+    queue_size: int = Field(default=10_000, ge=1)
+
+
 class Config(Strict):
     listeners: list[ListenerConfig] = Field(min_length=1)
     pools: list[PoolConfig] = Field(min_length=1)
     shutdown_grace: Duration = 30.0
+    admin: AdminConfig | None = None  # absent: no admin listener
+    flow_log: FlowLogConfig | None = None  # absent: no flow log
 
     def pool(self, name: str) -> PoolConfig:
         return next(p for p in self.pools if p.name == name)

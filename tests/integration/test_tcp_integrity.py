@@ -49,7 +49,9 @@ def down_seed(conn_id: int) -> int:
     return 2_000 + conn_id
 
 
-async def send_in_random_chunks(writer: asyncio.StreamWriter, data: bytes, rng: random.Random) -> None:
+async def send_in_random_chunks(
+    writer: asyncio.StreamWriter, data: bytes, rng: random.Random
+) -> None:
     view = memoryview(data)
     offset = 0
     while offset < len(data):
@@ -116,4 +118,3 @@ async def test_64_mib_each_way_over_16_connections_arrives_intact(tmp_path: Path
         assert up.digest == hashlib.sha256(stream(up_seed(conn_id))).hexdigest(), (
             f"connection {conn_id}: client -> backend bytes differ"
         )
-

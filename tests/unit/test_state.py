@@ -160,12 +160,11 @@ def test_ejection_ended_during_maintenance_is_forgotten() -> None:
 
 def test_health_up_from_down_lands_in_ejected_while_ejection_runs() -> None:
     m = machine_in(S.EJECTED)
-    m.apply(E.HEALTH_DOWN, "check failed", 1.0)
-    assert m.state is S.DOWN and m.ejecting
-    m.apply(E.HEALTH_UP, "check passed", 2.0)
-    assert m.state is S.EJECTED
-    m.apply(E.EJECT_EXPIRED, "timer", 3.0)
-    assert m.state is S.UP
+    seen = []
+    for at, event in enumerate([E.HEALTH_DOWN, E.HEALTH_UP, E.EJECT_EXPIRED], start=1):
+        m.apply(event, "signal", float(at))
+        seen.append((m.state, m.ejecting))
+    assert seen == [(S.DOWN, True), (S.EJECTED, True), (S.UP, False)]
 
 
 def test_eject_while_down_is_remembered_until_expired() -> None:

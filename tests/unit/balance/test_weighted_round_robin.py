@@ -52,3 +52,31 @@ def test_counts_exactly_proportional(weights: list[int], rounds: int) -> None:
     counts = Counter(picker.pick(b"") for _ in range(rounds * total))
     expected = {i: rounds * w for i, w in enumerate(weights) if w > 0}
     assert dict(counts) == expected
+
+
+def reference_pick(current: list[float], weights: list[float], exclude: set[int]) -> int | None:
+    """nginx's loop as the commit message states it, over eligible (non-excluded) peers only."""
+    total = 0.0
+    best = None
+    for i, w in enumerate(weights):
+        if w <= 0 or i in exclude:
+            continue
+        current[i] += w
+        total += w
+        if best is None or current[i] > current[best]:
+            best = i
+    if best is not None:
+        current[best] -= total
+    return best
+
+
+@given(
+    st.lists(st.integers(0, 6), min_size=1, max_size=6),
+    st.lists(st.sets(st.integers(0, 5), max_size=3), max_size=30),
+)
+def test_exclusion_matches_the_nginx_loop(weights: list[int], excludes: list[set[int]]) -> None:
+    picker = WeightedRoundRobin(candidates(*weights))
+    current = [0.0] * len(weights)
+    floats = [float(w) for w in weights]
+    for exclude in excludes:
+        assert picker.pick(b"", frozenset(exclude)) == reference_pick(current, floats, exclude)

@@ -1,0 +1,66 @@
+"""A tiny client of the admin API for the CLI (standard library only: no event loop needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+
+class AdminError(Exception):
+    pass
+
+
+class AdminClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("error") or exc.reason
+            except (json.JSONDecodeError, AttributeError):
+                detail = exc.reason
+            raise AdminError(f"{exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise AdminError(f"cannot reach {self.url}: {exc}") from None
+
+    def status(self) -> Any:
+        return self.request("GET", "/api/v1/status")
+
+    def backend_action(self, pool: str, backend: str, action: str) -> Any:
+        path = f"/api/v1/pools/{_seg(pool)}/backends/{_seg(backend)}/{action}"
+        return self.request("POST", path)
+
+    def set_weight(self, pool: str, backend: str, weight: int) -> Any:
+        path = f"/api/v1/pools/{_seg(pool)}/backends/{_seg(backend)}/weight"
+        return self.request("PUT", path, {"weight": weight})
+
+    def reload(self) -> Any:
+        return self.request("POST", "/api/v1/reload")
+
+
+def _seg(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def token_from(token_file: str | None) -> str | None:
+    path = token_file or os.environ.get("POINTSMAN_TOKEN_FILE")
+    if path:
+        with open(path) as f:
+            return f.read().strip()
+    return os.environ.get("POINTSMAN_TOKEN")

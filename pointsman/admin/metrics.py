@@ -1,0 +1,189 @@
+"""Prometheus exposition: a collector that reads the data plane's counters at scrape time.
+
+Every metric is declared here, named after the SLIs (connection success, time to first byte,
+active connections, churn, table utilisation, drops, resets, backend health), and labelled by
+listener, pool and backend only: no per-client labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from pointsman.pool.state import BackendState
+from pointsman.proxy.listener import TcpListener
+from pointsman.telemetry.flow import DropReason, EndReason, RejectReason
+from pointsman.telemetry.histogram import Histogram
+
+if TYPE_CHECKING:
+    from pointsman.runtime import Runtime
+
+P = "pointsman_"
+
+
+def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(P + name, doc, labels=labels)
+
+
+def _add(family: HistogramMetricFamily, values: list[str], hist: Histogram) -> None:
+    family.add_metric(values, hist.cumulative(), hist.sum)
+
+
+class RuntimeCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._tcp()
+        yield from self._udp()
+        yield from self._backends()
+        yield from self._process()
+
+    def _tcp(self) -> Iterator[Metric]:
+        lbl = ["listener", "pool"]
+        accepted = CounterMetricFamily(P + "connections_accepted", "Connections accepted", labels=lbl)
+        rejected = CounterMetricFamily(
+            P + "connections_rejected", "Connections refused before any backend was tried",
+            labels=[*lbl, "reason"])
+        ended = CounterMetricFamily(
+            P + "connections_ended", "Finished connections by how they ended (resets by side)",
+            labels=[*lbl, "reason"])
+        failed = CounterMetricFamily(
+            P + "connections_connect_failed", "Connections closed because every backend try failed",
+            labels=lbl)
+        retried = CounterMetricFamily(P + "connect_retries", "Connect retries on another backend",
+                                      labels=lbl)
+        active = GaugeMetricFamily(P + "active_connections", "Open connections", labels=lbl)
+        used = GaugeMetricFamily(P + "connection_table_used", "Connection table entries in use",
+                                 labels=lbl)
+        capacity = GaugeMetricFamily(P + "connection_table_capacity", "Connection table size",
+                                     labels=lbl)
+        nbytes = CounterMetricFamily(P + "bytes", "Bytes proxied (in: client to backend)",
+                                     labels=[*lbl, "direction"])
+        ttfb = _histogram("time_to_first_byte_seconds",
+                          "Accept to first byte from the backend", lbl)
+        duration = _histogram("connection_duration_seconds", "Connection lifetime", lbl)
+        for listener in self.runtime.listeners.values():
+            if not isinstance(listener, TcpListener):
+                continue
+            s = listener.stats
+            v = [listener.name, listener.pool.name]
+            accepted.add_metric(v, s.accepted)
+            for reason in RejectReason:
+                rejected.add_metric([*v, reason.value], s.rejected[reason])
+            for end in EndReason:
+                ended.add_metric([*v, end.value], s.ended[end])
+            failed.add_metric(v, s.connect_failed)
+            retried.add_metric(v, s.retried)
+            active.add_metric(v, s.active)
+            used.add_metric(v, s.active)
+            capacity.add_metric(v, s.capacity)
+            nbytes.add_metric([*v, "in"], s.bytes_in)
+            nbytes.add_metric([*v, "out"], s.bytes_out)
+            _add(ttfb, v, s.ttfb)
+            _add(duration, v, s.duration)
+        yield from (accepted, rejected, ended, failed, retried, active, used, capacity, nbytes,
+                    ttfb, duration)
+
+    def _udp(self) -> Iterator[Metric]:
+        from pointsman.proxy.udp import UdpListener
+
+        lbl = ["listener", "pool"]
+        sessions = GaugeMetricFamily(P + "udp_sessions", "Live UDP sessions (table use)",
+                                     labels=lbl)
+        capacity = GaugeMetricFamily(P + "udp_session_table_capacity", "UDP session table size",
+                                     labels=lbl)
+        created = CounterMetricFamily(P + "udp_sessions_created", "UDP sessions created",
+                                      labels=lbl)
+        ended = CounterMetricFamily(P + "udp_sessions_ended", "UDP sessions ended, by reason",
+                                    labels=[*lbl, "reason"])
+        datagrams = CounterMetricFamily(P + "udp_datagrams", "UDP datagrams forwarded",
+                                        labels=[*lbl, "direction"])
+        nbytes = CounterMetricFamily(P + "udp_bytes", "UDP payload bytes forwarded",
+                                     labels=[*lbl, "direction"])
+        drops = CounterMetricFamily(P + "udp_drops", "UDP datagrams dropped, by reason",
+                                    labels=[*lbl, "reason"])
+        for listener in self.runtime.listeners.values():
+            if not isinstance(listener, UdpListener):
+                continue
+            s = listener.stats
+            v = [listener.name, listener.pool.name]
+            sessions.add_metric(v, s.sessions)
+            capacity.add_metric(v, s.capacity)
+            created.add_metric(v, s.sessions_created)
+            for reason, n in sorted(s.sessions_ended.items()):
+                ended.add_metric([*v, reason], n)
+            datagrams.add_metric([*v, "in"], s.datagrams_in)
+            datagrams.add_metric([*v, "out"], s.datagrams_out)
+            nbytes.add_metric([*v, "in"], s.bytes_in)
+            nbytes.add_metric([*v, "out"], s.bytes_out)
+            for drop in DropReason:
+                drops.add_metric([*v, drop.value], s.drops[drop])
+        yield from (sessions, capacity, created, ended, datagrams, nbytes, drops)
+
+    def _backends(self) -> Iterator[Metric]:
+        lbl = ["pool", "backend"]
+        state = GaugeMetricFamily(P + "backend_state", "1 for the backend's current state",
+                                  labels=[*lbl, "state"])
+        weight = GaugeMetricFamily(P + "backend_weight", "Configured (operator) weight", labels=lbl)
+        active = GaugeMetricFamily(P + "backend_active_connections", "Open connections or UDP "
+                                   "sessions", labels=lbl)
+        total = CounterMetricFamily(P + "backend_connections", "Connections established",
+                                    labels=lbl)
+        failures = CounterMetricFamily(P + "backend_connect_failures", "Failed connects",
+                                       labels=lbl)
+        nbytes = CounterMetricFamily(P + "backend_bytes", "Bytes (in: client to backend)",
+                                     labels=[*lbl, "direction"])
+        connect = _histogram("backend_connect_seconds", "Time to connect to the backend", lbl)
+        checks = CounterMetricFamily(P + "health_checks", "Health check probes by result",
+                                     labels=[*lbl, "result"])
+        probe = GaugeMetricFamily(P + "health_check_latency_seconds", "Latency of the last probe",
+                                  labels=lbl)
+        healthy = GaugeMetricFamily(P + "pool_available_backends", "Backends taking new "
+                                    "connections", labels=["pool"])
+        size = GaugeMetricFamily(P + "pool_backends", "Backends configured", labels=["pool"])
+        for pool in self.runtime.pools.values():
+            snapshot = pool.snapshot
+            healthy.add_metric([pool.name], snapshot.available)
+            size.add_metric([pool.name], len(snapshot.backends))
+            for m in pool.members():
+                v = [pool.name, m.id]
+                for st in BackendState:
+                    state.add_metric([*v, st.value], float(m.machine.state is st))
+                weight.add_metric(v, m.weight)
+                active.add_metric(v, m.stats.active)
+                total.add_metric(v, m.stats.total)
+                failures.add_metric(v, m.stats.connect_failures)
+                nbytes.add_metric([*v, "in"], m.stats.bytes_in)
+                nbytes.add_metric([*v, "out"], m.stats.bytes_out)
+                _add(connect, v, m.stats.connect_time)
+                checks.add_metric([*v, "success"], m.checks - m.check_failures)
+                checks.add_metric([*v, "failure"], m.check_failures)
+                if m.last_check is not None:
+                    probe.add_metric(v, m.last_check.latency)
+        yield from (state, weight, active, total, failures, nbytes, connect, checks, probe,
+                    healthy, size)
+
+    def _process(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily(P + "event_loop_lag_seconds",
+                                "How late the last periodic tick ran (event-loop saturation)")
+        lag.add_metric([], self.runtime.loop_lag)
+        flows = CounterMetricFamily(P + "flow_log_dropped", "Flow records dropped (queue full)")
+        flows.add_metric([], self.runtime.flow_log.dropped if self.runtime.flow_log else 0)
+        yield from (lag, flows)
+
+
+def registry_for(runtime: Runtime) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RuntimeCollector(runtime))
+    ProcessCollector(registry=registry)
+    return registry

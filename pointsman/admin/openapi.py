@@ -1,0 +1,64 @@
+"""The admin API's OpenAPI 3 document (served at /openapi.json, fuzzed by schemathesis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"description": "error", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}}}}}}
+_JSON = {"application/json": {"schema": {"type": "object"}}}
+_PATH_PARAMS = [
+    {"name": "pool", "in": "path", "required": True, "schema": {"type": "string"}},
+    {"name": "backend", "in": "path", "required": True, "schema": {"type": "string"},
+     "description": "the backend's name, else its address as written (host:port)"},
+]
+_AUTH = [{"bearer": []}]
+
+
+def _mutating(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "security": _AUTH,
+        "responses": {"200": {"description": "done", "content": _JSON}, "400": _ERROR,
+                      "401": _ERROR, "404": _ERROR, "409": _ERROR},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def _read(summary: str, content_type: str = "application/json") -> dict[str, Any]:
+    return {"summary": summary, "responses": {"200": {
+        "description": "ok", "content": {content_type: {"schema": {"type": "string"}}
+                                         if content_type != "application/json" else _JSON}}}}
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "pointsman admin API", "version": "1"},
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "paths": {
+        "/healthz": {"get": _read("the process is alive", "text/plain")},
+        "/readyz": {"get": {"summary": "every listener accepts and every pool has a backend",
+                            "responses": {"200": {"description": "ready", "content": _JSON},
+                                          "503": {"description": "not ready", "content": _JSON}}}},
+        "/metrics": {"get": _read("Prometheus metrics", "text/plain")},
+        "/api/v1/status": {"get": _read("listeners, pools, backends and recent transitions")},
+        "/api/v1/pools/{pool}/backends/{backend}/drain": {
+            "parameters": _PATH_PARAMS, "post": _mutating("no new connections; existing finish")},
+        "/api/v1/pools/{pool}/backends/{backend}/enable": {
+            "parameters": _PATH_PARAMS, "post": _mutating("back into service")},
+        "/api/v1/pools/{pool}/backends/{backend}/maintenance": {
+            "parameters": _PATH_PARAMS, "post": _mutating("no new connections (maintenance)")},
+        "/api/v1/pools/{pool}/backends/{backend}/weight": {
+            "parameters": _PATH_PARAMS,
+            "put": _mutating("set the weight (0-1000)", {
+                "type": "object", "required": ["weight"],
+                "properties": {"weight": {"type": "integer", "minimum": 0, "maximum": 1000}}}),
+        },
+        "/api/v1/reload": {"post": {**_mutating("re-read the config file"),
+                                    "responses": {"200": {"description": "applied",
+                                                          "content": _JSON},
+                                                  "401": _ERROR, "422": _ERROR}}},
+    },
+}

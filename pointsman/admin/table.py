@@ -1,0 +1,32 @@
+"""`pointsman status`: the status document as a terminal table (rich)."""
+
+from __future__ import annotations
+
+from io import StringIO
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+STATE_STYLE = {"up": "green", "down": "red", "ejected": "dark_orange", "draining": "blue",
+               "maintenance": "grey50"}
+
+
+def render_status(first: dict[str, Any], second: dict[str, Any], seconds: float) -> str:
+    before = {(p["name"], b["id"]): b["total"] for p in first["pools"] for b in p["backends"]}
+    table = Table(title="pointsman")
+    for column in ("pool", "backend", "state", "weight", "active", "conn/s", "last check"):
+        table.add_column(column, justify="right" if column in ("weight", "active", "conn/s")
+                         else "left")
+    for pool in second["pools"]:
+        for b in pool["backends"]:
+            rate = (b["total"] - before.get((pool["name"], b["id"]), b["total"])) / seconds
+            check = b["last_check"]
+            table.add_row(pool["name"], b["id"],
+                          f"[{STATE_STYLE.get(b['state'], 'white')}]{b['state']}[/]",
+                          str(b["weight"]), str(b["active"]), f"{rate:.1f}",
+                          "-" if check is None else
+                          f"{'ok' if check['ok'] else 'fail'}: {check['detail']}")
+    out = StringIO()
+    Console(file=out, width=120, force_terminal=False).print(table)
+    return out.getvalue()
