@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -74,6 +74,8 @@ async def _serve(cfg: Config, path: str | None) -> None:
         print(line, flush=True)
 
     runtime = Runtime(cfg, path, announce=announce)
+    # Before the "listening" lines: a SIGTERM right after them must stop us cleanly, not kill us.
+    runtime.install_signal_handlers()
     try:
         await runtime.start()
     except OSError as exc:
@@ -95,7 +97,10 @@ def demo(port: int) -> None:
 
 # --- talking to a running pointsman through its admin API -------------------------------------------
 
-def _admin_options(f):  # type: ignore[no-untyped-def]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _admin_options(f: F) -> F:
     f = click.option("--admin", "admin_url", default="http://127.0.0.1:9900", show_default=True,
                      envvar="POINTSMAN_ADMIN", help="Admin API URL.")(f)
     return click.option("--token-file", default=None,

@@ -47,6 +47,7 @@ async def run_demo(port: int) -> None:
     backends = "\n".join(f'      - address: "127.0.0.1:{p}"' for p in ports)
     config = load_text(DEMO_CONFIG.format(port=port, backends=backends), "<demo>")
     runtime = Runtime(config)
+    runtime.install_signal_handlers()  # before "listening" is printed, as in `pointsman run`
     await runtime.start()
     print(
         f"\npointsman demo: 3 backends on ports {', '.join(map(str, ports))}.\n"

@@ -65,7 +65,7 @@ class Runtime:
         self.listeners: dict[str, Listener] = {}
         self._stats: dict[str, ListenerStats | UdpListenerStats] = {}
         self._stopping = asyncio.Event()
-        self._retired: set[asyncio.Task[None]] = set()
+        self._retired: set[asyncio.Task[object]] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
         self.loop_lag = 0.0
         self.started_at = time.time()

@@ -12,7 +12,7 @@ _PATH_PARAMS = [
     {"name": "backend", "in": "path", "required": True, "schema": {"type": "string"},
      "description": "the backend's name, else its address as written (host:port)"},
 ]
-_AUTH = [{"bearer": []}]
+_AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def _mutating(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

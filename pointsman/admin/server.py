@@ -8,6 +8,7 @@ configured (a non-loopback bind without one is refused by the config check).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 import json
 import logging
 from importlib import resources
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pointsman.admin")
 
 ACTIONS = ("drain", "enable", "maintenance")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class AdminServer:
@@ -68,7 +70,7 @@ class AdminServer:
     # --- middleware and auth -----------------------------------------------------------------------
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Client mistakes become 4xx with a JSON reason; nothing becomes a 500 by accident."""
         try:
             return await handler(request)

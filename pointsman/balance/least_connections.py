@@ -8,7 +8,6 @@ in round robin (HAProxy likewise rotates among equally loaded servers).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence, Set
 
 from pointsman.balance.base import Candidate, Loaded
@@ -17,7 +16,7 @@ from pointsman.balance.base import Candidate, Loaded
 class LeastConnections:
     """Fewest `active / weight`, ties broken by a rotating start position."""
 
-    __slots__ = ("_available", "_load", "_offset", "_position", "_weights")
+    __slots__ = ("_available", "_load", "_offset", "_weights")
 
     def __init__(
         self, candidates: Sequence[Candidate], load: Sequence[Loaded], *, start: int = 0
@@ -28,29 +27,34 @@ class LeastConnections:
         self._available: tuple[int, ...] = tuple(
             i for i, c in enumerate(candidates) if c.weight > 0
         )
-        self._position = {index: position for position, index in enumerate(self._available)}
-        self._weights: tuple[float, ...] = tuple(candidates[i].weight for i in self._available)
+        self._weights: tuple[float, ...] = tuple(c.weight for c in candidates)
         self._load = load
         self._offset = start % len(self._available) if self._available else 0
 
     def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
         """Return the least loaded eligible index, or None if none is eligible."""
+        # A plain loop: for pools up to ~100 backends it beats list comprehensions plus
+        # min/index (measured). The scan is O(n), as in nginx; HAProxy keeps a tree instead.
         available = self._available
-        if not available:
-            return None
+        count = len(available)
+        weights = self._weights
         load = self._load
-        # One comprehension, then min and index in C: much cheaper than a branchy Python loop.
-        scores = [load[i].active / w for i, w in zip(available, self._weights, strict=True)]
-        for index in exclude:
-            position = self._position.get(index)
-            if position is not None:
-                scores[position] = math.inf
-        best = min(scores)
-        if best == math.inf:
+        position = self._offset
+        best = -1
+        best_position = 0
+        best_score = 0.0
+        for _ in range(count):
+            index = available[position]
+            if index not in exclude:
+                score = load[index].active / weights[index]
+                if best < 0 or score < best_score:
+                    best = index
+                    best_score = score
+                    best_position = position
+            position += 1
+            if position == count:
+                position = 0
+        if best < 0:
             return None
-        try:
-            position = scores.index(best, self._offset)
-        except ValueError:
-            position = scores.index(best)
-        self._offset = position + 1 if position + 1 < len(available) else 0
-        return available[position]
+        self._offset = best_position + 1 if best_position + 1 < count else 0
+        return best

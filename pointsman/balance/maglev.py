@@ -7,18 +7,18 @@ permutation of the M table slots given by `offset = h1(id) mod M` and `skip = h2
 claiming their next preferred free slot until the table is full; a key's backend is then
 `table[hash(key) mod M]`, one hash and one index per connection.
 
-The paper leaves weights to the reader (Katran and Envoy add them); here a backend of weight w takes
-its k-th turn at virtual time k / w, so turns, and therefore slots, are handed out in proportion to
-weight and every available backend gets at least one. With equal weights this is exactly the
-paper's round-robin order. Turn order among backends is by id, so the table depends only on the set
-of (id, weight), not on the order of the backend list.
+The paper's pseudocode has no weights (Katran and Envoy add them, each its own way); here a
+backend of weight w takes its k-th turn at virtual time k / w, so turns, and therefore slots, are
+handed out in proportion to weight and every available backend gets at least one. With equal
+weights this is exactly the paper's round-robin order. Turn order among backends is by id, so the
+table depends only on the set of (id, weight), not on the order of the backend list.
 
-Maglev trades a little disruption for balance (section 3.4: "minimal disruption" is a goal met
-approximately, see figure 12): a removed backend's slots change who claims what later in the fill,
-so some other keys move too. Measured here at M=65537 with 100 equal backends: removing one moves
-its own 1 % of keys plus about 0.5 % of the others; adding one moves about 1.6/(N+1) of keys
-instead of the ideal 1/(N+1). Use source_hash where zero collateral movement matters more than an
-O(1) lookup.
+Maglev trades a little disruption for balance (section 3.4 aims for minimal disruption, not zero;
+section 5.3 measures it): a removed backend's freed slots change who claims what later in the
+fill, so some other keys move too. Measured here at M=65537 with 100 equal backends: removing one
+moves its own 1 % of keys plus about 0.5 % of all keys from other backends; adding one moves about
+1.6/(N+1) of keys instead of the ideal 1/(N+1). Use source_hash where zero collateral movement
+matters more than an O(1) lookup.
 
 Hash policies use the configured weight, not the slow start ramp: a ramp would move keys.
 """
@@ -32,7 +32,7 @@ from pointsman.balance.base import Candidate
 from pointsman.balance.hashing import stable_hash64
 
 DEFAULT_TABLE_SIZE = 65537
-"""The paper's table size for production (section 5.3); prime, and ~100x a large pool."""
+"""Prime, one of the two sizes the paper evaluates (section 5.3), and ~100x a large pool."""
 
 OFFSET_SEED = 0x4D41474C45563031
 """Seed of h1, the offset hash (ASCII "MAGLEV01")."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pointsman.balance import build_picker
 from pointsman.balance.affinity import AffinityTable
-from pointsman.balance.base import Candidate
+from pointsman.balance.base import Candidate, Picker
 from pointsman.balance.slow_start import effective_weight
 from pointsman.config.model import BackendConfig, PoolConfig
 from pointsman.health.ejection import PassiveEjector
@@ -72,7 +72,7 @@ class Pool:
         self._listeners: list[TransitionListener] = []
         self._version = 0
         self._maglev_key: tuple[tuple[str, float], ...] | None = None
-        self._picker_cache: object = None
+        self._picker_cache: Picker | None = None
         self.affinity: AffinityTable | None = None
         self.snapshot: PoolSnapshot
         self.reconfigure(config)
@@ -90,10 +90,14 @@ class Pool:
                 member = self._new_member(backend, now)
             else:
                 member.config = backend
-                member.ejector = self._ejector()
+                self._reconfigure_ejector(member)
             member.weight = backend.weight
             members[backend.id] = member
         self._members = members
+        checked = config.health_check is not None and config.health_check.type != "none"
+        for member in members.values():
+            if not checked and not member.machine.health_ok:
+                self._apply(member, Event.HEALTH_UP, "health check removed")
         if config.affinity is None:
             self.affinity = None
         elif self.affinity is None or self.affinity.max_entries != config.affinity.max_entries:
@@ -108,6 +112,17 @@ class Pool:
             return None
         return PassiveEjector(p.consecutive_failures, max(p.base_ejection, 0.001),
                               max(p.max_ejection, p.base_ejection, 0.001))
+
+    def _reconfigure_ejector(self, member: Member) -> None:
+        """Keep a running ejection across reloads; switching ejection off ends it."""
+        p = self.config.passive
+        if member.ejector is None or p.consecutive_failures == 0:
+            if member.ejector is not None and member.machine.ejecting:
+                self._apply(member, Event.EJECT_EXPIRED, "passive ejection turned off")
+            member.ejector = self._ejector()
+            return
+        member.ejector.reconfigure(p.consecutive_failures, max(p.base_ejection, 0.001),
+                                   max(p.max_ejection, p.base_ejection, 0.001))
 
     def _new_member(self, backend: BackendConfig, now: float) -> Member:
         initial = BackendState.UP if self.config.initial_state == "up" else BackendState.DOWN
@@ -251,11 +266,11 @@ class Pool:
             or self.config.algorithm in ("source_hash", "maglev"),
         )
 
-    def _picker(self, candidates: list[Candidate], stats: tuple[BackendStats, ...]) -> object:
+    def _picker(self, candidates: list[Candidate], stats: tuple[BackendStats, ...]) -> Picker:
         """Build the picker; the Maglev table is rebuilt only when the backend set or weights change."""
         if self.config.algorithm == "maglev":
             key = tuple((c.id, c.weight) for c in candidates)
-            if key == self._maglev_key:
+            if key == self._maglev_key and self._picker_cache is not None:
                 return self._picker_cache
             self._maglev_key = key
         picker = build_picker(

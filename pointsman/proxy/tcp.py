@@ -290,7 +290,6 @@ class ClientConnection(asyncio.Protocol):
         pool.report_connect_success(backend.id)
         stats.total += 1
         stats.connect_time.observe(self.loop.time() - began)
-        transport = cast(asyncio.Transport, transport)
         self.backend_id = backend.id
         self.backend_stats = stats
         self.upstream = transport

@@ -15,7 +15,6 @@ object. Idle sessions are swept by one timer per listener over a table kept in l
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 from collections import OrderedDict
@@ -111,7 +110,8 @@ class UdpSession:
             self.backend_stats = None
 
     def send(self, data: bytes) -> bool:
-        """Forward one datagram to the backend; False if the backend refused it."""
+        """Forward one datagram to the backend; False if the backend refused it. Only datagrams
+        the kernel took count as forwarded; the others count as drops."""
         assert self.sock is not None
         try:
             self.sock.send(data)
@@ -123,8 +123,12 @@ class UdpSession:
         except OSError:
             self.listener.stats.drops[DropReason.SEND_FAILED] += 1
             return True
+        n = len(data)
         self.datagrams_in += 1
-        self.bytes_in += len(data)
+        self.bytes_in += n
+        stats = self.listener.stats
+        stats.datagrams_in += 1
+        stats.bytes_in += n
         return True
 
     def _readable(self) -> None:
@@ -217,10 +221,11 @@ class UdpListener:
         per_packet = self.config.udp.per_packet
         index = -1
         if per_packet:
-            index = self._pick(snapshot, client)
-            if index is None:
+            picked = self._pick(snapshot, client)
+            if picked is None:
                 stats.drops[DropReason.NO_BACKEND] += 1
                 return
+            index = picked
             key: SessionKey = (client[0], client[1], index)
         else:
             key = client
@@ -246,9 +251,6 @@ class UdpListener:
         session.last_activity = self.loop.time()
         if not session.send(data):
             self.backend_refused(session)
-            return
-        stats.datagrams_in += 1
-        stats.bytes_in += len(data)
 
     def _pick(self, snapshot: PoolSnapshot, client: ClientAddr) -> int | None:
         config = snapshot.config

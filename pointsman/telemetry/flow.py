@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class EndReason(str, enum.Enum):
+class EndReason(enum.StrEnum):
     CLIENT_FIN = "client_fin"
     BACKEND_FIN = "backend_fin"
     CLIENT_RESET = "client_reset"
@@ -17,7 +17,7 @@ class EndReason(str, enum.Enum):
     CLOSED_BY_OPERATOR = "closed_by_operator"
 
 
-class RejectReason(str, enum.Enum):
+class RejectReason(enum.StrEnum):
     """Why a connection was refused before any backend was tried."""
 
     TABLE_FULL = "table_full"
@@ -25,7 +25,7 @@ class RejectReason(str, enum.Enum):
     SHUTTING_DOWN = "shutting_down"
 
 
-class DropReason(str, enum.Enum):
+class DropReason(enum.StrEnum):
     """Why a UDP datagram was dropped."""
 
     TABLE_FULL = "table_full"
@@ -34,7 +34,7 @@ class DropReason(str, enum.Enum):
     BACKEND_REFUSED = "backend_refused"
 
 
-class UdpEndReason(str, enum.Enum):
+class UdpEndReason(enum.StrEnum):
     """How a UDP session ended."""
 
     IDLE_TIMEOUT = "idle_timeout"

@@ -27,7 +27,7 @@ from tests.support import (
 
 # The subprocess tests run the proxy on each loop; the test side's own loop does not matter there.
 proxy_loops = pytest.mark.parametrize("proxy_loop", ["uvloop", "asyncio"])
-test_side_asyncio = pytest.mark.asyncio(loop_factories=["asyncio"])
+on_asyncio_side = pytest.mark.asyncio(loop_factories=["asyncio"])
 
 
 async def wait_refused(address: str, timeout: float) -> None:
@@ -50,7 +50,7 @@ async def wait_exit(proc: PointsmanProcess, timeout: float) -> int:
 
 
 @proxy_loops
-@test_side_asyncio
+@on_asyncio_side
 async def test_sigterm_stops_accepting_and_lets_open_connection_finish(
     tmp_path: Path, proxy_loop: str
 ) -> None:
@@ -81,7 +81,7 @@ async def test_sigterm_stops_accepting_and_lets_open_connection_finish(
 
 
 @proxy_loops
-@test_side_asyncio
+@on_asyncio_side
 async def test_sigterm_cuts_connection_still_open_after_grace(
     tmp_path: Path, proxy_loop: str
 ) -> None:

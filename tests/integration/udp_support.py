@@ -17,7 +17,7 @@ import contextlib
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -65,8 +65,7 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.by_source: Counter[Addr] = Counter()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         source = short(addr)
