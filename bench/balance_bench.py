@@ -19,8 +19,9 @@ from pointsman.balance import ALGORITHMS, Candidate, build_picker, build_table
 
 SIZES = (10, 100, 1000)
 TABLE_SIZE = 65537
-PICK_SECONDS = 0.3
-"""Rough time budget per measurement; each is the best of 3 repeats."""
+PICK_SECONDS = 0.1
+"""Rough time budget per repeat; the best of REPEATS is reported (robust to a busy machine)."""
+REPEATS = 7
 
 
 @dataclass
@@ -51,14 +52,14 @@ def ns_per_pick(algorithm: str, size: int) -> float:
     timer = timeit.Timer(run)
     loops, _ = timer.autorange()
     loops = max(1, int(loops * PICK_SECONDS / 0.2))
-    best = min(timer.repeat(repeat=3, number=loops))
+    best = min(timer.repeat(repeat=REPEATS, number=loops))
     return best / (loops * len(keys)) * 1e9
 
 
 def build_seconds(size: int, weighted: bool) -> float:
     cands = pool(size, weighted)
     best = float("inf")
-    for _ in range(3):
+    for _ in range(REPEATS):
         start = time.perf_counter()
         build_table(cands, TABLE_SIZE)
         best = min(best, time.perf_counter() - start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -64,21 +65,27 @@ def run(config: str, log_level: str, no_uvloop: bool) -> None:
     """Run CONFIG in the foreground until SIGTERM or SIGINT (SIGHUP reloads it)."""
     _setup_logging(log_level)
     cfg = _load_or_exit(config)
-    run_loop(_serve(cfg, config), use_uvloop=not no_uvloop)
+    run_loop(_serve(cfg, config, log_level), use_uvloop=not no_uvloop)
 
 
-async def _serve(cfg: Config, path: str | None) -> None:
+async def _serve(cfg: Config, path: str | None, log_level: str = "info") -> None:
     from pointsman.runtime import Runtime
+    from pointsman.supervisor import Supervisor
 
     def announce(line: str) -> None:
         print(line, flush=True)
 
-    runtime = Runtime(cfg, path, announce=announce)
+    workers = cfg.workers or int(os.environ.get("POINTSMAN_WORKERS", "0")) or 1  # TODO cpu_count
+    runtime = Runtime(cfg, path, announce=announce, role="control" if workers > 1 else "single")
     # Before the "listening" lines: a SIGTERM right after them must stop us cleanly, not kill us.
     runtime.install_signal_handlers()
     try:
+        if workers > 1:
+            supervisor = Supervisor(runtime, workers, log_level)
+            runtime.stop_workers = supervisor.stop
+            await supervisor.start()
         await runtime.start()
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         logging.getLogger("pointsman").error("cannot start: %s", exc)
         await runtime.shutdown()
         sys.exit(1)

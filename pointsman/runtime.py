@@ -12,9 +12,9 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pointsman.config.loader import ConfigError, load_file
 from pointsman.config.model import Config, FlowLogConfig, ListenerConfig, PoolConfig
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from pointsman.proxy.udp import UdpSession
 
 Listener = TcpListener | UdpListener
+Role = Literal["single", "control", "worker"]
 
 log = logging.getLogger("pointsman")
 
@@ -57,7 +58,13 @@ class Runtime:
         config: Config,
         config_path: str | Path | None = None,
         announce: Callable[[str], None] = print,
+        role: Role = "single",
     ) -> None:
+        self.role = role
+        # Where pool messages go between processes: control -> workers (events, weights,
+        # configs), worker -> control (passive signals). None in a single process.
+        self.relay: Callable[[tuple[object, ...]], None] | None = None
+        self.stop_workers: Callable[[float], Awaitable[None]] | None = None  # control only
         self.config = config
         self.config_path = config_path
         self.announce = announce
@@ -79,7 +86,10 @@ class Runtime:
     # --- start -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._open_flow_log(self.config.flow_log)
+        """Single: everything. Control: pools, health, admin (listeners are the workers').
+        Worker: listeners and mirror pools only."""
+        if self.role != "control":
+            self._open_flow_log(self.config.flow_log)
         for pool_config in self.config.pools:
             self.pools[pool_config.name] = self._new_pool(pool_config)
         for listener_config in self.config.listeners:
@@ -87,7 +97,7 @@ class Runtime:
         self._sync_health_checks()
         self._tick_at = self.loop.time() + TICK_SECONDS
         self._tick_handle = self.loop.call_at(self._tick_at, self._tick)
-        if self.config.admin is not None:
+        if self.config.admin is not None and self.role != "worker":
             from pointsman.admin.server import AdminServer
 
             self.admin = AdminServer(self, self.config.admin)
@@ -107,9 +117,15 @@ class Runtime:
         return (log_.tcp, log_.udp) if log_ is not None else (None, None)
 
     def _new_pool(self, pool_config: PoolConfig) -> Pool:
-        pool = Pool(pool_config)
+        pool = Pool(pool_config, mirror=self.role == "worker")
+        pool.sink = self._pool_sink
         pool.subscribe(self._on_transition)
         return pool
+
+    def _pool_sink(self, message: tuple[str, ...]) -> None:
+        """Control: broadcast pool events to workers. Worker: forward passive signals up."""
+        if self.relay is not None:
+            self.relay(message)
 
     async def _start_listener(self, config: ListenerConfig) -> None:
         pool = self.pools[config.pool]
@@ -126,12 +142,18 @@ class Runtime:
                 tcp_stats = self._stats[config.name] = ListenerStats(config.max_connections)
             listener = TcpListener(config, pool, self.loop, stats=tcp_stats,
                                    flow_sink=self._flow_sinks()[0])
-        await listener.start()
+        if self.role == "control":
+            listener.accepting = True  # the workers accept; this object only carries totals
+        else:
+            await listener.start(reuse_port=self.role == "worker")
         self.listeners[config.name] = listener
-        self.announce(describe(config, pool))
+        if self.role != "worker":
+            self.announce(describe(config, pool))
 
     def _sync_health_checks(self) -> None:
         """One checker per pool; on reload unchanged targets keep their counters."""
+        if self.role == "worker":
+            return
         for name, pool in self.pools.items():
             checker = self.checkers.get(name)
             if checker is None:
@@ -221,6 +243,8 @@ class Runtime:
 
     async def apply(self, config: Config) -> None:
         """Apply a validated config without closing sockets or connections that still fit."""
+        if self.role == "control" and self.relay is not None:
+            self.relay(("config", config))  # before the events this apply may broadcast
         for pool_config in config.pools:
             if (pool := self.pools.get(pool_config.name)) is not None:
                 pool.reconfigure(pool_config)
@@ -259,6 +283,8 @@ class Runtime:
     async def shutdown(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self.stop_workers is not None:
+            await self.stop_workers(self.config.shutdown_grace)
         if self.admin is not None:
             await self.admin.stop()
         listeners = list(self.listeners.values())

@@ -143,6 +143,7 @@ class Config(Strict):
     listeners: list[ListenerConfig] = Field(min_length=1)
     pools: list[PoolConfig] = Field(min_length=1)
     shutdown_grace: Duration = 30.0
+    workers: int | None = Field(default=None, ge=1, le=256)  # None: one per CPU
     admin: AdminConfig | None = None  # absent: no admin listener
     flow_log: FlowLogConfig | None = None  # absent: no flow log
 

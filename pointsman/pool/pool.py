@@ -21,7 +21,13 @@ from pointsman.config.model import BackendConfig, PoolConfig
 from pointsman.health.ejection import PassiveEjector
 from pointsman.health.probes import ProbeResult
 from pointsman.pool.snapshot import BackendView, PoolSnapshot
-from pointsman.pool.state import BackendState, BackendStateMachine, Event, Transition
+from pointsman.pool.state import (
+    BackendState,
+    BackendStateMachine,
+    Event,
+    IllegalTransition,
+    Transition,
+)
 from pointsman.telemetry.stats import BackendStats
 
 log = logging.getLogger("pointsman.pool")
@@ -46,6 +52,7 @@ class Member:
     last_check: ProbeResult | None = None
     checks: int = 0
     check_failures: int = 0
+    failing: bool = False  # mirror: a failure was forwarded and no success since
 
     @property
     def id(self) -> str:
@@ -63,8 +70,13 @@ class Pool:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        mirror: bool = False,
     ) -> None:
         self.name = config.name
+        # A mirror (in a worker process) owns no decisions: it applies the events the control
+        # process broadcasts, in the same order, and forwards its passive signals instead.
+        self.mirror = mirror
+        self.sink: Callable[[tuple[str, ...]], None] | None = None
         self.config = config
         self._clock = clock
         self._rng = rng or random.Random()
@@ -96,7 +108,7 @@ class Pool:
         self._members = members
         checked = config.health_check is not None and config.health_check.type != "none"
         for member in members.values():
-            if not checked and not member.machine.health_ok:
+            if not checked and not member.machine.health_ok and not self.mirror:
                 self._apply(member, Event.HEALTH_UP, "health check removed")
         if config.affinity is None:
             self.affinity = None
@@ -108,7 +120,7 @@ class Pool:
     def _ejector(self) -> PassiveEjector | None:
         """consecutive_failures: 0 turns passive ejection off."""
         p = self.config.passive
-        if p.consecutive_failures == 0:
+        if p.consecutive_failures == 0 or self.mirror:
             return None
         return PassiveEjector(p.consecutive_failures, max(p.base_ejection, 0.001),
                               max(p.max_ejection, p.base_ejection, 0.001))
@@ -116,6 +128,8 @@ class Pool:
     def _reconfigure_ejector(self, member: Member) -> None:
         """Keep a running ejection across reloads; switching ejection off ends it."""
         p = self.config.passive
+        if self.mirror:
+            return
         if member.ejector is None or p.consecutive_failures == 0:
             if member.ejector is not None and member.machine.ejecting:
                 self._apply(member, Event.EJECT_EXPIRED, "passive ejection turned off")
@@ -162,8 +176,21 @@ class Pool:
         member = self.member(backend_id)
         if member.weight != weight:
             member.weight = weight
-            log.info("backend %s/%s: weight -> %d (operator)", self.name, backend_id, weight)
+            log.log(logging.DEBUG if self.mirror else logging.INFO,
+                    "backend %s/%s: weight -> %d (operator)", self.name, backend_id, weight)
             self._publish(self._clock())
+        if self.sink is not None and not self.mirror:
+            self.sink(("weight", self.name, backend_id, str(weight)))
+
+    def apply_event(self, backend_id: str, event: str, reason: str) -> None:
+        """Mirror side: apply an event the control process applied (unknown backends: ignored)."""
+        member = self._members.get(backend_id)
+        if member is None:
+            return
+        try:
+            self._apply(member, Event(event), reason)
+        except IllegalTransition as exc:
+            log.warning("pool %s: mirror out of step: %s", self.name, exc)
 
     def is_drained(self, backend_id: str) -> bool:
         """True once a draining (or maintenance) backend holds no connection."""
@@ -190,6 +217,11 @@ class Pool:
         if member is None:
             return
         member.stats.connect_failures += 1
+        if self.mirror:
+            member.failing = True
+            if self.sink is not None:
+                self.sink(("failure", self.name, backend_id))
+            return
         if member.ejector is None or member.machine.ejecting:
             return
         now = self._clock()
@@ -200,7 +232,14 @@ class Pool:
 
     def report_connect_success(self, backend_id: str) -> None:
         member = self._members.get(backend_id)
-        if member is not None and member.ejector is not None:
+        if member is None:
+            return
+        if self.mirror:
+            if member.failing and self.sink is not None:
+                member.failing = False
+                self.sink(("success", self.name, backend_id))
+            return
+        if member.ejector is not None:
             member.ejector.record_success()
 
     def tick(self) -> None:
@@ -220,10 +259,13 @@ class Pool:
     def _apply(self, member: Member, event: Event, reason: str) -> None:
         now = self._clock()
         transition = member.machine.apply(event, reason, now)
+        if self.sink is not None and not self.mirror:
+            self.sink(("event", self.name, member.id, event.value, reason))
         if transition is None:
             return
-        log.info("backend %s/%s: %s -> %s (%s)", self.name, member.id,
-                 transition.old.value, transition.new.value, reason)
+        # The control process logs each transition once; mirrors only at debug level.
+        log.log(logging.DEBUG if self.mirror else logging.INFO, "backend %s/%s: %s -> %s (%s)",
+                self.name, member.id, transition.old.value, transition.new.value, reason)
         if transition.new is BackendState.UP:
             member.available_since = now
         elif transition.old is BackendState.UP:

@@ -32,10 +32,10 @@ MAX_V1_LENGTH = 107
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED_LENGTH = 16  # section 2.2: signature (12) + ver_cmd (1) + fam (1) + len (2)
 # The v2 length field allows 16 + 65535 bytes, but section 2 says headers are designed to fit the
-# 536-byte minimum MSS, and real ones do: 216 bytes of UNIX addresses plus every registered TLV
-# (unique ID <= 128, authority <= 255, SSL with version/cipher/CN) stays well under 1 KiB. 4096
-# leaves several times that as headroom for custom TLVs while capping what an unauthenticated
-# connection can make us buffer before routing at one page. A longer header is refused (TOO_LONG).
+# 536-byte minimum MSS, and real ones come close: 216 bytes of UNIX addresses plus every registered
+# TLV (unique ID <= 128, authority <= 253, SSL with version, cipher and CN) is about 1 KiB at most.
+# 4096 leaves room for custom TLVs (cloud load balancers add a few dozen bytes) while capping what
+# an unauthenticated connection can make us buffer before routing at one page. Longer: TOO_LONG.
 MAX_V2_LENGTH = 4096
 MAX_UNIQUE_ID_LENGTH = 128  # section 2.2.5: "an opaque byte sequence of up to 128 bytes"
 UNIX_ADDRESS_LENGTH = 108  # section 2.2: AF_UNIX addresses are exactly 108 bytes each
@@ -88,6 +88,9 @@ class Detected(enum.Enum):
     NEED_MORE = "need_more"  # the bytes so far are a prefix of a signature
 
 
+Bytes: TypeAlias = bytes | bytearray | memoryview
+"""What parsers accept: whatever buffer type the caller accumulates into."""
+
 Address: TypeAlias = tuple[str, int] | str | None
 """(ip, port) for INET/INET6, a path for UNIX, None when the header carries no usable address."""
 
@@ -129,7 +132,7 @@ class ProxyHeader:
         return None
 
 
-def detect(data: bytes) -> Detected:
+def detect(data: Bytes) -> Detected:
     """Classify the start of a stream without consuming it."""
     for signature, kind in ((V2_SIGNATURE, Detected.V2), (V1_PREFIX, Detected.V1)):
         seen = min(len(data), len(signature))
@@ -138,7 +141,7 @@ def detect(data: bytes) -> Detected:
     return Detected.PLAIN
 
 
-def parse(data: bytes) -> tuple[ProxyHeader, int] | None:
+def parse(data: Bytes) -> tuple[ProxyHeader, int] | None:
     """Parse a v1 or v2 header at the start of `data`.
 
     Returns (header, bytes consumed), None if more bytes are needed, or raises ProtocolError.
@@ -206,7 +209,7 @@ def _v1_port(text: str) -> int:
 # --- v2 ----------------------------------------------------------------------------------------
 
 
-def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | None:
+def _parse_v2(data: Bytes) -> tuple[ProxyHeader, int] | None:
     # Check each fixed field as soon as its byte arrives so garbage is refused early.
     if len(data) > 12 and data[12] >> 4 != 2:
         raise ProtocolError(Reason.BAD_VERSION, f"version {data[12] >> 4}")
@@ -394,9 +397,7 @@ def _fam_byte(family: Family, transport: Transport) -> int:
     return family << 4 | transport
 
 
-def _ip_pair(
-    source: Address, destination: Address
-) -> tuple[tuple[_IP, int], tuple[_IP, int]] | None:
+def _ip_pair(source: Address, destination: Address) -> tuple[tuple[_IP, int], tuple[_IP, int]] | None:
     if not (isinstance(source, tuple) and isinstance(destination, tuple)):
         return None
     src, dst = _ip(source[0]), _ip(destination[0])

@@ -63,7 +63,7 @@ def looks_like_tls(first_byte: int) -> bool:
     return first_byte == CONTENT_HANDSHAKE
 
 
-def parse_client_hello(data: bytes) -> ClientHello | None:
+def parse_client_hello(data: bytes | bytearray | memoryview) -> ClientHello | None:
     """Parse the ClientHello at the start of `data`, which holds all bytes received so far.
 
     Returns the ClientHello, None if incomplete (call again with more bytes), or raises
@@ -108,7 +108,7 @@ class ClientHelloReader:
         self._result: ClientHello | None = None
         self._error: ProtocolError | None = None
 
-    def feed(self, data: bytes) -> ClientHello | None:
+    def feed(self, data: bytes | bytearray | memoryview) -> ClientHello | None:
         """Add the next bytes of the stream; return the ClientHello once complete, else None."""
         if self._error is not None:
             raise self._error

@@ -50,8 +50,9 @@ class TcpListener:
         self.set_nodelay = "uvloop" not in type(loop).__module__
         self._idle: asyncio.Event | None = None
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        self._sock = sock or listen_socket(self.config.bind, backlog=self.config.backlog)
+    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
+        self._sock = sock or listen_socket(self.config.bind, backlog=self.config.backlog,
+                                           reuse_port=reuse_port)
         self._server = await self.loop.create_server(
             self._protocol, sock=self._sock, backlog=self.config.backlog
         )

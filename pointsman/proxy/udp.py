@@ -6,7 +6,10 @@ come back to the client from the listener's address. Datagram boundaries are kep
 
 Unlike IPVS, a session whose backend leaves service (down, ejected, drained) moves to an available
 backend on its next datagram. ICMP port unreachable from a backend surfaces as ECONNREFUSED on the
-connected upstream socket and counts as a passive failure of that backend.
+connected upstream socket and counts as a passive failure of that backend; the session then moves
+to another backend on its next datagram (the client's retry), so no client waits past one retry
+even before passive ejection takes the backend out. A session's first reply counts as a passive
+success, as a TCP connect does, so only consecutive refusals add up to an ejection.
 
 Sockets are read with `add_reader` callbacks, not Tasks: a session costs one socket and one small
 object. Idle sessions are swept by one timer per listener over a table kept in last-use order.
@@ -50,6 +53,8 @@ class UdpSession:
     """One client's flow to one backend."""
 
     __slots__ = (
+        "answered",
+        "avoid",
         "backend_id",
         "backend_index",
         "backend_stats",
@@ -83,6 +88,8 @@ class UdpSession:
         self.started = listener.loop.time()
         self.last_activity = self.started
         self.reason: UdpEndReason | None = None
+        self.answered = False  # the current backend replied at least once
+        self.avoid = ""  # a backend that just refused: the next pick skips it
 
     def attach(self, index: int, backend_id: str, host: str, port: int, stats: BackendStats,
                version: int) -> None:
@@ -96,6 +103,7 @@ class UdpSession:
         self.backend_id = backend_id
         self.backend_stats = stats
         self.version = version
+        self.answered = False
         stats.active += 1
         stats.total += 1
         self.listener.loop.add_reader(sock.fileno(), self._readable)
@@ -149,6 +157,9 @@ class UdpSession:
             except OSError as exc:
                 log.debug("udp session %s: recv failed: %r", client, exc)
                 break
+            if not self.answered:
+                self.answered = True
+                listener.pool.report_connect_success(self.backend_id)
             try:
                 out.sendto(data, client)
             except OSError:
@@ -160,6 +171,9 @@ class UdpSession:
             listener.stats.datagrams_out += 1
             listener.stats.bytes_out += n
             self.last_activity = listener.loop.time()
+            # Traffic either way keeps a session alive, so it also moves the session to the end of
+            # the table: the sweeper stops at the first live session and must find idle ones first.
+            listener.sessions.move_to_end(self.key)
             limit = listener.config.udp.responses
             if limit and self.datagrams_out >= limit:
                 listener.end_session(self, UdpEndReason.RESPONSES)
@@ -188,11 +202,13 @@ class UdpListener:
         self.sock: socket.socket
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.accepting = False
+        self._bound = False
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        self.sock = sock or listen_socket(self.config.bind, socket.SOCK_DGRAM)
+    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
+        self.sock = sock or listen_socket(self.config.bind, socket.SOCK_DGRAM, reuse_port=reuse_port)
         self.loop.add_reader(self.sock.fileno(), self._readable)
         self.accepting = True
+        self._bound = True
         self._arm_sweep()
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
@@ -252,9 +268,15 @@ class UdpListener:
         if not session.send(data):
             self.backend_refused(session)
 
-    def _pick(self, snapshot: PoolSnapshot, client: ClientAddr) -> int | None:
+    def _pick(self, snapshot: PoolSnapshot, client: ClientAddr, avoid: str = "") -> int | None:
+        """Pick a backend; skip `avoid` (one that just refused) unless it is the only one left."""
         config = snapshot.config
         key = source_key(client[0], client[1], config.hash_key) if snapshot.needs_key else b""
+        if avoid:
+            skip = frozenset(i for i, b in enumerate(snapshot.backends) if b.id == avoid)
+            picked = snapshot.picker.pick(key, skip)
+            if picked is not None:
+                return picked
         return snapshot.picker.pick(key)
 
     def _still_available(self, session: UdpSession) -> bool:
@@ -271,7 +293,7 @@ class UdpListener:
 
     def _connect(self, session: UdpSession, snapshot: PoolSnapshot, index: int) -> bool:
         if index < 0:
-            picked = self._pick(snapshot, session.client)
+            picked = self._pick(snapshot, session.client, session.avoid)
             if picked is None:
                 self.stats.drops[DropReason.NO_BACKEND] += 1
                 return False
@@ -285,18 +307,25 @@ class UdpListener:
             self.pool.report_connect_failure(backend.id)
             self.stats.drops[DropReason.SEND_FAILED] += 1
             return False
+        session.avoid = ""
         return True
 
     # --- session end ---------------------------------------------------------------------------------
 
     def backend_refused(self, session: UdpSession) -> None:
-        """ICMP port unreachable from the backend: a passive failure; the session ends."""
+        """ICMP port unreachable from the backend: a passive failure. The session keeps its place
+        without an upstream socket and its next datagram goes to another backend; with no other
+        backend available it ends, and the next datagram starts afresh."""
         self.stats.drops[DropReason.BACKEND_REFUSED] += 1
-        self.pool.report_connect_failure(session.backend_id)
-        if session.key in self.sessions:
-            self.end_session(session, UdpEndReason.BACKEND_REFUSED)
+        refused = session.backend_id
+        self.pool.report_connect_failure(refused)
+        session.detach()
+        if session.key not in self.sessions:
+            return
+        if any(b.effective_weight > 0 and b.id != refused for b in self.pool.snapshot.backends):
+            session.avoid = refused
         else:
-            session.detach()
+            self.end_session(session, UdpEndReason.BACKEND_REFUSED)
 
     def end_session(self, session: UdpSession, reason: UdpEndReason) -> None:
         if self.sessions.pop(session.key, None) is None:
@@ -326,10 +355,11 @@ class UdpListener:
     # --- shutdown --------------------------------------------------------------------------------------
 
     def stop_accepting(self) -> None:
-        if self.accepting:
-            self.accepting = False
+        if self.accepting and self._bound:
+            self._bound = False
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
+        self.accepting = False
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None

@@ -45,21 +45,33 @@ async def test_idle_connection_is_closed_after_idle_timeout() -> None:
     assert stats.ended[EndReason.IDLE_TIMEOUT] == 1
 
 
-async def test_client_traffic_resets_the_idle_timer() -> None:
-    async with echo_backend() as peer:
+async def test_client_traffic_alone_resets_the_idle_timer() -> None:
+    received: list[bytes] = []
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Reads and never answers, so only the client's bytes count as activity."""
+        while data := await reader.read(65536):
+            received.append(data)
+
+    async with backend(sink) as peer:
         listen = f"{LOOPBACK}:{free_port()}"
         config = one_pool_config(listen, [peer.address], pool=IDLE_POOL)
         async with running(config) as runtime:
-            reader, writer = await connect(listen)
-            for i in range(TICKS):
-                await roundtrip(reader, writer, f"tick {i}\n".encode())
-                await asyncio.sleep(TICK)  # the traffic pattern under test, not a synchronisation
             stats = runtime.listeners["lb"].stats
+            _, writer = await connect(listen)
+            sent = b""
+            for i in range(TICKS):
+                tick = f"tick {i}\n".encode()
+                writer.write(tick)
+                sent += tick
+                await wait_for(lambda sent=sent: b"".join(received) == sent, 1.0, what=f"tick {i} arrived")
+                await asyncio.sleep(TICK)  # the traffic pattern under test, not a synchronisation
             assert stats.active == 1
             assert stats.ended[EndReason.IDLE_TIMEOUT] == 0
             await close_writer(writer)
             await wait_for(lambda: stats.active == 0, 1.0, what="connection torn down")
 
+    assert b"".join(received) == sent
     assert stats.ended[EndReason.IDLE_TIMEOUT] == 0
 
 

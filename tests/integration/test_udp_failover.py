@@ -72,7 +72,7 @@ async def test_sessions_of_a_down_backend_move_on_their_next_datagram(on_down: s
                 movers = [c for c in clients if first[c.local] == dead.address]
                 assert len(movers) == CLIENTS // 2
 
-                dead.close()
+                await dead.kill()
                 pool.health_verdict(dead.address, False, "test")
                 assert pool.member(dead.address).machine.state is BackendState.DOWN
                 before = alive.count
@@ -120,7 +120,7 @@ async def test_refused_backend_is_a_passive_failure_and_one_retry_reaches_the_ot
                 alive = next(b for b in backends if b is not dead)
                 victims = sum(1 for c in clients if first[c.local] == dead.address)
                 before = alive.count
-                dead.close()
+                await dead.kill()
 
                 async with asyncio.timeout(REPLY_TIMEOUT + 2 * RETRY_AFTER * CLIENTS):
                     attempts = await asyncio.gather(
@@ -134,6 +134,9 @@ async def test_refused_backend_is_a_passive_failure_and_one_retry_reaches_the_ot
                 assert {s.backend_id for s in listener.sessions.values()} == {alive.address}
             stats = listener.stats
             assert stats.drops[DropReason.BACKEND_REFUSED] == victims
+            # The refused sessions moved to the live backend: none ended, none was created.
+            assert stats.sessions_created == CLIENTS
+            assert stats.sessions_ended[UdpEndReason.BACKEND_REFUSED.value] == 0
             assert pool.member(dead.address).stats.connect_failures == victims
             state = pool.member(dead.address).machine.state
             if consecutive_failures and victims >= consecutive_failures:
@@ -155,14 +158,17 @@ async def test_a_refusal_is_forgotten_once_the_backend_answers_again() -> None:
             async with udp_clients(listener_addr(runtime)) as (client,):
                 for round_ in range(3):
                     await client.request(b"up %d" % round_)
-                    backend.close()  # the backend restarts: one refusal ...
+                    await backend.kill()  # the backend restarts: one refusal ...
                     client.send(b"lost %d" % round_)
                     await wait_for(
                         lambda r=round_: listener.stats.drops[DropReason.BACKEND_REFUSED] == r + 1,
                         REPLY_TIMEOUT, what="the refusal is counted")
                     backend = await start_echo(LOOPBACK, port)  # ... and is back on its port
                     await client.request(b"back %d" % round_)
-                backend.close()
+                await backend.kill()
             member = pool.member(backend.address)
             assert member.stats.connect_failures == 3
+            # Nowhere to move: each refused session ended, and the next datagram opened a new one.
+            assert listener.stats.sessions_ended[UdpEndReason.BACKEND_REFUSED.value] == 3
+            assert listener.stats.sessions_created == 4
             assert member.machine.state is BackendState.UP, "three failures, never two in a row"

@@ -63,6 +63,7 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.received: list[tuple[Addr, bytes]] = []
         self.by_source: Counter[Addr] = Counter()
+        self.lost = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -87,11 +88,21 @@ class UdpEcho(asyncio.DatagramProtocol):
         assert self.transport is not None
         self.transport.sendto(data, to)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
     def close(self) -> None:
-        """Kill the backend: its port is closed, so the kernel answers ICMP port unreachable."""
+        """Close at teardown; the socket itself closes a moment later, in a loop callback."""
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+
+    async def kill(self) -> None:
+        """Kill the backend and return once its port is closed: from then on the kernel answers
+        datagrams to it with ICMP port unreachable (until then they would just be lost)."""
+        self.close()
+        async with asyncio.timeout(REPLY_TIMEOUT):
+            await self.lost.wait()
 
 
 async def start_echo(host: str = LOOPBACK, port: int = 0, *, echo: bool = True) -> UdpEcho:

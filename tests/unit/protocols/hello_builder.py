@@ -90,9 +90,7 @@ def handshake(body: bytes, msg_type: int = 1) -> bytes:
     return u8(msg_type) + len(body).to_bytes(3, "big") + body
 
 
-def records(
-    message: bytes, record_size: int = 2**14, content_type: int = 22, version: int = 0x0301
-) -> bytes:
+def records(message: bytes, record_size: int = 2**14, content_type: int = 22, version: int = 0x0301) -> bytes:
     """Split `message` into TLSPlaintext records of at most `record_size` bytes (RFC 8446 5.1)."""
     out = bytearray()
     for start in range(0, len(message), record_size):

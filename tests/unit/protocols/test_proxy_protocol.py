@@ -55,13 +55,13 @@ V1_UNKNOWN = ProxyHeader(1, Command.PROXY, Family.UNSPEC, Transport.UNSPEC, None
 V2_TCP4 = v2("21 11 000c  c0a80001 c0a8000b  dc04 01bb")
 V2_UNIX = v2("21 31 00d8" + _unix(b"/run/client.sock") + _unix(b"/run/lb.sock"))
 V2_TLVS = v2(
-    "21 11 0022  c0a80001 c0a8000b dc04 01bb  02 0003 610062  e0 0000  e0 0002 0000"
-    " 04 0005 0000000000"
+    "21 11 0022  c0a80001 c0a8000b dc04 01bb  02 0003 610062  e0 0000  e0 0002 0000 04 0005 0000000000"
 )
 V2_CRC = v2("21 11 0013  c0000201 c6336402 dc04 01bb  03 0004 20ec9549")
-HAPROXY_V2_CRC = v2(
-    "21 11 001f 7f000001 7f000001 b892 ed11  03 0004 38725a2a 05 0009 636f6e6e2d30303031"
-)
+# Captured on loopback from HAProxy 2.6.12 (Debian 12) by a socket recording what the backend got:
+# `unique-id-format conn-0001` + `server s ... send-proxy-v2 proxy-v2-options crc32c,unique-id`,
+# and for the health check `server s ... send-proxy-v2 check check-send-proxy ...crc32c`.
+HAPROXY_V2_CRC = v2("21 11 001f 7f000001 7f000001 b892 ed11  03 0004 38725a2a 05 0009 636f6e6e2d30303031")
 HAPROXY_CHECK = v2("20 00 0007  03 0004 a9b87e8f")
 
 GOLDEN: list[tuple[str, bytes, ProxyHeader]] = [
@@ -126,9 +126,7 @@ GOLDEN: list[tuple[str, bytes, ProxyHeader]] = [
     ),
     (
         "v2 UDP over IPv6, by hand: fam 0x22, len 36, 2001:db8::1 -> 2001:db8::2, 1234 -> 53",
-        v2(
-            "21 22 0024 20010db8000000000000000000000001 20010db8000000000000000000000002 04d2 0035"
-        ),
+        v2("21 22 0024 20010db8000000000000000000000001 20010db8000000000000000000000002 04d2 0035"),
         ProxyHeader(
             2,
             Command.PROXY,
@@ -141,9 +139,7 @@ GOLDEN: list[tuple[str, bytes, ProxyHeader]] = [
     (
         "v2 UNIX stream, by hand: fam 0x31, len 216, two NUL-padded 108-byte paths",
         V2_UNIX,
-        ProxyHeader(
-            2, Command.PROXY, Family.UNIX, Transport.STREAM, "/run/client.sock", "/run/lb.sock"
-        ),
+        ProxyHeader(2, Command.PROXY, Family.UNIX, Transport.STREAM, "/run/client.sock", "/run/lb.sock"),
     ),
     (
         "v2 UNIX dgram with a Linux abstract name (leading NUL) and an unnamed socket",
@@ -219,12 +215,8 @@ GOLDEN: list[tuple[str, bytes, ProxyHeader]] = [
     ),
     (
         "v2 captured from HAProxy 2.6.12: TCP over IPv6, client on [::1]",
-        v2(
-            "21 21 0024 00000000000000000000000000000001 00000000000000000000000000000001 8590 d131"
-        ),
-        ProxyHeader(
-            2, Command.PROXY, Family.INET6, Transport.STREAM, ("::1", 34192), ("::1", 53553)
-        ),
+        v2("21 21 0024 00000000000000000000000000000001 00000000000000000000000000000001 8590 d131"),
+        ProxyHeader(2, Command.PROXY, Family.INET6, Transport.STREAM, ("::1", 34192), ("::1", 53553)),
     ),
 ]
 GOLDEN_IDS = [name for name, _, _ in GOLDEN]
@@ -545,9 +537,7 @@ def test_tlv_helpers() -> None:
         lambda: build_v2(Command.PROXY, Transport.STREAM, "/" + "x" * 108, "/b"),
         lambda: build_v2(Command.PROXY, Transport.STREAM, None, None, tlvs=[(256, b"")]),
         lambda: build_v2(Command.PROXY, Transport.STREAM, None, None, tlvs=[(1, bytes(65536))]),
-        lambda: build_v2(
-            Command.PROXY, Transport.STREAM, None, None, tlvs=[(0xE0, bytes(65000))] * 2
-        ),
+        lambda: build_v2(Command.PROXY, Transport.STREAM, None, None, tlvs=[(0xE0, bytes(65000))] * 2),
         lambda: tlv_unique_id(bytes(129)),
         lambda: tlv_authority("x" * 65536),
     ],

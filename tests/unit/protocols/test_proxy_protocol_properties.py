@@ -35,12 +35,10 @@ tlvs = st.lists(
     st.tuples(st.integers(0, 0xFF).filter(lambda t: t != TLV_CRC32C), st.binary(max_size=100)),
     max_size=10,
 )
-_path_chars = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))
+_path_chars = st.characters(codec="utf-8", exclude_characters="\x00")  # no surrogates
 filesystem_paths = st.text(_path_chars, max_size=40)
 abstract_names = st.text(_path_chars, min_size=1, max_size=40).map(lambda name: "\x00" + name)
-unix_paths = st.one_of(filesystem_paths, abstract_names).filter(
-    lambda path: len(path.encode()) <= 108
-)
+unix_paths = st.one_of(filesystem_paths, abstract_names).filter(lambda path: len(path.encode()) <= 108)
 
 
 def _parse_all(data: bytes) -> ProxyHeader:
