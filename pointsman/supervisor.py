@@ -17,6 +17,7 @@ HAProxy's nbproc or nginx workers without a shared zone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 from multiprocessing.connection import Connection
@@ -168,7 +169,5 @@ class Supervisor:
             if worker.process.is_alive():
                 worker.process.kill()
                 await asyncio.to_thread(worker.process.join, 2.0)
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._loop.remove_reader(worker.conn.fileno())
-            except (OSError, ValueError):
-                pass

@@ -98,19 +98,21 @@ async def _serve(index: int, config: Config, workers: int, conn: Connection) -> 
             grace[0] = message[1]
             stop.set()
 
+    timer: list[asyncio.TimerHandle] = []
+
     def send_stats() -> None:
         try:
             conn.send(("stats", index, stats_payload(runtime)))
         except OSError:
             stop.set()
             return
-        nonlocal stats_handle
-        stats_handle = loop.call_later(STATS_INTERVAL, send_stats)
+        timer[:] = [loop.call_later(STATS_INTERVAL, send_stats)]
 
     loop.add_reader(conn.fileno(), on_message)
-    stats_handle = loop.call_later(STATS_INTERVAL, send_stats)
+    timer.append(loop.call_later(STATS_INTERVAL, send_stats))
     await stop.wait()
-    stats_handle.cancel()
+    for handle in timer:
+        handle.cancel()
     loop.remove_reader(conn.fileno())
     runtime.config = runtime.config.model_copy(update={"shutdown_grace": grace[0]})
     await asyncio.gather(*pending, return_exceptions=True)

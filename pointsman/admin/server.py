@@ -8,9 +8,9 @@ configured (a non-loopback bind without one is refused by the config check).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING

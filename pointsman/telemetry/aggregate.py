@@ -9,7 +9,6 @@ from typing import Any
 from pointsman.telemetry.histogram import Histogram
 
 
-
 def dump(stats: object) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in getattr(type(stats), "__slots__", ()):

@@ -19,19 +19,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import dns.asyncbackend
+import dns.asyncquery
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
 import pytest
 
-dns = pytest.importorskip("dns")
-import dns.asyncbackend  # noqa: E402
-import dns.asyncquery  # noqa: E402
-import dns.message  # noqa: E402
-import dns.query  # noqa: E402
-import dns.rcode  # noqa: E402
-import dns.rdatatype  # noqa: E402
-
-from pointsman.telemetry.flow import DropReason, UdpEndReason  # noqa: E402
-from tests.integration.udp_support import udp_config, udp_listener  # noqa: E402
-from tests.support import LOOPBACK, free_port, running, wait_for  # noqa: E402
+from pointsman.telemetry.flow import DropReason, UdpEndReason
+from tests.integration.udp_support import udp_config, udp_listener
+from tests.support import LOOPBACK, free_port, running, wait_for
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.peer("dnsmasq")]
 
