@@ -48,7 +48,7 @@ def check(config: str) -> None:
     """Validate CONFIG; print one line per listener, or every error with its line and field."""
     cfg = _load_or_exit(config)
     for listener in cfg.listeners:
-        pool = cfg.pool(listener.pool)
+        pool = cfg.pool(listener.fallback_pool)
         n = len(pool.backends)
         click.echo(
             f"ok {listener.name}: {listener.protocol} {listener.bind} -> pool {pool.name} "

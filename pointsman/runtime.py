@@ -128,7 +128,7 @@ class Runtime:
             self.relay(message)
 
     async def _start_listener(self, config: ListenerConfig) -> None:
-        pool = self.pools[config.pool]
+        pool = self.pools[config.fallback_pool]
         listener: Listener
         if config.protocol == "udp":
             udp_stats = self._stats.get(config.name)
@@ -256,7 +256,7 @@ class Runtime:
             same = new is not None and (new.bind, new.protocol) == (
                 listener.config.bind, listener.config.protocol)
             if new is not None and same:
-                listener.reconfigure(new, self.pools[new.pool])
+                listener.reconfigure(new, self.pools[new.fallback_pool])
                 continue
             del self.listeners[name]
             self._retire(listener, config.shutdown_grace)

@@ -167,8 +167,14 @@ def _reference_problems(data: Any) -> Iterator[tuple[Loc, str]]:
     pool_names = {item.get("name") for item in pools}
     binds: dict[tuple[str, str], int] = {}
     for i, listener in enumerate(listeners):
-        if "pool" in listener and listener["pool"] not in pool_names:
-            yield ("listeners", i, "pool"), f"no pool named {listener['pool']!r}"
+        for key in ("pool", "default_pool"):
+            if key in listener and listener[key] not in pool_names:
+                yield ("listeners", i, key), f"no pool named {listener[key]!r}"
+        if "pool" not in listener and "default_pool" not in listener:
+            yield ("listeners", i, "pool"), "required key is missing (pool, or default_pool)"
+        for j, route in enumerate(_items(listener, "tls_routes")):
+            if "pool" in route and route["pool"] not in pool_names:
+                yield ("listeners", i, "tls_routes", j, "pool"), f"no pool named {route['pool']!r}"
         key = (str(listener.get("bind")), str(listener.get("protocol", "tcp")))
         if key in binds:
             yield ("listeners", i, "bind"), f"same address as listeners[{binds[key]}]"
@@ -179,6 +185,13 @@ def _reference_problems(data: Any) -> Iterator[tuple[Loc, str]]:
 
 
 def _model_problems(config: Config) -> Iterator[tuple[Loc, str]]:
+    for i, listener in enumerate(config.listeners):
+        if listener.protocol == "udp" and (listener.tls_routes or
+                                           listener.proxy_protocol.accept != "off"):
+            yield ("listeners", i, "protocol"), "tls_routes and proxy_protocol.accept need tcp"
+        for j, route in enumerate(listener.tls_routes):
+            if not route.server_names and not route.alpn:
+                yield ("listeners", i, "tls_routes", j), "needs server_names or alpn"
     admin = config.admin
     if admin is not None and admin.token_file is None and not _is_loopback(admin.bind.host):
         yield ("admin", "token_file"), "required when admin.bind is not a loopback address"

@@ -6,6 +6,7 @@ rules (unique names, references to pools) live in `semantics.py` so each error c
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
@@ -13,9 +14,25 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 from pointsman.config.addresses import HostPort, parse_host_port
 from pointsman.config.durations import parse_duration, parse_fraction
 
+def _ip_address(value: object) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {value!r}") from None
+
+
+def _ip_network(value: object) -> str:
+    try:
+        return str(ipaddress.ip_network(str(value), strict=False))
+    except ValueError:
+        raise ValueError(f"expected an address or prefix such as 10.0.0.0/8, got {value!r}") from None
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Fraction = Annotated[float, BeforeValidator(parse_fraction)]
 Address = Annotated[HostPort, BeforeValidator(parse_host_port), PlainSerializer(str)]
+IPAddress = Annotated[str, BeforeValidator(_ip_address)]
+Network = Annotated[str, BeforeValidator(_ip_network)]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 ALGORITHMS = (
@@ -93,6 +110,21 @@ class PassiveConfig(Strict):
     max_ejection: Duration = 300.0
 
 
+class TlvConfig(Strict):
+    authority: bool = False  # the client's SNI, when it sent one
+    unique_id: bool = False  # a random per-connection id (16 bytes)
+
+
+class PoolProxyProtocolConfig(Strict):
+    send: Literal["off", "v1", "v2"] = "off"
+    tlvs: TlvConfig = Field(default_factory=TlvConfig)
+
+
+class SourceConfig(Strict):
+    mode: Literal["default", "transparent"] = "default"
+    addresses: list[IPAddress] = Field(default_factory=list)
+
+
 class PoolConfig(Strict):
     name: Name
     algorithm: Algorithm = "round_robin"
@@ -108,6 +140,8 @@ class PoolConfig(Strict):
     passive: PassiveConfig = Field(default_factory=PassiveConfig)
     on_down: Literal["keep_sessions", "close_sessions"] = "keep_sessions"
     initial_state: Literal["up", "down"] = "up"
+    proxy_protocol: PoolProxyProtocolConfig = Field(default_factory=PoolProxyProtocolConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
 
 
 class UdpConfig(Strict):
@@ -117,14 +151,54 @@ class UdpConfig(Strict):
     per_packet: bool = False
 
 
+class ListenerProxyProtocolConfig(Strict):
+    accept: Literal["off", "required", "optional"] = "off"
+    # Sources allowed to send a header; None trusts every source (only for listeners that
+    # nothing but trusted proxies can reach: the header sets the client address).
+    trusted_sources: list[Network] | None = None
+    timeout: Duration = 5.0
+
+
+class TlsRouteConfig(Strict):
+    server_names: list[str] = Field(default_factory=list)
+    alpn: list[str] = Field(default_factory=list)
+    pool: Name
+
+
+class LimitsConfig(Strict):
+    max_connections_per_source: int | None = Field(default=None, ge=1)
+    new_connections_per_second: float | None = Field(default=None, gt=0)
+    new_connections_per_second_per_source: float | None = Field(default=None, gt=0)
+    source_prefix_v4: int = Field(default=32, ge=0, le=32)
+    source_prefix_v6: int = Field(default=64, ge=0, le=128)
+    max_sources: int = Field(default=100_000, ge=1)  # bounded per-source table
+
+
 class ListenerConfig(Strict):
     name: Name
     bind: Address
     protocol: Literal["tcp", "udp"] = "tcp"
-    pool: Name
+    pool: Name | None = None
     max_connections: int = Field(default=10_000, ge=1)
     backlog: int = Field(default=1024, ge=1)
     udp: UdpConfig = Field(default_factory=UdpConfig)
+    proxy_protocol: ListenerProxyProtocolConfig = Field(
+        default_factory=ListenerProxyProtocolConfig)
+    tls_routes: list[TlsRouteConfig] = Field(default_factory=list)
+    default_pool: Name | None = None
+    inspect_timeout: Duration = 5.0
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @property
+    def fallback_pool(self) -> str:
+        """The pool for connections no TLS route takes (`default_pool`, else `pool`)."""
+        name = self.default_pool or self.pool
+        assert name is not None, "the loader requires pool or default_pool"
+        return name
+
+    @property
+    def pool_names(self) -> list[str]:
+        return [self.fallback_pool, *(route.pool for route in self.tls_routes)]
 
 
 class AdminConfig(Strict):
@@ -139,11 +213,17 @@ class FlowLogConfig(Strict):
     queue_size: int = Field(default=10_000, ge=1)
 
 
+class SheddingConfig(Strict):
+    max_connections: int | None = Field(default=None, ge=1)  # across all listeners
+    max_loop_lag: Duration | None = None
+
+
 class Config(Strict):
     listeners: list[ListenerConfig] = Field(min_length=1)
     pools: list[PoolConfig] = Field(min_length=1)
     shutdown_grace: Duration = 30.0
     workers: int | None = Field(default=None, ge=1, le=256)  # None: one per CPU
+    shedding: SheddingConfig = Field(default_factory=SheddingConfig)
     admin: AdminConfig | None = None  # absent: no admin listener
     flow_log: FlowLogConfig | None = None  # absent: no flow log
 

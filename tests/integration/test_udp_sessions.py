@@ -113,7 +113,8 @@ async def test_every_size_from_one_byte_to_the_largest_datagram(host: str) -> No
     sizes = [1, 2, 3, 8, 100, 548, 1232, 1400, 1472, 1473, 4096, 8192, 9000, 16384, 32768,
              65000, largest - 1, largest]
     async with udp_echoes(host) as backends:
-        async with running(udp_config(bind_for(host), [b.address for b in backends])) as runtime:
+        config = udp_config(bind_for(host), [b.address for b in backends])
+        async with running(config) as runtime:
             listener = udp_listener(runtime)
             async with udp_clients(listener_addr(runtime), 2) as clients:
                 for size in sizes:
@@ -144,7 +145,8 @@ def random_bursts(seed: int, count: int) -> list[list[int]]:
 @pytest.mark.parametrize("host", family_hosts())
 async def test_bursts_keep_datagram_boundaries(host: str) -> None:
     async with udp_echo(host) as backend:
-        async with running(udp_config(bind_for(host), [backend.address])) as runtime:
+        config = udp_config(bind_for(host), [backend.address])
+        async with running(config) as runtime:
             listener = udp_listener(runtime)
             async with udp_clients(listener_addr(runtime)) as (client,):
                 sent_total = 0
@@ -200,7 +202,8 @@ async def test_responses_limit_ends_the_session_after_that_many_replies() -> Non
 async def test_datagram_too_big_for_the_backends_family_is_dropped_and_counted() -> None:
     """An IPv6 client may send 65527 bytes; an IPv4 backend cannot take more than 65507."""
     async with udp_echo(LOOPBACK) as backend:
-        async with running(udp_config(bind_for(LOOPBACK6), [backend.address])) as runtime:
+        config = udp_config(bind_for(LOOPBACK6), [backend.address])
+        async with running(config) as runtime:
             listener = udp_listener(runtime)
             async with udp_clients(listener_addr(runtime)) as (client,):
                 await client.request(b"before")
