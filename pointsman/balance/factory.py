@@ -31,6 +31,7 @@ def build_picker(
     load: Sequence[Loaded],
     table_size: int = DEFAULT_TABLE_SIZE,
     rng: random.Random | None = None,
+    home_weights: Sequence[float] | None = None,
 ) -> Picker:
     """Return a new picker over `candidates`.
 
@@ -52,4 +53,4 @@ def build_picker(
         return PowerOfTwo(candidates, load, rng)
     if algorithm == "source_hash":
         return SourceHash(candidates)
-    return Maglev(candidates, table_size)
+    return Maglev(candidates, table_size, home_weights)

@@ -17,8 +17,15 @@ Maglev trades a little disruption for balance (section 3.4 aims for minimal disr
 section 5.3 measures it): a removed backend's freed slots change who claims what later in the
 fill, so some other keys move too. Measured here at M=65537 with 100 equal backends: removing one
 moves its own 1 % of keys plus about 0.5 % of all keys from other backends; adding one moves about
-1.6/(N+1) of keys instead of the ideal 1/(N+1). Use source_hash where zero collateral movement
-matters more than an O(1) lookup.
+1.6/(N+1) of keys instead of the ideal 1/(N+1).
+
+A backend that only leaves service for a while (down, ejected, draining) should move only its own
+keys, and get exactly them back when it returns. So with `home_weights` (each backend's weight
+when in service) the picker keeps the table of every backend in service ("home table") and
+gives only the slots of unavailable backends to the table built from the available ones: keys of
+available backends never move on a health change (0 collateral), and the freed slots are spread
+over the others in proportion to weight. Configuration changes (a backend added, removed or
+re-weighted) rebuild the home table, with the paper's disruption.
 
 Hash policies use the configured weight, not the slow start ramp: a ramp would move keys.
 """
@@ -142,15 +149,32 @@ def _fill_weighted(
         heapreplace(queue, (taken[rank] / weights[rank], rank))
 
 
+def _overlay(
+    candidates: Sequence[Candidate], home_weights: Sequence[float], live: list[int], size: int
+) -> list[int]:
+    """Home table, with the slots of unavailable backends taken from the live table."""
+    home_candidates = [Candidate(c.id, w) for c, w in zip(candidates, home_weights, strict=True)]
+    if all(c.weight == h.weight for c, h in zip(candidates, home_candidates, strict=True)):
+        return live  # everyone in service at home weight: the two tables are the same
+    home = build_table(home_candidates, size)
+    return [h if h >= 0 and candidates[h].weight > 0 else v
+            for h, v in zip(home, live, strict=True)]
+
+
 class Maglev:
     """Picks by Maglev table lookup; retries re-hash the key so they stay deterministic."""
 
     __slots__ = ("_available", "_size", "_table")
 
     def __init__(
-        self, candidates: Sequence[Candidate], table_size: int = DEFAULT_TABLE_SIZE
+        self,
+        candidates: Sequence[Candidate],
+        table_size: int = DEFAULT_TABLE_SIZE,
+        home_weights: Sequence[float] | None = None,
     ) -> None:
         self._table = build_table(candidates, table_size)
+        if home_weights is not None:
+            self._table = _overlay(candidates, home_weights, self._table, table_size)
         self._size = table_size
         self._available: tuple[int, ...] = tuple(
             i for i, c in enumerate(candidates) if c.weight > 0

@@ -83,7 +83,7 @@ class Pool:
         self._members: dict[str, Member] = {}
         self._listeners: list[TransitionListener] = []
         self._version = 0
-        self._maglev_key: tuple[tuple[str, float], ...] | None = None
+        self._maglev_key: tuple[tuple[str, float, float], ...] | None = None
         self._picker_cache: Picker | None = None
         self.affinity: AffinityTable | None = None
         self.snapshot: PoolSnapshot
@@ -310,8 +310,9 @@ class Pool:
 
     def _picker(self, candidates: list[Candidate], stats: tuple[BackendStats, ...]) -> Picker:
         """Build the picker; the Maglev table is rebuilt only when the backend set or weights change."""
+        homes = [float(m.weight) for m in self._members.values()]
         if self.config.algorithm == "maglev":
-            key = tuple((c.id, c.weight) for c in candidates)
+            key = tuple((c.id, c.weight, h) for c, h in zip(candidates, homes, strict=True))
             if key == self._maglev_key and self._picker_cache is not None:
                 return self._picker_cache
             self._maglev_key = key
@@ -321,6 +322,7 @@ class Pool:
             load=stats,
             table_size=self.config.maglev_table_size,
             rng=self._rng,
+            home_weights=homes,
         )
         self._picker_cache = picker
         return picker

@@ -14,6 +14,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,61 @@ async def exchange(
         await writer.drain()
         got = await reader.readexactly(len(message))
     assert got == message
+
+
+@dataclass
+class ClientLoad:
+    """Short connections in a loop: connect, read the greeting, echo a few bytes, close.
+
+    Bounded both ways: at most `max_connections` per worker and never past `deadline` (loop time).
+    Every failure is recorded with its exception, so a test can assert there were none.
+    """
+
+    address: str
+    deadline: float
+    max_connections: int = 20_000
+    ok: int = 0
+    seen: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def worker(self, number: int) -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(self.max_connections):
+            if self.stop.is_set() or loop.time() >= self.deadline:
+                return
+            try:
+                name, reader, writer = await open_named(self.address)
+                await exchange(reader, writer, f"worker {number} connection {i}\n".encode())
+                await close_writer(writer)
+            except (OSError, TimeoutError, EOFError, AssertionError) as exc:
+                self.failures.append(f"worker {number} connection {i}: {exc!r}")
+                continue
+            self.ok += 1
+            self.seen[name] += 1
+
+    async def wait_served(self, count: int, timeout: float, name: str | None = None) -> None:
+        """Wait until `count` more connections succeed (to backend `name`, if given)."""
+        start = self.seen[name] if name is not None else self.ok
+        await wait_for(
+            lambda: (self.seen[name] if name is not None else self.ok) >= start + count,
+            timeout,
+            what=f"{count} more connections served{f' by {name}' if name else ''}",
+        )
+
+
+@contextlib.asynccontextmanager
+async def client_load(
+    address: str, seconds: float, workers: int = 3
+) -> AsyncIterator[ClientLoad]:
+    """Run `workers` ClientLoad loops for at most `seconds`; stopped and awaited on exit."""
+    load = ClientLoad(address, asyncio.get_running_loop().time() + seconds)
+    tasks = [asyncio.create_task(load.worker(n)) for n in range(workers)]
+    try:
+        yield load
+    finally:
+        load.stop.set()
+        await asyncio.gather(*tasks)
 
 
 def config_text(

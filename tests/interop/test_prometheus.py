@@ -1,0 +1,405 @@
+"""The monitoring kit against a real Prometheus: the rules pass promtool, and every dashboard panel
+and rule expression evaluates against a Prometheus scraping a running pointsman under load.
+
+Also, without any peer: every alert has a runbook and a severity, and the dashboards and rules
+name only metrics pointsman exports (or the rules record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from pointsman.admin.metrics import registry_for
+from tests.support import (
+    LOOPBACK,
+    close_writer,
+    connect,
+    echo_backend,
+    free_port,
+    pointsman_process_async,
+    refused_port,
+    roundtrip,
+    running,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+REPO = Path(__file__).resolve().parents[2]
+RULES = REPO / "deploy" / "prometheus" / "pointsman-rules.yml"
+RULE_TESTS = REPO / "deploy" / "prometheus" / "pointsman-rules.test.yml"
+DASHBOARDS = sorted((REPO / "deploy" / "grafana").glob("*.json"))
+
+# Grafana's variables, as the test resolves them: every instance, listener, pool and backend.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "5m",
+    "$instance": ".*",
+    "$listener": ".*",
+    "$pool": ".*",
+    "$backend": ".*",
+}
+# Panels that must return data once a few connections went through (the core signals).
+PANELS_WITH_DATA = {
+    "pointsman: executive": [
+        "Connection success (selected range)",
+        "Connection success ratio by listener (5m)",
+        "Error budget burn rate",
+        "Healthy backends",
+        "Throughput",
+    ],
+    "pointsman: on-call": [
+        "Active connections per listener",
+        "Table utilisation",
+        "Churn: new and ended connections per second",
+        "Available backends per pool",
+    ],
+    "pointsman: debug": [
+        "Backend connect time p99",
+        "Time to first byte percentiles",
+        "New connections per second by listener",
+        "New connections per second by backend",
+    ],
+}
+# Process start, first scrapes, first rule evaluations: generous for a loaded 2-core VM.
+PROMETHEUS_READY_TIMEOUT = 20.0
+DATA_TIMEOUT = 20.0
+LOAD_PAUSE = 0.02  # between two load connections: about 50 connections per second
+
+_METRIC = re.compile(r"\b(pointsman_[a-z0-9_]+|process_[a-z0-9_]+)\b")
+_RECORDED = re.compile(r"\b([a-z_]+:[a-z0-9_]+:[a-z0-9_]+)\b")
+_LABEL_VALUES = re.compile(r"^label_values\((.*),\s*([a-z_]+)\)$")
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed (apt-get install prometheus)")
+    return path
+
+
+# --- what the kit contains ------------------------------------------------------------------------
+
+
+def rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield from panel.get("panels", [])
+        if panel["type"] != "row":
+            yield panel
+
+
+def dashboard_queries() -> Iterator[tuple[str, str, str]]:
+    """(dashboard title, panel title, PromQL with Grafana's variables resolved)."""
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        for panel in panels(dashboard):
+            for target in panel["targets"]:
+                yield dashboard["title"], panel["title"], resolve(target["expr"])
+
+
+def variable_queries() -> Iterator[tuple[str, str, str]]:
+    """The templating queries, `label_values(selector, label)` as PromQL `count by (label)`."""
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        for variable in dashboard["templating"]["list"]:
+            if variable["type"] != "query":
+                continue
+            match = _LABEL_VALUES.match(variable["query"]["query"])
+            assert match, f"{path.name}: variable {variable['name']} is not label_values(...)"
+            selector, label = match.groups()
+            yield dashboard["title"], variable["name"], resolve(f"count by ({label}) ({selector})")
+
+
+def resolve(expr: str) -> str:
+    for name, value in sorted(GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace(name, value)
+    assert "$" not in expr, f"unknown Grafana variable left in {expr!r}"
+    return expr
+
+
+def test_every_alert_has_a_runbook_and_a_severity() -> None:
+    alerts = [rule for rule in rules() if "alert" in rule]
+    assert len(alerts) >= 8
+    for alert in alerts:
+        name = alert["alert"]
+        assert alert["labels"]["severity"] in ("page", "ticket"), name
+        url = alert["annotations"]["runbook_url"]
+        assert url == f"docs/runbooks/{name}.md", name
+        runbook = REPO / url
+        assert runbook.is_file(), f"{name}: no runbook at {url}"
+        text = runbook.read_text()
+        for section in ("## What it means", "## Confirm", "## Mitigate"):
+            assert section in text, f"{url} has no '{section}' section"
+
+
+def test_every_dashboard_panel_has_a_query_and_a_unique_id() -> None:
+    assert {path.name for path in DASHBOARDS} == {
+        "pointsman-executive.json", "pointsman-oncall.json", "pointsman-debug.json"}
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        ids = [panel["id"] for panel in dashboard["panels"]]
+        assert len(ids) == len(set(ids)), path.name
+        for panel in panels(dashboard):
+            assert panel["targets"], f"{path.name}: {panel['title']} has no query"
+            assert panel.get("description"), f"{path.name}: {panel['title']} has no description"
+
+
+async def test_dashboards_and_rules_name_only_exported_metrics() -> None:
+    """Every `pointsman_*` / `process_*` name in the kit is in a real /metrics exposition (a TCP
+    and a UDP listener, so both families have samples); every `a:b:c` name is recorded."""
+    with refused_port() as port, refused_port() as other:
+        config = yaml.safe_dump({
+            "listeners": [
+                {"name": "lb", "bind": f"{LOOPBACK}:{free_port()}", "pool": "p"},
+                {"name": "dns", "bind": f"{LOOPBACK}:{free_port(kind=socket.SOCK_DGRAM)}",
+                 "protocol": "udp", "pool": "u"},
+            ],
+            "pools": [
+                {"name": "p", "backends": [{"address": f"{LOOPBACK}:{port}"}]},
+                {"name": "u", "backends": [{"address": f"{LOOPBACK}:{other}"}]},
+            ],
+        })
+        async with running(config) as runtime:
+            exposition = generate_latest(registry_for(runtime)).decode()
+    exported = {line.split("{")[0].split(" ")[0] for line in exposition.splitlines()
+                if line and not line.startswith("#")}
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+    texts = [expr for _, _, expr in dashboard_queries()]
+    texts += [expr for _, _, expr in variable_queries()]
+    texts += [rule["expr"] for rule in rules()]
+    missing: set[str] = set()
+    for text in texts:
+        missing |= {name for name in _METRIC.findall(text) if name not in exported}
+        missing |= {name for name in _RECORDED.findall(text) if name not in recorded}
+    assert not missing, f"names neither exported nor recorded: {sorted(missing)}"
+
+
+# --- promtool -------------------------------------------------------------------------------------
+
+
+def test_promtool_check_rules() -> None:
+    promtool = need("promtool")
+    done = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in done.stdout
+
+
+def test_promtool_rule_unit_tests_pass() -> None:
+    promtool = need("promtool")
+    done = subprocess.run([promtool, "test", "rules", str(RULE_TESTS)], capture_output=True,
+                          text=True, timeout=60, cwd=RULE_TESTS.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_promtool_rule_unit_tests_can_fail(tmp_path: Path) -> None:
+    """The unit tests are not vacuous: with the table threshold moved they fail."""
+    promtool = need("promtool")
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    broken = RULES.read_text().replace("ratio > 0.7", "ratio > 0.9")
+    assert broken != RULES.read_text()
+    (tmp_path / RULES.name).write_text(broken)
+    done = subprocess.run([promtool, "test", "rules", RULE_TESTS.name], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "PointsmanConnectionTableHigh" in done.stdout + done.stderr
+
+
+# --- a real Prometheus scraping a real pointsman ----------------------------------------------------
+
+
+class Prometheus:
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url
+        self.session = session
+
+    async def query(self, expr: str) -> dict[str, Any]:
+        """The API's answer; a parse error comes back as status "error" (HTTP 400)."""
+        async with self.session.get(f"{self.url}/api/v1/query", params={"query": expr}) as r:
+            return dict(await r.json())
+
+    async def values(self, expr: str) -> list[float]:
+        answer = await self.query(expr)
+        assert answer["status"] == "success", (expr, answer)
+        return [float(item["value"][1]) for item in answer["data"]["result"]]
+
+    async def rules(self) -> list[dict[str, Any]]:
+        async with self.session.get(f"{self.url}/api/v1/rules") as r:
+            body = await r.json()
+        return [rule for group in body["data"]["groups"] for rule in group["rules"]]
+
+    async def wait_for(self, what: str, check: Any, timeout: float) -> None:
+        """Poll `await check()` until true; fail with `what` after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await check():
+            if loop.time() > deadline:
+                raise AssertionError(f"Prometheus: not true after {timeout}s: {what}")
+            await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def prometheus_server(binary: str, target: str, workdir: Path) -> AsyncIterator[Prometheus]:
+    port = free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "pointsman", "static_configs": [{"targets": [target]}]}],
+    }))
+    log = workdir / "prometheus.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address={LOOPBACK}:{port}", "--log.level=warn",
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            server = Prometheus(url, session)
+
+            async def ready() -> bool:
+                if proc.returncode is not None:
+                    raise AssertionError(f"prometheus exited:\n{log.read_text()}")
+                try:
+                    async with session.get(f"{url}/-/ready") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await server.wait_for("ready", ready, PROMETHEUS_READY_TIMEOUT)
+            yield server
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def load(listen: str, stop: asyncio.Event) -> int:
+    """Open, use and close connections at a steady pace until `stop`; return how many."""
+    done = 0
+    while not stop.is_set():
+        reader, writer = await connect(listen)
+        await roundtrip(reader, writer, b"ping\n")
+        await close_writer(writer)
+        done += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), LOAD_PAUSE)
+    return done
+
+
+async def test_prometheus_evaluates_every_dashboard_and_rule_expression(tmp_path: Path) -> None:
+    binary = need("prometheus")
+    admin = f"{LOOPBACK}:{free_port()}"
+    listen = f"{LOOPBACK}:{free_port()}"
+    async with echo_backend() as peer:
+        with refused_port() as udp_peer:
+            config = yaml.safe_dump({
+                "listeners": [
+                    {"name": "lb", "bind": listen, "pool": "p"},
+                    {"name": "dns", "bind": f"{LOOPBACK}:{free_port(kind=socket.SOCK_DGRAM)}",
+                     "protocol": "udp", "pool": "u"},
+                ],
+                "pools": [
+                    {"name": "p", "backends": [{"address": peer.address, "name": "echo"}]},
+                    {"name": "u", "backends": [{"address": f"{LOOPBACK}:{udp_peer}"}]},
+                ],
+                "admin": {"bind": admin},
+                "shutdown_grace": "1s",
+            })
+            async with (
+                pointsman_process_async(config, tmp_path),
+                prometheus_server(binary, admin, tmp_path) as prom,
+            ):
+                stop = asyncio.Event()
+                loader = asyncio.create_task(load(listen, stop))
+                try:
+                    await wait_for_data(prom)
+                finally:
+                    stop.set()
+                    connections = await loader
+                assert connections > 0
+                await check_queries(prom)
+
+
+async def wait_for_data(prom: Prometheus) -> None:
+    async def rates() -> bool:
+        got = await prom.values("sum(rate(pointsman_connections_accepted_total[1m])) > 0")
+        ttfb = await prom.values(
+            "count_over_time(pointsman_time_to_first_byte_seconds_count[1m]) >= 3")
+        return bool(got and ttfb)
+
+    await prom.wait_for("a rate of accepted connections", rates, DATA_TIMEOUT)
+
+    async def evaluated() -> bool:
+        return all(rule["health"] == "ok" and not rule.get("lastError")
+                   and not rule["lastEvaluation"].startswith("0001")
+                   for rule in await prom.rules())
+
+    await prom.wait_for("every rule evaluated without error", evaluated, DATA_TIMEOUT)
+
+    async def recorded() -> bool:
+        return bool(await prom.values("listener_pool:pointsman_connection_success:ratio_rate5m"))
+
+    await prom.wait_for("the success ratio recorded", recorded, DATA_TIMEOUT)
+
+
+async def check_queries(prom: Prometheus) -> None:
+    # The core signals hold the values the load implies.
+    assert await prom.values("sum(rate(pointsman_connections_accepted_total[1m])) > 0")
+    active = await prom.values('pointsman_active_connections{listener="lb"}')
+    assert len(active) == 1 and active[0] >= 0
+    assert await prom.values(
+        'pointsman_backend_state{pool="p", backend="echo", state="up"}') == [1.0]
+    p99 = await prom.values("histogram_quantile(0.99, sum by (le) "
+                            "(rate(pointsman_time_to_first_byte_seconds_bucket[1m])))")
+    assert len(p99) == 1 and math.isfinite(p99[0]) and 0 < p99[0] < 1.0
+    assert await prom.values(
+        'listener_pool:pointsman_connection_success:ratio_rate5m{listener="lb"}') == [1.0]
+    assert await prom.values(
+        'listener_pool:pointsman_error_budget_burn:rate5m{listener="lb"}') == [0.0]
+    assert await prom.values('pool:pointsman_backends_healthy:ratio{pool="p"}') == [1.0]
+    assert await prom.values(
+        'listener_pool:pointsman_table_utilisation:ratio{listener="dns"}') == [0.0]
+
+    # Every expression parses and evaluates; the core panels return data.
+    errors: list[str] = []
+    empty: dict[str, list[str]] = {}
+    queries = [*dashboard_queries(), *variable_queries(),
+               *(("rules", rule.get("alert") or rule["record"], rule["expr"]) for rule in rules())]
+    for source, title, expr in queries:
+        answer = await prom.query(expr)
+        if answer["status"] != "success":
+            errors.append(f"{source} / {title}: {answer.get('error')}\n  {expr}")
+        elif not answer["data"]["result"]:
+            empty.setdefault(source, []).append(title)
+    assert not errors, "\n".join(errors)
+    for dashboard, titles in PANELS_WITH_DATA.items():
+        no_data = [title for title in titles if title in empty.get(dashboard, [])]
+        assert not no_data, f"{dashboard}: no data for {no_data}"
+    variables = [title for source, title, _ in variable_queries() if title in empty.get(source, [])]
+    assert not variables, f"template variables without values: {variables}"
