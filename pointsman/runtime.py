@@ -23,6 +23,7 @@ from pointsman.health.probes import ProbeResult
 from pointsman.health.targets import targets_for
 from pointsman.pool.pool import Pool
 from pointsman.pool.state import BackendState, Transition
+from pointsman.protect.shedding import Shedder
 from pointsman.proxy.listener import TcpListener
 from pointsman.proxy.udp import UdpListener
 from pointsman.telemetry.flow import EndReason
@@ -75,6 +76,7 @@ class Runtime:
         self._retired: set[asyncio.Task[object]] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
         self.loop_lag = 0.0
+        self.shedder = Shedder(config.shedding.max_connections, config.shedding.max_loop_lag)
         self.started_at = time.time()
         self.flow_log: FlowLog | None = None
         self.transitions: deque[tuple[float, str, Transition]] = deque(maxlen=TRANSITIONS_KEPT)
@@ -141,7 +143,8 @@ class Runtime:
             if not isinstance(tcp_stats, ListenerStats):
                 tcp_stats = self._stats[config.name] = ListenerStats(config.max_connections)
             listener = TcpListener(config, pool, self.loop, stats=tcp_stats,
-                                   flow_sink=self._flow_sinks()[0])
+                                   flow_sink=self._flow_sinks()[0], pools=self.pools,
+                                   shedder=self.shedder)
         if self.role == "control":
             listener.accepting = True  # the workers accept; this object only carries totals
         else:
@@ -185,6 +188,7 @@ class Runtime:
     def _tick(self) -> None:
         now = self.loop.time()
         self.loop_lag = max(now - self._tick_at, 0.0)
+        self.shedder.lag = self.loop_lag
         for pool in self.pools.values():
             pool.tick()
         self._tick_at = now + TICK_SECONDS
@@ -265,6 +269,8 @@ class Runtime:
                 await self._start_listener(new)
         for name in set(self.pools) - {p.name for p in config.pools}:
             del self.pools[name]
+        self.shedder.max_connections = config.shedding.max_connections
+        self.shedder.max_loop_lag = config.shedding.max_loop_lag
         self._sync_health_checks()
         self.config = config
         log.info("config applied: %d listeners, %d pools", len(self.listeners), len(self.pools))

@@ -50,7 +50,9 @@ class AdminServer:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/api/v1/status", self.status)
-        app.router.add_post("/api/v1/pools/{pool}/backends/{backend}/{action}", self.action)
+        # The action is part of the route, so POST .../weight is a 405 that allows PUT only.
+        app.router.add_post("/api/v1/pools/{pool}/backends/{backend}/{action:drain|enable|maintenance}",
+                            self.action)
         app.router.add_put("/api/v1/pools/{pool}/backends/{backend}/weight", self.weight)
         app.router.add_post("/api/v1/reload", self.reload)
         return app

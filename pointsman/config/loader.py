@@ -167,9 +167,9 @@ def _reference_problems(data: Any) -> Iterator[tuple[Loc, str]]:
     pool_names = {item.get("name") for item in pools}
     binds: dict[tuple[str, str], int] = {}
     for i, listener in enumerate(listeners):
-        for key in ("pool", "default_pool"):
-            if key in listener and listener[key] not in pool_names:
-                yield ("listeners", i, key), f"no pool named {listener[key]!r}"
+        for field in ("pool", "default_pool"):
+            if field in listener and listener[field] not in pool_names:
+                yield ("listeners", i, field), f"no pool named {listener[field]!r}"
         if "pool" not in listener and "default_pool" not in listener:
             yield ("listeners", i, "pool"), "required key is missing (pool, or default_pool)"
         for j, route in enumerate(_items(listener, "tls_routes")):

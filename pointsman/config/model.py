@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 from pointsman.config.addresses import HostPort, parse_host_port
 from pointsman.config.durations import parse_duration, parse_fraction
 
+
 def _ip_address(value: object) -> str:
     try:
         return str(ipaddress.ip_address(str(value)))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import Pool
+from pointsman.protect.limits import Admission, Limits
+from pointsman.protect.shedding import Shedder
+from pointsman.proxy.preamble import Preamble, Route
 from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.tcp import ClientConnection
 from pointsman.telemetry.flow import EndReason, RejectReason
@@ -33,10 +37,14 @@ class TcpListener:
         loop: asyncio.AbstractEventLoop,
         stats: ListenerStats | None = None,
         flow_sink: FlowSink | None = None,
+        pools: Mapping[str, Pool] | None = None,
+        shedder: Shedder | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.pool = pool
+        self.pools: Mapping[str, Pool] = pools if pools is not None else {pool.name: pool}
+        self.shedder = shedder or Shedder()
         self.loop = loop
         self.stats = stats or ListenerStats(config.max_connections)
         self.stats.capacity = config.max_connections
@@ -49,6 +57,7 @@ class TcpListener:
         # listening socket ourselves, and setting it twice costs new-connection rate.
         self.set_nodelay = "uvloop" not in type(loop).__module__
         self._idle: asyncio.Event | None = None
+        self._setup(config)
 
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         self._sock = sock or listen_socket(self.config.bind, backlog=self.config.backlog,
@@ -65,15 +74,74 @@ class TcpListener:
     def _protocol(self) -> ClientConnection:
         return ClientConnection(self)
 
+    def _setup(self, config: ListenerConfig) -> None:
+        """Derive what the data path reads from the listener config (at start and on reload)."""
+        pp = config.proxy_protocol
+        self.proxy_accept = pp.accept
+        self.trusted = None if pp.trusted_sources is None else [
+            ipaddress.ip_network(n) for n in pp.trusted_sources]
+        self.routes = tuple(Route(tuple(r.server_names), tuple(r.alpn), r.pool)
+                            for r in config.tls_routes)
+        self.inspect_timeout = max(pp.timeout if pp.accept != "off" else 0.0,
+                                   config.inspect_timeout if self.routes else 0.0)
+        limits = config.limits
+        settings = Limits(limits.max_connections_per_source, limits.new_connections_per_second,
+                          limits.new_connections_per_second_per_source, limits.source_prefix_v4,
+                          limits.source_prefix_v6, limits.max_sources)
+        active = settings.per_source or settings.new_connections_per_second is not None
+        old = getattr(self, "admission", None)
+        if not active:
+            self.admission: Admission | None = None
+        elif old is None or old.limits != settings:
+            self.admission = Admission(settings, self.loop.time())
+
     def admit(self) -> RejectReason | None:
         """Decide at accept time whether a new connection may enter the table."""
         if not self.accepting:
             return RejectReason.SHUTTING_DOWN
         if self.stats.active >= self.config.max_connections:
             return RejectReason.TABLE_FULL
-        if self.pool.snapshot.available == 0:
-            return RejectReason.NO_BACKEND
+        shed = self.shedder.reason()
+        if shed is not None:
+            return RejectReason(shed)
         return None
+
+    def admit_source(self, ip: str) -> tuple[RejectReason | None, bytes | None]:
+        """Rate limits and per-source caps, on the client address (after any PROXY header)."""
+        if self.admission is None:
+            return None, None
+        reason, key = self.admission.admit(ip, self.loop.time())
+        return (RejectReason(reason.value) if reason is not None else None), key
+
+    def new_preamble(self, peer_ip: str) -> Preamble | None:
+        """A preamble reader when this listener reads a PROXY header or routes by SNI."""
+        if self.proxy_accept == "off" and not self.routes:
+            return None
+        return Preamble(self.proxy_accept, self._is_trusted(peer_ip), self.routes,
+                        self.config.fallback_pool)
+
+    def _is_trusted(self, ip: str) -> bool:
+        if self.trusted is None:
+            return True
+        address = ipaddress.ip_address(ip)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted)
+
+    def pool_named(self, name: str) -> Pool:
+        return self.pools.get(name, self.pool)
+
+    def enter(self, conn: ClientConnection) -> None:
+        self.stats.active += 1
+        self.shedder.active += 1
+        self.connections.add(conn)
+
+    def leave(self, conn: ClientConnection) -> None:
+        self.stats.active -= 1
+        self.shedder.active -= 1
+        self.connections.discard(conn)
+        if conn.source_key is not None and self.admission is not None:
+            self.admission.closed(conn.source_key)
 
     def flow_ended(self, conn: ClientConnection) -> None:
         if self.flow_sink is not None:
@@ -86,6 +154,7 @@ class TcpListener:
         self.config = config
         self.stats.capacity = config.max_connections
         self.pool = pool
+        self._setup(config)
 
     def stop_accepting(self) -> None:
         self.accepting = False

@@ -1,7 +1,8 @@
 """The userspace TCP data path: one client protocol and one upstream protocol per connection.
 
 Design, after Envoy's tcp_proxy and uvicorn's flow control:
-- the client is not read until the upstream connects (nothing to buffer, nothing to lose);
+- the client is not read until the upstream connects, unless the listener must first read a
+  PROXY header or peek at a ClientHello (the preamble, bounded in size and time);
 - watermarks cross over: when one side's write buffer passes the high-water mark we stop reading
   the other side, and resume below the low-water mark, so memory per connection stays bounded;
 - a FIN is forwarded as a FIN (`write_eof`), never as a close, so half-closed streams still deliver
@@ -14,14 +15,20 @@ Design, after Envoy's tcp_proxy and uvicorn's flow control:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from typing import TYPE_CHECKING, cast
 
 from pointsman.balance.hashing import source_key
+from pointsman.protocols.errors import ProtocolError
+from pointsman.protocols.proxy_protocol import ProxyHeader
+from pointsman.proxy.preamble import Decision, Preamble, Refused
+from pointsman.proxy.upstream import open_connection, outgoing_header
 from pointsman.telemetry.flow import EndReason, RejectReason
 
 if TYPE_CHECKING:
+    from pointsman.pool.pool import Pool
     from pointsman.pool.snapshot import PoolSnapshot
     from pointsman.proxy.listener import TcpListener
     from pointsman.telemetry.stats import BackendStats
@@ -32,8 +39,10 @@ log = logging.getLogger("pointsman.proxy")
 # buffers' worth in flight; memory per connection is bounded by about 2 x (HIGH + one read).
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
-# Bytes read from a client before its upstream is connected; past this we stop reading.
+# Bytes read from a client before its upstream is connected; past this we stop reading. Also
+# bounds the preamble: a PROXY v2 header (4 KiB cap) plus a ClientHello (16 KiB cap) fit.
 EARLY_DATA_MAX = 64 * 1024
+_NO_SOURCE_PORT = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -65,6 +74,7 @@ class ClientConnection(asyncio.Protocol):
     """One proxied TCP connection, owned by its listener from accept to teardown."""
 
     __slots__ = (
+        "admitted",
         "backend_id",
         "backend_stats",
         "bytes_in",
@@ -75,13 +85,19 @@ class ClientConnection(asyncio.Protocol):
         "early",
         "ended",
         "first_byte_at",
+        "header",
         "idle_handle",
+        "inspect_handle",
         "last_activity",
         "listener",
         "loop",
         "peer",
+        "pool",
+        "preamble",
         "reason",
         "reject",
+        "server_name",
+        "source_key",
         "started",
         "upstream",
         "upstream_eof",
@@ -90,16 +106,23 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, listener: TcpListener) -> None:
         self.listener = listener
         self.loop = listener.loop
+        self.pool: Pool = listener.pool
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self.connect_task: asyncio.Task[None] | None = None
-        self.early: list[bytes] = []
+        self.early: bytearray | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.inspect_handle: asyncio.TimerHandle | None = None
+        self.preamble: Preamble | None = None
+        self.header: ProxyHeader | None = None
+        self.server_name: str | None = None
+        self.source_key: bytes | None = None
         self.backend_id: str | None = None
         self.backend_stats: BackendStats | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.reason: EndReason | None = None
         self.reject: RejectReason | None = None
+        self.admitted = False
         self.client_eof = False
         self.upstream_eof = False
         self.ended = False
@@ -109,56 +132,128 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = 0.0
         self.first_byte_at = 0.0
 
-    # --- client side ------------------------------------------------------------------------------
+    # --- accept and admission ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.client = transport
+        self.started = self.loop.time()
         listener = self.listener
-        stats = listener.stats
         reject = listener.admit()
         if reject is not None:
-            stats.rejected[reject] += 1
+            listener.stats.rejected[reject] += 1
             self.reason = EndReason.REJECTED
             self.reject = reject
             self.ended = True
-            self.started = self.loop.time()
             transport.abort()
             listener.flow_ended(self)
             return
-        stats.accepted += 1
-        stats.active += 1
-        listener.connections.add(self)
-        transport.pause_reading()
+        listener.enter(self)
         if listener.set_nodelay:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
-        self.started = self.loop.time()
+        preamble = listener.new_preamble(self.peer[0])
+        if preamble is None:
+            transport.pause_reading()
+            self._admit()
+            return
+        self.preamble = preamble
+        self.early = bytearray()
+        self.inspect_handle = self.loop.call_later(
+            listener.inspect_timeout, self._refuse, RejectReason.INSPECT_TIMEOUT)
+
+    def _admit(self) -> None:
+        """Per-source limits on the real client address, then connect."""
+        listener = self.listener
+        reason, key = listener.admit_source(self.peer[0])
+        if reason is not None:
+            self._refuse(reason)
+            return
+        self.source_key = key
+        if self.pool.snapshot.available == 0:
+            self._refuse(RejectReason.NO_BACKEND)
+            return
+        self.admitted = True
+        listener.stats.accepted += 1
         self.connect_task = self.loop.create_task(self._connect())
+
+    def _refuse(self, reason: RejectReason) -> None:
+        """Refuse a connection already in the table: counted, closed at once, nothing forwarded."""
+        self.listener.stats.rejected[reason] += 1
+        self.reason = EndReason.REJECTED
+        self.reject = reason
+        if self.client is not None:
+            self.client.abort()
+
+    def _decided(self, decision: Decision) -> None:
+        """The preamble is complete: strip the PROXY header, take its client, pick the pool."""
+        if self.inspect_handle is not None:
+            self.inspect_handle.cancel()
+            self.inspect_handle = None
+        self.preamble = None
+        if decision.consumed and self.early is not None:
+            del self.early[: decision.consumed]
+        if decision.client is not None:
+            self.peer = decision.client
+        self.header = decision.header
+        self.server_name = decision.server_name
+        self.pool = self.listener.pool_named(decision.pool)
+        if self.client is not None:
+            self.client.pause_reading()
+        self._admit()
+
+    # --- client side ------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self.last_activity = self.loop.time()
         upstream = self.upstream
-        if upstream is None:
-            self._hold(data)
-        else:
+        if upstream is not None:
             upstream.write(data)
+            return
+        self._hold(data)
+        if self.preamble is not None:
+            self._inspect()
 
     def _hold(self, data: bytes) -> None:
-        """Keep bytes that arrive before the upstream is connected (uvloop may deliver a first
-        read even though reading was paused at accept); bounded by pausing the client."""
-        self.early.append(data)
-        if sum(map(len, self.early)) >= EARLY_DATA_MAX and self.client is not None:
-            self.client.pause_reading()
+        """Keep bytes that arrive before the upstream is connected (the preamble, or a first read
+        uvloop may deliver though reading was paused at accept); bounded by pausing the client."""
+        if self.early is None:
+            self.early = bytearray()
+        self.early += data
+        if len(self.early) >= EARLY_DATA_MAX and self.client is not None:
+            if self.preamble is not None:
+                self._refuse(RejectReason.BAD_CLIENT_HELLO)
+            else:
+                self.client.pause_reading()
+
+    def _inspect(self) -> None:
+        assert self.preamble is not None and self.early is not None
+        in_header = self.preamble.in_header
+        try:
+            decision = self.preamble.feed(self.early)
+        except Refused as exc:
+            self._refuse(RejectReason(exc.reason.value))
+            return
+        except ProtocolError as exc:
+            log.debug("%s: bad preamble from %s: %s", self.listener.name, self.peer, exc)
+            self._refuse(RejectReason.BAD_PROXY_HEADER if in_header
+                         else RejectReason.BAD_CLIENT_HELLO)
+            return
+        if decision is not None:
+            self._decided(decision)
 
     def eof_received(self) -> bool:
         self.client_eof = True
         if self.reason is None:
             self.reason = EndReason.CLIENT_FIN
+        if self.preamble is not None:  # closed before saying enough to be routed
+            if self.inspect_handle is not None:
+                self.inspect_handle.cancel()
+            return False
         upstream = self.upstream
         if upstream is not None and not upstream.is_closing():
             upstream.write_eof()
@@ -179,6 +274,8 @@ class ClientConnection(asyncio.Protocol):
             self.reason = EndReason.CLIENT_RESET
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
+        if self.inspect_handle is not None:
+            self.inspect_handle.cancel()
         upstream = self.upstream
         if upstream is not None:
             if exc is not None or self.reason is EndReason.IDLE_TIMEOUT:
@@ -232,7 +329,7 @@ class ClientConnection(asyncio.Protocol):
     async def _connect(self) -> None:
         """Pick a backend and connect, retrying other backends on refusal or timeout."""
         listener = self.listener
-        snapshot = listener.pool.snapshot
+        snapshot = self.pool.snapshot
         config = snapshot.config
         key = source_key(self.peer[0], self.peer[1], config.hash_key) if snapshot.needs_key else b""
         tried: set[int] = set()
@@ -272,16 +369,18 @@ class ClientConnection(asyncio.Protocol):
         backend = snapshot.backends[index]
         stats = snapshot.stats[index]
         stats.active += 1  # a connect in progress counts as load for least-connections
-        pool = self.listener.pool
+        pool = self.pool
         began = self.loop.time()
         try:
             async with asyncio.timeout(snapshot.config.connect_timeout):
-                transport, _ = await self.loop.create_connection(
-                    lambda: UpstreamProtocol(self), backend.host, backend.port
-                )
+                transport = await open_connection(
+                    self.loop, lambda: UpstreamProtocol(self), backend.host, backend.port,
+                    snapshot.config, self.peer[0], stats.total)
         except (OSError, TimeoutError) as exc:
             stats.active -= 1
             log.debug("connect to %s failed: %r", backend.id, exc)
+            if isinstance(exc, OSError) and exc.errno in _NO_SOURCE_PORT:
+                self.listener.stats.source_port_failures += 1
             pool.report_connect_failure(backend.id)
             return False
         except asyncio.CancelledError:
@@ -293,21 +392,26 @@ class ClientConnection(asyncio.Protocol):
         self.backend_id = backend.id
         self.backend_stats = stats
         self.upstream = transport
-        if self.client is None or self.client.is_closing():
+        client = self.client
+        if client is None or client.is_closing():
             transport.abort()
             return True
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.client.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        client.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        header = outgoing_header(snapshot.config, self.peer, client.get_extra_info("sockname"),
+                                 self.header, self.server_name)
+        if header:
+            transport.write(header)
         if self.early:
-            transport.writelines(self.early)
-            self.early.clear()
+            transport.write(bytes(self.early))
+        self.early = None
         if self.client_eof:
             transport.write_eof()
         self.last_activity = self.loop.time()
         idle = snapshot.config.idle_timeout
         if idle > 0:
             self.idle_handle = self.loop.call_later(idle, self._check_idle, idle)
-        self.client.resume_reading()
+        client.resume_reading()
         return True
 
     def _check_idle(self, idle: float) -> None:
@@ -344,7 +448,6 @@ class ClientConnection(asyncio.Protocol):
             self.idle_handle.cancel()
         listener = self.listener
         stats = listener.stats
-        stats.active -= 1
         stats.bytes_in += self.bytes_in
         stats.bytes_out += self.bytes_out
         stats.ended[self.reason or EndReason.CLIENT_FIN] += 1
@@ -353,5 +456,5 @@ class ClientConnection(asyncio.Protocol):
             self.backend_stats.active -= 1
             self.backend_stats.bytes_in += self.bytes_in
             self.backend_stats.bytes_out += self.bytes_out
-        listener.connections.discard(self)
+        listener.leave(self)
         listener.flow_ended(self)

@@ -23,6 +23,16 @@ class RejectReason(enum.StrEnum):
     TABLE_FULL = "table_full"
     NO_BACKEND = "no_backend"
     SHUTTING_DOWN = "shutting_down"
+    SHED_CONNECTIONS = "shed_connections"  # process-wide connection bound (load shedding)
+    SHED_LOOP_LAG = "shed_loop_lag"  # event loop too late (load shedding)
+    RATE_LIMITED = "rate_limited"  # listener new-connection rate
+    SOURCE_RATE_LIMITED = "source_rate_limited"
+    SOURCE_CONNECTION_LIMIT = "source_connection_limit"
+    BAD_PROXY_HEADER = "bad_proxy_header"
+    PROXY_HEADER_MISSING = "proxy_header_missing"
+    PROXY_HEADER_UNTRUSTED = "proxy_header_untrusted"
+    BAD_CLIENT_HELLO = "bad_client_hello"
+    INSPECT_TIMEOUT = "inspect_timeout"  # no complete PROXY header / ClientHello in time
 
 
 class DropReason(enum.StrEnum):

@@ -23,6 +23,7 @@ class ListenerStats:
         "ended",
         "rejected",
         "retried",
+        "source_port_failures",
         "ttfb",
     )
 
@@ -32,6 +33,7 @@ class ListenerStats:
         self.active = 0
         self.connect_failed = 0
         self.retried = 0
+        self.source_port_failures = 0  # connects that found no free source address/port
         self.bytes_in = 0  # client -> backend
         self.bytes_out = 0  # backend -> client
         self.rejected: Counter[RejectReason] = Counter()

@@ -202,7 +202,10 @@ class ClientLoad:
     """Short connections in a loop: connect, read the greeting, echo a few bytes, close.
 
     Bounded both ways: at most `max_connections` per worker and never past `deadline` (loop time).
-    Every failure is recorded with its exception, so a test can assert there were none.
+    Every failure is recorded with its exception, so a test can assert there were none. `phase`
+    is a label the test moves forward (say, per config reload), setting it to None while a change
+    is in flight; `by_phase` counts the backends reached by connections that began and ended in
+    one phase, so each count belongs to one config for sure.
     """
 
     address: str
@@ -211,6 +214,8 @@ class ClientLoad:
     ok: int = 0
     seen: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    phase: int | None = 0
+    by_phase: Counter[tuple[int, str]] = field(default_factory=Counter)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def worker(self, number: int) -> None:
@@ -218,6 +223,7 @@ class ClientLoad:
         for i in range(self.max_connections):
             if self.stop.is_set() or loop.time() >= self.deadline:
                 return
+            phase = self.phase
             try:
                 name, reader, writer = await open_named(self.address)
                 await exchange(reader, writer, f"worker {number} connection {i}\n".encode())
@@ -227,6 +233,8 @@ class ClientLoad:
                 continue
             self.ok += 1
             self.seen[name] += 1
+            if phase is not None and phase == self.phase:
+                self.by_phase[phase, name] += 1
 
     async def wait_served(self, count: int, timeout: float, name: str | None = None) -> None:
         """Wait until `count` more connections succeed (to backend `name`, if given)."""

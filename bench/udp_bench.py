@@ -1,0 +1,275 @@
+"""UDP datagrams/s and Mbit/s through pointsman versus straight to the echo backend.
+
+Run from the repository root:  python3 bench/udp_bench.py [--seconds 2] [--repeat 3]
+
+Three processes on loopback: a plain-socket UDP echo backend, `pointsman run` (uvloop, one UDP
+listener in front of that one backend), and this process as the load generator. Each case keeps a
+fixed number of datagrams in flight per client socket (a closed loop), counts the replies for a
+fixed time, then does the same straight to the echo backend; direct and proxied alternate and the
+median of the repeats is reported, because runs on a small VM vary by 10-15%.
+
+With two or more CPUs, pointsman gets CPU 1 to itself and the load generator and the echo share
+CPU 0, in both the direct and the proxied runs: the ratio then says what the proxy's own core
+delivers against what the client and backend can do without it.
+
+Bounded: every case runs for `--seconds` (plus a short warm-up), every wait has a deadline, and
+all the processes started here are stopped at the end. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+START_DEADLINE = 10.0
+WARMUP = 0.3
+# A socket with datagrams in flight and no reply for this long lost them (full receive buffer
+# somewhere on the way): it counts them as lost and sends a fresh window.
+STALL = 0.2
+RECV_SIZE = 65535
+
+# (client sockets, datagrams in flight per socket, payload bytes). In flight stays at or under 64
+# datagrams, which the default 208 KiB receive buffers hold even at 1400 bytes (92 fit), so loss
+# measures the proxy, not buffer sizing.
+CASES = [
+    (1, 32, 64),
+    (1, 32, 1400),
+    (64, 1, 64),
+    (64, 1, 1400),
+]
+
+
+# --- the echo backend (a child process) -------------------------------------------------------
+
+
+def serve_echo(port: int) -> None:
+    """Echo every datagram to its sender; blocking, one socket: the cheapest backend there is."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((HOST, port))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("ready", flush=True)
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+    while True:
+        data, addr = recvfrom(RECV_SIZE)
+        sendto(data, addr)
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_line(proc: subprocess.Popen[bytes], prefix: str, what: str) -> None:
+    """Read the child's stdout until a line starts with `prefix`; fail on exit or deadline."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + START_DEADLINE
+    pending = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise SystemExit(f"{what} not ready after {START_DEADLINE}s")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            raise SystemExit(f"{what} exited with {proc.wait()} before it was ready")
+        pending += chunk
+        if any(line.startswith(prefix.encode()) for line in pending.split(b"\n")):
+            return
+
+
+def pin(pid: int, cpu: int) -> None:
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(pid, {cpu})
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- the load generator ---------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    datagrams: int
+    seconds: float
+    size: int
+    lost: int
+
+    @property
+    def rate(self) -> float:
+        return self.datagrams / self.seconds
+
+    @property
+    def mbits(self) -> float:
+        return self.datagrams * self.size * 8 / self.seconds / 1e6
+
+
+def load(target: tuple[str, int], sockets: int, window: int, size: int, seconds: float) -> Result:
+    """Keep `window` datagrams in flight on each of `sockets` sockets for `seconds`; count replies
+    whose length is right (the echo returns exactly what was sent)."""
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    socks = []
+    for _ in range(sockets):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((HOST, 0))
+        sock.connect(target)
+        sock.setblocking(False)
+        socks.append(sock)
+    by_fd = {s.fileno(): s for s in socks}
+    last_reply = dict.fromkeys(by_fd, time.monotonic())
+    poller = select.epoll()
+    for fd in by_fd:
+        poller.register(fd, select.EPOLLIN)
+    counted = lost = 0
+    elapsed = 0.0
+    try:
+        for sock in socks:
+            for _ in range(window):
+                sock.send(payload)
+        for phase_seconds, counting in ((WARMUP, False), (seconds, True)):
+            received = 0
+            start = time.monotonic()
+            end = start + phase_seconds
+            next_stall_check = start + STALL
+            while (now := time.monotonic()) < end:
+                for fd, _ in poller.poll(min(end - now, STALL)):
+                    sock = by_fd[fd]
+                    got = 0
+                    while True:
+                        try:
+                            data = sock.recv(RECV_SIZE)
+                        except BlockingIOError:
+                            break
+                        except ConnectionRefusedError:
+                            raise SystemExit(f"{target} refused: is the backend up?") from None
+                        if len(data) == size:
+                            got += 1
+                    received += got
+                    for _ in range(got):  # closed loop: one new datagram per reply
+                        sock.send(payload)
+                    if got:
+                        last_reply[fd] = now
+                if now >= next_stall_check:
+                    next_stall_check = now + STALL
+                    for fd, sock in by_fd.items():
+                        if now - last_reply[fd] > STALL:  # its window was lost: send a new one
+                            lost += window if counting else 0
+                            for _ in range(window):
+                                sock.send(payload)
+                            last_reply[fd] = now
+            if counting:
+                counted = received
+                elapsed = time.monotonic() - start
+    finally:
+        poller.close()
+        for sock in socks:
+            sock.close()
+    return Result(counted, elapsed, size, lost)
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def pointsman_config(lb_port: int, echo_port: int) -> str:
+    return (
+        "listeners:\n"
+        f"  - {{name: u, bind: \"{HOST}:{lb_port}\", protocol: udp, pool: p}}\n"
+        "pools:\n"
+        f"  - {{name: p, backends: [{{address: \"{HOST}:{echo_port}\"}}]}}\n"
+        "shutdown_grace: 1s\n"
+    )
+
+
+def median_result(results: list[Result]) -> Result:
+    return sorted(results, key=lambda r: r.rate)[len(results) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured time per run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median counts")
+    parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)  # child mode
+    args = parser.parse_args()
+    if args.echo is not None:
+        serve_echo(args.echo)
+        return
+
+    echo_port, lb_port = free_udp_port(), free_udp_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="udp_bench") as tmp:
+        config = Path(tmp) / "pointsman.yaml"
+        config.write_text(pointsman_config(lb_port, echo_port))
+        try:
+            echo = subprocess.Popen([sys.executable, __file__, "--echo", str(echo_port)],
+                                    stdout=subprocess.PIPE)
+            procs.append(echo)
+            wait_line(echo, "ready", "echo backend")
+            with (Path(tmp) / "pointsman.stderr").open("wb") as stderr:
+                lb = subprocess.Popen(
+                    [sys.executable, "-m", "pointsman", "run", str(config),
+                     "--log-level", "warning"],
+                    stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT,
+                )
+            procs.append(lb)
+            wait_line(lb, "listening udp", "pointsman")
+            pin(0, 0)
+            pin(echo.pid, 0)
+            pin(lb.pid, 1)
+            report(args.seconds, args.repeat, (HOST, echo_port), (HOST, lb_port))
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
+            errors = Path(tmp) / "pointsman.stderr"
+            if errors.exists() and (text := errors.read_text(errors="replace")).strip():
+                print(f"# pointsman stderr:\n{text}", file=sys.stderr)
+
+
+def report(seconds: float, repeat: int, direct: tuple[str, int], proxied: tuple[str, int]) -> None:
+    cpus = os.cpu_count() or 1
+    pinning = "pointsman on CPU 1, client and echo on CPU 0" if cpus >= 2 else "no pinning"
+    print(f"# {cpus} CPUs; {pinning}")
+    print(f"# {seconds:.1f}s per run, median of {repeat}; Mbit/s = echoed payload, one way")
+    header = (f"{'case':<20} {'direct dgram/s':>15} {'pointsman dgram/s':>18} {'ratio':>6} "
+              f"{'direct Mbit/s':>14} {'pointsman Mbit/s':>17} {'lost d/p':>10}")
+    print(header)
+    print("-" * len(header))
+    for sockets, window, size in CASES:
+        runs: dict[str, list[Result]] = {"direct": [], "proxied": []}
+        for i in range(repeat):
+            order = ["direct", "proxied"] if i % 2 == 0 else ["proxied", "direct"]
+            for kind in order:
+                target = direct if kind == "direct" else proxied
+                runs[kind].append(load(target, sockets, window, size, seconds))
+        d, p = median_result(runs["direct"]), median_result(runs["proxied"])
+        name = f"{sockets} sock{'s' if sockets > 1 else ''} x{window}, {size} B"
+        print(f"{name:<20} {d.rate:>15,.0f} {p.rate:>18,.0f} {p.rate / d.rate:>6.2f} "
+              f"{d.mbits:>14,.1f} {p.mbits:>17,.1f} {f'{d.lost}/{p.lost}':>10}")
+
+
+if __name__ == "__main__":
+    main()

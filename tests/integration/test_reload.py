@@ -1,0 +1,203 @@
+"""Reload by SIGHUP of a `pointsman run` process (issue #8 acceptance, one process).
+
+New connections never fail and established streams never break across 20 reloads that change
+weights and add and remove a backend; a bad file is refused with its line and field named, and the
+old config keeps serving; a listener removed by a reload stops accepting while its open connection
+carries on.
+
+The test knows a reload has been applied when the process logs "config applied" once more (or
+"reload refused"): every wait polls the process's stderr with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_balancing import (
+    NamedBackend,
+    ask_name,
+    client_load,
+    config_text,
+    named_backends,
+    open_named,
+)
+from tests.integration.test_drain import Stream, open_streams, wait_more_exchanges
+from tests.support import (
+    LOOPBACK,
+    PointsmanProcess,
+    connect,
+    free_port,
+    pointsman_process_async,
+    wait_for,
+)
+
+# The proxy runs in its own process; the test side's loop only drives clients and backends.
+pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
+
+RELOADS = 20
+APPLY_TIMEOUT = 5.0  # from SIGHUP to "config applied"; a passing run takes milliseconds
+APPLIED = "config applied"
+REFUSED = "reload refused"
+
+
+def pool_config(
+    listen: str, backends: list[dict[str, Any]], *, extra_listeners: list[dict[str, Any]] = ()
+) -> str:
+    return config_text(
+        [{"name": "lb", "bind": listen, "pool": "p"}, *extra_listeners],
+        [{"name": "p", "algorithm": "weighted_round_robin", "backends": backends}],
+        shutdown_grace="10s",
+    )
+
+
+def write_config(proc: PointsmanProcess, text: str) -> Path:
+    """Replace the process's config file atomically (a reload never reads half a file)."""
+    path = Path(proc.args[1])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+async def sighup_and_wait(proc: PointsmanProcess, marker: str) -> None:
+    """Send SIGHUP and wait until stderr shows one more `marker` line."""
+    before = proc.stderr().count(marker)
+    proc.signal(signal.SIGHUP)
+    await wait_for(lambda: proc.stderr().count(marker) > before or proc.popen.poll() is not None,
+                   APPLY_TIMEOUT, interval=0.01, what=f"{marker!r} after SIGHUP")
+    assert proc.popen.poll() is None, f"pointsman exited on SIGHUP:\n{proc.stderr()}"
+
+
+# --- reloads under load ---------------------------------------------------------------------------
+
+
+def small(b1: NamedBackend, b2: NamedBackend) -> list[dict[str, Any]]:
+    return [b1.config(weight=1), b2.config(weight=1)]
+
+
+def large(b1: NamedBackend, b2: NamedBackend, b3: NamedBackend) -> list[dict[str, Any]]:
+    return [b1.config(weight=3), b2.config(weight=1), b3.config(weight=1)]
+
+
+async def test_twenty_reloads_under_load_lose_no_connection(tmp_path: Path) -> None:
+    async with named_backends("b1", "b2", "b3") as (b1, b2, b3):
+        listen = f"{LOOPBACK}:{free_port()}"
+        config_a = pool_config(listen, small(b1, b2))
+        config_b = pool_config(listen, large(b1, b2, b3))
+        async with pointsman_process_async(config_a, tmp_path) as proc:
+            streams = await open_streams(listen, 3)
+            async with client_load(listen, seconds=30.0, workers=2) as load:
+                await load.wait_served(50, timeout=5.0)
+                for reload in range(1, RELOADS + 1):
+                    load.phase = None  # connections from now on may see either config
+                    write_config(proc, config_b if reload % 2 else config_a)
+                    await sighup_and_wait(proc, APPLIED)
+                    load.phase = reload
+                    if reload == 1:  # a stream to the added backend, which later reloads remove
+                        for _ in range(10):
+                            streams += await open_streams(listen, 1)
+                            if streams[-1].backend == "b3":
+                                break
+                    await load.wait_served(30, timeout=5.0)
+                    await wait_more_exchanges(streams)
+            rests = [await stream.finish() for stream in streams]
+            applied = proc.stderr().count(APPLIED)
+
+    assert load.failures == [], load.failures[:5]
+    assert [s.error for s in streams] == [None] * len(streams)
+    assert rests == [b""] * len(streams)
+    assert "b3" in {s.backend for s in streams}, "no stream reached the added backend"
+    assert min(s.exchanges for s in streams) >= 10
+    assert applied == RELOADS
+
+    def total(parity: int, name: str) -> int:
+        return sum(n for (phase, who), n in load.by_phase.items()
+                   if phase % 2 == parity and who == name)
+
+    # Connections made wholly under config A never reach b3; under B they do, by weight.
+    assert total(0, "b3") == 0
+    assert total(1, "b3") > 0
+    assert total(1, "b1") > 2 * total(1, "b2")
+    assert 0.8 < total(0, "b1") / total(0, "b2") < 1.25
+
+
+# --- a bad file is refused --------------------------------------------------------------------------
+
+
+async def test_bad_config_is_refused_with_line_and_field_and_old_config_serves(
+    tmp_path: Path,
+) -> None:
+    async with named_backends("b1", "b2", "b3") as (b1, b2, b3):
+        listen = f"{LOOPBACK}:{free_port()}"
+        good = pool_config(listen, small(b1, b2))
+        bad = pool_config(listen, [b1.config(), b2.config(), b3.config(weight=-5)])
+        bad_line = bad.splitlines().index("    weight: -5") + 1
+        async with pointsman_process_async(good, tmp_path) as proc:
+            stream = (await open_streams(listen, 1))[0]
+            path = write_config(proc, bad)
+            await sighup_and_wait(proc, REFUSED)
+            stderr = proc.stderr()
+            served = [await ask_name(listen) for _ in range(20)]
+            await wait_more_exchanges([stream])
+
+            write_config(proc, pool_config(listen, large(b1, b2, b3)))
+            await sighup_and_wait(proc, APPLIED)
+            after_fix = [await ask_name(listen) for _ in range(10)]
+            rest = await stream.finish()
+
+    expected = f"{path}:{bad_line}: pools[0].backends[2].weight:"
+    assert expected in stderr, f"no {expected!r} in stderr:\n{stderr}"
+    assert APPLIED not in stderr
+    assert sorted(set(served)) == ["b1", "b2"] and served.count("b1") == 10
+    assert stream.error is None and rest == b""
+    assert after_fix.count("b3") == 2 and after_fix.count("b1") == 6  # weights 3:1:1 now
+
+
+# --- a listener removed by a reload ---------------------------------------------------------------------
+
+
+async def wait_refused(address: str, timeout: float) -> None:
+    """Connect until refused; a connection that still gets in is closed at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await connect(address)
+        except ConnectionRefusedError:
+            return
+        writer.transport.abort()
+        if loop.time() >= deadline:
+            raise AssertionError(f"{address} still accepting {timeout}s after the reload")
+        await asyncio.sleep(0.01)
+
+
+async def test_removed_listener_stops_accepting_and_its_connection_carries_on(
+    tmp_path: Path,
+) -> None:
+    async with named_backends("b1", "b2") as (b1, b2):
+        listen = f"{LOOPBACK}:{free_port()}"
+        other = f"{LOOPBACK}:{free_port()}"
+        both = pool_config(listen, small(b1, b2),
+                           extra_listeners=[{"name": "lb2", "bind": other, "pool": "p"}])
+        async with pointsman_process_async(both, tmp_path) as proc:
+            streams: list[Stream] = await open_streams(other, 2)
+            write_config(proc, pool_config(listen, small(b1, b2)))
+            await sighup_and_wait(proc, APPLIED)
+            await wait_refused(other, timeout=2.0)
+            await wait_more_exchanges(streams)
+            still_served = await ask_name(listen)
+            rests = [await stream.finish() for stream in streams]
+            # The process is still whole: the kept listener serves after the retired one drained.
+            name, _, writer = await open_named(listen)
+            writer.transport.abort()
+
+    assert [s.error for s in streams] == [None, None]
+    assert rests == [b"", b""]
+    assert min(s.exchanges for s in streams) >= 10
+    assert still_served in {"b1", "b2"} and name in {"b1", "b2"}
