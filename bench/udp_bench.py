@@ -113,12 +113,28 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 # --- the load generator ---------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (from /proc, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Result:
     datagrams: int
     seconds: float
     size: int
     lost: int
+    cpu: float = 0.0  # CPU seconds the proxy used during the measured time
+
+    @property
+    def cpu_us(self) -> float:
+        """The proxy's CPU time per datagram echoed (each one crosses it twice)."""
+        return self.cpu / self.datagrams * 1e6 if self.datagrams else 0.0
+
+    @property
+    def busy(self) -> float:
+        return self.cpu / self.seconds
 
     @property
     def rate(self) -> float:
@@ -129,7 +145,8 @@ class Result:
         return self.datagrams * self.size * 8 / self.seconds / 1e6
 
 
-def load(target: tuple[str, int], sockets: int, window: int, size: int, seconds: float) -> Result:
+def load(target: tuple[str, int], sockets: int, window: int, size: int, seconds: float,
+         proxy_pid: int | None = None) -> Result:
     """Keep `window` datagrams in flight on each of `sockets` sockets for `seconds`; count replies
     whose length is right (the echo returns exactly what was sent)."""
     payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
@@ -146,13 +163,14 @@ def load(target: tuple[str, int], sockets: int, window: int, size: int, seconds:
     for fd in by_fd:
         poller.register(fd, select.EPOLLIN)
     counted = lost = 0
-    elapsed = 0.0
+    elapsed = cpu = 0.0
     try:
         for sock in socks:
             for _ in range(window):
                 sock.send(payload)
         for phase_seconds, counting in ((WARMUP, False), (seconds, True)):
             received = 0
+            cpu_start = cpu_seconds(proxy_pid) if proxy_pid else 0.0
             start = time.monotonic()
             end = start + phase_seconds
             next_stall_check = start + STALL
@@ -185,11 +203,12 @@ def load(target: tuple[str, int], sockets: int, window: int, size: int, seconds:
             if counting:
                 counted = received
                 elapsed = time.monotonic() - start
+                cpu = cpu_seconds(proxy_pid) - cpu_start if proxy_pid else 0.0
     finally:
         poller.close()
         for sock in socks:
             sock.close()
-    return Result(counted, elapsed, size, lost)
+    return Result(counted, elapsed, size, lost, cpu)
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -240,7 +259,7 @@ def main() -> None:
             pin(0, 0)
             pin(echo.pid, 0)
             pin(lb.pid, 1)
-            report(args.seconds, args.repeat, (HOST, echo_port), (HOST, lb_port))
+            report(args.seconds, args.repeat, (HOST, echo_port), (HOST, lb_port), lb.pid)
         finally:
             for proc in reversed(procs):
                 stop(proc)
@@ -249,13 +268,16 @@ def main() -> None:
                 print(f"# pointsman stderr:\n{text}", file=sys.stderr)
 
 
-def report(seconds: float, repeat: int, direct: tuple[str, int], proxied: tuple[str, int]) -> None:
+def report(seconds: float, repeat: int, direct: tuple[str, int], proxied: tuple[str, int],
+           proxy_pid: int) -> None:
     cpus = os.cpu_count() or 1
     pinning = "pointsman on CPU 1, client and echo on CPU 0" if cpus >= 2 else "no pinning"
     print(f"# {cpus} CPUs; {pinning}")
-    print(f"# {seconds:.1f}s per run, median of {repeat}; Mbit/s = echoed payload, one way")
+    print(f"# {seconds:.1f}s per run, median of {repeat}; Mbit/s = echoed payload, one way;")
+    print("# pointsman CPU = its CPU time per echoed datagram (request and reply) and its core's use")
     header = (f"{'case':<20} {'direct dgram/s':>15} {'pointsman dgram/s':>18} {'ratio':>6} "
-              f"{'direct Mbit/s':>14} {'pointsman Mbit/s':>17} {'lost d/p':>10}")
+              f"{'direct Mbit/s':>14} {'pointsman Mbit/s':>17} {'CPU us/dgram':>13} "
+              f"{'CPU busy':>9} {'lost d/p':>9}")
     print(header)
     print("-" * len(header))
     for sockets, window, size in CASES:
@@ -263,12 +285,15 @@ def report(seconds: float, repeat: int, direct: tuple[str, int], proxied: tuple[
         for i in range(repeat):
             order = ["direct", "proxied"] if i % 2 == 0 else ["proxied", "direct"]
             for kind in order:
-                target = direct if kind == "direct" else proxied
-                runs[kind].append(load(target, sockets, window, size, seconds))
+                if kind == "direct":
+                    runs[kind].append(load(direct, sockets, window, size, seconds))
+                else:
+                    runs[kind].append(load(proxied, sockets, window, size, seconds, proxy_pid))
         d, p = median_result(runs["direct"]), median_result(runs["proxied"])
         name = f"{sockets} sock{'s' if sockets > 1 else ''} x{window}, {size} B"
         print(f"{name:<20} {d.rate:>15,.0f} {p.rate:>18,.0f} {p.rate / d.rate:>6.2f} "
-              f"{d.mbits:>14,.1f} {p.mbits:>17,.1f} {f'{d.lost}/{p.lost}':>10}")
+              f"{d.mbits:>14,.1f} {p.mbits:>17,.1f} {p.cpu_us:>13.1f} {p.busy:>9.0%} "
+              f"{f'{d.lost}/{p.lost}':>9}")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,10 @@ def _model_problems(config: Config) -> Iterator[tuple[Loc, str]]:
         if listener.protocol == "udp" and (listener.tls_routes or
                                            listener.proxy_protocol.accept != "off"):
             yield ("listeners", i, "protocol"), "tls_routes and proxy_protocol.accept need tcp"
+        pool = next((p for p in config.pools if p.name == listener.fallback_pool), None)
+        if listener.protocol == "udp" and pool is not None and pool.proxy_protocol.send == "v1":
+            yield ("listeners", i, "pool"), (f"pool {pool.name!r} sends PROXY v1, which is for "
+                                             "TCP only: use v2 for UDP")
         for j, route in enumerate(listener.tls_routes):
             if not route.server_names and not route.alpn:
                 yield ("listeners", i, "tls_routes", j), "needs server_names or alpn"

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING
 from pointsman.balance.hashing import source_key
 from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import Pool
+from pointsman.protocols.proxy_protocol import Transport
 from pointsman.proxy.sockets import family_of, listen_socket
+from pointsman.proxy.upstream import outgoing_header
 from pointsman.telemetry.flow import DropReason, UdpEndReason
 from pointsman.telemetry.stats import BackendStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
@@ -69,6 +71,7 @@ class UdpSession:
         "reason",
         "sock",
         "started",
+        "prefix",
         "version",
     )
 
@@ -81,6 +84,7 @@ class UdpSession:
         self.backend_index = -1
         self.backend_stats: BackendStats | None = None
         self.version = -1
+        self.prefix = b""
         self.datagrams_in = 0
         self.datagrams_out = 0
         self.bytes_in = 0
@@ -92,9 +96,11 @@ class UdpSession:
         self.avoid = ""  # a backend that just refused: the next pick skips it
 
     def attach(self, index: int, backend_id: str, host: str, port: int, stats: BackendStats,
-               version: int) -> None:
-        """Open the connected upstream socket for the chosen backend."""
+               version: int, prefix: bytes = b"") -> None:
+        """Open the connected upstream socket for the chosen backend. `prefix` (a PROXY v2
+        header) goes in front of every datagram, as the spec allows for UDP."""
         self.detach()
+        self.prefix = prefix
         sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
         sock.setblocking(False)
         sock.connect((host, port))
@@ -122,7 +128,7 @@ class UdpSession:
         the kernel took count as forwarded; the others count as drops."""
         assert self.sock is not None
         try:
-            self.sock.send(data)
+            self.sock.send(self.prefix + data if self.prefix else data)
         except (BlockingIOError, InterruptedError):
             self.listener.stats.drops[DropReason.SEND_FAILED] += 1
             return True
@@ -203,10 +209,13 @@ class UdpListener:
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.accepting = False
         self._bound = False
+        self.local: tuple[str, int] = ("", 0)  # our bound address: the PROXY destination
 
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         self.sock = sock or listen_socket(self.config.bind, socket.SOCK_DGRAM, reuse_port=reuse_port)
         self.loop.add_reader(self.sock.fileno(), self._readable)
+        name = self.sock.getsockname()
+        self.local = (str(name[0]), int(name[1]))
         self.accepting = True
         self._bound = True
         self._arm_sweep()
@@ -300,8 +309,10 @@ class UdpListener:
             index = picked
         backend = snapshot.backends[index]
         try:
+            prefix = outgoing_header(snapshot.config, session.client, self.local, None, None,
+                                     Transport.DGRAM)
             session.attach(index, backend.id, backend.host, backend.port, snapshot.stats[index],
-                           snapshot.version)
+                           snapshot.version, prefix)
         except OSError as exc:
             log.debug("udp connect to %s failed: %r", backend.id, exc)
             self.pool.report_connect_failure(backend.id)
