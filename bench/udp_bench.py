@@ -95,11 +95,6 @@ def wait_line(proc: subprocess.Popen[bytes], prefix: str, what: str) -> None:
             return
 
 
-def pin(pid: int, cpu: int) -> None:
-    if (os.cpu_count() or 1) >= 2:
-        os.sched_setaffinity(pid, {cpu})
-
-
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -232,6 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="measured time per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median counts")
+    parser.add_argument("--no-pin", action="store_true", help="leave CPU placement to the kernel")
     parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
     if args.echo is not None:
@@ -256,10 +252,12 @@ def main() -> None:
                 )
             procs.append(lb)
             wait_line(lb, "listening udp", "pointsman")
-            pin(0, 0)
-            pin(echo.pid, 0)
-            pin(lb.pid, 1)
-            report(args.seconds, args.repeat, (HOST, echo_port), (HOST, lb_port), lb.pid)
+            pinned = not args.no_pin and (os.cpu_count() or 1) >= 2
+            if pinned:
+                os.sched_setaffinity(0, {0})
+                os.sched_setaffinity(echo.pid, {0})
+                os.sched_setaffinity(lb.pid, {1})
+            report(args.seconds, args.repeat, (HOST, echo_port), (HOST, lb_port), lb.pid, pinned)
         finally:
             for proc in reversed(procs):
                 stop(proc)
@@ -269,10 +267,9 @@ def main() -> None:
 
 
 def report(seconds: float, repeat: int, direct: tuple[str, int], proxied: tuple[str, int],
-           proxy_pid: int) -> None:
-    cpus = os.cpu_count() or 1
-    pinning = "pointsman on CPU 1, client and echo on CPU 0" if cpus >= 2 else "no pinning"
-    print(f"# {cpus} CPUs; {pinning}")
+           proxy_pid: int, pinned: bool) -> None:
+    pinning = "pointsman on CPU 1, client and echo on CPU 0" if pinned else "no pinning"
+    print(f"# {os.cpu_count()} CPUs; {pinning}; load average {os.getloadavg()[0]:.2f} at start")
     print(f"# {seconds:.1f}s per run, median of {repeat}; Mbit/s = echoed payload, one way;")
     print("# pointsman CPU = its CPU time per echoed datagram (request and reply) and its core's use")
     header = (f"{'case':<20} {'direct dgram/s':>15} {'pointsman dgram/s':>18} {'ratio':>6} "

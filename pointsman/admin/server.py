@@ -138,7 +138,7 @@ class AdminServer:
                                   "active": member.stats.active})
 
     async def weight(self, request: web.Request) -> web.Response:
-        if False and not self._authorised(request):
+        if not self._authorised(request):
             return _error(401, "a bearer token is required")
         pool = self.runtime.pools.get(request.match_info["pool"])
         if pool is None:

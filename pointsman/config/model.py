@@ -126,6 +126,26 @@ class SourceConfig(Strict):
     addresses: list[IPAddress] = Field(default_factory=list)
 
 
+class DnsDiscoveryConfig(Strict):
+    srv: str | None = None  # e.g. _pg._tcp.db.example: targets and ports from SRV records
+    name: str | None = None  # A/AAAA name; backends on `port`
+    port: int | None = Field(default=None, ge=1, le=65535)
+    resolver: Address | None = None  # default: the system resolver
+    min_ttl: Duration = 1.0  # re-resolve no faster than this, whatever the record TTL says
+
+
+class KubernetesDiscoveryConfig(Strict):
+    namespace: str = "default"
+    service: str
+    port_name: str | None = None
+
+
+class DiscoveryConfig(Strict):
+    dns: DnsDiscoveryConfig | None = None
+    kubernetes: KubernetesDiscoveryConfig | None = None
+    etcd_members: bool = False  # backends registered under <prefix>members/<pool>/
+
+
 class PoolConfig(Strict):
     name: Name
     algorithm: Algorithm = "round_robin"
@@ -143,6 +163,7 @@ class PoolConfig(Strict):
     initial_state: Literal["up", "down"] = "up"
     proxy_protocol: PoolProxyProtocolConfig = Field(default_factory=PoolProxyProtocolConfig)
     source: SourceConfig = Field(default_factory=SourceConfig)
+    discovery: DiscoveryConfig | None = None
 
 
 class UdpConfig(Strict):
@@ -175,6 +196,11 @@ class LimitsConfig(Strict):
     max_sources: int = Field(default=100_000, ge=1)  # bounded per-source table
 
 
+class KernelListenerConfig(Strict):
+    snat: Literal["masquerade", "none"] = "masquerade"  # none: backends route replies via us
+    slots: int = Field(default=4093, ge=3, le=1_000_003)  # prime: the kernel Maglev table size
+
+
 class ListenerConfig(Strict):
     name: Name
     bind: Address
@@ -189,6 +215,8 @@ class ListenerConfig(Strict):
     default_pool: Name | None = None
     inspect_timeout: Duration = 5.0
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    dataplane: Literal["proxy", "kernel"] = "proxy"
+    kernel: KernelListenerConfig = Field(default_factory=KernelListenerConfig)
 
     @property
     def fallback_pool(self) -> str:

@@ -82,6 +82,7 @@ class Pool:
         self._rng = rng or random.Random()
         self._members: dict[str, Member] = {}
         self._listeners: list[TransitionListener] = []
+        self._watchers: list[Callable[[PoolSnapshot], None]] = []
         self._version = 0
         self._maglev_key: tuple[tuple[str, float, float], ...] | None = None
         self._picker_cache: Picker | None = None
@@ -145,6 +146,10 @@ class Pool:
         if initial is BackendState.UP:
             member.available_since = now - self.config.slow_start  # a fresh start is not a ramp
         return member
+
+    def watch(self, callback: Callable[[PoolSnapshot], None]) -> None:
+        """Call `callback(snapshot)` after every publication (the kernel data plane's trigger)."""
+        self._watchers.append(callback)
 
     def subscribe(self, listener: TransitionListener) -> None:
         """Call `listener(pool, backend_id, transition)` on every state change."""
@@ -307,6 +312,8 @@ class Pool:
             needs_key=self.affinity is not None
             or self.config.algorithm in ("source_hash", "maglev"),
         )
+        for callback in list(self._watchers):
+            callback(self.snapshot)
 
     def _picker(self, candidates: list[Candidate], stats: tuple[BackendStats, ...]) -> Picker:
         """Build the picker; the Maglev table is rebuilt only when the backend set or weights change."""
