@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from pointsman.pool.pool import Pool
 from pointsman.pool.state import BackendState, Transition
 from pointsman.protect.shedding import Shedder
 from pointsman.proxy.listener import TcpListener
+from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.udp import UdpListener
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.flowlog import FlowLog
@@ -129,7 +131,9 @@ class Runtime:
         if self.relay is not None:
             self.relay(message)
 
-    async def _start_listener(self, config: ListenerConfig) -> None:
+    async def _start_listener(
+        self, config: ListenerConfig, sock: socket.socket | None = None
+    ) -> None:
         pool = self.pools[config.fallback_pool]
         listener: Listener
         if config.protocol == "udp":
@@ -148,7 +152,7 @@ class Runtime:
         if self.role == "control":
             listener.accepting = True  # the workers accept; this object only carries totals
         else:
-            await listener.start(reuse_port=self.role == "worker")
+            await listener.start(sock, reuse_port=self.role == "worker")
         self.listeners[config.name] = listener
         if self.role != "worker":
             self.announce(describe(config, pool))
@@ -247,6 +251,7 @@ class Runtime:
 
     async def apply(self, config: Config) -> None:
         """Apply a validated config without closing sockets or connections that still fit."""
+        socks = self._prebind(config)  # may raise OSError: then nothing has changed
         if self.role == "control" and self.relay is not None:
             self.relay(("config", config))  # before the events this apply may broadcast
         for pool_config in config.pools:
@@ -266,7 +271,7 @@ class Runtime:
             self._retire(listener, config.shutdown_grace)
         for name, new in wanted.items():
             if name not in self.listeners:
-                await self._start_listener(new)
+                await self._start_listener(new, socks.pop(name, None))
         for name in set(self.pools) - {p.name for p in config.pools}:
             del self.pools[name]
         self.shedder.max_connections = config.shedding.max_connections
@@ -274,6 +279,27 @@ class Runtime:
         self._sync_health_checks()
         self.config = config
         log.info("config applied: %d listeners, %d pools", len(self.listeners), len(self.pools))
+
+    def _prebind(self, config: Config) -> dict[str, socket.socket]:
+        """Bind the sockets of the listeners `config` adds or moves, before anything changes, so
+        a reload that cannot bind is refused whole instead of half applied (old listeners already
+        retired). An address one of our listeners holds now is bound after that one retires."""
+        if self.role == "control":
+            return {}
+        held = {(lst.config.bind, lst.config.protocol) for lst in self.listeners.values()}
+        socks: dict[str, socket.socket] = {}
+        try:
+            for new in config.listeners:
+                if (new.bind, new.protocol) in held:
+                    continue
+                kind = socket.SOCK_DGRAM if new.protocol == "udp" else socket.SOCK_STREAM
+                socks[new.name] = listen_socket(new.bind, kind, backlog=new.backlog,
+                                                reuse_port=self.role == "worker")
+        except OSError:
+            for sock in socks.values():
+                sock.close()
+            raise
+        return socks
 
     def _retire(self, listener: Listener, grace: float) -> None:
         listener.stop_accepting()

@@ -164,6 +164,10 @@ class PoolConfig(Strict):
     proxy_protocol: PoolProxyProtocolConfig = Field(default_factory=PoolProxyProtocolConfig)
     source: SourceConfig = Field(default_factory=SourceConfig)
     discovery: DiscoveryConfig | None = None
+    # Zero-copy (splice) for bulk streams: a connection switches after this many bytes; off keeps
+    # every connection on the transport path.
+    zero_copy: Literal["off", "auto"] = "auto"
+    zero_copy_after: int = Field(default=1 << 20, ge=0)
 
 
 class UdpConfig(Strict):

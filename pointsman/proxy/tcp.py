@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING, cast
 
@@ -24,6 +25,7 @@ from pointsman.balance.hashing import source_key
 from pointsman.protocols.errors import ProtocolError
 from pointsman.protocols.proxy_protocol import ProxyHeader
 from pointsman.proxy.preamble import Decision, Preamble, Refused
+from pointsman.proxy.splice import SPLICE, Spliced
 from pointsman.proxy.upstream import open_connection, outgoing_header
 from pointsman.telemetry.flow import EndReason, RejectReason
 
@@ -43,6 +45,7 @@ WRITE_LOW_WATER = 64 * 1024
 # bounds the preamble: a PROXY v2 header (4 KiB cap) plus a ClientHello (16 KiB cap) fit.
 EARLY_DATA_MAX = 64 * 1024
 _NO_SOURCE_PORT = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
+NEVER = 1 << 62  # splice_after when zero copy is off for this connection
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -98,6 +101,8 @@ class ClientConnection(asyncio.Protocol):
         "reject",
         "server_name",
         "source_key",
+        "splice_after",
+        "spliced",
         "started",
         "upstream",
         "upstream_eof",
@@ -123,6 +128,8 @@ class ClientConnection(asyncio.Protocol):
         self.reason: EndReason | None = None
         self.reject: RejectReason | None = None
         self.admitted = False
+        self.spliced: Spliced | None = None
+        self.splice_after = NEVER
         self.client_eof = False
         self.upstream_eof = False
         self.ended = False
@@ -213,6 +220,8 @@ class ClientConnection(asyncio.Protocol):
         upstream = self.upstream
         if upstream is not None:
             upstream.write(data)
+            if self.bytes_in + self.bytes_out >= self.splice_after:
+                self._try_splice()
             return
         self._hold(data)
         if self.preamble is not None:
@@ -270,6 +279,8 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.spliced is not None:
+            return  # the transport was closed on a duplicate: the splice owns the connection
         if exc is not None and self.reason is None:
             self.reason = EndReason.CLIENT_RESET
         if self.connect_task is not None and not self.connect_task.done():
@@ -295,6 +306,8 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = now
         assert self.client is not None
         self.client.write(data)
+        if self.bytes_in + self.bytes_out >= self.splice_after:
+            self._try_splice()
 
     def backend_eof(self) -> None:
         self.upstream_eof = True
@@ -315,6 +328,8 @@ class ClientConnection(asyncio.Protocol):
             self.client.resume_reading()
 
     def backend_lost(self, exc: Exception | None) -> None:
+        if self.spliced is not None:
+            return
         if exc is not None and self.reason is None:
             self.reason = EndReason.BACKEND_RESET
         client = self.client
@@ -407,6 +422,8 @@ class ClientConnection(asyncio.Protocol):
         self.early = None
         if self.client_eof:
             transport.write_eof()
+        if snapshot.config.zero_copy == "auto" and SPLICE and self.preamble is None:
+            self.splice_after = snapshot.config.zero_copy_after
         self.last_activity = self.loop.time()
         idle = snapshot.config.idle_timeout
         if idle > 0:
@@ -424,10 +441,50 @@ class ClientConnection(asyncio.Protocol):
 
     # --- teardown -----------------------------------------------------------------------------------
 
+    # --- zero copy --------------------------------------------------------------------------------
+
+    def _try_splice(self) -> None:
+        """Move to splice(2) once both write buffers are empty (so no byte is reordered)."""
+        client, upstream = self.client, self.upstream
+        if client is None or upstream is None or self.client_eof or self.upstream_eof:
+            self.splice_after = NEVER
+            return
+        if client.get_write_buffer_size() or upstream.get_write_buffer_size():
+            return  # try again on the next chunk
+        self.splice_after = NEVER
+        client_sock = client.get_extra_info("socket")
+        upstream_sock = upstream.get_extra_info("socket")
+        if client_sock is None or upstream_sock is None:
+            return
+        self.spliced = Spliced(self.loop, os.dup(client_sock.fileno()), os.dup(upstream_sock.fileno()),
+                               self._spliced_in, self._spliced_out, self._splice_ended)
+        client.close()  # closes only the transports' descriptors: the sockets live on
+        upstream.close()
+        self.listener.stats.spliced += 1
+        self.spliced.start()
+
+    def _spliced_in(self, n: int) -> None:
+        self.bytes_in += n
+        self.last_activity = self.loop.time()
+
+    def _spliced_out(self, n: int) -> None:
+        self.bytes_out += n
+        self.last_activity = self.loop.time()
+
+    def _splice_ended(self, how: str) -> None:
+        if how != "aborted" and (self.reason is None or how.endswith("_reset")):
+            self.reason = EndReason(how)
+        self._teardown()
+
+    # --- teardown -----------------------------------------------------------------------------------
+
     def close(self, reason: EndReason) -> None:
         """Cut the connection now (idle timeout, shutdown deadline, operator)."""
         if self.reason is None or reason in (EndReason.IDLE_TIMEOUT, EndReason.SHUTDOWN):
             self.reason = reason
+        if self.spliced is not None:
+            self.spliced.abort()
+            return
         if self.upstream is not None:
             self.upstream.abort()
         if self.client is not None:

@@ -68,10 +68,10 @@ class UdpSession:
         "key",
         "last_activity",
         "listener",
+        "prefix",
         "reason",
         "sock",
         "started",
-        "prefix",
         "version",
     )
 

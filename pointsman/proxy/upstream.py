@@ -4,9 +4,10 @@ pointsman sends first when the pool asks for one."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pointsman.config.model import PoolConfig
 from pointsman.protocols.proxy_protocol import (
@@ -23,6 +24,8 @@ from pointsman.protocols.proxy_protocol import (
 from pointsman.proxy.sockets import family_of
 
 IP_TRANSPARENT = 19  # linux/in.h; Python 3.11 has no constant
+# A source address that cannot be bound, or has no ephemeral port left to this backend.
+NO_SOURCE_ADDRESS = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
 UNIQUE_ID_BYTES = 16  # random per connection: unique enough, well under the spec's 128
 
 
@@ -66,9 +69,10 @@ async def open_connection(
     """Connect to a backend, from the address the pool's `source` asks for.
 
     - transparent: from the client's own address (IP_TRANSPARENT; needs CAP_NET_ADMIN and the
-      routing described in docs/client-ip.md);
+      routing described in docs/edge.md);
     - addresses: from one of several local addresses in turn, so one backend can take more than
-      one address's worth of ephemeral ports;
+      one address's worth of ephemeral ports; an address that cannot be used (gone from the
+      host, or out of ports to this backend) is skipped for the next;
     - default: whatever the kernel picks.
     """
     source = config.source
@@ -84,8 +88,30 @@ async def open_connection(
             raise
         transport, _ = await loop.create_connection(factory, sock=sock)
     elif source.addresses:
-        local = source.addresses[turn % len(source.addresses)]
-        transport, _ = await loop.create_connection(factory, host, port, local_addr=(local, 0))
+        transport = await _connect_from_addresses(loop, factory, host, port, source.addresses, turn)
     else:
         transport, _ = await loop.create_connection(factory, host, port)
     return transport
+
+
+async def _connect_from_addresses(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    addresses: Sequence[str],
+    turn: int,
+) -> asyncio.Transport:
+    """Start at address `turn`; on "no such local address" or "no free port" try the next one, so
+    one unusable address does not fail every connection whose turn it is. Raises the last error
+    when no address works."""
+    for step in range(len(addresses)):
+        local = addresses[(turn + step) % len(addresses)]
+        try:
+            transport, _ = await loop.create_connection(factory, host, port, local_addr=(local, 0))
+        except OSError as exc:
+            if exc.errno not in NO_SOURCE_ADDRESS or step == len(addresses) - 1:
+                raise
+            continue
+        return transport
+    raise ValueError("source.addresses is empty")

@@ -24,6 +24,7 @@ class ListenerStats:
         "rejected",
         "retried",
         "source_port_failures",
+        "spliced",
         "ttfb",
     )
 
@@ -33,6 +34,7 @@ class ListenerStats:
         self.active = 0
         self.connect_failed = 0
         self.retried = 0
+        self.spliced = 0  # connections moved to the zero-copy path
         self.source_port_failures = 0  # connects that found no free source address/port
         self.bytes_in = 0  # client -> backend
         self.bytes_out = 0  # backend -> client

@@ -34,7 +34,7 @@ from tests.support import (
 # --- peers and clients (shared with the other integration test files) ----------------------------
 
 # Deadline for one client step (connect and read the greeting) on a loaded 2-core VM.
-STEP_TIMEOUT = 2.0
+STEP_TIMEOUT = 5.0
 
 
 class NamedBackend:

@@ -127,7 +127,6 @@ async def test_connect_failed_record_has_no_backend(tmp_path: Path) -> None:
 async def test_table_full_rejection_is_recorded(tmp_path: Path) -> None:
     log = tmp_path / "flows.jsonl"
     listen = f"{LOOPBACK}:{free_port()}"
-    text = config(listen, [], log, listener={"max_connections": 1})
     async with echo_backend() as peer:
         text = config(listen, [peer.address], log, listener={"max_connections": 1})
         async with running(text) as runtime:

@@ -78,7 +78,6 @@ TCP_CHECK: dict[str, Any] = {
 NO_PASSIVE = {"consecutive_failures": 0}  # active checks alone decide in these tests
 
 
-@pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_killed_backend_is_marked_down_in_time_and_no_client_fails() -> None:
     async with named_backends("a", "b", "c") as (a, b, c):
         listen = listen_address()
@@ -87,19 +86,19 @@ async def test_killed_backend_is_marked_down_in_time_and_no_client_fails() -> No
             pool = runtime.pools["p"]
             transitions = record_transitions(pool)
             async with client_load(listen, seconds=8.0) as load:
-                await load.wait_served(100, timeout=3.0)
+                await load.wait_served(500, timeout=5.0)
 
                 b.stop_listening()
                 killed = time.monotonic()
                 await wait_state(pool, "b", DOWN, timeout=FALL * INTERVAL + TIMEOUT + 2.0)
                 down_after = last_change(transitions, "b").at - killed
-                await load.wait_served(100, timeout=3.0)
+                await load.wait_served(300, timeout=5.0)
 
                 b.listen()  # the same port again
                 restarted = time.monotonic()
                 await wait_state(pool, "b", UP, timeout=RISE * INTERVAL + TIMEOUT + 2.0)
                 up_after = last_change(transitions, "b").at - restarted
-                await load.wait_served(20, timeout=3.0, name="b")
+                await load.wait_served(100, timeout=5.0, name="b")
             stats = runtime.listeners["lb"].stats
             await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
             refused = pool.member("b").stats.connect_failures

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +100,14 @@ def large(b1: NamedBackend, b2: NamedBackend, b3: NamedBackend) -> list[dict[str
     return [b1.config(weight=3), b2.config(weight=1), b3.config(weight=1)]
 
 
-async def test_twenty_reloads_under_load_lose_no_connection(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proxy_loop", ["uvloop", "asyncio"])
+async def test_twenty_reloads_under_load_lose_no_connection(tmp_path: Path, proxy_loop: str) -> None:
     async with named_backends("b1", "b2", "b3") as (b1, b2, b3):
         listen = f"{LOOPBACK}:{free_port()}"
         config_a = pool_config(listen, small(b1, b2))
         config_b = pool_config(listen, large(b1, b2, b3))
-        async with pointsman_process_async(config_a, tmp_path) as proc:
+        uvloop = proxy_loop == "uvloop"
+        async with pointsman_process_async(config_a, tmp_path, uvloop=uvloop) as proc:
             streams = await open_streams(listen, 3)
             async with client_load(listen, seconds=30.0, workers=2) as load:
                 await load.wait_served(50, timeout=5.0)
@@ -210,3 +214,32 @@ async def test_removed_listener_stops_accepting_and_its_connection_carries_on(
     assert rests == [b"", b""]
     assert min(s.exchanges for s in streams) >= 10
     assert still_served in {"b1", "b2"} and name in {"b1", "b2"}
+
+
+async def test_reload_that_cannot_bind_changes_nothing(tmp_path: Path) -> None:
+    async with named_backends("b1", "b2") as (b1, b2):
+        listen = f"{LOOPBACK}:{free_port()}"
+        other = f"{LOOPBACK}:{free_port()}"
+        with socket.socket() as squatter:
+            squatter.bind((LOOPBACK, 0))
+            squatter.listen(1)
+            taken = f"{LOOPBACK}:{squatter.getsockname()[1]}"
+            before = pool_config(listen, small(b1, b2),
+                                 extra_listeners=[{"name": "lb2", "bind": other, "pool": "p"}])
+            # Valid, but lb2 cannot move to a port somebody else holds; the weights change too.
+            after = pool_config(listen, [b1.config(weight=3), b2.config(weight=1)],
+                                extra_listeners=[{"name": "lb2", "bind": taken, "pool": "p"}])
+            async with pointsman_process_async(before, tmp_path) as proc:
+                streams = await open_streams(other, 2)
+                write_config(proc, after)
+                await sighup_and_wait(proc, "reload failed")
+                via_lb = Counter([await ask_name(listen) for _ in range(10)])
+                via_lb2 = Counter([await ask_name(other) for _ in range(10)])
+                await wait_more_exchanges(streams)
+                rests = [await stream.finish() for stream in streams]
+                stderr = proc.stderr()
+
+    assert APPLIED not in stderr
+    assert via_lb == via_lb2 == {"b1": 5, "b2": 5}, "the refused config was partly applied"
+    assert [s.error for s in streams] == [None, None]
+    assert rests == [b"", b""]

@@ -1,0 +1,229 @@
+"""Self-protection on real loopback sockets: per-source connection caps and rates (one abusive
+source must not cost another source anything), the listener-wide rate, source grouping by
+prefix, and process-wide load shedding across listeners.
+
+Sources are distinct loopback addresses (127.0.0.0/8 is all local on Linux), so the listener sees
+each test client as a different peer. Refused connections are accepted by the kernel and then
+reset by pointsman; a client tells them apart from served ones by the echo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import yaml
+
+from pointsman.telemetry.flow import RejectReason
+from tests.support import (
+    LOOPBACK,
+    close_writer,
+    echo_backend,
+    free_port,
+    one_pool_config,
+    roundtrip,
+    running,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+IO_TIMEOUT = 2.0
+ABUSER = "127.0.0.50"
+GOOD = "127.0.0.60"
+FLOOD_CONNECTS = 300
+FLOOD_SECONDS = 2.0
+GOOD_CONNECTS = 25  # spread over the flood: ~12/s, inside its own 20/s
+
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def open_from(listen: str, source: str) -> Stream:
+    host, _, port = listen.rpartition(":")
+    async with asyncio.timeout(IO_TIMEOUT):
+        return await asyncio.open_connection(host, int(port), local_addr=(source, 0))
+
+
+async def served(stream: Stream, message: bytes = b"ping\n") -> bool:
+    """True when the echo comes back through pointsman, False when it cut the connection."""
+    reader, writer = stream
+    try:
+        await roundtrip(reader, writer, message, IO_TIMEOUT)
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return False
+    return True
+
+
+async def one_shot(listen: str, source: str) -> bool:
+    """Connect, exchange one echo, close: was it served?"""
+    try:
+        stream = await open_from(listen, source)
+    except ConnectionError:
+        return False
+    try:
+        return await served(stream)
+    finally:
+        await close_writer(stream[1])
+
+
+@contextlib.asynccontextmanager
+async def held(listen: str, source: str, count: int) -> AsyncIterator[list[bool]]:
+    """Open `count` connections one after another and keep them open; yields which were served."""
+    streams: list[Stream] = []
+    outcomes: list[bool] = []
+    try:
+        for _ in range(count):
+            stream = await open_from(listen, source)
+            streams.append(stream)
+            outcomes.append(await served(stream))
+        yield outcomes
+    finally:
+        for _, writer in streams:
+            await close_writer(writer)
+
+
+async def paced(count: int, seconds: float, call: Any) -> Counter[bool]:
+    """Run `call()` `count` times, one every `seconds / count`, sequentially; count outcomes."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    outcomes: Counter[bool] = Counter()
+    for i in range(count):
+        delay = start + i * seconds / count - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the offered load's shape, not a synchronisation
+        outcomes[await call()] += 1
+    return outcomes
+
+
+def limits_config(listen: str, peer: str, **limits: Any) -> str:
+    return one_pool_config(listen, [peer], listener={"limits": limits})
+
+
+async def test_abusive_source_is_refused_while_another_keeps_full_service() -> None:
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        config = limits_config(listen, peer.address, max_connections_per_source=5,
+                               new_connections_per_second_per_source=20)
+        async with running(config) as runtime:
+            stats = runtime.listeners["lb"].stats
+
+            # The cap: five open connections from the abuser are served, the rest are cut.
+            async with held(listen, ABUSER, 8) as outcomes:
+                assert outcomes == [True] * 5 + [False] * 3
+                assert stats.rejected == {RejectReason.SOURCE_CONNECTION_LIMIT: 3}
+                assert await one_shot(listen, GOOD)  # another source is not capped
+            await wait_for(lambda: stats.active == 0, IO_TIMEOUT, what="held connections closed")
+
+            # The rate: a bounded flood of short connections from the abuser, while the good
+            # source connects at its own modest pace next to it.
+            began = time.monotonic()
+            flood, good = await asyncio.gather(
+                paced(FLOOD_CONNECTS, FLOOD_SECONDS, lambda: one_shot(listen, ABUSER)),
+                paced(GOOD_CONNECTS, FLOOD_SECONDS, lambda: one_shot(listen, GOOD)),
+            )
+            elapsed = time.monotonic() - began
+            await wait_for(lambda: stats.active == 0, IO_TIMEOUT, what="flood connections closed")
+
+    assert good == {True: GOOD_CONNECTS}, good  # full service for the other source
+    assert flood[True] + flood[False] == FLOOD_CONNECTS
+    # 20 per second with a burst of 20 (partly spent by the cap phase just before).
+    assert flood[True] <= 20 + 20 * elapsed + 5, (flood, elapsed)
+    assert flood[True] >= 20, flood  # the abuser still gets its fair rate
+    assert stats.rejected[RejectReason.SOURCE_RATE_LIMITED] == flood[False]
+    assert stats.rejected[RejectReason.SOURCE_CONNECTION_LIMIT] == 3
+    assert set(stats.rejected) == {RejectReason.SOURCE_RATE_LIMITED,
+                                   RejectReason.SOURCE_CONNECTION_LIMIT}
+
+
+async def test_listener_rate_limit_counts_rate_limited() -> None:
+    attempts = 20
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        async with running(limits_config(listen, peer.address,
+                                         new_connections_per_second=5)) as runtime:
+            stats = runtime.listeners["lb"].stats
+            began = time.monotonic()
+            # Different sources: a listener-wide rate does not care who connects.
+            results = [await one_shot(listen, f"127.0.0.{70 + i % 4}") for i in range(attempts)]
+            elapsed = time.monotonic() - began
+            await wait_for(lambda: stats.active == 0, IO_TIMEOUT, what="connections closed")
+    admitted = results.count(True)
+    assert results[:5] == [True] * 5  # the burst
+    assert admitted <= 5 + 5 * elapsed + 1, (admitted, elapsed)
+    assert stats.rejected == {RejectReason.RATE_LIMITED: attempts - admitted}
+    assert stats.accepted == admitted
+
+
+async def test_source_prefix_groups_addresses_of_one_network() -> None:
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        config = limits_config(listen, peer.address, max_connections_per_source=2,
+                               source_prefix_v4=24)
+        async with running(config) as runtime:
+            stats = runtime.listeners["lb"].stats
+            async with held(listen, "127.0.0.60", 2) as outcomes:
+                assert outcomes == [True, True]
+                # Same /24: counts against the two already open.
+                assert not await one_shot(listen, "127.0.0.61")
+                assert stats.rejected == {RejectReason.SOURCE_CONNECTION_LIMIT: 1}
+                # Another /24 is another source.
+                assert await one_shot(listen, "127.0.1.61")
+            await wait_for(lambda: stats.active == 0, IO_TIMEOUT, what="held connections closed")
+            # With the network's connections closed, it is served again.
+            assert await one_shot(listen, "127.0.0.61")
+    assert stats.rejected == {RejectReason.SOURCE_CONNECTION_LIMIT: 1}
+
+
+def two_listener_config(first: str, second: str, peer: str, shedding: dict[str, Any]) -> str:
+    return yaml.safe_dump({
+        "listeners": [{"name": "a", "bind": first, "pool": "p"},
+                      {"name": "b", "bind": second, "pool": "p"}],
+        "pools": [{"name": "p", "backends": [{"address": peer}]}],
+        "shedding": shedding,
+    })
+
+
+async def test_shedding_refuses_past_the_process_wide_connection_bound() -> None:
+    bound = 3
+    async with echo_backend() as peer:
+        first, second = (f"{LOOPBACK}:{free_port()}" for _ in range(2))
+        config = two_listener_config(first, second, peer.address, {"max_connections": bound})
+        async with running(config) as runtime:
+            a, b = runtime.listeners["a"].stats, runtime.listeners["b"].stats
+            async with held(first, LOOPBACK, 2) as on_a, held(second, LOOPBACK, 1) as on_b:
+                assert on_a + on_b == [True] * bound
+                # The (N+1)th, on either listener, is shed.
+                assert not await one_shot(second, LOOPBACK)
+                assert not await one_shot(first, LOOPBACK)
+                assert b.rejected == {RejectReason.SHED_CONNECTIONS: 1}
+                assert a.rejected == {RejectReason.SHED_CONNECTIONS: 1}
+            await wait_for(lambda: a.active + b.active == 0, IO_TIMEOUT, what="all closed")
+            # Under the bound again: served.
+            assert await one_shot(second, LOOPBACK)
+    assert a.rejected[RejectReason.SHED_CONNECTIONS] == 1
+    assert b.rejected[RejectReason.SHED_CONNECTIONS] == 1
+
+
+async def test_shedding_on_event_loop_lag() -> None:
+    async with echo_backend() as peer:
+        first, second = (f"{LOOPBACK}:{free_port()}" for _ in range(2))
+        config = two_listener_config(first, second, peer.address, {"max_loop_lag": "200ms"})
+        async with running(config) as runtime:
+            stats = runtime.listeners["a"].stats
+            assert await one_shot(first, LOOPBACK)
+            # The overload under test: a blocked loop. The lag ticker runs every 0.5 s, so some
+            # tick falls due during the block and runs at least 0.8 - 0.5 s late.
+            time.sleep(0.8)
+            await wait_for(lambda: runtime.shedder.lag > 0.2, IO_TIMEOUT, what="lag measured")
+            assert not await one_shot(first, LOOPBACK)
+            assert stats.rejected == {RejectReason.SHED_LOOP_LAG: 1}
+            # The next tick measures a punctual loop again and stops shedding.
+            await wait_for(lambda: runtime.shedder.lag < 0.2, IO_TIMEOUT, what="lag recovered")
+            assert await one_shot(first, LOOPBACK)
+    assert stats.rejected == {RejectReason.SHED_LOOP_LAG: 1}

@@ -1,0 +1,228 @@
+"""The Prometheus exposition of a running Runtime holds the values real traffic implies: accepts,
+refusals by reason, connect failures and retries, table use, bytes, histograms, backend states,
+health checks and UDP datagrams. The exposition is read the way Prometheus reads it (the text
+format, parsed by prometheus_client's parser), straight from the collector.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pointsman.admin.metrics import registry_for
+from pointsman.runtime import Runtime
+from tests.integration.udp_support import udp_clients, udp_config, udp_echo
+from tests.support import (
+    LOOPBACK,
+    close_writer,
+    connect,
+    echo_backend,
+    free_port,
+    one_pool_config,
+    refused_port,
+    roundtrip,
+    running,
+    wait_closed,
+    wait_for,
+)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+LB = {"listener": "lb", "pool": "p"}
+
+
+def scrape(runtime: Runtime) -> Samples:
+    text = generate_latest(registry_for(runtime)).decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def buckets(samples: Samples, name: str, **labels: str) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of one histogram, in bound order."""
+    out = []
+    for (sample_name, sample_labels), count in samples.items():
+        got = dict(sample_labels)
+        le = got.pop("le", None)
+        if sample_name == f"{name}_bucket" and got == labels and le is not None:
+            out.append((float(le), count))
+    return sorted(out)
+
+
+async def test_accepted_bytes_and_histograms_after_echo_connections() -> None:
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        async with running(one_pool_config(listen, [peer.address])) as runtime:
+            for i in range(4):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"x" * (i + 1))
+                await close_writer(writer)
+            stats = runtime.listeners["lb"].stats
+            await wait_for(lambda: sum(stats.ended.values()) == 4, 2.0, what="4 ended")
+            s = scrape(runtime)
+
+    backend = {"pool": "p", "backend": peer.address}
+    assert value(s, "pointsman_connections_accepted_total", **LB) == 4
+    assert value(s, "pointsman_connections_ended_total", **LB, reason="client_fin") == 4
+    assert value(s, "pointsman_active_connections", **LB) == 0
+    assert value(s, "pointsman_bytes_total", **LB, direction="in") == 1 + 2 + 3 + 4
+    assert value(s, "pointsman_bytes_total", **LB, direction="out") == 10
+    assert value(s, "pointsman_backend_bytes_total", **backend, direction="in") == 10
+    assert value(s, "pointsman_backend_connections_total", **backend) == 4
+    assert value(s, "pointsman_backend_active_connections", **backend) == 0
+    for name, labels in (("pointsman_time_to_first_byte_seconds", LB),
+                         ("pointsman_connection_duration_seconds", LB),
+                         ("pointsman_backend_connect_seconds", backend)):
+        cumulative = buckets(s, name, **labels)
+        counts = [count for _, count in cumulative]
+        assert counts == sorted(counts), f"{name}: buckets not cumulative"
+        assert cumulative[-1] == (float("inf"), 4), name
+        assert value(s, f"{name}_count", **labels) == 4
+        # >= 0, not > 0: uvloop's loop.time() has millisecond steps, and a loopback connect
+        # often starts and ends within one.
+        assert 0 <= value(s, f"{name}_sum", **labels) < 4 * 2.0, name
+
+
+async def test_open_connections_fill_the_table_and_the_next_is_refused() -> None:
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        text = one_pool_config(listen, [peer.address], listener={"max_connections": 2})
+        async with running(text) as runtime:
+            held = [await connect(listen) for _ in range(2)]
+            for reader, writer in held:
+                await roundtrip(reader, writer, b"hold")
+            s = scrape(runtime)
+            assert value(s, "pointsman_active_connections", **LB) == 2
+            assert value(s, "pointsman_connection_table_used", **LB) == 2
+            assert value(s, "pointsman_connection_table_capacity", **LB) == 2
+            backend = {"pool": "p", "backend": peer.address}
+            assert value(s, "pointsman_backend_active_connections", **backend) == 2
+
+            reader, writer = await connect(listen)
+            await wait_closed(reader, 2.0)
+            await close_writer(writer)
+            s = scrape(runtime)
+            for _, writer in held:
+                await close_writer(writer)
+
+    assert value(s, "pointsman_connections_rejected_total", **LB, reason="table_full") == 1
+    assert value(s, "pointsman_connections_rejected_total", **LB, reason="no_backend") == 0
+    assert value(s, "pointsman_connections_accepted_total", **LB) == 2
+
+
+async def test_connect_failures_and_retries_are_counted_per_listener_and_backend() -> None:
+    with refused_port() as one, refused_port() as two:
+        listen = f"{LOOPBACK}:{free_port()}"
+        dead = [f"{LOOPBACK}:{one}", f"{LOOPBACK}:{two}"]
+        async with running(one_pool_config(listen, dead, pool={"retries": 1})) as runtime:
+            reader, writer = await connect(listen)
+            await wait_closed(reader, 3.0)
+            await close_writer(writer)
+            stats = runtime.listeners["lb"].stats
+            await wait_for(lambda: stats.active == 0, 2.0, what="connection torn down")
+            s = scrape(runtime)
+
+    assert value(s, "pointsman_connections_accepted_total", **LB) == 1
+    assert value(s, "pointsman_connections_connect_failed_total", **LB) == 1
+    assert value(s, "pointsman_connections_ended_total", **LB, reason="connect_failed") == 1
+    assert value(s, "pointsman_connect_retries_total", **LB) == 1
+    for address in dead:
+        labels = {"pool": "p", "backend": address}
+        assert value(s, "pointsman_backend_connect_failures_total", **labels) == 1
+        assert value(s, "pointsman_backend_connections_total", **labels) == 0
+
+
+async def test_backend_state_gauges_and_no_backend_refusals() -> None:
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        async with running(one_pool_config(listen, [peer.address])) as runtime:
+            labels = {"pool": "p", "backend": peer.address}
+            s = scrape(runtime)
+            assert value(s, "pointsman_backend_state", **labels, state="up") == 1
+            assert value(s, "pointsman_pool_available_backends", pool="p") == 1
+            assert value(s, "pointsman_pool_backends", pool="p") == 1
+
+            runtime.pools["p"].drain(peer.address)
+            reader, writer = await connect(listen)
+            await wait_closed(reader, 2.0)
+            await close_writer(writer)
+            s = scrape(runtime)
+
+    states = {state: value(s, "pointsman_backend_state", **labels, state=state)
+              for state in ("up", "down", "ejected", "draining", "maintenance")}
+    assert states == {"up": 0, "down": 0, "ejected": 0, "draining": 1, "maintenance": 0}
+    assert value(s, "pointsman_pool_available_backends", pool="p") == 0
+    assert value(s, "pointsman_connections_rejected_total", **LB, reason="no_backend") == 1
+
+
+async def test_health_checks_are_counted_by_result() -> None:
+    check = {"health_check": {"type": "tcp", "interval": "50ms", "timeout": "50ms",
+                              "rise": 1, "fall": 2, "jitter": 0}}
+    async with echo_backend() as peer:
+        with refused_port() as dead_port:
+            listen = f"{LOOPBACK}:{free_port()}"
+            dead = f"{LOOPBACK}:{dead_port}"
+            text = one_pool_config(listen, [peer.address, dead], pool=check)
+            async with running(text) as runtime:
+                pool = runtime.pools["p"]
+                await wait_for(lambda: pool.member(dead).machine.state.value == "down"
+                               and pool.member(peer.address).checks >= 2, 5.0,
+                               what="the dead backend marked down")
+                s = scrape(runtime)
+
+    alive = {"pool": "p", "backend": peer.address}
+    gone = {"pool": "p", "backend": dead}
+    assert value(s, "pointsman_health_checks_total", **alive, result="success") >= 2
+    assert value(s, "pointsman_health_checks_total", **alive, result="failure") == 0
+    assert value(s, "pointsman_health_checks_total", **gone, result="failure") >= 2
+    assert value(s, "pointsman_health_checks_total", **gone, result="success") == 0
+    assert 0 <= value(s, "pointsman_health_check_latency_seconds", **alive) < 0.5
+    assert value(s, "pointsman_backend_state", **gone, state="down") == 1
+    assert value(s, "pointsman_pool_available_backends", pool="p") == 1
+
+
+async def test_udp_datagrams_sessions_and_table() -> None:
+    async with udp_echo() as peer:
+        port = free_port(kind=socket.SOCK_DGRAM)
+        text = udp_config(f"{LOOPBACK}:{port}", [peer.address], udp={"max_sessions": 10})
+        async with running(text) as runtime, udp_clients((LOOPBACK, port), 2) as clients:
+            for client in clients:
+                await client.request(b"question")
+                await client.request(b"again")
+            s = scrape(runtime)
+
+    u = {"listener": "u", "pool": "p"}
+    assert value(s, "pointsman_udp_sessions", **u) == 2
+    assert value(s, "pointsman_udp_session_table_capacity", **u) == 10
+    assert value(s, "pointsman_udp_sessions_created_total", **u) == 2
+    assert value(s, "pointsman_udp_datagrams_total", **u, direction="in") == 4
+    assert value(s, "pointsman_udp_datagrams_total", **u, direction="out") == 4
+    assert value(s, "pointsman_udp_bytes_total", **u, direction="in") == 2 * len(b"questionagain")
+    assert value(s, "pointsman_udp_drops_total", **u, reason="table_full") == 0
+
+
+async def test_loop_lag_flow_log_drops_and_process_metrics_are_exported() -> None:
+    listen = f"{LOOPBACK}:{free_port()}"
+    with refused_port() as dead:
+        async with running(one_pool_config(listen, [f"{LOOPBACK}:{dead}"])) as runtime:
+            s = scrape(runtime)
+            time.sleep(0.7)  # the stimulus: a stalled event loop (not a synchronisation)
+            await wait_for(lambda: runtime.loop_lag >= 0.15, 1.0, what="the late tick seen")
+            lagged = scrape(runtime)  # same loop turn: before the next tick resets it
+            names = {f.name for f in text_string_to_metric_families(
+                generate_latest(registry_for(runtime)).decode())}
+
+    assert value(s, "pointsman_flow_log_dropped_total") == 0  # no flow log: nothing dropped
+    assert 0 <= value(s, "pointsman_event_loop_lag_seconds") < 0.15
+    assert value(lagged, "pointsman_event_loop_lag_seconds") >= 0.15
+    assert value(s, "process_open_fds") > 0
+    # Regular names only: what the dashboards and rules in deploy/ rely on.
+    assert all(name.startswith(("pointsman_", "process_")) for name in names), names
