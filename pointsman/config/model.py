@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
 from pointsman.config.addresses import HostPort, parse_host_port
 from pointsman.config.durations import parse_duration, parse_fraction
@@ -29,11 +29,23 @@ def _ip_network(value: object) -> str:
         raise ValueError(f"expected an address or prefix such as 10.0.0.0/8, got {value!r}") from None
 
 
+def _host_prefix(value: object) -> str:
+    """A VIP is one address: "10.99.0.10", "10.99.0.10/32" or "2001:db8::10/128"."""
+    try:
+        network = ipaddress.ip_network(str(value), strict=True)
+    except ValueError:
+        raise ValueError(f"expected an address or a /32 or /128 prefix, got {value!r}") from None
+    if network.num_addresses != 1:
+        raise ValueError(f"a VIP is one address: expected a /32 or /128, got {value!r}")
+    return str(network)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Fraction = Annotated[float, BeforeValidator(parse_fraction)]
 Address = Annotated[HostPort, BeforeValidator(parse_host_port), PlainSerializer(str)]
 IPAddress = Annotated[str, BeforeValidator(_ip_address)]
 Network = Annotated[str, BeforeValidator(_ip_network)]
+HostPrefix = Annotated[str, BeforeValidator(_host_prefix)]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 ALGORITHMS = (
@@ -251,6 +263,67 @@ class SheddingConfig(Strict):
     max_loop_lag: Duration | None = None
 
 
+class BgpPeerConfig(Strict):
+    address: IPAddress
+    asn: int = Field(ge=1, le=4_294_967_295)  # 4-octet AS numbers (RFC 6793)
+    port: int = Field(default=179, ge=1, le=65535)
+    hold_time: Duration = 90.0  # 0 (no keepalives) or 3-65535 s (RFC 4271 section 4.2)
+    local_address: IPAddress | None = None  # default: the address the kernel picks
+
+    @model_validator(mode="after")
+    def _check(self) -> BgpPeerConfig:
+        if self.hold_time != 0 and not 3 <= self.hold_time <= 65535:
+            raise ValueError("hold_time must be 0 or between 3s and 65535s (RFC 4271 4.2)")
+        if self.local_address is not None and _family(self.local_address) != _family(self.address):
+            raise ValueError("local_address and address must be the same IP version")
+        return self
+
+
+class BgpVipConfig(Strict):
+    prefix: HostPrefix
+    pool: Name | None = None  # announced while this pool has min_available backends ...
+    listener: Name | None = None  # ... or while this listener accepts and one of its pools does
+    min_available: int = Field(default=1, ge=1)
+    next_hop: Literal["self"] | IPAddress | None = None  # default: bgp.next_hop
+
+    @model_validator(mode="after")
+    def _check(self) -> BgpVipConfig:
+        if (self.pool is None) == (self.listener is None):
+            raise ValueError("a VIP needs exactly one of pool or listener")
+        if self.next_hop not in (None, "self") and _family(self.next_hop) != _family(self.prefix):
+            raise ValueError("next_hop must be the same IP version as prefix")
+        return self
+
+
+class BgpConfig(Strict):
+    asn: int = Field(ge=1, le=4_294_967_295)
+    router_id: IPAddress
+    peers: list[BgpPeerConfig] = Field(min_length=1)
+    vips: list[BgpVipConfig] = Field(min_length=1)
+    next_hop: Literal["self"] | IPAddress = "self"
+    exabgp_command: list[str] | None = None  # default: this Python with "-m exabgp"
+
+    @model_validator(mode="after")
+    def _check(self) -> BgpConfig:
+        if _family(self.router_id) != 4:
+            raise ValueError("router_id must be an IPv4 address (RFC 4271: a 4-octet BGP Identifier)")
+        families = {_family(peer.address) for peer in self.peers}
+        for i, vip in enumerate(self.vips):
+            if _family(vip.prefix) not in families:
+                raise ValueError(f"vips[{i}]: no peer of the same IP version as {vip.prefix}; "
+                                 "it would never be announced")
+        seen: set[str] = set()
+        for i, vip in enumerate(self.vips):
+            if vip.prefix in seen:
+                raise ValueError(f"vips[{i}]: duplicate prefix {vip.prefix}")
+            seen.add(vip.prefix)
+        return self
+
+
+def _family(address: str) -> int:
+    return ipaddress.ip_network(address, strict=False).version
+
+
 class Config(Strict):
     listeners: list[ListenerConfig] = Field(min_length=1)
     pools: list[PoolConfig] = Field(min_length=1)
@@ -259,6 +332,20 @@ class Config(Strict):
     shedding: SheddingConfig = Field(default_factory=SheddingConfig)
     admin: AdminConfig | None = None  # absent: no admin listener
     flow_log: FlowLogConfig | None = None  # absent: no flow log
+    bgp: BgpConfig | None = None  # absent: no VIP announcement
+
+    @model_validator(mode="after")
+    def _check_bgp_references(self) -> Config:
+        if self.bgp is None:
+            return self
+        pools = {pool.name for pool in self.pools}
+        listeners = {listener.name for listener in self.listeners}
+        for i, vip in enumerate(self.bgp.vips):
+            if vip.pool is not None and vip.pool not in pools:
+                raise ValueError(f"bgp.vips[{i}].pool: no pool named {vip.pool!r}")
+            if vip.listener is not None and vip.listener not in listeners:
+                raise ValueError(f"bgp.vips[{i}].listener: no listener named {vip.listener!r}")
+        return self
 
     def pool(self, name: str) -> PoolConfig:
         return next(p for p in self.pools if p.name == name)
