@@ -123,13 +123,13 @@ class Command:
 def plan(told: Mapping[str, Route], wanted: Mapping[str, Route]) -> list[Command]:
     """The commands that turn what the speaker was told into what it should announce.
 
-    Withdrawals come first: when a VIP changes next hop, its old route goes before the new one
-    arrives, so the router never holds both. A changed route is re-announced (BGP replaces a
-    prefix's path from the same peer: RFC 4271 section 9.1.4, an implicit withdraw), but ExaBGP
-    keys its RIB by prefix and next hop, so the old one is withdrawn explicitly.
+    Withdrawals first, then announcements, each in prefix order (a stable order makes the
+    command stream testable). A route whose next hop changed is only re-announced: a new path
+    for a prefix replaces the old one from the same peer (RFC 4271 section 3.1, an implicit
+    withdraw), which ExaBGP also does in its own RIB, so the prefix is never briefly absent.
     """
     withdraw = [Command("withdraw", route) for prefix, route in sorted(told.items())
-                if wanted.get(prefix) != route]
+                if prefix not in wanted]
     announce = [Command("announce", route) for prefix, route in sorted(wanted.items())
                 if told.get(prefix) != route]
     return withdraw + announce

@@ -62,6 +62,10 @@ def load_file(path: str | Path) -> Config:
 def load_text(text: str, source: str = "<config>") -> Config:
     """Parse and validate; raise ConfigError with every issue found."""
     data, lines = _parse_yaml(text, source)
+    if isinstance(data, dict) and "config_source" in data:
+        raise ConfigError([ConfigIssue(source, lines.get(("config_source",)), "config_source",
+                                       "this is a node file (its cluster config is in etcd): "
+                                       "`pointsman run` and `pointsman check` take it")])
     issues = [
         ConfigIssue(source, _line_for(loc, lines), format_loc(loc), msg)
         for loc, msg in _reference_problems(data)

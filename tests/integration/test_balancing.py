@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pointsman.runtime import Runtime
+from pointsman.telemetry.stats import ListenerStats
 from tests.support import (
     LOOPBACK,
     close_writer,
@@ -282,6 +284,12 @@ def single_pool(listen: str, peers: list[NamedBackend], **pool: Any) -> str:
     )
 
 
+def tcp_stats(runtime: Runtime, listener: str = "lb") -> ListenerStats:
+    stats = runtime.listeners[listener].stats
+    assert isinstance(stats, ListenerStats)
+    return stats
+
+
 def listen_address() -> str:
     return f"{LOOPBACK}:{free_port()}"
 
@@ -296,7 +304,7 @@ async def test_weighted_round_robin_counts_are_exact() -> None:
         config = single_pool(listen, [], algorithm="weighted_round_robin", backends=backends)
         async with running(config) as runtime:
             seen = Counter([await ask_name(listen) for _ in range(70)])
-            stats = runtime.listeners["lb"].stats
+            stats = tcp_stats(runtime)
             await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
 
     assert seen == {"a": 50, "b": 10, "c": 10}
@@ -333,7 +341,7 @@ async def test_load_aware_algorithms_steer_new_connections_away_from_loaded_back
             a_active = pool.member("a").stats.active
             for _, _, writer in held:
                 await close_writer(writer)
-            stats = runtime.listeners["lb"].stats
+            stats = tcp_stats(runtime)
             await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
 
     assert a_active == HELD
@@ -422,7 +430,7 @@ async def test_affinity_keeps_a_source_on_its_backend_until_that_backend_drains(
             again = [await ask_name(listen, moved_source) for _ in range(3)]
             pool.enable(old)
             after_enable = [await ask_name(listen, moved_source) for _ in range(3)]
-            stats = runtime.listeners["lb"].stats
+            stats = tcp_stats(runtime)
             await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
 
     assert new != old
@@ -460,7 +468,7 @@ async def test_slow_start_ramps_a_newly_enabled_backend() -> None:
                 if elapsed >= RAMP_RUN:
                     break
                 picks.append((elapsed, await ask_name(listen)))
-            stats = runtime.listeners["lb"].stats
+            stats = tcp_stats(runtime)
             await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
 
     def share(start: float, end: float) -> tuple[float, int]:

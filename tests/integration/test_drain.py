@@ -16,6 +16,7 @@ from tests.integration.test_balancing import (
     named_backends,
     open_named,
     single_pool,
+    tcp_stats,
 )
 from tests.support import close_writer, read_all, running, wait_for
 
@@ -104,7 +105,7 @@ async def test_drain_and_maintenance_let_open_connections_finish() -> None:
             b_rest = [await s.finish() for s in on["b"]]
             await wait_for(lambda: pool.is_drained("b"), 2.0, what="b drained")
             c_rest = [await s.finish() for s in on["c"]]
-            stats = runtime.listeners["lb"].stats
+            stats = tcp_stats(runtime)
             await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
             c_drained = pool.is_drained("c")
             states = {m.id: m.machine.state for m in pool.members()}

@@ -26,6 +26,7 @@ from tests.integration.test_balancing import (
     named_backends,
     open_named,
     single_pool,
+    tcp_stats,
 )
 from tests.support import (
     LOOPBACK,
@@ -99,7 +100,7 @@ async def test_killed_backend_is_marked_down_in_time_and_no_client_fails() -> No
                 await wait_state(pool, "b", UP, timeout=RISE * INTERVAL + TIMEOUT + 2.0)
                 up_after = last_change(transitions, "b").at - restarted
                 await load.wait_served(100, timeout=5.0, name="b")
-            stats = runtime.listeners["lb"].stats
+            stats = tcp_stats(runtime)
             await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
             refused = pool.member("b").stats.connect_failures
 
@@ -223,7 +224,7 @@ async def test_all_backends_down_rejects_new_connections_at_once() -> None:
                 await wait_closed(reader, timeout=1.0)
                 took.append(loop.time() - began)
                 await close_writer(writer)
-            stats = runtime.listeners["lb"].stats
+            stats = tcp_stats(runtime)
             members = pool.members()
 
     assert stats.rejected[RejectReason.NO_BACKEND] == 5
@@ -258,7 +259,7 @@ async def test_passive_ejection_from_refused_connects_backs_off() -> None:
                 async with client_load(listen, seconds=10.0, workers=1):
                     await wait_for(lambda: len(changes(transitions, "dead")) >= 4,
                                    3 * BASE_EJECTION + 2 * TICK + 3.0, what="two ejections ended")
-                stats = runtime.listeners["lb"].stats
+                stats = tcp_stats(runtime)
                 await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
 
     dead_changes = [t for t in transitions if t.backend == "dead"][:4]
@@ -304,7 +305,7 @@ async def test_on_down_keeps_or_cuts_established_connections(on_down: str) -> No
             backend_side = a.open_connections
             for _, _, writer in held:
                 await close_writer(writer)
-            stats = runtime.listeners["lb"].stats
+            stats = tcp_stats(runtime)
             await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
 
     assert new == ["b"] * 4

@@ -2,8 +2,8 @@
 
 New connections never fail and established streams never break across 20 reloads that change
 weights and add and remove a backend; a bad file is refused with its line and field named, and the
-old config keeps serving; a listener removed by a reload stops accepting while its open connection
-carries on.
+old config keeps serving; a valid file that cannot be bound changes nothing; a listener removed by
+a reload stops accepting while its open connection carries on.
 
 The test knows a reload has been applied when the process logs "config applied" once more (or
 "reload refused"): every wait polls the process's stderr with a deadline.
@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ REFUSED = "reload refused"
 
 
 def pool_config(
-    listen: str, backends: list[dict[str, Any]], *, extra_listeners: list[dict[str, Any]] = ()
+    listen: str, backends: list[dict[str, Any]], *, extra_listeners: Sequence[dict[str, Any]] = ()
 ) -> str:
     return config_text(
         [{"name": "lb", "bind": listen, "pool": "p"}, *extra_listeners],

@@ -4,6 +4,7 @@ Each connection carries independent random data in both directions, written in r
 The client announces a connection number in a 4-byte header; the backend hashes everything it
 receives after it and answers with its own stream, seeded by that number. Both ends compare SHA-256
 digests and byte counts, so a lost, duplicated, reordered or truncated chunk fails the test.
+It runs once on the transport path and once with zero copy (splice after the first MiB).
 """
 
 from __future__ import annotations
@@ -49,9 +50,7 @@ def down_seed(conn_id: int) -> int:
     return 2_000 + conn_id
 
 
-async def send_in_random_chunks(
-    writer: asyncio.StreamWriter, data: bytes, rng: random.Random
-) -> None:
+async def send_in_random_chunks(writer: asyncio.StreamWriter, data: bytes, rng: random.Random) -> None:
     view = memoryview(data)
     offset = 0
     while offset < len(data):
@@ -77,7 +76,8 @@ class Received:
     size: int
 
 
-async def test_64_mib_each_way_over_16_connections_arrives_intact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zero_copy", ["off", "auto"], ids=["transports", "splice"])
+async def test_64_mib_each_way_over_16_connections_arrives_intact(tmp_path: Path, zero_copy: str) -> None:
     received: dict[int, Received] = {}
 
     async def seeded_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -101,7 +101,7 @@ async def test_64_mib_each_way_over_16_connections_arrives_intact(tmp_path: Path
 
     async with backend(seeded_backend) as peer:
         listen = f"{LOOPBACK}:{free_port()}"
-        config = one_pool_config(listen, [peer.address])
+        config = one_pool_config(listen, [peer.address], pool={"zero_copy": zero_copy})
         async with pointsman_process_async(config, tmp_path):
             async with asyncio.timeout(DEADLINE):
                 results = await asyncio.gather(*(client(listen, i) for i in range(CONNECTIONS)))

@@ -222,7 +222,7 @@ async def test_status_page_renders_and_shows_a_drain(tmp_path: Path) -> None:
 
                 await page.send("Page.navigate", url=f"http://{admin}/")
                 await page.wait_until(
-                    'document.getElementById("updated")?.textContent !== "never"'
+                    '(document.getElementById("updated")?.textContent ?? "never") !== "never"'
                     ' && document.querySelectorAll("#backends tbody tr").length === 4',
                     RENDER_TIMEOUT, "the first render")
                 for backend, state in (("app-1", "up"), ("app-2", "up"), ("app-3", "up"),
@@ -279,11 +279,11 @@ async def test_the_page_reports_a_failed_update(tmp_path: Path) -> None:
     async with browser_page(tmp_path) as page:
         async with running(config):
             await page.send("Page.navigate", url=f"http://{admin}/")
-            await page.wait_until('document.getElementById("updated")?.textContent !== "never"',
+            await page.wait_until('(document.getElementById("updated")?.textContent ?? "never") !== "never"',
                                   RENDER_TIMEOUT, "the first render")
             assert page.problems() == []
         await page.wait_until(
-            'document.getElementById("error").textContent.includes("update failed")',
+            'document.getElementById("error")?.textContent.includes("update failed")',
             UPDATE_TIMEOUT, "the page reports the failed update")
         assert page.problems(), "the failed fetch was not seen by the error collection"
 
