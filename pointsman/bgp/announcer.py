@@ -99,15 +99,14 @@ class Announcer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        speaker = self._speaker
         self._sync()
-        if speaker is not None and speaker.state is State.RUNNING:
-            if not await speaker.wait_acked(ACK_TIMEOUT):
-                log.warning("bgp: ExaBGP did not acknowledge the withdrawals in %.0fs", ACK_TIMEOUT)
         self._closed = True
-        if speaker is not None:
-            await speaker.stop()
-        self._speaker = None
+        speaker, self._speaker = self._speaker, None
+        if speaker is None:
+            return
+        if speaker.state is State.RUNNING and not await speaker.wait_acked(ACK_TIMEOUT):
+            log.warning("bgp: ExaBGP did not acknowledge the withdrawals in %.0fs", ACK_TIMEOUT)
+        await speaker.stop()
 
     async def drain(self) -> bool:
         """Withdraw every VIP until `resume`; True once ExaBGP acknowledged the withdrawals."""

@@ -15,6 +15,7 @@ Fate sharing, so that no route outlives the pointsman that asked for it:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -87,10 +88,8 @@ def _after_pointsman(exabgp: int, stdin: int) -> int:
 def _stop_parent(exabgp: int) -> None:
     """SIGTERM ExaBGP, unless it already died (then we were re-parented: do not kill that)."""
     if os.getppid() == exabgp and exabgp > 1:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(exabgp, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 if __name__ == "__main__":

@@ -118,8 +118,8 @@ async def test_killed_backend_is_marked_down_in_time_and_no_client_fails() -> No
 
 # --- a flapping health port ---------------------------------------------------------------------
 
-FLAP_INTERVAL = 0.15
-FLAP_CHECKS = 16
+FLAP_INTERVAL = 0.2
+FLAP_CHECKS = 12
 
 
 class FlappingPort:
