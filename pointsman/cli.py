@@ -165,6 +165,27 @@ def weight(pool: str, backend: str, weight: int, admin_url: str, token_file: str
     click.echo(f"{pool}/{backend}: weight {weight}")
 
 
+@main.group()
+def node() -> None:
+    """This node as a whole: withdraw (drain) or announce (resume) its VIPs by BGP."""
+
+
+def _node_command(action: str, doc: str) -> None:
+    @node.command(name=action, help=doc)
+    @_admin_options
+    def command(admin_url: str, token_file: str | None) -> None:
+        result = _call(lambda: _client(admin_url, token_file).node_action(action))
+        for vip in result["bgp"]["vips"]:
+            state = "announced" if vip["announced"] else f"withdrawn ({vip['reason']})"
+            click.echo(f"{vip['prefix']}: {state}")
+        if not result["acknowledged"]:
+            click.echo("warning: ExaBGP has not acknowledged the change (is it running?)", err=True)
+
+
+_node_command("drain", "Withdraw every VIP of this node from BGP; open connections go on.")
+_node_command("resume", "Announce this node's VIPs again (each still gated by its pool's health).")
+
+
 @main.command()
 @_admin_options
 def reload(admin_url: str, token_file: str | None) -> None:

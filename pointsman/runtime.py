@@ -35,6 +35,7 @@ from pointsman.telemetry.udp_stats import UdpListenerStats
 
 if TYPE_CHECKING:
     from pointsman.admin.server import AdminServer
+    from pointsman.bgp.announcer import Announcer
     from pointsman.proxy.tcp import ClientConnection
     from pointsman.proxy.udp import UdpSession
 
@@ -83,6 +84,7 @@ class Runtime:
         self.flow_log: FlowLog | None = None
         self.transitions: deque[tuple[float, str, Transition]] = deque(maxlen=TRANSITIONS_KEPT)
         self.admin: AdminServer | None = None
+        self.bgp: Announcer | None = None  # VIP announcement (single or control process only)
         self.checkers: dict[str, HealthChecker] = {}
         self._checker_tasks: dict[str, asyncio.Task[None]] = {}
         self.loop = asyncio.get_running_loop()
@@ -99,6 +101,7 @@ class Runtime:
         for listener_config in self.config.listeners:
             await self._start_listener(listener_config)
         self._sync_health_checks()
+        await self._apply_bgp(self.config, starting=True)  # after the listeners are bound
         self._tick_at = self.loop.time() + TICK_SECONDS
         self._tick_handle = self.loop.call_at(self._tick_at, self._tick)
         if self.config.admin is not None and self.role != "worker":
@@ -207,7 +210,7 @@ class Runtime:
         if transition.new in (BackendState.DOWN, BackendState.EJECTED):
             for listener in self.listeners.values():
                 if listener.pool is pool:
-                    listener.close_backend(backend_id, EndReason.CLOSED_BY_OPERATOR)
+                    listener.close_backend(backend_id, EndReason.BACKEND_DOWN)
 
     # --- run, reload, stop ---------------------------------------------------------------------------
 
@@ -277,6 +280,7 @@ class Runtime:
         self.shedder.max_connections = config.shedding.max_connections
         self.shedder.max_loop_lag = config.shedding.max_loop_lag
         self._sync_health_checks()
+        await self._apply_bgp(config, starting=False)
         self.config = config
         log.info("config applied: %d listeners, %d pools", len(self.listeners), len(self.pools))
 
@@ -312,7 +316,28 @@ class Runtime:
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
 
+    async def _apply_bgp(self, config: Config, starting: bool) -> None:
+        """Start, reconfigure or stop the BGP announcer (never in a worker process). At start an
+        ExaBGP that cannot run stops pointsman; on reload the announcer retries with backoff."""
+        if self.role == "worker":
+            return
+        if config.bgp is None:
+            if self.bgp is not None:
+                announcer, self.bgp = self.bgp, None
+                await announcer.stop()
+        elif self.bgp is None:
+            from pointsman.bgp.announcer import Announcer
+
+            self.bgp = Announcer(config.bgp, self)
+            await self.bgp.start(retry=not starting)
+        else:
+            await self.bgp.reconfigure(config.bgp)
+
     async def shutdown(self) -> None:
+        # First withdraw the VIPs and stop ExaBGP, so routers stop sending before we stop accepting.
+        if self.bgp is not None:
+            announcer, self.bgp = self.bgp, None
+            await announcer.stop()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         if self.stop_workers is not None:

@@ -24,16 +24,24 @@ STATS_INTERVAL = 1.0
 
 
 def share_of(config: Config, workers: int) -> Config:
-    """Each worker holds its share of every listener's table (the kernel spreads evenly)."""
-    listeners = [
-        listener.model_copy(update={
+    """Each worker holds its share of every bound that is meant for the whole process (the kernel
+    spreads connections evenly): listener tables, the listener-wide new-connection rate and the
+    load-shedding connection bound. Per-source limits stay whole: one source's connections do not
+    spread evenly enough for a share of a small cap to be fair."""
+    listeners = []
+    for listener in config.listeners:
+        rate = listener.limits.new_connections_per_second
+        listeners.append(listener.model_copy(update={
             "max_connections": math.ceil(listener.max_connections / workers),
             "udp": listener.udp.model_copy(update={
                 "max_sessions": math.ceil(listener.udp.max_sessions / workers)}),
-        })
-        for listener in config.listeners
-    ]
-    return config.model_copy(update={"listeners": listeners})
+            "limits": listener.limits.model_copy(update={
+                "new_connections_per_second": None if rate is None else rate / workers}),
+        }))
+    shed = config.shedding.max_connections
+    shedding = config.shedding.model_copy(update={
+        "max_connections": None if shed is None else math.ceil(shed / workers)})
+    return config.model_copy(update={"listeners": listeners, "shedding": shedding})
 
 
 def stats_payload(runtime: Any) -> dict[str, Any]:

@@ -53,6 +53,10 @@ class AdminClient:
     def reload(self) -> Any:
         return self.request("POST", "/api/v1/reload")
 
+    def node_action(self, action: str) -> Any:
+        """drain or resume: withdraw or announce this node's VIPs."""
+        return self.request("POST", f"/api/v1/node/{_seg(action)}")
+
 
 def _seg(value: str) -> str:
     return urllib.parse.quote(value, safe="")

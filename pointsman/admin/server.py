@@ -55,6 +55,8 @@ class AdminServer:
                             self.action)
         app.router.add_put("/api/v1/pools/{pool}/backends/{backend}/weight", self.weight)
         app.router.add_post("/api/v1/reload", self.reload)
+        app.router.add_get("/api/v1/node", self.node)
+        app.router.add_post("/api/v1/node/{action:drain|resume}", self.node_action)
         return app
 
     async def start(self) -> None:
@@ -161,6 +163,25 @@ class AdminServer:
         if errors:
             return web.json_response({"reloaded": False, "errors": errors}, status=422)
         return web.json_response({"reloaded": True})
+
+
+    # --- the node as a whole (BGP announcement of its VIPs) -----------------------------------------
+
+    async def node(self, request: web.Request) -> web.Response:
+        bgp = self.runtime.bgp
+        return web.json_response({"bgp": bgp.statistics() if bgp is not None else None})
+
+    async def node_action(self, request: web.Request) -> web.Response:
+        """drain: withdraw every VIP (connections already here go on); resume: announce again."""
+        if not self._authorised(request):
+            return _error(401, "a bearer token is required")
+        bgp = self.runtime.bgp
+        if bgp is None:
+            return _error(409, "bgp is not configured: this node announces no VIP to withdraw")
+        action = request.match_info["action"]
+        acknowledged = await (bgp.drain() if action == "drain" else bgp.resume())
+        return web.json_response({"drained": bgp.drained, "acknowledged": acknowledged,
+                                  "bgp": bgp.statistics()})
 
 
 def _error(status_code: int, message: str) -> web.Response:

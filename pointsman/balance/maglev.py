@@ -33,7 +33,7 @@ Hash policies use the configured weight, not the slow start ramp: a ramp would m
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 
 from pointsman.balance.base import Candidate
 from pointsman.balance.hashing import stable_hash64
@@ -164,14 +164,18 @@ def _overlay(
 class Maglev:
     """Picks by Maglev table lookup; retries re-hash the key so they stay deterministic."""
 
-    __slots__ = ("_available", "_size", "_table")
+    __slots__ = ("_available", "_key_hash", "_size", "_table")
 
     def __init__(
         self,
         candidates: Sequence[Candidate],
         table_size: int = DEFAULT_TABLE_SIZE,
         home_weights: Sequence[float] | None = None,
+        key_hash: Callable[[bytes], int] = stable_hash64,
     ) -> None:
+        """`key_hash` maps a key to its slot (mod `table_size`); the kernel fast path passes
+        `pointsman.kernel.jhash.kernel_key_hash` so that a pick here is the kernel's pick."""
+        self._key_hash = key_hash
         self._table = build_table(candidates, table_size)
         if home_weights is not None:
             self._table = _overlay(candidates, home_weights, self._table, table_size)
@@ -189,7 +193,7 @@ class Maglev:
         """Return `table[hash(key) mod M]`; on a retry, the first non-excluded of a few rehashes."""
         table = self._table
         size = self._size
-        hash0 = stable_hash64(key)
+        hash0 = self._key_hash(key)
         index = table[hash0 % size]
         if index < 0:
             return None

@@ -75,11 +75,12 @@ class Announcer:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Watch the pools and start ExaBGP; raises SpeakerError when ExaBGP cannot be run."""
+    async def start(self, retry: bool = False) -> None:
+        """Watch the pools and start ExaBGP. When ExaBGP cannot be run: raise SpeakerError, or
+        with `retry` log it and try again with backoff (a reload must not fail half-applied)."""
         self.watch_pools()
         self._sync()
-        await self._start_speaker()
+        await self._start_or_retry(retry)
 
     async def reconfigure(self, config: BgpConfig) -> None:
         """Reload: new VIPs only re-decide; new peers, ASN or router id restart ExaBGP."""
@@ -87,7 +88,13 @@ class Announcer:
         self.watch_pools()
         if _session_settings(old) != _session_settings(config):
             log.info("bgp: session settings changed: restarting ExaBGP (sessions reset)")
-            await self._replace_speaker()
+            if self._restart_handle is not None:
+                self._restart_handle.cancel()
+                self._restart_handle = None
+            if self._speaker is not None:
+                await self._speaker.stop()
+            self._told = {}
+            await self._start_or_retry(True)
         self._sync()
 
     async def stop(self) -> None:
@@ -210,20 +217,16 @@ class Announcer:
 
     async def _restart(self) -> None:
         self.restarts += 1
+        await self._start_or_retry(True)
+
+    async def _start_or_retry(self, retry: bool) -> None:
         try:
             await self._start_speaker()
         except SpeakerError as exc:
+            if not retry:
+                raise
             log.error("bgp: %s", exc)
             self._speaker_failed(str(exc))
-
-    async def _replace_speaker(self) -> None:
-        if self._restart_handle is not None:
-            self._restart_handle.cancel()
-            self._restart_handle = None
-        if self._speaker is not None:
-            await self._speaker.stop()
-        self._told = {}
-        await self._start_speaker()
 
     def _own(self, coro: Coroutine[Any, Any, None]) -> None:
         """Every task has an owner: this set, cancelled and awaited by `stop`."""

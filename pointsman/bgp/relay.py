@@ -8,8 +8,9 @@ its end of a pipe down; the relay connects back instead. Standard library only, 
 
 Fate sharing, so that no route outlives the pointsman that asked for it:
 - pointsman gone (its socket reads EOF, even after SIGKILL): the relay sends SIGTERM to ExaBGP,
-  which closes its BGP sessions (the peers drop every route), then exits once ExaBGP closes
-  the pipes (ExaBGP does not stop by itself when a helper dies, even with `api.terminate`);
+  which closes its BGP sessions (the peers drop every route), waits for ExaBGP to close the
+  pipes (ExaBGP does not stop by itself when a helper dies, even with `api.terminate`), removes
+  the directory pointsman made for ExaBGP (a killed pointsman could not), and exits;
 - ExaBGP gone (stdin reads EOF): the relay exits.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -26,6 +28,7 @@ import time
 CHUNK = 16 * 1024  # ExaBGP reads its helpers 16 KiB at a time; the same size either way
 CONNECT_TIMEOUT = 5.0  # pointsman listens before it starts ExaBGP: this is generous
 PARENT_EXIT_TIMEOUT = 10.0  # ExaBGP's own shutdown waits up to ~2 s per helper
+DIRECTORY_PREFIX = "pointsman-bgp-"  # speaker.py makes the directory; never remove anything else
 
 
 def main(argv: list[str]) -> int:
@@ -56,14 +59,14 @@ def main(argv: list[str]) -> int:
                     try:
                         sock.sendall(data)
                     except OSError:
-                        return _after_pointsman(exabgp, stdin)
+                        return _after_pointsman(exabgp, stdin, argv[1])
                 else:
                     try:
                         data = sock.recv(CHUNK)
                     except OSError:
                         data = b""
                     if not data:
-                        return _after_pointsman(exabgp, stdin)
+                        return _after_pointsman(exabgp, stdin, argv[1])
                     _write_all(stdout, data)
 
 
@@ -73,16 +76,22 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _after_pointsman(exabgp: int, stdin: int) -> int:
-    """pointsman closed the socket: stop ExaBGP, then wait (bounded) for it to close our stdin."""
+def _after_pointsman(exabgp: int, stdin: int, sock_path: str) -> int:
+    """pointsman closed the socket: stop ExaBGP, wait (bounded) for it to close our stdin, and
+    remove pointsman's directory for ExaBGP if pointsman did not (it was killed)."""
     _stop_parent(exabgp)
     deadline = time.monotonic() + PARENT_EXIT_TIMEOUT
+    code = 1
     with selectors.DefaultSelector() as selector:
         selector.register(stdin, selectors.EVENT_READ)
         while (left := deadline - time.monotonic()) > 0:
             if selector.select(left) and not os.read(stdin, CHUNK):
-                return 0
-    return 1
+                code = 0
+                break
+    directory = os.path.dirname(os.path.abspath(sock_path))
+    if os.path.basename(directory).startswith(DIRECTORY_PREFIX):
+        shutil.rmtree(directory, ignore_errors=True)
+    return code
 
 
 def _stop_parent(exabgp: int) -> None:

@@ -27,10 +27,11 @@ import tempfile
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pointsman.bgp import exabgp
 from pointsman.bgp.exabgp import Kind, LineSplitter, Message, ProtocolError
+from pointsman.bgp.relay import DIRECTORY_PREFIX
 from pointsman.config.model import BgpConfig
 
 log = logging.getLogger("pointsman.bgp")
@@ -97,7 +98,7 @@ class ExaBgpSpeaker:
             raise SpeakerError("ExaBGP is not installed for this Python: pip install 'pointsman[bgp]'")
         if shutil.which(command[0]) is None:
             raise SpeakerError(f"cannot find the ExaBGP command {command[0]!r}")
-        self._dir = Path(tempfile.mkdtemp(prefix="pointsman-bgp-"))
+        self._dir = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX))
         sock_path = self._dir / "api.sock"
         relay = [sys.executable, "-I", str(Path(__file__).with_name("relay.py")), str(sock_path)]
         conf_path = self._dir / "exabgp.conf"
@@ -135,8 +136,7 @@ class ExaBgpSpeaker:
         code = await process.wait()
         if self.state in (State.STARTING, State.RUNNING):
             tail = "\n".join(self._tail)
-            log.error("bgp: ExaBGP exited with status %s; its last output:\n%s", code, tail)
-            self._fail(f"ExaBGP exited with status {code}")
+            self._fail(f"ExaBGP exited with status {code}; its last output:\n{tail}")
 
     # --- relay connection (called by _RelayProtocol) ------------------------------------------------
 
@@ -275,13 +275,13 @@ class _RelayProtocol(asyncio.Protocol):
     def __init__(self, speaker: ExaBgpSpeaker) -> None:
         self._speaker = speaker
         self._splitter = LineSplitter()
-        self._transport: asyncio.Transport | None = None
+        self._transport: asyncio.WriteTransport | None = None
         self._closed = asyncio.get_running_loop().create_future()
         self.peer_pid: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: keep the declared type.
+        self._transport = cast(asyncio.WriteTransport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import aiohttp
 
+from pointsman.fleet.jsonlines import JsonLines, StreamEnded
+
 log = logging.getLogger("pointsman.etcd")
 
 # etcd's default --max-request-bytes is 1.5 MiB; base64 and JSON framing add a third. A watch
@@ -289,7 +291,7 @@ class Watch:
         self.body = body
         self.endpoint = ""
         self._resp: aiohttp.ClientResponse | None = None
-        self._pending = b""
+        self._lines: JsonLines | None = None
 
     async def __aenter__(self) -> Watch:
         client, reasons = self.client, []
@@ -309,6 +311,7 @@ class Watch:
                 reasons.append(f"{endpoint}: {exc!r}")
                 continue
             self._resp, self.endpoint = resp, endpoint
+            self._lines = JsonLines(resp.content, MAX_MESSAGE_BYTES)
             client._current = index
             try:
                 first = await self._next_message()
@@ -347,25 +350,12 @@ class Watch:
                 yield events
 
     async def _next_message(self) -> dict[str, Any]:
-        """The next newline-delimited JSON message of the stream (unwrapped from "result")."""
-        assert self._resp is not None
-        while b"\n" not in self._pending:
-            if len(self._pending) > MAX_MESSAGE_BYTES:
-                raise EtcdUnavailable(f"{self.endpoint}: watch message over {MAX_MESSAGE_BYTES} bytes")
-            try:
-                chunk = await self._resp.content.readany()
-            except (aiohttp.ClientError, OSError) as exc:
-                raise EtcdUnavailable(f"{self.endpoint}: watch stream lost: {exc!r}") from None
-            if not chunk:
-                raise EtcdUnavailable(f"{self.endpoint}: watch stream ended")
-            self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
+        """The next message of the stream, unwrapped from its "result"."""
+        assert self._resp is not None and self._lines is not None
         try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            raise EtcdUnavailable(f"{self.endpoint}: bad watch message {line[:80]!r}") from None
-        if not isinstance(data, dict):
-            raise EtcdUnavailable(f"{self.endpoint}: bad watch message {line[:80]!r}")
+            data = await self._lines.next()
+        except StreamEnded as exc:
+            raise EtcdUnavailable(f"{self.endpoint}: watch: {exc}") from None
         _raise_for(data, self._resp.status)
         result = data.get("result", data)
         return result if isinstance(result, dict) else {}

@@ -480,8 +480,8 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self, reason: EndReason) -> None:
         """Cut the connection now (idle timeout, shutdown deadline, operator)."""
-        if self.reason is None or reason in (EndReason.IDLE_TIMEOUT, EndReason.SHUTDOWN):
-            self.reason = reason
+        if self.reason not in (EndReason.CLIENT_RESET, EndReason.BACKEND_RESET):
+            self.reason = reason  # a cut is how it ended, even after a half-close
         if self.spliced is not None:
             self.spliced.abort()
             return

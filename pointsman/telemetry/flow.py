@@ -15,6 +15,7 @@ class EndReason(enum.StrEnum):
     REJECTED = "rejected"
     SHUTDOWN = "shutdown"
     CLOSED_BY_OPERATOR = "closed_by_operator"
+    BACKEND_DOWN = "backend_down"  # on_down: close_sessions cut it when its backend left service
 
 
 class RejectReason(enum.StrEnum):

@@ -312,9 +312,9 @@ async def test_on_down_keeps_or_cuts_established_connections(on_down: str) -> No
     assert outcomes["b"] == ["served"] * 3
     if on_down == "close_sessions":
         assert all(outcome in ("eof", "reset") for outcome in outcomes["a"]), outcomes
-        assert stats.ended[EndReason.CLOSED_BY_OPERATOR] == 3
+        assert stats.ended[EndReason.BACKEND_DOWN] == 3
         assert backend_side == 0
     else:
         assert outcomes["a"] == ["served"] * 3
-        assert stats.ended[EndReason.CLOSED_BY_OPERATOR] == 0
+        assert stats.ended[EndReason.BACKEND_DOWN] == 0
         assert backend_side == 3

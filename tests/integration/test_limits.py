@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import socketserver
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +30,7 @@ from tests.support import (
     echo_backend,
     free_port,
     one_pool_config,
+    pointsman_process,
     roundtrip,
     running,
     wait_for,
@@ -227,3 +232,58 @@ async def test_shedding_on_event_loop_lag() -> None:
             await wait_for(lambda: runtime.shedder.lag < 0.2, IO_TIMEOUT, what="lag recovered")
             assert await one_shot(first, LOOPBACK)
     assert stats.rejected == {RejectReason.SHED_LOOP_LAG: 1}
+
+
+class _Echo(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@contextlib.contextmanager
+def threaded_echo() -> Iterator[str]:
+    """An echo server on its own threads, for tests without an event loop of their own."""
+    server = socketserver.ThreadingTCPServer((LOOPBACK, 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"{LOOPBACK}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def served_blocking(sock: socket.socket) -> bool:
+    try:
+        sock.sendall(b"ping\n")
+        return sock.recv(16) == b"ping\n"
+    except ConnectionError:
+        return False
+
+
+def test_shedding_bound_holds_for_the_whole_multi_worker_process(tmp_path: Path) -> None:
+    """With `workers: 2` every worker has its own shedder; the bound is still the process's
+    (each worker takes its share, as with a listener's max_connections)."""
+    bound, attempts = 4, 8
+    with threaded_echo() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        data = yaml.safe_load(one_pool_config(listen, [peer]))
+        data.update(workers=2, shedding={"max_connections": bound})
+        with pointsman_process(yaml.safe_dump(data), tmp_path) as proc:
+            assert proc.popen.poll() is None
+            host, _, port = listen.rpartition(":")
+            held_socks: list[socket.socket] = []
+            try:
+                outcomes = []
+                for _ in range(attempts):
+                    sock = socket.create_connection((host, int(port)), timeout=IO_TIMEOUT)
+                    held_socks.append(sock)
+                    outcomes.append(served_blocking(sock))
+            finally:
+                for sock in held_socks:
+                    sock.close()
+    # SO_REUSEPORT spreads connections by hash, so a worker may fill its share early: between
+    # one share and the whole bound are served, never more than the bound.
+    assert bound // 2 <= outcomes.count(True) <= bound, outcomes

@@ -1,0 +1,175 @@
+"""What the kernel must do for one listener, decided in pure functions.
+
+`spec_for` turns a listener and its pool config into a `ListenerSpec` (or says, all at once, why
+the kernel cannot serve them); `slot_targets` turns a pool snapshot into the slot table: for each
+of the listener's `slots`, the backend address new flows hashed (or counted) there are sent to.
+
+How each algorithm maps onto the kernel's one lookup, `dnat to <index> map @slots`:
+
+- maglev: index = `jhash <hash key> mod slots`; the table is pointsman's own weighted Maglev
+  (`Maglev(candidates, slots, home_weights).table`, NSDI 2016 section 3.4), so the kernel picks
+  what `Maglev(..., key_hash=kernel_key_hash(slots)).pick(key)` picks for the same client.
+- round_robin: index = `numgen inc mod slots`, slot i holding the (i mod n)-th available backend.
+  `slots` is prime, so where the counter wraps one backend can get one extra turn per cycle of
+  `slots` connections (< 0.1 % at the default 4093).
+- weighted_round_robin: the same counter over a table holding the first `slots` picks of nginx's
+  smooth weighted round robin, so every backend's share of slots is its share of weight.
+
+least_connections and power_of_two need live load per pick and source_hash is rendezvous hashing
+over the backend list (no table): the kernel cannot do them, so such listeners are refused rather
+than silently served by something else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from pointsman.balance.base import Candidate
+from pointsman.balance.maglev import Maglev, is_prime
+from pointsman.balance.weighted_round_robin import WeightedRoundRobin
+from pointsman.config.model import ListenerConfig, PoolConfig
+from pointsman.kernel.jhash import DEFAULT_SEED
+from pointsman.pool.snapshot import BackendView
+
+KERNEL_ALGORITHMS = ("maglev", "round_robin", "weighted_round_robin")
+"""Algorithms the kernel data plane can serve (see the module docstring for how)."""
+
+Family = Literal["ip", "ip6"]
+Dispatch = Literal["jhash", "numgen"]
+Target = tuple[str, int]
+"""A backend address as the slot map holds it: (IP literal, port)."""
+
+
+class KernelConfigError(ValueError):
+    """The listener asks for something the kernel data plane cannot do; `issues` says what."""
+
+    def __init__(self, listener: str, issues: Sequence[str]) -> None:
+        self.listener = listener
+        self.issues = tuple(issues)
+        super().__init__(f"listener {listener} (dataplane: kernel): " + "; ".join(issues))
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """Everything the nftables rules of one listener depend on."""
+
+    name: str
+    family: Family
+    vip: str
+    port: int
+    protocol: Literal["tcp", "udp"]
+    slots: int
+    dispatch: Dispatch
+    hash_key: Literal["source_ip", "source_ip_port"]
+    snat: bool
+    seed: int = DEFAULT_SEED
+
+
+def family_of(address: str) -> Family:
+    return "ip6" if ipaddress.ip_address(address).version == 6 else "ip"
+
+
+def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
+    """Validate and translate; raises `KernelConfigError` listing every problem at once."""
+    issues: list[str] = []
+    host = listener.bind.host
+    try:
+        vip = ipaddress.ip_address(host)
+    except ValueError:
+        issues.append(f"bind must be an IP address, got {host!r}")
+        vip = None
+    if vip is not None and vip.is_unspecified:
+        issues.append(f"bind must be a specific address (the VIP), not {host}")
+    if not is_prime(listener.kernel.slots):
+        issues.append(f"kernel.slots must be prime (the Maglev table size), got {listener.kernel.slots}")
+    if pool.algorithm not in KERNEL_ALGORITHMS:
+        issues.append(f"pool {pool.name}: algorithm {pool.algorithm} is not available in the kernel "
+                      f"(use one of {', '.join(KERNEL_ALGORITHMS)})")
+    if pool.affinity is not None:
+        issues.append(f"pool {pool.name}: affinity is not available in the kernel (conntrack keeps "
+                      "each flow on its backend; maglev with hash_key source_ip keeps a source's)")
+    if pool.proxy_protocol.send != "off":
+        issues.append(f"pool {pool.name}: proxy_protocol.send needs the proxy data plane")
+    if pool.source.mode != "default" or pool.source.addresses:
+        issues.append(f"pool {pool.name}: source addresses are for the proxy; the kernel uses "
+                      "kernel.snat (masquerade or none)")
+    if listener.tls_routes or listener.default_pool is not None:
+        issues.append("tls_routes read the ClientHello: they need the proxy data plane")
+    if listener.proxy_protocol.accept != "off":
+        issues.append("proxy_protocol.accept needs the proxy data plane")
+    limits = listener.limits
+    if (limits.max_connections_per_source is not None or limits.new_connections_per_second is not None
+            or limits.new_connections_per_second_per_source is not None):
+        issues.append("limits are enforced by the proxy data plane only")
+    if vip is not None:
+        family = family_of(host)
+        for backend in pool.backends:
+            try:
+                address = ipaddress.ip_address(backend.address.host)
+            except ValueError:
+                issues.append(f"backend {backend.id}: needs an IP address, got {backend.address.host!r}")
+                continue
+            if address.version != vip.version:
+                issues.append(f"backend {backend.id}: IPv{address.version} behind an "
+                              f"IPv{vip.version} VIP (DNAT cannot change the family)")
+    if issues:
+        raise KernelConfigError(listener.name, issues)
+    return ListenerSpec(
+        name=listener.name,
+        family=family_of(host),
+        vip=str(ipaddress.ip_address(host)),
+        port=listener.bind.port,
+        protocol=listener.protocol,
+        slots=listener.kernel.slots,
+        dispatch="jhash" if pool.algorithm == "maglev" else "numgen",
+        hash_key=pool.hash_key,
+        snat=listener.kernel.snat == "masquerade",
+    )
+
+
+def slot_indices(algorithm: str, backends: Sequence[BackendView], slots: int) -> list[int]:
+    """Backend index (into `backends`) per slot; -1 where no backend is available."""
+    candidates = [Candidate(b.id, b.effective_weight) for b in backends]
+    if algorithm == "maglev":
+        home = [float(b.weight) for b in backends]
+        return list(Maglev(candidates, slots, home_weights=home).table)
+    available = [i for i, c in enumerate(candidates) if c.weight > 0]
+    if not available:
+        return [-1] * slots
+    if algorithm == "round_robin":
+        count = len(available)
+        return [available[i % count] for i in range(slots)]
+    if algorithm == "weighted_round_robin":
+        picker = WeightedRoundRobin(candidates)
+        return [pick if (pick := picker.pick(b"")) is not None else -1 for _ in range(slots)]
+    raise ValueError(f"algorithm {algorithm!r} is not available in the kernel")
+
+
+def slot_targets(algorithm: str, backends: Sequence[BackendView], slots: int) -> list[Target | None]:
+    """The slot map's contents: the backend address per slot, None for an empty slot."""
+    table = slot_indices(algorithm, backends, slots)
+    addresses = [(str(ipaddress.ip_address(b.host)), b.port) for b in backends]
+    return [addresses[i] if i >= 0 else None for i in table]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotDiff:
+    """The element changes that turn one slot map into another."""
+
+    delete: tuple[int, ...]
+    add: tuple[tuple[int, Target], ...]
+
+    def __len__(self) -> int:
+        return len(self.delete) + len(self.add)
+
+
+def slot_diff(old: Sequence[Target | None], new: Sequence[Target | None]) -> SlotDiff:
+    """Elements to delete and to add; a changed slot is both (one transaction applies both)."""
+    if len(old) != len(new):
+        raise ValueError(f"slot tables differ in size: {len(old)} and {len(new)}")
+    delete = tuple(i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a is not None and a != b)
+    add = tuple((i, b) for i, (a, b) in enumerate(zip(old, new, strict=True)) if b is not None and a != b)
+    return SlotDiff(delete, add)
