@@ -69,6 +69,10 @@ class RuntimeCollector(Collector):
                                      labels=lbl)
         nbytes = CounterMetricFamily(P + "bytes", "Bytes proxied (in: client to backend)",
                                      labels=[*lbl, "direction"])
+        spliced = CounterMetricFamily(P + "connections_spliced", "Connections moved to the zero-copy "
+                                      "(splice) path", labels=lbl)
+        no_port = CounterMetricFamily(P + "source_port_failures", "Backend connects that found no "
+                                      "free source address or port", labels=lbl)
         ttfb = _histogram("time_to_first_byte_seconds",
                           "Accept to first byte from the backend", lbl)
         duration = _histogram("connection_duration_seconds", "Connection lifetime", lbl)
@@ -89,10 +93,12 @@ class RuntimeCollector(Collector):
             capacity.add_metric(v, s.capacity)
             nbytes.add_metric([*v, "in"], s.bytes_in)
             nbytes.add_metric([*v, "out"], s.bytes_out)
+            spliced.add_metric(v, s.spliced)
+            no_port.add_metric(v, s.source_port_failures)
             _add(ttfb, v, s.ttfb)
             _add(duration, v, s.duration)
         yield from (accepted, rejected, ended, failed, retried, active, used, capacity, nbytes,
-                    ttfb, duration)
+                    spliced, no_port, ttfb, duration)
 
     def _udp(self) -> Iterator[Metric]:
         from pointsman.proxy.udp import UdpListener

@@ -27,7 +27,7 @@ from pointsman.discovery.dns import DnsSource
 from pointsman.discovery.etcd_members import EtcdMembersSource
 from pointsman.discovery.kubernetes import KubernetesApi, KubernetesSource
 from pointsman.discovery.merge import REPLACING, change_summary, pool_backends, with_discovered
-from pointsman.discovery.source import Source
+from pointsman.discovery.source import Publish, Source
 from pointsman.fleet.backoff import Backoff
 from pointsman.fleet.etcd import EtcdClient
 
@@ -189,7 +189,7 @@ class Composer:
         log.info("pool %s: discovering backends from %s", pool, source.describe)
 
     @staticmethod
-    async def _run_source(pool: str, source: Source, publish: Callable[[Sequence[BackendConfig]], None]) -> None:
+    async def _run_source(pool: str, source: Source, publish: Publish) -> None:
         """A source handles its own network errors; anything else is a bug: log it, restart."""
         backoff = Backoff(first=1.0, cap=30.0)
         while True:

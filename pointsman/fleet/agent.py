@@ -6,8 +6,8 @@
   a file reload). Losing etcd changes nothing: the watch reconnects with backoff, and on return
   the current revision is read again, so a config pushed meanwhile is applied at once.
 - Register `<prefix>nodes/<name>` (JSON: health, version, config revision, pools) on a lease, and
-  follow `<prefix>drain/<name>`: while it exists the node reports itself draining and tells its
-  drain listeners (BGP withdraws the node's routes there; connections carry on).
+  follow `<prefix>drain/<name>` (`pointsman fleet drain`): while it exists the node reports
+  itself draining and its BGP announcer withdraws its VIPs (open connections carry on).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pointsman import __version__
@@ -43,6 +42,17 @@ log = logging.getLogger("pointsman.fleet")
 WAIT_LOG_INTERVAL = 3.0  # while waiting for a first config, say why this often
 
 
+def drain_reason(value: bytes) -> str:
+    """The operator's reason in a drain key's value (JSON {"reason": ...}, or plain text)."""
+    try:
+        data = json.loads(value)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict):
+        return str(data.get("reason") or "drained")
+    return value.decode(errors="replace").strip() or "drained"
+
+
 def settings_for(node: NodeFile) -> EtcdSettings:
     e = node.etcd
     return EtcdSettings(tuple(e.endpoints), e.token_file, e.ca_file, e.cert_file, e.key_file)
@@ -58,7 +68,6 @@ class NodeAgent:
         self.revision = 0  # the etcd revision of the config running now
         self.connected = False
         self.draining: str | None = None  # the operator's reason while drained
-        self.drain_listeners: list[Callable[[bool], None]] = []
         self.runtime: Runtime | None = None
         self.lease: LeaseKeeper | None = None
         self._offered = 0  # the last revision tried, applied or refused (counted once)
@@ -191,21 +200,17 @@ class NodeAgent:
         while True:
             try:
                 kv, revision = await self.client.get(key)
-                self._set_drain(kv)
+                await self._set_drain(kv)
                 async with self.client.watch(key, start_revision=revision + 1) as watch:
                     backoff.reset()
                     async for events in watch:
-                        self._set_drain(events[-1].kv if events[-1].type == "put" else None)
+                        await self._set_drain(events[-1].kv if events[-1].type == "put" else None)
             except (EtcdUnavailable, WatchCompacted):
                 await asyncio.sleep(backoff.next())  # the config watch logs the outage
 
-    def _set_drain(self, kv: KeyValue | None) -> None:
-        reason: str | None = None
-        if kv is not None:
-            try:
-                reason = str(json.loads(kv.value).get("reason", "")) or "drained"
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                reason = kv.value.decode(errors="replace") or "drained"
+    async def _set_drain(self, kv: KeyValue | None) -> None:
+        """Follow the drain key: withdraw this node's VIPs (BGP) while it exists."""
+        reason = None if kv is None else drain_reason(kv.value)
         if reason == self.draining:
             return
         was, self.draining = self.draining, reason
@@ -213,18 +218,20 @@ class NodeAgent:
             log.warning("node %s drained by an operator: %s", self.node.name, reason)
         elif was is not None:
             log.warning("node %s back in service", self.node.name)
-        for listener in self.drain_listeners:
-            listener(reason is not None)
         if self.lease is not None:
             self.lease.poke()
+        bgp = self.runtime.bgp if self.runtime is not None else None
+        if bgp is not None and (reason is not None) != bgp.drained:
+            await (bgp.drain() if reason is not None else bgp.resume())
 
     # --- what the node tells the fleet ------------------------------------------------------------
 
     def health(self) -> str:
         """draining (operator), degraded (a pool has no backend to send to), or serving."""
-        if self.draining is not None:
-            return "draining"
         runtime = self.runtime
+        if self.draining is not None or (runtime is not None and runtime.bgp is not None
+                                         and runtime.bgp.drained):
+            return "draining"
         if runtime is not None and any(p.snapshot.available == 0 for p in runtime.pools.values()):
             return "degraded"
         return "serving"
