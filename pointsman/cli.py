@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -16,6 +16,10 @@ from pointsman.admin.client import AdminClient, AdminError, token_from
 from pointsman.config.loader import ConfigError, load_file
 from pointsman.config.model import Config
 from pointsman.loop import run as run_loop
+
+if TYPE_CHECKING:
+    from pointsman.config.node import NodeFile
+    from pointsman.fleet.agent import NodeAgent
 
 
 def _setup_logging(level: str) -> None:
@@ -46,6 +50,13 @@ def main() -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 def check(config: str) -> None:
     """Validate CONFIG; print one line per listener, or every error with its line and field."""
+    from pointsman.config.node import is_node_file
+
+    if is_node_file(config):
+        node = _load_node_or_exit(config)
+        click.echo(f"ok node {node.name}: cluster config from etcd {','.join(node.etcd.endpoints)} "
+                   f"{node.etcd.prefix}config; node-local keys: {', '.join(node.local) or 'none'}")
+        return
     cfg = _load_or_exit(config)
     for listener in cfg.listeners:
         pool = cfg.pool(listener.fallback_pool)
@@ -62,13 +73,57 @@ def check(config: str) -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--no-uvloop", is_flag=True, help="Use the plain asyncio event loop.")
 def run(config: str, log_level: str, no_uvloop: bool) -> None:
-    """Run CONFIG in the foreground until SIGTERM or SIGINT (SIGHUP reloads it)."""
+    """Run CONFIG in the foreground until SIGTERM or SIGINT (SIGHUP reloads it). CONFIG may be a
+    node file: then the cluster config comes from etcd and every revision of it is applied."""
     _setup_logging(log_level)
+    from pointsman.config.node import is_node_file
+
+    if is_node_file(config):
+        node = _load_node_or_exit(config)
+        run_loop(_serve_node(node, log_level), use_uvloop=not no_uvloop)
+        return
     cfg = _load_or_exit(config)
     run_loop(_serve(cfg, config, log_level), use_uvloop=not no_uvloop)
 
 
-async def _serve(cfg: Config, path: str | None, log_level: str = "info") -> None:
+def _load_node_or_exit(path: str) -> NodeFile:
+    from pointsman.config.node import load_node_file
+
+    try:
+        return load_node_file(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        click.echo(f"{len(exc.issues)} error(s) in {path}", err=True)
+        sys.exit(1)
+
+
+async def _serve_node(node: NodeFile, log_level: str) -> None:
+    """Wait for a valid cluster config in etcd (SIGTERM/SIGINT end the wait), then serve it."""
+    import asyncio
+    import signal
+
+    from pointsman.fleet.agent import NodeAgent
+
+    agent = NodeAgent(node)
+    loop = asyncio.get_running_loop()
+    waiting = loop.create_task(agent.wait_first_config())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, waiting.cancel)
+    try:
+        cfg = await waiting
+    except asyncio.CancelledError:
+        logging.getLogger("pointsman").info("stopped before a cluster config arrived")
+        await agent.client.close()
+        return
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    await _serve(cfg, None, log_level, agent=agent)
+
+
+async def _serve(cfg: Config, path: str | None, log_level: str = "info",
+                 agent: NodeAgent | None = None) -> None:
     from pointsman.runtime import Runtime
     from pointsman.supervisor import Supervisor
 
@@ -77,6 +132,8 @@ async def _serve(cfg: Config, path: str | None, log_level: str = "info") -> None
 
     workers = cfg.workers or int(os.environ.get("POINTSMAN_WORKERS", "0")) or 1  # TODO cpu_count
     runtime = Runtime(cfg, path, announce=announce, role="control" if workers > 1 else "single")
+    if agent is not None:  # a node-file run: etcd config, node registration, drain
+        runtime.composer, runtime.fleet = agent.composer, agent
     # Before the "listening" lines: a SIGTERM right after them must stop us cleanly, not kill us.
     runtime.install_signal_handlers()
     try:
@@ -186,9 +243,37 @@ _node_command("drain", "Withdraw every VIP of this node from BGP; open connectio
 _node_command("resume", "Announce this node's VIPs again (each still gated by its pool's health).")
 
 
+@node.command(name="status")
+@_admin_options
+def node_status(admin_url: str, token_file: str | None) -> None:
+    """Show each VIP (announced or why not) and each BGP session."""
+    bgp = _call(lambda: _client(admin_url, token_file).request("GET", "/api/v1/node"))["bgp"]
+    if bgp is None:
+        click.echo("bgp is not configured")
+        return
+    click.echo(f"drained: {'yes' if bgp['drained'] else 'no'}")
+    for vip in bgp["vips"]:
+        state = "announced" if vip["announced"] else f"withdrawn ({vip['reason']})"
+        click.echo(f"{vip['prefix']}: {state}, {vip['available']} available")
+    speaker = bgp["speaker"] or {}
+    click.echo(f"exabgp: {speaker.get('state', 'none')}")
+    for peer, state in sorted(speaker.get("peers", {}).items()):
+        click.echo(f"peer {peer}: {state}")
+
+
 @main.command()
 @_admin_options
 def reload(admin_url: str, token_file: str | None) -> None:
     """Ask a running pointsman to re-read its config file."""
     _call(lambda: _client(admin_url, token_file).reload())
     click.echo("reloaded")
+
+
+def _add_fleet_commands() -> None:
+    from pointsman.fleet.cli import config_group, fleet_group, member_group
+
+    for group in (config_group, fleet_group, member_group):
+        main.add_command(group)
+
+
+_add_fleet_commands()

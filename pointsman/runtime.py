@@ -22,6 +22,7 @@ from pointsman.config.model import Config, FlowLogConfig, ListenerConfig, PoolCo
 from pointsman.health.checker import HealthChecker
 from pointsman.health.probes import ProbeResult
 from pointsman.health.targets import targets_for
+from pointsman.kernel.listener import KernelListener
 from pointsman.pool.pool import Pool
 from pointsman.pool.state import BackendState, Transition
 from pointsman.protect.shedding import Shedder
@@ -36,10 +37,12 @@ from pointsman.telemetry.udp_stats import UdpListenerStats
 if TYPE_CHECKING:
     from pointsman.admin.server import AdminServer
     from pointsman.bgp.announcer import Announcer
+    from pointsman.discovery.composer import Composer
+    from pointsman.fleet.agent import NodeAgent
     from pointsman.proxy.tcp import ClientConnection
     from pointsman.proxy.udp import UdpSession
 
-Listener = TcpListener | UdpListener
+Listener = TcpListener | UdpListener | KernelListener
 Role = Literal["single", "control", "worker"]
 
 log = logging.getLogger("pointsman")
@@ -85,6 +88,9 @@ class Runtime:
         self.transitions: deque[tuple[float, str, Transition]] = deque(maxlen=TRANSITIONS_KEPT)
         self.admin: AdminServer | None = None
         self.bgp: Announcer | None = None  # VIP announcement (single or control process only)
+        # Single or control: every config change (reload, etcd, discovery) goes through it.
+        self.composer: Composer | None = None
+        self.fleet: NodeAgent | None = None  # node-file runs: etcd config, registration, drain
         self.checkers: dict[str, HealthChecker] = {}
         self._checker_tasks: dict[str, asyncio.Task[None]] = {}
         self.loop = asyncio.get_running_loop()
@@ -104,6 +110,13 @@ class Runtime:
         await self._apply_bgp(self.config, starting=True)  # after the listeners are bound
         self._tick_at = self.loop.time() + TICK_SECONDS
         self._tick_handle = self.loop.call_at(self._tick_at, self._tick)
+        if self.role != "worker":
+            from pointsman.discovery.composer import Composer
+
+            self.composer = self.composer or Composer()
+            await self.composer.start(self.config, self.apply)
+            if self.fleet is not None:
+                await self.fleet.start(self)
         if self.config.admin is not None and self.role != "worker":
             from pointsman.admin.server import AdminServer
 
@@ -138,6 +151,14 @@ class Runtime:
         self, config: ListenerConfig, sock: socket.socket | None = None
     ) -> None:
         pool = self.pools[config.fallback_pool]
+        if config.dataplane == "kernel":
+            if self.role == "worker":
+                return  # nftables is programmed once, by the control process
+            kernel = KernelListener(config, pool, self.loop)
+            await kernel.start()
+            self.listeners[config.name] = kernel
+            self.announce(describe(config, pool) + " [kernel data plane]")
+            return
         listener: Listener
         if config.protocol == "udp":
             udp_stats = self._stats.get(config.name)
@@ -246,6 +267,8 @@ class Runtime:
             log.error("reload refused, the running config stays:\n%s", exc)
             return [str(issue) for issue in exc.issues]
         try:
+            if self.composer is not None:  # merges discovered backends; refuses what fails
+                return await self.composer.apply_base(config, "file")
             await self.apply(config)
         except OSError as exc:
             log.error("reload failed to bind: %s", exc)
@@ -338,6 +361,10 @@ class Runtime:
         if self.bgp is not None:
             announcer, self.bgp = self.bgp, None
             await announcer.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()  # leave the fleet: registration revoked, etcd watches closed
+        if self.composer is not None:
+            await self.composer.stop()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         if self.stop_workers is not None:

@@ -45,8 +45,10 @@ class RuntimeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._tcp()
         yield from self._udp()
+        yield from self._kernel()
         yield from self._backends()
         yield from self._process()
+        yield from self._config_sources()
 
     def _tcp(self) -> Iterator[Metric]:
         lbl = ["listener", "pool"]
@@ -136,6 +138,69 @@ class RuntimeCollector(Collector):
                 drops.add_metric([*v, drop.value], s.drops[drop])
         yield from (sessions, capacity, created, ended, datagrams, nbytes, drops)
 
+    def _kernel(self) -> Iterator[Metric]:
+        """The nftables fast path: kernel counters (read at scrape) and map programming."""
+        from pointsman.kernel.listener import KernelListener
+
+        lbl = ["listener", "pool"]
+        blbl = [*lbl, "backend"]
+        new = CounterMetricFamily(P + "kernel_new_connections", "New flows seen by the kernel data "
+                                  "plane (first packets DNATed or refused)", labels=lbl)
+        refused = CounterMetricFamily(P + "kernel_connections_rejected", "New flows refused by the "
+                                      "kernel data plane", labels=[*lbl, "reason"])
+        packets = CounterMetricFamily(P + "kernel_packets", "Forwarded packets (in: client to "
+                                      "backend)", labels=[*lbl, "direction"])
+        nbytes = CounterMetricFamily(P + "kernel_bytes", "Forwarded bytes, IP headers included (in: "
+                                     "client to backend)", labels=[*lbl, "direction"])
+        b_new = CounterMetricFamily(P + "kernel_backend_new_connections", "New flows DNATed to the "
+                                    "backend", labels=blbl)
+        b_packets = CounterMetricFamily(P + "kernel_backend_packets", "Forwarded packets (in: client "
+                                        "to backend)", labels=[*blbl, "direction"])
+        b_bytes = CounterMetricFamily(P + "kernel_backend_bytes", "Forwarded bytes, IP headers "
+                                      "included (in: client to backend)", labels=[*blbl, "direction"])
+        b_slots = GaugeMetricFamily(P + "kernel_backend_slots", "Slots of the kernel table sending "
+                                    "new flows to the backend", labels=blbl)
+        slots = GaugeMetricFamily(P + "kernel_slots", "Size of the kernel slot table", labels=lbl)
+        updates = CounterMetricFamily(P + "kernel_map_updates", "Slot map transactions committed",
+                                      labels=lbl)
+        failures = CounterMetricFamily(P + "kernel_map_update_failures", "Slot map transactions the "
+                                       "kernel refused (retried)", labels=lbl)
+        latency = _histogram("kernel_map_update_seconds", "Pool snapshot published to its slot map "
+                             "transaction committed", lbl)
+        ct_used = GaugeMetricFamily(P + "conntrack_entries", "Entries in the conntrack table")
+        ct_max = GaugeMetricFamily(P + "conntrack_max", "Bound of the conntrack table "
+                                   "(nf_conntrack_max)")
+        seen = False
+        for listener in self.runtime.listeners.values():
+            if not isinstance(listener, KernelListener):
+                continue
+            s = listener.stats
+            v = [listener.name, listener.pool.name]
+            new.add_metric(v, s.new_connections)
+            refused.add_metric([*v, "no_backend"], s.rejected)
+            packets.add_metric([*v, "in"], s.packets_in)
+            packets.add_metric([*v, "out"], s.packets_out)
+            nbytes.add_metric([*v, "in"], s.bytes_in)
+            nbytes.add_metric([*v, "out"], s.bytes_out)
+            slots.add_metric(v, s.slots)
+            for b in s.backends:
+                bv = [*v, b.backend]
+                b_new.add_metric(bv, b.new_connections)
+                b_packets.add_metric([*bv, "in"], b.packets_in)
+                b_packets.add_metric([*bv, "out"], b.packets_out)
+                b_bytes.add_metric([*bv, "in"], b.bytes_in)
+                b_bytes.add_metric([*bv, "out"], b.bytes_out)
+                b_slots.add_metric(bv, b.slots)
+            updates.add_metric(v, s.map_updates.applied)
+            failures.add_metric(v, s.map_updates.failed)
+            _add(latency, v, s.map_updates.latency)
+            if not seen:
+                ct_used.add_metric([], s.conntrack_entries)
+                ct_max.add_metric([], s.conntrack_max)
+                seen = True
+        yield from (new, refused, packets, nbytes, b_new, b_packets, b_bytes, b_slots, slots,
+                    updates, failures, latency, ct_used, ct_max)
+
     def _backends(self) -> Iterator[Metric]:
         lbl = ["pool", "backend"]
         state = GaugeMetricFamily(P + "backend_state", "1 for the backend's current state",
@@ -186,6 +251,40 @@ class RuntimeCollector(Collector):
         flows = CounterMetricFamily(P + "flow_log_dropped", "Flow records dropped (queue full)")
         flows.add_metric([], self.runtime.flow_log.dropped if self.runtime.flow_log else 0)
         yield from (lag, flows)
+
+    def _config_sources(self) -> Iterator[Metric]:
+        """Config changes by source (file, etcd, discovery), discovery answers, the etcd link."""
+        applied = CounterMetricFamily(P + "config_applied", "Configs applied, by source",
+                                      labels=["source"])
+        rejected = CounterMetricFamily(P + "config_rejected", "Configs refused (the running one "
+                                       "stays), by source", labels=["source"])
+        updates = CounterMetricFamily(P + "discovery_updates", "Changed backend sets found by "
+                                      "discovery", labels=["pool", "source"])
+        found = GaugeMetricFamily(P + "discovery_backends", "Backends in the last answer of each "
+                                  "discovery source", labels=["pool", "source"])
+        composer = self.runtime.composer
+        if composer is not None:
+            for source in sorted({"file", "etcd", "discovery", *composer.applied, *composer.rejected}):
+                applied.add_metric([source], composer.applied[source])
+                rejected.add_metric([source], composer.rejected[source])
+            for (pool, kind), n in sorted(composer.updates.items()):
+                updates.add_metric([pool, kind], n)
+            for pool, kinds in sorted(composer.statistics()["discovered"].items()):
+                for kind, n in sorted(kinds.items()):
+                    found.add_metric([pool, kind], n)
+        yield from (applied, rejected, updates, found)
+        fleet = self.runtime.fleet
+        if fleet is not None:
+            connected = GaugeMetricFamily(P + "etcd_connected", "1 while the etcd config watch "
+                                          "is connected")
+            connected.add_metric([], float(fleet.connected))
+            revision = GaugeMetricFamily(P + "config_revision", "etcd revision of the running "
+                                         "cluster config", labels=["source"])
+            revision.add_metric(["etcd"], fleet.revision)
+            draining = GaugeMetricFamily(P + "node_draining", "1 while an operator has drained "
+                                         "this node (fleet drain)")
+            draining.add_metric([], float(fleet.draining is not None))
+            yield from (connected, revision, draining)
 
 
 def registry_for(runtime: Runtime) -> CollectorRegistry:

@@ -77,7 +77,7 @@ def parse_line(line: str) -> Message | None:
             return Message(Kind.PEER_CONNECTED, peer)
         if state == "down":
             reason = words[3] if len(words) > 3 else ""
-            return Message(Kind.PEER_DOWN, peer, reason.removeprefix("- ").strip())
+            return Message(Kind.PEER_DOWN, peer, reason.removeprefix("-").strip())
     return Message(Kind.OTHER, detail=text)
 
 

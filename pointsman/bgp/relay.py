@@ -78,20 +78,26 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _after_pointsman(exabgp: int, stdin: int, sock_path: str) -> int:
     """pointsman closed the socket: stop ExaBGP, wait (bounded) for it to close our stdin, and
-    remove pointsman's directory for ExaBGP if pointsman did not (it was killed)."""
-    _stop_parent(exabgp)
-    deadline = time.monotonic() + PARENT_EXIT_TIMEOUT
-    code = 1
-    with selectors.DefaultSelector() as selector:
-        selector.register(stdin, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0:
-            if selector.select(left) and not os.read(stdin, CHUNK):
-                code = 0
-                break
-    directory = os.path.dirname(os.path.abspath(sock_path))
-    if os.path.basename(directory).startswith(DIRECTORY_PREFIX):
-        shutil.rmtree(directory, ignore_errors=True)
-    return code
+    remove pointsman's directory for ExaBGP, which a killed pointsman could not do. ExaBGP's own
+    shutdown sends us SIGTERM: that ends the wait too, through the same cleanup."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        _stop_parent(exabgp)
+        deadline = time.monotonic() + PARENT_EXIT_TIMEOUT
+        with selectors.DefaultSelector() as selector:
+            selector.register(stdin, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0:
+                if selector.select(left) and not os.read(stdin, CHUNK):
+                    return 0
+        return 1
+    finally:
+        directory = os.path.dirname(os.path.abspath(sock_path))
+        if os.path.basename(directory).startswith(DIRECTORY_PREFIX):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _stop_parent(exabgp: int) -> None:

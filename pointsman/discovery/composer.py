@@ -219,7 +219,8 @@ class Composer:
                 await self._apply_current("discovery")
 
     async def _apply_current(self, label: str) -> list[str]:
-        """Build base + discovered, validate as a file is, apply it if it differs (lock held)."""
+        """Build base + discovered, validate as a file is, and apply it (lock held). A discovered
+        change that changes nothing is not applied; a new base always is (an operator asked)."""
         assert self.base is not None
         data = with_discovered(self.base, self._found)
         config = self.base
@@ -229,7 +230,7 @@ class Composer:
                                    f"{label}: config with discovered backends")
             except ConfigError as exc:
                 return self.reject(label, exc.issues, "config with discovered backends")
-        if config == self.current:
+        if config == self.current and label == "discovery":
             return []
         if self._apply is None:  # not started yet: the runtime starts with this one
             self.current = config

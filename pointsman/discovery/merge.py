@@ -32,7 +32,7 @@ def pool_backends(pool: PoolConfig, found: Found) -> tuple[BackendConfig, ...]:
 
 def with_discovered(config: Config, found: Mapping[str, Found]) -> dict[str, Any] | None:
     """`config` as data with every discovering pool's backends replaced; None if none changes."""
-    data = config.model_dump(mode="json")
+    data = config.model_dump(mode="json", exclude_unset=True)  # as written: None is not "null"
     changed = False
     for pool, pool_data in zip(config.pools, data["pools"], strict=True):
         if pool.name not in found:

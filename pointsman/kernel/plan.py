@@ -43,8 +43,11 @@ Target = tuple[str, int]
 """A backend address as the slot map holds it: (IP literal, port)."""
 
 
-class KernelConfigError(ValueError):
-    """The listener asks for something the kernel data plane cannot do; `issues` says what."""
+class KernelConfigError(RuntimeError):
+    """The listener asks for something the kernel data plane cannot do; `issues` says what.
+
+    A RuntimeError, like the other reasons the kernel data plane cannot start, so `pointsman run`
+    prints it as "cannot start: ..." and exits."""
 
     def __init__(self, listener: str, issues: Sequence[str]) -> None:
         self.listener = listener
@@ -62,7 +65,8 @@ class ListenerSpec:
     port: int
     protocol: Literal["tcp", "udp"]
     slots: int
-    dispatch: Dispatch
+    algorithm: str  # one of KERNEL_ALGORITHMS: fills the slot table
+    dispatch: Dispatch  # what indexes it: jhash of the hash key (maglev) or a counter
     hash_key: Literal["source_ip", "source_ip_port"]
     snat: bool
     seed: int = DEFAULT_SEED
@@ -105,7 +109,6 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
             or limits.new_connections_per_second_per_source is not None):
         issues.append("limits are enforced by the proxy data plane only")
     if vip is not None:
-        family = family_of(host)
         for backend in pool.backends:
             try:
                 address = ipaddress.ip_address(backend.address.host)
@@ -124,6 +127,7 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
         port=listener.bind.port,
         protocol=listener.protocol,
         slots=listener.kernel.slots,
+        algorithm=pool.algorithm,
         dispatch="jhash" if pool.algorithm == "maglev" else "numgen",
         hash_key=pool.hash_key,
         snat=listener.kernel.snat == "masquerade",
@@ -148,10 +152,15 @@ def slot_indices(algorithm: str, backends: Sequence[BackendView], slots: int) ->
     raise ValueError(f"algorithm {algorithm!r} is not available in the kernel")
 
 
+def target_of(backend: BackendView) -> Target:
+    """The backend's address as the kernel writes it back (IPv6 in canonical form)."""
+    return str(ipaddress.ip_address(backend.host)), backend.port
+
+
 def slot_targets(algorithm: str, backends: Sequence[BackendView], slots: int) -> list[Target | None]:
     """The slot map's contents: the backend address per slot, None for an empty slot."""
     table = slot_indices(algorithm, backends, slots)
-    addresses = [(str(ipaddress.ip_address(b.host)), b.port) for b in backends]
+    addresses = [target_of(b) for b in backends]
     return [addresses[i] if i >= 0 else None for i in table]
 
 

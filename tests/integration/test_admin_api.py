@@ -307,6 +307,16 @@ async def test_unknown_pool_backend_or_action_is_404(
         assert (await admin.backend_status())["weight"] == 1
 
 
+async def test_wrong_method_is_405_naming_the_right_one(tmp_path: Path) -> None:
+    async with echo_backend() as peer, admin_runtime(tmp_path, [peer.address]) as admin:
+        async with admin.http.post(admin.url + f"{BACKEND}/weight", headers=AUTH) as r:
+            assert r.status == 405
+            assert r.headers["Allow"] == "PUT"
+        async with admin.http.get(admin.url + f"{BACKEND}/drain") as r:
+            assert r.status == 405
+            assert r.headers["Allow"] == "POST"
+
+
 @pytest.mark.parametrize(
     "body",
     [b"", b"not json", b"[]", b'"3"', b"{}", b'{"weight": "3"}', b'{"weight": true}',

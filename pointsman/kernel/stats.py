@@ -1,0 +1,146 @@
+"""What the kernel listener reports: nftables counters and conntrack use, read when asked.
+
+The counts belong to the kernel, so the listener keeps no copy of them: `KernelListenerStats` is a
+snapshot built at each read (a netlink dump, well under a millisecond) and can be thrown away or
+zeroed by anyone (the supervisor's aggregation resets listener stats) without losing anything.
+Only the map-update counters are pointsman's own; the snapshot carries copies.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pointsman.kernel.conntrack import ConntrackUsage
+from pointsman.kernel.netlink import CounterValue
+from pointsman.kernel.plan import Target
+from pointsman.kernel.ruleset import Names
+from pointsman.telemetry.flow import DropReason
+from pointsman.telemetry.histogram import Histogram
+
+_ZERO = CounterValue(0, 0)
+
+
+@dataclass(slots=True)
+class MapUpdates:
+    """The listener's own record of slot-map programming (owned by the listener, copied out)."""
+
+    applied: int = 0
+    failed: int = 0
+    elements: int = 0  # element changes in the last transaction
+    # Publication of a pool snapshot to its transaction committed in the kernel (queueing,
+    # table computation and the transaction itself).
+    latency: Histogram = field(default_factory=Histogram)
+
+    def copy(self) -> MapUpdates:
+        latency = Histogram(self.latency.bounds)
+        latency.merge(self.latency)
+        return MapUpdates(self.applied, self.failed, self.elements, latency)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelBackendStats:
+    backend: str  # id
+    address: Target
+    slots: int  # slots of the table pointing at it (0: not taking new flows)
+    new_connections: int
+    packets_in: int  # client -> backend
+    bytes_in: int
+    packets_out: int  # backend -> client
+    bytes_out: int
+
+
+class KernelListenerStats:
+    """One reading of a kernel listener's counters.
+
+    Bytes are IP packet lengths (headers included) seen in the forward hook, so flows of clients
+    on the load balancer host itself count new connections but no bytes.
+    """
+
+    __slots__ = (
+        "backends",
+        "bytes_in",
+        "bytes_out",
+        "conntrack_entries",
+        "conntrack_max",
+        "map_updates",
+        "new_connections",
+        "packets_in",
+        "packets_out",
+        "rejected",
+        "slots",
+    )
+
+    def __init__(self, slots: int, updates: MapUpdates, conntrack: ConntrackUsage | None) -> None:
+        self.slots = slots
+        self.new_connections = 0  # first packets DNATed or refused (NAT chains see one per flow)
+        self.rejected = 0  # refused: no backend in the slot
+        self.packets_in = 0
+        self.bytes_in = 0
+        self.packets_out = 0
+        self.bytes_out = 0
+        self.conntrack_entries = conntrack.entries if conntrack is not None else 0
+        self.conntrack_max = conntrack.limit if conntrack is not None else 0
+        self.map_updates = updates
+        self.backends: tuple[KernelBackendStats, ...] = ()
+
+    @classmethod
+    def read(
+        cls,
+        listener: str,
+        counters: Mapping[str, CounterValue],
+        backends: Mapping[Target, tuple[str, int, int]],
+        slots: int,
+        updates: MapUpdates,
+        conntrack: ConntrackUsage | None,
+    ) -> KernelListenerStats:
+        """Build from a counter dump; `backends` maps address -> (id, counter index, slots held)."""
+        n = Names(listener)
+        stats = cls(slots, updates, conntrack)
+        stats.new_connections = counters.get(n.counter("new"), _ZERO).packets
+        stats.rejected = counters.get(n.counter("rejected"), _ZERO).packets
+        inbound = counters.get(n.counter("in"), _ZERO)
+        outbound = counters.get(n.counter("out"), _ZERO)
+        stats.packets_in, stats.bytes_in = inbound.packets, inbound.bytes
+        stats.packets_out, stats.bytes_out = outbound.packets, outbound.bytes
+        rows = []
+        for address, (backend_id, index, held) in backends.items():
+            new = counters.get(n.backend_counter(index, "new"), _ZERO)
+            b_in = counters.get(n.backend_counter(index, "in"), _ZERO)
+            b_out = counters.get(n.backend_counter(index, "out"), _ZERO)
+            rows.append(KernelBackendStats(backend_id, address, held, new.packets, b_in.packets,
+                                           b_in.bytes, b_out.packets, b_out.bytes))
+        stats.backends = tuple(rows)
+        return stats
+
+    # The status document (admin/status.py) shows non-TCP listeners with the UDP listener's
+    # fields; for the kernel, "sessions" are conntrack entries and the capacity is their bound.
+
+    @property
+    def sessions(self) -> int:
+        return self.conntrack_entries
+
+    @property
+    def capacity(self) -> int:
+        return self.conntrack_max
+
+    @property
+    def sessions_created(self) -> int:
+        return self.new_connections
+
+    @property
+    def datagrams_in(self) -> int:
+        return self.packets_in
+
+    @property
+    def datagrams_out(self) -> int:
+        return self.packets_out
+
+    @property
+    def drops(self) -> Counter[DropReason]:
+        return Counter({DropReason.NO_BACKEND: self.rejected})
+
+    @property
+    def sessions_ended(self) -> Counter[str]:
+        return Counter()

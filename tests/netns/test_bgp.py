@@ -1,0 +1,146 @@
+"""VIP announcement by BGP, gated by health, against a real router (bird2) in network namespaces.
+
+One lab per module (see bgp_support.py): a bird2 router with `merge paths` into its kernel table,
+two pointsman nodes announcing 10.99.0.10/32 through ExaBGP, a client behind the router. Before each
+test the `fleet` fixture brings both nodes back to "running, backend up, not drained, announcing",
+so every test starts from two ECMP next hops whatever the previous one did.
+
+Latencies are measured from the moment pointsman logged its decision (its log carries wall time
+to the millisecond) to the moment the router's table showed the change (polled every 10 ms), and
+printed (run with -s to see them). The assertions allow 1 s.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.netns.bgp_support import Lab, Node, lab, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+REACT = 1.0  # the router must see a change within this long after pointsman decided it
+START = 10.0  # pointsman start (imports, bind, ExaBGP start, BGP OPEN) until the route is in
+
+
+@pytest.fixture(scope="module")
+def bgp_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with lab(tmp_path_factory.mktemp("bgp")) as the_lab:
+        yield the_lab
+
+
+@pytest.fixture
+def fleet(bgp_lab: Lab) -> Lab:
+    """Both nodes running with their backend up and not drained; the router sees both."""
+    for node in bgp_lab.nodes:
+        if node.backend is None or node.backend.poll() is not None:
+            bgp_lab.start_backend(node)
+        if node.pointsman is None or node.pointsman.poll() is not None:
+            bgp_lab.start_pointsman(node)
+        elif "drained: yes" in bgp_lab.pointsman_cli(node, "node", "status"):
+            bgp_lab.pointsman_cli(node, "node", "resume")
+    bgp_lab.wait_next_hops(_all(bgp_lab), START)
+    return bgp_lab
+
+
+def _all(the_lab: Lab) -> set[str]:
+    return {node.address for node in the_lab.nodes}
+
+
+def _report(what: str, seconds: float) -> None:
+    print(f"\nbgp timing: {what}: {seconds * 1000:.0f} ms")
+
+
+def test_router_learns_the_vip_from_both_nodes_as_ecmp(bgp_lab: Lab) -> None:
+    for node in bgp_lab.nodes:
+        bgp_lab.stop_process(node.pointsman)
+        if node.backend is None or node.backend.poll() is not None:
+            bgp_lab.start_backend(node)
+    started = [bgp_lab.start_pointsman(node) for node in bgp_lab.nodes]
+    seen = bgp_lab.wait_next_hops(_all(bgp_lab), START)
+    _report("pointsman start -> route at the router (both nodes)", seen - max(started))
+    # merge paths: the router's forwarding table holds one route with both next hops
+    wait_until("two ECMP next hops in the router's kernel",
+               lambda: bgp_lab.kernel_next_hops() == _all(bgp_lab), REACT)
+
+
+def test_client_traffic_reaches_the_vip_through_both_nodes(fleet: Lab) -> None:
+    names = fleet.client_names(32)
+    assert len(names) == 32
+    # L4 ECMP hashing spreads 32 source ports over both next hops (all on one: p = 2**-31)
+    assert set(names) == {"node1", "node2"}, names
+
+
+def test_backend_down_withdraws_and_backend_up_announces(fleet: Lab) -> None:
+    node1, node2 = fleet.nodes
+    killed = time.time()
+    fleet.stop_process(node1.backend, signal.SIGKILL)
+    seen = fleet.wait_next_hops({node2.address}, REACT + 0.5)
+    decided = node1.log_time(r"bgp: withdraw 10\.99\.0\.10/32: pool web has 0", after=killed)
+    assert seen - decided < REACT
+    _report("backend killed -> withdrawn at the router (incl. 0.1 s health check)", seen - killed)
+    _report("withdraw decision -> withdrawn at the router", seen - decided)
+    assert set(fleet.client_names(8)) == {"node2"}  # node1 gets nothing while withdrawn
+
+    restarted = time.time()
+    fleet.start_backend(node1)
+    seen = fleet.wait_next_hops(_all(fleet), REACT + 0.5)
+    decided = node1.log_time(r"bgp: announce 10\.99\.0\.10/32", after=restarted)
+    assert seen - decided < REACT
+    _report("announce decision -> announced at the router", seen - decided)
+
+
+def test_node_drain_withdraws_and_resume_announces(fleet: Lab) -> None:
+    node1, node2 = fleet.nodes
+    before = time.time()
+    out = fleet.pointsman_cli(node2, "node", "drain")
+    assert "10.99.0.10/32: withdrawn (node_drained)" in out
+    seen = fleet.wait_next_hops({node1.address}, REACT)
+    decided = node2.log_time(r"bgp: withdraw 10\.99\.0\.10/32: the node is drained", after=before)
+    _report("node drain -> withdrawn at the router", seen - decided)
+    # the drained node still serves (its listener and pool are untouched); the router avoids it
+    assert set(fleet.client_names(8)) == {"node1"}
+
+    before = time.time()
+    out = fleet.pointsman_cli(node2, "node", "resume")
+    assert "10.99.0.10/32: announced" in out
+    seen = fleet.wait_next_hops(_all(fleet), REACT)
+    decided = node2.log_time(r"bgp: announce 10\.99\.0\.10/32", after=before)
+    _report("node resume -> announced at the router", seen - decided)
+
+
+def test_shutdown_withdraws_first_and_leaves_no_process(fleet: Lab) -> None:
+    node1, node2 = fleet.nodes
+    stopping = time.time()
+    assert fleet.stop_process(node2.pointsman, signal.SIGTERM) == 0
+    seen = fleet.wait_next_hops({node1.address}, REACT)
+    _report("SIGTERM -> withdrawn at the router", seen - stopping)
+    log = node2.log_text()
+    assert log.index("withdraw 10.99.0.10/32: the node is stopping") < log.index("ExaBGP stopped")
+    _assert_only_backend_left(fleet, node2)
+
+
+def test_killed_pointsman_takes_its_route_and_exabgp_with_it(fleet: Lab) -> None:
+    """SIGKILL gives pointsman no chance to withdraw: the relay sees its socket close and stops
+    ExaBGP, whose session close makes the router drop the route."""
+    node1, node2 = fleet.nodes
+    killed = time.time()
+    fleet.stop_process(node1.pointsman, signal.SIGKILL)
+    seen = fleet.wait_next_hops({node2.address}, REACT)
+    _report("SIGKILL of pointsman -> withdrawn at the router", seen - killed)
+    wait_until("ExaBGP and the relay to exit", lambda: _only_backend(fleet, node1), 5.0)
+    wait_until("the relay to remove ExaBGP's directory", lambda: not any(node1.tmp.iterdir()), 5.0)
+    assert set(fleet.client_names(8)) == {"node2"}
+
+
+def _only_backend(the_lab: Lab, node: Node) -> bool:
+    assert node.backend is not None
+    return the_lab.ns_pids(node.ns) == [node.backend.pid]
+
+
+def _assert_only_backend_left(the_lab: Lab, node: Node) -> None:
+    wait_until(f"only the backend left in {node.name}", lambda: _only_backend(the_lab, node), 5.0)
+    assert not any(node.tmp.iterdir()), list(node.tmp.iterdir())
