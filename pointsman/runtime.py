@@ -391,3 +391,5 @@ class Runtime:
         await asyncio.sleep(0)
         if self.flow_log is not None:
             self.flow_log.close()
+            if self.flow_log.stream is not sys.stderr:
+                self.flow_log.stream.close()

@@ -84,7 +84,9 @@ class ExaBgpSpeaker:
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
-        self._pending = 0  # commands sent and not yet acknowledged
+        # Commands sent and not yet answered. ExaBGP answers each command once but not in order
+        # (a bad line at once, a route once its reactor ran it), so answers are counted, not paired.
+        self._pending = 0
         self._acked = asyncio.Event()
         self._acked.set()
         self._tail: deque[str] = deque(maxlen=LOG_TAIL)
@@ -102,6 +104,7 @@ class ExaBgpSpeaker:
         sock_path = self._dir / "api.sock"
         relay = [sys.executable, "-I", str(Path(__file__).with_name("relay.py")), str(sock_path)]
         conf_path = self._dir / "exabgp.conf"
+        self.state = State.STARTING  # before any await: the relay may connect at once
         try:
             conf_path.write_text(exabgp.render_config(self.config, relay))
             self._server = await self._loop.create_unix_server(
@@ -114,10 +117,10 @@ class ExaBgpSpeaker:
                 cwd=str(self._dir),
             )
         except (OSError, ValueError) as exc:
+            self.state = State.STOPPED
             await self._cleanup()
             raise SpeakerError(f"cannot start ExaBGP ({' '.join(command)}): {exc}") from exc
         self.pid = self._process.pid
-        self.state = State.STARTING
         self._reader = self._loop.create_task(self._read_output(self._process),
                                               name="bgp:exabgp-output")
         self._connect_timer = self._loop.call_later(RELAY_CONNECT_TIMEOUT, self._fail,
@@ -128,7 +131,13 @@ class ExaBgpSpeaker:
         """ExaBGP's log goes to ours at debug level; its last lines explain an unexpected exit."""
         stream = process.stdout
         assert stream is not None
-        while line := await stream.readline():
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line past the stream's limit: dropped, keep reading
+                continue
+            if not line:
+                break
             text = exabgp.plain(line.decode(errors="replace"))
             if text:
                 self._tail.append(text)
@@ -166,9 +175,11 @@ class ExaBgpSpeaker:
         elif message.kind is Kind.PEER_CONNECTED and message.peer:
             self.peers[message.peer] = "connected"
         elif message.kind is Kind.PEER_DOWN and message.peer:
+            was_up = self.peers.get(message.peer) == "up"
             self.peers[message.peer] = f"down: {message.detail}"
-            if self.state is State.RUNNING:
-                log.warning("bgp: session with %s down: %s", message.peer, message.detail)
+            # A session that was up going down matters; failed attempts repeat every few seconds.
+            log.log(logging.WARNING if was_up and self.state is State.RUNNING else logging.DEBUG,
+                    "bgp: session with %s down: %s", message.peer, message.detail)
         self._on_message(message)
 
     def _relay_lost(self, relay: _RelayProtocol, reason: str) -> None:
@@ -251,6 +262,11 @@ class ExaBgpSpeaker:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+    @property
+    def directory(self) -> Path | None:
+        """The private directory holding ExaBGP's config and the relay's socket (while running)."""
+        return self._dir
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -36,7 +36,7 @@ from pointsman.config.loader import (
     _pydantic_issues,
     format_loc,
 )
-from pointsman.config.model import Config, Duration, Name, Strict
+from pointsman.config.model import Address, Config, Duration, Name, Strict
 
 NODE_KEYS = ("node", "config_source")
 CLUSTER_KEYS = ("listeners", "pools")  # only ever from the cluster config
@@ -51,6 +51,9 @@ _PLACEHOLDER: dict[str, Any] = {
 
 class NodeSection(Strict):
     name: Name
+    # Per-node listener addresses, by listener name: nodes that do not share one VIP (DNS round
+    # robin over node addresses, or several nodes on one test host) run the same cluster config.
+    binds: dict[Name, Address] = Field(default_factory=dict)
     # The node's registration lease: a crashed node leaves `fleet status` after this long.
     lease_ttl: Annotated[Duration, Field(ge=2.0, le=3600.0)] = 10.0
 
@@ -93,6 +96,7 @@ class NodeFile:
     lease_ttl: float
     etcd: EtcdSourceConfig
     local: Mapping[str, Any] = field(default_factory=dict)  # raw node-local keys, as written
+    binds: Mapping[str, str] = field(default_factory=dict)  # listener name -> host:port
     source: str = "<node>"
 
 
@@ -139,6 +143,7 @@ def load_node_text(text: str, source: str = "<node>") -> NodeFile:
         lease_ttl=model.node.lease_ttl,
         etcd=model.config_source.etcd,
         local=local,
+        binds={name: str(address) for name, address in model.node.binds.items()},
         source=source,
     )
 
@@ -165,6 +170,15 @@ def _local_issues(local: dict[str, Any], lines: dict[Loc, int], source: str) -> 
             yield ConfigIssue(source, _line_for(loc, lines), format_loc(loc), message)
 
 
-def overlay_local(cluster: Mapping[str, Any], local: Mapping[str, Any]) -> dict[str, Any]:
-    """The cluster config's data with the node-local keys put over it (each replaces the whole key)."""
-    return {**cluster, **local}
+def overlay_local(cluster: Mapping[str, Any], local: Mapping[str, Any],
+                  binds: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The cluster config's data with the node-local keys put over it (each replaces the whole
+    key) and this node's listener addresses (a listener the config lacks is left alone)."""
+    data = {**cluster, **local}
+    if binds and isinstance(data.get("listeners"), list):
+        data["listeners"] = [
+            {**item, "bind": binds[item["name"]]}
+            if isinstance(item, dict) and item.get("name") in binds else item
+            for item in data["listeners"]
+        ]
+    return data

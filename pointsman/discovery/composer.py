@@ -52,9 +52,11 @@ class _Runner:
 
 
 class Composer:
-    def __init__(self, *, local: Mapping[str, Any] | None = None, etcd: EtcdScope | None = None,
+    def __init__(self, *, local: Mapping[str, Any] | None = None,
+                 binds: Mapping[str, str] | None = None, etcd: EtcdScope | None = None,
                  kubernetes_api: KubernetesApi | None = None) -> None:
         self.local = dict(local or {})  # node-local keys over every cluster config
+        self.binds = dict(binds or {})  # this node's listener addresses, by listener name
         self.etcd = etcd
         self.kubernetes_api = kubernetes_api
         self.base: Config | None = None
@@ -75,9 +77,9 @@ class Composer:
         """Cluster config text (checked on its own, so errors name its lines) with the node-local
         keys over it; ConfigError when either is invalid."""
         cluster = load_text(text, source)
-        if not self.local:
+        if not self.local and not self.binds:
             return cluster
-        data = overlay_local(yaml.safe_load(text), self.local)
+        data = overlay_local(yaml.safe_load(text), self.local, self.binds)
         return load_text(yaml.safe_dump(data, sort_keys=False), f"{source} with node-local keys")
 
     def reject(self, label: str, issues: Sequence[object], what: str) -> list[str]:

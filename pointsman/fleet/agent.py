@@ -64,7 +64,8 @@ class NodeAgent:
         self.client = client or EtcdClient(settings_for(node))
         self.prefix = keys.normalise_prefix(node.etcd.prefix)
         self.config_key = keys.config_key(self.prefix)
-        self.composer = Composer(local=node.local, etcd=EtcdScope(self.client, self.prefix))
+        self.composer = Composer(local=node.local, binds=node.binds,
+                                 etcd=EtcdScope(self.client, self.prefix))
         self.revision = 0  # the etcd revision of the config running now
         self.connected = False
         self.draining: str | None = None  # the operator's reason while drained

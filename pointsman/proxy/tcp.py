@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, cast
 
 from pointsman.balance.hashing import source_key
@@ -104,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         "splice_after",
         "spliced",
         "started",
+        "stats",
         "upstream",
         "upstream_eof",
     )
@@ -135,7 +137,8 @@ class ClientConnection(asyncio.Protocol):
         self.ended = False
         self.bytes_in = 0
         self.bytes_out = 0
-        self.started = 0.0
+        self.started = 0.0  # perf_counter: uvloop's loop.time() moves in 1 ms steps
+        self.stats = listener.stats
         self.last_activity = 0.0
         self.first_byte_at = 0.0
 
@@ -144,7 +147,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.client = transport
-        self.started = self.loop.time()
+        self.started = time.perf_counter()
         listener = self.listener
         reject = listener.admit()
         if reject is not None:
@@ -215,7 +218,11 @@ class ClientConnection(asyncio.Protocol):
     # --- client side ------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
+        n = len(data)
+        self.bytes_in += n
+        self.stats.bytes_in += n  # live totals: throughput panels need no teardown
+        if self.backend_stats is not None:
+            self.backend_stats.bytes_in += n
         self.last_activity = self.loop.time()
         upstream = self.upstream
         if upstream is not None:
@@ -298,12 +305,15 @@ class ClientConnection(asyncio.Protocol):
     # --- backend side (called by UpstreamProtocol) ---------------------------------------------------
 
     def from_backend(self, data: bytes) -> None:
-        now = self.loop.time()
         if not self.bytes_out:
-            self.first_byte_at = now
-            self.listener.stats.ttfb.observe(now - self.started)
-        self.bytes_out += len(data)
-        self.last_activity = now
+            self.first_byte_at = time.perf_counter()
+            self.stats.ttfb.observe(self.first_byte_at - self.started)
+        n = len(data)
+        self.bytes_out += n
+        self.stats.bytes_out += n
+        if self.backend_stats is not None:
+            self.backend_stats.bytes_out += n
+        self.last_activity = self.loop.time()
         assert self.client is not None
         self.client.write(data)
         if self.bytes_in + self.bytes_out >= self.splice_after:
@@ -385,7 +395,7 @@ class ClientConnection(asyncio.Protocol):
         stats = snapshot.stats[index]
         stats.active += 1  # a connect in progress counts as load for least-connections
         pool = self.pool
-        began = self.loop.time()
+        began = time.perf_counter()
         try:
             async with asyncio.timeout(snapshot.config.connect_timeout):
                 transport = await open_connection(
@@ -403,7 +413,7 @@ class ClientConnection(asyncio.Protocol):
             raise
         pool.report_connect_success(backend.id)
         stats.total += 1
-        stats.connect_time.observe(self.loop.time() - began)
+        stats.connect_time.observe(time.perf_counter() - began)
         self.backend_id = backend.id
         self.backend_stats = stats
         self.upstream = transport
@@ -419,6 +429,7 @@ class ClientConnection(asyncio.Protocol):
             transport.write(header)
         if self.early:
             transport.write(bytes(self.early))
+            stats.bytes_in += len(self.early)  # counted for the listener when they arrived
         self.early = None
         if self.client_eof:
             transport.write_eof()
@@ -465,10 +476,16 @@ class ClientConnection(asyncio.Protocol):
 
     def _spliced_in(self, n: int) -> None:
         self.bytes_in += n
+        self.stats.bytes_in += n
+        if self.backend_stats is not None:
+            self.backend_stats.bytes_in += n
         self.last_activity = self.loop.time()
 
     def _spliced_out(self, n: int) -> None:
         self.bytes_out += n
+        self.stats.bytes_out += n
+        if self.backend_stats is not None:
+            self.backend_stats.bytes_out += n
         self.last_activity = self.loop.time()
 
     def _splice_ended(self, how: str) -> None:
@@ -505,13 +522,9 @@ class ClientConnection(asyncio.Protocol):
             self.idle_handle.cancel()
         listener = self.listener
         stats = listener.stats
-        stats.bytes_in += self.bytes_in
-        stats.bytes_out += self.bytes_out
         stats.ended[self.reason or EndReason.CLIENT_FIN] += 1
-        stats.duration.observe(self.loop.time() - self.started)
+        stats.duration.observe(time.perf_counter() - self.started)
         if self.backend_stats is not None:
             self.backend_stats.active -= 1
-            self.backend_stats.bytes_in += self.bytes_in
-            self.backend_stats.bytes_out += self.bytes_out
         listener.leave(self)
         listener.flow_ended(self)

@@ -58,7 +58,7 @@ class FlowLog:
     def tcp(self, conn: ClientConnection) -> None:
         if not self._admit():
             return
-        now = conn.loop.time()
+        now = time.perf_counter()
         end = conn.reason.value if conn.reason is not None else "client_fin"
         if conn.reject is not None:
             end = f"rejected:{conn.reject.value}"

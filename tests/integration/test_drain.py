@@ -3,80 +3,21 @@ normally, new ones go elsewhere, and `is_drained` turns true once the last one h
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
-from dataclasses import dataclass, field
 
 from pointsman.pool.state import BackendState
 from pointsman.telemetry.flow import EndReason
-from tests.integration.test_balancing import (
+from tests.integration.peers import (
+    MORE,
     ask_name,
-    exchange,
     listen_address,
     named_backends,
-    open_named,
+    open_streams,
     single_pool,
     tcp_stats,
+    wait_more_exchanges,
 )
-from tests.support import close_writer, read_all, running, wait_for
-
-PACE = 0.01  # between two exchanges of one long-lived stream (pacing, not synchronisation)
-MAX_EXCHANGES = 2_000  # bound per stream; a passing run makes a few hundred
-MORE = 10  # exchanges each stream must make after a state change
-
-
-@dataclass
-class Stream:
-    """A long-lived connection that keeps exchanging lines with its echo backend."""
-
-    backend: str
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    exchanges: int = 0
-    error: BaseException | None = None
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-
-    async def chatter(self) -> None:
-        try:
-            for i in range(MAX_EXCHANGES):
-                if self.stop.is_set():
-                    return
-                await exchange(self.reader, self.writer, f"{self.backend} line {i}\n".encode())
-                self.exchanges += 1
-                await asyncio.sleep(PACE)
-        except Exception as exc:  # asserted on by the test
-            self.error = exc
-
-    async def finish(self) -> bytes:
-        """Stop chatting, half-close, read to the end: a normal, client-initiated end."""
-        self.stop.set()
-        assert self.task is not None
-        await self.task
-        self.writer.write_eof()
-        rest = await read_all(self.reader, timeout=2.0)
-        await close_writer(self.writer)
-        return rest
-
-
-async def open_streams(address: str, count: int) -> list[Stream]:
-    streams = []
-    for _ in range(count):
-        name, reader, writer = await open_named(address)
-        stream = Stream(name, reader, writer)
-        stream.task = asyncio.create_task(stream.chatter())
-        streams.append(stream)
-    return streams
-
-
-async def wait_more_exchanges(streams: list[Stream], timeout: float = 3.0) -> None:
-    marks = [s.exchanges for s in streams]
-    await wait_for(
-        lambda: all(s.exchanges >= m + MORE for s, m in zip(streams, marks, strict=True))
-        or any(s.error is not None for s in streams),
-        timeout,
-        what=f"{MORE} more exchanges on every stream",
-    )
+from tests.support import running, wait_for
 
 
 async def test_drain_and_maintenance_let_open_connections_finish() -> None:

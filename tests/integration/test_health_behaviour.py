@@ -18,7 +18,7 @@ import pytest
 from pointsman.pool.pool import Pool
 from pointsman.pool.state import BackendState, Transition
 from pointsman.telemetry.flow import EndReason, RejectReason
-from tests.integration.test_balancing import (
+from tests.integration.peers import (
     ask_name,
     client_load,
     exchange,

@@ -22,15 +22,17 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_balancing import (
+from tests.integration.peers import (
     NamedBackend,
+    Stream,
     ask_name,
     client_load,
     config_text,
     named_backends,
     open_named,
+    open_streams,
+    wait_more_exchanges,
 )
-from tests.integration.test_drain import Stream, open_streams, wait_more_exchanges
 from tests.support import (
     LOOPBACK,
     PointsmanProcess,

@@ -154,11 +154,12 @@ def new_prefix() -> str:
 
 
 def write_node_file(path: Path, name: str, endpoints: str, prefix: str, admin_port: int,
-                    lease_ttl: str = "3s", **local: object) -> Path:
+                    lease_ttl: str = "3s", binds: dict[str, str] | None = None,
+                    **local: object) -> Path:
     import yaml
 
     data: dict[str, object] = {
-        "node": {"name": name, "lease_ttl": lease_ttl},
+        "node": {"name": name, "lease_ttl": lease_ttl, **({"binds": binds} if binds else {})},
         "config_source": {"etcd": {"endpoints": endpoints.split(","), "prefix": prefix}},
         "admin": {"bind": f"{LOOPBACK}:{admin_port}"},
         **local,

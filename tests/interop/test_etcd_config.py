@@ -20,7 +20,7 @@ import yaml
 
 from pointsman.fleet import keys
 from pointsman.fleet.etcd import EtcdClient, EtcdSettings
-from tests.integration.test_balancing import NamedBackend, ask_name, named_backends
+from tests.integration.peers import NamedBackend, ask_name, named_backends
 from tests.interop.etcd_support import (
     EtcdCluster,
     cli,

@@ -1,9 +1,12 @@
 """A small routed lab in network namespaces for the BGP tests: a bird2 router, pointsman nodes
 that announce a VIP through ExaBGP, and a client behind the router.
 
-    client 10.0.2.1 ── 10.0.2.254 router (bird2, ECMP) 10.0.1N.254 ── 10.0.1N.1 node N (pointsman,
-                                                                       VIP 10.99.0.10 on lo,
-                                                                       backend on 127.0.0.1:9000)
+    client 10.0.2.x   ── 10.0.2.254 router (bird2, ECMP) 10.0.1N.254 ── 10.0.1N.1 node N (pointsman,
+                                                                         VIP 10.99.0.10 on lo,
+                                                                         backends on 127.0.0.1)
+
+On each node, VIP:80 -> pool web (one backend, 9000, answering "nodeN"; the VIP follows this pool)
+and VIP:81 -> pool sticky (maglev by source IP over backends b1 and b2, answering "nodeN-bK").
 
 Every namespace, process and file belongs to one `Lab`; `Lab.close` kills the processes it started
 (by pid), then whatever is left inside its namespaces, then deletes the namespaces. Waiting is
@@ -34,6 +37,9 @@ import pytest
 VIP = "10.99.0.10"
 VIP_PORT = 80
 BACKEND_PORT = 9000
+STICKY_PORT = 81
+STICKY_BACKENDS = {"b1": 9001, "b2": 9002}
+CLIENTS = ("10.0.2.1", "10.0.2.2", "10.0.2.5", "10.0.2.7")  # b2, b2, b1, b1 with xxh64 (not asserted)
 ADMIN = "127.0.0.1:9900"  # each node's own loopback
 ROUTER_ASN = 65000
 NODE_ASN = 65001  # one AS for the whole anycast fleet: equal AS paths, so the router merges them
@@ -103,8 +109,10 @@ BACKEND_CODE = textwrap.dedent("""
 CLIENT_CODE = textwrap.dedent("""
     import socket, sys
     names = []
+    source = (sys.argv[4], 0) if len(sys.argv) > 4 else None
     for i in range(int(sys.argv[3])):
-        with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2) as conn:
+        with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2,
+                                      source_address=source) as conn:
             names.append(conn.makefile().readline().strip() or "?")
     print(" ".join(names))
 """)
@@ -117,7 +125,8 @@ class Node:
     address: str  # on the link to the router
     directory: Path
     pointsman: subprocess.Popen[str] | None = None
-    backend: subprocess.Popen[str] | None = None
+    backend: subprocess.Popen[str] | None = None  # the web pool's only backend
+    sticky: list[subprocess.Popen[str]] = field(default_factory=list)
     log_path: Path = field(init=False)
     tmp: Path = field(init=False)  # TMPDIR of pointsman: where its ExaBGP directory goes
 
@@ -168,7 +177,10 @@ class Lab:
         sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         # Hash on ports too, so the connections of one client spread over the ECMP next hops.
         sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1")
-        self._link(r, "10.0.2.254/24", self.client_ns, "10.0.2.1/24", "c")
+        self._link(r, "10.0.2.254/24", self.client_ns, f"{CLIENTS[0]}/24", "c")
+        for extra in CLIENTS[1:]:
+            sh("ip", "-n", self.client_ns, "addr", "add", f"{extra}/24",
+               "dev", f"{self.router_ns.removesuffix('r')}bc")
         sh("ip", "-n", self.client_ns, "route", "add", "default", "via", "10.0.2.254")
         for node in self.nodes:
             self._link(r, f"10.0.1{node.index}.254/24", node.ns, f"{node.address}/24",
@@ -229,6 +241,9 @@ class Lab:
               - name: web
                 bind: "{VIP}:{VIP_PORT}"
                 pool: web
+              - name: sticky
+                bind: "{VIP}:{STICKY_PORT}"
+                pool: sticky
             pools:
               - name: web
                 backends:
@@ -240,6 +255,12 @@ class Lab:
                   rise: 1
                   fall: 1
                   jitter: 0
+              - name: sticky
+                algorithm: maglev
+                maglev_table_size: 251
+                backends:
+                  - {{address: "127.0.0.1:{STICKY_BACKENDS['b1']}", name: b1}}
+                  - {{address: "127.0.0.1:{STICKY_BACKENDS['b2']}", name: b2}}
             admin:
               bind: "{ADMIN}"
             shutdown_grace: 1s
@@ -257,10 +278,17 @@ class Lab:
         return path
 
     def start_backend(self, node: Node) -> None:
-        process = self._spawn(node.ns, [sys.executable, "-c", BACKEND_CODE, node.name,
-                                        str(BACKEND_PORT)], stdout=subprocess.PIPE)
-        node.backend = process
-        assert _read_line(process, "ready", START_TIMEOUT), f"{node.name}'s backend did not start"
+        node.backend = self._backend(node, node.name, BACKEND_PORT)
+
+    def start_sticky_backends(self, node: Node) -> None:
+        node.sticky = [self._backend(node, f"{node.name}-{name}", port)
+                       for name, port in STICKY_BACKENDS.items()]
+
+    def _backend(self, node: Node, answer: str, port: int) -> subprocess.Popen[str]:
+        process = self._spawn(node.ns, [sys.executable, "-c", BACKEND_CODE, answer, str(port)],
+                              stdout=subprocess.PIPE)
+        assert _read_line(process, "ready", START_TIMEOUT), f"{answer} did not start"
+        return process
 
     def start_pointsman(self, node: Node) -> float:
         """Start pointsman in the node; return the wall time it was started."""
@@ -323,10 +351,11 @@ class Lab:
                    lambda: self.bird_next_hops() == want, timeout)
         return time.time()
 
-    def client_names(self, connections: int) -> list[str]:
-        """Connect `connections` times from the client namespace; the names of the nodes reached."""
-        out = sh("ip", "netns", "exec", self.client_ns, sys.executable, "-c", CLIENT_CODE, VIP,
-                 str(VIP_PORT), str(connections))
+    def client_names(self, connections: int, port: int = VIP_PORT,
+                     source: str | None = None) -> list[str]:
+        """Connect `connections` times from the client namespace; what each backend answered."""
+        args = [VIP, str(port), str(connections), *([source] if source else [])]
+        out = sh("ip", "netns", "exec", self.client_ns, sys.executable, "-c", CLIENT_CODE, *args)
         return out.split()
 
     # --- teardown ----------------------------------------------------------------------------------

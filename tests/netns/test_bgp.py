@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.netns.bgp_support import Lab, Node, lab, wait_until
+from tests.netns.bgp_support import CLIENTS, STICKY_PORT, Lab, Node, lab, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,6 +38,8 @@ def fleet(bgp_lab: Lab) -> Lab:
     for node in bgp_lab.nodes:
         if node.backend is None or node.backend.poll() is not None:
             bgp_lab.start_backend(node)
+        if not node.sticky:
+            bgp_lab.start_sticky_backends(node)
         if node.pointsman is None or node.pointsman.poll() is not None:
             bgp_lab.start_pointsman(node)
         elif "drained: yes" in bgp_lab.pointsman_cli(node, "node", "status"):
@@ -59,6 +61,8 @@ def test_router_learns_the_vip_from_both_nodes_as_ecmp(bgp_lab: Lab) -> None:
         bgp_lab.stop_process(node.pointsman)
         if node.backend is None or node.backend.poll() is not None:
             bgp_lab.start_backend(node)
+        if not node.sticky:
+            bgp_lab.start_sticky_backends(node)
     started = [bgp_lab.start_pointsman(node) for node in bgp_lab.nodes]
     seen = bgp_lab.wait_next_hops(_all(bgp_lab), START)
     _report("pointsman start -> route at the router (both nodes)", seen - max(started))
@@ -72,6 +76,22 @@ def test_client_traffic_reaches_the_vip_through_both_nodes(fleet: Lab) -> None:
     assert len(names) == 32
     # L4 ECMP hashing spreads 32 source ports over both next hops (all on one: p = 2**-31)
     assert set(names) == {"node1", "node2"}, names
+
+
+def test_maglev_sends_a_client_to_the_same_backend_through_either_node(fleet: Lab) -> None:
+    """Every node builds the same Maglev table (fixed hash, same config), so a client's backend
+    does not depend on the node the router picked: the ECMP + Maglev pairing in docs/bgp.md."""
+    per_client = {}
+    for source in CLIENTS:
+        answers = fleet.client_names(16, port=STICKY_PORT, source=source)
+        nodes = {answer.split("-")[0] for answer in answers}
+        backends = {answer.split("-")[1] for answer in answers}
+        # each client reached both nodes (16 ports, L4 hash: one node only has p = 2**-15)...
+        assert nodes == {"node1", "node2"}, (source, answers)
+        # ...and one backend, whichever node it went through
+        assert len(backends) == 1, (source, answers)
+        per_client[source] = backends.pop()
+    print(f"\nmaglev: client -> backend {per_client}")
 
 
 def test_backend_down_withdraws_and_backend_up_announces(fleet: Lab) -> None:
@@ -137,10 +157,12 @@ def test_killed_pointsman_takes_its_route_and_exabgp_with_it(fleet: Lab) -> None
 
 
 def _only_backend(the_lab: Lab, node: Node) -> bool:
+    """Only the backends the lab started remain in the node: no ExaBGP, no relay."""
     assert node.backend is not None
-    return the_lab.ns_pids(node.ns) == [node.backend.pid]
+    backends = {node.backend.pid, *(p.pid for p in node.sticky)}
+    return set(the_lab.ns_pids(node.ns)) == backends
 
 
 def _assert_only_backend_left(the_lab: Lab, node: Node) -> None:
-    wait_until(f"only the backend left in {node.name}", lambda: _only_backend(the_lab, node), 5.0)
+    wait_until(f"only the backends left in {node.name}", lambda: _only_backend(the_lab, node), 5.0)
     assert not any(node.tmp.iterdir()), list(node.tmp.iterdir())

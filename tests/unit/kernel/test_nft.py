@@ -1,0 +1,85 @@
+"""Finding the binding, privileges, and the table's ownership rules (with a fake libnftables)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from pointsman.kernel import nft as nft_module
+from pointsman.kernel.nft import KernelTable, KernelUnavailable, Nft, NftError, has_net_admin, load_binding
+
+CHECK_PRIVILEGES = nft_module.check_privileges  # before the fixture stubs it
+
+
+class FakeNft(Nft):
+    """Records text commands; fails those containing `fail_on`."""
+
+    log: ClassVar[list[str]] = []
+    fail_on: ClassVar[str | None] = None
+
+    def __init__(self) -> None:  # no libnftables
+        pass
+
+    def text(self, commands: str) -> str:
+        if self.fail_on is not None and self.fail_on in commands:
+            raise NftError("Error: Could not process rule: Operation not supported")
+        self.log.append(commands)
+        return ""
+
+
+@pytest.fixture(autouse=True)
+def fresh_fake(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeNft.log = []
+    FakeNft.fail_on = None
+    monkeypatch.setattr(nft_module, "check_privileges", lambda: None)
+
+
+def test_net_admin_from_status() -> None:
+    assert has_net_admin("Name:\tx\nCapEff:\t000001ffffffffff\n")
+    assert not has_net_admin("Name:\tx\nCapEff:\t0000000000000000\n")
+    assert not has_net_admin("Name:\tx\n")
+
+
+def test_binding_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "nftables", None)  # import fails
+    with pytest.raises(KernelUnavailable, match="python3-nftables"):
+        load_binding(tmp_path)
+
+
+def test_privileges_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nft_module, "has_net_admin", lambda: False)
+    with pytest.raises(KernelUnavailable, match="needs root"):
+        CHECK_PRIVILEGES()
+
+
+def test_first_acquire_clears_a_stale_table_and_last_release_deletes_it() -> None:
+    table = KernelTable(FakeNft)
+    table.acquire("a")
+    table.acquire("b")
+    assert FakeNft.log == ["add table inet pointsman\ndelete table inet pointsman\n"]
+    table.release("a", "REMOVE a\n")
+    table.release("a", "REMOVE a\n")  # twice: ignored
+    table.release("b", "REMOVE b\n")
+    assert FakeNft.log[1:] == ["REMOVE a\n", "delete table inet pointsman\n"]
+    assert table.owners == frozenset()
+
+
+def test_missing_nf_tables_is_a_clear_refusal() -> None:
+    FakeNft.fail_on = "add table"
+    with pytest.raises(KernelUnavailable, match="nf_tables is not usable"):
+        KernelTable(FakeNft).acquire("a")
+
+
+def test_transaction_needs_an_owner() -> None:
+    with pytest.raises(NftError, match="not set up"), KernelTable(FakeNft).transaction():
+        pass
+
+
+def test_at_exit_deletes_a_table_still_owned() -> None:
+    table = KernelTable(FakeNft)
+    table.acquire("a")
+    table._at_exit()
+    assert FakeNft.log[-1] == "delete table inet pointsman\n"
