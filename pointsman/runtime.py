@@ -375,11 +375,17 @@ class Runtime:
         for listener in listeners:
             listener.stop_accepting()
         await self._stop_health_checks()
+        # UDP has no close handshake to wait for: its sessions end now.
+        udp = sum(lst.close_all(EndReason.SHUTDOWN) for lst in listeners
+                  if isinstance(lst, UdpListener))
+        if udp:
+            log.info("shutdown: ended %d UDP sessions", udp)
+        streams = [lst for lst in listeners if not isinstance(lst, UdpListener)]
         grace = self.config.shutdown_grace
-        results = await asyncio.gather(*(lst.wait_drained(grace) for lst in listeners))
+        results = await asyncio.gather(*(lst.wait_drained(grace) for lst in streams))
         cut = sum(
             lst.close_all(EndReason.SHUTDOWN)
-            for lst, drained in zip(listeners, results, strict=True)
+            for lst, drained in zip(streams, results, strict=True)
             if not drained
         )
         if cut:

@@ -125,11 +125,21 @@ class DnsSource:
         return Answer(backends, ttl)
 
     async def _addresses(self, name: str) -> tuple[list[str], float]:
-        v4, v6 = await asyncio.gather(self._query(name, dns.rdatatype.A),
-                                      self._query(name, dns.rdatatype.AAAA))
-        sets = [rrset for rrset in (v4, v6) if rrset is not None and len(rrset)]
+        """A and AAAA records of `name`; one failing type is fine while the other answers."""
+        results = await asyncio.gather(self._query(name, dns.rdatatype.A),
+                                       self._query(name, dns.rdatatype.AAAA),
+                                       return_exceptions=True)
+        sets: list[dns.rrset.RRset] = []
+        problems: list[DnsProblem] = []
+        for result in results:
+            if isinstance(result, DnsProblem):
+                problems.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            elif result is not None and len(result):
+                sets.append(result)
         if not sets:
-            raise DnsProblem(f"no A or AAAA records for {name}")
+            raise problems[0] if problems else DnsProblem(f"no A or AAAA records for {name}")
         return [r.address for rrset in sets for r in rrset], float(min(s.ttl for s in sets))
 
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.rrset.RRset | None:

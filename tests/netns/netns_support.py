@@ -300,9 +300,11 @@ def _read_line(popen: subprocess.Popen[bytes], timeout: float) -> str:
 
 
 class PointsmanInNetns:
-    """`python -m pointsman run` inside a namespace; `lines` holds what it printed."""
+    """`python -m pointsman run` inside a namespace; `lines` holds what it printed. Ready once it
+    printed one "listening" line per listener, and its "admin api" line if `admin`."""
 
-    def __init__(self, ns: Netns, config_text: str, workdir: Path, listeners: int) -> None:
+    def __init__(self, ns: Netns, config_text: str, workdir: Path, listeners: int,
+                 admin: bool = False) -> None:
         self.path = workdir / "pointsman.yaml"
         self.path.write_text(config_text)
         self.stderr_path = workdir / "pointsman.stderr"
@@ -314,7 +316,7 @@ class PointsmanInNetns:
         assert self.popen.stdout is not None
         os.set_blocking(self.popen.stdout.fileno(), False)
         try:
-            self._wait_listening(listeners)
+            self._wait_ready(listeners, admin)
         except BaseException:
             self.close()
             raise
@@ -322,12 +324,16 @@ class PointsmanInNetns:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
-    def _wait_listening(self, count: int) -> None:
+    def _ready(self, count: int, admin: bool) -> bool:
+        listening = sum(line.startswith("listening ") for line in self.lines)
+        return listening >= count and (not admin or any(line.startswith("admin api") for line in self.lines))
+
+    def _wait_ready(self, count: int, admin: bool) -> None:
         assert self.popen.stdout is not None
         deadline = time.monotonic() + START_TIMEOUT
         with selectors.DefaultSelector() as sel:
             sel.register(self.popen.stdout, selectors.EVENT_READ)
-            while sum(line.startswith("listening ") for line in self.lines) < count:
+            while not self._ready(count, admin):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(f"pointsman not ready after {START_TIMEOUT}s; "

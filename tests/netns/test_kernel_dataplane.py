@@ -1,0 +1,456 @@
+"""The kernel data plane end to end: pointsman programs nftables in an lb namespace, a client
+namespace connects to the VIP, backend namespaces answer with their name and the peer they saw.
+
+Topology (netns_support.lb_topology): client 10.99.1.2 (+ 10.99.1.100-147) -- lb -- b1 10.99.11.2,
+b2 10.99.12.2, b3 10.99.13.2; the VIP 10.99.100.1 is routed to the lb and is no local address.
+pointsman runs as `python -m pointsman run` inside the lb namespace, admin API on 127.0.0.1:9900
+there. Every test starts its own pointsman and checks it removed its table on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pointsman.balance.base import Candidate
+from pointsman.balance.hashing import source_key
+from pointsman.balance.maglev import Maglev
+from pointsman.kernel.jhash import kernel_key_hash
+
+from .netns_support import (
+    HEALTH_PORT,
+    HTTP_PORT,
+    UDP_PORT,
+    VIP,
+    BackendServer,
+    LbTopology,
+    PointsmanInNetns,
+    lb_topology,
+    nftables_unavailable_reason,
+    wait_until,
+)
+
+_reason = nftables_unavailable_reason()
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+ADMIN = ("127.0.0.1", 9900)
+IO_TIMEOUT = 10.0
+HEALTH_INTERVAL = 0.2
+HEALTH_FALL = 2
+# A dead backend is seen after `fall` failed probes, each at most interval + timeout apart; the
+# rest is the map transaction and a loaded VM's scheduling.
+HEALTH_BOUND = HEALTH_FALL * (HEALTH_INTERVAL * 2) + 1.5
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[LbTopology]:
+    with lb_topology(backends=3) as topology:
+        yield topology
+
+
+@pytest.fixture(scope="module")
+def servers(topo: LbTopology) -> Iterator[dict[str, BackendServer]]:
+    running = {name: BackendServer(ns, name) for ns, name in zip(topo.backends, topo.names, strict=True)}
+    yield running
+    for server in running.values():
+        server.kill()
+
+
+def revive(topo: LbTopology, servers: dict[str, BackendServer], name: str) -> None:
+    servers[name].kill()
+    servers[name] = BackendServer(topo.backends[topo.names.index(name)], name)
+
+
+def config(topo: LbTopology, *, algorithm: str = "maglev", hash_key: str = "source_ip_port",
+           protocol: str = "tcp", bind: str = f"{VIP}:80", slots: int = 4093, snat: str = "masquerade",
+           on_down: str = "keep_sessions", port: int = HTTP_PORT, grace: float = 1.0) -> str:
+    return yaml.safe_dump({
+        "listeners": [{"name": "web", "bind": bind, "protocol": protocol, "pool": "web",
+                       "dataplane": "kernel", "kernel": {"slots": slots, "snat": snat}}],
+        "pools": [{
+            "name": "web", "algorithm": algorithm, "hash_key": hash_key, "on_down": on_down,
+            "backends": [{"address": f"{topo.backend_ip(i)}:{port}", "name": name}
+                         for i, name in enumerate(topo.names)],
+            "health_check": {"type": "tcp", "port": HEALTH_PORT, "interval": HEALTH_INTERVAL,
+                             "timeout": HEALTH_INTERVAL, "rise": 1, "fall": HEALTH_FALL, "jitter": 0},
+        }],
+        "admin": {"bind": f"{ADMIN[0]}:{ADMIN[1]}"},
+        "shutdown_grace": grace,
+    })
+
+
+@contextlib.contextmanager
+def pointsman(topo: LbTopology, tmp_path: Path, text: str) -> Iterator[PointsmanInNetns]:
+    proc = PointsmanInNetns(topo.lb, text, tmp_path, listeners=1, admin=True)
+    try:
+        yield proc
+        code = proc.stop()
+        assert code == 0, f"pointsman exited with {code}:\n{proc.stderr()}"
+        tables = topo.lb.run("nft", "list", "tables")
+        assert "pointsman" not in tables, f"table left behind: {tables}"
+    finally:
+        proc.close()
+        topo.lb.run("nft", "delete", "table", "inet", "pointsman", check=False)
+        topo.lb.run("conntrack", "-F", check=False)
+
+
+# --- clients -----------------------------------------------------------------------------------------
+
+
+def http_get(topo: LbTopology, source: tuple[str, int] | None = None, path: str = "/") -> str:
+    """GET through the VIP from the client namespace; the body (backend name and peer seen)."""
+    with topo.client.socket() as sock:
+        sock.settimeout(IO_TIMEOUT)
+        if source is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(source)
+        sock.connect((VIP, 80))
+        sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), data[:200]
+    return body.decode()
+
+
+class Stream:
+    """A long paced download through the VIP (`/stream/<bytes>/<seconds>`)."""
+
+    def __init__(self, topo: LbTopology, total: int, seconds: float, source: tuple[str, int]) -> None:
+        self.total = total
+        self.sock = topo.client.socket()
+        self.sock.settimeout(IO_TIMEOUT)
+        self.sock.bind(source)
+        self.sock.connect((VIP, 80))
+        self.sock.sendall(f"GET /stream/{total}/{seconds} HTTP/1.0\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            assert chunk, "stream closed before its header"
+            head += chunk
+        header, _, self.body = head.partition(b"\r\n\r\n")
+        self.backend = re.search(rb"X-Backend: (\S+)", header).group(1).decode()  # type: ignore[union-attr]
+
+    def finish(self) -> int:
+        """Read to the end; the number of body bytes received."""
+        received = len(self.body)
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while chunk := self.sock.recv(65536):
+                received += len(chunk)
+        self.sock.close()
+        return received
+
+
+def admin(topo: LbTopology, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
+    payload = json.dumps(body).encode() if body is not None else b""
+    with topo.lb.socket() as sock:
+        sock.settimeout(IO_TIMEOUT)
+        sock.connect(ADMIN)
+        sock.sendall(f"{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), rest.decode()
+
+
+_SAMPLE = re.compile(r'^(\w+)(?:\{(.*)\})? (\S+)$')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+class Metrics:
+    """The kernel families of one /metrics scrape."""
+
+    def __init__(self, text: str) -> None:
+        self.samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for line in text.splitlines():
+            match = _SAMPLE.match(line)
+            if match and match.group(1).startswith(("pointsman_kernel", "pointsman_conntrack")):
+                labels = frozenset(_LABEL.findall(match.group(2) or ""))
+                self.samples[(match.group(1), labels)] = float(match.group(3))
+
+    def __call__(self, name: str, **labels: str) -> float:
+        """The sample of `name` with these labels (listener and pool default to "web")."""
+        if not name.startswith("pointsman_conntrack"):
+            labels = {"listener": "web", "pool": "web", **labels}
+        return self.samples[(name, frozenset(labels.items()))]
+
+
+def metrics(topo: LbTopology) -> Metrics:
+    status, text = admin(topo, "GET", "/metrics")
+    assert status == 200
+    return Metrics(text)
+
+
+def slot_map(topo: LbTopology) -> list[str]:
+    """The backend addresses the kernel's slot map holds, one per filled slot."""
+    listing = json.loads(topo.lb.run("nft", "-j", "list", "map", "inet", "pointsman", "l_web_slots"))
+    elements = next(item["map"] for item in listing["nftables"] if "map" in item).get("elem", [])
+    return [element[1]["concat"][0] for element in elements]
+
+
+def maglev_choice(topo: LbTopology, slots: int, ip: str, port: int, hash_key: str,
+                  weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> str:
+    """What userspace Maglev picks with the kernel's hash: the kernel must pick the same."""
+    candidates = [Candidate(name, w) for name, w in zip(topo.names, weights, strict=True)]
+    maglev = Maglev(candidates, slots, home_weights=list(weights), key_hash=kernel_key_hash(slots))
+    index = maglev.pick(source_key(ip, port, hash_key))
+    assert index is not None
+    return topo.names[index]
+
+
+# --- tests -------------------------------------------------------------------------------------------
+
+
+def test_maglev_in_the_kernel_picks_what_userspace_picks(topo: LbTopology, servers: dict[str, BackendServer],
+                                                          tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, config(topo)) as proc:
+        assert "[kernel data plane]" in proc.lines[0]
+        seen: Counter[str] = Counter()
+        for i in range(48):
+            for port in (41000 + i, 42000 + i):
+                source = topo.client_source(i)
+                name, peer = http_get(topo, (source, port)).split()
+                assert name == maglev_choice(topo, 4093, source, port, "source_ip_port"), (source, port)
+                assert peer == topo.lb_backend_side(topo.names.index(name))  # masquerade
+                seen[name] += 1
+        assert set(seen) == set(topo.names), seen
+        found = metrics(topo)
+    assert found("pointsman_kernel_new_connections_total") == 96
+    for name in topo.names:
+        assert found("pointsman_kernel_backend_new_connections_total", backend=name) == seen[name]
+        assert found("pointsman_kernel_backend_bytes_total", backend=name, direction="out") > 0
+    assert sum(found("pointsman_kernel_backend_slots", backend=name) for name in topo.names) == 4093
+    assert found("pointsman_kernel_bytes_total", direction="in") > 0
+    assert found("pointsman_conntrack_entries") >= 96 and found("pointsman_conntrack_max") > 0
+    assert found("pointsman_kernel_map_updates_total") >= 1
+
+
+def test_source_ip_hash_keeps_a_client_on_one_backend(topo: LbTopology, servers: dict[str, BackendServer],
+                                                      tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, config(topo, hash_key="source_ip", slots=13)):
+        for i in range(12):
+            source = topo.client_source(i)
+            names = {http_get(topo, (source, 43000 + k)).split()[0] for k in range(3)}
+            assert names == {maglev_choice(topo, 13, source, 0, "source_ip")}
+
+
+def test_round_robin_counts_are_even(topo: LbTopology, servers: dict[str, BackendServer],
+                                     tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, config(topo, algorithm="round_robin")):
+        seen = Counter(http_get(topo).split()[0] for _ in range(150))
+    assert set(seen) == set(topo.names)
+    assert max(seen.values()) - min(seen.values()) <= 1, seen
+
+
+def test_no_snat_backends_see_the_client(topo: LbTopology, servers: dict[str, BackendServer],
+                                         tmp_path: Path) -> None:
+    # Backends route replies through the lb (their default route), so no SNAT is needed.
+    with pointsman(topo, tmp_path, config(topo, algorithm="round_robin", snat="none")):
+        peers = {http_get(topo, (topo.client_source(5), 44000 + k)).split()[1] for k in range(6)}
+    assert peers == {topo.client_source(5)}
+
+
+def test_killed_backend_leaves_the_map_and_established_flows_survive(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    try:
+        with pointsman(topo, tmp_path, config(topo)):
+            stream = Stream(topo, 6_000_000, 3.0, (topo.client_source(0), 45000))
+            victim = next(name for name in topo.names if name != stream.backend)
+            victim_ip = topo.backend_ip(topo.names.index(victim))
+            assert victim_ip in slot_map(topo)
+            servers[victim].kill()
+            took = wait_until(lambda: victim_ip not in slot_map(topo), HEALTH_BOUND,
+                              what=f"{victim} out of the slot map")
+            print(f"\n{victim} left the slot map {took:.2f}s after it died")
+            for i in range(40):
+                name = http_get(topo, (topo.client_source(i), 46000 + i)).split()[0]
+                assert name != victim
+            assert stream.finish() == stream.total  # uninterrupted through the change
+    finally:
+        revive(topo, servers, victim)
+
+
+def test_drained_backend_finishes_its_flows(topo: LbTopology, servers: dict[str, BackendServer],
+                                            tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, config(topo)):
+        stream = Stream(topo, 2_000_000, 1.5, (topo.client_source(1), 47000))
+        drained = stream.backend
+        status, _ = admin(topo, "POST", f"/api/v1/pools/web/backends/{drained}/drain")
+        assert status == 200
+        drained_ip = topo.backend_ip(topo.names.index(drained))
+        wait_until(lambda: drained_ip not in slot_map(topo), 2.0, what="drained backend out of the map")
+        for i in range(30):
+            assert http_get(topo, (topo.client_source(i), 48000 + i)).split()[0] != drained
+        assert stream.finish() == stream.total
+
+
+def test_close_sessions_cuts_only_the_down_backends_flows(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    try:
+        with pointsman(topo, tmp_path, config(topo, on_down="close_sessions")):
+            streams = [Stream(topo, 4_000_000, 3.0, (topo.client_source(i), 49000 + i)) for i in range(8)]
+            doomed = streams[0].backend
+            doomed_ip = topo.backend_ip(topo.names.index(doomed))
+            others = [s for s in streams if s.backend != doomed]
+            assert others, "every stream hashed to one backend; pick other sources"
+            # Its health port closes; its data port (and the open streams) stay up.
+            with topo.lb.socket() as sock:
+                sock.settimeout(IO_TIMEOUT)
+                sock.connect((doomed_ip, HTTP_PORT))
+                sock.sendall(b"GET /health-off HTTP/1.0\r\n\r\n")
+                while sock.recv(4096):
+                    pass
+            wait_until(lambda: f"src={doomed_ip} " not in topo.lb.run(
+                "conntrack", "-L", "-p", "tcp", "--reply-src", doomed_ip, "--state", "ESTABLISHED"),
+                HEALTH_BOUND, what=f"{doomed}'s conntrack entries deleted")
+            for stream in streams:
+                if stream.backend == doomed:
+                    stream.sock.settimeout(2.0)
+                    with contextlib.suppress(OSError):
+                        stream.sock.sendall(b"more")  # the next packet meets no flow: reset
+                    assert stream.finish() < stream.total
+            for stream in others:
+                assert stream.finish() == stream.total
+    finally:
+        revive(topo, servers, doomed)
+
+
+async def test_2000_connections_through_100_map_updates(topo: LbTopology, servers: dict[str, BackendServer],
+                                                         tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, config(topo)):
+        loop = asyncio.get_running_loop()
+        failures: list[str] = []
+        done = 0
+        updates_done = asyncio.Event()
+        deadline = loop.time() + 40.0
+
+        async def one() -> None:
+            nonlocal done
+            sock = topo.client.socket()
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(IO_TIMEOUT):
+                    await loop.sock_connect(sock, (VIP, 80))
+                    await loop.sock_sendall(sock, b"GET / HTTP/1.0\r\n\r\n")
+                    data = b""
+                    while chunk := await loop.sock_recv(sock, 65536):
+                        data += chunk
+                if not data.startswith(b"HTTP/1.0 200") or data.split(b"\r\n\r\n")[1].split()[0].decode() \
+                        not in topo.names:
+                    failures.append(f"bad answer {data[:80]!r}")
+            except (OSError, TimeoutError) as exc:
+                failures.append(repr(exc))
+            finally:
+                sock.close()
+                done += 1
+
+        async def clients() -> None:
+            # At least 2000 connections, and on until every map update is through.
+            async with asyncio.TaskGroup() as group:
+                started = 0
+                while (started < 2000 or not updates_done.is_set()) and loop.time() < deadline:
+                    while started - done >= 32:
+                        await asyncio.sleep(0.002)
+                    group.create_task(one())
+                    started += 1
+
+        def applied() -> float:
+            return metrics(topo)("pointsman_kernel_map_updates_total")
+
+        def update_map() -> list[float]:
+            seconds: list[float] = []
+            for k in range(100):
+                before = applied()
+                start = time.monotonic()
+                backend = topo.names[k % 2]
+                status, _ = admin(topo, "PUT", f"/api/v1/pools/web/backends/{backend}/weight",
+                                  {"weight": 2 + k % 3})
+                assert status == 200
+                wait_until(lambda before=before: applied() > before, 5.0, interval=0.002,  # type: ignore[misc]
+                           what="map update applied")
+                seconds.append(time.monotonic() - start)
+            return seconds
+
+        async def updater() -> list[float]:
+            try:
+                return await asyncio.to_thread(update_map)
+            finally:
+                updates_done.set()
+
+        client_task = asyncio.create_task(clients())
+        seconds = await updater()
+        await client_task
+        found = metrics(topo)
+    assert not failures, f"{len(failures)} failures of {done}: {failures[:5]}"
+    assert done >= 2000
+    assert found("pointsman_kernel_map_updates_total") >= 101  # start + 100
+    assert found("pointsman_kernel_map_update_failures_total") == 0
+    seconds.sort()
+    mean = (found("pointsman_kernel_map_update_seconds_sum")
+            / found("pointsman_kernel_map_update_seconds_count"))
+    print(f"\n{done} connections, 0 failures; admin call to map applied: median "
+          f"{seconds[50] * 1000:.1f} ms, max {seconds[-1] * 1000:.1f} ms; publish to commit in "
+          f"pointsman: mean {mean * 1000:.1f} ms")
+
+
+def test_udp_through_the_kernel_to_a_local_vip(topo: LbTopology, servers: dict[str, BackendServer],
+                                                tmp_path: Path) -> None:
+    vip = topo.lb_client_side  # an address of the lb itself: "if local, works too"
+    text = config(topo, protocol="udp", bind=f"{vip}:{UDP_PORT}", port=UDP_PORT, slots=13)
+    with pointsman(topo, tmp_path, text):
+        seen: Counter[str] = Counter()
+        for i in range(24):
+            source = (topo.client_source(i), 50000 + i)
+            with topo.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(IO_TIMEOUT)
+                sock.bind(source)
+                sock.connect((vip, UDP_PORT))  # replies must come back from the VIP
+                sock.send(b"who")
+                name, peer = sock.recv(2048).decode().split()
+            assert name == maglev_choice(topo, 13, *source, "source_ip_port")
+            assert peer == topo.lb_backend_side(topo.names.index(name))
+            seen[name] += 1
+        assert set(seen) == set(topo.names)
+        assert metrics(topo)("pointsman_kernel_new_connections_total") == 24
+
+
+def test_reload_changes_algorithm_and_slots_keeping_counters(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, config(topo, algorithm="round_robin", slots=13)) as proc:
+        for _ in range(6):
+            http_get(topo)
+        proc.path.write_text(config(topo, algorithm="maglev", slots=7))
+        proc.reload()
+        wait_until(lambda: "mod 7 seed" in topo.lb.run("nft", "list", "chain", "inet", "pointsman",
+                                                        "l_web_dnat"), 5.0, what="reloaded rules")
+        assert len(slot_map(topo)) == 7
+        source = (topo.client_source(3), 51000)
+        assert http_get(topo, source).split()[0] == maglev_choice(topo, 7, *source, "source_ip_port")
+        assert metrics(topo)("pointsman_kernel_new_connections_total") == 7
+
+
+def test_refuses_an_algorithm_the_kernel_cannot_run(topo: LbTopology, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(config(topo, algorithm="least_connections"))
+    import sys
+
+    done = topo.lb.popen(sys.executable, "-m", "pointsman", "run", str(path),
+                         stdout=-1, stderr=-1)
+    out, err = done.communicate(timeout=30)
+    assert done.returncode == 1
+    assert b"cannot start" in err and b"least_connections is not available in the kernel" in err
+    assert "pointsman" not in topo.lb.run("nft", "list", "tables")
