@@ -256,7 +256,8 @@ def node_status(admin_url: str, token_file: str | None) -> None:
         state = "announced" if vip["announced"] else f"withdrawn ({vip['reason']})"
         click.echo(f"{vip['prefix']}: {state}, {vip['available']} available")
     speaker = bgp["speaker"] or {}
-    click.echo(f"exabgp: {speaker.get('state', 'none')}")
+    click.echo(f"exabgp: {speaker.get('state', 'none')} (pid {speaker.get('pid')}, "
+               f"{bgp['restarts']} restarts)")
     for peer, state in sorted(speaker.get("peers", {}).items()):
         click.echo(f"peer {peer}: {state}")
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from pointsman.config.addresses import resolve
 from pointsman.config.model import Config
+from pointsman.discovery.rules import discovery_problems
 
 Loc = tuple[str | int, ...]
 
@@ -208,6 +209,9 @@ def _model_problems(config: Config) -> Iterator[tuple[Loc, str]]:
             yield ("pools", i, "maglev_table_size"), f"must be prime, got {pool.maglev_table_size}"
         if pool.health_check is not None:
             yield from _health_problems(("pools", i, "health_check"), pool.health_check)
+        if pool.discovery is not None:
+            for where, message in discovery_problems(pool.discovery):
+                yield ("pools", i, "discovery", *where), message
 
 
 def _health_problems(loc: Loc, check: Any) -> Iterator[tuple[Loc, str]]:

@@ -35,6 +35,7 @@ log = logging.getLogger("pointsman.discovery")
 
 START_WAIT = 3.0  # at start, wait this long for each source's first answer before serving
 Apply = Callable[[Config], Awaitable[None]]
+MakeSource = Callable[[str, str, DiscoveryConfig], Source | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +55,13 @@ class _Runner:
 class Composer:
     def __init__(self, *, local: Mapping[str, Any] | None = None,
                  binds: Mapping[str, str] | None = None, etcd: EtcdScope | None = None,
-                 kubernetes_api: KubernetesApi | None = None) -> None:
+                 kubernetes_api: KubernetesApi | None = None,
+                 make_source: MakeSource | None = None) -> None:
         self.local = dict(local or {})  # node-local keys over every cluster config
         self.binds = dict(binds or {})  # this node's listener addresses, by listener name
         self.etcd = etcd
         self.kubernetes_api = kubernetes_api
+        self.make_source = make_source or self._source  # (pool, kind, discovery) -> Source
         self.base: Config | None = None
         self.current: Config | None = None  # what the runtime runs
         self.applied: Counter[str] = Counter()  # by source label: file, etcd, discovery
@@ -109,16 +112,16 @@ class Composer:
 
     # --- start and stop -------------------------------------------------------------------------------
 
-    async def start(self, base: Config, apply: Apply) -> None:
-        """Start the discovery sources of `base`; wait (bounded) for their first answers and apply
-        what they found, then keep applying their changes until `stop()`."""
+    async def start(self, base: Config, apply: Apply, wait: float = START_WAIT) -> None:
+        """Start the discovery sources of `base`; wait up to `wait` seconds for their first answers
+        and apply what they found, then keep applying their changes until `stop()`."""
         self._apply = apply
         self.base = self.current = base
         self._sync_sources(base)
         waits = [runner.answered.wait() for runner in self._runners.values()]
         if waits:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(START_WAIT):
+                async with asyncio.timeout(wait):
                     await asyncio.gather(*waits)
             async with self._lock:
                 await self._apply_current("discovery")
@@ -157,7 +160,7 @@ class Composer:
         for pool_name in set(self._found) - {p.name for p in config.pools}:
             del self._found[pool_name]
         for key, discovery in wanted.items():
-            if key not in self._runners and (source := self._source(*key, discovery)) is not None:
+            if key not in self._runners and (source := self.make_source(*key, discovery)) is not None:
                 self._start(key, source, discovery)
 
     def _source(self, pool: str, kind: str, d: DiscoveryConfig) -> Source | None:

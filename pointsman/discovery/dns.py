@@ -24,6 +24,7 @@ import dns.resolver
 import dns.rrset
 
 from pointsman.config.model import BackendConfig, DnsDiscoveryConfig
+from pointsman.discovery.rules import dns_problem
 from pointsman.discovery.source import Publish, backend, canonical
 from pointsman.fleet.backoff import Backoff
 
@@ -45,22 +46,11 @@ class Answer:
     ttl: float
 
 
-def check(config: DnsDiscoveryConfig) -> str | None:
-    """What is wrong with `config`, or None (also checked by the config loader)."""
-    if (config.srv is None) == (config.name is None):
-        return "set exactly one of srv or name"
-    if config.name is not None and config.port is None:
-        return "name needs port (A/AAAA records carry no port)"
-    if config.srv is not None and config.port is not None:
-        return "srv records carry their own port: remove port"
-    return None
-
-
 class DnsSource:
     kind = "dns"
 
     def __init__(self, config: DnsDiscoveryConfig) -> None:
-        problem = check(config)
+        problem = dns_problem(config)
         if problem is not None:
             raise ValueError(problem)
         self.config = config

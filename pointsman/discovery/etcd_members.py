@@ -16,7 +16,7 @@ from pointsman.config.model import BackendConfig
 from pointsman.discovery.source import Publish, backend, canonical
 from pointsman.fleet import keys
 from pointsman.fleet.backoff import Backoff
-from pointsman.fleet.etcd import EtcdClient, EtcdUnavailable, KeyValue, WatchCompacted
+from pointsman.fleet.etcd import EtcdClient, EtcdError, KeyValue
 
 log = logging.getLogger("pointsman.discovery")
 
@@ -70,7 +70,7 @@ class EtcdMembersSource:
                             else:
                                 members[event.kv.key] = b
                         publish(canonical(list(members.values())))
-            except (EtcdUnavailable, WatchCompacted) as exc:
+            except EtcdError as exc:  # unavailable, compacted, or refused (e.g. permission)
                 if not failing:
                     log.warning("%s: %s; keeping the members known, retrying", self.describe, exc)
                 failing = True

@@ -25,13 +25,7 @@ from pointsman.config.node import NodeFile
 from pointsman.discovery.composer import Composer, EtcdScope
 from pointsman.fleet import keys
 from pointsman.fleet.backoff import Backoff
-from pointsman.fleet.etcd import (
-    EtcdClient,
-    EtcdSettings,
-    EtcdUnavailable,
-    KeyValue,
-    WatchCompacted,
-)
+from pointsman.fleet.etcd import EtcdClient, EtcdError, EtcdSettings, EtcdUnavailable, KeyValue
 from pointsman.fleet.lease import LeaseKeeper
 
 if TYPE_CHECKING:
@@ -91,9 +85,10 @@ class NodeAgent:
                 config = await self._watch_for_first(revision)
                 if config is not None:
                     return config
-            except (EtcdUnavailable, WatchCompacted) as exc:
+            except EtcdError as exc:  # unavailable, compacted, or refused (e.g. permission)
                 self._set_connected(False)
-                self._say_waiting(f"etcd unreachable at {', '.join(self.client.endpoints)}: {exc}")
+                what = "unreachable" if isinstance(exc, EtcdUnavailable) else "refused the read"
+                self._say_waiting(f"etcd {what} at {', '.join(self.client.endpoints)}: {exc}")
                 await asyncio.sleep(backoff.next())
 
     async def _watch_for_first(self, revision: int) -> Config | None:
@@ -178,7 +173,7 @@ class NodeAgent:
                             else:
                                 log.warning("%s was deleted; the running config (revision %d) stays",
                                             self.config_key, self.revision)
-            except (EtcdUnavailable, WatchCompacted) as exc:
+            except EtcdError as exc:  # unavailable, compacted, or refused (e.g. permission)
                 self._set_connected(False, exc)
                 await asyncio.sleep(backoff.next())
 
@@ -206,7 +201,7 @@ class NodeAgent:
                     backoff.reset()
                     async for events in watch:
                         await self._set_drain(events[-1].kv if events[-1].type == "put" else None)
-            except (EtcdUnavailable, WatchCompacted):
+            except EtcdError:
                 await asyncio.sleep(backoff.next())  # the config watch logs the outage
 
     async def _set_drain(self, kv: KeyValue | None) -> None:

@@ -295,34 +295,45 @@ class Watch:
 
     async def __aenter__(self) -> Watch:
         client, reasons = self.client, []
-        timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT)
-        # A member cut off from the leader cancels the stream instead of going silent.
-        headers = {**client._headers(), "Grpc-Metadata-hasleader": "true"}
-        for attempt in range(len(client.endpoints)):
+        reauthenticated = False
+        for attempt in range(len(client.endpoints) + 1):
             index = (client._current + attempt) % len(client.endpoints)
-            endpoint = client.endpoints[index]
             try:
-                if client._credentials is not None and client._token is None:
-                    await client._authenticate(endpoint)
-                    headers["Authorization"] = client._token or ""
-                resp = await client._http().post(endpoint + "/v3/watch", json=self.body,
-                                                 headers=headers, timeout=timeout)
-            except (aiohttp.ClientError, OSError, TimeoutError, EtcdUnavailable) as exc:
-                reasons.append(f"{endpoint}: {exc!r}")
+                await self._open(client.endpoints[index])
+            except EtcdUnavailable as exc:
+                reasons.append(str(exc))
                 continue
-            self._resp, self.endpoint = resp, endpoint
-            self._lines = JsonLines(resp.content, MAX_MESSAGE_BYTES)
-            client._current = index
-            try:
-                first = await self._next_message()
-            except BaseException:
-                resp.release()
+            except EtcdError as exc:
+                if exc.code == _AUTH_CODE and client._credentials and not reauthenticated:
+                    client._token, reauthenticated = None, True
+                    continue
                 raise
-            if not first.get("created"):
-                resp.release()
-                raise EtcdUnavailable(f"{endpoint}: watch not created: {first}")
+            client._current = index
             return self
         raise EtcdUnavailable("no etcd member accepted the watch: " + "; ".join(reasons[-3:]))
+
+    async def _open(self, endpoint: str) -> None:
+        client = self.client
+        if client._credentials is not None and client._token is None:
+            await client._authenticate(endpoint)
+        # A member cut off from the leader cancels the stream instead of going silent.
+        headers = {**client._headers(), "Grpc-Metadata-hasleader": "true"}
+        timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT)
+        try:
+            resp = await client._http().post(endpoint + "/v3/watch", json=self.body, headers=headers,
+                                             timeout=timeout)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise EtcdUnavailable(f"{endpoint}: {exc!r}") from None
+        self._resp, self.endpoint = resp, endpoint
+        self._lines = JsonLines(resp.content, MAX_MESSAGE_BYTES)
+        try:
+            first = await self._next_message()
+            if not first.get("created"):
+                raise EtcdUnavailable(f"{endpoint}: watch not created: {first}")
+        except BaseException:
+            resp.close()
+            self._resp = None
+            raise
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:

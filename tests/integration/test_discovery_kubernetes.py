@@ -77,6 +77,8 @@ class FakeApi:
             if event is None:
                 break
             await resp.write(json.dumps(event).encode() + b"\n")
+            if event["type"] == "ERROR":
+                break  # the API server ends a watch after an ERROR event
         self.watching.clear()
         return resp
 

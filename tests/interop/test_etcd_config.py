@@ -28,6 +28,7 @@ from tests.interop.etcd_support import (
     metric,
     new_prefix,
     pool_backend_ids,
+    post,
     requires_etcd,
     write_node_file,
 )
@@ -99,20 +100,19 @@ async def test_node_waits_for_etcd_and_for_a_valid_config(tmp_path: Path) -> Non
             etcd.start(etcd.members[0])
             await asyncio.to_thread(etcd.wait_healthy)
             await wait_stderr(proc, "no valid config at", timeout=10.0)
-            async with named_backends("a") as (a,):
-                async with EtcdClient(EtcdSettings(tuple(etcd.urls))) as client:
-                    # A bad first revision is refused with its line; the node keeps waiting.
-                    await client.put(keys.config_key(prefix), "listeners: []\npools: nope\n")
-                    await wait_stderr(proc, "config@")
-                    assert ":1: listeners: list should have at least 1 item" in proc.stderr()
-                    good = tmp_path / "cluster.yaml"
-                    good.write_text(cluster_config(listen, [a]))
-                    pushed = await asyncio.to_thread(cli, "config", "push", str(good), "--endpoints",
-                                                     etcd.endpoints, "--prefix", prefix)
-                    assert pushed.returncode == 0, pushed.stderr
-                    await wait_listening(proc)
-                    assert await ask_name(listen) == "a"
-                    assert metric(admin, REJECTED) == 1.0
+            async with named_backends("a") as (a,), EtcdClient(EtcdSettings(tuple(etcd.urls))) as client:
+                # A bad first revision is refused with its line; the node keeps waiting.
+                await client.put(keys.config_key(prefix), "listeners: []\npools: nope\n")
+                await wait_stderr(proc, "config@")
+                assert ":1: listeners: list should have at least 1 item" in proc.stderr()
+                good = tmp_path / "cluster.yaml"
+                good.write_text(cluster_config(listen, [a]))
+                pushed = await asyncio.to_thread(cli, "config", "push", str(good), "--endpoints",
+                                                 etcd.endpoints, "--prefix", prefix)
+                assert pushed.returncode == 0, pushed.stderr
+                await wait_listening(proc)
+                assert await ask_name(listen) == "a"
+                assert metric(admin, REJECTED) == 1.0
         finally:
             await asyncio.to_thread(stop, proc)
 
@@ -262,3 +262,40 @@ async def test_fleet_status_drain_and_registration_lease(etcd: EtcdCluster, tmp_
     checked = await asyncio.to_thread(cli, "check", str(node))
     assert checked.returncode == 0 and checked.stdout.startswith("ok node lb-a"), checked.stderr
     assert "node-local keys: admin" in checked.stdout
+
+
+async def test_etcd_with_authentication(tmp_path: Path) -> None:
+    listen, prefix, admin = f"{LOOPBACK}:{free_port()}", new_prefix(), free_port()
+    with etcd_cluster(tmp_path) as etcd:
+        url = etcd.urls[0]
+        for path, body in (("/v3/auth/user/add", {"name": "root", "password": "s3cret"}),
+                           ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+                           ("/v3/auth/enable", {})):
+            assert post(url, path, body) is not None, path
+        credentials = tmp_path / "etcd.token"
+        credentials.write_text("root:s3cret\n")
+        async with named_backends("a", "b") as (a, b):
+            config = tmp_path / "cluster.yaml"
+            config.write_text(cluster_config(listen, [a]))
+            target = ["--endpoints", etcd.endpoints, "--prefix", prefix]
+            refused = await asyncio.to_thread(cli, "config", "push", str(config), *target)
+            assert refused.returncode == 1 and "user name is empty" in refused.stderr
+            pushed = await asyncio.to_thread(cli, "config", "push", str(config), *target,
+                                             "--token-file", str(credentials))
+            assert pushed.returncode == 0, pushed.stderr
+
+            node = write_node_file(tmp_path / "node.yaml", "lb-a", etcd.endpoints, prefix, admin)
+            data = yaml.safe_load(node.read_text())
+            data["config_source"]["etcd"]["token_file"] = str(credentials)
+            node.write_text(yaml.safe_dump(data))
+            proc = start_node(tmp_path / "lb-a", node)
+            try:
+                await wait_listening(proc)
+                assert await ask_name(listen) == "a"
+                config.write_text(cluster_config(listen, [b]))
+                pushed = await asyncio.to_thread(cli, "config", "push", str(config), *target,
+                                                 "--token-file", str(credentials))
+                assert pushed.returncode == 0, pushed.stderr
+                await wait_backends(admin, ["b"])  # the watch is authenticated too
+            finally:
+                await asyncio.to_thread(stop, proc)

@@ -221,7 +221,7 @@ class Lab:
         log = (self.directory / "bird.log").open("w")
         self.bird = self._spawn(self.router_ns, [tool("bird"), "-c", str(config), "-s",
                                                  str(self.bird_socket), "-f"], stdout=log)
-        wait_until("bird's control socket", lambda: "ready" in self._birdc("show status"), 10.0)
+        wait_until("bird's control socket", lambda: "ready" in self.birdc("show status"), 10.0)
 
     def _spawn(self, ns: str, argv: list[str], stdout: object = subprocess.DEVNULL,
                env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -331,14 +331,14 @@ class Lab:
 
     # --- the router and the client -------------------------------------------------------------------
 
-    def _birdc(self, command: str) -> str:
+    def birdc(self, command: str) -> str:
         result = subprocess.run([tool("birdc"), "-s", str(self.bird_socket), *command.split()],
                                 capture_output=True, text=True, timeout=10)
         return result.stdout
 
     def bird_next_hops(self) -> set[str]:
         """The next hops bird holds for the VIP (one route per node announcing it)."""
-        return set(re.findall(r"via (\S+)", self._birdc(f"show route for {VIP}/32")))
+        return set(re.findall(r"via (\S+)", self.birdc(f"show route for {VIP}/32")))
 
     def kernel_next_hops(self) -> set[str]:
         """The next hops in the router's forwarding table (ECMP: `nexthop via` lines)."""

@@ -12,6 +12,8 @@ printed (run with -s to see them). The assertions allow 1 s.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -96,8 +98,9 @@ def test_maglev_sends_a_client_to_the_same_backend_through_either_node(fleet: La
 
 def test_backend_down_withdraws_and_backend_up_announces(fleet: Lab) -> None:
     node1, node2 = fleet.nodes
+    assert node1.backend is not None
     killed = time.time()
-    fleet.stop_process(node1.backend, signal.SIGKILL)
+    node1.backend.send_signal(signal.SIGKILL)
     seen = fleet.wait_next_hops({node2.address}, REACT + 0.5)
     decided = node1.log_time(r"bgp: withdraw 10\.99\.0\.10/32: pool web has 0", after=killed)
     assert seen - decided < REACT
@@ -132,12 +135,40 @@ def test_node_drain_withdraws_and_resume_announces(fleet: Lab) -> None:
     _report("node resume -> announced at the router", seen - decided)
 
 
+def test_a_session_reset_by_the_router_gets_the_route_back(fleet: Lab) -> None:
+    """ExaBGP keeps what pointsman asked for (adj-rib-out) and sends it on the new session."""
+    node1, node2 = fleet.nodes
+    assert "disabled" in fleet.birdc("disable node1")
+    fleet.wait_next_hops({node2.address}, REACT)
+    enabled = time.time()
+    assert "enabled" in fleet.birdc("enable node1")
+    seen = fleet.wait_next_hops(_all(fleet), 10.0)
+    _report("router re-enables the session -> route back", seen - enabled)
+    assert "peer 10.0.11.254: up" in fleet.pointsman_cli(node1, "node", "status")
+
+
+def test_a_killed_exabgp_is_replaced_and_the_route_comes_back(fleet: Lab) -> None:
+    node1, node2 = fleet.nodes
+    status = fleet.pointsman_cli(node1, "node", "status")
+    match = re.search(r"exabgp: running \(pid (\d+), (\d+) restarts\)", status)
+    assert match, status
+    killed = time.time()
+    os.kill(int(match.group(1)), signal.SIGKILL)
+    fleet.wait_next_hops({node2.address}, REACT)  # its session closed with it
+    seen = fleet.wait_next_hops(_all(fleet), 10.0)  # restarted after 1 s, told the VIP again
+    _report("ExaBGP SIGKILLed -> route back via a new ExaBGP (1 s backoff)", seen - killed)
+    status = fleet.pointsman_cli(node1, "node", "status")
+    assert f"{int(match.group(2)) + 1} restarts" in status, status
+
+
 def test_shutdown_withdraws_first_and_leaves_no_process(fleet: Lab) -> None:
     node1, node2 = fleet.nodes
+    assert node2.pointsman is not None
     stopping = time.time()
-    assert fleet.stop_process(node2.pointsman, signal.SIGTERM) == 0
+    node2.pointsman.send_signal(signal.SIGTERM)
     seen = fleet.wait_next_hops({node1.address}, REACT)
     _report("SIGTERM -> withdrawn at the router", seen - stopping)
+    assert fleet.stop_process(node2.pointsman) == 0  # waits for the exit, then reads its code
     log = node2.log_text()
     assert log.index("withdraw 10.99.0.10/32: the node is stopping") < log.index("ExaBGP stopped")
     _assert_only_backend_left(fleet, node2)
@@ -147,9 +178,11 @@ def test_killed_pointsman_takes_its_route_and_exabgp_with_it(fleet: Lab) -> None
     """SIGKILL gives pointsman no chance to withdraw: the relay sees its socket close and stops
     ExaBGP, whose session close makes the router drop the route."""
     node1, node2 = fleet.nodes
+    assert node1.pointsman is not None
     killed = time.time()
-    fleet.stop_process(node1.pointsman, signal.SIGKILL)
+    node1.pointsman.send_signal(signal.SIGKILL)
     seen = fleet.wait_next_hops({node2.address}, REACT)
+    fleet.stop_process(node1.pointsman)  # reap it
     _report("SIGKILL of pointsman -> withdrawn at the router", seen - killed)
     wait_until("ExaBGP and the relay to exit", lambda: _only_backend(fleet, node1), 5.0)
     wait_until("the relay to remove ExaBGP's directory", lambda: not any(node1.tmp.iterdir()), 5.0)

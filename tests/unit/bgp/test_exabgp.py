@@ -98,7 +98,7 @@ def test_commands_are_one_line_each() -> None:
 
 GOLDEN = """\
 process pointsman {
-    run %s -I /opt/pointsman/bgp/relay.py /tmp/pointsman-bgp-x/api.sock;
+    run PYTHON -I /opt/pointsman/bgp/relay.py /tmp/pointsman-bgp-x/api.sock;
     encoder text;
 }
 
@@ -123,7 +123,7 @@ neighbor 2001:db8::1 {
     family { ipv6 unicast; }
     api { processes [ pointsman ]; neighbor-changes; }
 }
-""" % sys.executable
+""".replace("PYTHON", sys.executable)
 
 TWO_PEERS = config(
     peers=[{"address": "10.0.0.254", "asn": 65000, "port": 1179, "hold_time": "9s",
