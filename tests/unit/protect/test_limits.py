@@ -23,7 +23,7 @@ def test_listener_rate_limit_counts_exactly() -> None:
 def test_per_source_cap_and_release() -> None:
     admission = Admission(Limits(max_connections_per_source=2))
     first, key1 = admission.admit("192.0.2.1", 0.0)
-    second, key2 = admission.admit("192.0.2.1", 0.0)
+    second, _ = admission.admit("192.0.2.1", 0.0)
     third, _ = admission.admit("192.0.2.1", 0.0)
     other, _ = admission.admit("192.0.2.2", 0.0)
     assert (first, second, third, other) == (None, None, LimitReason.SOURCE_CONNECTIONS, None)
