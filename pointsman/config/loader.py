@@ -190,6 +190,14 @@ def _reference_problems(data: Any) -> Iterator[tuple[Loc, str]]:
 
 
 def _model_problems(config: Config) -> Iterator[tuple[Loc, str]]:
+    if config.bgp is not None:
+        pools = {pool.name for pool in config.pools}
+        listeners = {listener.name for listener in config.listeners}
+        for i, vip in enumerate(config.bgp.vips):
+            if vip.pool is not None and vip.pool not in pools:
+                yield ("bgp", "vips", i, "pool"), f"no pool named {vip.pool!r}"
+            if vip.listener is not None and vip.listener not in listeners:
+                yield ("bgp", "vips", i, "listener"), f"no listener named {vip.listener!r}"
     for i, listener in enumerate(config.listeners):
         if listener.protocol == "udp" and (listener.tls_routes or
                                            listener.proxy_protocol.accept != "off"):

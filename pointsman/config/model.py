@@ -334,18 +334,5 @@ class Config(Strict):
     flow_log: FlowLogConfig | None = None  # absent: no flow log
     bgp: BgpConfig | None = None  # absent: no VIP announcement
 
-    @model_validator(mode="after")
-    def _check_bgp_references(self) -> Config:
-        if self.bgp is None:
-            return self
-        pools = {pool.name for pool in self.pools}
-        listeners = {listener.name for listener in self.listeners}
-        for i, vip in enumerate(self.bgp.vips):
-            if vip.pool is not None and vip.pool not in pools:
-                raise ValueError(f"bgp.vips[{i}].pool: no pool named {vip.pool!r}")
-            if vip.listener is not None and vip.listener not in listeners:
-                raise ValueError(f"bgp.vips[{i}].listener: no listener named {vip.listener!r}")
-        return self
-
     def pool(self, name: str) -> PoolConfig:
         return next(p for p in self.pools if p.name == name)

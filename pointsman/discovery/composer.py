@@ -97,15 +97,23 @@ class Composer:
             config = self.compose_text(text, source)
         except ConfigError as exc:
             return self.reject(label, exc.issues, f"config from {source}")
-        return await self.apply_base(config, label)
+        try:
+            return await self.apply_base(config, label)
+        except OSError as exc:
+            return self.reject(label, [f"cannot apply: {exc}"], f"config from {source}")
 
     async def apply_base(self, config: Config, label: str) -> list[str]:
-        """A new base config (file reload, etcd revision): discovered backends merge into it."""
+        """A new base config (file reload, etcd revision): discovered backends merge into it.
+        Returns validation problems; OSError (a port that cannot be bound) propagates."""
         async with self._lock:
             previous = self.base
             self.base = config
             self._sync_sources(config)
-            errors = await self._apply_current(label)
+            try:
+                errors = await self._apply_current(label)
+            except OSError:
+                self.base = previous
+                raise
             if errors:
                 self.base = previous
             return errors
@@ -221,7 +229,10 @@ class Composer:
             await self._dirty.wait()
             self._dirty.clear()
             async with self._lock:
-                await self._apply_current("discovery")
+                try:
+                    await self._apply_current("discovery")
+                except OSError as exc:
+                    self.reject("discovery", [f"cannot apply: {exc}"], "config with discovered backends")
 
     async def _apply_current(self, label: str) -> list[str]:
         """Build base + discovered, validate as a file is, and apply it (lock held). A discovered
@@ -240,10 +251,7 @@ class Composer:
         if self._apply is None:  # not started yet: the runtime starts with this one
             self.current = config
             return []
-        try:
-            await self._apply(config)
-        except OSError as exc:
-            return self.reject(label, [f"cannot apply: {exc}"], "config")
+        await self._apply(config)
         self._log_pool_changes(self.current, config)
         self.current = config
         self.applied[label] += 1

@@ -124,6 +124,7 @@ class Node:
     ns: str
     address: str  # on the link to the router
     directory: Path
+    workers: int = 1  # node 2 runs a control process and 2 workers: the announcer is the control's
     pointsman: subprocess.Popen[str] | None = None
     backend: subprocess.Popen[str] | None = None  # the web pool's only backend
     sticky: list[subprocess.Popen[str]] = field(default_factory=list)
@@ -159,7 +160,7 @@ class Lab:
         tag = f"{os.getpid() % 100000}"
         self.router_ns = f"pmb{tag}r"
         self.client_ns = f"pmb{tag}c"
-        self.nodes = [Node(i, f"pmb{tag}n{i}", f"10.0.1{i}.1", directory)
+        self.nodes = [Node(i, f"pmb{tag}n{i}", f"10.0.1{i}.1", directory, workers=1 if i == 1 else 2)
                       for i in range(1, nodes + 1)]
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen[str]] = []
@@ -264,6 +265,7 @@ class Lab:
             admin:
               bind: "{ADMIN}"
             shutdown_grace: 1s
+            workers: {node.workers}
             bgp:
               asn: {NODE_ASN}
               router_id: {node.address}

@@ -1,7 +1,8 @@
 """VIP announcement by BGP, gated by health, against a real router (bird2) in network namespaces.
 
 One lab per module (see bgp_support.py): a bird2 router with `merge paths` into its kernel table,
-two pointsman nodes announcing 10.99.0.10/32 through ExaBGP, a client behind the router. Before each
+two pointsman nodes announcing 10.99.0.10/32 through ExaBGP (node 1 a single process, node 2 a
+control process with two workers), a client behind the router. Before each
 test the `fleet` fixture brings both nodes back to "running, backend up, not drained, announcing",
 so every test starts from two ECMP next hops whatever the previous one did.
 
@@ -71,6 +72,15 @@ def test_router_learns_the_vip_from_both_nodes_as_ecmp(bgp_lab: Lab) -> None:
     # merge paths: the router's forwarding table holds one route with both next hops
     wait_until("two ECMP next hops in the router's kernel",
                lambda: bgp_lab.kernel_next_hops() == _all(bgp_lab), REACT)
+
+
+def test_one_exabgp_per_node_whatever_the_worker_count(fleet: Lab) -> None:
+    node1, node2 = fleet.nodes
+    assert (node1.workers, node2.workers) == (1, 2)
+    for node in fleet.nodes:
+        commands = fleet.ns_commands(node.ns)
+        assert sum(" -m exabgp " in cmd for cmd in commands) == 1, commands
+        assert sum("relay.py" in cmd for cmd in commands) == 1, commands
 
 
 def test_client_traffic_reaches_the_vip_through_both_nodes(fleet: Lab) -> None:

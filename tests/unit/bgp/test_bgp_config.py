@@ -136,13 +136,13 @@ def test_every_key() -> None:
         router_id: 10.0.11.1
         peers: [{address: 10.0.11.254, asn: 65000}]
         vips: [{prefix: 10.99.0.10, pool: nope}]
-     """, "pointsman.yaml:1: bgp.vips[0].pool: no pool named 'nope'"),
+     """, "pointsman.yaml:13: bgp.vips[0].pool: no pool named 'nope'"),
     ("""
         asn: 65001
         router_id: 10.0.11.1
         peers: [{address: 10.0.11.254, asn: 65000}]
         vips: [{prefix: 10.99.0.10, listener: nope}]
-     """, "pointsman.yaml:1: bgp.vips[0].listener: no listener named 'nope'"),
+     """, "pointsman.yaml:13: bgp.vips[0].listener: no listener named 'nope'"),
     ("""
         asn: 65001
         router_id: 10.0.11.1
