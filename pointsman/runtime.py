@@ -361,10 +361,10 @@ class Runtime:
         if self.bgp is not None:
             announcer, self.bgp = self.bgp, None
             await announcer.stop()
+        if self.composer is not None:
+            await self.composer.stop()  # discovery sources first: they may use the etcd client
         if self.fleet is not None:
             await self.fleet.stop()  # leave the fleet: registration revoked, etcd watches closed
-        if self.composer is not None:
-            await self.composer.stop()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         if self.stop_workers is not None:

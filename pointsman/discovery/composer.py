@@ -70,6 +70,7 @@ class Composer:
         self._apply: Apply | None = None
         self._found: dict[str, dict[str, tuple[BackendConfig, ...]]] = {}
         self._runners: dict[tuple[str, str], _Runner] = {}
+        self._cancelled: set[asyncio.Task[None]] = set()  # stopped runners, awaited by stop()
         self._lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._applier: asyncio.Task[None] | None = None
@@ -137,7 +138,7 @@ class Composer:
                                                                name="discovery:apply")
 
     async def stop(self) -> None:
-        tasks = [r.task for r in self._runners.values()]
+        tasks = [r.task for r in self._runners.values()] + list(self._cancelled)
         if self._applier is not None:
             tasks.append(self._applier)
         for task in tasks:
@@ -162,7 +163,9 @@ class Composer:
                 wanted[pool.name, kind] = d
         for key, runner in list(self._runners.items()):
             if wanted.get(key) != runner.config:
-                runner.task.cancel()  # awaited by stop(); a cancelled source holds nothing
+                runner.task.cancel()
+                self._cancelled.add(runner.task)
+                runner.task.add_done_callback(self._cancelled.discard)
                 del self._runners[key]
                 self._found.get(key[0], {}).pop(key[1], None)
         for pool_name in set(self._found) - {p.name for p in config.pools}:
@@ -183,8 +186,8 @@ class Composer:
                               "config_source.etcd; ignored", pool)
                     return None
                 return EtcdMembersSource(self.etcd.client, self.etcd.prefix, pool)
-        except ValueError as exc:
-            log.error("pool %s: discovery.%s: %s; ignored", pool, kind, exc)
+        except Exception as exc:  # a source that cannot start must not stop the config applying
+            log.error("pool %s: discovery.%s cannot start: %s; ignored", pool, kind, exc)
         return None
 
     def _start(self, key: tuple[str, str], source: Source, discovery: DiscoveryConfig) -> None:

@@ -7,7 +7,6 @@ POINTSMAN_ETCD_ENDPOINTS and POINTSMAN_ETCD_PREFIX, or a node file with `--node-
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import sys
@@ -200,8 +199,6 @@ def _drain_command(drain: bool) -> None:
             click.echo(f"{node}: still {health} after {wait_seconds:.0f}s", err=True)
             sys.exit(1)
 
-    del command
-
 
 _drain_command(True)
 _drain_command(False)
@@ -246,8 +243,7 @@ def register(pool: str, address: str, ttl: int, weight: int, **options: Any) -> 
         await stopped
         registered.cancel()
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.gather(registered, task, return_exceptions=True)
         await keeper.close()
         click.echo(f"deregistered {key}")
 

@@ -107,6 +107,11 @@ def _kv(data: dict[str, Any]) -> KeyValue:
     )
 
 
+def _why(exc: BaseException) -> str:
+    """A short reason for a failed connection or request (TimeoutError has no message)."""
+    return str(exc) or type(exc).__name__
+
+
 def _revision(body: dict[str, Any]) -> int:
     return int(body.get("header", {}).get("revision", 0))
 
@@ -134,6 +139,7 @@ class EtcdClient:
         self.call_timeout = call_timeout
         self._current = 0
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._credentials: tuple[str, str] | None = None
         self._token: str | None = None
         if settings.token_file is not None:
@@ -161,12 +167,15 @@ class EtcdClient:
         return context
 
     def _http(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise EtcdUnavailable("the etcd client is closed")
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=self._ssl() or False, limit=16)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -191,7 +200,7 @@ class EtcdClient:
                 text = await resp.text()
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise EtcdUnavailable(f"{endpoint}: {exc!r}") from None
+            raise EtcdUnavailable(f"{endpoint}: {_why(exc)}") from None
         try:
             data = json.loads(text) if text else {}
         except json.JSONDecodeError:
@@ -222,7 +231,7 @@ class EtcdClient:
                 raise
             self._current = index
             return data
-        raise EtcdUnavailable("no etcd member answered: " + "; ".join(reasons[-3:]))
+        raise EtcdUnavailable("no etcd member answered: " + "; ".join(dict.fromkeys(reasons)))
 
     async def _authenticate(self, endpoint: str) -> None:
         assert self._credentials is not None
@@ -310,7 +319,7 @@ class Watch:
                 raise
             client._current = index
             return self
-        raise EtcdUnavailable("no etcd member accepted the watch: " + "; ".join(reasons[-3:]))
+        raise EtcdUnavailable("no etcd member accepted the watch: " + "; ".join(dict.fromkeys(reasons)))
 
     async def _open(self, endpoint: str) -> None:
         client = self.client
@@ -323,7 +332,7 @@ class Watch:
             resp = await client._http().post(endpoint + "/v3/watch", json=self.body, headers=headers,
                                              timeout=timeout)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise EtcdUnavailable(f"{endpoint}: {exc!r}") from None
+            raise EtcdUnavailable(f"{endpoint}: {_why(exc)}") from None
         self._resp, self.endpoint = resp, endpoint
         self._lines = JsonLines(resp.content, MAX_MESSAGE_BYTES)
         try:

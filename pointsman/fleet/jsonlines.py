@@ -25,7 +25,7 @@ class JsonLines:
             try:
                 chunk = await self.content.readany()
             except (aiohttp.ClientError, OSError) as exc:
-                raise StreamEnded(f"stream lost: {exc!r}") from None
+                raise StreamEnded(f"stream lost: {str(exc) or type(exc).__name__}") from None
             if not chunk:
                 raise StreamEnded("stream ended")
             self._pending += chunk

@@ -117,8 +117,13 @@ class KernelListener:
         except NftError as exc:
             self._release()
             raise KernelConfigError(self.name, [f"nftables refused the listener's rules: {exc}"]) from exc
+        except BaseException:
+            self._release()
+            raise
         self._watch(self.pool)
         self._writer = self.loop.create_task(self._write_loop(), name=f"kernel-writer:{self.name}")
+        if self.pool.snapshot is not snapshot:  # published while we wrote the first one
+            self._on_snapshot(self.pool, self.pool.snapshot)
         self.accepting = True
 
     def _warn_if_not_forwarding(self) -> None:
@@ -160,13 +165,20 @@ class KernelListener:
                 continue
             try:
                 await asyncio.to_thread(self._program, snapshot, restructure)
-            except (NftError, OSError, ValueError) as exc:
-                self.updates.failed += 1
-                log.error("kernel listener %s: programming pool %s v%d failed (retrying in %.0fs): %s",
-                          self.name, snapshot.name, snapshot.version, RETRY_SECONDS, exc)
-                self._retry_later(snapshot, since, restructure)
+            except NftError as exc:
+                self._failed(snapshot, since, restructure, str(exc))
+                continue
+            except Exception as exc:  # a bug must not end the only writer: log it, count it, retry
+                log.exception("kernel listener %s: programming failed", self.name)
+                self._failed(snapshot, since, restructure, repr(exc))
                 continue
             self.updates.latency.observe(time.perf_counter() - since)
+
+    def _failed(self, snapshot: PoolSnapshot, since: float, restructure: bool, error: str) -> None:
+        self.updates.failed += 1
+        log.error("kernel listener %s: programming pool %s v%d failed (retrying in %.0fs): %s",
+                  self.name, snapshot.name, snapshot.version, RETRY_SECONDS, error)
+        self._retry_later(snapshot, since, restructure)
 
     def _retry_later(self, snapshot: PoolSnapshot, since: float, restructure: bool) -> None:
         def retry() -> None:

@@ -16,9 +16,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,7 +110,7 @@ class EtcdCluster:
         raise AssertionError(f"no etcd leader after {timeout}s")
 
 
-def post(url: str, path: str, body: dict[str, object], timeout: float = 1.0) -> dict[str, object] | None:
+def post(url: str, path: str, body: Mapping[str, object], timeout: float = 1.0) -> dict[str, Any] | None:
     request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CLONE_NEWNET = 0x40000000
 COMMAND_TIMEOUT = 10.0  # seconds for one `ip`/`nft` command; they take milliseconds
@@ -92,13 +93,18 @@ class Netns:
     def __init__(self, name: str) -> None:
         self.name = name
         _command(["ip", "netns", "add", name])
-        self.run("ip", "link", "set", "lo", "up")
+        try:
+            self.run("ip", "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, *args: str, check: bool = True, timeout: float = COMMAND_TIMEOUT) -> str:
         return _command(["ip", "netns", "exec", self.name, *args], check=check, timeout=timeout)
 
-    def popen(self, *args: str, **kwargs: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kwargs)  # type: ignore[call-overload, no-any-return]
+    def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """A process in the namespace (`ip netns exec` execs it: the pid is the command's)."""
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kwargs)
 
     def sysctl(self, key: str, value: str) -> None:
         self.run("sysctl", "-qw", f"{key}={value}")

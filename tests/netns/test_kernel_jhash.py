@@ -69,7 +69,8 @@ def test_kernel_marks_equal_python_jhash() -> None:
         match = _ENTRY.search(line)
         if match is None or int(match.group(3)) not in RULES:
             continue
-        source, sport, dport, mark = match.group(1), int(match.group(2)), int(match.group(3)), int(match.group(4))
+        source = match.group(1)
+        sport, dport, mark = (int(match.group(i)) for i in (2, 3, 4))
         _, hash_key, modulus, seed = RULES[dport]
         key = source_key(source, sport, hash_key)
         assert nft_jhash(registers(key, source_key_fields(key)), modulus, seed) == mark, line

@@ -46,3 +46,23 @@ def test_a_source_describes_what_it_watches() -> None:
     source = DnsSource(DnsDiscoveryConfig.model_validate({"srv": "_a._tcp.x", "resolver": "127.0.0.1:5353"}))
     assert source.describe == "SRV _a._tcp.x via 127.0.0.1:5353"
     assert source.resolver.nameservers == ["127.0.0.1"] and source.resolver.port == 5353
+
+
+def test_check_reports_discovery_rules_with_their_line() -> None:
+    from pointsman.config.loader import ConfigError, load_text
+
+    text = ("listeners: [{name: lb, bind: '127.0.0.1:1', pool: p}]\n"
+            "pools:\n"
+            "  - name: p\n"
+            "    backends: [{address: '127.0.0.1:2'}]\n"
+            "    discovery:\n"
+            "      dns: {name: web.example}\n"
+            "  - name: q\n"
+            "    backends: [{address: '127.0.0.1:2'}]\n"
+            "    discovery: {}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_text(text, "c.yaml")
+    assert [str(i) for i in raised.value.issues] == [
+        "c.yaml:6: pools[0].discovery.dns: name needs port (A/AAAA records carry no port)",
+        "c.yaml:9: pools[1].discovery: names no source: set dns, kubernetes or etcd_members",
+    ]

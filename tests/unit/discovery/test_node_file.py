@@ -3,6 +3,8 @@ and listener addresses over the cluster config; a node file is not a cluster con
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pointsman.config.loader import ConfigError, load_text
@@ -73,7 +75,7 @@ def test_missing_sections() -> None:
 
 
 def test_overlay_replaces_whole_keys_and_binds_listeners() -> None:
-    cluster = {"listeners": [{"name": "lb", "bind": "10.0.0.1:80", "pool": "p"},
+    cluster: dict[str, Any] = {"listeners": [{"name": "lb", "bind": "10.0.0.1:80", "pool": "p"},
                              {"name": "dns", "bind": "10.0.0.1:53", "pool": "p"}],
                "admin": {"bind": "127.0.0.1:1", "token_file": "/t"}, "workers": 4}
     data = overlay_local(cluster, {"admin": {"bind": "127.0.0.1:9900"}}, {"lb": "127.0.0.1:8080",

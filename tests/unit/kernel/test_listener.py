@@ -17,7 +17,7 @@ from pointsman.kernel import listener as listener_module
 from pointsman.kernel import nft as nft_module
 from pointsman.kernel.listener import KernelListener
 from pointsman.kernel.netlink import CounterValue
-from pointsman.kernel.nft import KernelTable, Nft
+from pointsman.kernel.nft import KernelTable, Nft, NftError
 from pointsman.kernel.plan import KernelConfigError
 from pointsman.pool.pool import Pool
 from pointsman.telemetry.flow import EndReason
@@ -181,3 +181,24 @@ async def test_stats_map_counters_to_backends(table: KernelTable, monkeypatch: p
     assert (by_id["b2"].new_connections, by_id["b2"].bytes_out) == (2, 9000)
     assert sum(b.slots for b in stats.backends) == 13
     assert stats.sessions_created == 5 and stats.capacity == stats.conntrack_max
+
+
+async def test_a_refused_transaction_is_counted_and_retried(table: KernelTable,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel, backends = await started(table)
+    monkeypatch.setattr(listener_module, "RETRY_SECONDS", 0.05)
+    refusals = [NftError("Error: Could not process rule: No such file or directory")] * 2
+    real_json = Recorder.json
+
+    def flaky(self: Recorder, commands: list[dict[str, Any]]) -> None:
+        if refusals:
+            raise refusals.pop()
+        real_json(self, commands)
+
+    monkeypatch.setattr(Recorder, "json", flaky)
+    backends.set_weight("b1", 4)
+    await settle(kernel, 2)
+    # the diff was refused, then the whole-map fallback too: one failure; nothing changed in the
+    # kernel (a transaction is all or nothing), so the retry's diff applies
+    assert kernel.updates.failed == 1
+    assert any(c.get("delete", {}).get("element", {}).get("name") == "l_web_slots" for c in jsons()[-1])
