@@ -130,7 +130,7 @@ async def _serve(cfg: Config, path: str | None, log_level: str = "info",
     def announce(line: str) -> None:
         print(line, flush=True)
 
-    workers = cfg.workers or int(os.environ.get("POINTSMAN_WORKERS", "0")) or 1  # TODO cpu_count
+    workers = cfg.workers or int(os.environ.get("POINTSMAN_WORKERS", "0")) or os.cpu_count() or 1
     runtime = Runtime(cfg, path, announce=announce, role="control" if workers > 1 else "single")
     if agent is not None:  # a node-file run: etcd config, node registration, drain
         runtime.composer, runtime.fleet = agent.composer, agent
@@ -151,12 +151,14 @@ async def _serve(cfg: Config, path: str | None, log_level: str = "info",
 
 @main.command()
 @click.option("--port", default=8800, show_default=True, help="Port of the demo listener.")
-def demo(port: int) -> None:
+@click.option("--admin-port", default=9900, show_default=True,
+              help="Port of the admin API and status page (0: none).")
+def demo(port: int, admin_port: int) -> None:
     """Start 3 local echo backends and a listener in front of them, and say how to try it."""
     from pointsman.demo import run_demo
 
     _setup_logging("info")
-    run_loop(run_demo(port))
+    run_loop(run_demo(port, admin_port))
 
 
 # --- talking to a running pointsman through its admin API -------------------------------------------

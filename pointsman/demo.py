@@ -19,9 +19,10 @@ pools:
     connect_timeout: 1s
     idle_timeout: 1m
     retries: 2
+    health_check: {{type: tcp, interval: 2s, timeout: 1s}}
     backends:
 {backends}
-"""
+{admin}"""
 
 
 async def _backend(name: str) -> asyncio.Server:
@@ -41,18 +42,21 @@ async def _backend(name: str) -> asyncio.Server:
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
-async def run_demo(port: int) -> None:
+async def run_demo(port: int, admin_port: int = 0) -> None:
     servers = [await _backend(f"backend-{i}") for i in range(1, 4)]
     ports = [s.sockets[0].getsockname()[1] for s in servers]
     backends = "\n".join(f'      - address: "127.0.0.1:{p}"' for p in ports)
-    config = load_text(DEMO_CONFIG.format(port=port, backends=backends), "<demo>")
+    admin = f'admin: {{bind: "127.0.0.1:{admin_port}"}}\n' if admin_port else ""
+    config = load_text(DEMO_CONFIG.format(port=port, backends=backends, admin=admin), "<demo>")
     runtime = Runtime(config)
     runtime.install_signal_handlers()  # before "listening" is printed, as in `pointsman run`
     await runtime.start()
     print(
         f"\npointsman demo: 3 backends on ports {', '.join(map(str, ports))}.\n"
-        f"Try:  echo hi | nc -q1 127.0.0.1 {port}    (run it a few times: round robin)\n"
-        "Stop with Ctrl-C.\n",
+        f"Try:  echo hi | socat - TCP:127.0.0.1:{port}    (a few times: round robin)\n"
+        + (f"      open http://127.0.0.1:{admin_port}/ (status page),  pointsman status,\n"
+           f"      pointsman drain demo 127.0.0.1:{ports[0]}\n" if admin_port else "")
+        + "Stop with Ctrl-C.\n",
         flush=True,
     )
     try:

@@ -288,8 +288,8 @@ class Runtime:
         wanted = {listener.name: listener for listener in config.listeners}
         for name, listener in list(self.listeners.items()):
             new = wanted.get(name)
-            same = new is not None and (new.bind, new.protocol) == (
-                listener.config.bind, listener.config.protocol)
+            same = new is not None and (new.bind, new.protocol, new.dataplane) == (
+                listener.config.bind, listener.config.protocol, listener.config.dataplane)
             if new is not None and same:
                 listener.reconfigure(new, self.pools[new.fallback_pool])
                 continue

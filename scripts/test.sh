@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"  # tests start `pointsman`, `exabgp` and `promtool` by name
 .venv/bin/ruff check pointsman tests bench
 .venv/bin/mypy
 exec .venv/bin/python -m pytest -m "not slow" -q -p no:cacheprovider "$@"

@@ -9,6 +9,7 @@ effect, how a half-close is reported. A test picks one with
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -20,6 +21,10 @@ except ImportError:  # pragma: no cover - uvloop is a Linux dependency
     uvloop = None
 
 _INTEGRATION = Path(__file__).parent / "integration"
+
+# `pointsman run` defaults to one worker per CPU. Tests that count exact distributions through a
+# subprocess need one process; tests of multi-worker behaviour say `workers: N` in their config.
+os.environ.setdefault("POINTSMAN_WORKERS", "1")
 
 
 def pytest_asyncio_loop_factories(

@@ -180,7 +180,7 @@ def greeting(port: int) -> str:
 
 def test_demo_round_robins_over_three_backends(tmp_path: Path) -> None:
     port = free_port()
-    proc = PointsmanProcess(["demo", "--port", str(port)], tmp_path)
+    proc = PointsmanProcess(["demo", "--port", str(port), "--admin-port", str(free_port())], tmp_path)
     try:
         proc.wait_lines(lambda lines: any("Stop with Ctrl-C" in line for line in lines))
         assert f"listening tcp {LOOPBACK}:{port} -> pool demo (3 backends, round_robin)" in (
