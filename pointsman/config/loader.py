@@ -51,13 +51,16 @@ def format_loc(loc: Loc) -> str:
     return out
 
 
-def load_file(path: str | Path) -> Config:
-    path = Path(path)
+def read_text(path: str | Path) -> str:
+    """The file's text; an unreadable file is a ConfigError naming it."""
     try:
-        text = path.read_text()
+        return Path(path).read_text()
     except OSError as exc:
         raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")]) from None
-    return load_text(text, str(path))
+
+
+def load_file(path: str | Path) -> Config:
+    return load_text(read_text(path), str(path))
 
 
 def load_text(text: str, source: str = "<config>") -> Config:

@@ -48,14 +48,7 @@ Network = Annotated[str, BeforeValidator(_ip_network)]
 HostPrefix = Annotated[str, BeforeValidator(_host_prefix)]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
-ALGORITHMS = (
-    "round_robin",
-    "weighted_round_robin",
-    "least_connections",
-    "power_of_two",
-    "source_hash",
-    "maglev",
-)
+# Kept equal to pointsman.balance.ALGORITHMS by tests/unit/test_config.py.
 Algorithm = Literal[
     "round_robin",
     "weighted_round_robin",

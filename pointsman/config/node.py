@@ -35,6 +35,7 @@ from pointsman.config.loader import (
     _parse_yaml,
     _pydantic_issues,
     format_loc,
+    read_text,
 )
 from pointsman.config.model import Address, Config, Duration, Name, Strict
 
@@ -114,12 +115,7 @@ def is_node_file(path: str | Path) -> bool:
 
 
 def load_node_file(path: str | Path) -> NodeFile:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")]) from None
-    return load_node_text(text, str(path))
+    return load_node_text(read_text(path), str(path))
 
 
 def load_node_text(text: str, source: str = "<node>") -> NodeFile:

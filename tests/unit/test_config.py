@@ -425,3 +425,12 @@ def test_unresolvable_hostname_is_a_config_error() -> None:
     )[0].startswith(
         f"{SOURCE}:8: pools[0].backends[0].address: cannot resolve 'no-such-host.invalid'"
     )
+
+
+def test_config_algorithms_are_the_balancing_algorithms() -> None:
+    from typing import get_args
+
+    from pointsman.balance import ALGORITHMS
+    from pointsman.config.model import Algorithm
+
+    assert get_args(Algorithm) == ALGORITHMS
