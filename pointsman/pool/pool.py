@@ -311,6 +311,7 @@ class Pool:
             affinity=self.affinity,
             needs_key=self.affinity is not None
             or self.config.algorithm in ("source_hash", "maglev"),
+            available=sum(1 for w in weights if w > 0),
         )
         for callback in list(self._watchers):
             callback(self.snapshot)

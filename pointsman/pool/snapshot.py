@@ -36,7 +36,4 @@ class PoolSnapshot:
     picker: Picker
     affinity: AffinityTable | None
     needs_key: bool  # hash policy or affinity: the data plane must compute the client key
-
-    @property
-    def available(self) -> int:
-        return sum(1 for b in self.backends if b.effective_weight > 0)
+    available: int  # backends taking new connections (read on every accept: computed once)
