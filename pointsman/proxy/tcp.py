@@ -378,6 +378,7 @@ class ClientConnection(asyncio.Protocol):
                 if snapshot.affinity is not None and config.affinity is not None:
                     sticky = source_key(self.peer[0], self.peer[1], config.affinity.key)
                     snapshot.affinity.remember(sticky, snapshot.backends[index].id, self.loop.time())
+                self.connect_task = None  # a finished Task is ~1 KiB per idle connection
                 return
             index = None
         listener.stats.connect_failed += 1
