@@ -102,13 +102,18 @@ class AdminServer:
         return web.Response(text="ok\n")
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Ready when every listener accepts and every pool has a backend to send to."""
+        """Ready when every listener accepts, every pool has a backend to send to, and the node
+        is not drained (so a load balancer in front, or Kubernetes, stops sending to it too)."""
         listeners = self.runtime.listeners.values()
         not_accepting = [lst.name for lst in listeners if not lst.accepting]
         empty = [p.name for p in self.runtime.pools.values() if p.snapshot.available == 0]
-        if not_accepting or empty:
+        fleet, bgp = self.runtime.fleet, self.runtime.bgp
+        drained = (fleet is not None and fleet.draining is not None) or (
+            bgp is not None and bgp.drained)
+        if not_accepting or empty or drained:
             return web.json_response({"ready": False, "not_accepting": not_accepting,
-                                      "pools_without_backends": empty}, status=503)
+                                      "pools_without_backends": empty, "drained": drained},
+                                     status=503)
         return web.json_response({"ready": True})
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -321,6 +321,16 @@ class Lab:
         return sh("ip", "netns", "exec", node.ns, sys.executable, "-m", "pointsman", *args,
                   "--admin", f"http://{ADMIN}")
 
+    def readyz(self, node: Node) -> int:
+        """HTTP status of the node's /readyz, fetched inside its namespace."""
+        code = sh("ip", "netns", "exec", node.ns, sys.executable, "-c",
+                  "import urllib.request, urllib.error\n"
+                  "try:\n"
+                  f"    print(urllib.request.urlopen('http://{ADMIN}/readyz', timeout=5).status)\n"
+                  "except urllib.error.HTTPError as e:\n"
+                  "    print(e.code)")
+        return int(code.strip())
+
     def ns_pids(self, ns: str) -> list[int]:
         return [int(p) for p in sh("ip", "netns", "pids", ns, check=False).split()]
 

@@ -136,6 +136,8 @@ def test_node_drain_withdraws_and_resume_announces(fleet: Lab) -> None:
     _report("node drain -> withdrawn at the router", seen - decided)
     # the drained node still serves (its listener and pool are untouched); the router avoids it
     assert set(fleet.client_names(8)) == {"node1"}
+    assert fleet.readyz(node2) == 503  # not ready while drained: a front end stops too
+    assert fleet.readyz(node1) == 200
 
     before = time.time()
     out = fleet.pointsman_cli(node2, "node", "resume")
