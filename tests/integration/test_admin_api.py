@@ -179,7 +179,8 @@ async def test_healthz_and_readyz_follow_the_pool(tmp_path: Path) -> None:
         assert code == 200
         code, body = await admin.get("/readyz")
         assert code == 503
-        assert body == {"ready": False, "not_accepting": [], "pools_without_backends": ["p"]}
+        assert body == {"ready": False, "not_accepting": [], "pools_without_backends": ["p"],
+                        "drained": False}
         assert await admin.get("/healthz") == (200, "ok\n")  # alive, just not ready
 
         code, _ = await admin.call("POST", f"{BACKEND}/enable")
