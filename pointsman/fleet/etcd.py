@@ -17,15 +17,17 @@ import base64
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 
 from pointsman.fleet.jsonlines import JsonLines, StreamEnded
+
+T = TypeVar("T")
 
 log = logging.getLogger("pointsman.etcd")
 
@@ -212,15 +214,23 @@ class EtcdClient:
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST to `path` on each member in turn until one serves it."""
+
+        async def post(endpoint: str) -> dict[str, Any]:
+            if self._credentials is not None and self._token is None:
+                await self._authenticate(endpoint)
+            return await self._post_one(endpoint, path, body)
+
+        return await self._failover(post, "no etcd member answered")
+
+    async def _failover(self, attempt: Callable[[str], Awaitable[T]], what: str) -> T:
+        """Run `attempt` on each member in turn, from the last one that worked, until one
+        succeeds; an expired auth token is renewed once."""
         reasons: list[str] = []
         reauthenticated = False
-        for attempt in range(len(self.endpoints) + 1):
-            index = (self._current + attempt) % len(self.endpoints)
-            endpoint = self.endpoints[index]
+        for step in range(len(self.endpoints) + 1):
+            index = (self._current + step) % len(self.endpoints)
             try:
-                if self._credentials is not None and self._token is None:
-                    await self._authenticate(endpoint)
-                data = await self._post_one(endpoint, path, body)
+                result = await attempt(self.endpoints[index])
             except EtcdUnavailable as exc:
                 reasons.append(str(exc))
                 continue
@@ -230,8 +240,8 @@ class EtcdClient:
                     continue
                 raise
             self._current = index
-            return data
-        raise EtcdUnavailable("no etcd member answered: " + "; ".join(dict.fromkeys(reasons)))
+            return result
+        raise EtcdUnavailable(f"{what}: " + "; ".join(dict.fromkeys(reasons)))
 
     async def _authenticate(self, endpoint: str) -> None:
         assert self._credentials is not None
@@ -303,23 +313,8 @@ class Watch:
         self._lines: JsonLines | None = None
 
     async def __aenter__(self) -> Watch:
-        client, reasons = self.client, []
-        reauthenticated = False
-        for attempt in range(len(client.endpoints) + 1):
-            index = (client._current + attempt) % len(client.endpoints)
-            try:
-                await self._open(client.endpoints[index])
-            except EtcdUnavailable as exc:
-                reasons.append(str(exc))
-                continue
-            except EtcdError as exc:
-                if exc.code == _AUTH_CODE and client._credentials and not reauthenticated:
-                    client._token, reauthenticated = None, True
-                    continue
-                raise
-            client._current = index
-            return self
-        raise EtcdUnavailable("no etcd member accepted the watch: " + "; ".join(dict.fromkeys(reasons)))
+        await self.client._failover(self._open, "no etcd member accepted the watch")
+        return self
 
     async def _open(self, endpoint: str) -> None:
         client = self.client
