@@ -29,6 +29,15 @@ Python wrapper costs more than the hash itself.
 """
 
 
+def client_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Parse a client address; an IPv4-mapped IPv6 address (a v4 client seen on a dual-stack
+    socket) becomes the IPv4 address, so hashing, limits and trust treat both alike."""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def source_key(ip: str, port: int, hash_key: str) -> bytes:
     """Build the hash key for a client address.
 
@@ -36,9 +45,7 @@ def source_key(ip: str, port: int, hash_key: str) -> bytes:
     v4 client seen on a dual-stack socket) and differently spelled IPv6 addresses all hash alike.
     For "source_ip_port" the port follows as two big-endian bytes.
     """
-    address = ipaddress.ip_address(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = client_ip(ip)
     if hash_key == "source_ip":
         return address.packed
     if hash_key == "source_ip_port":

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pointsman.balance.maglev import is_prime
 from pointsman.config.addresses import resolve
 from pointsman.config.model import Config
 from pointsman.discovery.rules import discovery_problems
@@ -216,7 +217,7 @@ def _model_problems(config: Config) -> Iterator[tuple[Loc, str]]:
     if admin is not None and admin.token_file is None and not _is_loopback(admin.bind.host):
         yield ("admin", "token_file"), "required when admin.bind is not a loopback address"
     for i, pool in enumerate(config.pools):
-        if pool.algorithm == "maglev" and not _is_prime(pool.maglev_table_size):
+        if pool.algorithm == "maglev" and not is_prime(pool.maglev_table_size):
             yield ("pools", i, "maglev_table_size"), f"must be prime, got {pool.maglev_table_size}"
         if pool.health_check is not None:
             yield from _health_problems(("pools", i, "health_check"), pool.health_check)
@@ -248,10 +249,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def _is_prime(n: int) -> bool:
-    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
 
 
 def _resolved(config: Config, lines: dict[Loc, int], source: str) -> Config:

@@ -123,8 +123,13 @@ class Pool:
         p = self.config.passive
         if p.consecutive_failures == 0 or self.mirror:
             return None
-        return PassiveEjector(p.consecutive_failures, max(p.base_ejection, 0.001),
-                              max(p.max_ejection, p.base_ejection, 0.001))
+        return PassiveEjector(*self._ejection_settings())
+
+    def _ejection_settings(self) -> tuple[int, float, float]:
+        """(threshold, base, max) with the durations kept positive and max >= base."""
+        p = self.config.passive
+        base = max(p.base_ejection, 0.001)
+        return p.consecutive_failures, base, max(p.max_ejection, base)
 
     def _reconfigure_ejector(self, member: Member) -> None:
         """Keep a running ejection across reloads; switching ejection off ends it."""
@@ -136,8 +141,7 @@ class Pool:
                 self._apply(member, Event.EJECT_EXPIRED, "passive ejection turned off")
             member.ejector = self._ejector()
             return
-        member.ejector.reconfigure(p.consecutive_failures, max(p.base_ejection, 0.001),
-                                   max(p.max_ejection, p.base_ejection, 0.001))
+        member.ejector.reconfigure(*self._ejection_settings())
 
     def _new_member(self, backend: BackendConfig, now: float) -> Member:
         initial = BackendState.UP if self.config.initial_state == "up" else BackendState.DOWN

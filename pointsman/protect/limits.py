@@ -12,6 +12,8 @@ import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from pointsman.balance.hashing import client_ip
+
 
 class LimitReason(enum.StrEnum):
     RATE = "rate_limited"
@@ -74,9 +76,7 @@ class Admission:
         self.sources: OrderedDict[bytes, _Source] = OrderedDict()
 
     def source_key(self, ip: str) -> bytes:
-        address = ipaddress.ip_address(ip)
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        address = client_ip(ip)
         bits = self.limits.source_prefix_v4 if address.version == 4 else self.limits.source_prefix_v6
         network = ipaddress.ip_network(f"{address}/{bits}", strict=False)
         return network.network_address.packed + bytes((bits,))

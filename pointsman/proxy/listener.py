@@ -8,6 +8,7 @@ import logging
 import socket
 from collections.abc import Callable, Mapping
 
+from pointsman.balance.hashing import client_ip
 from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import Pool
 from pointsman.protect.limits import Admission, Limits
@@ -123,9 +124,7 @@ class TcpListener:
     def _is_trusted(self, ip: str) -> bool:
         if self.trusted is None:
             return True
-        address = ipaddress.ip_address(ip)
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        address = client_ip(ip)
         return any(address in network for network in self.trusted)
 
     def pool_named(self, name: str) -> Pool:
