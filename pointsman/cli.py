@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -124,29 +123,30 @@ async def _serve_node(node: NodeFile, log_level: str) -> None:
 
 async def _serve(cfg: Config, path: str | None, log_level: str = "info",
                  agent: NodeAgent | None = None) -> None:
-    from pointsman.runtime import Runtime
-    from pointsman.supervisor import Supervisor
+    from pointsman import __version__
+    from pointsman.app import build_node
+    from pointsman.node.roles import worker_count
+    from pointsman.node.supervisor import WorkerStartError
 
     def announce(line: str) -> None:
         print(line, flush=True)
 
-    workers = cfg.workers or int(os.environ.get("POINTSMAN_WORKERS", "0")) or os.cpu_count() or 1
-    runtime = Runtime(cfg, path, announce=announce, role="control" if workers > 1 else "single")
-    if agent is not None:  # a node-file run: etcd config, node registration, drain
-        runtime.composer, runtime.fleet = agent.composer, agent
+    workers = worker_count(cfg)
+    log = logging.getLogger("pointsman")
+    log.info("pointsman %s starting: %s, %d listener%s", __version__,
+             f"a control process and {workers} workers" if workers > 1 else "one process",
+             len(cfg.listeners), "" if len(cfg.listeners) == 1 else "s")
+    node = build_node(cfg, config_path=path, announce=announce, workers=workers,
+                      log_level=log_level, agent=agent)
     # Before the "listening" lines: a SIGTERM right after them must stop us cleanly, not kill us.
-    runtime.install_signal_handlers()
+    node.install_signal_handlers()
     try:
-        if workers > 1:
-            supervisor = Supervisor(runtime, workers, log_level)
-            runtime.stop_workers = supervisor.stop
-            await supervisor.start()
-        await runtime.start()
-    except (OSError, RuntimeError) as exc:
-        logging.getLogger("pointsman").error("cannot start: %s", exc)
-        await runtime.shutdown()
+        await node.start()
+    except (OSError, WorkerStartError) as exc:
+        log.error("cannot start: %s", exc)
+        await node.shutdown(0.0)
         sys.exit(1)
-    await runtime.run()
+    await node.run()
 
 
 @main.command()

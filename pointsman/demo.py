@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from pointsman.app import build_node
 from pointsman.config.loader import load_text
-from pointsman.runtime import Runtime
 
 DEMO_CONFIG = """
 listeners:
@@ -48,7 +48,7 @@ async def run_demo(port: int, admin_port: int = 0) -> None:
     backends = "\n".join(f'      - address: "127.0.0.1:{p}"' for p in ports)
     admin = f'admin: {{bind: "127.0.0.1:{admin_port}"}}\n' if admin_port else ""
     config = load_text(DEMO_CONFIG.format(port=port, backends=backends, admin=admin), "<demo>")
-    runtime = Runtime(config)
+    runtime = build_node(config, workers=1)
     runtime.install_signal_handlers()  # before "listening" is printed, as in `pointsman run`
     await runtime.start()
     print(

@@ -3,7 +3,8 @@
 - ports: `free_port`, `refused_port` (bound, never listening: connects are refused), `has_ipv6`;
 - peers: `backend(handler)` runs an asyncio server in the test's loop, `echo_backend()` echoes;
 - pointsman: `pointsman_process` / `pointsman_process_async` run `python -m pointsman run` (uvloop)
-  as a subprocess; `running(config_text)` runs a `Runtime` in the test's own event loop;
+  as a subprocess; `running(config_text, workers=N)` runs a node in the test's own event loop (with
+  N > 1, a control process there and N worker processes);
 - waiting: `wait_for(predicate, timeout)` polls with a deadline, `read_all` / `wait_closed` read a
   client stream to its end with a deadline.
 
@@ -28,8 +29,9 @@ from typing import Any
 
 import yaml
 
+from pointsman.app import build_node
 from pointsman.config.loader import load_text
-from pointsman.runtime import Runtime
+from pointsman.node.runtime import Node
 
 LOOPBACK = "127.0.0.1"
 LOOPBACK6 = "::1"
@@ -226,18 +228,24 @@ async def roundtrip(
 
 
 @contextlib.asynccontextmanager
-async def running(config_text: str, shutdown_grace: float | None = 0.2) -> AsyncIterator[Runtime]:
-    """A `Runtime` started in the running loop; shut down on exit (`shutdown_grace` overrides the
-    config's so a test that leaves a connection open does not wait long)."""
+async def running(config_text: str, shutdown_grace: float | None = 0.2,
+                  workers: int = 1) -> AsyncIterator[Node]:
+    """A node started in the running loop; shut down on exit (`shutdown_grace` overrides the
+    config's so a test that leaves a connection open does not wait long). With `workers` > 1 it
+    is a control process whose workers are real processes; it is yielded once every listener is
+    served by all of them."""
     config = load_text(config_text, "<test>")
     if shutdown_grace is not None:
         config = config.model_copy(update={"shutdown_grace": shutdown_grace})
-    runtime = Runtime(config, announce=lambda line: None)
-    await runtime.start()
+    node = build_node(config, announce=lambda line: None, workers=workers)
+    await node.start()
     try:
-        yield runtime
+        if workers > 1:
+            await wait_for(lambda: all(lst.accepting for lst in node.listeners.values()),
+                           START_TIMEOUT, what="every listener served by a worker")
+        yield node
     finally:
-        await runtime.shutdown()
+        await node.shutdown()
 
 
 # --- pointsman as a subprocess -------------------------------------------------------------------

@@ -8,9 +8,9 @@ listener, pool and backend only: no per-client labels.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -19,15 +19,18 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from pointsman.kernel.stats import KernelListenerStats
 from pointsman.pool.state import BackendState
-from pointsman.proxy.listener import TcpListener
 from pointsman.telemetry.flow import DropReason, EndReason, RejectReason
 from pointsman.telemetry.histogram import Histogram
+from pointsman.telemetry.stats import ListenerStats
+from pointsman.telemetry.udp_stats import UdpListenerStats
 
 if TYPE_CHECKING:
-    from pointsman.runtime import Runtime
+    from pointsman.node.view import NodeView
 
 P = "pointsman_"
+T = TypeVar("T")
 
 
 def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
@@ -39,8 +42,15 @@ def _add(family: HistogramMetricFamily, values: list[str], hist: Histogram) -> N
 
 
 class RuntimeCollector(Collector):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: NodeView) -> None:
         self.runtime = runtime
+
+    def _listeners(self, kind: type[T]) -> Iterator[tuple[list[str], T]]:
+        """(listener, pool) labels and statistics of every listener whose statistics are `kind`."""
+        for listener in self.runtime.listeners.values():
+            stats = listener.statistics()
+            if isinstance(stats, kind):
+                yield [listener.name, listener.pool.name], stats
 
     def collect(self) -> Iterator[Metric]:
         yield from self._tcp()
@@ -78,11 +88,7 @@ class RuntimeCollector(Collector):
         ttfb = _histogram("time_to_first_byte_seconds",
                           "Accept to first byte from the backend", lbl)
         duration = _histogram("connection_duration_seconds", "Connection lifetime", lbl)
-        for listener in self.runtime.listeners.values():
-            if not isinstance(listener, TcpListener):
-                continue
-            s = listener.stats
-            v = [listener.name, listener.pool.name]
+        for v, s in self._listeners(ListenerStats):
             accepted.add_metric(v, s.accepted)
             for reason in RejectReason:
                 rejected.add_metric([*v, reason.value], s.rejected[reason])
@@ -103,8 +109,6 @@ class RuntimeCollector(Collector):
                     spliced, no_port, ttfb, duration)
 
     def _udp(self) -> Iterator[Metric]:
-        from pointsman.proxy.udp import UdpListener
-
         lbl = ["listener", "pool"]
         sessions = GaugeMetricFamily(P + "udp_sessions", "Live UDP sessions (table use)",
                                      labels=lbl)
@@ -120,11 +124,7 @@ class RuntimeCollector(Collector):
                                      labels=[*lbl, "direction"])
         drops = CounterMetricFamily(P + "udp_drops", "UDP datagrams dropped, by reason",
                                     labels=[*lbl, "reason"])
-        for listener in self.runtime.listeners.values():
-            if not isinstance(listener, UdpListener):
-                continue
-            s = listener.stats
-            v = [listener.name, listener.pool.name]
+        for v, s in self._listeners(UdpListenerStats):
             sessions.add_metric(v, s.sessions)
             capacity.add_metric(v, s.capacity)
             created.add_metric(v, s.sessions_created)
@@ -140,8 +140,6 @@ class RuntimeCollector(Collector):
 
     def _kernel(self) -> Iterator[Metric]:
         """The nftables fast path: kernel counters (read at scrape) and map programming."""
-        from pointsman.kernel.listener import KernelListener
-
         lbl = ["listener", "pool"]
         blbl = [*lbl, "backend"]
         new = CounterMetricFamily(P + "kernel_new_connections", "New flows seen by the kernel data "
@@ -171,11 +169,7 @@ class RuntimeCollector(Collector):
         ct_max = GaugeMetricFamily(P + "conntrack_max", "Bound of the conntrack table "
                                    "(nf_conntrack_max)")
         seen = False
-        for listener in self.runtime.listeners.values():
-            if not isinstance(listener, KernelListener):
-                continue
-            s = listener.stats
-            v = [listener.name, listener.pool.name]
+        for v, s in self._listeners(KernelListenerStats):
             new.add_metric(v, s.new_connections)
             refused.add_metric([*v, "no_backend"], s.rejected)
             packets.add_metric([*v, "in"], s.packets_in)
@@ -226,17 +220,17 @@ class RuntimeCollector(Collector):
             snapshot = pool.snapshot
             healthy.add_metric([pool.name], snapshot.available)
             size.add_metric([pool.name], len(snapshot.backends))
-            for m in pool.members():
+            for m, bs in zip(pool.members(), self.runtime.backend_stats(pool), strict=True):
                 v = [pool.name, m.id]
                 for st in BackendState:
                     state.add_metric([*v, st.value], float(m.machine.state is st))
                 weight.add_metric(v, m.weight)
-                active.add_metric(v, m.stats.active)
-                total.add_metric(v, m.stats.total)
-                failures.add_metric(v, m.stats.connect_failures)
-                nbytes.add_metric([*v, "in"], m.stats.bytes_in)
-                nbytes.add_metric([*v, "out"], m.stats.bytes_out)
-                _add(connect, v, m.stats.connect_time)
+                active.add_metric(v, bs.active)
+                total.add_metric(v, bs.total)
+                failures.add_metric(v, bs.connect_failures)
+                nbytes.add_metric([*v, "in"], bs.bytes_in)
+                nbytes.add_metric([*v, "out"], bs.bytes_out)
+                _add(connect, v, bs.connect_time)
                 checks.add_metric([*v, "success"], m.checks - m.check_failures)
                 checks.add_metric([*v, "failure"], m.check_failures)
                 if m.last_check is not None:
@@ -245,12 +239,45 @@ class RuntimeCollector(Collector):
                     healthy, size)
 
     def _process(self) -> Iterator[Metric]:
+        """Every process of the node (control and workers), labelled `process`."""
+        lbl = ["process"]
         lag = GaugeMetricFamily(P + "event_loop_lag_seconds",
-                                "How late the last periodic tick ran (event-loop saturation)")
-        lag.add_metric([], self.runtime.loop_lag)
+                                "How late the last periodic tick ran (event-loop saturation)",
+                                labels=lbl)
+        cpu = CounterMetricFamily(P + "process_cpu_seconds", "User and system CPU time",
+                                  labels=lbl)
+        rss = GaugeMetricFamily(P + "process_resident_memory_bytes", "Resident memory",
+                                labels=lbl)
+        fds = GaugeMetricFamily(P + "process_open_fds", "Open file descriptors", labels=lbl)
+        max_fds = GaugeMetricFamily(P + "process_max_fds", "Limit on open file descriptors",
+                                    labels=lbl)
+        started = GaugeMetricFamily(P + "process_start_time_seconds", "Start time (unix)",
+                                    labels=lbl)
+        for p in self.runtime.processes():
+            v = [p.process]
+            lag.add_metric(v, p.loop_lag)
+            cpu.add_metric(v, p.cpu_seconds)
+            rss.add_metric(v, p.resident_bytes)
+            fds.add_metric(v, p.open_fds)
+            max_fds.add_metric(v, p.max_fds)
+            started.add_metric(v, p.started_at)
         flows = CounterMetricFamily(P + "flow_log_dropped", "Flow records dropped (queue full)")
-        flows.add_metric([], self.runtime.flow_log.dropped if self.runtime.flow_log else 0)
-        yield from (lag, flows)
+        flows.add_metric([], self.runtime.flow_log_dropped())
+        crashes = CounterMetricFamily(P + "task_crashes", "Crashes of long-lived tasks (bugs), by "
+                                      "task kind; each was logged with its traceback",
+                                      labels=["task"])
+        for kind, n in sorted(self.runtime.task_crashes().items()):
+            crashes.add_metric([kind], n)
+        workers = GaugeMetricFamily(P + "worker_up", "1 while the worker process serves",
+                                    labels=["worker"])
+        restarts = CounterMetricFamily(P + "worker_restarts", "Restarts of crashed workers",
+                                       labels=["worker"])
+        for w in self.runtime.workers():
+            workers.add_metric([str(w.index)], float(w.state == "running"))
+            restarts.add_metric([str(w.index)], w.restarts)
+        ready = GaugeMetricFamily(P + "ready", "1 while /readyz answers 200")
+        ready.add_metric([], float(self.runtime.readiness().ready))
+        yield from (lag, cpu, rss, fds, max_fds, started, flows, crashes, workers, restarts, ready)
 
     def _config_sources(self) -> Iterator[Metric]:
         """Config changes by source (file, etcd, discovery), discovery answers, the etcd link."""
@@ -287,8 +314,7 @@ class RuntimeCollector(Collector):
             yield from (connected, revision, draining)
 
 
-def registry_for(runtime: Runtime) -> CollectorRegistry:
+def registry_for(runtime: NodeView) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuntimeCollector(runtime))
-    ProcessCollector(registry=registry)
     return registry

@@ -26,7 +26,7 @@ from pointsman.pool.pool import UnknownBackend
 from pointsman.pool.state import IllegalTransition
 
 if TYPE_CHECKING:
-    from pointsman.runtime import Runtime
+    from pointsman.node.view import NodeView
 
 log = logging.getLogger("pointsman.admin")
 
@@ -35,7 +35,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class AdminServer:
-    def __init__(self, runtime: Runtime, config: AdminConfig) -> None:
+    def __init__(self, runtime: NodeView, config: AdminConfig) -> None:
         self.runtime = runtime
         self.config = config
         self.token = _read_token(config.token_file)
@@ -102,19 +102,11 @@ class AdminServer:
         return web.Response(text="ok\n")
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Ready when every listener accepts, every pool has a backend to send to, and the node
-        is not drained (so a load balancer in front, or Kubernetes, stops sending to it too)."""
-        listeners = self.runtime.listeners.values()
-        not_accepting = [lst.name for lst in listeners if not lst.accepting]
-        empty = [p.name for p in self.runtime.pools.values() if p.snapshot.available == 0]
-        fleet, bgp = self.runtime.fleet, self.runtime.bgp
-        drained = (fleet is not None and fleet.draining is not None) or (
-            bgp is not None and bgp.drained)
-        if not_accepting or empty or drained:
-            return web.json_response({"ready": False, "not_accepting": not_accepting,
-                                      "pools_without_backends": empty, "drained": drained},
-                                     status=503)
-        return web.json_response({"ready": True})
+        """Ready when every listener is served (with workers: by at least one live worker),
+        every pool has a backend to send to, no supervised task has failed, and the node is not
+        drained (so a load balancer in front, or Kubernetes, stops sending to it too)."""
+        readiness = self.runtime.readiness()
+        return web.json_response(readiness.as_dict(), status=200 if readiness.ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
@@ -140,9 +132,11 @@ class AdminServer:
         backend = request.match_info["backend"]
         getattr(pool, action)(backend, f"operator {action} via admin api")
         member = pool.member(backend)
+        stats = dict(zip((m.id for m in pool.members()), self.runtime.backend_stats(pool),
+                         strict=True))
         return web.json_response({"pool": pool.name, "backend": backend,
                                   "state": member.machine.state.value,
-                                  "active": member.stats.active})
+                                  "active": stats[backend].active})
 
     async def weight(self, request: web.Request) -> web.Response:
         if not self._authorised(request):

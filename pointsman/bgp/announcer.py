@@ -21,6 +21,7 @@ from pointsman.bgp.decision import Decision, NodeView, Route, decide, desired, p
 from pointsman.bgp.exabgp import Kind, Message, command_line
 from pointsman.bgp.speaker import ExaBgpSpeaker, SpeakerError, State
 from pointsman.config.model import BgpConfig, ListenerConfig
+from pointsman.node.tasks import Tasks
 from pointsman.pool.pool import Pool
 from pointsman.pool.snapshot import PoolSnapshot
 
@@ -54,7 +55,7 @@ SpeakerFactory = Callable[
 
 class Announcer:
     def __init__(self, config: BgpConfig, node: Node,
-                 speaker_factory: SpeakerFactory = ExaBgpSpeaker) -> None:
+                 speaker_factory: SpeakerFactory = ExaBgpSpeaker, tasks: Tasks | None = None) -> None:
         self.config = config
         self.node = node
         self.drained = False
@@ -68,7 +69,8 @@ class Announcer:
         self._failures = 0  # consecutive, reset when a session comes up
         self._loop = asyncio.get_running_loop()
         self._watched: weakref.WeakSet[Pool] = weakref.WeakSet()
-        self._sync_handle: asyncio.Handle | None = None
+        self._dirty = asyncio.Event()  # a pool published: decide again (in the decider task)
+        self._node_tasks = tasks or Tasks()
         self._restart_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -80,6 +82,7 @@ class Announcer:
         with `retry` log it and try again with backoff (a reload must not fail half-applied)."""
         self.watch_pools()
         self._sync()
+        self._node_tasks.spawn("bgp:decide", self._decide_forever, kind="bgp")
         await self._start_or_retry(retry)
 
     async def reconfigure(self, config: BgpConfig) -> None:
@@ -100,9 +103,9 @@ class Announcer:
     async def stop(self) -> None:
         """Withdraw everything, wait (bounded) for ExaBGP's acknowledgement, stop ExaBGP."""
         self.stopping = True
-        for handle in (self._sync_handle, self._restart_handle):
-            if handle is not None:
-                handle.cancel()
+        await self._node_tasks.stop("bgp:decide")
+        if self._restart_handle is not None:
+            self._restart_handle.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -140,9 +143,17 @@ class Announcer:
                 pool.watch(self._snapshot_published)
 
     def _snapshot_published(self, snapshot: PoolSnapshot) -> None:
-        """Called inside the pool's publication: coalesce a burst into one decision."""
-        if self._sync_handle is None and not self._closed:
-            self._sync_handle = self._loop.call_soon(self._sync)
+        """Called inside the pool's publication: the decider coalesces a burst into one decision."""
+        if not self._closed:
+            self._dirty.set()
+
+    async def _decide_forever(self) -> None:
+        """A task of the node's supervisor, so a bug in deciding is logged, counted and the
+        decider restarted (the next publication decides again)."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            self._sync()
 
     def _view(self) -> NodeView:
         node = self.node
@@ -156,9 +167,6 @@ class Announcer:
 
     def _sync(self) -> None:
         """Decide, log what changed, send ExaBGP the difference (if it is listening)."""
-        if self._sync_handle is not None:
-            self._sync_handle.cancel()
-            self._sync_handle = None
         if self._closed:
             return
         decisions = decide(self.config, self._view())

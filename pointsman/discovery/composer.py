@@ -27,14 +27,15 @@ from pointsman.discovery.dns import DnsSource
 from pointsman.discovery.etcd_members import EtcdMembersSource
 from pointsman.discovery.kubernetes import KubernetesApi, KubernetesSource
 from pointsman.discovery.merge import REPLACING, change_summary, pool_backends, with_discovered
-from pointsman.discovery.source import Publish, Source
+from pointsman.discovery.source import Source
 from pointsman.fleet.backoff import Backoff
 from pointsman.fleet.etcd import EtcdClient
+from pointsman.node.tasks import Tasks
 
 log = logging.getLogger("pointsman.discovery")
 
 START_WAIT = 3.0  # at start, wait this long for each source's first answer before serving
-Apply = Callable[[Config], Awaitable[None]]
+Apply = Callable[[Config], Awaitable[list[str]]]
 MakeSource = Callable[[str, str, DiscoveryConfig], Source | None]
 
 
@@ -48,7 +49,7 @@ class EtcdScope:
 class _Runner:
     source: Source
     config: DiscoveryConfig  # what it was started for: a changed pool config restarts it
-    task: asyncio.Task[None]
+    name: str  # its task's name in the node's task supervisor
     answered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -70,10 +71,9 @@ class Composer:
         self._apply: Apply | None = None
         self._found: dict[str, dict[str, tuple[BackendConfig, ...]]] = {}
         self._runners: dict[tuple[str, str], _Runner] = {}
-        self._cancelled: set[asyncio.Task[None]] = set()  # stopped runners, awaited by stop()
+        self._tasks = Tasks()  # replaced by the node's at start
         self._lock = asyncio.Lock()
         self._dirty = asyncio.Event()
-        self._applier: asyncio.Task[None] | None = None
 
     # --- the base config ----------------------------------------------------------------------------
 
@@ -121,10 +121,14 @@ class Composer:
 
     # --- start and stop -------------------------------------------------------------------------------
 
-    async def start(self, base: Config, apply: Apply, wait: float = START_WAIT) -> None:
-        """Start the discovery sources of `base`; wait up to `wait` seconds for their first answers
-        and apply what they found, then keep applying their changes until `stop()`."""
+    async def start(self, base: Config, apply: Apply, tasks: Tasks | None = None,
+                    wait: float = START_WAIT) -> None:
+        """Start the discovery sources of `base` (as tasks of `tasks`: a crash is logged, counted
+        and the source restarted); wait up to `wait` seconds for their first answers and apply
+        what they found, then keep applying their changes until `stop()`."""
         self._apply = apply
+        if tasks is not None:
+            self._tasks = tasks
         self.base = self.current = base
         self._sync_sources(base)
         waits = [runner.answered.wait() for runner in self._runners.values()]
@@ -134,18 +138,12 @@ class Composer:
                     await asyncio.gather(*waits)
             async with self._lock:
                 await self._apply_current("discovery")
-        self._applier = asyncio.get_running_loop().create_task(self._apply_changes(),
-                                                               name="discovery:apply")
+        self._tasks.spawn("discovery:apply", self._apply_changes, kind="discovery")
 
     async def stop(self) -> None:
-        tasks = [r.task for r in self._runners.values()] + list(self._cancelled)
-        if self._applier is not None:
-            tasks.append(self._applier)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        names = [runner.name for runner in self._runners.values()]
         self._runners.clear()
-        self._applier = None
+        await self._tasks.stop(*names, "discovery:apply")
 
     # --- discovery ----------------------------------------------------------------------------------
 
@@ -163,9 +161,7 @@ class Composer:
                 wanted[pool.name, kind] = d
         for key, runner in list(self._runners.items()):
             if wanted.get(key) != runner.config:
-                runner.task.cancel()
-                self._cancelled.add(runner.task)
-                runner.task.add_done_callback(self._cancelled.discard)
+                self._tasks.cancel(runner.name)
                 del self._runners[key]
                 self._found.get(key[0], {}).pop(key[1], None)
         for pool_name in set(self._found) - {p.name for p in config.pools}:
@@ -192,28 +188,21 @@ class Composer:
 
     def _start(self, key: tuple[str, str], source: Source, discovery: DiscoveryConfig) -> None:
         pool, kind = key
-        loop = asyncio.get_running_loop()
-        runner: _Runner
+        runner = self._runners[key] = _Runner(source, discovery, f"discovery:{pool}:{kind}")
 
         def publish(backends: Sequence[BackendConfig]) -> None:
             if self._runners.get(key) is runner:  # a stopped runner's last words are ignored
                 self._on_found(pool, kind, source.describe, tuple(backends))
                 runner.answered.set()
 
-        task = loop.create_task(self._run_source(pool, source, publish), name=f"discovery:{pool}:{kind}")
-        runner = self._runners[key] = _Runner(source, discovery, task)
-        log.info("pool %s: discovering backends from %s", pool, source.describe)
+        async def run() -> None:
+            """A source handles its own network errors: a crash is a bug, which the task
+            supervisor logs and counts before running the source again."""
+            await source.run(publish)
+            raise RuntimeError(f"{source.describe} returned")  # sources run until cancelled
 
-    @staticmethod
-    async def _run_source(pool: str, source: Source, publish: Publish) -> None:
-        """A source handles its own network errors; anything else is a bug: log it, restart."""
-        backoff = Backoff(first=1.0, cap=30.0)
-        while True:
-            try:
-                await source.run(publish)
-            except Exception:
-                log.exception("pool %s: %s failed; restarting it", pool, source.describe)
-            await asyncio.sleep(backoff.next())
+        self._tasks.spawn(runner.name, run, kind="discovery", backoff=Backoff(first=1.0, cap=30.0))
+        log.info("pool %s: discovering backends from %s", pool, source.describe)
 
     def _on_found(self, pool: str, kind: str, describe: str, backends: tuple[BackendConfig, ...]) -> None:
         found = self._found.setdefault(pool, {})
@@ -254,11 +243,11 @@ class Composer:
         if self._apply is None:  # not started yet: the runtime starts with this one
             self.current = config
             return []
-        await self._apply(config)
+        problems = await self._apply(config)
         self._log_pool_changes(self.current, config)
         self.current = config
         self.applied[label] += 1
-        return []
+        return problems
 
     @staticmethod
     def _log_pool_changes(old: Config | None, new: Config) -> None:

@@ -29,7 +29,8 @@ from pointsman.fleet.etcd import EtcdClient, EtcdError, EtcdSettings, EtcdUnavai
 from pointsman.fleet.lease import LeaseKeeper
 
 if TYPE_CHECKING:
-    from pointsman.runtime import Runtime
+    from pointsman.node.tasks import Tasks
+    from pointsman.node.view import NodeView
 
 log = logging.getLogger("pointsman.fleet")
 
@@ -63,10 +64,10 @@ class NodeAgent:
         self.revision = 0  # the etcd revision of the config running now
         self.connected = False
         self.draining: str | None = None  # the operator's reason while drained
-        self.runtime: Runtime | None = None
+        self.runtime: NodeView | None = None
         self.lease: LeaseKeeper | None = None
         self._offered = 0  # the last revision tried, applied or refused (counted once)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: Tasks | None = None
         self._said_at = -math.inf
 
     # --- before the runtime exists --------------------------------------------------------------
@@ -136,22 +137,20 @@ class NodeAgent:
 
     # --- running ------------------------------------------------------------------------------
 
-    async def start(self, runtime: Runtime) -> None:
+    async def start(self, runtime: NodeView, tasks: Tasks) -> None:
+        """Watch the config and drain keys and keep the registration, as tasks of `tasks` (a
+        crash is logged, counted and the watcher restarted)."""
         self.runtime = runtime
         self.lease = LeaseKeeper(self.client, self.node.lease_ttl, self._registration)
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._watch_config(), name="fleet:config"),
-            loop.create_task(self._watch_drain(), name="fleet:drain"),
-            loop.create_task(self.lease.run(), name="fleet:register"),
-        ]
+        self._tasks = tasks
+        tasks.spawn("fleet:config", self._watch_config, kind="fleet")
+        tasks.spawn("fleet:drain", self._watch_drain, kind="fleet")
+        tasks.spawn("fleet:register", self.lease.run, kind="fleet")
 
     async def stop(self) -> None:
         """Leave the fleet: stop watching, revoke the registration (best effort), disconnect."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        if self._tasks is not None:
+            await self._tasks.stop("fleet:config", "fleet:drain", "fleet:register")
         if self.lease is not None:
             await self.lease.close()
         await self.client.close()

@@ -247,6 +247,9 @@ class KernelListener:
         return KernelListenerStats.read(self.name, counters, backends, self.spec.slots,
                                         self.updates.copy(), conntrack.usage())
 
+    def statistics(self) -> KernelListenerStats:
+        return self.stats
+
     def backend_counter_names(self) -> list[str]:
         return [self._names.backend_counter(i, kind)
                 for i in self._counter_index.values() for kind in BACKEND_COUNTER_KINDS]

@@ -20,6 +20,14 @@ from pointsman.balance.slow_start import effective_weight
 from pointsman.config.model import BackendConfig, PoolConfig
 from pointsman.health.ejection import PassiveEjector
 from pointsman.health.probes import ProbeResult
+from pointsman.pool.events import (
+    BackendDecisions,
+    BackendEvent,
+    PassiveSignal,
+    PoolSink,
+    PoolState,
+    WeightChange,
+)
 from pointsman.pool.snapshot import BackendView, PoolSnapshot
 from pointsman.pool.state import (
     BackendState,
@@ -76,7 +84,7 @@ class Pool:
         # A mirror (in a worker process) owns no decisions: it applies the events the control
         # process broadcasts, in the same order, and forwards its passive signals instead.
         self.mirror = mirror
-        self.sink: Callable[[tuple[str, ...]], None] | None = None
+        self.sink: PoolSink | None = None
         self.config = config
         self._clock = clock
         self._rng = rng or random.Random()
@@ -189,17 +197,37 @@ class Pool:
                     "backend %s/%s: weight -> %d (operator)", self.name, backend_id, weight)
             self._publish(self._clock())
         if self.sink is not None and not self.mirror:
-            self.sink(("weight", self.name, backend_id, str(weight)))
+            self.sink(WeightChange(self.name, backend_id, weight))
 
-    def apply_event(self, backend_id: str, event: str, reason: str) -> None:
+    def apply_event(self, backend_id: str, event: Event, reason: str) -> None:
         """Mirror side: apply an event the control process applied (unknown backends: ignored)."""
         member = self._members.get(backend_id)
         if member is None:
             return
         try:
-            self._apply(member, Event(event), reason)
+            self._apply(member, event, reason)
         except IllegalTransition as exc:
             log.warning("pool %s: mirror out of step: %s", self.name, exc)
+
+    def decisions(self) -> PoolState:
+        """Owner side: every backend's state, for a mirror that starts now."""
+        return PoolState(self.name, tuple(
+            BackendDecisions(m.id, m.machine.state, m.machine.health_ok, m.machine.ejecting,
+                             m.weight)
+            for m in self._members.values()))
+
+    def restore(self, state: PoolState) -> None:
+        """Mirror side: take the owner's decisions (a worker started after they were made)."""
+        now = self._clock()
+        for decided in state.backends:
+            member = self._members.get(decided.backend)
+            if member is None:
+                continue
+            member.machine.restore(decided.state, decided.health_ok, decided.ejecting, now)
+            member.weight = decided.weight
+            member.available_since = now - self.config.slow_start if member.machine.available \
+                else None
+        self._publish(now)
 
     def is_drained(self, backend_id: str) -> bool:
         """True once a draining (or maintenance) backend holds no connection."""
@@ -229,7 +257,7 @@ class Pool:
         if self.mirror:
             member.failing = True
             if self.sink is not None:
-                self.sink(("failure", self.name, backend_id))
+                self.sink(PassiveSignal(self.name, backend_id, ok=False))
             return
         if member.ejector is None or member.machine.ejecting:
             return
@@ -246,7 +274,7 @@ class Pool:
         if self.mirror:
             if member.failing and self.sink is not None:
                 member.failing = False
-                self.sink(("success", self.name, backend_id))
+                self.sink(PassiveSignal(self.name, backend_id, ok=True))
             return
         if member.ejector is not None:
             member.ejector.record_success()
@@ -269,7 +297,7 @@ class Pool:
         now = self._clock()
         transition = member.machine.apply(event, reason, now)
         if self.sink is not None and not self.mirror:
-            self.sink(("event", self.name, member.id, event.value, reason))
+            self.sink(BackendEvent(self.name, member.id, event, reason))
         if transition is None:
             return
         # The control process logs each transition once; mirrors only at debug level.

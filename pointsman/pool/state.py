@@ -227,6 +227,15 @@ class BackendStateMachine:
         self.history.append(transition)
         return transition
 
+    def restore(self, state: BackendState, health_ok: bool, ejecting: bool, now: float) -> None:
+        """Take another machine's state and memory as they are (a mirror joining late): not a
+        transition, so nothing is recorded in the history."""
+        if state is not self._state:
+            self._since = now
+        self._state = state
+        self._health_ok = health_ok
+        self._ejecting = ejecting
+
     def _remember(self, event: Event) -> None:
         if event is Event.HEALTH_UP:
             self._health_ok = True

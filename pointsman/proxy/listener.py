@@ -72,6 +72,9 @@ class TcpListener:
     def socket(self) -> socket.socket | None:
         return self._sock
 
+    def statistics(self) -> ListenerStats:
+        return self.stats
+
     def _protocol(self) -> ClientConnection:
         return ClientConnection(self)
 

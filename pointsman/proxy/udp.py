@@ -220,6 +220,9 @@ class UdpListener:
         self._bound = True
         self._arm_sweep()
 
+    def statistics(self) -> UdpListenerStats:
+        return self.stats
+
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
         """Reload: new settings and pool for new sessions; live sessions keep their backend."""
         self.config = config
@@ -366,6 +369,9 @@ class UdpListener:
     # --- shutdown --------------------------------------------------------------------------------------
 
     def stop_accepting(self) -> None:
+        """Close the socket; the sessions end now too (replies could no longer reach their
+        clients, and UDP has no close handshake to wait for)."""
+        self.close_all()
         if self.accepting and self._bound:
             self._bound = False
             self.loop.remove_reader(self.sock.fileno())

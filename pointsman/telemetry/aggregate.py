@@ -1,55 +1,79 @@
-"""Counters across processes: workers dump their stats objects to plain dicts, the control process
-adds them up into its own objects of the same types, which the exporters then read unchanged."""
+"""Totals across processes: sums of statistics objects of one type (pure).
+
+A control process keeps the latest statistics of each worker and sums them when read (a scrape,
+the status document), never on every message. Each statistics class names its gauges (`GAUGES`:
+values that describe now, like open connections) apart from its counters (totals since start): a
+worker that exits leaves its counters in the totals, so they never go backwards, while its gauges
+leave with it.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Iterable
+from typing import TypeVar
 
 from pointsman.telemetry.histogram import Histogram
 
+T = TypeVar("T")
 
-def dump(stats: object) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in getattr(type(stats), "__slots__", ()):
-        value = getattr(stats, name)
+
+def _slots(obj: object) -> tuple[str, ...]:
+    return tuple(getattr(type(obj), "__slots__", ()))
+
+
+def _gauges(obj: object) -> frozenset[str]:
+    return frozenset(getattr(type(obj), "GAUGES", ()))
+
+
+def blank(like: T) -> T:
+    """A new object of `like`'s type with every count zero (histogram bounds kept)."""
+    out = object.__new__(type(like))
+    for name in _slots(like):
+        value = getattr(like, name)
         if isinstance(value, Histogram):
-            out[name] = ("h", list(value.counts), value.sum, value.count)
+            value = Histogram(value.bounds)
         elif isinstance(value, Counter):
-            out[name] = ("c", {str(k): v for k, v in value.items()})
-        else:
-            out[name] = value
+            value = Counter()
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            value = type(value)(0)
+        setattr(out, name, value)
     return out
 
 
-def reset(stats: object) -> None:
-    """Zero every count of `stats` (keeping histogram bounds) before adding workers up."""
-    for name in getattr(type(stats), "__slots__", ()):
-        value = getattr(stats, name)
-        if isinstance(value, Histogram):
-            value.counts = [0] * len(value.counts)
-            value.sum = 0.0
-            value.count = 0
-        elif isinstance(value, Counter):
-            value.clear()
-        elif isinstance(value, int | float):
-            setattr(stats, name, 0)
-
-
-def add(stats: object, payload: dict[str, Any]) -> None:
-    """Add one worker's dump into `stats`. Counter keys come back as the enum of the target."""
-    for name, value in payload.items():
-        current = getattr(stats, name, None)
-        if current is None:
+def add(into: object, part: object, gauges: bool = True) -> None:
+    """Add `part`'s counts into `into` (same type); gauges only when `gauges`."""
+    skip = frozenset() if gauges else _gauges(part)
+    for name in _slots(part):
+        if name in skip:
             continue
-        if isinstance(current, Histogram) and isinstance(value, tuple) and value[0] == "h":
-            for i, n in enumerate(value[1]):
-                current.counts[i] += n
-            current.sum += value[2]
-            current.count += value[3]
-        elif isinstance(current, Counter) and isinstance(value, tuple) and value[0] == "c":
-            for key, n in value[1].items():
-                current[key] += n  # a StrEnum key and its str value are the same key
-        elif isinstance(current, int | float) and isinstance(value, int | float):
-            setattr(stats, name, current + value)
+        value = getattr(part, name)
+        current = getattr(into, name)
+        if isinstance(current, Histogram):
+            current.merge(value)
+        elif isinstance(current, Counter):
+            current.update(value)
+        elif isinstance(current, int | float) and not isinstance(current, bool):
+            setattr(into, name, current + value)
 
+
+def total(live: Iterable[T], retired: T | None = None) -> T | None:
+    """The sum of `live` objects (gauges included) and the counters of `retired`; None when
+    there is nothing to sum."""
+    out: T | None = None
+    for part in live:
+        if out is None:
+            out = blank(part)
+        add(out, part)
+    if retired is not None:
+        if out is None:
+            out = blank(retired)
+        add(out, retired, gauges=False)
+    return out
+
+
+def counters_of(stats: T) -> T:
+    """A copy of `stats` with its gauges zeroed: what an exited process leaves in the totals."""
+    out = blank(stats)
+    add(out, stats, gauges=False)
+    return out

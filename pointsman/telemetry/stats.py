@@ -12,6 +12,7 @@ from pointsman.telemetry.histogram import DURATION_BUCKETS, Histogram
 
 
 class ListenerStats:
+    GAUGES = frozenset({"active", "capacity"})  # the rest are counters (see telemetry.aggregate)
     __slots__ = (
         "accepted",
         "active",
@@ -47,6 +48,7 @@ class ListenerStats:
 class BackendStats:
     """Live load and totals of one backend; `active` is what least-connections reads."""
 
+    GAUGES = frozenset({"active"})
     __slots__ = ("active", "bytes_in", "bytes_out", "connect_failures", "connect_time", "total")
 
     def __init__(self) -> None:

@@ -8,6 +8,7 @@ from pointsman.telemetry.flow import DropReason
 
 
 class UdpListenerStats:
+    GAUGES = frozenset({"sessions", "capacity"})  # the rest are counters (see telemetry.aggregate)
     __slots__ = (
         "bytes_in",
         "bytes_out",

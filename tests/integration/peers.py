@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pointsman.runtime import Runtime
+from pointsman.node.runtime import Node
 from pointsman.telemetry.stats import ListenerStats
 from tests.support import (
     LOOPBACK,
@@ -274,8 +274,8 @@ def single_pool(listen: str, peers: list[NamedBackend], **pool: Any) -> str:
     )
 
 
-def tcp_stats(runtime: Runtime, listener: str = "lb") -> ListenerStats:
-    stats = runtime.listeners[listener].stats
+def tcp_stats(runtime: Node, listener: str = "lb") -> ListenerStats:
+    stats = runtime.listeners[listener].statistics()
     assert isinstance(stats, ListenerStats)
     return stats
 

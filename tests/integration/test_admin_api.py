@@ -2,7 +2,7 @@
 operator calls and their bearer token, reload, the CLI that drives them, and a schemathesis fuzz
 of the whole API from its own /openapi.json.
 
-Most tests run a `Runtime` in the test's event loop (so they can look at the pool directly and
+Most tests run a `Node` in the test's event loop (so they can look at the pool directly and
 compare it with what the API says); the CLI and fuzz tests run `pointsman run` as a subprocess.
 """
 
@@ -25,8 +25,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from pointsman.app import build_node
 from pointsman.config.loader import load_file
-from pointsman.runtime import Runtime
+from pointsman.node.runtime import Node
 from tests.support import (
     LOOPBACK,
     close_writer,
@@ -69,7 +70,7 @@ CORE_METRICS = (
     "pointsman_pool_backends",
     "pointsman_event_loop_lag_seconds",
     "pointsman_flow_log_dropped_total",
-    "process_cpu_seconds_total",
+    "pointsman_process_cpu_seconds_total",
 )
 
 
@@ -78,7 +79,7 @@ CORE_METRICS = (
 
 @dataclass
 class Admin:
-    runtime: Runtime
+    runtime: Node
     url: str
     http: aiohttp.ClientSession
     config_path: Path
@@ -126,7 +127,7 @@ def config_text(listen: str, backends: list[str], admin: str, token_file: Path |
 @contextlib.asynccontextmanager
 async def admin_runtime(tmp_path: Path, backends: list[str], *, token: bool = True,
                         **pool: Any) -> AsyncIterator[Admin]:
-    """A Runtime loaded from a config file (so reload has a file to re-read), admin on a free
+    """A Node loaded from a config file (so reload has a file to re-read), admin on a free
     port, with a bearer token unless `token=False`."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -134,7 +135,7 @@ async def admin_runtime(tmp_path: Path, backends: list[str], *, token: bool = Tr
     admin = f"{LOOPBACK}:{free_port()}"
     path = tmp_path / "pointsman.yaml"
     path.write_text(config_text(listen, backends, admin, token_file if token else None, **pool))
-    runtime = Runtime(load_file(path), config_path=path, announce=lambda line: None)
+    runtime = build_node(load_file(path), config_path=path, announce=lambda line: None, workers=1)
     await runtime.start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
@@ -169,23 +170,25 @@ def sample(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 # --- reads ---------------------------------------------------------------------------------------
 
+READY = {"ready": True, "not_accepting": [], "pools_without_backends": [], "failed_tasks": [],
+         "drained": False}
+
 
 async def test_healthz_and_readyz_follow_the_pool(tmp_path: Path) -> None:
     async with echo_backend() as peer, admin_runtime(tmp_path, [peer.address]) as admin:
         assert await admin.get("/healthz") == (200, "ok\n")
-        assert await admin.get("/readyz") == (200, {"ready": True})
+        assert await admin.get("/readyz") == (200, READY)
 
         code, _ = await admin.call("POST", f"{BACKEND}/drain")
         assert code == 200
         code, body = await admin.get("/readyz")
         assert code == 503
-        assert body == {"ready": False, "not_accepting": [], "pools_without_backends": ["p"],
-                        "drained": False}
+        assert body == {**READY, "ready": False, "pools_without_backends": ["p"]}
         assert await admin.get("/healthz") == (200, "ok\n")  # alive, just not ready
 
         code, _ = await admin.call("POST", f"{BACKEND}/enable")
         assert code == 200
-        assert await admin.get("/readyz") == (200, {"ready": True})
+        assert await admin.get("/readyz") == (200, READY)
 
 
 async def test_metrics_count_the_proxied_connections(tmp_path: Path) -> None:
@@ -224,8 +227,11 @@ async def test_status_document_describes_listeners_pools_and_backends(tmp_path: 
         await proxy_some(admin, 2)
         doc = await admin.status()
 
-    assert set(doc) == {"version", "started_at", "loop_lag_seconds", "listeners", "pools",
-                        "transitions"}
+    assert set(doc) == {"version", "role", "started_at", "loop_lag_seconds", "readiness",
+                        "processes", "workers", "listeners", "pools", "transitions"}
+    assert doc["role"] == "single" and doc["workers"] == [] and doc["readiness"]["ready"]
+    [process] = doc["processes"]
+    assert process["process"] == "single" and process["pid"] == os.getpid()
     [listener] = doc["listeners"]
     assert listener["name"] == "lb" and listener["protocol"] == "tcp"
     assert listener["bind"] == admin.listen and listener["pool"] == "p"

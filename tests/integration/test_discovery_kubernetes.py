@@ -17,7 +17,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from pointsman.runtime import Runtime
+from pointsman.node.runtime import Node
 from tests.integration.peers import NamedBackend, ask_name
 from tests.support import LOOPBACK, free_port, refused_port, running, wait_for
 
@@ -101,7 +101,7 @@ async def fake_api() -> AsyncIterator[FakeApi]:
         await runner.cleanup()
 
 
-def pool_ids(runtime: Runtime) -> set[str]:
+def pool_ids(runtime: Node) -> set[str]:
     return {b.id for b in runtime.pools["p"].config.backends}
 
 

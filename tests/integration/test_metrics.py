@@ -1,4 +1,4 @@
-"""The Prometheus exposition of a running Runtime holds the values real traffic implies: accepts,
+"""The Prometheus exposition of a running Node holds the values real traffic implies: accepts,
 refusals by reason, connect failures and retries, table use, bytes, histograms, backend states,
 health checks and UDP datagrams. The exposition is read the way Prometheus reads it (the text
 format, parsed by prometheus_client's parser), straight from the collector.
@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pointsman.admin.metrics import registry_for
-from pointsman.runtime import Runtime
+from pointsman.node.runtime import Node
 from tests.integration.udp_support import udp_clients, udp_config, udp_echo
 from tests.support import (
     LOOPBACK,
@@ -33,7 +33,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 LB = {"listener": "lb", "pool": "p"}
 
 
-def scrape(runtime: Runtime) -> Samples:
+def scrape(runtime: Node) -> Samples:
     text = generate_latest(registry_for(runtime)).decode()
     out: Samples = {}
     for family in text_string_to_metric_families(text):
@@ -221,8 +221,9 @@ async def test_loop_lag_flow_log_drops_and_process_metrics_are_exported() -> Non
                 generate_latest(registry_for(runtime)).decode())}
 
     assert value(s, "pointsman_flow_log_dropped_total") == 0  # no flow log: nothing dropped
-    assert 0 <= value(s, "pointsman_event_loop_lag_seconds") < 0.15
-    assert value(lagged, "pointsman_event_loop_lag_seconds") >= 0.15
-    assert value(s, "process_open_fds") > 0
+    assert 0 <= value(s, "pointsman_event_loop_lag_seconds", process="single") < 0.15
+    assert value(lagged, "pointsman_event_loop_lag_seconds", process="single") >= 0.15
+    assert value(s, "pointsman_process_open_fds", process="single") > 0
+    assert value(s, "pointsman_process_cpu_seconds_total", process="single") > 0
     # Regular names only: what the dashboards and rules in deploy/ rely on.
-    assert all(name.startswith(("pointsman_", "process_")) for name in names), names
+    assert all(name.startswith("pointsman_") for name in names), names

@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from pointsman.node.runtime import Node
 from pointsman.proxy.tcp import WRITE_HIGH_WATER, ClientConnection
-from pointsman.runtime import Runtime
 from tests.support import (
     LOOPBACK,
     backend,
@@ -65,7 +65,7 @@ def buffered(conn: ClientConnection) -> int:
     return sum(t.get_write_buffer_size() for t in (conn.client, conn.upstream) if t is not None)
 
 
-async def sample_until(done: Callable[[], bool], runtime: Runtime, samples: list[int]) -> None:
+async def sample_until(done: Callable[[], bool], runtime: Node, samples: list[int]) -> None:
     listener = runtime.listeners["lb"]
     while not done():
         samples.extend(buffered(conn) for conn in listener.connections)

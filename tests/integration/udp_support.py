@@ -21,8 +21,8 @@ from typing import Any, cast
 
 import yaml
 
+from pointsman.node.runtime import Node
 from pointsman.proxy.udp import UdpListener
-from pointsman.runtime import Runtime
 from tests.support import LOOPBACK, LOOPBACK6, has_ipv6, hostport
 
 # A reply on loopback takes well under a millisecond; this is the deadline of a test that expects
@@ -225,13 +225,13 @@ def udp_config(
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def udp_listener(runtime: Runtime, name: str = "u") -> UdpListener:
+def udp_listener(runtime: Node, name: str = "u") -> UdpListener:
     listener = runtime.listeners[name]
     assert isinstance(listener, UdpListener)
     return listener
 
 
-def listener_addr(runtime: Runtime, name: str = "u") -> Addr:
+def listener_addr(runtime: Node, name: str = "u") -> Addr:
     return short(udp_listener(runtime, name).sock.getsockname())
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pointsman.runtime import Runtime
+from pointsman.node.runtime import Node
 from tests.integration.peers import NamedBackend, ask_name, named_backends
 from tests.interop.test_udp_dns import dns_port
 from tests.support import LOOPBACK, free_port, refused_port, running, wait_for
@@ -89,7 +89,7 @@ def srv(port: int, target: str = "t1.lb.test", priority: int = 0, weight: int = 
 
 
 @contextlib.asynccontextmanager
-async def discovering(listen: str, placeholder: int, **dns: object) -> AsyncIterator[Runtime]:
+async def discovering(listen: str, placeholder: int, **dns: object) -> AsyncIterator[Node]:
     config = yaml.safe_dump({
         "listeners": [{"name": "lb", "bind": listen, "pool": "p"}],
         "pools": [{"name": "p", "algorithm": "round_robin", "connect_timeout": "1s",
@@ -101,7 +101,7 @@ async def discovering(listen: str, placeholder: int, **dns: object) -> AsyncIter
         yield runtime
 
 
-def backends(runtime: Runtime) -> dict[str, int]:
+def backends(runtime: Node) -> dict[str, int]:
     return {b.id: b.weight for b in runtime.pools["p"].config.backends}
 
 

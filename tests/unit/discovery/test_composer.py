@@ -49,8 +49,9 @@ class Harness:
         source = self.sources[kind] = Scripted(kind)
         return source
 
-    async def apply(self, config: Config) -> None:
+    async def apply(self, config: Config) -> list[str]:
         self.applied.append(config)
+        return []
 
     def ids(self) -> list[str]:
         assert self.composer.current is not None

@@ -1,0 +1,115 @@
+"""The control process's picture of what its workers serve.
+
+`WorkerReports` keeps the latest `StatsReport` of each worker and the counters of workers that
+have exited; totals are summed when read. `RemoteListener` is the data plane of a listener that
+the workers serve, as the control process sees it: its statistics are the workers' totals and it
+accepts while at least one live worker does.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TypeVar
+
+from pointsman.config.model import ListenerConfig
+from pointsman.node.ipc import ListenerStatistics, StatsReport
+from pointsman.pool.pool import Pool
+from pointsman.telemetry.aggregate import add, counters_of, total
+from pointsman.telemetry.flow import EndReason
+from pointsman.telemetry.process import ProcessFigures
+from pointsman.telemetry.stats import BackendStats, ListenerStats
+from pointsman.telemetry.udp_stats import UdpListenerStats
+
+T = TypeVar("T")
+
+
+class WorkerReports:
+    def __init__(self) -> None:
+        self.latest: dict[int, StatsReport] = {}
+        self._retired_listeners: dict[str, ListenerStatistics] = {}
+        self._retired_backends: dict[tuple[str, str], BackendStats] = {}
+        self._retired_dropped = 0
+
+    def update(self, report: StatsReport) -> None:
+        self.latest[report.index] = report
+
+    def retire(self, index: int) -> None:
+        """Worker `index` exited: keep its counters in the totals, drop its gauges."""
+        report = self.latest.pop(index, None)
+        if report is None:
+            return
+        for name, stats in report.listeners.items():
+            self._retired_listeners[name] = _fold(self._retired_listeners.get(name), stats)
+        for key, backend in report.backends.items():
+            self._retired_backends[key] = _fold(self._retired_backends.get(key), backend)
+        self._retired_dropped += report.flow_log_dropped
+
+    def listener(self, name: str) -> ListenerStatistics | None:
+        live = [r.listeners[name] for r in self.latest.values() if name in r.listeners]
+        return total(live, self._retired_listeners.get(name))
+
+    def backend(self, pool: str, backend: str) -> BackendStats:
+        key = (pool, backend)
+        live = [r.backends[key] for r in self.latest.values() if key in r.backends]
+        return total(live, self._retired_backends.get(key)) or BackendStats()
+
+    def accepting(self, name: str) -> bool:
+        return any(name in r.accepting for r in self.latest.values())
+
+    def processes(self) -> list[ProcessFigures]:
+        return [self.latest[i].process for i in sorted(self.latest)]
+
+    def flow_log_dropped(self) -> int:
+        return self._retired_dropped + sum(r.flow_log_dropped for r in self.latest.values())
+
+
+def _fold(retired: T | None, stats: T) -> T:
+    if retired is None:
+        return counters_of(stats)
+    add(retired, stats, gauges=False)
+    return retired
+
+
+class RemoteListener:
+    """A TCP or UDP listener served by the workers (see the module docstring)."""
+
+    def __init__(self, config: ListenerConfig, pool: Pool, reports: WorkerReports) -> None:
+        self.config = config
+        self.pool = pool
+        self._reports = reports
+        self._stopped = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stopped and self._reports.accepting(self.name)
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """The workers bind; nothing to do here."""
+
+    def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
+        self.config = config
+        self.pool = pool
+
+    def stop_accepting(self) -> None:
+        self._stopped = True
+
+    async def wait_drained(self, timeout: float) -> bool:
+        return True  # each worker drains its own connections
+
+    def close_all(self, reason: EndReason) -> int:
+        return 0
+
+    def close_backend(self, backend_id: str, reason: EndReason) -> int:
+        return 0  # workers follow the same transitions and close their own connections
+
+    def statistics(self) -> ListenerStatistics:
+        found = self._reports.listener(self.name)
+        if found is not None:
+            return found
+        if self.config.protocol == "udp":  # no worker has reported yet
+            return UdpListenerStats(self.config.udp.max_sessions)
+        return ListenerStats(self.config.max_connections)

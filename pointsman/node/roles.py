@@ -1,0 +1,248 @@
+"""The three kinds of node process, one object each.
+
+- `SingleRole`: everything in one process (`workers: 1`): owner pools, health checks, services,
+  listeners bound here, the kernel data plane.
+- `ControlRole`: owner pools, health checks, services and the kernel data plane; its TCP and UDP
+  listeners are served by worker processes it supervises, and it sees them through their reports.
+- `WorkerRole`: mirror pools that apply the control's decisions in order, and the TCP and UDP
+  listeners (SO_REUSEPORT, steered by client address where per-client state needs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from pointsman.config.model import Config, ListenerConfig, PoolConfig
+from pointsman.dataplane import DataPlane
+from pointsman.kernel.listener import KernelListener
+from pointsman.node import steering
+from pointsman.node.ipc import Channel, PoolEvent, Signal, WeightSet
+from pointsman.node.remote import RemoteListener, WorkerReports
+from pointsman.node.view import RoleName, WorkerStatus
+from pointsman.pool.events import BackendEvent, PassiveSignal, PoolMessage, PoolState, WeightChange
+from pointsman.pool.pool import Pool
+from pointsman.proxy.listener import TcpListener
+from pointsman.proxy.sockets import listen_socket
+from pointsman.proxy.udp import UdpListener
+from pointsman.telemetry.process import ProcessFigures, measure
+from pointsman.telemetry.stats import BackendStats, ListenerStats
+from pointsman.telemetry.udp_stats import UdpListenerStats
+
+if TYPE_CHECKING:
+    from pointsman.node.runtime import Node
+    from pointsman.node.supervisor import WorkerProcesses
+
+
+def _socket_kind(config: ListenerConfig) -> socket.SocketKind:
+    return socket.SOCK_DGRAM if config.protocol == "udp" else socket.SOCK_STREAM
+
+
+def local_listener(node: Node, config: ListenerConfig, pool: Pool) -> DataPlane:
+    """A TCP or UDP listener served by this process; its counters survive a restart of the
+    listener under the same name (a reload that moves it)."""
+    flow_log = node.flow_log
+    if config.protocol == "udp":
+        udp_stats = node.listener_stats.get(config.name)
+        if not isinstance(udp_stats, UdpListenerStats):
+            udp_stats = node.listener_stats[config.name] = UdpListenerStats(config.udp.max_sessions)
+        return UdpListener(config, pool, node.loop, stats=udp_stats,
+                           session_sink=flow_log.udp if flow_log is not None else None)
+    tcp_stats = node.listener_stats.get(config.name)
+    if not isinstance(tcp_stats, ListenerStats):
+        tcp_stats = node.listener_stats[config.name] = ListenerStats(config.max_connections)
+    return TcpListener(config, pool, node.loop, stats=tcp_stats,
+                       flow_sink=flow_log.tcp if flow_log is not None else None,
+                       pools=node.pools, shedder=node.shedder)
+
+
+class SingleRole:
+    name: RoleName = "single"
+    owns_state = True
+    serves = True
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+
+    def new_pool(self, config: PoolConfig) -> Pool:
+        return Pool(config)
+
+    def bind(self, config: ListenerConfig, node_config: Config) -> socket.socket | None:
+        if config.dataplane == "kernel":
+            return None
+        return listen_socket(config.bind, _socket_kind(config), backlog=config.backlog)
+
+    def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
+        if config.dataplane == "kernel":
+            return KernelListener(config, pool, node.loop)
+        return local_listener(node, config, pool)
+
+    def listener_reconfigured(self, listener: DataPlane, node_config: Config) -> None:
+        pass
+
+    async def start(self, node: Node) -> None:
+        pass
+
+    def config_sent(self, config: Config) -> Awaitable[list[str]] | None:
+        return None
+
+    async def stop_serving(self, grace: float) -> None:
+        pass
+
+    def backend_stats(self, pool: Pool) -> list[BackendStats]:
+        return [member.stats for member in pool.members()]
+
+    def processes(self, node: Node) -> list[ProcessFigures]:
+        return [measure(self.name, self.started_at, node.loop_lag)]
+
+    def workers(self) -> list[WorkerStatus]:
+        return []
+
+    def flow_log_dropped(self, node: Node) -> int:
+        return node.flow_log.dropped if node.flow_log is not None else 0
+
+
+class ControlRole(SingleRole):
+    name: RoleName = "control"
+    serves = False
+
+    def __init__(self, processes: WorkerProcesses, reports: WorkerReports) -> None:
+        super().__init__()
+        self.worker_processes = processes
+        self.reports = reports
+
+    def new_pool(self, config: PoolConfig) -> Pool:
+        pool = Pool(config)
+        pool.sink = self._broadcast
+        return pool
+
+    def _broadcast(self, message: PoolMessage) -> None:
+        if isinstance(message, BackendEvent):
+            self.worker_processes.broadcast(PoolEvent(message))
+        elif isinstance(message, WeightChange):
+            self.worker_processes.broadcast(WeightSet(message))
+
+    def bind(self, config: ListenerConfig, node_config: Config) -> socket.socket | None:
+        """The workers bind; here only check that they can (a reload that cannot bind is refused
+        before any worker changes anything)."""
+        if config.dataplane != "kernel":
+            listen_socket(config.bind, _socket_kind(config), backlog=1, reuse_port=True).close()
+        return None
+
+    def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
+        if config.dataplane == "kernel":  # nftables is programmed once, here
+            return KernelListener(config, pool, node.loop)
+        return RemoteListener(config, pool, self.reports)
+
+    async def start(self, node: Node) -> None:
+        await self.worker_processes.start(node)
+
+    def config_sent(self, config: Config) -> Awaitable[list[str]] | None:
+        return self.worker_processes.apply(config)
+
+    async def stop_serving(self, grace: float) -> None:
+        await self.worker_processes.stop(grace)
+
+    def backend_stats(self, pool: Pool) -> list[BackendStats]:
+        return [self.reports.backend(pool.name, member.id) for member in pool.members()]
+
+    def processes(self, node: Node) -> list[ProcessFigures]:
+        return [*super().processes(node), *self.reports.processes()]
+
+    def workers(self) -> list[WorkerStatus]:
+        return self.worker_processes.statuses()
+
+    def flow_log_dropped(self, node: Node) -> int:
+        return self.reports.flow_log_dropped()
+
+
+class WorkerRole(SingleRole):
+    name: RoleName = "worker"
+    owns_state = False
+
+    def __init__(self, index: int, workers: int, channel: Channel,
+                 pools: tuple[PoolState, ...] = ()) -> None:
+        super().__init__()
+        self.index = index
+        self.count = workers
+        self.channel = channel
+        self._initial = pools
+        self._sockets: dict[str, socket.socket] = {}
+
+    def new_pool(self, config: PoolConfig) -> Pool:
+        pool = Pool(config, mirror=True)
+        pool.sink = self._signal
+        return pool
+
+    def _signal(self, message: PoolMessage) -> None:
+        if isinstance(message, PassiveSignal):
+            with contextlib.suppress(ConnectionError):  # the control is gone: we are stopping
+                self.channel.send(Signal(message))
+
+    def bind(self, config: ListenerConfig, node_config: Config) -> socket.socket | None:
+        if config.dataplane == "kernel":
+            return None
+        sock = listen_socket(config.bind, _socket_kind(config), backlog=config.backlog,
+                             reuse_port=True)
+        try:
+            self._steer(sock, config, node_config)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _steer(self, sock: socket.socket, config: ListenerConfig, node_config: Config) -> None:
+        self._sockets[config.name] = sock
+        if steering.needs_steering(config, node_config):
+            steering.attach(sock, config, self.count)
+        else:
+            steering.detach(sock)
+
+    def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
+        if config.dataplane == "kernel":
+            return None
+        return local_listener(node, config, pool)
+
+    def listener_reconfigured(self, listener: DataPlane, node_config: Config) -> None:
+        sock = self._sockets.get(listener.name)
+        if sock is not None and sock.fileno() >= 0:
+            self._steer(sock, listener.config, node_config)
+
+    async def start(self, node: Node) -> None:
+        for state in self._initial:
+            if (pool := node.pools.get(state.pool)) is not None:
+                pool.restore(state)
+
+    def processes(self, node: Node) -> list[ProcessFigures]:
+        return [measure(f"worker-{self.index}", self.started_at, node.loop_lag)]
+
+
+def share_of(config: Config, workers: int) -> Config:
+    """What one of `workers` workers enforces: its share of every bound meant for the whole node
+    (the kernel spreads connections evenly, or by client address where steered): listener
+    tables, the listener-wide new-connection rate and the load-shedding connection bound.
+    Per-source limits stay whole: with steering, every source is counted by one worker."""
+    listeners = []
+    for listener in config.listeners:
+        rate = listener.limits.new_connections_per_second
+        listeners.append(listener.model_copy(update={
+            "max_connections": math.ceil(listener.max_connections / workers),
+            "udp": listener.udp.model_copy(update={
+                "max_sessions": math.ceil(listener.udp.max_sessions / workers)}),
+            "limits": listener.limits.model_copy(update={
+                "new_connections_per_second": None if rate is None else rate / workers}),
+        }))
+    shed = config.shedding.max_connections
+    shedding = config.shedding.model_copy(update={
+        "max_connections": None if shed is None else math.ceil(shed / workers)})
+    return config.model_copy(update={"listeners": listeners, "shedding": shedding})
+
+
+def worker_count(config: Config) -> int:
+    """`workers` from the config, else POINTSMAN_WORKERS, else one per CPU."""
+    return config.workers or int(os.environ.get("POINTSMAN_WORKERS", "0")) or os.cpu_count() or 1
