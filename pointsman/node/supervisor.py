@@ -207,6 +207,9 @@ class WorkerProcesses:
     def _handle(self, slot: Slot, message: Message) -> None:
         if isinstance(message, StatsReport):
             self.reports.update(message)
+            # Ready once its first report is in: from then on its listeners count as served.
+            if slot.served and slot.ready is not None and not slot.ready.done():
+                slot.ready.set_result(None)
         elif isinstance(message, Signal):
             self.on_signal(message.signal)
         elif isinstance(message, ConfigApplied):
@@ -215,9 +218,7 @@ class WorkerProcesses:
             check_version(message.version)
             slot.state = "running"
             slot.served = True
-            if slot.ready is not None and not slot.ready.done():
-                slot.ready.set_result(None)
-            elif slot.restarts:
+            if slot.restarts:
                 log.info("worker %d is back (pid %d)", slot.index, message.pid)
         elif isinstance(message, StartFailed):
             log.error("worker %d cannot start: %s", slot.index, message.error)
