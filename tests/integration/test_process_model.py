@@ -320,7 +320,7 @@ async def test_workers_finish_their_connections_and_exit_when_the_control_proces
 
             async def refused() -> bool:
                 try:
-                    r, w = await asyncio.open_connection(host, int(port))
+                    _, w = await asyncio.open_connection(host, int(port))
                 except ConnectionRefusedError:
                     return True
                 await close_writer(w)
@@ -340,10 +340,9 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with contextlib.suppress(OSError, ValueError):
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(") ", 1)[1].startswith("Z"):  # a zombie has exited
-                return False
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
+        if f.read().split(") ", 1)[1].startswith("Z"):  # a zombie has exited
+            return False
     return True
 
 
