@@ -299,3 +299,68 @@ async def test_etcd_with_authentication(tmp_path: Path) -> None:
                 await wait_backends(admin, ["b"])  # the watch is authenticated too
             finally:
                 await asyncio.to_thread(stop, proc)
+
+
+async def test_a_fleet_watcher_crash_is_logged_counted_and_watching_resumes(
+        etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in handling the drain key (injected once) is logged with its traceback, counted as
+    a fleet task crash, and the watcher runs again and follows the key."""
+    from pointsman.config.node import load_node_file
+    from pointsman.fleet.agent import NodeAgent
+    from pointsman.node.tasks import Tasks
+
+    calls = {"n": 0}
+    original = NodeAgent._set_drain
+
+    async def set_drain(self: NodeAgent, kv: Any) -> None:
+        calls["n"] += 1
+        if kv is not None and calls["n"] == 2:  # the first change after the first read
+            raise RuntimeError("injected bug")
+        await original(self, kv)
+
+    monkeypatch.setattr(NodeAgent, "_set_drain", set_drain)
+    monkeypatch.setattr("pointsman.node.tasks.Backoff", lambda **_: FastBackoff())
+    caplog.set_level("ERROR", "pointsman.tasks")
+    prefix = new_prefix()
+    node_file = write_node_file(tmp_path / "node.yaml", "lb-c", etcd.endpoints, prefix, free_port())
+    agent = NodeAgent(load_node_file(node_file))
+    tasks = Tasks()
+    view = FakeView()
+    await agent.start(view, tasks)  # type: ignore[arg-type]
+    try:
+        await wait_for(lambda: calls["n"] >= 1, START_TIMEOUT, what="the first read of the drain key")
+        async with EtcdClient(EtcdSettings(tuple(etcd.urls))) as client:
+            await client.put(keys.drain_key(prefix, "lb-c"), '{"reason": "crash test"}')
+        await wait_for(lambda: agent.draining == "crash test", APPLY_TIMEOUT,
+                       what="the drain followed after the crash")
+    finally:
+        await agent.stop()
+        await tasks.close()
+        await agent.client.close()
+    assert tasks.crashes == {"fleet": 1}
+    assert any(r.getMessage().startswith("task fleet:drain crashed") and r.exc_info is not None
+               for r in caplog.records)
+
+
+class FastBackoff:
+    def next(self) -> float:
+        return 0.01
+
+    def reset(self) -> None:
+        pass
+
+
+class FakeView:
+    """What the agent reads of a node, for an agent run on its own."""
+
+    pools: dict[str, Any] = {}
+    listeners: dict[str, Any] = {}
+    bgp = None
+    started_at = 0.0
+
+    @property
+    def config(self) -> Any:
+        class Empty:
+            admin = None
+        return Empty()
