@@ -47,7 +47,7 @@ class RuntimeCollector(Collector):
 
     def _listeners(self, kind: type[T]) -> Iterator[tuple[list[str], T]]:
         """(listener, pool) labels and statistics of every listener whose statistics are `kind`."""
-        for listener in self.runtime.listeners.values():
+        for listener in list(self.runtime.listeners.values()):  # a copy: reloads may change it
             stats = listener.statistics()
             if isinstance(stats, kind):
                 yield [listener.name, listener.pool.name], stats
@@ -216,7 +216,7 @@ class RuntimeCollector(Collector):
         healthy = GaugeMetricFamily(P + "pool_available_backends", "Backends taking new "
                                     "connections", labels=["pool"])
         size = GaugeMetricFamily(P + "pool_backends", "Backends configured", labels=["pool"])
-        for pool in self.runtime.pools.values():
+        for pool in list(self.runtime.pools.values()):
             snapshot = pool.snapshot
             healthy.add_metric([pool.name], snapshot.available)
             size.add_metric([pool.name], len(snapshot.backends))

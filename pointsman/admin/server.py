@@ -7,6 +7,7 @@ configured (a non-loopback bind without one is refused by the config check).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -109,14 +110,17 @@ class AdminServer:
         return web.json_response(readiness.as_dict(), status=200 if readiness.ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
+        """Rendered in a thread: thousands of samples take prometheus_client a good fraction of
+        a second, which on the loop would stall every connection (the collector reads copies
+        of the node's tables and plain counters, so a concurrent change only shifts a figure)."""
+        body = await asyncio.to_thread(generate_latest, self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(status(self.runtime))
+        return web.json_response(await asyncio.to_thread(status, self.runtime))
 
     # --- operator calls ------------------------------------------------------------------------------
 

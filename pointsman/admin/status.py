@@ -29,12 +29,13 @@ def status(node: NodeView) -> dict[str, Any]:
         "readiness": node.readiness().as_dict(),
         "processes": [asdict(p) for p in node.processes()],
         "workers": [asdict(w) for w in node.workers()],
-        "listeners": [_listener(listener) for listener in node.listeners.values()],
-        "pools": [_pool(pool, node) for pool in node.pools.values()],
+        # Copies of the tables: the document may be built in a thread while a reload runs.
+        "listeners": [_listener(listener) for listener in list(node.listeners.values())],
+        "pools": [_pool(pool, node) for pool in list(node.pools.values())],
         "transitions": [
             {"at": at, "pool": pool, "backend": t.backend, "old": t.old.value,
              "new": t.new.value, "event": t.event.value, "reason": t.reason}
-            for at, pool, t in reversed(node.transitions)
+            for at, pool, t in reversed(list(node.transitions))
         ],
     }
 

@@ -3,7 +3,7 @@
 Three inputs make the running config: the *base* (a config file, or the cluster config in etcd
 with the node-local keys of the node file over it), and the backends each pool's discovery
 sources found. Any change to any input rebuilds the whole config and sends it through the same
-validation as a file (`load_text`) and the same `Runtime.apply`, one change at a time (a lock):
+validation as a file (`load_text`, in a thread) and the same `Node.apply`, one change at a time (a lock):
 a config that does not validate is refused, logged and counted by source, and the last good one
 keeps running.
 """
@@ -95,7 +95,8 @@ class Composer:
     async def apply_text(self, text: str, source: str, label: str) -> list[str]:
         """Apply a cluster config document; return its problems (empty when applied)."""
         try:
-            config = self.compose_text(text, source)
+            # Off the loop: parsing, validation and name resolution take milliseconds to seconds.
+            config = await asyncio.to_thread(self.compose_text, text, source)
         except ConfigError as exc:
             return self.reject(label, exc.issues, f"config from {source}")
         try:
@@ -234,8 +235,8 @@ class Composer:
         config = self.base
         if data is not None:
             try:
-                config = load_text(yaml.safe_dump(data, sort_keys=False),
-                                   f"{label}: config with discovered backends")
+                config = await asyncio.to_thread(load_text, yaml.safe_dump(data, sort_keys=False),
+                                                 f"{label}: config with discovered backends")
             except ConfigError as exc:
                 return self.reject(label, exc.issues, "config with discovered backends")
         if config == self.current and label == "discovery":

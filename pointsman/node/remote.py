@@ -45,22 +45,22 @@ class WorkerReports:
         self._retired_dropped += report.flow_log_dropped
 
     def listener(self, name: str) -> ListenerStatistics | None:
-        live = [r.listeners[name] for r in self.latest.values() if name in r.listeners]
+        live = [r.listeners[name] for r in list(self.latest.values()) if name in r.listeners]
         return total(live, self._retired_listeners.get(name))
 
     def backend(self, pool: str, backend: str) -> BackendStats:
         key = (pool, backend)
-        live = [r.backends[key] for r in self.latest.values() if key in r.backends]
+        live = [r.backends[key] for r in list(self.latest.values()) if key in r.backends]
         return total(live, self._retired_backends.get(key)) or BackendStats()
 
     def accepting(self, name: str) -> bool:
-        return any(name in r.accepting for r in self.latest.values())
+        return any(name in r.accepting for r in list(self.latest.values()))
 
     def processes(self) -> list[ProcessFigures]:
-        return [self.latest[i].process for i in sorted(self.latest)]
+        return [report.process for _, report in sorted(list(self.latest.items()))]
 
     def flow_log_dropped(self) -> int:
-        return self._retired_dropped + sum(r.flow_log_dropped for r in self.latest.values())
+        return self._retired_dropped + sum(r.flow_log_dropped for r in list(self.latest.values()))
 
 
 def _fold(retired: T | None, stats: T) -> T:

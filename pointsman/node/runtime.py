@@ -21,6 +21,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -55,6 +56,7 @@ from pointsman.telemetry.stats import BackendStats
 log = logging.getLogger("pointsman")
 
 TICK_SECONDS = 0.5
+SWITCH_INTERVAL = 0.001
 TRANSITIONS_KEPT = 200  # recent backend state changes shown on the status page
 
 
@@ -186,8 +188,9 @@ class Node:
     def readiness(self) -> Readiness:
         fleet, bgp = self.fleet, self.bgp
         return Readiness(
-            not_accepting=tuple(n for n, lst in self.listeners.items() if not lst.accepting),
-            pools_without_backends=tuple(n for n, p in self.pools.items() if p.snapshot.available == 0),
+            not_accepting=tuple(n for n, lst in list(self.listeners.items()) if not lst.accepting),
+            pools_without_backends=tuple(n for n, p in list(self.pools.items())
+                                         if p.snapshot.available == 0),
             failed_tasks=tuple(sorted(self.tasks.failed)),
             drained=(fleet is not None and fleet.draining is not None)
             or (bgp is not None and bgp.drained),
@@ -196,6 +199,9 @@ class Node:
     # --- start ----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Slow work (config parsing, scrapes, the flow log) runs in threads; a thread holding the
+        # GIL delays the loop by up to the switch interval at every handover: 1 ms, not 5.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         role = self.role_object
         if role.serves:
             self.flow_log = FlowLog.open(self.config.flow_log, self.tasks)
