@@ -94,7 +94,8 @@ async def test_reload_discovery_and_scrapes_run_no_slow_callback(
                     found = [a.address, b.address] if round_ % 2 else [a.address]
                     await source.answers.put([BackendConfig.model_validate({"address": address})
                                               for address in found])
-                    await wait_for(lambda n=len(found): len(node.pools["p"].members()) == n,  # type: ignore[misc]
+                    wanted = len(found)
+                    await wait_for(lambda: len(node.pools["p"].members()) == wanted,  # noqa: B023
                                    5.0, what="the discovered backends applied")
                     for page in ("/metrics", "/api/v1/status", "/readyz"):
                         async with http.get(f"http://{admin}{page}") as response:
