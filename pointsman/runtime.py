@@ -31,6 +31,7 @@ from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.udp import UdpListener
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.flowlog import FlowLog
+from pointsman.telemetry.reloads import tracked
 from pointsman.telemetry.stats import ListenerStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
 
@@ -257,6 +258,7 @@ class Runtime:
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
 
+    @tracked  # counts every outcome for /metrics (pointsman/telemetry/reloads.py)
     async def reload(self) -> list[str]:
         """Re-read the config file; return its errors (the running config then stays)."""
         if self.config_path is None:

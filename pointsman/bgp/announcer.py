@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
@@ -62,6 +63,10 @@ class Announcer:
         self.restarts = 0
         self.decisions: tuple[Decision, ...] = ()
         self.changed_at: dict[str, float] = {}  # prefix -> wall time its decision last changed
+        # Sessions established now, and how often an established one went down (any cause: the
+        # peer, the network, ExaBGP dying or restarted); kept across ExaBGP restarts.
+        self.sessions_up: set[str] = set()
+        self.session_flaps: Counter[str] = Counter()
         self._factory = speaker_factory
         self._speaker: ExaBgpSpeaker | None = None
         self._told: dict[str, Route] = {}  # what the running ExaBGP was asked to announce
@@ -93,6 +98,7 @@ class Announcer:
                 self._restart_handle = None
             if self._speaker is not None:
                 await self._speaker.stop()
+            self._sessions_lost()
             self._told = {}
             await self._start_or_retry(True)
         self._sync()
@@ -196,10 +202,21 @@ class Announcer:
     def _speaker_message(self, message: Message) -> None:
         if message.kind is Kind.PEER_UP:
             self._failures = 0
+            if message.peer:
+                self.sessions_up.add(message.peer)
+        elif message.kind is Kind.PEER_DOWN and message.peer in self.sessions_up:
+            self.sessions_up.discard(message.peer)
+            self.session_flaps[message.peer] += 1
+
+    def _sessions_lost(self) -> None:
+        """ExaBGP is gone (died, or stopped for new session settings): so are its sessions."""
+        self.session_flaps.update(self.sessions_up)
+        self.sessions_up.clear()
 
     def _speaker_failed(self, reason: str) -> None:
         if self.stopping:
             return
+        self._sessions_lost()
         self._own(self._recover())
 
     async def _recover(self) -> None:
@@ -244,6 +261,10 @@ class Announcer:
             "stopping": self.stopping,
             "restarts": self.restarts,
             "speaker": speaker.statistics() if speaker is not None else None,
+            "sessions": {peer.address: peer.address in self.sessions_up
+                         for peer in self.config.peers},
+            "session_flaps": {peer.address: self.session_flaps[peer.address]
+                              for peer in self.config.peers},
             "vips": [
                 {
                     "prefix": d.vip.prefix,
