@@ -11,6 +11,7 @@ Runs in the process that owns pool state: "single", or "control" with workers.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 import weakref
@@ -200,13 +201,14 @@ class Announcer:
         self._sync()
 
     def _speaker_message(self, message: Message) -> None:
+        peer = _address(message.peer) if message.peer else None
         if message.kind is Kind.PEER_UP:
             self._failures = 0
-            if message.peer:
-                self.sessions_up.add(message.peer)
-        elif message.kind is Kind.PEER_DOWN and message.peer in self.sessions_up:
-            self.sessions_up.discard(message.peer)
-            self.session_flaps[message.peer] += 1
+            if peer:
+                self.sessions_up.add(peer)
+        elif message.kind is Kind.PEER_DOWN and peer in self.sessions_up:
+            self.sessions_up.discard(peer)
+            self.session_flaps[peer] += 1
 
     def _sessions_lost(self) -> None:
         """ExaBGP is gone (died, or stopped for new session settings): so are its sessions."""
@@ -261,10 +263,8 @@ class Announcer:
             "stopping": self.stopping,
             "restarts": self.restarts,
             "speaker": speaker.statistics() if speaker is not None else None,
-            "sessions": {peer.address: peer.address in self.sessions_up
-                         for peer in self.config.peers},
-            "session_flaps": {peer.address: self.session_flaps[peer.address]
-                              for peer in self.config.peers},
+            "sessions": {peer: peer in self.sessions_up for peer in self._peers()},
+            "session_flaps": {peer: self.session_flaps[peer] for peer in self._peers()},
             "vips": [
                 {
                     "prefix": d.vip.prefix,
@@ -279,6 +279,18 @@ class Announcer:
                 for d in self.decisions
             ],
         }
+
+
+    def _peers(self) -> list[str]:
+        return [_address(peer.address) for peer in self.config.peers]
+
+
+def _address(text: str) -> str:
+    """One spelling per address (ExaBGP and the config may write an IPv6 address differently)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
 
 
 def _session_settings(config: BgpConfig) -> tuple[object, ...]:

@@ -289,3 +289,12 @@ async def test_new_session_settings_reset_the_sessions_and_count_them() -> None:
     assert announcer.statistics()["sessions"] == {PEER: False}
     assert announcer.statistics()["session_flaps"] == {PEER: 1}
     await announcer.stop()
+
+
+async def test_ipv6_peers_match_however_exabgp_spells_them() -> None:
+    config = bgp(peers=[{"address": "10.0.0.254", "asn": 65000},
+                        {"address": "2001:DB8::FE", "asn": 65000}])
+    announcer, speaker = await running(FakeNode({"web": pool("web")}), config)
+    speaker.on_message(Message(Kind.PEER_UP, "2001:0db8:0000:0000:0000:0000:0000:00fe"))
+    assert announcer.statistics()["sessions"] == {PEER: False, "2001:db8::fe": True}
+    await announcer.stop()
