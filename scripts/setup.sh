@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(haproxy nginx libnginx-mod-stream redis-server openssl socat wrk iperf3 dnsutils dnsmasq-base prometheus chromium etcd-server bird2 iproute2 nftables python3-nftables conntrack)
+DEBIAN_PACKAGES=(haproxy nginx libnginx-mod-stream redis-server openssl socat wrk iperf3 dnsutils dnsmasq-base prometheus prometheus-alertmanager chromium etcd-server bird2 iproute2 nftables python3-nftables conntrack)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

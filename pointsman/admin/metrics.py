@@ -7,8 +7,14 @@ listener, pool and backend only: no per-client labels.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import logging
+import platform
+import socket
+import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -19,8 +25,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+import pointsman
 from pointsman.kernel.stats import KernelListenerStats
 from pointsman.pool.state import BackendState
+from pointsman.telemetry import netstat, sockdiag
 from pointsman.telemetry.flow import DropReason, EndReason, RejectReason
 from pointsman.telemetry.histogram import Histogram
 from pointsman.telemetry.stats import ListenerStats
@@ -31,6 +39,7 @@ if TYPE_CHECKING:
 
 P = "pointsman_"
 T = TypeVar("T")
+log = logging.getLogger("pointsman.metrics")
 
 
 def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
@@ -44,6 +53,7 @@ def _add(family: HistogramMetricFamily, values: list[str], hist: Histogram) -> N
 class RuntimeCollector(Collector):
     def __init__(self, runtime: NodeView) -> None:
         self.runtime = runtime
+        self.uvloop = _uvloop_version()  # made in the loop's thread; scrapes run in another
 
     def _listeners(self, kind: type[T]) -> Iterator[tuple[list[str], T]]:
         """(listener, pool) labels and statistics of every listener whose statistics are `kind`."""
@@ -59,6 +69,15 @@ class RuntimeCollector(Collector):
         yield from self._backends()
         yield from self._process()
         yield from self._config_sources()
+        yield from self._build_info()
+        yield from self._reloads()
+        yield from self._accept_queues()
+        yield from self._syn_counters()
+        yield from self._tls()
+        yield from self._connection_ages()
+        yield from self._pool_limits()
+        yield from self._health_durations()
+        yield from self._bgp()
 
     def _tcp(self) -> Iterator[Metric]:
         lbl = ["listener", "pool"]
@@ -291,9 +310,11 @@ class RuntimeCollector(Collector):
                                   "discovery source", labels=["pool", "source"])
         composer = self.runtime.composer
         if composer is not None:
-            for source in sorted({"file", "etcd", "discovery", *composer.applied, *composer.rejected}):
+            # File reloads are refused before the composer sees them too: their own count.
+            refused = {**composer.rejected, "file": self.runtime.reload_history.refused}
+            for source in sorted({"file", "etcd", "discovery", *composer.applied, *refused}):
                 applied.add_metric([source], composer.applied[source])
-                rejected.add_metric([source], composer.rejected[source])
+                rejected.add_metric([source], refused.get(source, 0))
             for (pool, kind), n in sorted(composer.updates.items()):
                 updates.add_metric([pool, kind], n)
             for pool, kinds in sorted(composer.statistics()["discovered"].items()):
@@ -312,6 +333,198 @@ class RuntimeCollector(Collector):
                                          "this node (fleet drain)")
             draining.add_metric([], float(fleet.draining is not None))
             yield from (connected, revision, draining)
+
+
+    # --- issue 16: SYN and accept-queue pressure, state leaks, TLS routing, BGP, build ---------
+
+    def _build_info(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(P + "build_info", "Always 1: the pointsman version, the Python "
+                                 "and the uvloop running it (none: plain asyncio)",
+                                 labels=["version", "python", "uvloop"])
+        info.add_metric([pointsman.__version__, platform.python_version(), self.uvloop], 1)
+        yield info
+
+    def _reloads(self) -> Iterator[Metric]:
+        """The last config file reload (SIGHUP, API, CLI); the config loaded at start counts."""
+        history = self.runtime.reload_history
+        ok = GaugeMetricFamily(P + "config_last_reload_success", "1 if the last config file "
+                               "reload was applied, 0 if it was refused (the old config runs)")
+        ok.add_metric([], float(history.last_ok))
+        at = GaugeMetricFamily(P + "config_last_reload_timestamp_seconds", "Wall time of the "
+                               "last config file reload (the start time before any)")
+        at.add_metric([], history.last_at if history.last_at is not None
+                      else self.runtime.started_at)
+        yield from (ok, at)
+
+    def _accept_queues(self) -> Iterator[Metric]:
+        """Per TCP listener: its accept queue now and the queue's bound, from sock_diag, so the
+        control process sees the workers' sockets too. With several sockets (workers, with
+        SO_REUSEPORT) the fullest one is shown: that is the one that overflows first."""
+        lbl = ["listener", "pool"]
+        depth = GaugeMetricFamily(P + "accept_queue_depth", "Handshaken connections waiting for "
+                                  "accept() (the fullest listening socket)", labels=lbl)
+        bound = GaugeMetricFamily(P + "accept_queue_limit", "Bound of that accept queue: "
+                                  "min(backlog, net.core.somaxconn); it holds limit + 1",
+                                  labels=lbl)
+        sockets = GaugeMetricFamily(P + "accept_queue_sockets", "Listening sockets found for "
+                                    "the listener (one per worker)", labels=lbl)
+        wanted = {}
+        for listener in list(self.runtime.listeners.values()):
+            if listener.config.protocol == "tcp" and listener.config.dataplane == "proxy":
+                bind = listener.config.bind
+                try:
+                    wanted[(ipaddress.ip_address(bind.host), bind.port)] = listener
+                except ValueError:
+                    continue
+        if wanted:
+            try:
+                found = sockdiag.listen_sockets(sorted({_family(a) for a, _ in wanted}))
+            except OSError as exc:
+                log.debug("metrics: cannot read accept queues: %s", exc)
+                found = []
+            by_address: dict[tuple[Any, int], list[sockdiag.ListenSocket]] = {}
+            for sock in found:
+                by_address.setdefault((sock.address, sock.port), []).append(sock)
+            for key, listener in wanted.items():
+                socks = by_address.get(key)
+                if not socks:
+                    continue
+                fullest = max(socks, key=lambda s: (s.queued / max(s.bound, 1), s.queued))
+                v = [listener.name, listener.pool.name]
+                depth.add_metric(v, fullest.queued)
+                bound.add_metric(v, fullest.bound)
+                sockets.add_metric(v, len(socks))
+        yield from (depth, bound, sockets)
+
+    def _syn_counters(self) -> Iterator[Metric]:
+        """Node-wide (this network namespace) TcpExt counters: every listener on the host."""
+        names = (
+            ("listen_overflows", "tcp_listen_overflows", "Handshakes dropped because a listener's "
+             "accept queue was full (TcpExt ListenOverflows, node-wide)"),
+            ("listen_drops", "tcp_listen_drops", "SYNs and ACKs dropped by listeners, overflows "
+             "included (TcpExt ListenDrops, node-wide)"),
+            ("syn_retrans", "tcp_syn_retransmits", "SYNs and SYN-ACKs retransmitted "
+             "(TcpExt TCPSynRetrans, node-wide: backend connects and client handshakes)"),
+            ("syncookies_sent", "tcp_syncookies_sent", "SYN cookies sent because a SYN queue "
+             "was full (TcpExt SyncookiesSent, node-wide)"),
+            ("syncookies_recv", "tcp_syncookies_received", "Valid SYN cookies received back "
+             "(TcpExt SyncookiesRecv, node-wide)"),
+            ("syncookies_failed", "tcp_syncookies_failed", "Invalid SYN cookies received "
+             "(TcpExt SyncookiesFailed, node-wide)"),
+        )
+        counters = netstat.read()
+        for field, name, doc in names:
+            family = CounterMetricFamily(P + name, doc)
+            if counters is not None:
+                family.add_metric([], getattr(counters, field))
+            yield family
+
+    def _tls(self) -> Iterator[Metric]:
+        unrouted = CounterMetricFamily(P + "tls_unrouted", "TLS connections whose ClientHello "
+                                       "matched no tls_routes entry (sent to the default pool)",
+                                       labels=["listener", "pool"])
+        for v, s in self._listeners(ListenerStats):
+            unrouted.add_metric(v, s.tls_unrouted)
+        yield unrouted
+
+    def _connection_ages(self) -> Iterator[Metric]:
+        """Age of the oldest open connection per (listener, pool it went to); with workers, the
+        oldest any worker holds (measured when it last reported)."""
+        age = GaugeMetricFamily(P + "oldest_connection_age_seconds", "Age of the oldest open "
+                                "connection (0: none open)", labels=["listener", "pool"])
+        for (listener, pool), seconds in sorted(self.runtime.connection_ages().items()):
+            age.add_metric([listener, pool], seconds)
+        yield age
+
+    def _pool_limits(self) -> Iterator[Metric]:
+        """What the state-leak and TLS alerts compare against: the pools' limits, check types
+        and how long each backend has been in its state."""
+        max_age = GaugeMetricFamily(P + "pool_max_connection_duration_seconds", "The pool's "
+                                    "max_connection_duration (absent: unlimited)", labels=["pool"])
+        drain = GaugeMetricFamily(P + "pool_drain_timeout_seconds", "The pool's drain_timeout "
+                                  "(absent: a drain waits for connections to end)", labels=["pool"])
+        check = GaugeMetricFamily(P + "health_check_info", "Always 1: the pool's active health "
+                                  "check type", labels=["pool", "type"])
+        since = GaugeMetricFamily(P + "backend_state_seconds", "Seconds since the backend "
+                                  "entered its current state", labels=["pool", "backend"])
+        now = time.monotonic()  # the clock the pools' state machines stamp transitions with
+        for pool in list(self.runtime.pools.values()):
+            config = pool.config
+            if (limit := getattr(config, "max_connection_duration", None)) is not None:
+                max_age.add_metric([pool.name], float(limit))
+            if (timeout := getattr(config, "drain_timeout", None)) is not None:
+                drain.add_metric([pool.name], float(timeout))
+            if config.health_check is not None:
+                check.add_metric([pool.name, config.health_check.type], 1)
+            for m in pool.members():
+                since.add_metric([pool.name, m.id], max(now - m.machine.since, 0.0))
+        yield from (max_age, drain, check, since)
+
+    def _health_durations(self) -> Iterator[Metric]:
+        duration = _histogram("health_check_duration_seconds", "Active health probe latency, "
+                              "start to verdict", ["pool"])
+        for pool in list(self.runtime.pools.values()):
+            _add(duration, [pool.name], pool.check_duration)
+        yield duration
+
+    def _bgp(self) -> Iterator[Metric]:
+        """Sessions, VIP announcements and ExaBGP restarts, from the announcer's statistics."""
+        up = GaugeMetricFamily(P + "bgp_session_up", "1 while the BGP session with the peer is "
+                               "established", labels=["peer"])
+        flaps = CounterMetricFamily(P + "bgp_session_flaps", "Established sessions that went "
+                                    "down (peer, network, or ExaBGP dying)", labels=["peer"])
+        announced = GaugeMetricFamily(P + "bgp_vip_announced", "1 while pointsman asks its "
+                                      "peers to route the VIP here", labels=["vip", "pool", "listener"])
+        reason = GaugeMetricFamily(P + "bgp_vip_reason", "1 for why the VIP is (not) announced",
+                                   labels=["vip", "reason"])
+        available = GaugeMetricFamily(P + "bgp_vip_available_backends", "Backends the VIP's "
+                                      "decision counted", labels=["vip"])
+        running = GaugeMetricFamily(P + "bgp_speaker_running", "1 while ExaBGP runs and its "
+                                    "API is connected")
+        restarts = CounterMetricFamily(P + "bgp_exabgp_restarts", "ExaBGP processes restarted "
+                                       "after one died")
+        bgp = self.runtime.bgp
+        if bgp is not None:
+            from pointsman.bgp.decision import Reason
+
+            stats = bgp.statistics()
+            for peer, is_up in stats["sessions"].items():
+                up.add_metric([peer], float(is_up))
+                flaps.add_metric([peer], stats["session_flaps"][peer])
+            for vip in stats["vips"]:
+                pool = vip["pool"] or self._listener_pool(vip["listener"])
+                announced.add_metric([vip["prefix"], pool, vip["listener"] or ""],
+                                     float(vip["announced"]))
+                for r in Reason:
+                    reason.add_metric([vip["prefix"], r.value], float(vip["reason"] == r.value))
+                available.add_metric([vip["prefix"]], vip["available"])
+            speaker = stats["speaker"]
+            running.add_metric([], float(speaker is not None and speaker["state"] == "running"))
+            restarts.add_metric([], stats["restarts"])
+        yield from (up, flaps, announced, reason, available, running, restarts)
+
+    def _listener_pool(self, name: str | None) -> str:
+        listener = self.runtime.listeners.get(name or "")
+        return listener.config.fallback_pool if listener is not None else ""
+
+
+def _uvloop_version() -> str:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return "none"
+    if "uvloop" not in type(loop).__module__:
+        return "none"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("uvloop")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _family(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> socket.AddressFamily:
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
 def registry_for(runtime: NodeView) -> CollectorRegistry:

@@ -11,9 +11,11 @@ Runs in the process that owns pool state: "single", or "control" with workers.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
@@ -63,6 +65,10 @@ class Announcer:
         self.restarts = 0
         self.decisions: tuple[Decision, ...] = ()
         self.changed_at: dict[str, float] = {}  # prefix -> wall time its decision last changed
+        # Sessions established now, and how often an established one went down (any cause: the
+        # peer, the network, ExaBGP dying or restarted); kept across ExaBGP restarts.
+        self.sessions_up: set[str] = set()
+        self.session_flaps: Counter[str] = Counter()
         self._factory = speaker_factory
         self._speaker: ExaBgpSpeaker | None = None
         self._told: dict[str, Route] = {}  # what the running ExaBGP was asked to announce
@@ -96,6 +102,7 @@ class Announcer:
                 self._restart_handle = None
             if self._speaker is not None:
                 await self._speaker.stop()
+            self._sessions_lost()
             self._told = {}
             await self._start_or_retry(True)
         self._sync()
@@ -202,12 +209,24 @@ class Announcer:
         self._sync()
 
     def _speaker_message(self, message: Message) -> None:
+        peer = _address(message.peer) if message.peer else None
         if message.kind is Kind.PEER_UP:
             self._failures = 0
+            if peer:
+                self.sessions_up.add(peer)
+        elif message.kind is Kind.PEER_DOWN and peer in self.sessions_up:
+            self.sessions_up.discard(peer)
+            self.session_flaps[peer] += 1
+
+    def _sessions_lost(self) -> None:
+        """ExaBGP is gone (died, or stopped for new session settings): so are its sessions."""
+        self.session_flaps.update(self.sessions_up)
+        self.sessions_up.clear()
 
     def _speaker_failed(self, reason: str) -> None:
         if self.stopping:
             return
+        self._sessions_lost()
         self._own(self._recover())
 
     async def _recover(self) -> None:
@@ -252,6 +271,8 @@ class Announcer:
             "stopping": self.stopping,
             "restarts": self.restarts,
             "speaker": speaker.statistics() if speaker is not None else None,
+            "sessions": {peer: peer in self.sessions_up for peer in self._peers()},
+            "session_flaps": {peer: self.session_flaps[peer] for peer in self._peers()},
             "vips": [
                 {
                     "prefix": d.vip.prefix,
@@ -266,6 +287,18 @@ class Announcer:
                 for d in self.decisions
             ],
         }
+
+
+    def _peers(self) -> list[str]:
+        return [_address(peer.address) for peer in self.config.peers]
+
+
+def _address(text: str) -> str:
+    """One spelling per address (ExaBGP and the config may write an IPv6 address differently)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
 
 
 def _session_settings(config: BgpConfig) -> tuple[object, ...]:

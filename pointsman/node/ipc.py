@@ -113,6 +113,8 @@ class StatsReport:
     backends: Mapping[tuple[str, str], BackendStats]  # (pool, backend id)
     process: ProcessFigures
     flow_log_dropped: int
+    ages: Mapping[tuple[str, str], float]  # oldest open connection by (listener, pool), seconds
+    at: float  # time.monotonic() when taken (one clock for every process of the host)
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,14 @@ class WorkerReports:
     def processes(self) -> list[ProcessFigures]:
         return [report.process for _, report in sorted(list(self.latest.items()))]
 
+    def connection_ages(self, now: float) -> dict[tuple[str, str], float]:
+        """The oldest connection any worker holds, aged to `now` (time.monotonic())."""
+        ages: dict[tuple[str, str], float] = {}
+        for report in list(self.latest.values()):
+            for key, age in report.ages.items():
+                ages[key] = max(ages.get(key, 0.0), age + max(now - report.at, 0.0) if age else 0.0)
+        return ages
+
     def flow_log_dropped(self) -> int:
         return self._retired_dropped + sum(r.flow_log_dropped for r in list(self.latest.values()))
 

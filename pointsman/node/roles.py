@@ -106,6 +106,22 @@ class SingleRole:
     def flow_log_dropped(self, node: Node) -> int:
         return node.flow_log.dropped if node.flow_log is not None else 0
 
+    def connection_ages(self, node: Node) -> dict[tuple[str, str], float]:
+        """From the accept times of this process's TCP connections (perf_counter stamps)."""
+        now = time.perf_counter()
+        ages: dict[tuple[str, str], float] = {}
+        for listener in list(node.listeners.values()):
+            if not isinstance(listener, TcpListener):
+                continue
+            oldest = {listener.pool.name: now}
+            for conn in list(listener.connections):
+                started, pool = conn.started, conn.pool.name
+                if 0 < started < oldest.get(pool, now):
+                    oldest[pool] = started
+            for pool, started in oldest.items():
+                ages[listener.name, pool] = max(now - started, 0.0)
+        return ages
+
 
 class ControlRole(SingleRole):
     name: RoleName = "control"
@@ -159,6 +175,9 @@ class ControlRole(SingleRole):
 
     def flow_log_dropped(self, node: Node) -> int:
         return self.reports.flow_log_dropped()
+
+    def connection_ages(self, node: Node) -> dict[tuple[str, str], float]:
+        return self.reports.connection_ages(time.monotonic())
 
 
 class WorkerRole(SingleRole):

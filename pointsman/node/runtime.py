@@ -51,6 +51,7 @@ from pointsman.protect.shedding import Shedder
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.flowlog import FlowLog
 from pointsman.telemetry.process import ProcessFigures
+from pointsman.telemetry.reloads import ReloadHistory
 from pointsman.telemetry.stats import BackendStats
 
 log = logging.getLogger("pointsman")
@@ -95,6 +96,9 @@ class Role(Protocol):
     def workers(self) -> list[WorkerStatus]: ...
 
     def flow_log_dropped(self, node: Node) -> int: ...
+
+    def connection_ages(self, node: Node) -> dict[tuple[str, str], float]:
+        """Seconds the oldest open connection has been open, by (listener, pool it went to)."""
 
 
 class Service(Protocol):
@@ -153,6 +157,7 @@ class Node:
         self.checkers: dict[str, HealthChecker] = {}
         self.listener_stats: dict[str, object] = {}  # kept by listener name across restarts
         self.started = False  # start() has completed
+        self.reload_history = ReloadHistory()
         self._reloads = 0
         self._reload_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -181,6 +186,9 @@ class Node:
 
     def flow_log_dropped(self) -> int:
         return self.role_object.flow_log_dropped(self)
+
+    def connection_ages(self) -> dict[tuple[str, str], float]:
+        return self.role_object.connection_ages(self)
 
     def task_crashes(self) -> Mapping[str, int]:
         return dict(self.tasks.crashes)
@@ -303,9 +311,16 @@ class Node:
 
     async def reload(self) -> list[str]:
         """Re-read the config file (off the loop: parsing and name resolution take time); return
-        its problems, in which case the running config stays. Reloads run one at a time."""
+        its problems, in which case the running config stays. Reloads run one at a time; every
+        outcome is recorded in `reload_history` (an exception counts as refused)."""
         async with self._reload_lock:
-            return await self._reload()
+            try:
+                errors = await self._reload()
+            except Exception:
+                self.reload_history.record(False, time.time())
+                raise
+            self.reload_history.record(not errors, time.time())
+            return errors
 
     async def _reload(self) -> list[str]:
         if self.config_path is None:

@@ -17,6 +17,7 @@ from pointsman.dataplane import DataPlane
 from pointsman.pool.pool import Pool
 from pointsman.pool.state import Transition
 from pointsman.telemetry.process import ProcessFigures
+from pointsman.telemetry.reloads import ReloadHistory
 from pointsman.telemetry.stats import BackendStats
 
 RoleName = Literal["single", "control", "worker"]
@@ -134,6 +135,12 @@ class NodeView(Protocol):
         """Worker processes (none in a single-process node)."""
 
     def flow_log_dropped(self) -> int: ...
+
+    def connection_ages(self) -> dict[tuple[str, str], float]:
+        """Seconds the oldest open TCP connection has been open, by (listener, pool)."""
+
+    @property
+    def reload_history(self) -> ReloadHistory: ...
 
     def task_crashes(self) -> Mapping[str, int]: ...
 

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from pointsman.loop import run as run_loop
 from pointsman.node.ipc import (
@@ -53,6 +54,8 @@ def report(node: Node, role: WorkerRole) -> StatsReport:
         backends={(pool.name, m.id): m.stats for pool in node.pools.values() for m in pool.members()},
         process=role.processes(node)[0],
         flow_log_dropped=node.flow_log.dropped if node.flow_log is not None else 0,
+        ages=role.connection_ages(node),
+        at=time.monotonic(),
     )
 
 

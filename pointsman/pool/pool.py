@@ -36,6 +36,7 @@ from pointsman.pool.state import (
     IllegalTransition,
     Transition,
 )
+from pointsman.telemetry.histogram import Histogram
 from pointsman.telemetry.stats import BackendStats
 
 log = logging.getLogger("pointsman.pool")
@@ -95,6 +96,7 @@ class Pool:
         self._maglev_key: tuple[tuple[str, float, float], ...] | None = None
         self._picker_cache: Picker | None = None
         self.affinity: AffinityTable | None = None
+        self.check_duration = Histogram()  # probe latencies, for /metrics (health_check_duration)
         self.snapshot: PoolSnapshot
         self.reconfigure(config)
 
@@ -245,6 +247,7 @@ class Pool:
         """Keep the last probe result for the status page and metrics."""
         if (member := self._members.get(backend_id)) is not None:
             member.last_check = result
+            self.check_duration.observe(result.latency)
             member.checks += 1
             member.check_failures += not result.ok
 

@@ -48,6 +48,7 @@ class Decision:
     consumed: int  # bytes of PROXY header to strip; everything after is forwarded as is
     pool: str
     server_name: str | None = None
+    unrouted: bool = False  # a ClientHello that matched no TLS route (counted for F7 alerts)
 
     @property
     def client(self) -> tuple[str, int] | None:
@@ -100,7 +101,7 @@ class Preamble:
         for route in self.routes:
             if route.matches(hello.server_name, hello.alpn):
                 return Decision(self._header, start, route.pool, hello.server_name)
-        return Decision(self._header, start, self.default_pool, hello.server_name)
+        return Decision(self._header, start, self.default_pool, hello.server_name, unrouted=True)
 
     def _read_header(self, buffer: bytes | bytearray) -> bool:
         """True once the PROXY stage is over (header parsed, or plain traffic where optional)."""

@@ -217,6 +217,7 @@ class ClientConnection(asyncio.Protocol):
             self.peer = decision.client
         self.header = decision.header
         self.server_name = decision.server_name
+        self.stats.tls_unrouted += decision.unrouted
         self.pool = self.listener.pool_named(decision.pool)
         if self.client is not None:
             self.client.pause_reading()

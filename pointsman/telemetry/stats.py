@@ -26,6 +26,7 @@ class ListenerStats:
         "retried",
         "source_port_failures",
         "spliced",
+        "tls_unrouted",
         "ttfb",
     )
 
@@ -37,6 +38,7 @@ class ListenerStats:
         self.retried = 0
         self.spliced = 0  # connections moved to the zero-copy path
         self.source_port_failures = 0  # connects that found no free source address/port
+        self.tls_unrouted = 0  # ClientHellos that matched no TLS route (sent to the default pool)
         self.bytes_in = 0  # client -> backend
         self.bytes_out = 0  # backend -> client
         self.rejected: Counter[RejectReason] = Counter()

@@ -1,8 +1,10 @@
 """The monitoring kit against a real Prometheus: the rules pass promtool, and every dashboard panel
-and rule expression evaluates against a Prometheus scraping a running pointsman under load.
+and rule expression evaluates against a Prometheus scraping a running pointsman under load; a
+listener whose worker is stopped overflows its accept queue, and the overflow counter, the queue
+gauges and the alert move in that Prometheus.
 
-Also, without any peer: every alert has a runbook and a severity, and the dashboards and rules
-name only metrics pointsman exports (or the rules record).
+Also, without any peer: every alert has a runbook and a severity, every alert's panels link to its
+runbook, and the dashboards and rules name only metrics pointsman exports (or the rules record).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -62,18 +66,30 @@ PANELS_WITH_DATA = {
         "Error budget burn rate",
         "Healthy backends",
         "Throughput",
+        "Throughput by listener",
     ],
     "pointsman: on-call": [
         "Active connections per listener",
         "Table utilisation",
         "Churn: new and ended connections per second",
         "Available backends per pool",
+        "Accept queues",
+        "Listen overflows and drops",
+        "SYN cookies and SYN retransmits",
+        "Oldest open connection",
+        "BGP flaps, ExaBGP restarts, config reloads",
     ],
     "pointsman: debug": [
         "Backend connect time p99",
         "Time to first byte percentiles",
         "New connections per second by listener",
         "New connections per second by backend",
+        "Time to first byte heatmap",
+        "Backend connect time heatmap",
+        "Backend connects over 1 s (SYN retransmits)",
+        "Health probe duration percentiles",
+        "New connections share vs weight share",
+        "Time in current state",
     ],
 }
 # Process start, first scrapes, first rule evaluations: generous for a loaded 2-core VM.
@@ -152,6 +168,48 @@ def test_every_alert_has_a_runbook_and_a_severity() -> None:
             assert section in text, f"{url} has no '{section}' section"
 
 
+def _names(expr: str) -> set[str]:
+    """The pointsman, process and recorded names an expression reads (and Prometheus's `up`)."""
+    up = {"up"} if re.search(r"(?<![\w:])up\{", expr) else set()
+    return set(_METRIC.findall(expr)) | set(_RECORDED.findall(expr)) | up
+
+
+def _expanded(names: set[str], recorded: dict[str, str]) -> set[str]:
+    """The names and, for recorded ones, every name behind them (transitively)."""
+    out, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo.extend(_names(recorded.get(name, "")))
+    return out
+
+
+def test_every_alert_links_from_the_panels_it_rests_on() -> None:
+    """Each alert's runbook is linked from at least one panel, and a panel links a runbook only
+    if its queries read what the alert reads (directly or through recording rules)."""
+    recorded = {rule["record"]: rule["expr"] for rule in rules() if "record" in rule}
+    alerts = {rule["alert"]: _expanded(_names(rule["expr"]), recorded)
+              for rule in rules() if "alert" in rule}
+    linked: set[str] = set()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert variables["runbooks"]["type"] == "constant", path.name
+        for panel in panels(dashboard):
+            reads = _expanded(set().union(*(_names(t["expr"]) for t in panel["targets"])), recorded)
+            for link in panel.get("links", []):
+                match = re.fullmatch(r"\$\{runbooks\}/(\w+)\.md", link["url"])
+                assert match, f"{path.name}: {panel['title']}: link {link['url']}"
+                alert = match.group(1)
+                assert alert in alerts, f"{path.name}: {panel['title']} links unknown {alert}"
+                assert (REPO / "docs" / "runbooks" / f"{alert}.md").is_file()
+                assert link["title"] == f"Runbook: {alert}"
+                assert reads & alerts[alert], f"{path.name}: {panel['title']} shows nothing {alert} reads"
+                linked.add(alert)
+    assert linked == set(alerts), sorted(set(alerts) - linked)
+
+
 def test_every_dashboard_panel_has_a_query_and_a_unique_id() -> None:
     assert {path.name for path in DASHBOARDS} == {
         "pointsman-executive.json", "pointsman-oncall.json", "pointsman-debug.json"}
@@ -159,6 +217,8 @@ def test_every_dashboard_panel_has_a_query_and_a_unique_id() -> None:
         dashboard = json.loads(path.read_text())
         ids = [panel["id"] for panel in dashboard["panels"]]
         assert len(ids) == len(set(ids)), path.name
+        titles = [panel["title"] for panel in panels(dashboard)]
+        assert len(titles) == len(set(titles)), path.name
         for panel in panels(dashboard):
             assert panel["targets"], f"{path.name}: {panel['title']} has no query"
             assert panel.get("description"), f"{path.name}: {panel['title']} has no description"
@@ -332,7 +392,8 @@ async def test_prometheus_evaluates_every_dashboard_and_rule_expression(tmp_path
                      "protocol": "udp", "pool": "u"},
                 ],
                 "pools": [
-                    {"name": "p", "backends": [{"address": peer.address, "name": "echo"}]},
+                    {"name": "p", "backends": [{"address": peer.address, "name": "echo"}],
+                     "health_check": {"type": "tcp", "interval": "0.5s", "timeout": "0.5s"}},
                     {"name": "u", "backends": [{"address": f"{LOOPBACK}:{udp_peer}"}]},
                 ],
                 "admin": {"bind": admin},
@@ -392,6 +453,16 @@ async def check_queries(prom: Prometheus) -> None:
     assert await prom.values('pool:pointsman_backends_healthy:ratio{pool="p"}') == [1.0]
     assert await prom.values(
         'listener_pool:pointsman_table_utilisation:ratio{listener="dns"}') == [0.0]
+    assert await prom.values('pointsman_accept_queue_limit{listener="lb"}') == [1024.0]
+    assert await prom.values('pointsman_build_info{uvloop!="none"}') == [1.0]
+    assert await prom.values("pointsman_config_last_reload_success") == [1.0]
+    assert await prom.values('pointsman_health_check_info{pool="p", type="tcp"}') == [1.0]
+    assert await prom.values("sum(pointsman_health_check_duration_seconds_count) > 0")
+    offered = await prom.values('listener_pool:pointsman_connections_offered:rate5m{listener="lb"}')
+    assert len(offered) == 1 and offered[0] > 0
+    assert await prom.values('listener_pool:pointsman_bytes:rate5m{listener="lb", direction="in"} > 0')
+    share = await prom.values('pool_backend:pointsman_load_imbalance:ratio_rate15m{pool="p"}')
+    assert share == [1.0]  # one backend: all of the connections, all of the weight
 
     # Every expression parses and evaluates; the core panels return data.
     errors: list[str] = []
@@ -410,3 +481,98 @@ async def check_queries(prom: Prometheus) -> None:
         assert not no_data, f"{dashboard}: no data for {no_data}"
     variables = [(source, name) for source, name, _ in variable_queries()]
     assert variables and all(variable in with_data for variable in variables), variables
+
+
+# --- an accept queue that overflows, seen by Prometheus -----------------------------------------------
+
+BACKLOG = 4
+WORKERS = 2  # a control process and two workers, each with its own socket (SO_REUSEPORT)
+SYN_CLIENTS = 24  # 5 fit in each queue (backlog + 1); the others' SYNs are dropped and retried
+
+
+def _worker_pids(control: int) -> list[int]:
+    """The control process's children that run a worker (`python -m pointsman.node.worker`)."""
+    children = Path(f"/proc/{control}/task/{control}/children").read_text().split()
+    pids = []
+    for pid in map(int, children):
+        with contextlib.suppress(OSError):
+            if b"pointsman.node.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+    return pids
+
+
+def _open_syns(listen: str, count: int) -> list[socket.socket]:
+    host, port = listen.rsplit(":", 1)
+    clients = []
+    for _ in range(count):
+        client = socket.socket()
+        client.setblocking(False)
+        clients.append(client)
+        client.connect_ex((host, int(port)))
+    return clients
+
+
+async def test_a_stalled_listener_overflows_and_prometheus_sees_it(tmp_path: Path) -> None:
+    """`backlog: 4` and the workers that accept stopped (SIGSTOP): connections pile up in the
+    kernel's queues. The control process reads the workers' sockets over sock_diag; the kernel's
+    ListenOverflows grows by at least one per dropped SYN; the alert goes pending."""
+    binary = need("prometheus")
+    admin = f"{LOOPBACK}:{free_port()}"
+    listen = f"{LOOPBACK}:{free_port()}"
+    async with echo_backend() as peer:
+        config = yaml.safe_dump({
+            "listeners": [{"name": "lb", "bind": listen, "pool": "p", "backlog": BACKLOG}],
+            "pools": [{"name": "p", "backends": [{"address": peer.address}]}],
+            "admin": {"bind": admin},
+            "workers": WORKERS,
+            "shutdown_grace": "1s",
+        })
+        async with (
+            pointsman_process_async(config, tmp_path) as proc,
+            prometheus_server(binary, admin, tmp_path) as prom,
+        ):
+            async def bound() -> bool:
+                return await prom.values(
+                    f'pointsman_accept_queue_limit{{listener="lb"}} == {BACKLOG}'
+                    f' and pointsman_accept_queue_sockets == {WORKERS}') == [BACKLOG]
+
+            await prom.wait_for("the workers' listening sockets", bound, DATA_TIMEOUT)
+            [before] = await prom.values("pointsman_tcp_listen_overflows_total")
+            workers = _worker_pids(proc.pid)
+            assert len(workers) == WORKERS
+            for worker in workers:
+                os.kill(worker, signal.SIGSTOP)
+            clients: list[socket.socket] = []
+            try:
+                clients = _open_syns(listen, SYN_CLIENTS)
+
+                async def full() -> bool:
+                    return await prom.values('pointsman_accept_queue_depth{listener="lb"}') == [
+                        BACKLOG + 1.0]
+
+                await prom.wait_for("the accept queue full (backlog + 1)", full, DATA_TIMEOUT)
+                dropped = SYN_CLIENTS - WORKERS * (BACKLOG + 1)
+
+                async def overflowed() -> bool:
+                    [now] = await prom.values("pointsman_tcp_listen_overflows_total")
+                    return now - before >= dropped
+
+                await prom.wait_for(f"{dropped} more overflows", overflowed, DATA_TIMEOUT)
+                rule = next(r for r in rules() if r.get("alert") == "PointsmanAcceptQueueOverflow")
+                assert await prom.values(rule["expr"])  # the alert's expression holds...
+
+                async def pending() -> bool:  # ...and the rule, evaluated by Prometheus, is on
+                    return bool(await prom.values(
+                        'ALERTS{alertname="PointsmanAcceptQueueOverflow", listener="lb"}'))
+
+                await prom.wait_for("the alert pending", pending, DATA_TIMEOUT)
+            finally:
+                for worker in workers:
+                    os.kill(worker, signal.SIGCONT)
+                for client in clients:
+                    client.close()
+
+            async def drained() -> bool:  # the worker accepts again: the queue empties
+                return await prom.values('pointsman_accept_queue_depth{listener="lb"}') == [0.0]
+
+            await prom.wait_for("the queue drained after SIGCONT", drained, DATA_TIMEOUT)

@@ -9,6 +9,9 @@ so every test starts from two ECMP next hops whatever the previous one did.
 Latencies are measured from the moment pointsman logged its decision (its log carries wall time
 to the millisecond) to the moment the router's table showed the change (polled every 10 ms), and
 printed (run with -s to see them). The assertions allow 1 s.
+
+The nodes' /metrics (fetched inside their namespaces) must agree with what the router sees:
+session up and flaps, each VIP announced or not and why, ExaBGP restarts.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.netns.bgp_support import CLIENTS, STICKY_PORT, Lab, Node, lab, wait_until
+from tests.netns.bgp_support import ADMIN, CLIENTS, STICKY_PORT, Lab, Node, lab, sh, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,6 +57,44 @@ def fleet(bgp_lab: Lab) -> Lab:
 
 def _all(the_lab: Lab) -> set[str]:
     return {node.address for node in the_lab.nodes}
+
+
+ROUTER = {"1": "10.0.11.254", "2": "10.0.12.254"}
+VIP_LABELS = 'vip="10.99.0.10/32"'
+
+
+def metrics(node: Node) -> dict[str, float]:
+    """The node's /metrics as `name{labels}` -> value (labels sorted), fetched in its namespace."""
+    text = sh("ip", "netns", "exec", node.ns, "python3", "-c",
+              f"import urllib.request; print(urllib.request.urlopen('http://{ADMIN}/metrics', "
+              "timeout=5).read().decode())")
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def wait_metrics(node: Node, want: dict[str, float], timeout: float = 5.0) -> dict[str, float]:
+    """Poll the node's /metrics until every sample in `want` has its value."""
+    seen: dict[str, float] = {}
+
+    def matches() -> bool:
+        seen.clear()
+        seen.update(metrics(node))
+        return all(seen.get(k) == v for k, v in want.items())
+
+    try:
+        wait_until(f"{node.name} metrics {want}", matches, timeout, 0.1)
+    except AssertionError:
+        raise AssertionError(f"{node.name}: want {want}, have "
+                             f"{ {k: seen.get(k) for k in want} }") from None
+    return seen
+
+
+def session(node: Node) -> str:
+    return f'peer="{ROUTER[str(node.index)]}"'
 
 
 def _report(what: str, seconds: float) -> None:
@@ -117,6 +159,12 @@ def test_backend_down_withdraws_and_backend_up_announces(fleet: Lab) -> None:
     _report("backend killed -> withdrawn at the router (incl. 0.1 s health check)", seen - killed)
     _report("withdraw decision -> withdrawn at the router", seen - decided)
     assert set(fleet.client_names(8)) == {"node2"}  # node1 gets nothing while withdrawn
+    wait_metrics(node1, {
+        f'pointsman_bgp_vip_announced{{listener="",pool="web",{VIP_LABELS}}}': 0,
+        f'pointsman_bgp_vip_reason{{reason="too_few_backends",{VIP_LABELS}}}': 1,
+        f'pointsman_bgp_vip_available_backends{{{VIP_LABELS}}}': 0,
+        f"pointsman_bgp_session_up{{{session(node1)}}}": 1,  # the session stays up
+    })
 
     restarted = time.time()
     fleet.start_backend(node1)
@@ -124,6 +172,11 @@ def test_backend_down_withdraws_and_backend_up_announces(fleet: Lab) -> None:
     decided = node1.log_time(r"bgp: announce 10\.99\.0\.10/32", after=restarted)
     assert seen - decided < REACT
     _report("announce decision -> announced at the router", seen - decided)
+    wait_metrics(node1, {
+        f'pointsman_bgp_vip_announced{{listener="",pool="web",{VIP_LABELS}}}': 1,
+        f'pointsman_bgp_vip_reason{{reason="serving",{VIP_LABELS}}}': 1,
+        f'pointsman_bgp_vip_available_backends{{{VIP_LABELS}}}': 1,
+    })
 
 
 def test_node_drain_withdraws_and_resume_announces(fleet: Lab) -> None:
@@ -138,6 +191,11 @@ def test_node_drain_withdraws_and_resume_announces(fleet: Lab) -> None:
     assert set(fleet.client_names(8)) == {"node1"}
     assert fleet.readyz(node2) == 503  # not ready while drained: a front end stops too
     assert fleet.readyz(node1) == 200
+    wait_metrics(node2, {  # node 2 is a control process with workers: its announcer reports
+        f'pointsman_bgp_vip_announced{{listener="",pool="web",{VIP_LABELS}}}': 0,
+        f'pointsman_bgp_vip_reason{{reason="node_drained",{VIP_LABELS}}}': 1,
+        f'pointsman_bgp_vip_reason{{reason="serving",{VIP_LABELS}}}': 0,
+    })
 
     before = time.time()
     out = fleet.pointsman_cli(node2, "node", "resume")
@@ -145,18 +203,27 @@ def test_node_drain_withdraws_and_resume_announces(fleet: Lab) -> None:
     seen = fleet.wait_next_hops(_all(fleet), REACT)
     decided = node2.log_time(r"bgp: announce 10\.99\.0\.10/32", after=before)
     _report("node resume -> announced at the router", seen - decided)
+    wait_metrics(node2, {
+        f'pointsman_bgp_vip_announced{{listener="",pool="web",{VIP_LABELS}}}': 1,
+        f'pointsman_bgp_vip_reason{{reason="serving",{VIP_LABELS}}}': 1,
+    })
 
 
 def test_a_session_reset_by_the_router_gets_the_route_back(fleet: Lab) -> None:
     """ExaBGP keeps what pointsman asked for (adj-rib-out) and sends it on the new session."""
     node1, node2 = fleet.nodes
+    up, flaps = f"pointsman_bgp_session_up{{{session(node1)}}}", \
+        f"pointsman_bgp_session_flaps_total{{{session(node1)}}}"
+    before = wait_metrics(node1, {up: 1})[flaps]
     assert "disabled" in fleet.birdc("disable node1")
     fleet.wait_next_hops({node2.address}, REACT)
+    wait_metrics(node1, {up: 0, flaps: before + 1})
     enabled = time.time()
     assert "enabled" in fleet.birdc("enable node1")
     seen = fleet.wait_next_hops(_all(fleet), 10.0)
     _report("router re-enables the session -> route back", seen - enabled)
     assert "peer 10.0.11.254: up" in fleet.pointsman_cli(node1, "node", "status")
+    wait_metrics(node1, {up: 1, flaps: before + 1})
 
 
 def test_a_killed_exabgp_is_replaced_and_the_route_comes_back(fleet: Lab) -> None:
@@ -164,6 +231,9 @@ def test_a_killed_exabgp_is_replaced_and_the_route_comes_back(fleet: Lab) -> Non
     status = fleet.pointsman_cli(node1, "node", "status")
     match = re.search(r"exabgp: running \(pid (\d+), (\d+) restarts\)", status)
     assert match, status
+    flaps = f"pointsman_bgp_session_flaps_total{{{session(node1)}}}"
+    before = wait_metrics(node1, {"pointsman_bgp_speaker_running{}": 1,
+                                  "pointsman_bgp_exabgp_restarts_total{}": int(match.group(2))})
     killed = time.time()
     os.kill(int(match.group(1)), signal.SIGKILL)
     fleet.wait_next_hops({node2.address}, REACT)  # its session closed with it
@@ -171,6 +241,12 @@ def test_a_killed_exabgp_is_replaced_and_the_route_comes_back(fleet: Lab) -> Non
     _report("ExaBGP SIGKILLed -> route back via a new ExaBGP (1 s backoff)", seen - killed)
     status = fleet.pointsman_cli(node1, "node", "status")
     assert f"{int(match.group(2)) + 1} restarts" in status, status
+    wait_metrics(node1, {  # the session died with ExaBGP (a flap) and came back with the new one
+        "pointsman_bgp_exabgp_restarts_total{}": int(match.group(2)) + 1,
+        "pointsman_bgp_speaker_running{}": 1,
+        f"pointsman_bgp_session_up{{{session(node1)}}}": 1,
+        flaps: before[flaps] + 1,
+    })
 
 
 def test_shutdown_withdraws_first_and_leaves_no_process(fleet: Lab) -> None:

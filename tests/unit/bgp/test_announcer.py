@@ -238,3 +238,63 @@ async def test_a_listener_vip_follows_the_listener() -> None:
     listener.accepting = False
     await announcer.reconfigure(announcer.config)
     assert speaker.sent[-1] == "withdraw route 10.99.0.30/32 next-hop self"
+
+
+PEER = "10.0.0.254"
+
+
+async def test_sessions_and_flaps_follow_the_peer_messages() -> None:
+    node = FakeNode({"web": pool("web")})
+    announcer, speaker = await running(node)
+    stats = announcer.statistics
+    assert stats()["sessions"] == {PEER: False} and stats()["session_flaps"] == {PEER: 0}
+    speaker.on_message(Message(Kind.PEER_CONNECTED, PEER))
+    speaker.on_message(Message(Kind.PEER_DOWN, PEER, "connection refused"))  # never up: no flap
+    assert stats()["session_flaps"] == {PEER: 0}
+    speaker.on_message(Message(Kind.PEER_UP, PEER))
+    assert stats()["sessions"] == {PEER: True}
+    speaker.on_message(Message(Kind.PEER_DOWN, PEER, "hold timer expired"))
+    speaker.on_message(Message(Kind.PEER_DOWN, PEER, "hold timer expired"))  # repeated: once
+    assert stats()["sessions"] == {PEER: False} and stats()["session_flaps"] == {PEER: 1}
+    speaker.on_message(Message(Kind.PEER_UP, PEER))
+    speaker.on_message(Message(Kind.PEER_DOWN, PEER, "notification"))
+    assert stats()["session_flaps"] == {PEER: 2}
+    await announcer.stop()
+
+
+async def test_a_dying_exabgp_takes_its_established_sessions_down_with_it() -> None:
+    node = FakeNode({"web": pool("web")})
+    announcer, first = await running(node)
+    first.on_message(Message(Kind.PEER_UP, PEER))
+    first.die()
+    assert announcer.statistics()["sessions"] == {PEER: False}
+    assert announcer.statistics()["session_flaps"] == {PEER: 1}
+    async with asyncio.timeout(2):
+        while len(RecordingSpeaker.instances) < 2:
+            await asyncio.sleep(0.005)
+    second = RecordingSpeaker.instances[1]
+    second.connect()
+    second.on_message(Message(Kind.PEER_UP, PEER))
+    assert announcer.statistics()["sessions"] == {PEER: True}
+    assert announcer.statistics()["session_flaps"] == {PEER: 1}  # kept across the restart
+    assert announcer.statistics()["restarts"] == 1
+    await announcer.stop()
+
+
+async def test_new_session_settings_reset_the_sessions_and_count_them() -> None:
+    node = FakeNode({"web": pool("web")})
+    announcer, first = await running(node)
+    first.on_message(Message(Kind.PEER_UP, PEER))
+    await announcer.reconfigure(bgp(peers=[{"address": PEER, "asn": 65000, "hold_time": "30s"}]))
+    assert announcer.statistics()["sessions"] == {PEER: False}
+    assert announcer.statistics()["session_flaps"] == {PEER: 1}
+    await announcer.stop()
+
+
+async def test_ipv6_peers_match_however_exabgp_spells_them() -> None:
+    config = bgp(peers=[{"address": "10.0.0.254", "asn": 65000},
+                        {"address": "2001:DB8::FE", "asn": 65000}])
+    announcer, speaker = await running(FakeNode({"web": pool("web")}), config)
+    speaker.on_message(Message(Kind.PEER_UP, "2001:0db8:0000:0000:0000:0000:0000:00fe"))
+    assert announcer.statistics()["sessions"] == {PEER: False, "2001:db8::fe": True}
+    await announcer.stop()
