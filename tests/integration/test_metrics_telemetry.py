@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 import pointsman
-from pointsman.config.loader import load_file
 from pointsman.app import build_node
+from pointsman.config.loader import load_file
 from pointsman.telemetry import netstat
 from tests.integration.test_metrics import LB, scrape, value
 from tests.support import (
