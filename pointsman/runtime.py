@@ -29,6 +29,7 @@ from pointsman.protect.shedding import Shedder
 from pointsman.proxy.listener import TcpListener
 from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.udp import UdpListener
+from pointsman.telemetry.eventlog import record_reload, record_transition
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.flowlog import FlowLog
 from pointsman.telemetry.stats import ListenerStats
@@ -122,7 +123,7 @@ class Runtime:
 
             self.admin = AdminServer(self, self.config.admin)
             await self.admin.start()
-            self.announce(f"admin api and status page on http://{self.config.admin.bind}/")
+            self.announce(f"admin api and status page on {self.admin.url}")
 
     def _open_flow_log(self, config: FlowLogConfig | None) -> None:
         if config is None or not config.enabled:
@@ -140,6 +141,8 @@ class Runtime:
         pool = Pool(pool_config, mirror=self.role == "worker")
         pool.sink = self._pool_sink
         pool.subscribe(self._on_transition)
+        if not pool.mirror:  # event log: the control process records each transition once
+            pool.subscribe(record_transition)
         return pool
 
     def _pool_sink(self, message: tuple[str, ...]) -> None:
@@ -265,6 +268,7 @@ class Runtime:
             config = load_file(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, the running config stays:\n%s", exc)
+            record_reload("file", False, self.config, None, exc.issues)
             return [str(issue) for issue in exc.issues]
         try:
             if self.composer is not None:  # merges discovered backends; refuses what fails
@@ -272,6 +276,7 @@ class Runtime:
             await self.apply(config)
         except OSError as exc:
             log.error("reload failed to bind: %s", exc)
+            record_reload("file", False, self.config, config, [f"cannot apply: {exc}"])
             return [f"cannot apply: {exc}"]
         return []
 

@@ -23,6 +23,7 @@ from pointsman.bgp.speaker import ExaBgpSpeaker, SpeakerError, State
 from pointsman.config.model import BgpConfig, ListenerConfig
 from pointsman.pool.pool import Pool
 from pointsman.pool.snapshot import PoolSnapshot
+from pointsman.telemetry.eventlog import record_bgp
 
 log = logging.getLogger("pointsman.bgp")
 
@@ -180,6 +181,7 @@ class Announcer:
             if before.get(prefix) != (decision.route, decision.reason):
                 self.changed_at[prefix] = now
                 log.info("bgp: %s", decision.describe())
+                record_bgp(decision)
 
     # --- the speaker ---------------------------------------------------------------------------
 
