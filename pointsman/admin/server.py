@@ -10,6 +10,7 @@ client CA is configured, come from `admin.tls`.
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import sys
@@ -40,8 +41,7 @@ log = logging.getLogger("pointsman.admin")
 
 ACTIONS = ("drain", "enable", "maintenance")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-TOKEN_KEY = "pointsman.token"  # request key: the name of the token that matched
-AUDIT_KEY = "pointsman.audit"  # request key: what a handler adds to its audit event
+AUDITED_BODY_BYTES = 2048  # a successful call's answer up to this size goes into its audit event
 
 
 class AdminSetupError(RuntimeError):
@@ -105,7 +105,6 @@ class AdminServer:
         authorization = [value for name, value in request.raw_headers
                          if name.lower() == b"authorization"]
         verdict = self.tokens.check(access, authorization)
-        request[TOKEN_KEY] = verdict.token
         if verdict.allowed:
             response = await self._answer(request, handler)
         else:
@@ -113,7 +112,7 @@ class AdminServer:
             if verdict.status == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="pointsman"'
         if access is Access.WRITE:
-            self._audit(request, response)
+            self._audit(request, verdict.token, response)
         return response
 
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -135,15 +134,18 @@ class AdminServer:
         except ValueError as exc:
             return _error(400, str(exc))
 
-    def _audit(self, request: web.Request, response: web.StreamResponse) -> None:
+    def _audit(self, request: web.Request, token: str | None, response: web.StreamResponse) -> None:
+        """Who (client address, token name, certificate), what (method, path), and the result:
+        "ok" with the answer as detail, or the error the client was given."""
         match = request.match_info
-        status_code = response.status
-        result = "ok" if status_code < 400 else str(response.get("error", response.reason))
+        answer = _answer_json(response)
+        ok = response.status < 400
+        result = "ok" if ok else str(answer.get("error") or response.reason)
         record_admin(AdminEvent(
-            at=EVENTS.clock(), client=_client_address(request), token=request[TOKEN_KEY],
-            method=request.method, path=request.path, status=status_code, result=result,
+            at=EVENTS.clock(), client=_client_address(request), token=token,
+            method=request.method, path=request.path, status=response.status, result=result,
             pool=match.get("pool"), backend=match.get("backend"),
-            client_cert=_client_cert_name(request), detail=request.get(AUDIT_KEY, {})))
+            client_cert=_client_cert_name(request), detail=answer if ok else {}))
 
     # --- reads ---------------------------------------------------------------------------------------
 
@@ -214,7 +216,6 @@ class AdminServer:
         weight = body.get("weight") if isinstance(body, dict) else None
         if not isinstance(weight, int) or isinstance(weight, bool):
             return _error(400, 'expected a JSON body such as {"weight": 3}')
-        request[AUDIT_KEY] = {"weight": weight}
         backend = request.match_info["backend"]
         pool.set_weight(backend, weight)
         return web.json_response({"pool": pool.name, "backend": backend, "weight": weight})
@@ -222,9 +223,8 @@ class AdminServer:
     async def reload(self, request: web.Request) -> web.Response:
         errors = await self.runtime.reload()
         if errors:
-            response = web.json_response({"reloaded": False, "errors": errors}, status=422)
-            response["error"] = f"reload refused: {errors[0]}"
-            return response
+            return web.json_response({"reloaded": False, "errors": errors,
+                                      "error": f"reload refused: {errors[0]}"}, status=422)
         return web.json_response({"reloaded": True})
 
     # --- the node as a whole (BGP announcement of its VIPs) -----------------------------------------
@@ -262,9 +262,19 @@ async def read_json(request: web.Request) -> Any:
 
 
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    response = web.json_response({"error": message}, status=status_code, headers=headers)
-    response["error"] = message  # for the audit event
-    return response
+    return web.json_response({"error": message}, status=status_code, headers=headers)
+
+
+def _answer_json(response: web.StreamResponse) -> dict[str, Any]:
+    """The JSON object a (small) response carries, else {}."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, bytes) or len(body) > AUDITED_BODY_BYTES:
+        return {}
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _client_address(request: web.Request) -> str:
