@@ -352,7 +352,7 @@ def iso_utc(at: float) -> str:
 def as_dict(entry: Entry) -> dict[str, Any]:
     """One event as the API serves it and the log writes it: the common fields first."""
     event = entry.event
-    out: dict[str, Any] = {"seq": entry.seq, "time": iso_utc(event.at), "ts": round(event.at, 3),
+    out: dict[str, Any] = {"seq": entry.seq, "time": iso_utc(event.at), "ts": event.at,
                            "kind": event.kind, "summary": _cut(event.summary())}
     if isinstance(event, BackendEvent):
         out.update(pool=event.pool, backend=event.backend, old=event.old, new=event.new,
