@@ -116,7 +116,7 @@ class AdminServer:
         return response
 
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Client mistakes become 4xx with a JSON reason; nothing becomes a 500 by accident."""
+        """Client mistakes become 4xx with a JSON reason; only a bug of ours is a 500."""
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -133,6 +133,9 @@ class AdminServer:
             return _error(409, str(exc))
         except ValueError as exc:
             return _error(400, str(exc))
+        except Exception:  # a bug of ours: logged with its traceback, answered (and audited) as 500
+            log.exception("admin %s %s failed", request.method, request.path)
+            return _error(500, "internal error (logged)")
 
     def _audit(self, request: web.Request, token: str | None, response: web.StreamResponse) -> None:
         """Who (client address, token name, certificate), what (method, path), and the result:

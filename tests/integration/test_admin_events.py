@@ -19,7 +19,7 @@ import yaml
 from pointsman.config.loader import load_file
 from pointsman.runtime import Runtime
 from pointsman.telemetry.eventlog import EVENTS
-from pointsman.telemetry.events import iso_utc
+from pointsman.telemetry.events import AdminEvent, iso_utc
 from tests.support import LOOPBACK, echo_backend, free_port, pointsman_process, refused_port, wait_for
 
 TOKEN = "events-t0ken"
@@ -170,3 +170,33 @@ def test_a_pointsman_process_writes_event_lines_to_its_log(tmp_path: Path) -> No
         while len(lines()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)  # polling the log file with a deadline
         assert [(e["kind"], e["backend"]) for e in lines()] == [("backend", "a"), ("admin", "a")]
+
+
+async def test_a_bug_behind_a_call_is_a_logged_500_and_still_audited(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The one 5xx the API has: a failure of ours (simulated by a reload that raises). Its
+    traceback is logged (a bug must be visible) and the call is in the audit log with 500."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    admin = f"{LOOPBACK}:{free_port()}"
+    path = tmp_path / "pointsman.yaml"
+    path.write_text(config_text(f"{LOOPBACK}:{free_port()}", admin, token_file,
+                                {"a": f"{LOOPBACK}:{free_port()}"}))
+    runtime = Runtime(load_file(path), config_path=path, announce=lambda line: None)
+    await runtime.start()
+    seen = EVENTS.ring.recorded
+
+    async def broken_reload() -> list[str]:
+        raise RuntimeError("simulated bug")
+
+    runtime.reload = broken_reload  # type: ignore[method-assign]
+    try:
+        async with aiohttp.ClientSession() as http, \
+                http.post(f"http://{admin}/api/v1/reload", headers=AUTH) as r:
+            assert r.status == 500 and await r.json() == {"error": "internal error (logged)"}
+    finally:
+        await runtime.shutdown()
+    [record] = [r for r in caplog.records if r.name == "pointsman.admin"]
+    assert record.exc_info is not None and "simulated bug" in str(record.exc_info[1])
+    [audit] = [e.event for e in EVENTS.ring.query() if e.seq > seen]
+    assert isinstance(audit, AdminEvent) and (audit.status, audit.token) == (500, "default")
