@@ -38,7 +38,8 @@ def test_the_scan_measures_the_real_depth(value: Any, ascii_only: bool) -> None:
 
 @pytest.mark.parametrize(("data", "expected"), [
     (b'{"a": "[[[{{{"}', 1), (b'["\\"[", ["\\\\"], [[]]]', 3), (b'"\\\\\\"]["', 0),
-    (b"[" * 5 + b"]" * 5, 5), (b"]]]][[", 2), (b"", 0),
+    (b"[" * 5 + b"]" * 5, 5), (b"", 0), (b'"unterminated [[[', 0), (b'["a\\', 1),
+    (b"]]]][[", 0),  # invalid: a parser fails at the first byte, before any nesting
 ])
 def test_brackets_inside_strings_do_not_count(data: bytes, expected: int) -> None:
     assert nesting_depth(data) == expected
@@ -74,6 +75,21 @@ def test_any_bytes_give_a_value_or_a_body_error(data: bytes) -> None:
         decode_json(data)
     except BodyError as exc:
         assert exc.status in (400, 413) and exc.reason
+
+
+@given(st.binary(max_size=300))
+def test_bytes_after_a_valid_prefix_never_hide_its_depth(noise: bytes) -> None:
+    """A parser recurses through the valid prefix before it fails on what follows; whatever
+    follows, the scan counts at least that prefix's depth."""
+    prefix = b"[" * 40 + b'"x]\\"' + b"," + b'"[["'
+    assert nesting_depth(prefix + noise) >= 40
+
+
+def test_the_scan_is_linear_on_hostile_strings() -> None:
+    """Many quotes and no closing one, or a final lone backslash, must not make the string
+    pattern start over at every quote (which would be quadratic)."""
+    for data in (b'"' + b'\\"' * 30_000, b'"' + b'\\"' * 30_000 + b"\\", b'"' * 60_000 + b"["):
+        assert nesting_depth(data) <= 1  # and it returns: quadratic would take minutes
 
 
 @given(st.integers(33, 3000), st.sampled_from([b"[", b'{"k":']))
