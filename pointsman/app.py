@@ -148,7 +148,7 @@ class AdminService:
 
         self.server = AdminServer(node, self.config)
         await self.server.start()
-        node.announce(f"admin api and status page on http://{self.config.bind}/")
+        node.announce(f"admin api and status page on {self.server.url}")
 
     async def apply(self, config: Config) -> None:
         pass

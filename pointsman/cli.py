@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from pointsman import __version__
-from pointsman.admin.client import AdminClient, AdminError, token_from
+from pointsman.admin.client import AdminClient, AdminError, client_tls, token_from
 from pointsman.config.loader import ConfigError, load_file
 from pointsman.config.model import Config
 from pointsman.loop import run as run_loop
@@ -64,6 +64,10 @@ def check(config: str) -> None:
             f"ok {listener.name}: {listener.protocol} {listener.bind} -> pool {pool.name} "
             f"({n} backend{'s' if n != 1 else ''}, {pool.algorithm})"
         )
+    from pointsman.admin.auth import admin_warnings
+
+    for warning in admin_warnings(cfg.admin):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
@@ -124,6 +128,7 @@ async def _serve_node(node: NodeFile, log_level: str) -> None:
 async def _serve(cfg: Config, path: str | None, log_level: str = "info",
                  agent: NodeAgent | None = None) -> None:
     from pointsman import __version__
+    from pointsman.admin.server import AdminSetupError
     from pointsman.app import build_node
     from pointsman.node.roles import worker_count
     from pointsman.node.supervisor import WorkerStartError
@@ -142,7 +147,7 @@ async def _serve(cfg: Config, path: str | None, log_level: str = "info",
     node.install_signal_handlers()
     try:
         await node.start()
-    except (OSError, WorkerStartError) as exc:
+    except (OSError, WorkerStartError, AdminSetupError) as exc:
         log.error("cannot start: %s", exc)
         await node.shutdown(0.0)
         sys.exit(1)
@@ -166,7 +171,22 @@ def demo(port: int, admin_port: int) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_TLS_OPTIONS = (  # kept in the click context (ctx.meta), so no command's signature changes
+    ("--cacert", "POINTSMAN_CACERT", "CA certificate (PEM) to trust for an https admin URL."),
+    ("--cert", "POINTSMAN_CERT", "Client certificate (PEM) for an admin API that asks for one."),
+    ("--key", "POINTSMAN_KEY", "Private key (PEM) of --cert."),
+)
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    ctx.meta[f"pointsman.{param.name}"] = value
+    return value
+
+
 def _admin_options(f: F) -> F:
+    for flag, env, doc in reversed(_TLS_OPTIONS):
+        f = click.option(flag, envvar=env, default=None, expose_value=False, callback=_remember,
+                         type=click.Path(dir_okay=False), help=doc)(f)
     f = click.option("--admin", "admin_url", default="http://127.0.0.1:9900", show_default=True,
                      envvar="POINTSMAN_ADMIN", help="Admin API URL.")(f)
     return click.option("--token-file", default=None,
@@ -174,7 +194,13 @@ def _admin_options(f: F) -> F:
 
 
 def _client(admin_url: str, token_file: str | None) -> AdminClient:
-    return AdminClient(admin_url, token_from(token_file))
+    meta = click.get_current_context().meta
+    try:
+        tls = client_tls(admin_url, *(meta.get(f"pointsman.{flag[2:]}") for flag, _, _ in _TLS_OPTIONS))
+    except AdminError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    return AdminClient(admin_url, token_from(token_file), tls=tls)
 
 
 def _call(fn: Callable[[], Any]) -> Any:

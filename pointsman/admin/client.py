@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -15,10 +16,12 @@ class AdminError(Exception):
 
 
 class AdminClient:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.tls = tls  # for https: the CA to trust and the client certificate to show
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -28,7 +31,7 @@ class AdminClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self.tls) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             try:
@@ -68,3 +71,22 @@ def token_from(token_file: str | None) -> str | None:
         with open(path) as f:
             return f.read().strip()
     return os.environ.get("POINTSMAN_TOKEN")
+
+
+def client_tls(url: str, cacert: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The TLS context for an https admin URL: trust `cacert` (else the system's CAs) and show
+    `cert`/`key` when the server asks for a client certificate (mutual TLS). AdminError when
+    the files cannot be used or the URL is not https."""
+    if cacert is None and cert is None and key is None:
+        return None
+    if not url.lower().startswith("https://"):
+        raise AdminError(f"--cacert, --cert and --key are for an https:// admin URL, got {url}")
+    if key is not None and cert is None:
+        raise AdminError("--key needs --cert (the client certificate it belongs to)")
+    try:
+        context = ssl.create_default_context(cafile=cacert)
+        if cert is not None:
+            context.load_cert_chain(cert, key)
+    except OSError as exc:  # a missing file, or PEM that is not a certificate or key
+        raise AdminError(f"cannot use the TLS files: {exc.strerror or exc}") from None
+    return context

@@ -1,7 +1,12 @@
-"""The admin API's OpenAPI 3 document (served at /openapi.json, fuzzed by schemathesis)."""
+"""The admin API's OpenAPI 3 document (served at /openapi.json, fuzzed by schemathesis).
+
+`OPENAPI` describes every route; `openapi_document` adapts its security to the running config
+(reads need a token only when a read token is configured; nothing does when no token is).
+"""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {
@@ -13,6 +18,19 @@ _PATH_PARAMS = [
      "description": "the backend's name, else its address as written (host:port)"},
 ]
 _AUTH: list[dict[str, list[str]]] = [{"bearer": []}]
+_EVENT_FILTERS = [
+    {"name": "pool", "in": "query", "schema": {"type": "string"}},
+    {"name": "backend", "in": "query", "schema": {"type": "string"}},
+    {"name": "kind", "in": "query", "schema": {"type": "string"},
+     "description": "comma-separated: backend, admin, reload, bgp"},
+    {"name": "since", "in": "query", "schema": {"type": "string"},
+     "description": "unix seconds, or ISO 8601 such as 2026-01-01T00:00:00Z (no offset: UTC)"},
+    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
+     "description": "only events with a larger seq (poll without repeats)"},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0},
+     "description": "only the newest this many"},
+]
+_OPEN = ("/healthz", "/readyz")
 
 
 def _mutating(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -20,7 +38,7 @@ def _mutating(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any
         "summary": summary,
         "security": _AUTH,
         "responses": {"200": {"description": "done", "content": _JSON}, "400": _ERROR,
-                      "401": _ERROR, "404": _ERROR, "409": _ERROR},
+                      "401": _ERROR, "403": _ERROR, "404": _ERROR, "409": _ERROR, "413": _ERROR},
     }
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
@@ -28,9 +46,9 @@ def _mutating(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any
 
 
 def _read(summary: str, content_type: str = "application/json") -> dict[str, Any]:
-    return {"summary": summary, "responses": {"200": {
-        "description": "ok", "content": {content_type: {"schema": {"type": "string"}}
-                                         if content_type != "application/json" else _JSON}}}}
+    content = _JSON if content_type == "application/json" else {
+        content_type: {"schema": {"type": "string"}}}
+    return {"summary": summary, "responses": {"200": {"description": "ok", "content": content}}}
 
 
 OPENAPI: dict[str, Any] = {
@@ -44,6 +62,10 @@ OPENAPI: dict[str, Any] = {
                                           "503": {"description": "not ready", "content": _JSON}}}},
         "/metrics": {"get": _read("Prometheus metrics", "text/plain")},
         "/api/v1/status": {"get": _read("listeners, pools, backends and recent transitions")},
+        "/api/v1/events": {"get": {
+            "summary": "recent events (backend states, admin actions, reloads, BGP), oldest first",
+            "parameters": _EVENT_FILTERS,
+            "responses": {"200": {"description": "ok", "content": _JSON}, "400": _ERROR}}},
         "/api/v1/pools/{pool}/backends/{backend}/drain": {
             "parameters": _PATH_PARAMS, "post": _mutating("no new connections; existing finish")},
         "/api/v1/pools/{pool}/backends/{backend}/enable": {
@@ -71,3 +93,21 @@ OPENAPI: dict[str, Any] = {
                                                   "401": _ERROR, "422": _ERROR}}},
     },
 }
+
+
+def openapi_document(*, read_auth: bool, write_auth: bool) -> dict[str, Any]:
+    """`OPENAPI` with the security the running config enforces (see admin/auth.py)."""
+    doc = copy.deepcopy(OPENAPI)
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            needs = write_auth if method not in ("get", "head") else (read_auth and path not in _OPEN)
+            if needs:
+                op["security"] = _AUTH
+                op["responses"].setdefault("401", _ERROR)
+                if method not in ("get", "head"):
+                    op["responses"].setdefault("403", _ERROR)
+            else:
+                op.pop("security", None)
+    return doc

@@ -26,6 +26,7 @@ from pointsman.config.model import BgpConfig, ListenerConfig
 from pointsman.node.tasks import Tasks
 from pointsman.pool.pool import Pool
 from pointsman.pool.snapshot import PoolSnapshot
+from pointsman.telemetry.eventlog import record_bgp
 
 log = logging.getLogger("pointsman.bgp")
 
@@ -195,6 +196,7 @@ class Announcer:
             if before.get(prefix) != (decision.route, decision.reason):
                 self.changed_at[prefix] = now
                 log.info("bgp: %s", decision.describe())
+                record_bgp(decision)
 
     # --- the speaker ---------------------------------------------------------------------------
 

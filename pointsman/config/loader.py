@@ -214,7 +214,7 @@ def _model_problems(config: Config) -> Iterator[tuple[Loc, str]]:
             if not route.server_names and not route.alpn:
                 yield ("listeners", i, "tls_routes", j), "needs server_names or alpn"
     admin = config.admin
-    if admin is not None and admin.token_file is None and not _is_loopback(admin.bind.host):
+    if admin is not None and not admin.has_tokens and not _is_loopback(admin.bind.host):
         yield ("admin", "token_file"), "required when admin.bind is not a loopback address"
     for i, pool in enumerate(config.pools):
         if pool.algorithm == "maglev" and not is_prime(pool.maglev_table_size):

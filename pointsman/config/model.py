@@ -239,9 +239,54 @@ class ListenerConfig(Strict):
         return [self.fallback_pool, *(route.pool for route in self.tls_routes)]
 
 
+class AdminTlsConfig(Strict):
+    """HTTPS for the admin listener; with `client_ca_file`, mutual TLS: a client must present a
+    certificate that CA signed (the handshake fails otherwise)."""
+
+    cert_file: str  # PEM: the server certificate, then any intermediates
+    key_file: str
+    client_ca_file: str | None = None
+
+
+class AdminTokenConfig(Strict):
+    """A named bearer token: the audit log says which token made each call."""
+
+    name: Name
+    file: str
+    role: Literal["read", "write"]  # write implies read
+
+
+DEFAULT_TOKEN_NAME = "default"  # the name of admin.token_file in the audit log
+READ_TOKEN_NAME = "read"  # the name of admin.read_token_file in the audit log
+
+
 class AdminConfig(Strict):
     bind: Address = Field(default_factory=lambda: parse_host_port("127.0.0.1:9900"))
-    token_file: str | None = None
+    token_file: str | None = None  # a write token named "default"
+    read_token_file: str | None = None  # a read token named "read": reads then need a token
+    tokens: list[AdminTokenConfig] = Field(default_factory=list)
+    tls: AdminTlsConfig | None = None
+
+    @property
+    def token_names(self) -> list[str]:
+        named = [t.name for t in self.tokens]
+        return ([DEFAULT_TOKEN_NAME] if self.token_file else []) + (
+            [READ_TOKEN_NAME] if self.read_token_file else []) + named
+
+    @property
+    def has_tokens(self) -> bool:
+        """Any token at all: then every mutating call needs a write token."""
+        return bool(self.token_names)
+
+    @model_validator(mode="after")
+    def _check(self) -> AdminConfig:
+        seen: set[str] = set()
+        for name in self.token_names:
+            if name in seen:
+                raise ValueError(f"token name {name!r} is used twice (token_file is named "
+                                 f"{DEFAULT_TOKEN_NAME!r}, read_token_file {READ_TOKEN_NAME!r})")
+            seen.add(name)
+        return self
 
 
 class FlowLogConfig(Strict):

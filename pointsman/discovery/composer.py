@@ -31,6 +31,7 @@ from pointsman.discovery.source import Source
 from pointsman.fleet.backoff import Backoff
 from pointsman.fleet.etcd import EtcdClient
 from pointsman.node.tasks import Tasks
+from pointsman.telemetry.eventlog import record_reload
 
 log = logging.getLogger("pointsman.discovery")
 
@@ -89,6 +90,7 @@ class Composer:
     def reject(self, label: str, issues: Sequence[object], what: str) -> list[str]:
         self.rejected[label] += 1
         lines = [str(i) for i in issues]
+        record_reload(label, False, self.current, None, lines)
         log.error("%s refused, the running config stays:\n%s", what, "\n".join(lines))
         return lines
 
@@ -245,6 +247,7 @@ class Composer:
             self.current = config
             return []
         problems = await self._apply(config)
+        record_reload(label, not problems, self.current, config, problems)
         self._log_pool_changes(self.current, config)
         self.current = config
         self.applied[label] += 1

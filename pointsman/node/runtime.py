@@ -48,6 +48,7 @@ from pointsman.node.view import (
 from pointsman.pool.pool import Pool
 from pointsman.pool.state import BackendState, Transition
 from pointsman.protect.shedding import Shedder
+from pointsman.telemetry.eventlog import record_reload, record_transition
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.flowlog import FlowLog
 from pointsman.telemetry.process import ProcessFigures
@@ -229,6 +230,8 @@ class Node:
     def _new_pool(self, config: PoolConfig) -> Pool:
         pool = self.role_object.new_pool(config)
         pool.subscribe(self._on_transition)
+        if self.role_object.owns_state:  # mirrors repeat the owner's transitions: not events
+            pool.subscribe(record_transition)
         return pool
 
     async def _start_listener(self, config: ListenerConfig, sock: socket.socket | None) -> None:
@@ -329,14 +332,18 @@ class Node:
             config = await asyncio.to_thread(load_file, self.config_path)
         except ConfigError as exc:
             log.error("reload refused, the running config stays:\n%s", exc)
+            record_reload("file", False, self.config, None, exc.issues)
             return [str(issue) for issue in exc.issues]
         try:
             if self.config_source is not None:  # merges discovered backends; refuses what fails
                 return await self.config_source.apply_base(config, "file")
-            return await self.apply(config)
+            errors = await self.apply(config)
         except OSError as exc:
             log.error("reload failed to bind: %s", exc)
+            record_reload("file", False, self.config, config, [f"cannot apply: {exc}"])
             return [f"cannot apply: {exc}"]
+        record_reload("file", not errors, self.config, config, errors)
+        return errors
 
     async def apply(self, config: Config) -> list[str]:
         """Apply a validated config without closing sockets or connections that still fit.

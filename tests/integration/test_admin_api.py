@@ -109,11 +109,13 @@ class Admin:
 
 
 def config_text(listen: str, backends: list[str], admin: str, token_file: Path | None,
-                **pool: Any) -> str:
+                read_token_file: Path | None = None, **pool: Any) -> str:
     names = ["a", "b", "c"]
     admin_section: dict[str, Any] = {"bind": admin}
     if token_file is not None:
         admin_section["token_file"] = str(token_file)
+    if read_token_file is not None:
+        admin_section["read_token_file"] = str(read_token_file)
     return yaml.safe_dump({
         "listeners": [{"name": "lb", "bind": listen, "pool": "p"}],
         "pools": [{"name": "p", "connect_timeout": "1s",
@@ -411,14 +413,18 @@ async def test_reload_with_a_bad_file_is_422_and_keeps_the_running_config(tmp_pa
 
 
 @contextlib.contextmanager
-def pointsman_with_admin(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def pointsman_with_admin(tmp_path: Path, read_token: str | None = None) -> Iterator[tuple[str, Path]]:
     """`pointsman run` with backends a and b (nobody listens there: no traffic in these tests)
     and the admin API on a free port; yields (admin URL, token file)."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     admin = f"{LOOPBACK}:{free_port()}"
     backends = [f"{LOOPBACK}:{free_port()}", f"{LOOPBACK}:{free_port()}"]
-    text = config_text(f"{LOOPBACK}:{free_port()}", backends, admin, token_file)
+    read_token_file = None
+    if read_token is not None:
+        read_token_file = tmp_path / "read.token"
+        read_token_file.write_text(read_token)
+    text = config_text(f"{LOOPBACK}:{free_port()}", backends, admin, token_file, read_token_file)
     with pointsman_process(text, tmp_path) as proc:
         proc.wait_lines(lambda lines: any(line.startswith("admin api") for line in lines))
         yield f"http://{admin}", token_file
@@ -431,8 +437,10 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=CLI_TIMEOUT, env=env)
 
 
-def fetch_status(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url + "/api/v1/status", timeout=5) as r:
+def fetch_status(url: str, token: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url + "/api/v1/status", headers=headers),
+                                timeout=5) as r:
         return dict(json.loads(r.read()))
 
 
@@ -493,13 +501,20 @@ def schemathesis_run(schema: str, url: str, checks: str, headers: dict[str, str]
 def test_fuzzed_api_never_errors_and_never_changes_state_without_the_token(
     tmp_path: Path,
 ) -> None:
-    """Two runs from the served /openapi.json. First with the token: no 5xx anywhere, and every
-    operation answers 401 when schemathesis drops or spoils the token (`ignored_auth`). Then,
+    """Two runs from the served /openapi.json, with a read token configured so that reads are
+    guarded too. First with the write token: no 5xx anywhere, and every operation (reads as well
+    as writes) answers 401 when schemathesis drops or spoils the token (`ignored_auth`). Then,
     with the path parameters pinned to the real pool and backend so every request reaches a real
-    backend, without the token: the status must come out as it went in."""
-    with pointsman_with_admin(tmp_path) as (url, _):
-        with urllib.request.urlopen(url + "/openapi.json", timeout=5) as r:
+    backend, without any token: the status must come out as it went in."""
+    read_token = "fuzz-read-t0ken"
+    with pointsman_with_admin(tmp_path, read_token=read_token) as (url, _):
+        with urllib.request.urlopen(urllib.request.Request(url + "/openapi.json", headers=AUTH),
+                                    timeout=5) as r:
             spec = json.loads(r.read())
+        assert spec["paths"]["/api/v1/status"]["get"]["security"] == [{"bearer": []}]
+        assert "/api/v1/events" in spec["paths"]
+        served = tmp_path / "served.json"
+        served.write_text(json.dumps(spec))
         pinned = tmp_path / "pinned.json"
         for item in spec["paths"].values():
             for parameter in item.get("parameters", []):
@@ -507,14 +522,13 @@ def test_fuzzed_api_never_errors_and_never_changes_state_without_the_token(
                 parameter["schema"] = {"type": "string", "enum": [value]}
         pinned.write_text(json.dumps(spec))
 
-        done = schemathesis_run(url + "/openapi.json", url, "not_a_server_error,ignored_auth",
-                                AUTH, tmp_path)
+        done = schemathesis_run(str(served), url, "not_a_server_error,ignored_auth", AUTH, tmp_path)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
         assert "passed" in done.stdout
 
-        before = fetch_status(url)
+        before = fetch_status(url, read_token)
         done = schemathesis_run(str(pinned), url, "not_a_server_error", {}, tmp_path)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-        after = fetch_status(url)
+        after = fetch_status(url, read_token)
         assert states(after) == states(before)
         assert after["transitions"] == before["transitions"]

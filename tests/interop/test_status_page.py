@@ -246,6 +246,17 @@ async def test_status_page_renders_and_shows_a_drain(tmp_path: Path) -> None:
                 await page.wait_until(
                     'document.querySelector("#transitions tbody").innerText'
                     '.includes("operator drain")', UPDATE_TIMEOUT, "the drain listed")
+                # The event log: the transition and the admin call that caused it, newest first.
+                await page.wait_until(
+                    'document.querySelector("#events tbody").innerText'
+                    '.includes("POST /api/v1/pools/app/backends/app-2/drain by token default")',
+                    UPDATE_TIMEOUT, "the drain call listed in recent events")
+                events = await page.evaluate(
+                    '[...document.querySelectorAll("#events tbody tr")].map(r => r.innerText)')
+                drain_call = next(i for i, e in enumerate(events) if "/app-2/drain" in e)
+                drained = next(i for i, e in enumerate(events) if "app/app-2: up -> draining" in e)
+                assert drain_call < drained, events  # newest first: the call was recorded last
+                assert "admin" in events[drain_call] and "backend" in events[drained]
                 assert await page.evaluate('document.getElementById("error").textContent') == ""
                 assert page.problems() == []
 
@@ -295,3 +306,31 @@ async def test_the_page_reports_a_failed_update(tmp_path: Path) -> None:
             assert loop.time() < deadline, page.problems()
             await asyncio.sleep(0.05)
         assert any("boom" in problem for problem in page.problems())
+
+
+async def test_the_page_asks_for_a_read_token_and_uses_one_from_its_fragment(tmp_path: Path) -> None:
+    """With `admin.read_token_file` the page's own fetches need the token: without one the page
+    shows its token form; with `#token=...` in its address it renders (and drops the fragment
+    from the address bar, keeping the token for this tab only)."""
+    (tmp_path / "write.token").write_text(TOKEN)
+    (tmp_path / "read.token").write_text("page-read-token")
+    admin = f"{LOOPBACK}:{free_port()}"
+    config = yaml.safe_dump({
+        "listeners": [{"name": "web", "bind": f"{LOOPBACK}:{free_port()}", "pool": "app"}],
+        "pools": [{"name": "app", "backends": [{"address": f"{LOOPBACK}:9", "name": "app-1"}]}],
+        "admin": {"bind": admin, "token_file": str(tmp_path / "write.token"),
+                  "read_token_file": str(tmp_path / "read.token")},
+    })
+    async with browser_page(tmp_path) as page, running(config):
+        await page.send("Page.navigate", url=f"http://{admin}/")
+        await page.wait_until('document.getElementById("login")?.style.display === "block"',
+                              RENDER_TIMEOUT, "the token form shown")
+        assert "status 401" in await page.evaluate('document.getElementById("error").textContent')
+
+        await page.send("Page.navigate", url=f"http://{admin}/#token=page-read-token")
+        await page.wait_until('document.querySelectorAll("#backends tbody tr").length === 1',
+                              RENDER_TIMEOUT, "the render with the token")
+        assert await page.evaluate(state_of("app-1")) == "up"
+        assert await page.evaluate("location.hash") == ""
+        assert await page.evaluate('document.getElementById("login").style.display') == "none"
+        assert await page.evaluate('document.getElementById("error").textContent') == ""
