@@ -34,6 +34,7 @@ from pointsman.dataplane import DataPlane
 from pointsman.health.checker import HealthChecker
 from pointsman.health.probes import ProbeResult
 from pointsman.health.targets import targets_for
+from pointsman.node import systemd
 from pointsman.node.reload import ReloadPlan, reload_plan
 from pointsman.node.tasks import Tasks
 from pointsman.node.view import (
@@ -226,6 +227,16 @@ class Node:
         self._tick_at = self.loop.time() + TICK_SECONDS
         self._tick_handle = self.loop.call_at(self._tick_at, self._tick)
         self.started = True
+        if self.role_object.name != "worker":
+            systemd.ready(self._summary())
+            if (interval := systemd.watchdog_interval()) is not None:
+                self.tasks.spawn("systemd:watchdog", lambda: systemd.keep_watchdog_fed(interval),
+                                 kind="systemd")
+
+    def _summary(self) -> str:
+        workers = len(self.workers())
+        return (f"{len(self.listeners)} listeners, {len(self.pools)} pools"
+                + (f", {workers} workers" if workers else ""))
 
     def _new_pool(self, config: PoolConfig) -> Pool:
         pool = self.role_object.new_pool(config)
@@ -317,11 +328,14 @@ class Node:
         its problems, in which case the running config stays. Reloads run one at a time; every
         outcome is recorded in `reload_history` (an exception counts as refused)."""
         async with self._reload_lock:
+            systemd.reloading()
             try:
                 errors = await self._reload()
             except Exception:
                 self.reload_history.record(False, time.time())
                 raise
+            finally:
+                systemd.ready(self._summary())
             self.reload_history.record(not errors, time.time())
             return errors
 
@@ -418,7 +432,9 @@ class Node:
     async def shutdown(self, grace: float | None = None) -> None:
         grace = self.config.shutdown_grace if grace is None else grace
         if self.role_object.name != "worker":
-            log.info("stopping: %d connections open, grace %gs", self.open_connections(), grace)
+            said = f"stopping: {self.open_connections()} connections open, grace {grace:g}s"
+            log.info("%s", said)
+            systemd.stopping(said)
         for service in self.services:
             if service.stops_before_drain:
                 await service.stop()

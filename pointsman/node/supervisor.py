@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pointsman.config.model import Config
+from pointsman.node import systemd
 from pointsman.node.ipc import (
     IPC_VERSION,
     ApplyConfig,
@@ -189,7 +190,7 @@ class WorkerProcesses:
                 sys.executable, "-m", "pointsman.node.worker", "--fd", str(theirs.fileno()),
                 "--index", str(slot.index), "--log-level", self.log_level,
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL)
+                stdout=asyncio.subprocess.DEVNULL, env=systemd.child_environment())
         finally:
             theirs.close()
         slot.pid = slot.process.pid
