@@ -245,8 +245,8 @@ class Composer:
         config = self.base
         if data is not None:
             try:
-                config = load_text(yaml.safe_dump(data, sort_keys=False),
-                                   f"{label}: config with discovered backends")
+                config = load_text(yaml.safe_dump(data, sort_keys=False),  # expanded once already
+                                   f"{label}: config with discovered backends", environ=None)
             except ConfigError as exc:
                 return self.reject(label, exc.issues, "config with discovered backends")
         if config == self.current and label == "discovery":
