@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pointsman.admin.acl import add_acl_routes
 from pointsman.admin.metrics import registry_for
 from pointsman.admin.openapi import OPENAPI
 from pointsman.admin.status import status
@@ -57,6 +58,7 @@ class AdminServer:
         app.router.add_post("/api/v1/reload", self.reload)
         app.router.add_get("/api/v1/node", self.node)
         app.router.add_post("/api/v1/node/{action:drain|resume}", self.node_action)
+        add_acl_routes(app, self)  # GET/PUT /api/v1/listeners/{listener}/{allow|deny}
         return app
 
     async def start(self) -> None:
