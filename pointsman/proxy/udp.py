@@ -253,9 +253,9 @@ class UdpListener:
         if self.acl is not None and client not in self.sessions and self.acl.refuses(client[0]):
             stats.drops[DropReason.DENIED] += 1
             return
-        pool = self.pool.route(self.pools) or self.pool
-        snapshot = pool.snapshot
         per_packet = self.config.udp.per_packet
+        pool = self._route(None if per_packet else self.sessions.get(client))
+        snapshot = pool.snapshot
         index = -1
         if per_packet:
             picked = self._pick(snapshot, client)
@@ -273,7 +273,8 @@ class UdpListener:
                 return
             session = UdpSession(self, key, client)
             session.pool = pool
-        elif session.version != snapshot.version and not self._still_available(session):
+        elif (session.version != snapshot.version or session.pool is not pool) and \
+                not self._still_available(session, pool):
             session.detach()
         if session.sock is None and not self._connect(session, snapshot, index):
             if session.key not in self.sessions:
@@ -301,9 +302,13 @@ class UdpListener:
                 return picked
         return snapshot.picker.pick(key)
 
-    def _still_available(self, session: UdpSession) -> bool:
-        """After a snapshot change: is the session's backend still in service?"""
-        snapshot = session.pool.snapshot
+    def _still_available(self, session: UdpSession, pool: Pool) -> bool:
+        """After a snapshot change: is the session's backend still in service? A session that
+        changes pools (a fallback, a reload) always picks afresh in its new pool."""
+        if session.pool is not pool:
+            session.pool = pool
+            return False
+        snapshot = pool.snapshot
         for i, backend in enumerate(snapshot.backends):
             if backend.id == session.backend_id:
                 if backend.effective_weight > 0:
@@ -376,7 +381,16 @@ class UdpListener:
             self.end_session(session, UdpEndReason.IDLE_TIMEOUT)
         self._arm_sweep()
 
-    # --- allow/deny lists (issue 15) -------------------------------------------------------------------
+    # --- fallback pools and allow/deny lists (issue 15) --------------------------------------------
+
+    def _route(self, session: UdpSession | None) -> Pool:
+        """The pool a datagram goes to. A session in a fallback pool stays there while the
+        listener's pool has nothing to offer; otherwise the listener's pool decides (itself, or
+        its fallback_pool, counted once per session that moves there)."""
+        primary = self.pool
+        if session is not None and session.pool is not primary and not primary.snapshot.available:
+            return session.pool
+        return primary.route(self.pools) or primary
 
     def set_acl(self, lists: AclLists) -> None:
         """Put lists in force (config load, reload, admin API). A session is a flow we keep open

@@ -144,8 +144,15 @@ async def test_udp_sessions_follow_the_fallback_pool() -> None:
                 assert sorry.count == 1 and main_pool.fallbacks == 1
                 session = listener.sessions[second.local]
                 assert session.pool is sorry_pool and session.backend_id == "sorry"
-                await second.request(b"three")  # stays in the fallback pool
-                assert sorry.count == 2
+                await second.request(b"three")  # stays in the fallback pool, counted once
+                assert sorry.count == 2 and main_pool.fallbacks == 1
+                await first.request(b"four")  # the first session moves there too
+                assert sorry.count == 3 and main_pool.fallbacks == 2
+                main_pool.health_verdict("primary", True, "test")
+                await second.request(b"five")  # the primary is back: sessions return to it
+                await first.request(b"six")
+                assert (primary.count, sorry.count) == (3, 3)
+                assert listener.sessions[second.local].pool is main_pool
         finally:
             listener.stop_accepting()
             listener.close_all()
