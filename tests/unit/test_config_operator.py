@@ -144,14 +144,16 @@ def test_health_check_mistakes() -> None:
             backends: [{address: "127.0.0.1:9"}]
             health_check: {type: tcp, command: [/bin/true], address: "127.0.0.1:8", port: 8}
           - name: r
-            backends: [{address: "127.0.0.1:9"}, {address: "127.0.0.1:10", health_check_address: "127.0.0.1:11"}]
+            backends:
+              - {address: "127.0.0.1:9"}
+              - {address: "127.0.0.1:10", health_check_address: "127.0.0.1:11"}
             health_check: {type: agent}
     """) == [
         f"{SOURCE}:5: pools[0].health_check.command: type exec needs command: [program, arg, ...]",
         f"{SOURCE}:8: pools[1].health_check.command: only type exec runs a command (type is tcp)",
         f"{SOURCE}:8: pools[1].health_check.port: address already names the port: give address "
         "or port, not both",
-        f"{SOURCE}:11: pools[2].health_check.type: an agent listens on its own port: give port (on "
+        f"{SOURCE}:13: pools[2].health_check.type: an agent listens on its own port: give port (on "
         "each backend's host) or address (or health_check_address on every backend)",
     ]
     assert errors("""
