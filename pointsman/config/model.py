@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 from pointsman.config.addresses import HostPort, parse_host_port
 from pointsman.config.durations import parse_duration, parse_fraction
-from pointsman.protect.acl import normalise as _acl_prefix
+from pointsman.protect.acl import canonical as _acl_prefix
 
 
 def _ip_address(value: object) -> str:
@@ -43,7 +43,7 @@ def _host_prefix(value: object) -> str:
 
 def _acl_network(value: object) -> str:
     """An allow/deny entry: host bits cleared, an IPv4-mapped prefix stored as IPv4."""
-    return str(_acl_prefix(value))
+    return _acl_prefix(value)
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

@@ -28,8 +28,8 @@ from typing import Literal
 
 from pointsman.balance.hashing import client_ip
 
-__all__ = ["MAX_PREFIXES", "Acl", "AclLists", "AclOn", "PrefixSet", "address_key", "normalise",
-           "parse_networks"]
+__all__ = ["MAX_PREFIXES", "Acl", "AclLists", "AclOn", "PrefixSet", "address_key", "canonical",
+           "normalise", "parse_networks"]
 
 AclOn = Literal["peer", "proxy_header"]
 Kind = Literal["allow", "deny"]
@@ -58,6 +58,36 @@ def address_key(ip: str) -> tuple[int, int]:
         return address.version, int(address)
 
 
+Prefix = tuple[int, int, int]  # (IP version, network number with host bits cleared, length)
+
+
+def _prefix(value: object) -> Prefix:
+    """Parse one prefix. IPv4 goes through inet_pton (about ten times cheaper than `ipaddress`, so
+    a list of 100 000 prefixes compiles in a fraction of a second); the rest through `normalise`.
+    A unit test holds both paths equal."""
+    if isinstance(value, str) and ":" not in value:
+        address, slash, length = value.strip().partition("/")
+        if length.isdigit() if slash else True:
+            try:
+                number = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+            except OSError:
+                pass
+            else:
+                bits = int(length) if slash else 32
+                if bits <= 32 and (not slash or length == str(bits)):
+                    return 4, number >> (32 - bits) << (32 - bits), bits
+    network = normalise(value)
+    return network.version, int(network.network_address), network.prefixlen
+
+
+def canonical(value: object) -> str:
+    """The canonical text of one prefix ("10.0.0.0/8"); ValueError names a bad one."""
+    version, number, bits = _prefix(value)
+    if version == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, number.to_bytes(4, 'big'))}/{bits}"
+    return str(ipaddress.IPv6Network((number, bits)))
+
+
 def normalise(value: object) -> Network:
     """One prefix as written ("10.0.0.0/8", "2001:db8::/32", "192.0.2.7"); host bits are cleared.
     A prefix inside ::ffff:0:0/96 becomes the IPv4 prefix it maps. ValueError names the input."""
@@ -79,7 +109,7 @@ def parse_networks(values: Iterable[object]) -> tuple[str, ...]:
     past MAX_PREFIXES."""
     out: dict[str, None] = {}
     for value in values:
-        out[str(normalise(value))] = None
+        out[canonical(value)] = None
         if len(out) > MAX_PREFIXES:
             raise ValueError(f"more than {MAX_PREFIXES} prefixes in one list")
     return tuple(out)
@@ -94,12 +124,9 @@ class PrefixSet:
         tables: dict[int, dict[int, set[int]]] = {4: {}, 6: {}}
         count = 0
         for item in networks:
-            network = item if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network) \
-                else normalise(item)
-            bits = network.max_prefixlen
-            shift = bits - network.prefixlen
-            tables[network.version].setdefault(shift, set()).add(
-                int(network.network_address) >> shift)
+            version, number, length = _prefix(item if isinstance(item, str) else str(item))
+            shift = (32 if version == 4 else 128) - length
+            tables[version].setdefault(shift, set()).add(number >> shift)
             count += 1
         self.size = count
         # Longest prefixes first (smallest shift): the order does not change the answer, only
