@@ -250,6 +250,32 @@ def weight(pool: str, backend: str, weight: int, admin_url: str, token_file: str
     click.echo(f"{pool}/{backend}: weight {weight}")
 
 
+@main.command()
+@click.argument("listener")
+@click.argument("prefixes", nargs=-1)
+@click.option("--remove", is_flag=True, help="Lift PREFIXES from the deny list instead.")
+@_admin_options
+def deny(listener: str, prefixes: tuple[str, ...], remove: bool, admin_url: str,
+         token_file: str | None) -> None:
+    """Refuse new connections from PREFIXES (CIDRs) on LISTENER; without PREFIXES, show its deny
+    list. Kept across reloads that leave the file's deny list alone."""
+    from pointsman.protect.acl import parse_networks
+
+    try:
+        wanted = parse_networks(prefixes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="PREFIXES") from None
+    client = _client(admin_url, token_file)
+    current = _call(lambda: client.listener_list(listener, "deny"))
+    if wanted:
+        new = [p for p in current if p not in wanted] if remove else \
+            current + [p for p in wanted if p not in current]
+        current = _call(lambda: client.set_listener_list(listener, "deny", new))
+    click.echo(f"{listener}: deny {len(current)} prefix{'es' if len(current) != 1 else ''}")
+    for prefix in current:
+        click.echo(f"  {prefix}")
+
+
 @main.group()
 def node() -> None:
     """This node as a whole: withdraw (drain) or announce (resume) its VIPs by BGP."""

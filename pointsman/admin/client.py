@@ -23,7 +23,7 @@ class AdminClient:
         self.timeout = timeout
         self.tls = tls  # for https: the CA to trust and the client certificate to show
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
@@ -55,6 +55,14 @@ class AdminClient:
 
     def reload(self) -> Any:
         return self.request("POST", "/api/v1/reload")
+
+    def listener_list(self, listener: str, kind: str) -> list[str]:
+        """A listener's allow or deny list in force."""
+        return list(self.request("GET", f"/api/v1/listeners/{_seg(listener)}/{kind}"))
+
+    def set_listener_list(self, listener: str, kind: str, prefixes: list[str]) -> list[str]:
+        """Replace a listener's allow or deny list; returns the list now in force."""
+        return list(self.request("PUT", f"/api/v1/listeners/{_seg(listener)}/{kind}", prefixes))
 
     def node_action(self, action: str) -> Any:
         """drain or resume: withdraw or announce this node's VIPs."""

@@ -31,6 +31,9 @@ _EVENT_FILTERS = [
      "description": "only the newest this many"},
 ]
 _OPEN = ("/healthz", "/readyz")
+_LISTENER_PARAM = [{"name": "listener", "in": "path", "required": True, "schema": {"type": "string"}}]
+_PREFIXES = {"type": "array", "items": {"type": "string"},
+             "description": 'addresses or prefixes, e.g. ["192.0.2.0/24", "2001:db8::/32"]'}
 
 
 def _mutating(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -43,6 +46,12 @@ def _mutating(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
     return op
+
+
+def _with_200(op: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """`op` answering 200 with a body of `schema` (instead of an object)."""
+    ok = {"description": "done", "content": {"application/json": {"schema": schema}}}
+    return {**op, "responses": {**op["responses"], "200": ok}}
 
 
 def _read(summary: str, content_type: str = "application/json") -> dict[str, Any]:
@@ -87,6 +96,14 @@ OPENAPI: dict[str, Any] = {
                                          "responses": {"200": {"description": "resumed",
                                                                "content": _JSON},
                                                        "401": _ERROR, "409": _ERROR}}},
+        **{f"/api/v1/listeners/{{listener}}/{kind}": {
+            "parameters": _LISTENER_PARAM,
+            "get": {"summary": f"the listener's {kind} list in force", "responses": {
+                "200": {"description": "ok", "content": {"application/json": {"schema": _PREFIXES}}},
+                "404": _ERROR, "409": _ERROR}},
+            "put": _with_200(_mutating(f"replace the listener's {kind} list (new connections at "
+                                       "once)", _PREFIXES), _PREFIXES),
+        } for kind in ("deny", "allow")},
         "/api/v1/reload": {"post": {**_mutating("re-read the config file"),
                                     "responses": {"200": {"description": "applied",
                                                           "content": _JSON},

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pointsman.admin.acl import add_acl_routes
 from pointsman.admin.auth import Access, Credential, Tokens, access_for, check_secret, token_sources
 from pointsman.admin.body import MAX_BODY_BYTES, BodyError, decode_json
 from pointsman.admin.metrics import registry_for
@@ -80,6 +81,7 @@ class AdminServer:
         app.router.add_post("/api/v1/reload", self.reload)
         app.router.add_get("/api/v1/node", self.node)
         app.router.add_post("/api/v1/node/{action:drain|resume}", self.node_action)
+        add_acl_routes(app, self)  # GET/PUT /api/v1/listeners/{listener}/{allow|deny}
         return app
 
     async def start(self) -> None:

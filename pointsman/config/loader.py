@@ -3,25 +3,45 @@
 Every problem becomes a `ConfigIssue` naming the file, the line and the field path, e.g.
 `pointsman.yaml:14: pools[0].backends[1].address: expected host:port, got '127.0.0.1'`, and all of
 them are reported together, not only the first.
+
+Two things happen before validation:
+
+* `${VAR}` / `${VAR:-default}` in values are expanded from the environment (`envsubst`), inside
+  each YAML scalar after parsing, so a value can never inject YAML structure and every error
+  keeps its line. A plain (unquoted) scalar is typed after expansion (`port: ${PORT}` is an int);
+  a quoted one stays a string. Keys and comments are never expanded.
+* `include: [conf.d/*.yaml]` (main file only) merges the `listeners` and `pools` of other files,
+  globs relative to the including file, in sorted order. Each merged item remembers its file, so
+  every error names the file and line the item came from, and a duplicate name across files names
+  both places.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterator
-from dataclasses import dataclass
+import glob
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from pointsman.balance.maglev import is_prime
-from pointsman.config.addresses import resolve
+from pointsman.config.addresses import HostPort, resolve
+from pointsman.config.envsubst import EnvError, expand
 from pointsman.config.model import Config
-from pointsman.discovery.rules import discovery_problems
+from pointsman.config.semantics import Loc, model_problems, reference_problems
 
-Loc = tuple[str | int, ...]
+# Names pointsman.config.node imports: it checks node files with the same machinery.
+__all__ = ["ConfigError", "ConfigIssue", "Loc", "_line_for", "_model_problems", "_parse_yaml",
+           "_pydantic_issues", "format_loc", "load_file", "load_text", "read_text"]
+_model_problems = model_problems
+
+INCLUDE_KEY = "include"
+INCLUDABLE = ("listeners", "pools")  # the keys an included file may hold
+# More included files than this is a runaway glob (conf.d/** on the wrong directory), not a config.
+MAX_INCLUDED_FILES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,44 +80,73 @@ def read_text(path: str | Path) -> str:
         raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")]) from None
 
 
-def load_file(path: str | Path) -> Config:
-    return load_text(read_text(path), str(path))
+def load_file(path: str | Path, environ: Mapping[str, str] | None = os.environ) -> Config:
+    """Load a config file; `include` globs are relative to its directory."""
+    return load_text(read_text(path), str(path), environ=environ, base_dir=Path(path).parent)
 
 
-def load_text(text: str, source: str = "<config>") -> Config:
-    """Parse and validate; raise ConfigError with every issue found."""
-    data, lines = _parse_yaml(text, source)
+def load_text(
+    text: str,
+    source: str = "<config>",
+    *,
+    environ: Mapping[str, str] | None = os.environ,
+    base_dir: str | Path | None = None,
+) -> Config:
+    """Parse and validate; raise ConfigError with every issue found.
+
+    `environ` None leaves `${...}` alone: for text that was expanded once already (a validated
+    config dumped back to YAML). `base_dir` None refuses `include` (text that is not a file).
+    """
+    data, lines = _parse_yaml(text, source, environ)
     if isinstance(data, dict) and "config_source" in data:
         raise ConfigError([ConfigIssue(source, lines.get(("config_source",)), "config_source",
                                        "this is a node file (its cluster config is in etcd): "
                                        "`pointsman run` and `pointsman check` take it")])
-    issues = [
-        ConfigIssue(source, _line_for(loc, lines), format_loc(loc), msg)
-        for loc, msg in _reference_problems(data)
-    ]
+    origins = _Origins(_File(source, lines))
+    if isinstance(data, dict) and INCLUDE_KEY in data:
+        data = _with_includes(data, origins, environ, base_dir)
+    issues = [origins.issue(loc, msg) for loc, msg in reference_problems(data, origins)]
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        issues.extend(_pydantic_issues(exc, lines, source))
+        issues.extend(origins.issue(loc, msg) for loc, msg in _pydantic_problems(exc))
     else:
-        issues.extend(
-            ConfigIssue(source, _line_for(loc, lines), format_loc(loc), msg)
-            for loc, msg in _model_problems(config)
-        )
+        issues.extend(origins.issue(loc, msg) for loc, msg in model_problems(config))
     if issues:
         raise ConfigError(sorted(issues, key=_order))
-    return _resolved(config, lines, source)
+    return _resolved(config, origins)
 
 
-def _order(issue: ConfigIssue) -> tuple[int, str]:
-    return (issue.line or 0, issue.path)
+def _order(issue: ConfigIssue) -> tuple[str, int, str]:
+    return (issue.source, issue.line or 0, issue.path)
+
+
+# --- YAML with lines and environment ------------------------------------------------------------
 
 
 class _LineLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (a silent override hides operator mistakes)."""
 
 
-def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
+_RESOLVER = yaml.resolver.Resolver()
+
+
+def _implicit_tag(value: str) -> str:
+    """The tag YAML gives a plain scalar with this text (int, float, bool, null or str)."""
+    return str(_RESOLVER.resolve(yaml.ScalarNode, value, (True, False)))  # type: ignore[no-untyped-call]
+
+
+@dataclass(slots=True)
+class _Build:
+    source: str
+    environ: Mapping[str, str] | None
+    lines: dict[Loc, int] = field(default_factory=dict)
+    issues: list[ConfigIssue] = field(default_factory=list)
+
+
+def _parse_yaml(
+    text: str, source: str, environ: Mapping[str, str] | None = os.environ
+) -> tuple[Any, dict[Loc, int]]:
     try:
         root = yaml.compose(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
@@ -107,18 +156,15 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
         raise ConfigError([ConfigIssue(source, line, "", f"invalid YAML: {problem}")]) from None
     if root is None:
         raise ConfigError([ConfigIssue(source, None, "", "the file is empty")])
-    lines: dict[Loc, int] = {}
-    duplicates: list[ConfigIssue] = []
-    data = _build(root, (), lines, duplicates, source)
-    if duplicates:
-        raise ConfigError(duplicates)
-    return data, lines
+    build = _Build(source, environ)
+    data = _build(root, (), build)
+    if build.issues:
+        raise ConfigError(build.issues)
+    return data, build.lines
 
 
-def _build(
-    node: yaml.Node, loc: Loc, lines: dict[Loc, int], dups: list[ConfigIssue], source: str
-) -> Any:
-    lines.setdefault(loc, node.start_mark.line + 1)
+def _build(node: yaml.Node, loc: Loc, build: _Build) -> Any:
+    build.lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
@@ -126,13 +172,35 @@ def _build(
             child = (*loc, key)
             if key in out:
                 line = key_node.start_mark.line + 1
-                dups.append(ConfigIssue(source, line, format_loc(child), "duplicate key"))
-            lines[child] = key_node.start_mark.line + 1
-            out[key] = _build(value_node, child, lines, dups, source)
+                build.issues.append(ConfigIssue(build.source, line, format_loc(child), "duplicate key"))
+            build.lines[child] = key_node.start_mark.line + 1
+            out[key] = _build(value_node, child, build)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(item, (*loc, i), lines, dups, source) for i, item in enumerate(node.value)]
+        return [_build(item, (*loc, i), build) for i, item in enumerate(node.value)]
+    if build.environ is not None and isinstance(node, yaml.ScalarNode) and "$" in node.value:
+        return _expanded(node, loc, build, build.environ)
     return yaml.safe_load(yaml.serialize(node))
+
+
+def _expanded(node: yaml.ScalarNode, loc: Loc, build: _Build, environ: Mapping[str, str]) -> Any:
+    """The scalar with `${...}` expanded; a plain scalar is typed again after expansion (unless it
+    carried an explicit tag such as !!str), a quoted one stays a string."""
+    try:
+        value = expand(node.value, environ)
+    except EnvError as exc:
+        build.issues.append(ConfigIssue(build.source, node.start_mark.line + 1, format_loc(loc),
+                                        str(exc)))
+        return None
+    tag = node.tag
+    if node.style is None and tag == _implicit_tag(node.value):
+        tag = _implicit_tag(value)
+    try:
+        return yaml.safe_load(yaml.serialize(yaml.ScalarNode(tag, value)))
+    except yaml.YAMLError as exc:
+        build.issues.append(ConfigIssue(build.source, node.start_mark.line + 1, format_loc(loc),
+                                        f"after expanding the environment: {exc}"))
+        return None
 
 
 def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:
@@ -143,10 +211,138 @@ def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:
     return None
 
 
-def _pydantic_issues(exc: ValidationError, lines: dict[Loc, int], source: str) -> Iterator[ConfigIssue]:
+# --- where each item came from --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    source: str
+    lines: dict[Loc, int]
+
+
+class _Origins:
+    """Maps a path in the merged config to the file, line and path it was written at."""
+
+    def __init__(self, main: _File) -> None:
+        self.main = main
+        self.items: dict[tuple[str, int], tuple[_File, int]] = {}  # (key, merged) -> (file, local)
+
+    def locate(self, loc: Loc) -> tuple[_File, Loc]:
+        if len(loc) >= 2 and isinstance(loc[0], str) and isinstance(loc[1], int):
+            found = self.items.get((loc[0], loc[1]))
+            if found is not None:
+                file, local = found
+                return file, (loc[0], local, *loc[2:])
+        return self.main, loc
+
+    def issue(self, loc: Loc, message: str) -> ConfigIssue:
+        file, local = self.locate(loc)
+        return ConfigIssue(file.source, _line_for(local, file.lines), format_loc(local), message)
+
+    # semantics.Places: name another item, with its file when that is another file
+    def first(self, loc: Loc, other: Loc) -> str:
+        here, _ = self.locate(loc)
+        there, local = self.locate(other)
+        if there is here:
+            return f"index {local[-1]}"
+        return f"{there.source}:{_line_for(local, there.lines)}, {format_loc(local)}"
+
+    def named(self, loc: Loc, other: Loc) -> str:
+        here, _ = self.locate(loc)
+        there, local = self.locate(other)
+        if there is here:
+            return format_loc(local)
+        return f"{format_loc(local)} in {there.source}:{_line_for(local, there.lines)}"
+
+
+def _with_includes(data: dict[str, Any], origins: _Origins, environ: Mapping[str, str] | None,
+                   base_dir: str | Path | None) -> dict[str, Any]:
+    """The main file's data with the listeners and pools of every included file appended."""
+    main = origins.main
+    patterns = data.pop(INCLUDE_KEY)
+    merged: dict[str, Any] = {key: data.get(key) for key in INCLUDABLE}
+    for key, items in merged.items():
+        for i in range(len(items) if isinstance(items, list) else 0):
+            origins.items[(key, i)] = (main, i)
+    issues: list[ConfigIssue] = []
+    for path, loc in _included_paths(patterns, main, base_dir, issues):
+        try:
+            file_data, lines = _parse_yaml(read_text(path), str(path), environ)
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+            continue
+        file = _File(str(path), lines)
+        if not isinstance(file_data, dict):
+            issues.append(ConfigIssue(file.source, 1, "", "an included file holds a mapping with "
+                                      "listeners and/or pools"))
+            continue
+        for key, value in file_data.items():
+            if key not in INCLUDABLE:
+                issues.append(ConfigIssue(file.source, lines.get((key,)), str(key),
+                                          "an included file may hold only listeners and pools "
+                                          f"(included from {main.source}:{_line_for(loc, main.lines)})"))
+            elif not isinstance(value, list):
+                issues.append(ConfigIssue(file.source, lines.get((key,)), str(key), "expected a list"))
+            elif merged[key] is None or isinstance(merged[key], list):  # else: the main file's
+                target: list[Any] = list(merged[key] or [])               # shape error is reported
+                for i, item in enumerate(value):
+                    origins.items[(key, len(target))] = (file, i)
+                    target.append(item)
+                merged[key] = target
+    if issues:
+        raise ConfigError(issues)
+    return {**data, **{key: value for key, value in merged.items() if value is not None}}
+
+
+def _included_paths(patterns: Any, main: _File, base_dir: str | Path | None,
+                    issues: list[ConfigIssue]) -> Iterator[tuple[Path, Loc]]:
+    """Each file the include patterns name, once, in pattern order then sorted order."""
+    where: Loc = (INCLUDE_KEY,)
+    if base_dir is None:
+        issues.append(ConfigIssue(main.source, _line_for(where, main.lines), INCLUDE_KEY,
+                                  "include needs a config file to be relative to (this config "
+                                  "did not come from a file)"))
+        return
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        issues.append(ConfigIssue(main.source, _line_for(where, main.lines), INCLUDE_KEY,
+                                  "expected a list of file names or globs, e.g. [conf.d/*.yaml]"))
+        return
+    seen: set[Path] = {Path(main.source).resolve()}
+    count = 0
+    for i, pattern in enumerate(patterns):
+        loc: Loc = (INCLUDE_KEY, i)
+        full = pattern if os.path.isabs(pattern) else os.path.join(base_dir, pattern)
+        matches = sorted(glob.glob(full)) if glob.has_magic(pattern) else [full]
+        if not glob.has_magic(pattern) and not os.path.exists(full):
+            issues.append(ConfigIssue(main.source, _line_for(loc, main.lines), format_loc(loc),
+                                      f"no such file: {full}"))
+            continue
+        for match in matches:
+            path = Path(match)
+            if path.resolve() in seen or path.is_dir():
+                continue
+            seen.add(path.resolve())
+            count += 1
+            if count > MAX_INCLUDED_FILES:
+                issues.append(ConfigIssue(main.source, _line_for(loc, main.lines), format_loc(loc),
+                                          f"more than {MAX_INCLUDED_FILES} included files"))
+                return
+            yield path, loc
+
+
+# --- pydantic's errors, in the operator's words -----------------------------------------------
+
+
+def _pydantic_problems(exc: ValidationError) -> Iterator[tuple[Loc, str]]:
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-        yield ConfigIssue(source, _line_for(loc, lines), format_loc(loc), _message(err))
+        yield loc, _message(err)
+
+
+def _pydantic_issues(exc: ValidationError, lines: dict[Loc, int], source: str) -> Iterator[ConfigIssue]:
+    """One file's pydantic errors as issues (pointsman.config.node checks node files with it)."""
+    for loc, message in _pydantic_problems(exc):
+        yield ConfigIssue(source, _line_for(loc, lines), format_loc(loc), message)
 
 
 def _message(err: Any) -> str:
@@ -162,108 +358,38 @@ def _message(err: Any) -> str:
     return f"{msg[:1].lower()}{msg[1:]}, got {err['input']!r}"
 
 
-def _items(data: Any, key: str) -> list[dict[str, Any]]:
-    """The mappings under data[key], tolerating any shape (pydantic reports bad shapes)."""
-    value = data.get(key) if isinstance(data, dict) else None
-    return [item if isinstance(item, dict) else {} for item in value] if isinstance(value, list) else []
+# --- names resolved once, at load --------------------------------------------------------------
 
 
-def _reference_problems(data: Any) -> Iterator[tuple[Loc, str]]:
-    """Cross-object rules, checked on the raw data so they are reported beside type errors."""
-    listeners, pools = _items(data, "listeners"), _items(data, "pools")
-    yield from _duplicates("listeners", [str(item.get("name")) for item in listeners])
-    yield from _duplicates("pools", [str(item.get("name")) for item in pools])
-    pool_names = {item.get("name") for item in pools}
-    binds: dict[tuple[str, str], int] = {}
-    for i, listener in enumerate(listeners):
-        for field in ("pool", "default_pool"):
-            if field in listener and listener[field] not in pool_names:
-                yield ("listeners", i, field), f"no pool named {listener[field]!r}"
-        if "pool" not in listener and "default_pool" not in listener:
-            yield ("listeners", i, "pool"), "required key is missing (pool, or default_pool)"
-        for j, route in enumerate(_items(listener, "tls_routes")):
-            if "pool" in route and route["pool"] not in pool_names:
-                yield ("listeners", i, "tls_routes", j, "pool"), f"no pool named {route['pool']!r}"
-        key = (str(listener.get("bind")), str(listener.get("protocol", "tcp")))
-        if key in binds:
-            yield ("listeners", i, "bind"), f"same address as listeners[{binds[key]}]"
-        binds.setdefault(key, i)
-    for i, pool in enumerate(pools):
-        ids = [str(b.get("name") or b.get("address")) for b in _items(pool, "backends")]
-        yield from _duplicates(("pools", i, "backends"), ids, "backend")
-
-
-def _model_problems(config: Config) -> Iterator[tuple[Loc, str]]:
-    if config.bgp is not None:
-        pools = {pool.name for pool in config.pools}
-        listeners = {listener.name for listener in config.listeners}
-        for i, vip in enumerate(config.bgp.vips):
-            if vip.pool is not None and vip.pool not in pools:
-                yield ("bgp", "vips", i, "pool"), f"no pool named {vip.pool!r}"
-            if vip.listener is not None and vip.listener not in listeners:
-                yield ("bgp", "vips", i, "listener"), f"no listener named {vip.listener!r}"
-    for i, listener in enumerate(config.listeners):
-        if listener.protocol == "udp" and (listener.tls_routes or
-                                           listener.proxy_protocol.accept != "off"):
-            yield ("listeners", i, "protocol"), "tls_routes and proxy_protocol.accept need tcp"
-        pool = next((p for p in config.pools if p.name == listener.fallback_pool), None)
-        if listener.protocol == "udp" and pool is not None and pool.proxy_protocol.send == "v1":
-            yield ("listeners", i, "pool"), (f"pool {pool.name!r} sends PROXY v1, which is for "
-                                             "TCP only: use v2 for UDP")
-        for j, route in enumerate(listener.tls_routes):
-            if not route.server_names and not route.alpn:
-                yield ("listeners", i, "tls_routes", j), "needs server_names or alpn"
-    admin = config.admin
-    if admin is not None and not admin.has_tokens and not _is_loopback(admin.bind.host):
-        yield ("admin", "token_file"), "required when admin.bind is not a loopback address"
-    for i, pool in enumerate(config.pools):
-        if pool.algorithm == "maglev" and not is_prime(pool.maglev_table_size):
-            yield ("pools", i, "maglev_table_size"), f"must be prime, got {pool.maglev_table_size}"
-        if pool.health_check is not None:
-            yield from _health_problems(("pools", i, "health_check"), pool.health_check)
-        if pool.discovery is not None:
-            for where, message in discovery_problems(pool.discovery):
-                yield ("pools", i, "discovery", *where), message
-
-
-def _health_problems(loc: Loc, check: Any) -> Iterator[tuple[Loc, str]]:
-    if check.type in ("send_expect", "udp") and check.send is None and check.send_hex is None:
-        yield (*loc, "send"), f"type {check.type} needs send or send_hex"
-    if check.type == "send_expect" and check.expect is None and check.expect_regex is None:
-        yield (*loc, "expect"), "type send_expect needs expect or expect_regex"
-    if check.timeout > check.interval:
-        yield (*loc, "timeout"), "must not be longer than interval"
-
-
-def _duplicates(where: str | Loc, names: list[str], what: str = "name") -> Iterator[tuple[Loc, str]]:
-    base: Loc = (where,) if isinstance(where, str) else where
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in seen:
-            yield (*base, i), f"duplicate {what} {name!r} (first at index {seen[name]})"
-        seen.setdefault(name, i)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _resolved(config: Config, lines: dict[Loc, int], source: str) -> Config:
-    """Resolve backend host names once, now; unresolvable names are config errors."""
+def _resolved(config: Config, origins: _Origins) -> Config:
+    """Resolve backend (and health-check) host names once, now; unresolvable names are config
+    errors."""
     issues: list[ConfigIssue] = []
     pools = []
+
+    def resolved(address: HostPort | None, loc: Loc) -> HostPort | None:
+        if address is None:
+            return None
+        try:
+            return resolve(address)
+        except ValueError as exc:
+            issues.append(origins.issue(loc, str(exc)))
+            return address
+
     for i, pool in enumerate(config.pools):
         backends = []
         for j, backend in enumerate(pool.backends):
-            try:
-                backends.append(backend.model_copy(update={"address": resolve(backend.address)}))
-            except ValueError as exc:
-                loc: Loc = ("pools", i, "backends", j, "address")
-                issues.append(ConfigIssue(source, _line_for(loc, lines), format_loc(loc), str(exc)))
-        pools.append(pool.model_copy(update={"backends": backends}))
+            at: Loc = ("pools", i, "backends", j)
+            backends.append(backend.model_copy(update={
+                "address": resolved(backend.address, (*at, "address")),
+                "health_check_address": resolved(backend.health_check_address,
+                                                 (*at, "health_check_address"))}))
+        update: dict[str, Any] = {"backends": backends}
+        check = pool.health_check
+        if check is not None and check.address is not None:
+            address = resolved(check.address, ("pools", i, "health_check", "address"))
+            update["health_check"] = check.model_copy(update={"address": address})
+        pools.append(pool.model_copy(update=update))
     if issues:
         raise ConfigError(issues)
     return config.model_copy(update={"pools": pools})

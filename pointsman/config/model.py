@@ -13,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 from pointsman.config.addresses import HostPort, parse_host_port
 from pointsman.config.durations import parse_duration, parse_fraction
+from pointsman.protect.acl import canonical as _acl_prefix
 
 
 def _ip_address(value: object) -> str:
@@ -40,12 +41,18 @@ def _host_prefix(value: object) -> str:
     return str(network)
 
 
+def _acl_network(value: object) -> str:
+    """An allow/deny entry: host bits cleared, an IPv4-mapped prefix stored as IPv4."""
+    return _acl_prefix(value)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Fraction = Annotated[float, BeforeValidator(parse_fraction)]
 Address = Annotated[HostPort, BeforeValidator(parse_host_port), PlainSerializer(str)]
 IPAddress = Annotated[str, BeforeValidator(_ip_address)]
 Network = Annotated[str, BeforeValidator(_ip_network)]
 HostPrefix = Annotated[str, BeforeValidator(_host_prefix)]
+AclNetwork = Annotated[str, BeforeValidator(_acl_network)]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 # Kept equal to pointsman.balance.ALGORITHMS by tests/unit/test_config.py.
@@ -70,6 +77,11 @@ class BackendConfig(Strict):
     address: Address
     name: Name | None = None
     weight: int = Field(default=1, ge=0, le=1000)
+    # Serves only while no primary (non-backup) backend of the pool is available (HAProxy).
+    backup: bool = False
+    # Probe this host:port instead of the backend (a sidecar, an agent); wins over the pool's
+    # health_check.address and health_check.port for this backend.
+    health_check_address: Address | None = None
 
     @property
     def id(self) -> str:
@@ -95,13 +107,15 @@ class TlsCheckConfig(Strict):
 
 
 class HealthCheckConfig(Strict):
-    type: Literal["tcp", "send_expect", "http", "tls", "udp", "none"] = "tcp"
+    type: Literal["tcp", "send_expect", "http", "tls", "udp", "exec", "agent", "none"] = "tcp"
     interval: Duration = 2.0
     timeout: Duration = 1.0
     rise: int = Field(default=2, ge=1)
     fall: int = Field(default=3, ge=1)
     jitter: Fraction = 0.1
     port: int | None = Field(default=None, ge=1, le=65535)
+    address: Address | None = None  # probe this host:port for every backend (not with port)
+    command: list[str] | None = None  # exec: argv, run without a shell
     send: str | None = None
     send_hex: str | None = None
     expect: str | None = None
@@ -173,6 +187,12 @@ class PoolConfig(Strict):
     # every connection on the transport path.
     zero_copy: Literal["off", "auto"] = "auto"
     zero_copy_after: int = Field(default=1 << 20, ge=0)
+    # New connections go to this pool while this one has no backend to offer (a sorry server,
+    # another region); chains are followed, cycles are config errors.
+    fallback_pool: Name | None = None
+    # Envoy's panic mode: below this fraction of available primaries, balance over every primary
+    # not drained or in maintenance, whatever its health. 0 (default) is off: see docs/config.md.
+    panic_threshold: Fraction = 0.0
 
 
 class UdpConfig(Strict):
@@ -226,6 +246,10 @@ class ListenerConfig(Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     dataplane: Literal["proxy", "kernel"] = "proxy"
     kernel: KernelListenerConfig = Field(default_factory=KernelListenerConfig)
+    # Source lists, checked before anything is read (deny wins; an empty allow list is none).
+    allow: list[AclNetwork] = Field(default_factory=list)
+    deny: list[AclNetwork] = Field(default_factory=list)
+    acl_on: Literal["peer", "proxy_header"] = "peer"
 
     @property
     def fallback_pool(self) -> str:

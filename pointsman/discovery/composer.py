@@ -237,8 +237,10 @@ class Composer:
         config = self.base
         if data is not None:
             try:
-                config = await asyncio.to_thread(load_text, yaml.safe_dump(data, sort_keys=False),
-                                                 f"{label}: config with discovered backends")
+                # Off the loop (parsing and validation take time); expanded once already.
+                config = await asyncio.to_thread(
+                    load_text, yaml.safe_dump(data, sort_keys=False),
+                    f"{label}: config with discovered backends", environ=None)
             except ConfigError as exc:
                 return self.reject(label, exc.issues, "config with discovered backends")
         if config == self.current and label == "discovery":

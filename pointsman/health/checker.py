@@ -165,7 +165,8 @@ class HealthChecker:
             await asyncio.sleep(max(0.0, next_start - loop.time()))
             started = loop.time()
             result = await self._probe(target.spec, target.host, target.port)
-            verdict = watch.hysteresis.record(result.ok)
+            # An agent reply without "up"/"down" ("drain", "75%") is no vote on health.
+            verdict = watch.hysteresis.record(result.ok) if result.counts else None
             watch.checks += 1
             watch.failures += not result.ok
             watch.last = result

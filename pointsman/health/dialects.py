@@ -8,14 +8,20 @@ plain ValueError: those are our operator's mistakes, not the peer's.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Literal
 
 __all__ = [
+    "MAX_AGENT_LINE",
+    "MAX_AGENT_PERCENT",
     "MAX_REPLY_BYTES",
     "MAX_STATUS_LINE",
+    "AgentReply",
     "BadReply",
     "build_http_request",
     "expect_matches",
     "host_header",
+    "parse_agent_line",
     "parse_hex",
     "parse_http_status",
     "unescape",
@@ -37,6 +43,23 @@ MAX_STATUS_LINE = 4096
 _STATUS_LINE = re.compile(rb"HTTP/[0-9]\.[0-9] ([1-9][0-9]{2})(?:[ \t][\t\x20-\x7e\x80-\xff]*)?")
 _HTTP_PREFIX = b"HTTP/"
 
+# Longest agent reply line read. HAProxy reads an agent's reply into one check buffer (16 KiB by
+# default) but a real reply is a few words ("up 75% # load 0.3"); 1 KiB leaves room for a long
+# description while a peer streaming garbage is cut off early.
+MAX_AGENT_LINE = 1024
+
+# Largest weight percentage an agent may ask for. Operator weights go up to 1000; letting an
+# agent multiply one by at most 10 keeps every effective weight within 10000.
+MAX_AGENT_PERCENT = 1000
+
+# HAProxy's agent grammar: words separated by spaces, tabs or commas, in any order; "#" starts a
+# free-text description. Operational words set the health verdict, administrative words the
+# operator state, a percentage the weight.
+_AGENT_SEPARATORS = re.compile(r"[ \t,]+")
+_AGENT_PERCENT = re.compile(r"([0-9]{1,9})%")
+_AGENT_STATE = {"up": "up", "down": "down", "fail": "down", "stopped": "down"}
+_AGENT_ADMIN = {"ready": "ready", "drain": "drain", "maint": "maint", "maintenance": "maint"}
+
 _SIMPLE_ESCAPES = {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\", "0": b"\x00"}
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 # Request-target and Host must be visible ASCII: no spaces, no CR/LF that would split the request.
@@ -45,6 +68,61 @@ _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 class BadReply(ValueError):
     """The peer sent bytes that cannot be the start of a valid reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentReply:
+    """One agent-check answer. Each part is None when the agent did not say it."""
+
+    state: Literal["up", "down"] | None = None  # a health verdict (through rise/fall)
+    admin: Literal["ready", "drain", "maint"] | None = None  # an operator-like state
+    percent: int | None = None  # weight as a percentage of the configured weight
+    description: str = ""
+
+    def __str__(self) -> str:
+        words: list[str] = [w for w in (self.state, self.admin) if w is not None]
+        if self.percent is not None:
+            words.append(f"{self.percent}%")
+        text = "agent: " + " ".join(words)
+        return f"{text} ({self.description})" if self.description else text
+
+
+def parse_agent_line(line: bytes) -> AgentReply:
+    """Judge one agent reply line (without its line end), as HAProxy's agent-check reads it.
+
+    When a kind of word appears twice the last one counts, as in HAProxy. Raises BadReply for
+    an empty reply, a non-ASCII one, an unknown word or a percentage above MAX_AGENT_PERCENT:
+    a reply we cannot read must not keep a backend in service.
+    """
+    try:
+        text = line.decode("ascii").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise BadReply(f"agent reply is not ASCII: {line[:32]!r}") from None
+    text, _, description = text.partition("#")
+    state: Literal["up", "down"] | None = None
+    admin: Literal["ready", "drain", "maint"] | None = None
+    percent: int | None = None
+    words = [w for w in _AGENT_SEPARATORS.split(text.strip()) if w]
+    if not words:
+        raise BadReply("empty agent reply")
+    for word in words:
+        lower = word.lower()
+        if lower in _AGENT_STATE:
+            state = "up" if _AGENT_STATE[lower] == "up" else "down"
+        elif lower in _AGENT_ADMIN:
+            admin = _admin_word(lower)
+        elif (match := _AGENT_PERCENT.fullmatch(lower)) is not None:
+            percent = int(match.group(1))
+            if percent > MAX_AGENT_PERCENT:
+                raise BadReply(f"agent weight {word} above {MAX_AGENT_PERCENT}%")
+        else:
+            raise BadReply(f"unknown agent word {word[:32]!r}")
+    return AgentReply(state, admin, percent, description.strip()[:200])
+
+
+def _admin_word(word: str) -> Literal["ready", "drain", "maint"]:
+    admin = _AGENT_ADMIN[word]
+    return "ready" if admin == "ready" else "drain" if admin == "drain" else "maint"
 
 
 def expect_matches(reply: bytes, expect: bytes | None, regex: re.Pattern[bytes] | None) -> bool:

@@ -1,16 +1,25 @@
-"""Active probes: one short-lived connection (or datagram) per check, bounded by a timeout.
+"""Active probes: one short-lived connection, datagram or process per check, bounded by a timeout.
 
 This is the thin I/O layer; judging replies lives in `dialects` (sans I/O). `probe` never raises
 for anything the peer or the network does: every failure becomes `ProbeResult(ok=False)` with a
 short detail for the status page ("refused", "timeout", "status 503", "no match", "tls: ...").
 Only cancellation propagates, so the owner can stop a check at any time.
+
+`exec` runs a command (no shell) in its own session, so that on timeout or cancellation the
+whole process group it may have started is killed, never only its first process; helpers left
+behind by a command that did exit are killed too, so checks cannot pile up processes.
+`agent` reads one line from an HAProxy-style agent; its reply rides on the result (`agent`) and
+may carry no health verdict at all (`counts=False`: "drain" or "75%" alone).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import os
 import re
+import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -18,21 +27,28 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from pointsman.health.dialects import (
+    MAX_AGENT_LINE,
     MAX_REPLY_BYTES,
+    AgentReply,
     BadReply,
     build_http_request,
     expect_matches,
     host_header,
+    parse_agent_line,
     parse_http_status,
 )
 
 __all__ = ["PROBE_TYPES", "ProbeResult", "ProbeSpec", "ProbeType", "probe"]
 
-ProbeType = Literal["tcp", "send_expect", "http", "tls", "udp", "none"]
+ProbeType = Literal["tcp", "send_expect", "http", "tls", "udp", "exec", "agent", "none"]
 PROBE_TYPES: frozenset[str] = frozenset(get_args(ProbeType))
 
 # Read size per recv; replies are small, and MAX_REPLY_BYTES bounds the total.
 _READ_CHUNK = 4096
+
+# Output of an exec check kept for the status page (its first line is shown). A check that
+# prints more is not wrong; the rest is read and dropped so the command never blocks on a pipe.
+MAX_EXEC_OUTPUT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +65,8 @@ class ProbeSpec:
     http_expect_status: tuple[int, ...] = (200,)
     tls_server_name: str | None = None  # SNI; None: no SNI for an IP, else the host name
     tls_verify: bool = False  # False: the handshake must succeed, the chain is not checked
+    command: tuple[str, ...] = ()  # exec: argv
+    environment: tuple[tuple[str, str], ...] = ()  # exec: added to pointsman's environment
 
     def __post_init__(self) -> None:
         if self.type not in PROBE_TYPES:
@@ -57,6 +75,8 @@ class ProbeSpec:
             raise ValueError(f"health check timeout must be positive, got {self.timeout}")
         if self.type == "udp" and self.send is None:
             raise ValueError("a udp health check needs a payload to send")
+        if self.type == "exec" and not self.command:
+            raise ValueError("an exec health check needs a command")
         if self.type == "http":
             if not self.http_expect_status:
                 raise ValueError("http expect_status must list at least one status")
@@ -69,6 +89,8 @@ class ProbeResult:
     ok: bool
     latency: float  # seconds from start to verdict
     detail: str
+    agent: AgentReply | None = None  # an agent check's reply, applied by the pool
+    counts: bool = True  # False: no health verdict in it (rise/fall ignore it)
 
 
 _Outcome = tuple[bool, str]
@@ -82,9 +104,14 @@ async def probe(spec: ProbeSpec, host: str, port: int) -> ProbeResult:
     backend's state is left alone (a bug is never a verdict on the backend)."""
     # time.monotonic, not loop.time(): uvloop's clock has millisecond resolution.
     start = time.monotonic()
+    agent: AgentReply | None = None
     try:
         async with asyncio.timeout(spec.timeout):
-            ok, detail = await _RUNNERS[spec.type](spec, host, port)
+            if spec.type == "agent":
+                agent = await _agent(spec, host, port)
+                ok, detail = agent.state != "down", str(agent)
+            else:
+                ok, detail = await _RUNNERS[spec.type](spec, host, port)
     except TimeoutError:
         ok, detail = False, "timeout"
     except ConnectionRefusedError:
@@ -95,7 +122,8 @@ async def probe(spec: ProbeSpec, host: str, port: int) -> ProbeResult:
         ok, detail = False, f"bad reply: {exc}"
     except OSError as exc:
         ok, detail = False, _os_detail(spec, exc)
-    return ProbeResult(ok, time.monotonic() - start, detail)
+    counts = agent is None or agent.state is not None
+    return ProbeResult(ok, time.monotonic() - start, detail, agent, counts)
 
 
 def _os_detail(spec: ProbeSpec, exc: OSError) -> str:
@@ -206,6 +234,64 @@ async def _udp(spec: ProbeSpec, host: str, port: int) -> _Outcome:
     return False, "no match"
 
 
+async def _agent(spec: ProbeSpec, host: str, port: int) -> AgentReply:
+    """Connect, send `send` if any (HAProxy's agent-send), read one line (or up to the close)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        if spec.send:
+            writer.write(spec.send)
+            await writer.drain()
+        data = b""
+        while b"\n" not in data and len(data) <= MAX_AGENT_LINE:
+            chunk = await reader.read(_READ_CHUNK)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        writer.transport.abort()
+    line, newline, _ = data.partition(b"\n")
+    if not data:
+        raise BadReply("closed without reply")
+    if len(line) > MAX_AGENT_LINE or (not newline and len(data) > MAX_AGENT_LINE):
+        raise BadReply(f"agent reply longer than {MAX_AGENT_LINE} bytes")
+    return parse_agent_line(line)
+
+
+async def _exec(spec: ProbeSpec, host: str, port: int) -> _Outcome:
+    """Run the command; exit status 0 passes. The first output line is the detail."""
+    env = {**os.environ, **dict(spec.environment),
+           "POINTSMAN_CHECK_HOST": host, "POINTSMAN_CHECK_PORT": str(port)}
+    proc = await asyncio.create_subprocess_exec(
+        *spec.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+    output = bytearray()
+    try:
+        assert proc.stdout is not None
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_read_capped(proc.stdout, output))
+            status = await proc.wait()
+            _kill_group(proc.pid)  # helpers it left behind would keep the pipe (and run) on
+    finally:
+        if proc.returncode is None:  # timeout or cancellation: the whole group goes
+            _kill_group(proc.pid)
+            await proc.wait()
+    first = bytes(output).strip().split(b"\n", 1)[0].decode("utf-8", "replace")[:200]
+    detail = f"killed by signal {-status}" if status < 0 else f"exit {status}"
+    return status == 0, f"{detail}: {first}" if first else detail
+
+
+async def _read_capped(stream: asyncio.StreamReader, into: bytearray) -> None:
+    while chunk := await stream.read(_READ_CHUNK):
+        if len(into) < MAX_EXEC_OUTPUT:
+            into += chunk[: MAX_EXEC_OUTPUT - len(into)]
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the process group the check command leads (it was started in its own session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 _RUNNERS: dict[str, _Runner] = {
     "none": _none,
     "tcp": _tcp,
@@ -213,4 +299,5 @@ _RUNNERS: dict[str, _Runner] = {
     "http": _http,
     "tls": _tls,
     "udp": _udp,
+    "exec": _exec,
 }

@@ -11,9 +11,10 @@ Handshake: the control process sends `Start` first; the worker answers `Ready` (
 `StartFailed`). Both carry `IPC_VERSION`, and each side refuses a peer of another version (a
 worker left over from an upgrade must not run a newer control's messages).
 
-Control -> worker: Start, PoolEvent/WeightSet (the owner's decisions, in order), ApplyConfig,
-Stop. Worker -> control: Ready/StartFailed, Signal (passive connect outcomes), StatsReport (every
-second), ConfigApplied, Stopped.
+Control -> worker: Start, PoolEvent/WeightSet/AgentScaleSet (the owner's decisions, in order),
+ListenerAcl (an allow/deny list set through the admin API), ApplyConfig, Stop.
+Worker -> control: Ready/StartFailed, Signal (passive connect outcomes), StatsReport (every
+half second), ConfigApplied, Stopped.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import socket
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 from pointsman.config.model import Config
-from pointsman.pool.events import BackendEvent, PassiveSignal, PoolState, WeightChange
+from pointsman.pool.events import AgentScale, BackendEvent, PassiveSignal, PoolState, WeightChange
 from pointsman.telemetry.process import ProcessFigures
 from pointsman.telemetry.stats import BackendStats, ListenerStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
@@ -50,12 +51,23 @@ class IpcError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerAcl:
+    """A listener's allow or deny list set at run time (the admin API), for the workers that
+    serve it."""
+
+    listener: str
+    kind: Literal["allow", "deny"]
+    prefixes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Start:
     version: int
     index: int
     workers: int
     config: Config
     pools: tuple[PoolState, ...]  # the owner's decisions so far
+    acls: tuple[ListenerAcl, ...] = ()  # lists set at run time so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +78,11 @@ class PoolEvent:
 @dataclass(frozen=True, slots=True)
 class WeightSet:
     change: WeightChange
+
+
+@dataclass(frozen=True, slots=True)
+class AgentScaleSet:
+    change: AgentScale
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +146,11 @@ class Stopped:
     index: int
 
 
-ToWorker = Start | PoolEvent | WeightSet | ApplyConfig | Stop
+ToWorker = Start | PoolEvent | WeightSet | AgentScaleSet | ListenerAcl | ApplyConfig | Stop
 ToControl = Ready | StartFailed | Signal | StatsReport | ConfigApplied | Stopped
 Message = ToWorker | ToControl
-MESSAGES: tuple[type, ...] = (Start, PoolEvent, WeightSet, ApplyConfig, Stop, Ready, StartFailed,
-                              Signal, StatsReport, ConfigApplied, Stopped)
+MESSAGES: tuple[type, ...] = (Start, PoolEvent, WeightSet, AgentScaleSet, ListenerAcl, ApplyConfig,
+                              Stop, Ready, StartFailed, Signal, StatsReport, ConfigApplied, Stopped)
 
 # --- codec ----------------------------------------------------------------------------------------
 

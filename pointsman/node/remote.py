@@ -9,11 +9,13 @@ accepts while at least one live worker does.
 from __future__ import annotations
 
 import socket
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 from pointsman.config.model import ListenerConfig
-from pointsman.node.ipc import ListenerStatistics, StatsReport
+from pointsman.node.ipc import ListenerAcl, ListenerStatistics, Message, StatsReport
 from pointsman.pool.pool import Pool
+from pointsman.protect.acl import AclLists
 from pointsman.telemetry.aggregate import add, counters_of, total
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.process import ProcessFigures
@@ -21,6 +23,7 @@ from pointsman.telemetry.stats import BackendStats, ListenerStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
 
 T = TypeVar("T")
+KINDS: tuple[Literal["allow", "deny"], ...] = ("allow", "deny")
 
 
 class WorkerReports:
@@ -79,13 +82,31 @@ def _fold(retired: T | None, stats: T) -> T:
 
 
 class RemoteListener:
-    """A TCP or UDP listener served by the workers (see the module docstring)."""
+    """A TCP or UDP listener served by the workers (see the module docstring). Its allow/deny
+    lists are kept here too: a list set through the admin API is sent to every worker, and to
+    every worker that starts later (`runtime_acls`)."""
 
-    def __init__(self, config: ListenerConfig, pool: Pool, reports: WorkerReports) -> None:
+    def __init__(self, config: ListenerConfig, pool: Pool, reports: WorkerReports,
+                 send: Callable[[Message], None]) -> None:
         self.config = config
         self.pool = pool
         self._reports = reports
+        self._send = send
         self._stopped = False
+        self.acl_lists = AclLists.from_file(config.allow, config.deny, config.acl_on)
+
+    def set_acl(self, lists: AclLists) -> None:
+        old, self.acl_lists = self.acl_lists, lists
+        for kind in KINDS:
+            if lists.get(kind) != old.get(kind):
+                self._send(ListenerAcl(self.name, kind, lists.get(kind)))
+
+    def runtime_acls(self) -> list[ListenerAcl]:
+        """The lists set at run time, unlike the file's: what a starting worker must be told."""
+        lists = self.acl_lists
+        file = {"allow": lists.file_allow, "deny": lists.file_deny}
+        return [ListenerAcl(self.name, kind, lists.get(kind)) for kind in KINDS
+                if lists.get(kind) != file[kind]]
 
     @property
     def name(self) -> str:
@@ -99,8 +120,11 @@ class RemoteListener:
         """The workers bind; nothing to do here."""
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
+        """As a local listener does: a list the file changed takes the file's value, which the
+        workers take from the config they apply."""
         self.config = config
         self.pool = pool
+        self.acl_lists = AclLists.from_file(config.allow, config.deny, config.acl_on, self.acl_lists)
 
     def stop_accepting(self) -> None:
         self._stopped = True

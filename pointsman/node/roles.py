@@ -22,10 +22,17 @@ from pointsman.config.model import Config, ListenerConfig, PoolConfig
 from pointsman.dataplane import DataPlane
 from pointsman.kernel.listener import KernelListener
 from pointsman.node import steering
-from pointsman.node.ipc import Channel, PoolEvent, Signal, WeightSet
+from pointsman.node.ipc import AgentScaleSet, Channel, PoolEvent, Signal, WeightSet
 from pointsman.node.remote import RemoteListener, WorkerReports
 from pointsman.node.view import RoleName, WorkerStatus
-from pointsman.pool.events import BackendEvent, PassiveSignal, PoolMessage, PoolState, WeightChange
+from pointsman.pool.events import (
+    AgentScale,
+    BackendEvent,
+    PassiveSignal,
+    PoolMessage,
+    PoolState,
+    WeightChange,
+)
 from pointsman.pool.pool import Pool
 from pointsman.proxy.listener import TcpListener
 from pointsman.proxy.sockets import listen_socket
@@ -52,7 +59,8 @@ def local_listener(node: Node, config: ListenerConfig, pool: Pool) -> DataPlane:
         if not isinstance(udp_stats, UdpListenerStats):
             udp_stats = node.listener_stats[config.name] = UdpListenerStats(config.udp.max_sessions)
         return UdpListener(config, pool, node.loop, stats=udp_stats,
-                           session_sink=flow_log.udp if flow_log is not None else None)
+                           session_sink=flow_log.udp if flow_log is not None else None,
+                           pools=node.pools)
     tcp_stats = node.listener_stats.get(config.name)
     if not isinstance(tcp_stats, ListenerStats):
         tcp_stats = node.listener_stats[config.name] = ListenerStats(config.max_connections)
@@ -142,6 +150,8 @@ class ControlRole(SingleRole):
             self.worker_processes.broadcast(PoolEvent(message))
         elif isinstance(message, WeightChange):
             self.worker_processes.broadcast(WeightSet(message))
+        elif isinstance(message, AgentScale):
+            self.worker_processes.broadcast(AgentScaleSet(message))
 
     def bind(self, config: ListenerConfig, node_config: Config) -> socket.socket | None:
         """The workers bind; here only check that they can (a reload that cannot bind is refused
@@ -153,7 +163,7 @@ class ControlRole(SingleRole):
     def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
         if config.dataplane == "kernel":  # nftables is programmed once, here
             return KernelListener(config, pool, node.loop)
-        return RemoteListener(config, pool, self.reports)
+        return RemoteListener(config, pool, self.reports, self.worker_processes.broadcast)
 
     async def start(self, node: Node) -> None:
         await self.worker_processes.start(node)

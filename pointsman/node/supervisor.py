@@ -42,7 +42,7 @@ from pointsman.node.ipc import (
     check_version,
 )
 from pointsman.node.ipc import Start as StartMessage
-from pointsman.node.remote import WorkerReports
+from pointsman.node.remote import RemoteListener, WorkerReports
 from pointsman.node.view import WorkerStatus
 from pointsman.pool.events import PassiveSignal
 
@@ -199,9 +199,11 @@ class WorkerProcesses:
         channel = await Channel.open(ours)
         assert self._node is not None and self._config is not None
         pools = tuple(pool.decisions() for pool in self._node.pools.values())
+        acls = tuple(acl for listener in self._node.listeners.values()
+                     if isinstance(listener, RemoteListener) for acl in listener.runtime_acls())
         # No await between reading the decisions and joining the broadcast: the worker gets
         # every later decision, and none twice.
-        channel.send(StartMessage(IPC_VERSION, slot.index, self.count, self._config, pools))
+        channel.send(StartMessage(IPC_VERSION, slot.index, self.count, self._config, pools, acls))
         slot.channel = channel
         return channel
 

@@ -22,10 +22,12 @@ import time
 from pointsman.loop import run as run_loop
 from pointsman.node.ipc import (
     IPC_VERSION,
+    AgentScaleSet,
     ApplyConfig,
     Channel,
     ConfigApplied,
     IpcError,
+    ListenerAcl,
     Message,
     PoolEvent,
     Ready,
@@ -39,6 +41,8 @@ from pointsman.node.ipc import (
 )
 from pointsman.node.roles import WorkerRole, share_of
 from pointsman.node.runtime import Node
+from pointsman.proxy.listener import TcpListener
+from pointsman.proxy.udp import UdpListener
 
 log = logging.getLogger("pointsman.worker")
 
@@ -57,6 +61,13 @@ def report(node: Node, role: WorkerRole) -> StatsReport:
         ages=role.connection_ages(node),
         at=time.monotonic(),
     )
+
+
+def apply_acl(node: Node, acl: ListenerAcl) -> None:
+    """A list the control process's admin API set, on this worker's listener of that name."""
+    listener = node.listeners.get(acl.listener)
+    if isinstance(listener, TcpListener | UdpListener):
+        listener.set_acl(listener.acl_lists.replaced(acl.kind, acl.prefixes))
 
 
 class WorkerLoop:
@@ -84,6 +95,8 @@ class WorkerLoop:
             await self.channel.drain()
             await node.shutdown(0.0)
             return 1
+        for acl in start.acls:
+            apply_acl(node, acl)
         self.channel.send(Ready(IPC_VERSION, start.index, os.getpid()))
         self._send_stats()
         self.loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -125,6 +138,12 @@ class WorkerLoop:
             change = message.change
             if (pool := node.pools.get(change.pool)) is not None:
                 pool.set_weight(change.backend, change.weight)
+        elif isinstance(message, AgentScaleSet):
+            scale = message.change
+            if (pool := node.pools.get(scale.pool)) is not None:
+                pool.set_agent_scale(scale.backend, scale.scale)
+        elif isinstance(message, ListenerAcl):
+            apply_acl(node, message)
         elif isinstance(message, ApplyConfig):
             try:
                 errors = await node.apply(share_of(message.config, role.count))

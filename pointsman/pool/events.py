@@ -31,6 +31,15 @@ class WeightChange:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentScale:
+    """An agent check's weight percentage, as a factor on the operator's weight."""
+
+    pool: str
+    backend: str
+    scale: float
+
+
+@dataclass(frozen=True, slots=True)
 class PassiveSignal:
     """A connect outcome seen by a mirror's data plane: `ok` False is a failure, True the first
     success after failures (successes are not sent one by one)."""
@@ -57,5 +66,5 @@ class PoolState:
     backends: tuple[BackendDecisions, ...]
 
 
-PoolMessage = BackendEvent | WeightChange | PassiveSignal
+PoolMessage = BackendEvent | WeightChange | AgentScale | PassiveSignal
 PoolSink = Callable[[PoolMessage], None]

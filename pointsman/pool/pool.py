@@ -3,6 +3,10 @@
 Health checks, the data plane's passive signals and operator calls all come here as events; the
 pool applies them to each backend's state machine and publishes a new immutable `PoolSnapshot`
 whenever what the data plane must see changes. Nothing else mutates backend state.
+
+Which backends serve (primaries, backups, panic) is decided by `serving.serving` at publication;
+an agent check's reply (`record_check`) moves a backend like the operator calls do and scales its
+weight. `route` is the data plane's one question about fallback pools.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pointsman.balance import build_picker
@@ -18,9 +22,11 @@ from pointsman.balance.affinity import AffinityTable
 from pointsman.balance.base import Candidate, Picker
 from pointsman.balance.slow_start import effective_weight
 from pointsman.config.model import BackendConfig, PoolConfig
+from pointsman.health.dialects import AgentReply
 from pointsman.health.ejection import PassiveEjector
 from pointsman.health.probes import ProbeResult
 from pointsman.pool.events import (
+    AgentScale,
     BackendDecisions,
     BackendEvent,
     PassiveSignal,
@@ -28,6 +34,7 @@ from pointsman.pool.events import (
     PoolState,
     WeightChange,
 )
+from pointsman.pool.serving import serving
 from pointsman.pool.snapshot import BackendView, PoolSnapshot
 from pointsman.pool.state import (
     BackendState,
@@ -47,6 +54,9 @@ _DYNAMIC = frozenset({"round_robin", "weighted_round_robin", "least_connections"
 
 TransitionListener = Callable[[str, str, Transition], None]
 
+# What an agent's administrative word asks of the state machine: the operator's events.
+_AGENT_EVENTS = {"drain": Event.DRAIN, "maint": Event.MAINTENANCE, "ready": Event.ENABLE}
+
 
 @dataclass(slots=True)
 class Member:
@@ -62,6 +72,11 @@ class Member:
     checks: int = 0
     check_failures: int = 0
     failing: bool = False  # mirror: a failure was forwarded and no success since
+    agent_scale: float = 1.0  # an agent's weight percentage, as a factor of `weight`
+    # The agent's last administrative word. It starts as "ready" so that only a change the agent
+    # makes (to drain or maint, and back) moves the backend: an agent steadily answering "ready"
+    # never undoes an operator's drain.
+    agent_admin: str = "ready"
 
     @property
     def id(self) -> str:
@@ -97,6 +112,7 @@ class Pool:
         self._picker_cache: Picker | None = None
         self.affinity: AffinityTable | None = None
         self.check_duration = Histogram()  # probe latencies, for /metrics (health_check_duration)
+        self.fallbacks = 0  # new connections this pool handed to its fallback_pool (`route`)
         self.snapshot: PoolSnapshot
         self.reconfigure(config)
 
@@ -118,9 +134,12 @@ class Pool:
             members[backend.id] = member
         self._members = members
         checked = config.health_check is not None and config.health_check.type != "none"
+        agent = config.health_check is not None and config.health_check.type == "agent"
         for member in members.values():
             if not checked and not member.machine.health_ok and not self.mirror:
                 self._apply(member, Event.HEALTH_UP, "health check removed")
+            if not agent:  # the agent is gone: its weight goes; a state it set stays (as an operator's)
+                member.agent_scale, member.agent_admin = 1.0, "ready"
         if config.affinity is None:
             self.affinity = None
         elif self.affinity is None or self.affinity.max_entries != config.affinity.max_entries:
@@ -244,12 +263,54 @@ class Pool:
         self._apply(member, event, f"health check {'passed' if healthy else 'failed'}: {detail}")
 
     def record_check(self, backend_id: str, result: ProbeResult) -> None:
-        """Keep the last probe result for the status page and metrics."""
+        """Keep the last probe result for the status page and metrics; apply an agent's reply."""
         if (member := self._members.get(backend_id)) is not None:
             member.last_check = result
             self.check_duration.observe(result.latency)
             member.checks += 1
             member.check_failures += not result.ok
+            if result.agent is not None and not self.mirror:
+                self._apply_agent(member, result.agent)
+
+    def _apply_agent(self, member: Member, reply: AgentReply) -> None:
+        """HAProxy agent semantics: a percentage scales the configured weight; drain, maint and
+        ready move the backend as the operator calls do, when the agent changes its word. Up and
+        down are the checker's business (rise/fall)."""
+        if reply.percent is not None:
+            self.set_agent_scale(member.id, reply.percent / 100.0)
+        if reply.admin is not None and reply.admin != member.agent_admin:
+            member.agent_admin = reply.admin
+            self._apply(member, _AGENT_EVENTS[reply.admin], f"agent: {reply.admin}")
+
+    def set_agent_scale(self, backend_id: str, scale: float) -> None:
+        """Scale a backend's weight (an agent's percentage; a mirror receives the owner's)."""
+        member = self._members.get(backend_id)
+        if member is None or member.agent_scale == scale:
+            return
+        member.agent_scale = scale
+        log.log(logging.DEBUG if self.mirror else logging.INFO,
+                "backend %s/%s: agent weight -> %g%%", self.name, backend_id, scale * 100)
+        self._publish(self._clock())
+        if self.sink is not None and not self.mirror:
+            self.sink(AgentScale(self.name, backend_id, scale))
+
+    def route(self, pools: Mapping[str, Pool]) -> Pool | None:
+        """The pool a new connection goes to: this one while it has a backend to offer, else the
+        first pool down its `fallback_pool` chain that has one (counted here in `fallbacks`), else
+        None (refuse). The data plane asks this once per new connection or UDP session."""
+        if self.snapshot.available:
+            return self
+        pool = self
+        for _ in range(len(pools)):  # the loader refuses cycles; the bound guards a bug
+            name = pool.config.fallback_pool
+            nxt = pools.get(name) if name is not None else None
+            if nxt is None or nxt is self:
+                return None
+            if nxt.snapshot.available:
+                self.fallbacks += 1
+                return nxt
+            pool = nxt
+        return None
 
     def report_connect_failure(self, backend_id: str) -> None:
         """Passive signal from the data plane: a connect to this backend failed."""
@@ -318,19 +379,32 @@ class Pool:
 
     # --- publication -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _base_weight(member: Member) -> float:
+        """The weight in service: the operator's (or configured) weight times the agent's scale."""
+        return member.weight * member.agent_scale
+
     def _weight_now(self, member: Member, now: float) -> float:
-        if member.machine.state is not BackendState.UP or member.weight == 0:
+        base = self._base_weight(member)
+        if member.machine.state is not BackendState.UP or base == 0:
             return 0.0
         if self.config.algorithm not in _DYNAMIC or self.config.slow_start <= 0:
-            return float(member.weight)
-        return effective_weight(member.weight, member.available_since, now, self.config.slow_start)
+            return base
+        return effective_weight(base, member.available_since, now, self.config.slow_start)
 
     def _publish(self, now: float) -> None:
         members = list(self._members.values())
-        weights = [self._weight_now(m, now) for m in members]
+        plan = serving(
+            [m.machine.state for m in members],
+            [self._weight_now(m, now) for m in members],
+            [self._base_weight(m) for m in members],
+            [m.config.backup for m in members],
+            self.config.panic_threshold,
+        )
+        weights = plan.weights
         candidates = [Candidate(m.id, w) for m, w in zip(members, weights, strict=True)]
         stats = tuple(m.stats for m in members)
-        picker = self._picker(candidates, stats)
+        picker = self._picker(candidates, stats, list(plan.home))
         self._version += 1
         self.snapshot = PoolSnapshot(
             name=self.name,
@@ -338,7 +412,7 @@ class Pool:
             config=self.config,
             backends=tuple(
                 BackendView(m.id, m.config.address.host, m.config.address.port, m.weight, w,
-                            m.machine.state)
+                            m.machine.state, m.config.backup)
                 for m, w in zip(members, weights, strict=True)
             ),
             stats=stats,
@@ -347,13 +421,15 @@ class Pool:
             needs_key=self.affinity is not None
             or self.config.algorithm in ("source_hash", "maglev"),
             available=sum(1 for w in weights if w > 0),
+            mode=plan.mode,
         )
         for callback in list(self._watchers):
             callback(self.snapshot)
 
-    def _picker(self, candidates: list[Candidate], stats: tuple[BackendStats, ...]) -> Picker:
-        """Build the picker; the Maglev table is rebuilt only when the backend set or weights change."""
-        homes = [float(m.weight) for m in self._members.values()]
+    def _picker(self, candidates: list[Candidate], stats: tuple[BackendStats, ...],
+                homes: list[float]) -> Picker:
+        """Build the picker; the Maglev table is rebuilt only when the backend set or weights change.
+        `homes`: each backend's weight in service (backups: 0, they are nobody's home)."""
         if self.config.algorithm == "maglev":
             key = tuple((c.id, c.weight, h) for c, h in zip(candidates, homes, strict=True))
             if key == self._maglev_key and self._picker_cache is not None:

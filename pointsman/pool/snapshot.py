@@ -22,8 +22,9 @@ class BackendView:
     host: str
     port: int
     weight: int
-    effective_weight: float
+    effective_weight: float  # 0: not picked now (down, an idle backup, weight 0, ...)
     state: BackendState
+    backup: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,3 +38,10 @@ class PoolSnapshot:
     affinity: AffinityTable | None
     needs_key: bool  # hash policy or affinity: the data plane must compute the client key
     available: int  # backends taking new connections (read on every accept: computed once)
+    # Who serves: "primary", "backup" (no primary available), "panic" (below panic_threshold:
+    # health ignored), "none". See pointsman.pool.serving.
+    mode: str = "primary"
+
+    @property
+    def panic(self) -> bool:
+        return self.mode == "panic"

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from pointsman.balance.hashing import client_ip
 from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import Pool
+from pointsman.protect.acl import AclLists
 from pointsman.protect.limits import Admission, Limits
 from pointsman.protect.shedding import Shedder
 from pointsman.proxy.preamble import Preamble, Route
@@ -88,6 +89,8 @@ class TcpListener:
                             for r in config.tls_routes)
         self.inspect_timeout = max(pp.timeout if pp.accept != "off" else 0.0,
                                    config.inspect_timeout if self.routes else 0.0)
+        self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on,
+                                        getattr(self, "acl_lists", None)))
         limits = config.limits
         settings = Limits(limits.max_connections_per_source, limits.new_connections_per_second,
                           limits.new_connections_per_second_per_source, limits.source_prefix_v4,
@@ -110,8 +113,31 @@ class TcpListener:
             return RejectReason(shed)
         return None
 
+    # --- allow/deny lists (issue 15) ------------------------------------------------------------
+
+    def set_acl(self, lists: AclLists) -> None:
+        """Put lists in force (config load, reload, admin API); new connections see them."""
+        self.acl_lists = lists
+        self.acl = lists.compile()
+
+    def screen(self, conn: ClientConnection, transport: asyncio.BaseTransport) -> RejectReason | None:
+        """At accept, before anything is read: the lists on the TCP peer (acl_on: peer). A denied
+        connection keeps its peer address for the flow log."""
+        acl = self.acl
+        if acl is None or acl.on != "peer":
+            return None
+        peer = transport.get_extra_info("peername")
+        if not peer or not acl.refuses(peer[0]):
+            return None
+        conn.peer = (peer[0], peer[1])
+        return RejectReason.DENIED
+
     def admit_source(self, ip: str) -> tuple[RejectReason | None, bytes | None]:
-        """Rate limits and per-source caps, on the client address (after any PROXY header)."""
+        """Rate limits and per-source caps, on the client address (after any PROXY header); with
+        acl_on: proxy_header the allow/deny lists too, on that same address."""
+        acl = self.acl
+        if acl is not None and acl.on == "proxy_header" and acl.refuses(ip):
+            return RejectReason.DENIED, None
         if self.admission is None:
             return None, None
         reason, key = self.admission.admit(ip, self.loop.time())

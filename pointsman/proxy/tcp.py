@@ -157,6 +157,8 @@ class ClientConnection(asyncio.Protocol):
         self.started = time.perf_counter()
         listener = self.listener
         reject = listener.admit()
+        if reject is None and listener.acl is not None:  # allow/deny lists on the peer (issue 15)
+            reject = listener.screen(self, transport)
         if reject is not None:
             listener.stats.rejected[reject] += 1
             self.reason = EndReason.REJECTED
@@ -190,9 +192,11 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(reason)
             return
         self.source_key = key
-        if self.pool.snapshot.available == 0:
+        pool = self.pool.route(listener.pools)  # this pool, or its fallback_pool (issue 15)
+        if pool is None:
             self._refuse(RejectReason.NO_BACKEND)
             return
+        self.pool = pool
         self.admitted = True
         listener.stats.accepted += 1
         self.connect_task = self.loop.create_task(self._connect())

@@ -21,12 +21,13 @@ import asyncio
 import logging
 import socket
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from pointsman.balance.hashing import source_key
 from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import Pool
+from pointsman.protect.acl import AclLists
 from pointsman.protocols.proxy_protocol import Transport
 from pointsman.proxy.sockets import family_of, listen_socket
 from pointsman.proxy.upstream import outgoing_header
@@ -68,6 +69,7 @@ class UdpSession:
         "key",
         "last_activity",
         "listener",
+        "pool",
         "prefix",
         "reason",
         "sock",
@@ -77,6 +79,7 @@ class UdpSession:
 
     def __init__(self, listener: UdpListener, key: SessionKey, client: ClientAddr) -> None:
         self.listener = listener
+        self.pool = listener.pool  # the pool its backend is in (the listener's, or a fallback)
         self.key = key
         self.client = client
         self.sock: socket.socket | None = None
@@ -165,7 +168,7 @@ class UdpSession:
                 break
             if not self.answered:
                 self.answered = True
-                listener.pool.report_connect_success(self.backend_id)
+                self.pool.report_connect_success(self.backend_id)
             try:
                 out.sendto(data, client)
             except OSError:
@@ -196,10 +199,12 @@ class UdpListener:
         loop: asyncio.AbstractEventLoop,
         stats: UdpListenerStats | None = None,
         session_sink: SessionSink | None = None,
+        pools: Mapping[str, Pool] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.pool = pool
+        self.pools: Mapping[str, Pool] = pools if pools is not None else {pool.name: pool}
         self.loop = loop
         self.stats = stats or UdpListenerStats(config.udp.max_sessions)
         self.stats.capacity = config.udp.max_sessions
@@ -210,6 +215,7 @@ class UdpListener:
         self.accepting = False
         self._bound = False
         self.local: tuple[str, int] = ("", 0)  # our bound address: the PROXY destination
+        self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on))
 
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         self.sock = sock or listen_socket(self.config.bind, socket.SOCK_DGRAM, reuse_port=reuse_port)
@@ -228,6 +234,7 @@ class UdpListener:
         self.config = config
         self.stats.capacity = config.udp.max_sessions
         self.pool = pool
+        self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on, self.acl_lists))
 
     # --- client datagrams ------------------------------------------------------------------------
 
@@ -245,8 +252,13 @@ class UdpListener:
 
     def datagram(self, data: bytes, client: ClientAddr) -> None:
         stats = self.stats
-        snapshot = self.pool.snapshot
+        # issue 15: allow/deny lists on a new client; fallback_pool while this pool is empty.
+        if self.acl is not None and client not in self.sessions and self.acl.refuses(client[0]):
+            stats.drops[DropReason.DENIED] += 1
+            return
         per_packet = self.config.udp.per_packet
+        pool = self._route(None if per_packet else self.sessions.get(client))
+        snapshot = pool.snapshot
         index = -1
         if per_packet:
             picked = self._pick(snapshot, client)
@@ -263,7 +275,9 @@ class UdpListener:
                 stats.drops[DropReason.TABLE_FULL] += 1
                 return
             session = UdpSession(self, key, client)
-        elif session.version != snapshot.version and not self._still_available(session):
+            session.pool = pool
+        elif (session.version != snapshot.version or session.pool is not pool) and \
+                not self._still_available(session, pool):
             session.detach()
         if session.sock is None and not self._connect(session, snapshot, index):
             if session.key not in self.sessions:
@@ -291,9 +305,13 @@ class UdpListener:
                 return picked
         return snapshot.picker.pick(key)
 
-    def _still_available(self, session: UdpSession) -> bool:
-        """After a snapshot change: is the session's backend still in service?"""
-        snapshot = self.pool.snapshot
+    def _still_available(self, session: UdpSession, pool: Pool) -> bool:
+        """After a snapshot change: is the session's backend still in service? A session that
+        changes pools (a fallback, a reload) always picks afresh in its new pool."""
+        if session.pool is not pool:
+            session.pool = pool
+            return False
+        snapshot = pool.snapshot
         for i, backend in enumerate(snapshot.backends):
             if backend.id == session.backend_id:
                 if backend.effective_weight > 0:
@@ -318,7 +336,7 @@ class UdpListener:
                            snapshot.version, prefix)
         except OSError as exc:
             log.debug("udp connect to %s failed: %r", backend.id, exc)
-            self.pool.report_connect_failure(backend.id)
+            session.pool.report_connect_failure(backend.id)
             self.stats.drops[DropReason.SEND_FAILED] += 1
             return False
         session.avoid = ""
@@ -332,11 +350,11 @@ class UdpListener:
         backend available it ends, and the next datagram starts afresh."""
         self.stats.drops[DropReason.BACKEND_REFUSED] += 1
         refused = session.backend_id
-        self.pool.report_connect_failure(refused)
+        session.pool.report_connect_failure(refused)
         session.detach()
         if session.key not in self.sessions:
             return
-        if any(b.effective_weight > 0 and b.id != refused for b in self.pool.snapshot.backends):
+        if any(b.effective_weight > 0 and b.id != refused for b in session.pool.snapshot.backends):
             session.avoid = refused
         else:
             self.end_session(session, UdpEndReason.BACKEND_REFUSED)
@@ -365,6 +383,27 @@ class UdpListener:
                 break
             self.end_session(session, UdpEndReason.IDLE_TIMEOUT)
         self._arm_sweep()
+
+    # --- fallback pools and allow/deny lists (issue 15) --------------------------------------------
+
+    def _route(self, session: UdpSession | None) -> Pool:
+        """The pool a datagram goes to. A session in a fallback pool stays there while the
+        listener's pool has nothing to offer; otherwise the listener's pool decides (itself, or
+        its fallback_pool, counted once per session that moves there)."""
+        primary = self.pool
+        if session is not None and session.pool is not primary and not primary.snapshot.available:
+            return session.pool
+        return primary.route(self.pools) or primary
+
+    def set_acl(self, lists: AclLists) -> None:
+        """Put lists in force (config load, reload, admin API). A session is a flow we keep open
+        on the client's behalf, so sessions of a source the new lists refuse end now."""
+        self.acl_lists = lists
+        self.acl = acl = lists.compile()
+        if acl is None:
+            return
+        for session in [s for s in self.sessions.values() if acl.refuses(s.client[0])]:
+            self.end_session(session, UdpEndReason.DENIED)
 
     # --- shutdown --------------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ class RejectReason(enum.StrEnum):
     PROXY_HEADER_UNTRUSTED = "proxy_header_untrusted"
     BAD_CLIENT_HELLO = "bad_client_hello"
     INSPECT_TIMEOUT = "inspect_timeout"  # no complete PROXY header / ClientHello in time
+    DENIED = "denied"  # the listener's allow/deny lists refuse the source
 
 
 class DropReason(enum.StrEnum):
@@ -43,6 +44,7 @@ class DropReason(enum.StrEnum):
     NO_BACKEND = "no_backend"
     SEND_FAILED = "send_failed"
     BACKEND_REFUSED = "backend_refused"
+    DENIED = "denied"  # the listener's allow/deny lists refuse the source
 
 
 class UdpEndReason(enum.StrEnum):
@@ -53,3 +55,4 @@ class UdpEndReason(enum.StrEnum):
     BACKEND_UNAVAILABLE = "backend_unavailable"
     BACKEND_REFUSED = "backend_refused"
     SHUTDOWN = "shutdown"
+    DENIED = "denied"  # its source was denied (allow/deny lists changed) while it was open

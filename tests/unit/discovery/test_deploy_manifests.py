@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from pointsman.config.loader import load_text
+from pointsman.config.loader import ConfigError, load_text
 from pointsman.config.node import load_node_text
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "kubernetes"
@@ -34,7 +35,8 @@ def test_the_manifests_hold_what_the_docs_say() -> None:
     assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
-def test_the_configs_in_the_configmap_are_valid() -> None:
+def test_the_configs_in_the_configmap_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODE_NAME", "node-7")
     data = documents()["ConfigMap/pointsman-config"]["data"]
     config = load_text(data["pointsman.yaml"], "configmap:pointsman.yaml")
     discovery = config.pool("web").discovery
@@ -43,4 +45,16 @@ def test_the_configs_in_the_configmap_are_valid() -> None:
     grace = documents()["DaemonSet/pointsman"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert config.shutdown_grace < grace
     node = load_node_text(data["node.yaml"], "configmap:node.yaml")
-    assert node.name == "NODE_NAME" and len(node.etcd.endpoints) == 3
+    assert node.name == "node-7" and len(node.etcd.endpoints) == 3
+
+
+def test_the_node_name_comes_from_the_pod_environment_without_sed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (DEPLOY / "daemonset.yaml").read_text()
+    assert "sed " not in text and "sh -c" not in text and '"sh"' not in text
+    env = documents()["DaemonSet/pointsman"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in env
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    data = documents()["ConfigMap/pointsman-config"]["data"]
+    with pytest.raises(ConfigError, match="NODE_NAME is not set"):
+        load_node_text(data["node.yaml"], "configmap:node.yaml")

@@ -8,7 +8,7 @@ from pointsman.health.probes import PROBE_TYPES, ProbeSpec, probe
 
 
 def test_probe_types() -> None:
-    assert {"tcp", "send_expect", "http", "tls", "udp", "none"} == PROBE_TYPES
+    assert {"tcp", "send_expect", "http", "tls", "udp", "exec", "agent", "none"} == PROBE_TYPES
 
 
 @pytest.mark.parametrize(
