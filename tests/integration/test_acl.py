@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,17 +86,21 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def node(tmp_path: Path, backend: NamedBackend, **listener: Any) -> AsyncIterator[Node]:
-    """pointsman in this loop, loaded from a file (reload re-reads it), admin with a token."""
+async def node(tmp_path: Path, backend: NamedBackend, workers: int = 1,
+               **listener: Any) -> AsyncIterator[Node]:
+    """pointsman in this loop, loaded from a file (reload re-reads it), admin with a token; with
+    `workers` > 1 a control process here and worker processes."""
     (tmp_path / "token").write_text(TOKEN)
     listen = f"{LOOPBACK}:{free_port()}"
     admin = f"{LOOPBACK}:{free_port()}"
     path = tmp_path / "pointsman.yaml"
     path.write_text(config(listen, backend, admin, **listener).replace(
         "token_file: token", f"token_file: {tmp_path / 'token'}"))
-    runtime = build_node(load_file(path), config_path=path, announce=lambda line: None, workers=1)
+    runtime = build_node(load_file(path), config_path=path, announce=lambda line: None,
+                         workers=workers)
     await runtime.start()
     try:
+        await wait_for(lambda: all(lst.accepting for lst in runtime.listeners.values()), 10.0)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             yield Node(runtime, path, listen, f"http://{admin}", http)
     finally:
@@ -165,14 +171,22 @@ async def test_proxy_header_address_is_judged_when_asked(tmp_path: Path) -> None
         assert not await refused(n.listen, send=header)
 
 
-async def test_reload_and_the_admin_api(tmp_path: Path) -> None:
-    async with named_backends("a") as (a,), node(tmp_path, a, deny=["127.0.0.2"]) as n:
+async def becomes_refused(address: str, source: str) -> None:
+    """With workers, a list set through the API reaches them a moment after the API answered."""
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while not await refused(address, source):
+        assert asyncio.get_running_loop().time() < deadline, f"{source} still served"
+
+
+async def test_reload_and_the_admin_api(tmp_path: Path, workers: int) -> None:
+    async with named_backends("a") as (a,), node(tmp_path, a, workers,
+                                                   deny=["127.0.0.2"]) as n:
         assert await n.call("GET", "/api/v1/listeners/lb/deny") == (200, ["127.0.0.2/32"])
         assert await n.call("PUT", "/api/v1/listeners/lb/deny", ["127.0.0.2", "127.0.0.3/32"],
                             headers={}) == (401, {"error": "a bearer token is required"})
         assert await n.call("PUT", "/api/v1/listeners/lb/deny",
                             ["127.0.0.2", "127.0.0.3/32"]) == (200, ["127.0.0.2/32", "127.0.0.3/32"])
-        assert await refused(n.listen, "127.0.0.3")
+        await becomes_refused(n.listen, "127.0.0.3")
         code, body = await n.call("PUT", "/api/v1/listeners/lb/deny", ["127.0.0.300"])
         assert code == 400 and "127.0.0.300" in body["error"]
         assert (await n.call("PUT", "/api/v1/listeners/lb/deny", {"deny": []}))[0] == 400
@@ -190,9 +204,32 @@ async def test_reload_and_the_admin_api(tmp_path: Path) -> None:
         # The allow list has the same two routes; an empty one means no allow list.
         assert await n.call("PUT", "/api/v1/listeners/lb/allow", ["127.0.0.1"]) == (
             200, ["127.0.0.1/32"])
-        assert await refused(n.listen, "127.0.0.5")
+        await becomes_refused(n.listen, "127.0.0.5")
         assert await n.call("PUT", "/api/v1/listeners/lb/allow", []) == (200, [])
-        assert await ask_name(n.listen, "127.0.0.5") == "a"
+        await wait_for_served(n.listen, "127.0.0.5")
+
+
+async def wait_for_served(address: str, source: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while await refused(address, source):
+        assert asyncio.get_running_loop().time() < deadline, f"{source} still refused"
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_restarted_worker_keeps_the_lists_set_through_the_api(tmp_path: Path) -> None:
+    async with named_backends("a") as (a,), node(tmp_path, a, 2) as n:
+        assert (await n.call("PUT", "/api/v1/listeners/lb/deny", ["127.0.0.3"]))[0] == 200
+        await becomes_refused(n.listen, "127.0.0.3")
+        for worker in n.runtime.workers():
+            assert worker.pid is not None
+            os.kill(worker.pid, signal.SIGKILL)
+        await wait_for(lambda: all(w.restarts == 1 and w.state == "running"
+                                   for w in n.runtime.workers())
+                       and all(lst.accepting for lst in n.runtime.listeners.values()), 15.0,
+                       what="both workers restarted")
+        for _ in range(20):  # every connection lands on a restarted worker
+            assert await refused(n.listen, "127.0.0.3")
+        assert await ask_name(n.listen, "127.0.0.4") == "a"
 
 
 async def test_cli_deny(tmp_path: Path) -> None:
