@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from pointsman.balance.maglev import is_prime
 from pointsman.config.addresses import resolve
 from pointsman.config.model import Config
+from pointsman.config.suggest import did_you_mean
 from pointsman.discovery.rules import discovery_problems
 
 Loc = tuple[str | int, ...]
@@ -152,7 +153,7 @@ def _pydantic_issues(exc: ValidationError, lines: dict[Loc, int], source: str) -
 def _message(err: Any) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
-        return "unknown key"
+        return "unknown key" + did_you_mean(err["loc"])
     if kind == "missing":
         return "required key is missing"
     if kind == "literal_error":
