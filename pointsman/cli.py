@@ -94,9 +94,8 @@ def _exit_on_issues(issues: list[ConfigIssue], path: str) -> None:
     for issue in issues:
         click.echo(str(issue), err=True)
     if any("address already in use" in issue.message for issue in issues):
-        click.echo("hint: `ss -ltnup` shows which process holds a port; a running pointsman "
-                   "whose admin API this config does not reach is not recognised: check the "
-                   "config of a running node with --no-bind", err=True)
+        click.echo("hint: `ss -ltnup` shows who holds a port; to check the config of a running "
+                   "pointsman whose admin API it does not name, use --no-bind", err=True)
     click.echo(f"{len(issues)} error(s) in {path}", err=True)
     sys.exit(1)
 

@@ -63,15 +63,14 @@ class AdminClient:
         doc = doc if isinstance(doc, dict) else {}
         errors = doc.get("errors")
         details = tuple(str(e) for e in errors) if isinstance(errors, list) else ()
-        message = doc.get("error") or (
-            "refused; the running config stays" if code == 422 else reason)
+        said = doc.get("error")
         hint = ""
         if code == 401:
             sent = "the token sent was refused" if self.token else "no token was sent"
             if self.token_note:
                 sent = self.token_note
             hint = f"{sent}; {TOKEN_HINT}"
-        return AdminError(f"{code} {reason}: {message}", code, details, hint)
+        return AdminError(f"{code} {reason}" + (f": {said}" if said else ""), code, details, hint)
 
     def status(self) -> Any:
         return self.request("GET", "/api/v1/status")
@@ -85,7 +84,13 @@ class AdminClient:
         return self.request("PUT", path, {"weight": weight})
 
     def reload(self) -> Any:
-        return self.request("POST", "/api/v1/reload")
+        try:
+            return self.request("POST", "/api/v1/reload")
+        except AdminError as exc:
+            if exc.status != 422:
+                raise
+            raise AdminError("reload refused, the running config stays (422)", 422,
+                             exc.details) from None
 
     def node_action(self, action: str) -> Any:
         """drain or resume: withdraw or announce this node's VIPs."""

@@ -90,7 +90,8 @@ def admin_section(path: str) -> AdminConfig:
         issues = []
         for err in exc.errors():
             loc = ("admin", *err["loc"])
-            issues.append(ConfigIssue(path, _line_for(loc, lines), format_loc(loc), _message(err)))
+            message = _message({**err, "loc": loc})  # "did you mean" looks keys up from the root
+            issues.append(ConfigIssue(path, _line_for(loc, lines), format_loc(loc), message))
         raise ConfigError(issues) from None
 
 

@@ -103,15 +103,19 @@ def problems(wanted: list[Need], held: Collection[Held] = ()) -> Iterator[tuple[
     """(where, what is wrong) for each need this host cannot meet. Sockets bound on the way are
     held until every bind was tried, so two of the config's own addresses that clash show up."""
     sockets: list[socket.socket] = []
+    first: dict[tuple[HostPort, str], Loc] = {}
     try:
         for need in wanted:
             if isinstance(need, ReadFile):
                 message = _read_problem(need)
             elif isinstance(need, WriteFile):
                 message = _write_problem(need.path)
+            elif (need.address, need.protocol) in first:
+                message = f"same address as {format_loc(first[need.address, need.protocol])}"
             elif (need.address, need.protocol) in held:
                 continue  # the running pointsman holds it; a reload keeps it
             else:
+                first[need.address, need.protocol] = need.loc
                 message = _bind_problem(need, sockets)
             if message is not None:
                 yield need.loc, message
