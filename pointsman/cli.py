@@ -101,8 +101,10 @@ def _exit_on_issues(issues: list[ConfigIssue], path: str) -> None:
 
 
 def _held_by_running(cfg: Config) -> list[tuple[HostPort, str]]:
-    """The addresses a pointsman answering on `cfg`'s admin address holds (a reload keeps them,
-    so `check` before `reload` does not report them taken); none when nothing answers."""
+    """The addresses held by the pointsman that runs this config, found at its admin address (a
+    reload keeps them, so `check` before `reload` does not report them taken). It is this
+    config's pointsman when it runs a listener of the same name; another one (the demo, say)
+    holds nothing of ours. None when nothing answers."""
     from pointsman.admin.target import url_for
     from pointsman.config.addresses import parse_host_port
 
@@ -110,12 +112,17 @@ def _held_by_running(cfg: Config) -> list[tuple[HostPort, str]]:
         return []
     url = url_for(cfg.admin)
     try:
-        doc = AdminClient(url, timeout=2.0).status()
-        held = [(parse_host_port(lst["bind"]), str(lst["protocol"])) for lst in doc["listeners"]]
+        listeners = AdminClient(url, timeout=2.0).status()["listeners"]
+        names = {str(lst["name"]) for lst in listeners}
+        held = [(parse_host_port(lst["bind"]), str(lst["protocol"])) for lst in listeners]
     except (AdminError, KeyError, TypeError, ValueError):
         return []
-    click.echo(f"note: a pointsman answers at {url}: the {len(held) + 1} addresses it holds "
-               "were not tried (a reload keeps them)", err=True)
+    if not names & {listener.name for listener in cfg.listeners}:
+        click.echo(f"note: the pointsman at {url} runs other listeners ({', '.join(sorted(names))}): "
+                   "not this config's", err=True)
+        return []
+    click.echo(f"note: this config's pointsman runs at {url}: the {len(held) + 1} addresses it "
+               "holds were not tried (a reload keeps them)", err=True)
     return [*held, (cfg.admin.bind, "tcp")]
 
 

@@ -263,12 +263,20 @@ def test_check_before_reload_skips_what_the_running_pointsman_holds(tmp_path: Pa
     admin = f"{LOOPBACK}:{free_port()}"
     config = one_pool_config(f"{LOOPBACK}:{free_port()}", [f"{LOOPBACK}:1"]) + (
         f'admin: {{bind: "{admin}"}}\nworkers: 1\n')
+    other = tmp_path / "other.yaml"  # another config that names the same admin address
+    other.write_text(config.replace("name: lb", "name: web"))
     with pointsman_process(config, tmp_path):
         result = cli("check", str(tmp_path / "pointsman.yaml"))
+        not_ours = cli("check", str(other))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok lb: tcp")
-    assert result.stderr == (f"note: a pointsman answers at http://{admin}: the 2 addresses it "
-                             "holds were not tried (a reload keeps them)\n")
+    assert result.stderr == (f"note: this config's pointsman runs at http://{admin}: the 2 "
+                             "addresses it holds were not tried (a reload keeps them)\n")
+    # a pointsman that runs other listeners is not this config's: its ports are taken
+    assert not_ours.returncode == 1
+    assert not_ours.stderr.splitlines()[0] == (
+        f"note: the pointsman at http://{admin} runs other listeners (lb): not this config's")
+    assert f"admin.bind: cannot bind {admin}/tcp: address already in use" in not_ours.stderr
 
 
 # --- the CLI finds its node --------------------------------------------------------------------------
