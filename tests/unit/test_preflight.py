@@ -135,13 +135,12 @@ def test_a_listening_tcp_port_is_in_use() -> None:
             (("x",), f"cannot bind {address}/tcp: address already in use")]
 
 
-def test_a_bound_udp_port_is_in_use_but_tcp_on_it_is_free() -> None:
+def test_a_bound_udp_port_is_in_use() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind((LOOPBACK, 0))
         address = f"{LOOPBACK}:{taken.getsockname()[1]}"
         assert list(problems([bind(address, "udp")])) == [
             (("x",), f"cannot bind {address}/udp: address already in use")]
-        assert list(problems([bind(address, "tcp")])) == []
 
 
 def test_an_address_this_host_does_not_have() -> None:
