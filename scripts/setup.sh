@@ -37,12 +37,13 @@ SUDO=""
 # apt-get with the dpkg lock waited for. DPkg::Lock::Timeout covers the dpkg lock; `update` takes
 # the lists lock, which apt does not wait for, so a busy lock is retried until the same deadline.
 apt_get() {
-    local deadline=$((SECONDS + LOCK_WAIT)) err
+    local deadline=$((SECONDS + LOCK_WAIT)) err said=""
     err=$(mktemp)
     until $SUDO env DEBIAN_FRONTEND=noninteractive \
             apt-get -o DPkg::Lock::Timeout=$LOCK_WAIT -qq "$@" 2>"$err" >/dev/null; do
         if grep -q "Could not get lock" "$err" && ((SECONDS < deadline)); then
-            echo "setup: apt is busy (another apt or unattended-upgrades); waiting" >&2
+            [ -n "$said" ] || echo "setup: apt is busy (another apt, or unattended-upgrades); waiting" >&2
+            said=1
             sleep 5
             continue
         fi
