@@ -104,7 +104,7 @@ def _held_by_running(cfg: Config) -> list[tuple[HostPort, str]]:
     """The addresses held by the pointsman that runs this config, found at its admin address (a
     reload keeps them, so `check` before `reload` does not report them taken). It is this
     config's pointsman when it runs a listener of the same name; another one (the demo, say)
-    holds nothing of ours. None when nothing answers."""
+    holds nothing of ours. Nothing when nothing answers there."""
     from pointsman.admin.target import url_for
     from pointsman.config.addresses import parse_host_port
 
