@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -11,8 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from pointsman import __version__
-from pointsman.admin.client import AdminClient, AdminError, client_tls, token_from
-from pointsman.config.loader import ConfigError, load_file
+from pointsman.admin.client import AdminClient, AdminError, client_tls
+from pointsman.config.addresses import HostPort
+from pointsman.config.loader import ConfigError, ConfigIssue, load_file
 from pointsman.config.model import Config
 from pointsman.loop import run as run_loop
 
@@ -42,21 +45,40 @@ def _load_or_exit(path: str) -> Config:
 @click.group()
 @click.version_option(__version__, prog_name="pointsman")
 def main() -> None:
-    """pointsman: a Layer 4 (TCP/UDP) load balancer."""
+    """pointsman: a Layer 4 (TCP/UDP) load balancer.
+
+    \b
+    Commands that talk to a running pointsman (status, drain, enable, maintenance, weight,
+    reload, node) find its admin API, first match wins:
+      --admin URL, --token-file FILE    on the command line
+      -c/--config FILE                  that config's admin.bind and admin.token_file
+      POINTSMAN_ADMIN, POINTSMAN_TOKEN_FILE, POINTSMAN_TOKEN (the token itself)
+      POINTSMAN_CONFIG                  a config file, as -c
+      http://127.0.0.1:9900, no token   otherwise
+    """
 
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-def check(config: str) -> None:
-    """Validate CONFIG; print one line per listener, or every error with its line and field."""
+@click.option("--no-bind", is_flag=True,
+              help="Do not try to bind the listener and admin addresses.")
+def check(config: str, no_bind: bool) -> None:
+    """Validate CONFIG and what `run` needs from this host: the files it names are readable, the
+    flow log can be written, every listener and the admin address can be bound (tried and
+    released at once; addresses a running pointsman of this config holds are skipped).
+    Prints one line per listener (exit 0), or every problem with its file, line and field."""
     from pointsman.config.node import is_node_file
+    from pointsman.config.preflight import preflight_file, preflight_node
 
     if is_node_file(config):
         node = _load_node_or_exit(config)
+        _exit_on_issues(preflight_node(node, bind=not no_bind), config)
         click.echo(f"ok node {node.name}: cluster config from etcd {','.join(node.etcd.endpoints)} "
                    f"{node.etcd.prefix}config; node-local keys: {', '.join(node.local) or 'none'}")
         return
     cfg = _load_or_exit(config)
+    held = () if no_bind else _held_by_running(cfg)
+    _exit_on_issues(preflight_file(config, cfg, bind=not no_bind, held=held), config)
     for listener in cfg.listeners:
         pool = cfg.pool(listener.fallback_pool)
         n = len(pool.backends)
@@ -70,6 +92,44 @@ def check(config: str) -> None:
         click.echo(f"warning: {warning}", err=True)
 
 
+def _exit_on_issues(issues: list[ConfigIssue], path: str, prefix: str = "") -> None:
+    if not issues:
+        return
+    for issue in issues:
+        click.echo(str(issue), err=True)
+    if any("address already in use" in issue.message for issue in issues):
+        click.echo("hint: `ss -ltnup` shows who holds a port; to check the config of a running "
+                   "pointsman whose admin API it does not name, use --no-bind", err=True)
+    click.echo(f"{prefix}{len(issues)} error(s) in {path}", err=True)
+    sys.exit(1)
+
+
+def _held_by_running(cfg: Config) -> list[tuple[HostPort, str]]:
+    """The addresses held by the pointsman that runs this config, found at its admin address (a
+    reload keeps them, so `check` before `reload` does not report them taken). It is this
+    config's pointsman when it runs a listener of the same name; another one (the demo, say)
+    holds nothing of ours. Nothing when nothing answers there."""
+    from pointsman.admin.target import url_for
+    from pointsman.config.addresses import parse_host_port
+
+    if cfg.admin is None:
+        return []
+    url = url_for(cfg.admin)
+    try:
+        listeners = AdminClient(url, timeout=2.0).status()["listeners"]
+        names = {str(lst["name"]) for lst in listeners}
+        held = [(parse_host_port(lst["bind"]), str(lst["protocol"])) for lst in listeners]
+    except (AdminError, KeyError, TypeError, ValueError):
+        return []
+    if not names & {listener.name for listener in cfg.listeners}:
+        click.echo(f"note: the pointsman at {url} runs other listeners ({', '.join(sorted(names))}): "
+                   "not this config's", err=True)
+        return []
+    click.echo(f"note: this config's pointsman runs at {url}: the {len(held) + 1} addresses it "
+               "holds were not tried (a reload keeps them)", err=True)
+    return [*held, (cfg.admin.bind, "tcp")]
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--log-level", default="info", show_default=True,
@@ -80,13 +140,19 @@ def run(config: str, log_level: str, no_uvloop: bool) -> None:
     node file: then the cluster config comes from etcd and every revision of it is applied."""
     _setup_logging(log_level)
     from pointsman.config.node import is_node_file
+    from pointsman.config.preflight import preflight_file, preflight_node
 
     if is_node_file(config):
         node = _load_node_or_exit(config)
+        _exit_on_issues(preflight_node(node), config, "cannot start: ")
         run_loop(_serve_node(node, log_level), use_uvloop=not no_uvloop)
         return
     cfg = _load_or_exit(config)
+    # What `check` finds (files, addresses to bind) stops `run` before anything is bound, with
+    # the same file:line: field: message lines, instead of a half-started node.
+    _exit_on_issues(preflight_file(config, cfg), config, "cannot start: ")
     run_loop(_serve(cfg, config, log_level), use_uvloop=not no_uvloop)
+
 
 
 def _load_node_or_exit(path: str) -> NodeFile:
@@ -160,10 +226,14 @@ async def _serve(cfg: Config, path: str | None, log_level: str = "info",
               help="Port of the admin API and status page (0: none).")
 def demo(port: int, admin_port: int) -> None:
     """Start 3 local echo backends and a listener in front of them, and say how to try it."""
-    from pointsman.demo import run_demo
+    from pointsman.demo import DemoError, command_name, run_demo
 
     _setup_logging("info")
-    run_loop(run_demo(port, admin_port))
+    try:
+        run_loop(run_demo(port, admin_port, command_name()))
+    except DemoError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
 
 
 # --- talking to a running pointsman through its admin API -------------------------------------------
@@ -185,40 +255,87 @@ def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 def _admin_options(f: F) -> F:
     for flag, env, doc in reversed(_TLS_OPTIONS):
-        f = click.option(flag, envvar=env, default=None, expose_value=False, callback=_remember,
+        f = click.option(flag, envvar=env, show_envvar=True, default=None, expose_value=False,
+                         callback=_remember,
                          type=click.Path(dir_okay=False), help=doc)(f)
-    f = click.option("--admin", "admin_url", default="http://127.0.0.1:9900", show_default=True,
-                     envvar="POINTSMAN_ADMIN", help="Admin API URL.")(f)
-    return click.option("--token-file", default=None,
-                        help="File holding the bearer token (or POINTSMAN_TOKEN).")(f)
+    f = click.option("--admin", "admin_url", default=None, envvar="POINTSMAN_ADMIN", show_envvar=True,
+                     help="Admin API URL [default: -c's admin.bind, else http://127.0.0.1:9900].")(f)
+    f = click.option("-c", "--config", "admin_config", envvar="POINTSMAN_CONFIG", show_envvar=True,
+                     type=click.Path(dir_okay=False), expose_value=False, callback=_keep_config,
+                     help="Use the admin address and token file of this pointsman config.")(f)
+    return click.option("--token-file", default=None, envvar="POINTSMAN_TOKEN_FILE", show_envvar=True,
+                        help="File holding the bearer token (the token itself: POINTSMAN_TOKEN).")(f)
 
 
-def _client(admin_url: str, token_file: str | None) -> AdminClient:
-    meta = click.get_current_context().meta
+def _keep_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Remember -c/POINTSMAN_CONFIG for `_client` (the commands' signatures stay as they are)."""
+    ctx.meta["pointsman.admin_config"] = value
+
+
+def _client(admin_url: str | None, token_file: str | None) -> AdminClient:
+    """A client for the admin API that flags, -c, the environment or the default name (see
+    pointsman.admin.target for the order)."""
+    from click.core import ParameterSource
+
+    from pointsman.admin.target import Layer, choose, config_layer, read_token
+
+    ctx = click.get_current_context()
+
+    def given(name: str, value: str | None, source: ParameterSource) -> str | None:
+        return value if ctx.get_parameter_source(name) == source else None
+
+    cmdline, env = ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT
+    flags = Layer(given("admin_url", admin_url, cmdline), given("token_file", token_file, cmdline),
+                  origin="--token-file")
+    environment = Layer(given("admin_url", admin_url, env), given("token_file", token_file, env),
+                        os.environ.get("POINTSMAN_TOKEN") or None, origin="POINTSMAN_TOKEN_FILE")
+    config_path = ctx.meta.get("pointsman.admin_config")
+    config: list[Layer] = []
+    if config_path:
+        try:
+            config = [config_layer(config_path)]
+        except ConfigError as exc:
+            for issue in exc.issues:
+                click.echo(f"error: {issue}", err=True)
+            sys.exit(1)
+    from_flag = ctx.get_parameter_source("admin_config") == cmdline
+    layers = [flags, *config, environment] if from_flag else [flags, environment, *config]
+    target = choose(layers)
+    token, note = read_token(target)
+    if note is not None and target.token_origin == "--token-file":
+        click.echo(f"error: {note}", err=True)  # asked for by name: do not go on without it
+        sys.exit(1)
+    meta = ctx.meta
     try:
-        tls = client_tls(admin_url, *(meta.get(f"pointsman.{flag[2:]}") for flag, _, _ in _TLS_OPTIONS))
+        tls = client_tls(target.url, *(meta.get(f"pointsman.{flag[2:]}") for flag, _, _ in _TLS_OPTIONS))
     except AdminError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    return AdminClient(admin_url, token_from(token_file), tls=tls)
+    return AdminClient(target.url, token, token_note=note, tls=tls)
 
 
 def _call(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except AdminError as exc:
-        click.echo(f"error: {exc}", err=True)
+        for line in exc.lines():
+            click.echo(line, err=True)
         sys.exit(1)
 
 
 @main.command()
 @_admin_options
-def status(admin_url: str, token_file: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the API's status document as JSON (one sample, no conn/s).")
+def status(admin_url: str | None, token_file: str | None, as_json: bool) -> None:
     """Show pools and backends: state, weight, active connections, conn/s."""
     from pointsman.admin.table import render_status
 
     client = _client(admin_url, token_file)
     first = _call(client.status)
+    if as_json:
+        click.echo(json.dumps(first, indent=2))
+        return
     time.sleep(1.0)  # two samples one second apart give conn/s
     second = _call(client.status)
     click.echo(render_status(first, second, 1.0))
@@ -229,25 +346,29 @@ def _backend_command(action: str, doc: str) -> None:
     @click.argument("pool")
     @click.argument("backend")
     @_admin_options
-    def command(pool: str, backend: str, admin_url: str, token_file: str | None) -> None:
+    def command(pool: str, backend: str, admin_url: str | None, token_file: str | None) -> None:
         result = _call(lambda: _client(admin_url, token_file).backend_action(pool, backend, action))
-        click.echo(f"{pool}/{backend}: {result['state']} ({result['active']} active)")
+        click.echo(f"{pool}/{result['backend']}: {result['state']} ({result['active']} active)")
 
 
-_backend_command("drain", "Drain BACKEND of POOL: no new connections, existing ones finish.")
-_backend_command("enable", "Return BACKEND of POOL to service.")
-_backend_command("maintenance", "Put BACKEND of POOL in maintenance: no new connections.")
+_BACKEND = " BACKEND is its name or its host:port."
+_backend_command("drain", "Drain BACKEND of POOL: no new connections, existing ones finish." + _BACKEND)
+_backend_command("enable", "Return BACKEND of POOL to service." + _BACKEND)
+_backend_command("maintenance", "Put BACKEND of POOL in maintenance: no new connections." + _BACKEND)
 
 
-@main.command()
+# ignore_unknown_options: `weight p b -1` is a weight out of range, not an unknown option "-1".
+@main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("pool")
 @click.argument("backend")
 @click.argument("weight", type=click.IntRange(0, 1000))
 @_admin_options
-def weight(pool: str, backend: str, weight: int, admin_url: str, token_file: str | None) -> None:
-    """Set the WEIGHT of BACKEND in POOL (0 takes no new connections)."""
-    _call(lambda: _client(admin_url, token_file).set_weight(pool, backend, weight))
-    click.echo(f"{pool}/{backend}: weight {weight}")
+def weight(pool: str, backend: str, weight: int, admin_url: str | None,
+           token_file: str | None) -> None:
+    """Set the WEIGHT (0-1000) of BACKEND in POOL; 0 takes no new connections. BACKEND is its
+    name or its host:port."""
+    result = _call(lambda: _client(admin_url, token_file).set_weight(pool, backend, weight))
+    click.echo(f"{pool}/{result['backend']}: weight {weight}")
 
 
 @main.command()
@@ -284,7 +405,7 @@ def node() -> None:
 def _node_command(action: str, doc: str) -> None:
     @node.command(name=action, help=doc)
     @_admin_options
-    def command(admin_url: str, token_file: str | None) -> None:
+    def command(admin_url: str | None, token_file: str | None) -> None:
         result = _call(lambda: _client(admin_url, token_file).node_action(action))
         for vip in result["bgp"]["vips"]:
             state = "announced" if vip["announced"] else f"withdrawn ({vip['reason']})"
@@ -299,7 +420,7 @@ _node_command("resume", "Announce this node's VIPs again (each still gated by it
 
 @node.command(name="status")
 @_admin_options
-def node_status(admin_url: str, token_file: str | None) -> None:
+def node_status(admin_url: str | None, token_file: str | None) -> None:
     """Show each VIP (announced or why not) and each BGP session."""
     bgp = _call(lambda: _client(admin_url, token_file).request("GET", "/api/v1/node"))["bgp"]
     if bgp is None:
@@ -318,7 +439,7 @@ def node_status(admin_url: str, token_file: str | None) -> None:
 
 @main.command()
 @_admin_options
-def reload(admin_url: str, token_file: str | None) -> None:
+def reload(admin_url: str | None, token_file: str | None) -> None:
     """Ask a running pointsman to re-read its config file."""
     _call(lambda: _client(admin_url, token_file).reload())
     click.echo("reloaded")

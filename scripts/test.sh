@@ -3,7 +3,7 @@
 # belongs in CI (slow soak and benchmark runs are marked `slow` and left out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 export PATH="$PWD/.venv/bin:$PATH"  # tests start `pointsman`, `exabgp` and `promtool` by name
 .venv/bin/ruff check pointsman tests bench
 .venv/bin/mypy

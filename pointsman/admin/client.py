@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import urllib.error
 import urllib.parse
@@ -12,15 +11,31 @@ from typing import Any
 
 
 class AdminError(Exception):
-    pass
+    """A call failed: `str()` is the one-line reason; `details` are the API's reason lines (every
+    config error of a refused reload) and `hint` what to do about it, each shown on its own line."""
+
+    def __init__(self, message: str, status: int | None = None, details: tuple[str, ...] = (),
+                 hint: str = "") -> None:
+        super().__init__(message)
+        self.status, self.details, self.hint = status, details, hint
+
+    def lines(self) -> list[str]:
+        out = [f"error: {self}", *(f"  {line}" for line in self.details)]
+        return [*out, f"hint: {self.hint}"] if self.hint else out
+
+
+# Shown with a 401; `token_note` says why no token was sent when one was meant to be.
+TOKEN_HINT = ("give the admin token: --token-file FILE, -c CONFIG (its admin.token_file), "
+              "or POINTSMAN_TOKEN_FILE")
 
 
 class AdminClient:
     def __init__(self, url: str, token: str | None = None, timeout: float = 5.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 token_note: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.token_note = token_note  # why no token could be read, if one was meant to be sent
         self.tls = tls  # for https: the CA to trust and the client certificate to show
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
@@ -34,13 +49,30 @@ class AdminClient:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self.tls) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
-            try:
-                detail = json.loads(exc.read()).get("error") or exc.reason
-            except (json.JSONDecodeError, AttributeError):
-                detail = exc.reason
-            raise AdminError(f"{exc.code}: {detail}") from None
+            raise self._http_error(exc.code, str(exc.reason), exc.read()) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise AdminError(f"cannot reach {self.url}: {exc}") from None
+            reason = getattr(exc, "reason", exc)
+            raise AdminError(f"cannot reach the admin API at {self.url}: {reason}",
+                             hint="is pointsman running there? --admin URL or -c CONFIG "
+                                  "names another node") from None
+
+    def _http_error(self, code: int, reason: str, body: bytes) -> AdminError:
+        """The API's own words: its `error`, every line of its `errors`, and a hint for a 401."""
+        try:
+            doc = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            doc = None
+        doc = doc if isinstance(doc, dict) else {}
+        errors = doc.get("errors")
+        details = tuple(str(e) for e in errors) if isinstance(errors, list) else ()
+        said = doc.get("error")
+        hint = ""
+        if code == 401:
+            sent = "the token sent was refused" if self.token else "no token was sent"
+            if self.token_note:
+                sent = self.token_note
+            hint = f"{sent}; {TOKEN_HINT}"
+        return AdminError(f"{code} {reason}" + (f": {said}" if said else ""), code, details, hint)
 
     def status(self) -> Any:
         return self.request("GET", "/api/v1/status")
@@ -54,7 +86,13 @@ class AdminClient:
         return self.request("PUT", path, {"weight": weight})
 
     def reload(self) -> Any:
-        return self.request("POST", "/api/v1/reload")
+        try:
+            return self.request("POST", "/api/v1/reload")
+        except AdminError as exc:
+            if exc.status != 422:
+                raise
+            raise AdminError("reload refused, the running config stays (422)", 422,
+                             exc.details) from None
 
     def listener_list(self, listener: str, kind: str) -> list[str]:
         """A listener's allow or deny list in force."""
@@ -71,14 +109,6 @@ class AdminClient:
 
 def _seg(value: str) -> str:
     return urllib.parse.quote(value, safe="")
-
-
-def token_from(token_file: str | None) -> str | None:
-    path = token_file or os.environ.get("POINTSMAN_TOKEN_FILE")
-    if path:
-        with open(path) as f:
-            return f.read().strip()
-    return os.environ.get("POINTSMAN_TOKEN")
 
 
 def client_tls(url: str, cacert: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:

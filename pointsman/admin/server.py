@@ -15,7 +15,7 @@ import json
 import logging
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -131,7 +131,7 @@ class AdminServer:
         except BodyError as exc:
             return _error(exc.status, exc.reason)
         except UnknownBackend as exc:
-            return _error(404, f"no backend {exc.args[0]!r}")
+            return _error(404, str(exc))  # names the pool's backends
         except IllegalTransition as exc:
             return _error(409, str(exc))
         except ValueError as exc:
@@ -196,8 +196,8 @@ class AdminServer:
             return _error(404, f"unknown action {action!r}; expected one of {ACTIONS}")
         pool = self.runtime.pools.get(request.match_info["pool"])
         if pool is None:
-            return _error(404, "no such pool")
-        backend = request.match_info["backend"]
+            return _error(404, _no_pool(request.match_info["pool"], self.runtime.pools))
+        backend = pool.find(request.match_info["backend"]).id  # a name or a host:port
         getattr(pool, action)(backend, f"operator {action} via admin api")
         member = pool.member(backend)
         stats = dict(zip((m.id for m in pool.members()), self.runtime.backend_stats(pool),
@@ -209,7 +209,7 @@ class AdminServer:
     async def weight(self, request: web.Request) -> web.Response:
         pool = self.runtime.pools.get(request.match_info["pool"])
         if pool is None:
-            return _error(404, "no such pool")
+            return _error(404, _no_pool(request.match_info["pool"], self.runtime.pools))
         try:
             body = await read_json(request)
         except BodyError as exc:
@@ -219,7 +219,7 @@ class AdminServer:
         weight = body.get("weight") if isinstance(body, dict) else None
         if not isinstance(weight, int) or isinstance(weight, bool):
             return _error(400, 'expected a JSON body such as {"weight": 3}')
-        backend = request.match_info["backend"]
+        backend = pool.find(request.match_info["backend"]).id
         pool.set_weight(backend, weight)
         return web.json_response({"pool": pool.name, "backend": backend, "weight": weight})
 
@@ -245,6 +245,10 @@ class AdminServer:
         acknowledged = await (bgp.drain() if action == "drain" else bgp.resume())
         return web.json_response({"drained": bgp.drained, "acknowledged": acknowledged,
                                   "bgp": bgp.statistics()})
+
+
+def _no_pool(name: str, pools: Mapping[str, object]) -> str:
+    return f"no pool {name!r}; pools: {', '.join(pools) or 'none'}"
 
 
 # --- helpers -------------------------------------------------------------------------------------------

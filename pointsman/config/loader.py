@@ -32,6 +32,7 @@ from pointsman.config.addresses import HostPort, resolve
 from pointsman.config.envsubst import EnvError, expand
 from pointsman.config.model import Config
 from pointsman.config.semantics import Loc, model_problems, reference_problems
+from pointsman.config.suggest import did_you_mean
 
 # Names pointsman.config.node imports: it checks node files with the same machinery.
 __all__ = ["ConfigError", "ConfigIssue", "Loc", "_line_for", "_model_problems", "_parse_yaml",
@@ -348,7 +349,7 @@ def _pydantic_issues(exc: ValidationError, lines: dict[Loc, int], source: str) -
 def _message(err: Any) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
-        return "unknown key"
+        return "unknown key" + did_you_mean(err["loc"])
     if kind == "missing":
         return "required key is missing"
     if kind == "literal_error":

@@ -21,6 +21,7 @@ from pointsman.balance import build_picker
 from pointsman.balance.affinity import AffinityTable
 from pointsman.balance.base import Candidate, Picker
 from pointsman.balance.slow_start import effective_weight
+from pointsman.config.addresses import parse_host_port
 from pointsman.config.model import BackendConfig, PoolConfig
 from pointsman.health.dialects import AgentReply
 from pointsman.health.ejection import PassiveEjector
@@ -84,7 +85,18 @@ class Member:
 
 
 class UnknownBackend(KeyError):
-    pass
+    """No backend answers to that name or address; the message lists the pool's backends."""
+
+    def __init__(self, query: str, pool: str = "", known: tuple[str, ...] = (),
+                 ambiguous: bool = False) -> None:
+        super().__init__(query)
+        self.query, self.pool, self.known, self.ambiguous = query, pool, known, ambiguous
+
+    def __str__(self) -> str:
+        names = ", ".join(self.known) or "none"
+        if self.ambiguous:
+            return f"{self.query} is the address of several backends of pool {self.pool!r}: {names}"
+        return f"no backend {self.query!r} in pool {self.pool!r}; its backends: {names}"
 
 
 class Pool:
@@ -194,7 +206,24 @@ class Pool:
         try:
             return self._members[backend_id]
         except KeyError:
-            raise UnknownBackend(backend_id) from None
+            raise UnknownBackend(backend_id, self.name, tuple(self._members)) from None
+
+    def find(self, name_or_address: str) -> Member:
+        """The backend an operator means: its id (name, else address as written), else the one
+        backend at that host:port (as written or resolved). The admin API looks backends up here."""
+        if (member := self._members.get(name_or_address)) is not None:
+            return member
+        try:
+            wanted = parse_host_port(name_or_address)
+        except ValueError:
+            wanted = None
+        matches = [m for m in self._members.values()
+                   if wanted == m.config.address or name_or_address == str(m.config.address)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:  # several named backends share the address: only a name is unambiguous
+            raise UnknownBackend(name_or_address, self.name, tuple(m.id for m in matches), True)
+        raise UnknownBackend(name_or_address, self.name, tuple(self._members))
 
     def members(self) -> list[Member]:
         return list(self._members.values())
