@@ -48,9 +48,9 @@ def names(plan_part: tuple[Any, ...]) -> list[str]:
 
 
 def assert_nothing_to_do(plan: ReloadPlan) -> None:
-    assert plan.add_pools == plan.change_pools == plan.remove_pools == ()
-    assert plan.retire_listeners == plan.start_listeners == plan.bind_first == ()
-    assert plan.pool_changes == plan.changed_listeners == plan.moved == ()
+    assert not (plan.add_pools or plan.change_pools or plan.remove_pools)
+    assert not (plan.retire_listeners or plan.start_listeners or plan.bind_first)
+    assert not (plan.pool_changes or plan.changed_listeners or plan.moved)
     assert plan.describe() == "no change"
 
 
@@ -70,7 +70,7 @@ def test_added_pool_and_listener() -> None:
                 [*BASE_POOLS, pool("cache", 6379)])
     plan = reload_plan(base(), new)
     assert names(plan.add_pools) == ["cache"]
-    assert plan.change_pools == plan.remove_pools == ()
+    assert not (plan.change_pools or plan.remove_pools)
     assert names(plan.start_listeners) == ["cache"]
     assert plan.bind_first == ("cache",)
     assert plan.retire_listeners == ()
@@ -83,7 +83,7 @@ def test_removed_pool_and_listener() -> None:
     plan = reload_plan(base(), new)
     assert plan.remove_pools == ("db",)
     assert plan.retire_listeners == ("db",)
-    assert plan.start_listeners == plan.bind_first == plan.add_pools == plan.change_pools == ()
+    assert not (plan.start_listeners or plan.bind_first or plan.add_pools or plan.change_pools)
     assert plan.describe() == "-1 listener, -1 pool"
 
 
@@ -91,7 +91,7 @@ def test_changed_pool_backends_and_algorithm() -> None:
     new = build(BASE_LISTENERS, [pool("web", 9002, 9003), pool("db", 5432)])
     plan = reload_plan(base(), new)
     assert names(plan.change_pools) == ["web"]
-    assert plan.add_pools == plan.remove_pools == ()
+    assert not (plan.add_pools or plan.remove_pools)
     (change,) = plan.pool_changes
     assert change == PoolChange("web", added_backends=("web-9003",), removed_backends=("web-9001",),
                                 algorithm=("maglev", "round_robin"))
@@ -174,7 +174,7 @@ def test_kept_listener_with_changed_settings() -> None:
     plan = reload_plan(base(), new)
     assert names(plan.keep_listeners) == ["web", "db"]
     assert plan.changed_listeners == ("web", "db")
-    assert plan.retire_listeners == plan.start_listeners == ()
+    assert not (plan.retire_listeners or plan.start_listeners)
     assert plan.describe() == "listener web: settings, listener db: settings"
 
 
