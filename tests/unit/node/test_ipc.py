@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import pickle
 import socket
 import struct
@@ -137,7 +138,9 @@ CONFIG = textwrap.dedent("""
 """)
 
 
+@functools.cache
 def config() -> Config:
+    """Loaded once (configs are immutable; the loader takes tens of milliseconds)."""
     return load_text(CONFIG, "ipc-test.yaml")
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pointsman.config.loader import load_text
@@ -195,35 +195,81 @@ POOL_NAMES = ("p1", "p2", "p3")
 PORTS = (7001, 7002, 7003)
 
 
+Spec = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # (listeners, pools) as the YAML says
+
+
+def _pool_spec(draw: st.DrawFn, name: str) -> dict[str, Any]:
+    ports = draw(st.lists(st.sampled_from((9001, 9002, 9003)), min_size=1, max_size=3, unique=True))
+    return {"name": name, "backends": [{"address": f"127.0.0.1:{port}"} for port in ports],
+            **draw(st.sampled_from([{}, {"algorithm": "maglev"}, {"retries": 1}]))}
+
+
+def _listener_spec(draw: st.DrawFn, name: str, pool_names: list[str]) -> dict[str, Any]:
+    spec = listener(name, draw(st.sampled_from(PORTS)), draw(st.sampled_from(pool_names)))
+    if draw(st.booleans()):
+        spec["protocol"] = "udp"
+    spec.update(draw(st.sampled_from([{}, {"dataplane": "kernel"}, {"max_connections": 100}])))
+    return spec
+
+
 @st.composite
-def configs(draw: st.DrawFn) -> Config:
+def specs(draw: st.DrawFn) -> Spec:
+    """A config from small alphabets (few keys: the loader's cost grows with the YAML nodes)."""
     pool_names = draw(st.lists(st.sampled_from(POOL_NAMES), min_size=1, max_size=3, unique=True))
-    pools = [
-        pool(name, *draw(st.lists(st.sampled_from((9001, 9002, 9003)), min_size=1, max_size=3,
-                                  unique=True)),
-             algorithm=draw(st.sampled_from(("round_robin", "maglev"))),
-             retries=draw(st.integers(1, 2)))
-        for name in pool_names
-    ]
-    listener_names = draw(st.lists(st.sampled_from(LISTENER_NAMES), min_size=1, max_size=4,
-                                   unique=True))
+    names = draw(st.lists(st.sampled_from(LISTENER_NAMES), min_size=1, max_size=4, unique=True))
+    return ([_listener_spec(draw, name, pool_names) for name in names],
+            [_pool_spec(draw, name) for name in pool_names])
+
+
+@st.composite
+def changed(draw: st.DrawFn, old: Spec) -> Spec:
+    """A reload of `old`: each listener and pool kept, changed, dropped; some added."""
+    pools = [p if draw(st.integers(0, 3)) else _pool_spec(draw, p["name"]) for p in old[1]]
+    pools = [p for p in pools if draw(st.integers(0, 5))] or pools[:1]
+    spare = [n for n in POOL_NAMES if n not in {p["name"] for p in pools}]
+    add_pool: bool = draw(st.booleans())
+    if spare and add_pool:
+        pools.append(_pool_spec(draw, spare[0]))
+    pool_names = [p["name"] for p in pools]
     listeners = []
-    taken: set[tuple[int, str]] = set()
-    for name in listener_names:
-        port = draw(st.sampled_from(PORTS))
-        protocol = draw(st.sampled_from(("tcp", "udp")))
-        if (port, protocol) in taken:
-            continue  # the loader refuses two listeners on one address
-        taken.add((port, protocol))
-        listeners.append(listener(name, port, draw(st.sampled_from(pool_names)), protocol=protocol,
-                                  dataplane=draw(st.sampled_from(("proxy", "kernel"))),
-                                  max_connections=draw(st.sampled_from((100, 200)))))
+    for spec in old[0]:
+        choice = draw(st.integers(0, 5))
+        if choice == 0:
+            continue  # dropped
+        if choice == 1:
+            spec = _listener_spec(draw, spec["name"], pool_names)  # anything may change
+        elif choice == 2:
+            spec = {**spec, "max_connections": draw(st.sampled_from((50, 100, 200)))}
+        if spec["pool"] not in pool_names:
+            spec = {**spec, "pool": pool_names[0]}
+        listeners.append(spec)
+    taken = {s["name"] for s in listeners}
+    for name in LISTENER_NAMES:
+        if name not in taken and draw(st.integers(0, 3)) == 0:
+            listeners.append(_listener_spec(draw, name, pool_names))
+    return listeners, pools
+
+
+def _config(spec: Spec) -> Config:
+    listeners, pools = spec
+    binds = [(s["bind"], s.get("protocol", "tcp")) for s in listeners]
+    assume(listeners and len(set(binds)) == len(binds))  # the loader refuses one address twice
     return build(listeners, pools)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(configs(), configs())
-def test_plan_partitions_listeners_and_pools(old: Config, new: Config) -> None:
+@st.composite
+def config_pairs(draw: st.DrawFn) -> tuple[Config, Config]:
+    """Two unrelated configs, or a config and a reload of it (where most of the plan's cases are)."""
+    old = draw(specs())
+    new = draw(st.one_of(specs(), changed(old)))
+    return _config(old), _config(new)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(config_pairs())
+def test_plan_partitions_listeners_and_pools(pair: tuple[Config, Config]) -> None:
+    old, new = pair
     plan = reload_plan(old, new)
     old_listeners = {lst.name: lst for lst in old.listeners}
     new_listeners = {lst.name: lst for lst in new.listeners}

@@ -117,6 +117,6 @@ async def test_a_message_the_worker_cannot_apply_does_not_make_it_deaf(control: 
     control.channel.send(WeightSet(WeightChange("web", "not-yet-known", 3)))
     control.channel.send(PoolEvent(BackendEvent("web", "a", Event.DRAIN, "operator drain")))
     control.channel.send(Stop(0.0))
-    stopped = await control.next(Stopped, timeout=3.0)  # a live worker answers in milliseconds
+    stopped = await control.next(Stopped, timeout=2.0)  # a live worker answers in milliseconds
     assert isinstance(stopped, Stopped)
     assert mirror_states(control)["a"] is BackendState.DRAINING
