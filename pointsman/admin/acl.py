@@ -17,7 +17,7 @@ from aiohttp import web
 from pointsman.protect.acl import AclLists
 
 if TYPE_CHECKING:
-    from pointsman.admin.server import AdminServer
+    from pointsman.node.view import NodeView
 
 Kind = Literal["allow", "deny"]
 ROUTE = "/api/v1/listeners/{listener}/{kind:allow|deny}"
@@ -29,12 +29,12 @@ class HasAcl(Protocol):
     def set_acl(self, lists: AclLists) -> None: ...
 
 
-def add_acl_routes(app: web.Application, server: AdminServer) -> None:
+def add_acl_routes(app: web.Application, node: NodeView) -> None:
     """Register the routes (called from AdminServer.app)."""
 
     def listener_of(request: web.Request) -> HasAcl:
         name = request.match_info["listener"]
-        listener = server.runtime.listeners.get(name)
+        listener = node.listeners.get(name)
         if listener is None:
             raise _http(web.HTTPNotFound, f"no listener {name!r}")
         if not hasattr(listener, "set_acl"):

@@ -81,7 +81,7 @@ class AdminServer:
         app.router.add_post("/api/v1/reload", self.reload)
         app.router.add_get("/api/v1/node", self.node)
         app.router.add_post("/api/v1/node/{action:drain|resume}", self.node_action)
-        add_acl_routes(app, self)  # GET/PUT /api/v1/listeners/{listener}/{allow|deny}
+        add_acl_routes(app, self.runtime)  # GET/PUT /api/v1/listeners/{listener}/{allow|deny}
         return app
 
     async def start(self) -> None:

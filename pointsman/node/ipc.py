@@ -27,7 +27,7 @@ import pickle
 import socket
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from pointsman.config.model import Config
@@ -130,8 +130,10 @@ class StatsReport:
     backends: Mapping[tuple[str, str], BackendStats]  # (pool, backend id)
     process: ProcessFigures
     flow_log_dropped: int
-    ages: Mapping[tuple[str, str], float]  # oldest open connection by (listener, pool), seconds
-    at: float  # time.monotonic() when taken (one clock for every process of the host)
+    # The oldest open connection by (listener, pool), in seconds, at `at` (time.monotonic(): one
+    # clock for every process of the host).
+    ages: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +164,7 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> type:
         if module == "builtins" and name in _BUILTINS:
             found: object = getattr(builtins, name)
-        elif module.startswith("pointsman.") or module in _ALLOWED_MODULES:
+        elif (module.startswith("pointsman.") or module in _ALLOWED_MODULES) and "." not in name:
             found = super().find_class(module, name)
         else:
             raise IpcError(f"refusing {module}.{name} in a message")
