@@ -47,13 +47,13 @@ class ReloadPlan:
     def describe(self) -> str:
         """One line for the log: "+1 listener, pool web: +1 backend -1 backend"."""
         parts = []
-        for count, what in ((len(self.start_listeners) - len(self.moved), "+{} listener"),
-                            (len(self.retire_listeners) - len(self.moved), "-{} listener"),
-                            (len(self.moved), "{} listener moved"),
-                            (len(self.add_pools), "+{} pool"),
-                            (len(self.remove_pools), "-{} pool")):
+        for count, what in ((len(self.start_listeners) - len(self.moved), "+{} listener{s}"),
+                            (len(self.retire_listeners) - len(self.moved), "-{} listener{s}"),
+                            (len(self.moved), "{} listener{s} moved"),
+                            (len(self.add_pools), "+{} pool{s}"),
+                            (len(self.remove_pools), "-{} pool{s}")):
             if count > 0:
-                parts.append(what.format(count) + ("s" if count > 1 else ""))
+                parts.append(what.format(count, s="s" if count > 1 else ""))
         parts += [f"listener {name}: settings" for name in self.changed_listeners]
         parts += [change.describe() for change in self.pool_changes]
         return ", ".join(parts) or "no change"

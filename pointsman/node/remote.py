@@ -29,7 +29,8 @@ KINDS: tuple[Literal["allow", "deny"], ...] = ("allow", "deny")
 class WorkerReports:
     def __init__(self) -> None:
         self.latest: dict[int, StatsReport] = {}
-        self._retired_listeners: dict[str, ListenerStatistics] = {}
+        # By name and type: a reload may turn a listener from TCP into UDP under the same name.
+        self._retired_listeners: dict[tuple[str, type], ListenerStatistics] = {}
         self._retired_backends: dict[tuple[str, str], BackendStats] = {}
         self._retired_dropped = 0
 
@@ -42,14 +43,21 @@ class WorkerReports:
         if report is None:
             return
         for name, stats in report.listeners.items():
-            self._retired_listeners[name] = _fold(self._retired_listeners.get(name), stats)
+            kind = (name, type(stats))
+            self._retired_listeners[kind] = _fold(self._retired_listeners.get(kind), stats)
         for key, backend in report.backends.items():
             self._retired_backends[key] = _fold(self._retired_backends.get(key), backend)
         self._retired_dropped += report.flow_log_dropped
 
-    def listener(self, name: str) -> ListenerStatistics | None:
+    def listener(self, name: str, kind: type | None = None) -> ListenerStatistics | None:
+        """The totals of listener `name`, of type `kind` (default: what the workers report)."""
         live = [r.listeners[name] for r in list(self.latest.values()) if name in r.listeners]
-        return total(live, self._retired_listeners.get(name))
+        if kind is None:
+            kinds = [type(stats) for stats in live] or [k for n, k in self._retired_listeners if n == name]
+            if not kinds:
+                return None
+            kind = kinds[0]
+        return total([s for s in live if type(s) is kind], self._retired_listeners.get((name, kind)))
 
     def backend(self, pool: str, backend: str) -> BackendStats:
         key = (pool, backend)
@@ -139,9 +147,10 @@ class RemoteListener:
         return 0  # workers follow the same transitions and close their own connections
 
     def statistics(self) -> ListenerStatistics:
-        found = self._reports.listener(self.name)
+        udp = self.config.protocol == "udp"
+        found = self._reports.listener(self.name, UdpListenerStats if udp else ListenerStats)
         if found is not None:
             return found
-        if self.config.protocol == "udp":  # no worker has reported yet
+        if udp:  # no worker has reported yet
             return UdpListenerStats(self.config.udp.max_sessions)
         return ListenerStats(self.config.max_connections)

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -252,16 +252,23 @@ class WorkerProcesses:
             slot.process.kill()
         return True
 
-    async def apply(self, config: Config) -> list[str]:
-        """Have every live worker apply `config`; their problems, each naming the worker."""
+    def apply(self, config: Config) -> Awaitable[list[str]]:
+        """Send `config` to every live worker now (before any decision it causes is broadcast,
+        and as the config a starting worker gets); await the result for their problems, each
+        naming the worker."""
         self._config = config
         self._seq += 1
         seq = self._seq
         waiting = {slot.index for slot in self.slots if self._send(slot, ApplyConfig(seq, config))}
-        if not waiting:
-            return []
         done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._pending[seq] = (done, waiting)
+        if waiting:
+            self._pending[seq] = (done, waiting)
+        else:
+            done.set_result([])
+        return self._answers(seq, done, waiting)
+
+    async def _answers(self, seq: int, done: asyncio.Future[list[str]],
+                       waiting: set[int]) -> list[str]:
         try:
             async with asyncio.timeout(APPLY_TIMEOUT):
                 return await done

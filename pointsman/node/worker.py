@@ -119,7 +119,12 @@ class WorkerLoop:
         assert self.node is not None
         try:
             while True:
-                await self._handle(await self.channel.receive())
+                message = await self.channel.receive()
+                try:
+                    await self._handle(message)
+                except Exception:  # a bug, or a decision about a backend we do not have
+                    log.exception("cannot apply %s from the control process; skipped",
+                                  type(message).__name__)
         except EOFError:
             log.warning("the control process is gone: stopping (open connections get %gs)",
                         self.node.config.shutdown_grace)

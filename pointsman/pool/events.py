@@ -58,6 +58,7 @@ class BackendDecisions:
     health_ok: bool
     ejecting: bool
     weight: int
+    up_for: float | None = None  # seconds in service (a slow-start ramp continues from there)
 
 
 @dataclass(frozen=True, slots=True)

@@ -261,9 +261,10 @@ class Pool:
 
     def decisions(self) -> PoolState:
         """Owner side: every backend's state, for a mirror that starts now."""
+        now = self._clock()
         return PoolState(self.name, tuple(
             BackendDecisions(m.id, m.machine.state, m.machine.health_ok, m.machine.ejecting,
-                             m.weight)
+                             m.weight, None if m.available_since is None else now - m.available_since)
             for m in self._members.values()))
 
     def restore(self, state: PoolState) -> None:
@@ -275,8 +276,8 @@ class Pool:
                 continue
             member.machine.restore(decided.state, decided.health_ok, decided.ejecting, now)
             member.weight = decided.weight
-            member.available_since = now - self.config.slow_start if member.machine.available \
-                else None
+            up_for = self.config.slow_start if decided.up_for is None else decided.up_for
+            member.available_since = now - up_for if member.machine.available else None
         self._publish(now)
 
     def is_drained(self, backend_id: str) -> bool:

@@ -135,8 +135,11 @@ def figures(status: dict[str, Any], metrics: str) -> dict[str, Any]:
         if line.startswith("#") or not line.startswith("pointsman_"):
             continue
         name, _, value = line.rpartition(" ")
+        # Not traffic figures: time, per-process and per-socket gauges (one listening socket
+        # per worker), node-wide kernel counters that other programs move too.
         if any(part in name for part in ("_seconds", "process_", "event_loop", "worker_",
-                                          "_capacity", "ready", "health_check")):
+                                          "_capacity", "ready", "health_check", "accept_queue",
+                                          "pointsman_tcp_", "build_info")):
             continue
         samples[re.sub(r'backend="[^"]*"', "backend=*", name)] = float(value)  # ports differ
     return {"listeners": listeners, "backends": backends, "metrics": samples}

@@ -310,9 +310,6 @@ def test_worker_reports_sum_three_workers_and_keep_counters_of_an_exited_one() -
     assert reports.flow_log_dropped() == 10
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "WorkerReports keeps retired counters by listener name only; once a listener changes "
-    "protocol, total() adds TCP ListenerStats into UdpListenerStats and raises AttributeError"))
 def test_a_retired_listener_of_one_type_does_not_break_the_total_of_another() -> None:
     """A reload that turns listener "web" from TCP into UDP, after a worker has exited, leaves
     TCP counters retired under the name the UDP listener now reports."""

@@ -9,8 +9,6 @@ import inspect
 import socket
 import textwrap
 
-import pytest
-
 from pointsman.config.loader import load_text
 from pointsman.node.ipc import ApplyConfig, Channel, PoolEvent
 from pointsman.node.remote import WorkerReports
@@ -32,11 +30,6 @@ CONFIG = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ControlRole.config_sent returns the un-started coroutine WorkerProcesses.apply(config), so "
-    "ApplyConfig is only written when Node.apply awaits it at its end, after _apply_pools and "
-    "the health checks have broadcast decisions about the new config's backends "
-    "(pointsman/node/roles.py ControlRole.config_sent; runtime.py Node.apply)"))
 async def test_a_config_reaches_the_workers_before_the_decisions_it_causes() -> None:
     reports = WorkerReports()
     processes = WorkerProcesses(1, reports, on_signal=lambda signal: None)

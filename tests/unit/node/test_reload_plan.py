@@ -159,9 +159,6 @@ def test_two_listeners_swapping_addresses_bind_after_the_retirement() -> None:
     assert sorted(plan.moved) == ["db", "web"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ReloadPlan.describe() appends the plural 's' after the whole template, so two moved "
-    "listeners read '2 listener moveds' (pointsman/node/reload.py, describe)"))
 def test_two_moved_listeners_read_well() -> None:
     new = build([listener("web", 6432, "web"), listener("db", 8080, "db")], BASE_POOLS)
     assert reload_plan(base(), new).describe() == "2 listeners moved"

@@ -108,11 +108,6 @@ async def test_a_worker_applies_decisions_and_stops(control: Control) -> None:
         assert await control.task == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "WorkerLoop._read catches only EOFError and IpcError: Pool.set_weight raises UnknownBackend "
-    "for a backend the mirror does not have (yet), the reader task dies silently, and the worker "
-    "goes on serving while it ignores every later message, Stop included "
-    "(pointsman/node/worker.py, WorkerLoop._read/_handle)"))
 async def test_a_message_the_worker_cannot_apply_does_not_make_it_deaf(control: Control) -> None:
     control.channel.send(WeightSet(WeightChange("web", "not-yet-known", 3)))
     control.channel.send(PoolEvent(BackendEvent("web", "a", Event.DRAIN, "operator drain")))

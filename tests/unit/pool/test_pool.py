@@ -558,10 +558,6 @@ def test_restore_ignores_backends_it_does_not_know() -> None:
     assert states(late) == {"a": S.UP, "b": S.UP}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PoolState/BackendDecisions carry no slow-start start time, and Pool.restore sets "
-    "available_since = now - slow_start: a worker restarted while a backend ramps gives it full "
-    "weight at once (pointsman/pool/pool.py, restore)"))
 def test_a_late_mirror_continues_a_running_slow_start_ramp() -> None:
     clock = Clock()
     config = pool_config(weights={"a": 10}, health_check={"type": "tcp"}, slow_start="60s")
