@@ -15,8 +15,9 @@ import click
 from pointsman import __version__
 from pointsman.admin.client import AdminClient, AdminError, client_tls
 from pointsman.config.addresses import HostPort
-from pointsman.config.loader import ConfigError, ConfigIssue, load_file
+from pointsman.config.loader import ConfigError, ConfigIssue
 from pointsman.config.model import Config
+from pointsman.config.reporting import exit_with, load_or_exit
 from pointsman.loop import run as run_loop
 
 if TYPE_CHECKING:
@@ -32,14 +33,6 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _load_or_exit(path: str) -> Config:
-    try:
-        return load_file(path)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            click.echo(str(issue), err=True)
-        click.echo(f"{len(exc.issues)} error(s) in {path}", err=True)
-        sys.exit(1)
 
 
 @click.group()
@@ -76,7 +69,7 @@ def check(config: str, no_bind: bool) -> None:
         click.echo(f"ok node {node.name}: cluster config from etcd {','.join(node.etcd.endpoints)} "
                    f"{node.etcd.prefix}config; node-local keys: {', '.join(node.local) or 'none'}")
         return
-    cfg = _load_or_exit(config)
+    cfg = load_or_exit(config)
     held = () if no_bind else _held_by_running(cfg)
     _exit_on_issues(preflight_file(config, cfg, bind=not no_bind, held=held), config)
     for listener in cfg.listeners:
@@ -95,13 +88,9 @@ def check(config: str, no_bind: bool) -> None:
 def _exit_on_issues(issues: list[ConfigIssue], path: str, prefix: str = "") -> None:
     if not issues:
         return
-    for issue in issues:
-        click.echo(str(issue), err=True)
-    if any("address already in use" in issue.message for issue in issues):
-        click.echo("hint: `ss -ltnup` shows who holds a port; to check the config of a running "
-                   "pointsman whose admin API it does not name, use --no-bind", err=True)
-    click.echo(f"{prefix}{len(issues)} error(s) in {path}", err=True)
-    sys.exit(1)
+    busy = any("address already in use" in issue.message for issue in issues)
+    exit_with(issues, path, prefix, hint="`ss -ltnup` shows who holds a port; to check the config "
+              "of a running pointsman whose admin API it does not name, use --no-bind" if busy else "")
 
 
 def _held_by_running(cfg: Config) -> list[tuple[HostPort, str]]:
@@ -147,7 +136,7 @@ def run(config: str, log_level: str, no_uvloop: bool) -> None:
         _exit_on_issues(preflight_node(node), config, "cannot start: ")
         run_loop(_serve_node(node, log_level), use_uvloop=not no_uvloop)
         return
-    cfg = _load_or_exit(config)
+    cfg = load_or_exit(config)
     # What `check` finds (files, addresses to bind) stops `run` before anything is bound, with
     # the same file:line: field: message lines, instead of a half-started node.
     _exit_on_issues(preflight_file(config, cfg), config, "cannot start: ")
@@ -161,10 +150,8 @@ def _load_node_or_exit(path: str) -> NodeFile:
     try:
         return load_node_file(path)
     except ConfigError as exc:
-        for issue in exc.issues:
-            click.echo(str(issue), err=True)
-        click.echo(f"{len(exc.issues)} error(s) in {path}", err=True)
-        sys.exit(1)
+        exit_with(exc.issues, path)
+        raise  # not reached: exit_with exits
 
 
 async def _serve_node(node: NodeFile, log_level: str) -> None:

@@ -101,9 +101,9 @@ def config_group() -> None:
 @etcd_options
 def push(cluster_config: str, **options: Any) -> None:
     """Validate CLUSTER_CONFIG as `pointsman check` does; write it to etcd only if it is valid."""
-    from pointsman.cli import _load_or_exit
+    from pointsman.config.reporting import load_or_exit
 
-    _load_or_exit(cluster_config)  # exits 1 with every error, as `check` does
+    load_or_exit(cluster_config)  # exits 1 with every error, as `check` does
     target = _target(**options)
     with open(cluster_config) as f:
         text = f.read()
