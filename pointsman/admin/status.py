@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 def status(node: NodeView) -> dict[str, Any]:
     return {
         "version": __version__,
+        "node": node.name,
         "role": node.role,
         "started_at": node.started_at,
+        "generated_at": time.time(),
         "loop_lag_seconds": max((p.loop_lag for p in node.processes()), default=0.0),
         "readiness": node.readiness().as_dict(),
         "processes": [asdict(p) for p in node.processes()],
@@ -80,6 +82,7 @@ def _pool(pool: Pool, node: NodeView) -> dict[str, Any]:
         "name": pool.name,
         "algorithm": pool.config.algorithm,
         "available": snapshot.available,
+        "total": len(snapshot.backends),
         "backends": [_backend(m, view.effective_weight, stats)
                      for m, view, stats in zip(members, snapshot.backends, node.backend_stats(pool),
                                                strict=True)],
@@ -95,6 +98,7 @@ def _backend(member: Member, effective_weight: float, stats: BackendStats) -> di
         "since_seconds": max(time.monotonic() - member.machine.since, 0.0),
         "weight": member.weight,
         "effective_weight": effective_weight,
+        "available": effective_weight > 0,  # up, with a weight: takes new connections
         "active": stats.active,
         "total": stats.total,
         "connect_failures": stats.connect_failures,

@@ -386,6 +386,13 @@ def _family(address: str) -> int:
     return ipaddress.ip_network(address, strict=False).version
 
 
+class NodeConfig(Strict):
+    """This node's identity as operators see it (status page, `pointsman status`). A fleet node
+    takes its name from its node file instead; without either, the host name is used."""
+
+    name: Name
+
+
 class Config(Strict):
     listeners: list[ListenerConfig] = Field(min_length=1)
     pools: list[PoolConfig] = Field(min_length=1)
@@ -395,6 +402,7 @@ class Config(Strict):
     admin: AdminConfig | None = None  # absent: no admin listener
     flow_log: FlowLogConfig | None = None  # absent: no flow log
     bgp: BgpConfig | None = None  # absent: no VIP announcement
+    node: NodeConfig | None = None  # absent: the fleet node name, else the host name
 
     def pool(self, name: str) -> PoolConfig:
         return next(p for p in self.pools if p.name == name)

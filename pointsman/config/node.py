@@ -41,7 +41,8 @@ from pointsman.config.model import Address, Config, Duration, Name, Strict
 
 NODE_KEYS = ("node", "config_source")
 CLUSTER_KEYS = ("listeners", "pools")  # only ever from the cluster config
-LOCAL_KEYS = tuple(k for k in Config.model_fields if k not in CLUSTER_KEYS)
+# `node` is the node file's own section (a plain config may carry a `node: {name}` of its own).
+LOCAL_KEYS = tuple(k for k in Config.model_fields if k not in CLUSTER_KEYS + NODE_KEYS)
 
 # Stand-ins that let the node-local keys be validated by the Config model on their own.
 _PLACEHOLDER: dict[str, Any] = {
@@ -102,11 +103,16 @@ class NodeFile:
 
 
 def is_node_data(data: object) -> bool:
-    return isinstance(data, dict) and any(key in data for key in NODE_KEYS)
+    """A node file has `config_source`, or `node` without the cluster keys (a plain config may
+    name its node: `node: {name: lb-a}` beside its listeners and pools)."""
+    if not isinstance(data, dict):
+        return False
+    return "config_source" in data or ("node" in data
+                                       and not any(key in data for key in CLUSTER_KEYS))
 
 
 def is_node_file(path: str | Path) -> bool:
-    """True when the file at `path` is a node file (it has `node:` or `config_source:`)."""
+    """True when the file at `path` is a node file (see `is_node_data`)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):

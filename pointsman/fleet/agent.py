@@ -70,6 +70,10 @@ class NodeAgent:
         self._tasks: Tasks | None = None
         self._said_at = -math.inf
 
+    @property
+    def name(self) -> str:
+        return self.node.name
+
     # --- before the runtime exists --------------------------------------------------------------
 
     async def wait_first_config(self) -> Config:

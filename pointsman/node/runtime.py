@@ -170,6 +170,13 @@ class Node:
     # --- NodeView ------------------------------------------------------------------------------------
 
     @property
+    def name(self) -> str:
+        fleet, node = self.fleet, self.config.node
+        if fleet is not None:
+            return fleet.name
+        return node.name if node is not None else socket.gethostname()
+
+    @property
     def role(self) -> RoleName:
         return self.role_object.name
 

@@ -36,6 +36,10 @@ class BgpView(Protocol):
 
 class FleetView(Protocol):
     @property
+    def name(self) -> str:
+        """The node's name in the fleet (from its node file)."""
+
+    @property
     def draining(self) -> str | None: ...
 
     @property
@@ -95,6 +99,11 @@ TransitionRecord = tuple[float, str, Transition]  # (wall time, pool, transition
 
 
 class NodeView(Protocol):
+    @property
+    def name(self) -> str:
+        """What operators call this node: the fleet node name, else the config's `node.name`,
+        else the host name."""
+
     @property
     def role(self) -> RoleName: ...
 

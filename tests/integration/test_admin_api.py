@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -229,9 +231,12 @@ async def test_status_document_describes_listeners_pools_and_backends(tmp_path: 
         await proxy_some(admin, 2)
         doc = await admin.status()
 
-    assert set(doc) == {"version", "role", "started_at", "loop_lag_seconds", "readiness",
-                        "processes", "workers", "listeners", "pools", "transitions"}
+    assert set(doc) == {"version", "node", "role", "started_at", "generated_at",
+                        "loop_lag_seconds", "readiness", "processes", "workers", "listeners",
+                        "pools", "transitions"}
     assert doc["role"] == "single" and doc["workers"] == [] and doc["readiness"]["ready"]
+    assert doc["node"] == socket.gethostname()  # no `node.name` in the config, no fleet
+    assert doc["started_at"] <= doc["generated_at"] <= time.time()
     [process] = doc["processes"]
     assert process["process"] == "single" and process["pid"] == os.getpid()
     [listener] = doc["listeners"]
@@ -243,11 +248,11 @@ async def test_status_document_describes_listeners_pools_and_backends(tmp_path: 
     assert listener["ended"] == {"client_fin": 2}
     [pool] = doc["pools"]
     assert pool["name"] == "p" and pool["algorithm"] == "round_robin"
-    assert pool["available"] == 2
+    assert pool["available"] == 2 and pool["total"] == 2
     assert [backend["id"] for backend in pool["backends"]] == ["a", "b"]
     for backend, peer in zip(pool["backends"], (a, b), strict=True):
         assert backend["address"] == peer.address
-        assert backend["state"] == "up" and backend["weight"] == 1
+        assert backend["state"] == "up" and backend["weight"] == 1 and backend["available"]
         assert backend["total"] == 1  # round robin: one each
         assert backend["last_check"] is None  # no health check configured
         assert backend["since_seconds"] >= 0

@@ -9,6 +9,7 @@ Every wait polls a condition (stderr lines, the node's admin API, connections) w
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pointsman.fleet.etcd import EtcdClient, EtcdSettings
 from tests.integration.peers import NamedBackend, ask_name, named_backends
 from tests.interop.etcd_support import (
     EtcdCluster,
+    admin_get,
     cli,
     etcd_cluster,
     metric,
@@ -127,6 +129,7 @@ async def test_revisions_apply_bad_ones_are_refused_and_counted(etcd: EtcdCluste
         try:
             await wait_listening(proc)
             assert await ask_name(listen) == "a"
+            assert json.loads(admin_get(admin, "/api/v1/status"))["node"] == "lb-a"  # fleet name
 
             # Time from the put returning to the node running the new backend set.
             delays = []

@@ -1,6 +1,9 @@
 """The status page in a real browser: headless Chromium driven over the DevTools protocol loads
-the page from a running pointsman, renders every backend without a console error, and shows a
-drain made through the API within a few seconds (the page polls once a second).
+the page from a running pointsman and checks what an operator reads at 3 a.m.: the node name,
+each pool's availability and the not-ready banner, refusals and connect failures over the last
+minute, ISO 8601 UTC times, workers, the events; and that the drain/maintenance/enable buttons
+ask for the token and show the API's answer. No console error anywhere (the page polls once a
+second, so every change shows within a few seconds).
 
 POINTSMAN_UPDATE_SCREENSHOT=1 also writes the screenshot to docs/status-page.png.
 """
@@ -12,7 +15,9 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +28,7 @@ import pytest
 import yaml
 
 from pointsman import __version__
+from pointsman.admin.auth import REQUIRED
 from tests.support import (
     LOOPBACK,
     close_writer,
@@ -32,6 +38,7 @@ from tests.support import (
     refused_port,
     roundtrip,
     running,
+    wait_closed,
     wait_for,
 )
 
@@ -176,7 +183,44 @@ async def browser_page(workdir: Path) -> AsyncIterator[DevTools]:
 
 def state_of(backend: str) -> str:
     selector = json.dumps(f'span.state[data-backend="{backend}"]')
-    return f"document.querySelector({selector})?.textContent ?? null"
+    return f"(document.querySelector({selector})?.textContent ?? null)"
+
+
+def text_of(selector: str) -> str:
+    """A page expression (parenthesised, so it can be compared or called on): the rendered text
+    of the first element `selector` matches, or null."""
+    return f"(document.querySelector({json.dumps(selector)})?.innerText ?? null)"
+
+
+def pool_line(pool: str) -> str:
+    return text_of(f'#pools li[data-pool="{pool}"]')
+
+
+def cell(table: str, key: str, column: int) -> str:
+    """The text of one cell of a row (rows are keyed: listener name, or pool/backend)."""
+    row = json.dumps(f'#{table} tbody tr[data-key="{key}"]')
+    return f"(document.querySelector({row})?.cells[{column}]?.innerText ?? null)"
+
+
+BANNER_SHOWN = '!document.getElementById("banner").hidden'
+REFUSED_COLUMN = 9  # listeners: refused, last minute / total, then the reasons
+FAILURES_COLUMN = 6  # backends: connect failures, last minute / total
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+async def api(admin: str, method: str, path: str, token: str | None = TOKEN
+              ) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http, http.request(
+            method, f"http://{admin}{path}", headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def backend_state(admin: str, pool: str, backend: str) -> str:
+    _, doc = await api(admin, "GET", "/api/v1/status")
+    [found] = [b for p in doc["pools"] if p["name"] == pool for b in p["backends"]
+               if b["id"] == backend]
+    return str(found["state"])
 
 
 async def steady_load(listen: str, stop: asyncio.Event) -> None:
@@ -189,23 +233,57 @@ async def steady_load(listen: str, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), 0.05)
 
 
+async def served(address: str) -> bool:
+    """One connection to an echo pool: True when it was served, False when it was refused."""
+    reader, writer = await connect(address)
+    try:
+        writer.write(b"x")
+        async with asyncio.timeout(UPDATE_TIMEOUT):
+            data = await reader.read(1)
+    except ConnectionError:
+        data = b""
+    finally:
+        await close_writer(writer)
+    return data == b"x"
+
+
+async def full_page_png(page: DevTools) -> bytes:
+    """The whole page, not only the window: the screenshot in the docs shows every section."""
+    size = (await page.send("Page.getLayoutMetrics"))["cssContentSize"]
+    shot = await page.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                           clip={"x": 0, "y": 0, "width": size["width"],
+                                 "height": size["height"], "scale": 1})
+    png = base64.b64decode(shot["data"])
+    assert png.startswith(PNG_MAGIC)
+    return png
+
+
 async def test_status_page_renders_and_shows_a_drain(tmp_path: Path) -> None:
+    """Two pools, one degraded (a backend down, one drained through the API): the page shows
+    the node name, each pool's availability line, every backend's state and how long it has held
+    it, ISO 8601 UTC times, the process, and the drain in transitions and events."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     admin = f"{LOOPBACK}:{free_port()}"
-    listen = f"{LOOPBACK}:{free_port()}"
+    listen, cache = f"{LOOPBACK}:{free_port()}", f"{LOOPBACK}:{free_port()}"
     check = {"type": "tcp", "interval": "200ms", "timeout": "200ms", "rise": 1, "fall": 1}
     async with echo_backend() as a, echo_backend() as b, echo_backend() as c:
         with refused_port() as dead:
             config = yaml.safe_dump({
-                "listeners": [{"name": "web", "bind": listen, "pool": "app"}],
+                "node": {"name": "lb-test-1"},
+                "listeners": [{"name": "web", "bind": listen, "pool": "app"},
+                              # One new connection per 5 s (a burst of one): the rest refused.
+                              {"name": "cache", "bind": cache, "pool": "cache",
+                               "limits": {"new_connections_per_second": 0.2}}],
                 "pools": [{"name": "app", "algorithm": "least_connections", "health_check": check,
                            "backends": [
                                {"address": a.address, "name": "app-1"},
                                {"address": b.address, "name": "app-2", "weight": 2},
                                {"address": c.address, "name": "app-3"},
                                {"address": f"{LOOPBACK}:{dead}", "name": "app-4"},
-                           ]}],
+                           ]},
+                          {"name": "cache", "backends": [{"address": a.address, "name": "cache-1"},
+                                                        {"address": b.address, "name": "cache-2"}]}],
                 "admin": {"bind": admin, "token_file": str(token_file)},
             })
             async with running(config) as runtime, browser_page(tmp_path) as page:
@@ -223,26 +301,46 @@ async def test_status_page_renders_and_shows_a_drain(tmp_path: Path) -> None:
                 await page.send("Page.navigate", url=f"http://{admin}/")
                 await page.wait_until(
                     '(document.getElementById("updated")?.textContent ?? "never") !== "never"'
-                    ' && document.querySelectorAll("#backends tbody tr").length === 4',
+                    ' && document.querySelectorAll("#backends tbody tr").length === 6',
                     RENDER_TIMEOUT, "the first render")
                 for backend, state in (("app-1", "up"), ("app-2", "up"), ("app-3", "up"),
                                        ("app-4", "down")):
                     assert await page.evaluate(state_of(backend)) == state, backend
                 assert await page.evaluate('document.getElementById("version").textContent') \
                     == __version__
-                listeners = await page.evaluate(
-                    'document.querySelector("#listeners tbody").innerText')
+                assert await page.evaluate('document.getElementById("node").textContent') \
+                    == "lb-test-1"
+                assert "lb-test-1" in await page.evaluate("document.title")
+                assert await page.evaluate(pool_line("app")) == \
+                    "app: 3 of 4 available (1 down) least_connections"
+                assert (await page.evaluate(pool_line("cache"))).startswith(
+                    "cache: 2 of 2 available")
+                assert not await page.evaluate(BANNER_SHOWN)
+                listeners = await page.evaluate(text_of("#listeners tbody"))
                 assert "web" in listeners and listen in listeners
+                # Times: ISO 8601 in UTC with the date; local time in the tooltip; durations.
+                updated = await page.evaluate(text_of("#updated time"))
+                assert ISO_UTC.match(updated), updated
+                assert (await page.evaluate('document.querySelector("#updated time").title')
+                        ).startswith("local time: ")
+                assert re.fullmatch(r"down\nfor (\d+m )?\d+s",
+                                    await page.evaluate(cell("backends", "app/app-4", 2)))
+                # One process, no workers.
+                assert await page.evaluate(
+                    '[...document.querySelectorAll("#processes tbody tr")]'
+                    '.map(r => r.cells[0].innerText)') == ["single"]
+                assert await page.evaluate('!document.getElementById("no-workers").hidden')
 
-                async with aiohttp.ClientSession() as http, http.post(
-                        f"http://{admin}/api/v1/pools/app/backends/app-2/drain",
-                        headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-                    assert r.status == 200
+                status, answer = await api(admin, "POST", "/api/v1/pools/app/backends/app-2/drain")
+                assert status == 200 and answer["state"] == "draining"
 
                 # No reload: the page's own polling picks the change up.
                 await page.wait_until(f'{state_of("app-2")} === "draining"', UPDATE_TIMEOUT,
                                       "app-2 shown as draining")
                 assert await page.evaluate(state_of("app-1")) == "up"
+                assert await page.evaluate(pool_line("app")) == \
+                    "app: 2 of 4 available (1 draining, 1 down) least_connections"
+                assert not await page.evaluate(BANNER_SHOWN)  # degraded, still ready
                 await page.wait_until(
                     'document.querySelector("#transitions tbody").innerText'
                     '.includes("operator drain")', UPDATE_TIMEOUT, "the drain listed")
@@ -257,6 +355,13 @@ async def test_status_page_renders_and_shows_a_drain(tmp_path: Path) -> None:
                 drained = next(i for i, e in enumerate(events) if "app/app-2: up -> draining" in e)
                 assert drain_call < drained, events  # newest first: the call was recorded last
                 assert "admin" in events[drain_call] and "backend" in events[drained]
+                assert ISO_UTC.match(events[drain_call].split("\t")[0]), events[drain_call]
+                # Refusals by the rate limit, counted over the last minute and by reason.
+                refused = [not await served(cache) for _ in range(4)].count(True)
+                assert refused >= 3
+                await page.wait_until(f'{cell("listeners", "cache", REFUSED_COLUMN)} === '
+                                      f'"{refused} / {refused}\\nrate_limited {refused}"',
+                                      UPDATE_TIMEOUT, "the rate-limited connections counted")
                 assert await page.evaluate('document.getElementById("error").textContent') == ""
                 assert page.problems() == []
 
@@ -268,14 +373,194 @@ async def test_status_page_renders_and_shows_a_drain(tmp_path: Path) -> None:
                         await asyncio.wait_for(asyncio.shield(loader), SCREENSHOT_LOAD_SECONDS)
                     stop.set()
                     await loader
-                shot = await page.send("Page.captureScreenshot", format="png")
-                png = base64.b64decode(shot["data"])
-                assert png.startswith(PNG_MAGIC)
+                png = await full_page_png(page)
                 (tmp_path / "status-page.png").write_bytes(png)
                 if os.environ.get("POINTSMAN_UPDATE_SCREENSHOT") == "1":
                     SCREENSHOT.write_bytes(png)
                 assert page.problems() == []
                 await close_writer(held[1])
+
+
+async def test_a_pool_without_backends_raises_the_banner_and_refusals_show_as_a_rate(
+        tmp_path: Path) -> None:
+    """Both backends of a pool drained: the banner says the node is not ready and why, the pool
+    line says 0 of 2; five connections refused for no_backend show in the listener's refusals of
+    the last minute, by reason; a dead backend's connect failures show on its row. Enabling the
+    backends again clears the banner."""
+    (tmp_path / "token").write_text(TOKEN)
+    admin = f"{LOOPBACK}:{free_port()}"
+    front, back = f"{LOOPBACK}:{free_port()}", f"{LOOPBACK}:{free_port()}"
+    async with echo_backend() as w1, echo_backend() as w2, echo_backend() as live:
+        with refused_port() as dead:
+            config = yaml.safe_dump({
+                "listeners": [{"name": "front", "bind": front, "pool": "web"},
+                              {"name": "back", "bind": back, "pool": "api"}],
+                "pools": [{"name": "web", "backends": [{"address": w1.address, "name": "web-1"},
+                                                       {"address": w2.address, "name": "web-2"}]},
+                          # No health check and no passive ejection: the dead one stays up and
+                          # every connection tried on it first is retried on the live one.
+                          {"name": "api", "passive": {"consecutive_failures": 0},
+                           "backends": [{"address": live.address, "name": "api-1"},
+                                        {"address": f"{LOOPBACK}:{dead}", "name": "api-2"}]}],
+                "admin": {"bind": admin, "token_file": str(tmp_path / "token")},
+            })
+            async with running(config), browser_page(tmp_path) as page:
+                await page.send("Page.navigate", url=f"http://{admin}/")
+                await page.wait_until('document.querySelectorAll("#pools li").length === 2',
+                                      RENDER_TIMEOUT, "the first render")
+                assert (await page.evaluate(pool_line("web"))).startswith("web: 2 of 2 available")
+                assert not await page.evaluate(BANNER_SHOWN)
+
+                for backend in ("web-1", "web-2"):
+                    status, _ = await api(admin, "POST", f"/api/v1/pools/web/backends/{backend}/drain")
+                    assert status == 200
+                await page.wait_until(BANNER_SHOWN, UPDATE_TIMEOUT, "the banner shown")
+                banner = await page.evaluate(text_of("#banner"))
+                assert banner.startswith("NOT READY: /readyz answers 503"), banner
+                assert "no backend available in pool web" in banner and "api" not in banner
+                assert (await page.evaluate(pool_line("web"))).startswith(
+                    "web: 0 of 2 available (2 draining)")
+                assert "NOT READY" in await page.evaluate("document.title")
+                async with aiohttp.ClientSession() as http, http.get(f"http://{admin}/readyz") as r:
+                    assert r.status == 503  # what the banner says
+
+                for _ in range(5):
+                    reader, writer = await connect(front)
+                    await wait_closed(reader, UPDATE_TIMEOUT)
+                    await close_writer(writer)
+                await page.wait_until(f'{cell("listeners", "front", REFUSED_COLUMN)}'
+                                      '?.startsWith("5 / 5")', UPDATE_TIMEOUT,
+                                      "five refusals in the last minute")
+                assert await page.evaluate(cell("listeners", "front", REFUSED_COLUMN)) == \
+                    "5 / 5\nno_backend 5"
+                assert await page.evaluate(cell("listeners", "back", REFUSED_COLUMN)) == "0 / 0"
+
+                for _ in range(4):
+                    reader, writer = await connect(back)
+                    await roundtrip(reader, writer, b"ping")
+                    await close_writer(writer)
+                _, doc = await api(admin, "GET", "/api/v1/status")
+                [failures] = [b["connect_failures"] for p in doc["pools"] for b in p["backends"]
+                              if b["id"] == "api-2"]
+                assert failures >= 1
+                await page.wait_until(f'{cell("backends", "api/api-2", FAILURES_COLUMN)}'
+                                      f' === "{failures} / {failures}"', UPDATE_TIMEOUT,
+                                      "the dead backend's connect failures")
+                assert await page.evaluate(cell("backends", "api/api-1", FAILURES_COLUMN)) == "0 / 0"
+
+                await api(admin, "POST", "/api/v1/pools/web/backends/web-1/enable")
+                await page.wait_until(f"!({BANNER_SHOWN})", UPDATE_TIMEOUT, "the banner gone")
+                assert (await page.evaluate(pool_line("web"))).startswith(
+                    "web: 1 of 2 available (1 draining)")
+                await api(admin, "POST", "/api/v1/pools/web/backends/web-2/enable")
+                await page.wait_until(f'{pool_line("web")}.startsWith("web: 2 of 2 available")',
+                                      UPDATE_TIMEOUT, "the pool whole again")
+                assert page.problems() == []
+
+
+async def test_the_operator_buttons_ask_for_the_token_and_show_the_answer(tmp_path: Path) -> None:
+    """Drain with no token: the API's 401 is shown and nothing changes. With the token: the
+    backend drains (as the API says), the answer shows its state and active connections, and the
+    token is kept for the tab (never in the address) for maintenance and enable. Without `node`
+    in the config the header shows the host name."""
+    (tmp_path / "token").write_text(TOKEN)
+    admin = f"{LOOPBACK}:{free_port()}"
+    async with echo_backend() as a, echo_backend() as b:
+        config = yaml.safe_dump({
+            "listeners": [{"name": "web", "bind": f"{LOOPBACK}:{free_port()}", "pool": "app"}],
+            "pools": [{"name": "app", "backends": [{"address": a.address, "name": "app-1"},
+                                                   {"address": b.address}]}],
+            "admin": {"bind": admin, "token_file": str(tmp_path / "token")},
+        })
+        async with running(config), browser_page(tmp_path) as page:
+            await page.send("Page.navigate", url=f"http://{admin}/")
+            await page.wait_until('document.querySelectorAll("#backends tbody tr").length === 2',
+                                  RENDER_TIMEOUT, "the first render")
+            assert await page.evaluate('document.getElementById("node").textContent') \
+                == socket.gethostname()
+
+            async def press(action: str, backend: str, token: str | None) -> str:
+                """Click the button, fill the form, submit; the answer shown."""
+                await page.evaluate('document.getElementById("answer").hidden = true')
+                button = json.dumps(f'button[data-action="{action}"][data-backend="{backend}"]')
+                await page.evaluate(f"document.querySelector({button}).click()")
+                assert not await page.evaluate('document.getElementById("action").hidden')
+                assert await page.evaluate(text_of("#action-what")) == f"{action} app/{backend}?"
+                if token is not None:
+                    await page.evaluate(
+                        f'document.getElementById("action-token").value = {json.dumps(token)}')
+                await page.evaluate('document.getElementById("action-go").click()')
+                await page.wait_until('!document.getElementById("answer").hidden',
+                                      UPDATE_TIMEOUT, f"the answer to {action}")
+                return str(await page.evaluate(text_of("#answer")))
+
+            answer = await press("drain", "app-1", None)
+            assert answer.endswith(f"drain app/app-1 refused: HTTP 401: {REQUIRED}"), answer
+            assert ISO_UTC.match(answer.split(" ")[0]), answer
+            assert await page.evaluate('document.getElementById("answer").className') == "fail"
+            assert await backend_state(admin, "app", "app-1") == "up"
+
+            answer = await press("drain", "app-1", TOKEN)
+            assert answer.endswith("drain app/app-1: 200 OK: now draining, 0 active connections")
+            assert await backend_state(admin, "app", "app-1") == "draining"
+            await page.wait_until(f'{state_of("app-1")} === "draining"', UPDATE_TIMEOUT,
+                                  "app-1 shown as draining")
+            assert await page.evaluate(
+                'document.querySelector(\'button[data-action="drain"][data-backend="app-1"]\')'
+                '.disabled')
+            assert await page.evaluate('sessionStorage.getItem("pointsman-write-token")') == TOKEN
+            assert TOKEN not in await page.evaluate("location.href")
+
+            # The token is offered again; a backend named by its address works too.
+            other = b.address
+            await page.evaluate(
+                f'document.querySelector(\'button[data-action="maintenance"]'
+                f'[data-backend="{other}"]\').click()')
+            assert await page.evaluate('document.getElementById("action-token").value') == TOKEN
+            await page.evaluate('document.getElementById("action-cancel").click()')
+            assert await page.evaluate('document.getElementById("action").hidden')
+            answer = await press("maintenance", other, None)
+            assert answer.endswith(f"maintenance app/{other}: 200 OK: now maintenance, "
+                                   "0 active connections"), answer
+            assert await backend_state(admin, "app", other) == "maintenance"
+            answer = await press("enable", "app-1", None)
+            assert answer.endswith("enable app/app-1: 200 OK: now up, 0 active connections")
+            assert await backend_state(admin, "app", "app-1") == "up"
+            await page.wait_until('document.querySelector("#events tbody").innerText.includes('
+                                  '"POST /api/v1/pools/app/backends/app-1/enable by token default")',
+                                  UPDATE_TIMEOUT, "the enable call in recent events")
+            # The one problem the browser saw is the refused POST (logged as a failed load).
+            problems = page.problems()
+            assert len(problems) == 1 and "401" in problems[0], problems
+            assert "/api/v1/pools/app/backends/app-1/drain" in problems[0], problems
+
+
+async def test_the_page_lists_the_workers_and_their_processes(tmp_path: Path) -> None:
+    """A control process with two workers: one row per worker (running, its pid, no restarts)
+    and one per process (control and both workers)."""
+    admin = f"{LOOPBACK}:{free_port()}"
+    config = yaml.safe_dump({
+        "listeners": [{"name": "web", "bind": f"{LOOPBACK}:{free_port()}", "pool": "app"}],
+        "pools": [{"name": "app", "backends": [{"address": f"{LOOPBACK}:9", "name": "app-1"}]}],
+        "admin": {"bind": admin},
+    })
+    async with running(config, workers=2) as node, browser_page(tmp_path) as page:
+        pids = {w.index: w.pid for w in node.workers()}
+        await page.send("Page.navigate", url=f"http://{admin}/")
+        await page.wait_until('document.querySelectorAll("#workers tbody tr").length === 2',
+                              RENDER_TIMEOUT, "the workers listed")
+        rows = await page.evaluate('[...document.querySelectorAll("#workers tbody tr")]'
+                                   '.map(r => [...r.cells].map(c => c.innerText))')
+        for index, row in enumerate(rows):
+            assert row[:3] == [f"worker {index}", "running", str(pids[index])], row
+            assert ISO_UTC.match(row[3]) and row[5] == "0", row
+        await page.wait_until('document.querySelectorAll("#processes tbody tr").length === 3',
+                              RENDER_TIMEOUT, "every process listed")
+        names = await page.evaluate('[...document.querySelectorAll("#processes tbody tr")]'
+                                    '.map(r => r.cells[0].innerText)')
+        assert sorted(names) == ["control", "worker-0", "worker-1"]
+        assert await page.evaluate('document.getElementById("no-workers").hidden')
+        assert page.problems() == []
 
 
 async def test_the_page_reports_a_failed_update(tmp_path: Path) -> None:

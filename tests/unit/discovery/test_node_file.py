@@ -87,6 +87,9 @@ def test_overlay_replaces_whole_keys_and_binds_listeners() -> None:
 
 def test_a_node_file_is_not_a_cluster_config() -> None:
     assert is_node_data({"node": {}}) and not is_node_data({"listeners": []})
+    # A plain config may name its node; with config_source it is a node file whatever else it has.
+    assert not is_node_data({"node": {"name": "lb-a"}, "listeners": [], "pools": []})
+    assert is_node_data({"config_source": {}, "listeners": []})
     with pytest.raises(ConfigError) as raised:
         load_text(NODE, "node.yaml")
     assert [str(i) for i in raised.value.issues] == [
