@@ -493,6 +493,15 @@ cdef class CEngine:
             return None
         return (addr_host(&a), addr_port(&a))
 
+    def buffered(self, uint64_t conn_id):
+        cdef Conn conn = self.conns.get(conn_id)
+        if conn is None:
+            return None
+        return (conn.up.len + conn.up.pipe_len, conn.down.len + conn.down.pipe_len)
+
+    def connections(self):
+        return list(self.conns)
+
     def listener_stats(self, int lid):
         cdef Listener lst = self.listeners[lid]
         return ListenerCounters(lst.accepted, lst.refused, lst.ended, lst.active, lst.bytes_in,

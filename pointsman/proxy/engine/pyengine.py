@@ -301,6 +301,19 @@ class PyEngine:
         name = conn.client.sock.getsockname()
         return (name[0], name[1])
 
+    def buffered(self, conn_id: int) -> tuple[int, int] | None:
+        """Bytes held for one connection (up, down): in our buffers, or in its pipes once
+        spliced. None once it ended."""
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return None
+        return (len(conn.up.pending or b"") + conn.up.pipe_len,
+                len(conn.down.pending or b"") + conn.down.pipe_len)
+
+    def connections(self) -> list[int]:
+        """Ids of the live connections."""
+        return list(self._conns)
+
     def listener_stats(self, lid: int) -> ListenerCounters:
         return self._listeners[lid].counters()
 
