@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Install everything pointsman and its tests need on a fresh Debian 12 machine (run as root or
-# with sudo): the real peers used by the interop tests, then a virtualenv with the package.
+# with sudo): the real peers used by the interop tests, a C compiler and Python headers for the
+# compiled connection engine (optional: without them the pure-Python engine is used), then a
+# virtualenv with the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(haproxy nginx libnginx-mod-stream redis-server openssl socat wrk iperf3 dnsutils dnsmasq-base prometheus chromium etcd-server bird2 iproute2 nftables python3-nftables conntrack)
+DEBIAN_PACKAGES=(gcc libc6-dev python3-dev haproxy nginx libnginx-mod-stream redis-server openssl socat wrk iperf3 dnsutils dnsmasq-base prometheus chromium etcd-server bird2 iproute2 nftables python3-nftables conntrack)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
