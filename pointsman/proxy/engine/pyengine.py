@@ -803,6 +803,10 @@ class PyEngine:
 
     def _forward_fin(self, conn: _Conn, d: _Dir, dst: _Side) -> int:
         if not d.fin_sent:
+            other = conn.down if d is conn.up else conn.up
+            if other.fin_sent:  # the last FIN: the close that follows sends it
+                d.fin_sent = True
+                return _OK
             try:
                 dst.sock.shutdown(socket.SHUT_WR)
             except OSError:
