@@ -124,9 +124,10 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listening on {port} after {timeout}s")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_kib(pid: int) -> int:
@@ -192,14 +193,20 @@ def wrk_result(proc: subprocess.Popen[str], seconds: float) -> tuple[int, float]
 
 
 def cpu_per_connection(proxies: list[Proxy], seconds: float, load_cpu: str | None,
-                       order: int) -> dict[str, float]:
-    """All proxies under `Connection: close` load at once; microseconds of CPU per connection."""
+                       order: int) -> dict[str, tuple[float, float]]:
+    """All proxies under `Connection: close` load at once; (user, system) microseconds of CPU
+    per connection for each."""
     turn = proxies[order % len(proxies):] + proxies[:order % len(proxies)]
     before = {p.name: cpu_seconds(p.pid) for p in turn}
     loads = {p.name: wrk(p.http, seconds, close=True, cpu=load_cpu, connections=32) for p in turn}
     done = {name: wrk_result(proc, seconds) for name, proc in loads.items()}
     after = {p.name: cpu_seconds(p.pid) for p in turn}
-    return {name: 1e6 * (after[name] - before[name]) / max(done[name][0], 1) for name in done}
+    out = {}
+    for name, (requests, _) in done.items():
+        n = max(requests, 1)
+        out[name] = (1e6 * (after[name][0] - before[name][0]) / n,
+                     1e6 * (after[name][1] - before[name][1]) / n)
+    return out
 
 
 def keepalive(proxy: Proxy, seconds: float, load_cpu: str | None) -> float:
@@ -302,8 +309,11 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
     results: dict[str, dict[str, list[float]]] = {p.name: {} for p in proxies}
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}: CPU per connection (paired) ...", file=sys.stderr)
-        for name, us in cpu_per_connection(proxies, args.seconds, load_cpu, round_).items():
-            results[name].setdefault("cpu_us_per_conn", []).append(us)
+        for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu,
+                                                       round_).items():
+            results[name].setdefault("cpu_us_per_conn", []).append(user + system)
+            results[name].setdefault("user_us", []).append(user)
+            results[name].setdefault("sys_us", []).append(system)
         turn = proxies[round_ % len(proxies):] + proxies[:round_ % len(proxies)]
         print(f"round {round_ + 1}: keep-alive ...", file=sys.stderr)
         for proxy in turn:
@@ -339,7 +349,9 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace)
     print(f"medians of {args.rounds} rounds; ratios vs HAProxy 2.6 nbthread 1, higher is better "
           "(CPU and memory: HAProxy's / ours). Paired CPU rounds (per round, us/conn):")
     for name, r in results.items():
-        print(f"  {name:14} " + ", ".join(f"{v:.1f}" for v in r["cpu_us_per_conn"]))
+        print(f"  {name:14} " + ", ".join(f"{v:.1f}" for v in r["cpu_us_per_conn"])
+              + f"   (median user {statistics.median(r['user_us']):.1f}, "
+              f"system {statistics.median(r['sys_us']):.1f})")
 
 
 if __name__ == "__main__":
