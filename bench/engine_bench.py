@@ -12,8 +12,9 @@ Measured:
   connections it carried. On a shared machine this holds where throughput does not: whatever
   the neighbours take, each proxy pays its own CPU per connection. Ratio = HAProxy's / ours
   (>= 1.0: as cheap as HAProxy or cheaper). `--rounds` rounds, the start order rotating, median;
+- CPU per keep-alive request, paired the same way (wrk without `Connection: close`);
 - keep-alive requests/s (wrk -c64, one proxy at a time, rotating order, median) and the ratio
-  to HAProxy;
+  to HAProxy: unpaired, so it moves with whatever the neighbours do;
 - bulk Gbit/s (iperf3, one stream; the engines splice after 1 MiB like pointsman's default);
 - memory per idle connection: RSS growth of the proxy process with `--idle` open connections.
 
@@ -193,12 +194,12 @@ def wrk_result(proc: subprocess.Popen[str], seconds: float) -> tuple[int, float]
 
 
 def cpu_per_connection(proxies: list[Proxy], seconds: float, load_cpu: str | None,
-                       order: int) -> dict[str, tuple[float, float]]:
-    """All proxies under `Connection: close` load at once; (user, system) microseconds of CPU
-    per connection for each."""
+                       order: int, close: bool = True) -> dict[str, tuple[float, float]]:
+    """All proxies under load at once; (user, system) microseconds of CPU per request for each:
+    per connection with `Connection: close`, per keep-alive request without."""
     turn = proxies[order % len(proxies):] + proxies[:order % len(proxies)]
     before = {p.name: cpu_seconds(p.pid) for p in turn}
-    loads = {p.name: wrk(p.http, seconds, close=True, cpu=load_cpu, connections=32) for p in turn}
+    loads = {p.name: wrk(p.http, seconds, close=close, cpu=load_cpu, connections=32) for p in turn}
     done = {name: wrk_result(proc, seconds) for name, proc in loads.items()}
     after = {p.name: cpu_seconds(p.pid) for p in turn}
     out = {}
@@ -314,6 +315,10 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
             results[name].setdefault("cpu_us_per_conn", []).append(user + system)
             results[name].setdefault("user_us", []).append(user)
             results[name].setdefault("sys_us", []).append(system)
+        print(f"round {round_ + 1}: CPU per keep-alive request (paired) ...", file=sys.stderr)
+        for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu, round_,
+                                                       close=False).items():
+            results[name].setdefault("ka_cpu_us_per_req", []).append(user + system)
         turn = proxies[round_ % len(proxies):] + proxies[:round_ % len(proxies)]
         print(f"round {round_ + 1}: keep-alive ...", file=sys.stderr)
         for proxy in turn:
@@ -331,9 +336,10 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
 
 def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
     base = {key: statistics.median(v) for key, v in results["haproxy"].items()}
-    columns = ["cpu_us_per_conn", "keepalive_rps", "bulk_gbps", "kib_per_idle_conn"]
+    columns = ["cpu_us_per_conn", "ka_cpu_us_per_req", "keepalive_rps", "bulk_gbps",
+               "kib_per_idle_conn"]
     # Ratios read "as good as HAProxy" at 1.0 and better above, whichever way a column runs.
-    lower_is_better = {"cpu_us_per_conn", "kib_per_idle_conn"}
+    lower_is_better = {"cpu_us_per_conn", "ka_cpu_us_per_req", "kib_per_idle_conn"}
     print(f"\n{'':16}" + "".join(f"{c:>26}" for c in columns))
     for name, r in results.items():
         cells = []

@@ -296,6 +296,7 @@ cdef class Listener:
 
 @cython.final
 @cython.freelist(256)
+@cython.no_gc  # no cycles but the wheel links, which _wheel_remove breaks at every end
 cdef class Conn:
     cdef uint64_t id
     cdef Listener lst
