@@ -12,7 +12,7 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 WORK=$(mktemp -d /tmp/pointsman-asan.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 
-cp -r "$ROOT/pointsman" "$ROOT/tests" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/"
+cp -r "$ROOT/pointsman" "$ROOT/tests" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/README.md" "$WORK/"
 cd "$WORK"
 find . -name '__pycache__' -prune -exec rm -rf {} +
 rm -f pointsman/proxy/engine/_engine*.so pointsman/proxy/engine/_engine.c
