@@ -208,3 +208,33 @@ async def test_counters_add_up_after_every_kind_of_ending(engine: str) -> None:
     reasons = sorted(r.reason for r in p.records())
     assert reasons == sorted([End.CLIENT_FIN, End.CLIENT_RESET, End.IDLE_TIMEOUT, End.REFUSED,
                               End.REFUSED, End.CLOSED])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_source_address_and_sockname(engine: str) -> None:
+    """A target's source address is the backend's view of the peer; `sockname` tells the
+    policy where the client connected (a PROXY header's destination)."""
+    peers: list[str] = []
+    names: list[tuple[str, int] | None] = []
+
+    async def record_peer(conn: socket.socket) -> None:
+        peers.append(conn.getpeername()[0])
+        await echo(conn)
+
+    async with raw_backend(record_peer) as backend, proxy(
+            engine, [backend.port], source="127.0.0.2",
+            read_preamble=ReadPreamble(2, 1.0, TIMEOUT_CODE, OVERFLOW_CODE)) as p:
+
+        def decide(conn_id: int, data: bytes) -> Decision | None:
+            names.append(p.engine.sockname(conn_id))
+            return p.policy.targets[0]
+
+        p.policy.on_preamble = decide
+        sock = await open_raw(p.address)
+        await asyncio.get_running_loop().sock_sendall(sock, b"hi")
+        sock.shutdown(socket.SHUT_WR)
+        assert await recv_to_end(sock) == (b"hi", "eof")
+        sock.close()
+        await p.wait_ended(1)
+    assert peers == ["127.0.0.2"]
+    assert names == [p.address]
