@@ -51,23 +51,23 @@ import uvloop
 from pointsman.proxy.engine import new_engine
 from pointsman.proxy.engine.simple import RoundRobinPolicy
 
-async def main(name, port, backends):
+async def main(name, port, backends, nodelay):
     loop = asyncio.get_running_loop()
     engine = new_engine(loop, name)
     targets = [engine.target(i, "127.0.0.1", p, idle_timeout=600, splice_after=1 << 20,
-                             connect_timeout=2) for i, p in enumerate(backends)]
+                             connect_timeout=2, nodelay=nodelay) for i, p in enumerate(backends)]
     for listen, target in zip(port, targets):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", listen))
         sock.listen(4096)
-        engine.add_listener(sock, RoundRobinPolicy([target], keep_records=False))
+        engine.add_listener(sock, RoundRobinPolicy([target], keep_records=False), nodelay=nodelay)
     print(engine.name, flush=True)
     await asyncio.Event().wait()
 
 ports = [int(p) for p in sys.argv[2].split(",")]
 backends = [int(p) for p in sys.argv[3].split(",")]
-uvloop.run(main(sys.argv[1], ports, backends))
+uvloop.run(main(sys.argv[1], ports, backends, sys.argv[4] == "1"))
 """
 
 NGINX = """
@@ -262,6 +262,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle", type=int, default=8000)
     parser.add_argument("--skip-idle", action="store_true")
+    parser.add_argument("--no-nodelay", action="store_true",
+                        help="leave Nagle on in the engines (HAProxy's default; pointsman sets "
+                             "TCP_NODELAY like uvloop does)")
     args = parser.parse_args()
     for tool in ("haproxy", "nginx", "wrk", "iperf3"):
         if shutil.which(tool) is None:
@@ -284,7 +287,8 @@ def main() -> None:
             for name in ("cython", "python"):
                 proxy = Proxy(f"engine-{name}", free_port(), free_port())
                 proc = procs.start([sys.executable, "-c", SERVER, name, f"{proxy.http},{proxy.bulk}",
-                                    f"{backend_http},{backend_bulk}"], proxy_cpu,
+                                    f"{backend_http},{backend_bulk}",
+                                    "0" if args.no_nodelay else "1"], proxy_cpu,
                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
                 assert proc.stdout is not None
                 print(f"{proxy.name}: engine {proc.stdout.readline().decode().strip()}",
