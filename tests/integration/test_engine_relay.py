@@ -10,7 +10,9 @@ import socket
 
 import pytest
 
+from pointsman.proxy.engine import new_engine
 from pointsman.proxy.engine.api import READ_CHUNK, End, Flag
+from pointsman.proxy.engine.simple import RoundRobinPolicy
 from tests.integration.engine_support import (
     ENGINES,
     echo,
@@ -19,7 +21,7 @@ from tests.integration.engine_support import (
     raw_backend,
     recv_to_end,
 )
-from tests.support import wait_for
+from tests.support import LOOPBACK6, has_ipv6, wait_for
 
 CONNECTIONS = 16
 SIZE = 2 * 1024 * 1024
@@ -164,3 +166,37 @@ async def test_client_that_never_reads_holds_bounded_memory(engine: str, splice_
     assert held[1] <= bound, held
     # Everything the proxy read is either held or went to the client's (small) socket buffers.
     assert counters.bytes_out <= sent[0]
+
+
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_ipv6_listener_and_backend(engine: str) -> None:
+    loop = asyncio.get_running_loop()
+    server = socket.socket(socket.AF_INET6)
+    server.bind((LOOPBACK6, 0))
+    server.listen(8)
+    server.setblocking(False)
+    eng = new_engine(loop, engine)
+    policy = RoundRobinPolicy([eng.target(0, LOOPBACK6, server.getsockname()[1])])
+    lsock = socket.socket(socket.AF_INET6)
+    lsock.bind((LOOPBACK6, 0))
+    lsock.listen(8)
+    eng.add_listener(lsock, policy)
+    try:
+        client = socket.socket(socket.AF_INET6)
+        client.setblocking(False)
+        await loop.sock_connect(client, lsock.getsockname()[:2])
+        backend_side, _ = await loop.sock_accept(server)
+        backend_side.setblocking(False)
+        await loop.sock_sendall(client, b"over v6")
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_to_end(backend_side) == (b"over v6", "eof")
+        backend_side.close()
+        assert await recv_to_end(client) == (b"", "eof")
+        client.close()
+        await wait_for(lambda: len(policy.records) == 1, 5.0)
+    finally:
+        eng.shutdown(0)
+        lsock.close()
+        server.close()
+    assert policy.records[0].reason == End.CLIENT_FIN
