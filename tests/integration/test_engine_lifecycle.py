@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from pointsman.proxy.engine.api import Connect, Decision, End, Flag, ReadPreamble, Refuse
+from pointsman.proxy.engine.api import ENGINE_ERROR, Connect, Decision, End, Flag, ReadPreamble, Refuse
 from tests.integration.engine_support import (
     ENGINES,
     echo,
@@ -238,3 +238,33 @@ async def test_source_address_and_sockname(engine: str) -> None:
         await p.wait_ended(1)
     assert peers == ["127.0.0.2"]
     assert names == [p.address]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_bad_decision_cuts_only_its_connection(engine: str) -> None:
+    """A policy bug (a non-integer `consume`) raises inside the engine: that connection is cut
+    (detail ENGINE_ERROR, logged) and the next one is served as usual. A bytearray
+    `send_first` is taken as bytes."""
+    preamble = ReadPreamble(64, 1.0, TIMEOUT_CODE, OVERFLOW_CODE)
+    async with raw_backend(echo) as backend, proxy(engine, [backend.port],
+                                                   read_preamble=preamble) as p:
+
+        def decide(conn_id: int, data: bytes) -> Decision | None:
+            consume: object = "3" if data.startswith(b"bad") else 3
+            return Connect(p.policy.targets[0], send_first=bytearray(b"<"),  # type: ignore[arg-type]
+                           consume=consume)  # type: ignore[arg-type]
+
+        p.policy.on_preamble = decide
+        loop = asyncio.get_running_loop()
+        ends = []
+        for line in (b"bad", b"ok!fine"):
+            sock = await open_raw(p.address)
+            await loop.sock_sendall(sock, line)
+            sock.shutdown(socket.SHUT_WR)
+            ends.append(await recv_to_end(sock))
+            sock.close()
+        records = await p.wait_ended(2)
+        p.assert_adds_up()
+    assert ends == [(b"", "reset"), (b"<fine", "eof")]
+    assert (records[0].reason, records[0].detail) == (End.CLOSED, ENGINE_ERROR)
+    assert records[1].reason == End.CLIENT_FIN

@@ -7,7 +7,6 @@ from typing import Any
 from pointsman.proxy.engine.api import EngineStatistics, ListenerCounters, Policy
 
 NAME: str
-POLICY_ERROR: int
 
 class CTarget:
     backend: int

@@ -24,7 +24,9 @@ from pointsman.proxy.engine.api import (
     ACCEPT_BACKOFF,
     ACCEPT_BATCH,
     EARLY_DATA_MAX,
+    ENGINE_ERROR,
     NEVER,
+    POLICY_ERROR,
     PIPE_SIZE,
     READ_CHUNK,
     RECORD,
@@ -41,7 +43,6 @@ from pointsman.proxy.engine.api import (
 log = logging.getLogger("pointsman.engine")
 
 NAME = "cython"
-POLICY_ERROR = 0xFFFF
 
 cdef enum:
     SLOTS = 4096
@@ -545,7 +546,10 @@ cdef class CEngine:
                         continue
                     raise OSError(errno, "epoll_wait")
                 for i in range(n):
-                    self._event(self.events[i].data.u64, self.events[i].events)
+                    try:
+                        self._event(self.events[i].data.u64, self.events[i].events)
+                    except Exception:  # one connection's bug must not stall the batch
+                        self._contain(self.events[i].data.u64)
                 self._close_now()
                 if n < MAX_EVENTS:
                     break
@@ -670,6 +674,17 @@ cdef class CEngine:
             raise OSError(errno, "epoll_ctl")
         return 0
 
+    cdef int _contain(self, uint64_t data) except -1:
+        cdef int fd = <int>(data & 0xFFFFFFFF)
+        cdef Conn conn
+        log.exception("engine: internal error on descriptor %d; its connection is cut", fd)
+        if data >> 32 or fd >= self.fdcap or self.fdmap[fd] == NULL:
+            return 0
+        conn = <Conn>self.fdmap[fd]
+        if conn.state != S_DONE:
+            self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
+        return 0
+
     cdef int _event(self, uint64_t data, uint32_t mask) except -1:
         cdef int fd = <int>(data & 0xFFFFFFFF)
         cdef Conn conn
@@ -772,10 +787,15 @@ cdef class CEngine:
         decision = self._call3(conn, lst.on_accept, conn.id, addr_host(peer), addr_port(peer))
         if conn.state == S_DONE:
             return 0
-        if type(decision) is not Refuse:
-            self._register(fd, conn)
-            conn.c_rd = 1  # a speculative read right after accept
-        self._apply(conn, decision)
+        try:
+            if type(decision) is not Refuse:
+                self._register(fd, conn)
+                conn.c_rd = 1  # a speculative read right after accept
+            self._apply(conn, decision)
+        except Exception:  # the listener's event cannot name this connection: contain it here
+            log.exception("engine: internal error on connection %d; it is cut", conn.id)
+            if conn.state != S_DONE:
+                self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
         return 0
 
     cdef object _call3(self, Conn conn, object fn, object a, object b, object c):
@@ -905,7 +925,7 @@ cdef class CEngine:
                       object source) except -1:
         cdef int err, op
         conn.target = target
-        conn.first = first if first else None
+        conn.first = bytes(first) if first else None  # _connected reads it as bytes, unchecked
         if consume > 0 and conn.up.len:
             if consume > conn.up.len:
                 consume = conn.up.len

@@ -49,6 +49,10 @@ TICK = 0.01
 # splice(2) pipe per direction once a connection moves to zero copy (proxy/splice.py PIPE_SIZE).
 PIPE_SIZE = 1 << 20
 NEVER = (1 << 63) - 1  # splice_after when zero copy is off
+# Record details the engine sets itself: the policy raised (or returned no decision), and an
+# unexpected error inside the engine while handling this connection's event (logged).
+POLICY_ERROR = 0xFFFF
+ENGINE_ERROR = 0xFFFE
 
 
 class Status(enum.IntEnum):

@@ -42,8 +42,10 @@ from pointsman.proxy.engine.api import (
     ACCEPT_BATCH,
     BACKOFF_ERRNOS,
     EARLY_DATA_MAX,
+    ENGINE_ERROR,
     NEVER,
     PIPE_SIZE,
+    POLICY_ERROR,
     READ_CHUNK,
     RECORD,
     TICK,
@@ -66,7 +68,6 @@ from pointsman.proxy.engine.wheel import Wheel
 log = logging.getLogger("pointsman.engine")
 
 NAME = "python"
-POLICY_ERROR = 0xFFFF  # detail of a connection refused because the policy raised
 IP_TRANSPARENT = 19  # linux/in.h
 SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in the send queue not yet sent
 F_SETPIPE_SZ = 1031
@@ -345,7 +346,10 @@ class PyEngine:
             for _ in range(4):
                 events = self._ep.poll(0, _MAX_EVENTS)
                 for fd, mask in events:
-                    self._event(fd, mask)
+                    try:
+                        self._event(fd, mask)
+                    except Exception:  # one connection's bug must not stall the batch
+                        self._contain(fd)
                 self._close_now()
                 if len(events) < _MAX_EVENTS:
                     break
@@ -427,6 +431,12 @@ class PyEngine:
                 except Exception:
                     log.exception("engine: policy.ended raised")
 
+    def _contain(self, fd: int) -> None:
+        log.exception("engine: internal error on descriptor %d; its connection is cut", fd)
+        owner = self._fds.get(fd)
+        if isinstance(owner, _Side) and owner.conn is not None and owner.conn.state != DONE:
+            self._end(owner.conn, End.CLOSED, ENGINE_ERROR, rst_client=True, rst_backend=True)
+
     def _event(self, fd: int, mask: int) -> None:
         owner = self._fds.get(fd)
         if owner is None:
@@ -501,11 +511,16 @@ class PyEngine:
         decision = self._call(conn, lst.on_accept, cid, addr[0], addr[1])
         if conn.state == DONE:
             return
-        if type(decision) is not Refuse:
-            self._fds[conn.client.fd] = conn.client
-            self._ep.register(conn.client.fd, _CONN_EVENTS)
-            conn.client.rd = True  # a speculative read right after accept
-        self._apply(conn, decision)
+        try:
+            if type(decision) is not Refuse:
+                self._fds[conn.client.fd] = conn.client
+                self._ep.register(conn.client.fd, _CONN_EVENTS)
+                conn.client.rd = True  # a speculative read right after accept
+            self._apply(conn, decision)
+        except Exception:  # the listener's event cannot name this connection: contain it here
+            log.exception("engine: internal error on connection %d; it is cut", cid)
+            if conn.state != DONE:
+                self._end(conn, End.CLOSED, ENGINE_ERROR, rst_client=True, rst_backend=True)
 
     def _call(self, conn: _Conn, fn: Callable[..., Any], *args: Any) -> Any:
         """Call the policy; a raise refuses the connection (logged), a cut from inside is seen."""
@@ -615,7 +630,7 @@ class PyEngine:
     def _connect(self, conn: _Conn, target: PyTarget, first: bytes, consume: int,
                  source: str | None) -> None:
         conn.target = target
-        conn.first = first
+        conn.first = bytes(first)
         pending = conn.up.pending
         if consume and isinstance(pending, bytearray):
             del pending[:consume]
