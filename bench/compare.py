@@ -358,7 +358,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="skip the 10,000-connection memory run")
-    args = parser.parse_args()
+    parser.add_argument("--engine", action="store_true",
+                        help="run bench/engine_bench.py instead: the connection engines against "
+                             "HAProxy, with paired CPU per connection")
+    args, rest = parser.parse_known_args()
+    if args.engine:
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("engine_bench.py")),
+                                  "--seconds", str(args.seconds), *rest])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     for tool in ("haproxy", "nginx", "wrk", "iperf3", "taskset"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing: run scripts/setup.sh")

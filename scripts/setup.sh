@@ -3,9 +3,12 @@
 #
 #   bash scripts/setup.sh            pointsman and its runtime dependencies, nothing else
 #   bash scripts/setup.sh --kernel   + Debian nftables, python3-nftables, conntrack (kernel data plane)
+#   bash scripts/setup.sh --engine   + a C compiler and Python headers, so the install builds the
+#                                    compiled connection engine (else the pure-Python one runs)
 #   bash scripts/setup.sh --bgp      + ExaBGP in the venv (VIP announcement, docs/bgp.md)
 #   bash scripts/setup.sh --peers    + every Debian package the tests use as a real peer
-#   bash scripts/setup.sh --test     + the test tools (pytest, ruff, mypy, ...), ExaBGP and the peers
+#   bash scripts/setup.sh --test     + the test tools (pytest, ruff, mypy, ...), ExaBGP, the peers
+#                                    and the compiler (the tests run both engines)
 #
 # Debian packages need root or sudo; every apt call waits up to 10 minutes for the dpkg lock (a new
 # cloud VM often runs unattended-upgrades) instead of failing. Without the scripts,
@@ -14,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KERNEL_PACKAGES=(nftables python3-nftables conntrack)
+ENGINE_PACKAGES=(gcc libc6-dev python3-dev)
 PEER_PACKAGES=(haproxy nginx libnginx-mod-stream redis-server openssl socat wrk iperf3 dnsutils
                dnsmasq-base prometheus prometheus-alertmanager chromium etcd-server bird2 iproute2 "${KERNEL_PACKAGES[@]}")
 LOCK_WAIT=600  # seconds
@@ -23,10 +27,11 @@ extras=()
 for arg in "$@"; do
     case "$arg" in
         --kernel) debs+=("${KERNEL_PACKAGES[@]}") ;;
+        --engine) debs+=("${ENGINE_PACKAGES[@]}") ;;
         --bgp) extras+=(bgp) ;;
         --peers) debs+=("${PEER_PACKAGES[@]}") ;;
-        --test) debs+=("${PEER_PACKAGES[@]}"); extras+=(test) ;;
-        -h|--help) sed -n '2,13s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --test) debs+=("${PEER_PACKAGES[@]}" "${ENGINE_PACKAGES[@]}"); extras+=(test) ;;
+        -h|--help) sed -n '2,16s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "setup: unknown option $arg (try --help)" >&2; exit 2 ;;
     esac
 done

@@ -1,0 +1,1576 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The compiled connection engine: pyengine.py's state machine with the per-connection work in C.
+
+Read pyengine.py first: this file is the same design, function for function (the names match),
+with connection state in C fields (`Conn`, no Python objects per connection beyond itself), the
+byte moving done with direct syscalls, a C array from descriptor to connection, and records
+packed into a C buffer per listener. Only what the policy needs crosses into Python: the accept
+decision, the preamble bytes, the connect outcome, and one packed record buffer per wake-up.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memset
+
+from pointsman.proxy.engine._sys cimport *
+
+import logging
+import socket as _socket
+
+from pointsman.proxy.engine.api import (
+    ACCEPT_BACKOFF,
+    ACCEPT_BATCH,
+    EARLY_DATA_MAX,
+    ENGINE_ERROR,
+    NEVER,
+    POLICY_ERROR,
+    PIPE_SIZE,
+    READ_CHUNK,
+    RECORD,
+    TICK,
+    WAKE_BUDGET,
+    Connect,
+    End,
+    EngineStatistics,
+    ListenerCounters,
+    ReadPreamble,
+    Refuse,
+)
+
+log = logging.getLogger("pointsman.engine")
+
+NAME = "cython"
+
+cdef enum:
+    SLOTS = 4096
+    MAX_EVENTS = 256
+    S_PREAMBLE = 0
+    S_CONNECTING = 1
+    S_RELAY = 2
+    S_DRAIN = 3
+    S_DONE = 4
+    R_OK = 0
+    R_SRC = 1
+    R_DST = 2
+    # End (api.py)
+    E_CLIENT_FIN = 1
+    E_BACKEND_FIN = 2
+    E_CLIENT_RESET = 3
+    E_BACKEND_RESET = 4
+    E_IDLE_TIMEOUT = 5
+    E_HALF_CLOSE_TIMEOUT = 6
+    E_CONNECT_FAILED = 7
+    E_LOCAL_RESOURCE = 8
+    E_REFUSED = 9
+    E_CLOSED = 10
+    # Flag (api.py)
+    F_CLIENT_FIN = 1
+    F_BACKEND_FIN = 2
+    F_CLIENT_RESET = 4
+    F_BACKEND_RESET = 8
+    F_CONNECTED = 16
+    F_SPLICED = 32
+    # Status, Op (api.py)
+    ST_OK = 0
+    ST_BACKEND = 1
+    ST_LOCAL = 2
+    OP_SOCKET = 0
+    OP_BIND = 1
+    OP_CONNECT = 2
+    OP_PIPE = 3
+    ERRNO_SLOTS = 256
+    IP_TRANSPARENT = 19
+    SIOCOUTQNSD = 0x894B
+    LISTENER_BIT = 1 << 31
+
+cdef int64_t C_NEVER = NEVER
+cdef Py_ssize_t C_READ_CHUNK = READ_CHUNK
+cdef Py_ssize_t C_EARLY_MAX = EARLY_DATA_MAX
+cdef Py_ssize_t C_BUDGET = WAKE_BUDGET
+cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
+cdef int64_t C_TICK_NS = <int64_t>(TICK * 1e9)
+cdef int64_t C_BACKOFF_NS = <int64_t>(ACCEPT_BACKOFF * 1e9)
+cdef int C_PIPE_SIZE = PIPE_SIZE
+cdef Py_ssize_t RECORD_SIZE = RECORD.size
+cdef unsigned int SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+cdef uint32_t READ_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
+cdef uint32_t HUP_EVENTS = EPOLLRDHUP | EPOLLHUP
+cdef uint32_t WRITE_EVENTS = EPOLLOUT | EPOLLERR | EPOLLHUP
+
+
+cdef packed struct Record:  # api.RECORD, field for field
+    uint64_t conn_id
+    int backend
+    uint8_t reason
+    uint8_t flags
+    uint16_t detail
+    uint64_t bytes_in
+    uint64_t bytes_out
+    int64_t started
+    int64_t connected
+    int64_t first_byte
+    int64_t ended
+    int64_t listener
+
+cdef struct Dir:
+    char* buf  # bytes read from the source not yet taken by the destination (malloc'ed)
+    Py_ssize_t off
+    Py_ssize_t len
+    Py_ssize_t cap
+    int pipe_r
+    int pipe_w
+    Py_ssize_t pipe_len
+    uint8_t eof
+    uint8_t fin_sent
+
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline bint is_local(int op, int err) noexcept:
+    if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM or err == EADDRNOTAVAIL:
+        return True
+    return (op == OP_BIND and err == EADDRINUSE) or op == OP_PIPE
+
+
+cdef int parse_addr(str host, int port, SockAddr* out) except -1:
+    cdef bytes raw = host.encode("ascii")
+    memset(out, 0, sizeof(SockAddr))
+    if b":" in raw:
+        out.v6.sin6_family = AF_INET6
+        out.v6.sin6_port = htons(<unsigned short>port)
+        if inet_pton(AF_INET6, raw, &out.v6.sin6_addr) != 1:
+            raise ValueError(f"not a numeric IPv6 address: {host!r}")
+    else:
+        out.v4.sin_family = AF_INET
+        out.v4.sin_port = htons(<unsigned short>port)
+        if inet_pton(AF_INET, raw, &out.v4.sin_addr) != 1:
+            raise ValueError(f"not a numeric IPv4 address: {host!r}")
+    return 0
+
+
+cdef inline socklen_t addr_len(SockAddr* a) noexcept:
+    return sizeof(sockaddr_in6) if a.sa.sa_family == AF_INET6 else sizeof(sockaddr_in)
+
+
+cdef str addr_host(SockAddr* a):
+    cdef char text[48]
+    if a.sa.sa_family == AF_INET6:
+        inet_ntop(AF_INET6, &a.v6.sin6_addr, text, 48)
+    else:
+        inet_ntop(AF_INET, &a.v4.sin_addr, text, 48)
+    return text.decode("ascii")
+
+
+cdef inline int addr_port(SockAddr* a) noexcept:
+    if a.sa.sa_family == AF_INET6:
+        return ntohs(a.v6.sin6_port)
+    return ntohs(a.v4.sin_port)
+
+
+cdef object addr_tuple(SockAddr* a):
+    if a.sa.sa_family == AF_INET6:
+        return (addr_host(a), ntohs(a.v6.sin6_port), ntohl(a.v6.sin6_flowinfo), a.v6.sin6_scope_id)
+    return (addr_host(a), ntohs(a.v4.sin_port))
+
+
+cdef inline void dir_free(Dir* d) noexcept:
+    if d.buf != NULL:
+        free(d.buf)
+    d.buf = NULL
+    d.off = 0
+    d.len = 0
+    d.cap = 0
+
+
+cdef inline void dir_release(Dir* d) noexcept:
+    if d.pipe_r >= 0:
+        close(d.pipe_r)
+        close(d.pipe_w)
+        d.pipe_r = d.pipe_w = -1
+        d.pipe_len = 0
+    dir_free(d)
+
+
+cdef int dir_append(Dir* d, const char* data, Py_ssize_t n) except -1:
+    """Add `n` bytes after what is pending (compacting first)."""
+    cdef char* grown
+    if d.off and d.len:
+        memcpy(d.buf, d.buf + d.off, d.len)  # non-overlapping: off >= len never holds otherwise
+    elif d.off:
+        d.len = 0
+    d.off = 0
+    if d.len + n > d.cap:
+        grown = <char*>realloc(d.buf, d.len + n)
+        if grown == NULL:
+            raise MemoryError()
+        d.buf = grown
+        d.cap = d.len + n
+    memcpy(d.buf + d.len, data, n)
+    d.len += n
+    return 0
+
+
+@cython.final
+cdef class CTarget:
+    """A backend address and per-pool settings, parsed once (see pyengine.PyTarget)."""
+
+    cdef readonly int backend
+    cdef readonly str host
+    cdef readonly int port
+    cdef SockAddr addr
+    cdef SockAddr src
+    cdef bint has_src
+    cdef bint transparent
+    cdef bint nodelay
+    cdef int64_t connect_ns
+    cdef int64_t idle_ns
+    cdef int64_t half_close_ns
+    cdef int64_t splice_after
+
+    def __init__(self, int backend, str host, int port, source, bint transparent,
+                 double connect_timeout, double idle_timeout, double half_close_timeout,
+                 splice_after, bint nodelay):
+        parse_addr(host, port, &self.addr)
+        self.has_src = source is not None
+        if self.has_src:
+            parse_addr(source, 0, &self.src)
+            if self.src.sa.sa_family != self.addr.sa.sa_family:
+                raise ValueError("source and backend must be the same IP version")
+        self.backend = backend
+        self.host = host
+        self.port = port
+        self.transparent = transparent
+        self.nodelay = nodelay
+        self.connect_ns = <int64_t>(connect_timeout * 1e9)
+        self.idle_ns = <int64_t>(idle_timeout * 1e9)
+        self.half_close_ns = <int64_t>(half_close_timeout * 1e9)
+        self.splice_after = C_NEVER if splice_after is None else splice_after
+
+    def __repr__(self):
+        return f"CTarget({self.backend}, {self.host!r}, {self.port})"
+
+
+@cython.final
+cdef class Listener:
+    cdef int id
+    cdef int fd
+    cdef object sock
+    cdef object on_accept
+    cdef object on_preamble
+    cdef object on_connect
+    cdef object on_ended
+    cdef bint nodelay
+    cdef bint paused
+    cdef bint stopped
+    cdef bint dirty
+    cdef char* records
+    cdef Py_ssize_t rec_len
+    cdef Py_ssize_t rec_cap
+    cdef uint64_t accepted, refused, ended, active, bytes_in, bytes_out, spliced, accept_errors
+
+    def __dealloc__(self):
+        if self.records != NULL:
+            free(self.records)
+
+    cdef Record* new_record(self) except NULL:
+        cdef char* grown
+        cdef Py_ssize_t cap
+        if self.rec_len + RECORD_SIZE > self.rec_cap:
+            cap = max(self.rec_cap * 2, 64 * RECORD_SIZE)
+            grown = <char*>realloc(self.records, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.records = grown
+            self.rec_cap = cap
+        cdef Record* rec = <Record*>(self.records + self.rec_len)
+        self.rec_len += RECORD_SIZE
+        return rec
+
+
+@cython.final
+@cython.freelist(256)
+@cython.no_gc  # no cycles but the wheel links, which _wheel_remove breaks at every end
+cdef class Conn:
+    cdef uint64_t id
+    cdef Listener lst
+    cdef CTarget target
+    cdef object first  # bytes to send before the held ones (a PROXY header), or None
+    cdef object preamble  # the ReadPreamble decision while reading one
+    cdef Conn tnext
+    cdef Conn tprev
+    cdef int cfd
+    cdef int bfd
+    cdef uint8_t state, c_rd, c_wr, c_hup, b_rd, b_wr, b_hup
+    cdef uint8_t halfclosed, drain_up, reason, first_fin, flags, last_status
+    cdef int kill
+    cdef int last_err
+    cdef int tslot
+    cdef int64_t tdue
+    cdef int64_t t_start, t_attempt, t_connect, t_first, last, drain_deadline, preamble_deadline
+    cdef int64_t splice_after
+    cdef uint64_t bytes_in, bytes_out
+    cdef int preamble_max
+    cdef Dir up
+    cdef Dir down
+    cdef SockAddr peer
+
+    def __dealloc__(self):
+        dir_free(&self.up)
+        dir_free(&self.down)
+
+
+cdef inline void set_linger_reset(int fd) noexcept:
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+@cython.final
+cdef class CEngine:
+    """Owns TCP connections' I/O on one event loop; the same API as pyengine.PyEngine."""
+
+    cdef readonly str name
+    cdef object loop
+    cdef int epfd
+    cdef epoll_event events[MAX_EVENTS]
+    cdef PyObject** fdmap  # fd -> Conn (borrowed: `conns` owns them)
+    cdef int fdcap
+    cdef dict conns
+    cdef dict listeners
+    cdef dict lfds  # listening fd -> Listener
+    cdef uint64_t next_id
+    cdef int next_lid
+    cdef char* rbuf
+    cdef int64_t now
+    cdef list slots
+    cdef int64_t wheel_tick
+    cdef Py_ssize_t wheel_count
+    cdef set draining
+    cdef list again
+    cdef list kills
+    cdef list dirty
+    cdef list paused
+    cdef int64_t resume_at
+    cdef int busy
+    cdef object tick_handle
+    cdef object soon
+    cdef int* closing
+    cdef int closing_len
+    cdef int closing_cap
+    cdef uint64_t accept_errs[ERRNO_SLOTS]
+    cdef uint64_t local_errs[4][ERRNO_SLOTS]
+    cdef bint closed
+    cdef object _on_ready_cb, _tick_cb, _again_cb
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.fdmap = NULL
+        self.rbuf = NULL
+        self.closing = NULL
+
+    def __init__(self, loop):
+        self.name = NAME
+        self.loop = loop
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1")
+        self.rbuf = <char*>malloc(C_READ_CHUNK)
+        self.fdcap = 1024
+        self.fdmap = <PyObject**>malloc(self.fdcap * sizeof(PyObject*))
+        self.closing_cap = 256
+        self.closing = <int*>malloc(self.closing_cap * sizeof(int))
+        if self.rbuf == NULL or self.fdmap == NULL or self.closing == NULL:
+            raise MemoryError()
+        memset(self.fdmap, 0, self.fdcap * sizeof(PyObject*))
+        memset(self.accept_errs, 0, sizeof(self.accept_errs))
+        memset(self.local_errs, 0, sizeof(self.local_errs))
+        self.conns = {}
+        self.listeners = {}
+        self.lfds = {}
+        self.next_id = 1
+        self.now = now_ns()
+        self.slots = [None] * SLOTS
+        self.wheel_tick = self.now // C_TICK_NS
+        self.draining = set()
+        self.again = []
+        self.kills = []
+        self.dirty = []
+        self.paused = []
+        self._on_ready_cb = self._on_ready
+        self._tick_cb = self._tick
+        self._again_cb = self._run_again
+        loop.add_reader(self.epfd, self._on_ready_cb)
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
+        free(self.rbuf)
+        free(self.fdmap)
+        free(self.closing)
+
+    # --- the public API ---------------------------------------------------------------------------
+
+    def target(self, int backend, str host, int port, *, source=None, bint transparent=False,
+               double connect_timeout=5.0, double idle_timeout=300.0,
+               double half_close_timeout=30.0, splice_after=None, bint nodelay=True):
+        return CTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
+                       half_close_timeout, splice_after, nodelay)
+
+    def add_listener(self, sock, policy, *, bint nodelay=True):
+        cdef Listener lst = Listener()
+        cdef epoll_event ev
+        sock.setblocking(False)
+        lst.id = self.next_lid
+        self.next_lid += 1
+        lst.sock = sock
+        lst.fd = sock.fileno()
+        lst.on_accept = policy.accepted
+        lst.on_preamble = policy.preamble
+        lst.on_connect = policy.connect_result
+        lst.on_ended = policy.ended
+        lst.nodelay = nodelay
+        ev.events = EPOLLIN
+        ev.data.u64 = <uint64_t>lst.fd | (<uint64_t>1 << 32)
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl")
+        self.listeners[lst.id] = lst
+        self.lfds[lst.fd] = lst
+        return lst.id
+
+    def stop_listener(self, int lid):
+        cdef Listener lst = self.listeners[lid]
+        if lst.stopped:
+            return
+        lst.stopped = True
+        if not lst.paused:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, lst.fd, NULL)
+        self.lfds.pop(lst.fd, None)
+
+    def close(self, uint64_t conn_id, int code):
+        cdef Conn conn = self.conns.get(conn_id)
+        if conn is None:
+            return False
+        self._cut(conn, code)
+        self._after_call()
+        return True
+
+    def close_backend(self, int backend, int code):
+        cdef Conn conn
+        victims = [c for c in self.conns.values()
+                   if (<Conn>c).target is not None and (<Conn>c).target.backend == backend]
+        for conn in victims:
+            self._cut(conn, code)
+        self._after_call()
+        return len(victims)
+
+    def close_all(self, int code, listener=None):
+        cdef Conn conn
+        victims = [c for c in self.conns.values() if listener is None or (<Conn>c).lst.id == listener]
+        for conn in victims:
+            self._cut(conn, code)
+        self._after_call()
+        return len(victims)
+
+    def active(self, listener=None):
+        if listener is None:
+            return len(self.conns)
+        return (<Listener>self.listeners[listener]).active
+
+    def sockname(self, uint64_t conn_id):
+        cdef Conn conn = self.conns.get(conn_id)
+        cdef SockAddr a
+        cdef socklen_t n = sizeof(SockAddr)
+        if conn is None or conn.cfd < 0:
+            return None
+        if getsockname(conn.cfd, &a.sa, &n) < 0:
+            return None
+        return (addr_host(&a), addr_port(&a))
+
+    def buffered(self, uint64_t conn_id):
+        cdef Conn conn = self.conns.get(conn_id)
+        if conn is None:
+            return None
+        return (conn.up.len + conn.up.pipe_len, conn.down.len + conn.down.pipe_len)
+
+    def connections(self):
+        return list(self.conns)
+
+    def listener_stats(self, int lid):
+        cdef Listener lst = self.listeners[lid]
+        return ListenerCounters(lst.accepted, lst.refused, lst.ended, lst.active, lst.bytes_in,
+                                lst.bytes_out, lst.spliced, lst.accept_errors)
+
+    def statistics(self):
+        cdef int op, err
+        accept = {err: self.accept_errs[err] for err in range(ERRNO_SLOTS) if self.accept_errs[err]}
+        local = {(op, err): self.local_errs[op][err] for op in range(4) for err in range(ERRNO_SLOTS)
+                 if self.local_errs[op][err]}
+        return EngineStatistics(accept, local, len(self.conns))
+
+    def shutdown(self, int code):
+        if self.closed:
+            return 0
+        for lid in list(self.listeners):
+            self.stop_listener(lid)
+        cut = self.close_all(code)
+        self._close_now()
+        self.closed = True
+        self.loop.remove_reader(self.epfd)
+        for handle in (self.tick_handle, self.soon):
+            if handle is not None:
+                handle.cancel()
+        close(self.epfd)
+        self.epfd = -1
+        return cut
+
+    # --- wake-ups ---------------------------------------------------------------------------------
+
+    def _on_ready(self):
+        cdef int n, i, rounds
+        self.busy += 1
+        try:
+            self.now = now_ns()
+            for rounds in range(4):
+                n = epoll_wait(self.epfd, self.events, MAX_EVENTS, 0)
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    raise OSError(errno, "epoll_wait")
+                for i in range(n):
+                    try:
+                        self._event(self.events[i].data.u64, self.events[i].events)
+                    except Exception:  # one connection's bug must not stall the batch
+                        self._contain(self.events[i].data.u64)
+                self._close_now()
+                if n < MAX_EVENTS:
+                    break
+            self._sweep()
+        finally:
+            self.busy -= 1
+            self._after_call()
+
+    def _run_again(self):
+        cdef Conn conn
+        self.soon = None
+        self.busy += 1
+        try:
+            self.now = now_ns()
+            again, self.again = self.again, []
+            for conn in again:
+                if conn.state != S_DONE:
+                    self._advance(conn)
+        finally:
+            self.busy -= 1
+            self._after_call()
+
+    def _tick(self):
+        self.tick_handle = None
+        self.busy += 1
+        try:
+            self.now = now_ns()
+            self._sweep()
+        finally:
+            self.busy -= 1
+            self._after_call()
+
+    cdef int _sweep(self) except -1:
+        cdef Conn conn
+        for conn in self._wheel_expire(self.now // C_TICK_NS):
+            self._expire(conn)
+        if self.draining:
+            for conn in list(self.draining):
+                self._drain(conn)
+        if self.paused and self.now >= self.resume_at:
+            self._resume_listeners()
+        return 0
+
+    cdef int _after_call(self) except -1:
+        cdef Conn conn
+        if self.busy or self.closed:
+            return 0
+        while self.kills:
+            kills, self.kills = self.kills, []
+            for conn in kills:
+                self._end(conn, E_CLOSED, conn.kill, True, True)
+        self._close_now()
+        self._flush_records()
+        if self.again and self.soon is None:
+            self.soon = self.loop.call_soon(self._again_cb)
+        if self.tick_handle is None and (self.wheel_count or self.draining or self.paused):
+            self.tick_handle = self.loop.call_later(TICK, self._tick_cb)
+        return 0
+
+    cdef int _close_now(self) except -1:
+        cdef int i
+        for i in range(self.closing_len):
+            close(self.closing[i])
+        self.closing_len = 0
+        return 0
+
+    cdef int _close(self, int fd, bint reset) except -1:
+        """Close at the end of the poll round (see pyengine._close), a reset first if asked."""
+        cdef int* grown
+        if reset:
+            set_linger_reset(fd)
+        if fd < self.fdcap:
+            self.fdmap[fd] = NULL
+        if self.closing_len == self.closing_cap:
+            grown = <int*>realloc(self.closing, 2 * self.closing_cap * sizeof(int))
+            if grown == NULL:
+                close(fd)
+                return 0
+            self.closing = grown
+            self.closing_cap *= 2
+        self.closing[self.closing_len] = fd
+        self.closing_len += 1
+        return 0
+
+    cdef int _flush_records(self) except -1:
+        cdef Listener lst
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for lst in dirty:
+                records = PyBytes_FromStringAndSize(lst.records, lst.rec_len)
+                lst.rec_len = 0
+                lst.dirty = False
+                try:
+                    lst.on_ended(records)
+                except Exception:
+                    log.exception("engine: policy.ended raised")
+        return 0
+
+    cdef int _map(self, int fd, Conn conn) except -1:
+        cdef PyObject** grown
+        cdef int cap
+        if fd >= self.fdcap:
+            cap = self.fdcap
+            while cap <= fd:
+                cap *= 2
+            grown = <PyObject**>realloc(self.fdmap, cap * sizeof(PyObject*))
+            if grown == NULL:
+                raise MemoryError()
+            memset(grown + self.fdcap, 0, (cap - self.fdcap) * sizeof(PyObject*))
+            self.fdmap = grown
+            self.fdcap = cap
+        self.fdmap[fd] = <PyObject*>conn
+        return 0
+
+    cdef int _register(self, int fd, Conn conn) except -1:
+        cdef epoll_event ev
+        ev.events = CONN_EVENTS
+        ev.data.u64 = <uint64_t>fd
+        self._map(fd, conn)
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            self.fdmap[fd] = NULL
+            raise OSError(errno, "epoll_ctl")
+        return 0
+
+    cdef int _contain(self, uint64_t data) except -1:
+        cdef int fd = <int>(data & 0xFFFFFFFF)
+        cdef Conn conn
+        log.exception("engine: internal error on descriptor %d; its connection is cut", fd)
+        if data >> 32 or fd >= self.fdcap or self.fdmap[fd] == NULL:
+            return 0
+        conn = <Conn>self.fdmap[fd]
+        if conn.state != S_DONE:
+            self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
+        return 0
+
+    cdef int _event(self, uint64_t data, uint32_t mask) except -1:
+        cdef int fd = <int>(data & 0xFFFFFFFF)
+        cdef Conn conn
+        if data >> 32:
+            lst = self.lfds.get(fd)
+            if lst is not None:
+                self._accept(<Listener>lst)
+            return 0
+        if fd >= self.fdcap or self.fdmap[fd] == NULL:
+            return 0
+        conn = <Conn>self.fdmap[fd]
+        if fd == conn.cfd:
+            if mask & READ_EVENTS:
+                conn.c_rd = 1
+            if mask & HUP_EVENTS:
+                conn.c_hup = 1
+            if mask & WRITE_EVENTS:
+                conn.c_wr = 1
+            self._advance(conn)
+            return 0
+        if mask & READ_EVENTS:
+            conn.b_rd = 1
+        if mask & HUP_EVENTS:
+            conn.b_hup = 1
+        if mask & WRITE_EVENTS:
+            conn.b_wr = 1
+        if conn.state == S_CONNECTING:
+            self._check_connect(conn, mask)
+        else:
+            self._advance(conn)
+        return 0
+
+    # --- accept -----------------------------------------------------------------------------------
+
+    cdef int _accept(self, Listener lst) except -1:
+        cdef SockAddr peer
+        cdef socklen_t plen
+        cdef int i, fd, err
+        for i in range(C_ACCEPT_BATCH):
+            plen = sizeof(SockAddr)
+            fd = accept4(lst.fd, &peer.sa, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                err = errno
+                if err == EAGAIN:
+                    return 0
+                if err == EINTR:
+                    continue
+                lst.accept_errors += 1
+                self.accept_errs[err if err < ERRNO_SLOTS else 0] += 1
+                if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+                    self._pause(lst)
+                    return 0
+                continue
+            if lst.stopped:
+                close(fd)
+                return 0
+            self._new_conn(lst, fd, &peer)
+        return 0
+
+    cdef int _pause(self, Listener lst) except -1:
+        if lst.paused:
+            return 0
+        lst.paused = True
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, lst.fd, NULL)
+        self.paused.append(lst)
+        self.resume_at = self.now + C_BACKOFF_NS
+        return 0
+
+    cdef int _resume_listeners(self) except -1:
+        cdef Listener lst
+        cdef epoll_event ev
+        paused, self.paused = self.paused, []
+        for lst in paused:
+            lst.paused = False
+            if not lst.stopped:
+                ev.events = EPOLLIN
+                ev.data.u64 = <uint64_t>lst.fd | (<uint64_t>1 << 32)
+                epoll_ctl(self.epfd, EPOLL_CTL_ADD, lst.fd, &ev)
+        return 0
+
+    cdef int _new_conn(self, Listener lst, int fd, SockAddr* peer) except -1:
+        cdef int one = 1
+        cdef Conn conn = Conn.__new__(Conn)
+        if lst.nodelay:
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        conn.id = self.next_id
+        self.next_id += 1
+        conn.lst = lst
+        conn.cfd = fd
+        conn.bfd = -1
+        conn.kill = -1
+        conn.tslot = -1
+        conn.up.pipe_r = conn.up.pipe_w = conn.down.pipe_r = conn.down.pipe_w = -1
+        conn.t_start = conn.last = self.now
+        conn.splice_after = C_NEVER
+        memcpy(&conn.peer, peer, sizeof(SockAddr))
+        lst.accepted += 1
+        lst.active += 1
+        self.conns[conn.id] = conn
+        decision = self._call3(conn, lst.on_accept, conn.id, addr_host(peer), addr_port(peer))
+        if conn.state == S_DONE:
+            return 0
+        try:
+            if type(decision) is not Refuse:
+                self._register(fd, conn)
+                conn.c_rd = 1  # a speculative read right after accept
+            self._apply(conn, decision)
+        except Exception:  # the listener's event cannot name this connection: contain it here
+            log.exception("engine: internal error on connection %d; it is cut", conn.id)
+            if conn.state != S_DONE:
+                self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
+        return 0
+
+    cdef object _call3(self, Conn conn, object fn, object a, object b, object c):
+        self.busy += 1
+        try:
+            result = fn(a, b, c)
+        except Exception:
+            log.exception("engine: policy raised; connection %d refused", conn.id)
+            result = Refuse(POLICY_ERROR)
+        finally:
+            self.busy -= 1
+        self._check_kill(conn)
+        return result
+
+    cdef object _call5(self, Conn conn, object fn, object a, object b, object c, object d, object e):
+        self.busy += 1
+        try:
+            result = fn(a, b, c, d, e)
+        except Exception:
+            log.exception("engine: policy raised; connection %d refused", conn.id)
+            result = Refuse(POLICY_ERROR)
+        finally:
+            self.busy -= 1
+        self._check_kill(conn)
+        return result
+
+    cdef int _check_kill(self, Conn conn) except -1:
+        if conn.kill >= 0 and conn.state != S_DONE:
+            self._end(conn, E_CLOSED, conn.kill, True, True)
+        return 0
+
+    # --- decisions --------------------------------------------------------------------------------
+
+    cdef int _apply(self, Conn conn, object decision) except -1:
+        kind = type(decision)
+        if kind is CTarget:
+            return self._connect(conn, <CTarget>decision, None, 0, None)
+        if kind is Connect:
+            target = decision.target
+            if type(target) is not CTarget:
+                return self._policy_error(conn, decision)
+            return self._connect(conn, <CTarget>target, decision.send_first, decision.consume,
+                                 decision.source)
+        if kind is Refuse:
+            return self._end(conn, E_REFUSED, decision.code, True, True)
+        if kind is ReadPreamble and conn.state == S_PREAMBLE and conn.preamble is None:
+            conn.preamble = decision
+            conn.preamble_max = decision.max_bytes
+            conn.preamble_deadline = conn.t_start + <int64_t>(decision.timeout * 1e9)
+            self._arm(conn)
+            return self._read_preamble(conn)
+        if decision is None and conn.last_err:
+            return self._end(conn, E_LOCAL_RESOURCE if conn.last_status == ST_LOCAL
+                             else E_CONNECT_FAILED, conn.last_err, False, False)
+        return self._policy_error(conn, decision)
+
+    cdef int _policy_error(self, Conn conn, object decision) except -1:
+        log.error("engine: policy returned %r; connection %d refused", decision, conn.id)
+        return self._end(conn, E_REFUSED, POLICY_ERROR, True, True)
+
+    cdef int _read_preamble(self, Conn conn) except -1:
+        if not self._hold(conn, conn.preamble_max):
+            if conn.up.eof and conn.state == S_PREAMBLE:
+                self._end(conn, E_CLIENT_FIN, 0, False, False)
+            return 0
+        data = PyBytes_FromStringAndSize(conn.up.buf + conn.up.off, conn.up.len)
+        decision = self._preamble_call(conn, data)
+        if conn.state == S_DONE:
+            return 0
+        if decision is None:
+            if conn.up.len >= conn.preamble_max:
+                self._end(conn, E_REFUSED, conn.preamble.overflow_code, True, False)
+            elif conn.up.eof:
+                self._end(conn, E_CLIENT_FIN, 0, False, False)
+            return 0
+        conn.preamble = None
+        return self._apply(conn, decision)
+
+    cdef object _preamble_call(self, Conn conn, bytes data):
+        self.busy += 1
+        try:
+            result = conn.lst.on_preamble(conn.id, data)
+        except Exception:
+            log.exception("engine: policy raised; connection %d refused", conn.id)
+            result = Refuse(POLICY_ERROR)
+        finally:
+            self.busy -= 1
+        self._check_kill(conn)
+        return result
+
+    cdef bint _hold(self, Conn conn, Py_ssize_t limit) except -1:
+        """Read the client into the up buffer before the backend takes it (pyengine._hold)."""
+        cdef Dir* up = &conn.up
+        cdef Py_ssize_t room, n
+        cdef bint new = False
+        while conn.c_rd and not up.eof:
+            room = limit - up.len
+            if room > C_READ_CHUNK:
+                room = C_READ_CHUNK
+            if room <= 0:
+                break
+            n = recv(conn.cfd, self.rbuf, room, 0)
+            if n < 0:
+                if errno == EAGAIN:
+                    conn.c_rd = 0
+                    break
+                if errno == EINTR:
+                    continue
+                self._reset(conn, True)
+                return False
+            if n == 0:
+                up.eof = 1
+                self._fin(conn, F_CLIENT_FIN)
+                break
+            dir_append(up, self.rbuf, n)
+            conn.bytes_in += n
+            conn.lst.bytes_in += n
+            conn.last = self.now
+            new = True
+            if n < room and not conn.c_hup:
+                conn.c_rd = 0
+        return new
+
+    # --- connect ----------------------------------------------------------------------------------
+
+    cdef int _connect(self, Conn conn, CTarget target, object first, Py_ssize_t consume,
+                      object source) except -1:
+        cdef int err, op
+        conn.target = target
+        conn.first = bytes(first) if first else None  # _connected reads it as bytes, unchecked
+        if consume > 0 and conn.up.len:
+            if consume > conn.up.len:
+                consume = conn.up.len
+            conn.up.off += consume
+            conn.up.len -= consume
+        conn.state = S_CONNECTING
+        err = self._open(conn, target, source, &op)
+        if err:
+            return self._failed(conn, op, err)
+        conn.t_attempt = self.now
+        self._arm(conn)
+        self._hold(conn, C_EARLY_MAX)
+        return 0
+
+    cdef int _open(self, Conn conn, CTarget target, object source, int* op) except -1:
+        """Start a non-blocking connect: 0 when under way, else the errno (and `op`)."""
+        cdef int fd, err, one = 1
+        cdef SockAddr local
+        cdef bint bind_it = False
+        op[0] = OP_SOCKET
+        fd = socket(target.addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            return errno or EIO
+        if target.nodelay:
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        op[0] = OP_BIND
+        if source is not None:
+            try:
+                parse_addr(source, 0, &local)
+            except ValueError:
+                close(fd)
+                return EINVAL
+            bind_it = True
+        elif target.has_src:
+            memcpy(&local, &target.src, sizeof(SockAddr))
+            bind_it = True
+        if target.transparent:
+            if setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof(one)) < 0:
+                err = errno
+                close(fd)
+                return err
+            if not bind_it:
+                memcpy(&local, &conn.peer, sizeof(SockAddr))
+                bind_it = True
+        if bind_it:
+            if local.sa.sa_family == AF_INET6:
+                local.v6.sin6_port = 0
+            else:
+                local.v4.sin_port = 0
+            if bind(fd, &local.sa, addr_len(&local)) < 0:
+                err = errno
+                close(fd)
+                return err
+        op[0] = OP_CONNECT
+        if connect(fd, &target.addr.sa, addr_len(&target.addr)) < 0 and errno != EINPROGRESS:
+            err = errno
+            close(fd)
+            return err
+        conn.bfd = fd
+        conn.b_rd = conn.b_wr = conn.b_hup = 0
+        self._register(fd, conn)
+        return 0
+
+    cdef int _check_connect(self, Conn conn, uint32_t mask) except -1:
+        cdef int err = 0
+        cdef socklen_t n = sizeof(err)
+        if mask & (EPOLLERR | EPOLLHUP) or not mask & EPOLLOUT:
+            getsockopt(conn.bfd, SOL_SOCKET, SO_ERROR, &err, &n)
+            if not err and not mask & EPOLLOUT:
+                return 0
+        if err:
+            self._drop_backend(conn, False)
+            return self._failed(conn, OP_CONNECT, err)
+        return self._connected(conn)
+
+    cdef int _connected(self, Conn conn) except -1:
+        cdef Dir* up = &conn.up
+        cdef Py_ssize_t n
+        cdef char* fresh
+        conn.state = S_RELAY
+        conn.t_connect = self.now
+        conn.flags |= F_CONNECTED
+        conn.last = self.now
+        conn.splice_after = conn.target.splice_after
+        self._call5(conn, conn.lst.on_connect, conn.id, conn.target.backend, ST_OK, 0,
+                    (self.now - conn.t_attempt) / 1e9)
+        if conn.state == S_DONE:
+            return 0
+        if conn.first is not None:
+            first = <bytes>conn.first
+            n = PyBytes_GET_SIZE(first)
+            fresh = <char*>malloc(n + up.len)
+            if fresh == NULL:
+                raise MemoryError()
+            memcpy(fresh, PyBytes_AS_STRING(first), n)
+            if up.len:
+                memcpy(fresh + n, up.buf + up.off, up.len)
+            n += up.len
+            dir_free(up)
+            up.buf = fresh
+            up.len = up.cap = n
+            conn.first = None
+        self._arm(conn)
+        return self._advance(conn)
+
+    cdef int _failed(self, Conn conn, int op, int err) except -1:
+        cdef int status = ST_LOCAL if is_local(op, err) else ST_BACKEND
+        if status == ST_LOCAL:
+            self.local_errs[op][err if err < ERRNO_SLOTS else 0] += 1
+        conn.last_err = err
+        conn.last_status = status
+        elapsed = (self.now - conn.t_attempt) / 1e9 if conn.t_attempt else 0.0
+        decision = self._call5(conn, conn.lst.on_connect, conn.id, conn.target.backend, status,
+                               err, elapsed)
+        if conn.state == S_DONE:
+            return 0
+        conn.t_attempt = 0
+        return self._apply(conn, decision)
+
+    cdef int _drop_backend(self, Conn conn, bint reset) except -1:
+        if conn.bfd >= 0:
+            self._close(conn.bfd, reset)
+            conn.bfd = -1
+        return 0
+
+    # --- relay ------------------------------------------------------------------------------------
+
+    cdef int _advance(self, Conn conn) except -1:
+        cdef uint8_t state = conn.state
+        if state == S_RELAY:
+            return self._relay(conn)
+        if state == S_CONNECTING:
+            self._hold(conn, C_EARLY_MAX)
+        elif state == S_PREAMBLE:
+            if conn.preamble is not None:
+                self._read_preamble(conn)
+        elif state == S_DRAIN:
+            self._drain(conn)
+        return 0
+
+    cdef int _relay(self, Conn conn) except -1:
+        cdef int result = self._pump(conn, &conn.up, conn.cfd, conn.bfd, &conn.c_rd, &conn.c_hup,
+                                     &conn.b_wr, True)
+        if result != R_OK:
+            return self._reset(conn, result == R_SRC)
+        result = self._pump(conn, &conn.down, conn.bfd, conn.cfd, &conn.b_rd, &conn.b_hup,
+                            &conn.c_wr, False)
+        if result != R_OK:
+            return self._reset(conn, result == R_DST)
+        if conn.up.fin_sent and conn.down.fin_sent:
+            return self._end(conn, E_CLIENT_FIN if conn.first_fin == F_CLIENT_FIN else E_BACKEND_FIN,
+                             0, False, False)
+        if (<int64_t>(conn.bytes_in + conn.bytes_out) >= conn.splice_after and conn.up.pipe_r < 0
+                and self._to_splice(conn)):
+            return self._relay(conn)
+        return 0
+
+    cdef int _pump(self, Conn conn, Dir* d, int src, int dst, uint8_t* src_rd, uint8_t* src_hup,
+                   uint8_t* dst_wr, bint up) except -1:
+        """Move src -> dst until one would block (pyengine._pump): R_OK, R_SRC or R_DST."""
+        cdef Py_ssize_t n, w, moved = 0
+        if d.pipe_r >= 0:
+            return self._pump_splice(conn, d, src, dst, src_rd, src_hup, dst_wr, up)
+        while True:
+            if d.len:
+                if not dst_wr[0]:
+                    return R_OK
+                n = send(dst, d.buf + d.off, d.len, MSG_NOSIGNAL)
+                if n < 0:
+                    if errno == EAGAIN:
+                        dst_wr[0] = 0
+                        return R_OK
+                    if errno == EINTR:
+                        continue
+                    return R_DST
+                conn.last = self.now
+                d.off += n
+                d.len -= n
+                if d.len:
+                    dst_wr[0] = 0
+                    return R_OK
+                dir_free(d)
+            if d.eof:
+                return self._forward_fin(conn, d, dst)
+            if not src_rd[0]:
+                return R_OK
+            if moved >= C_BUDGET:
+                self.again.append(conn)
+                return R_OK
+            n = recv(src, self.rbuf, C_READ_CHUNK, 0)
+            if n < 0:
+                if errno == EAGAIN:
+                    src_rd[0] = 0
+                    return R_OK
+                if errno == EINTR:
+                    continue
+                return R_SRC
+            if n == 0:
+                d.eof = 1
+                self._fin(conn, F_CLIENT_FIN if up else F_BACKEND_FIN)
+                continue
+            moved += n
+            self._count(conn, n, up)
+            if n < C_READ_CHUNK and not src_hup[0]:
+                src_rd[0] = 0
+            w = 0
+            if dst_wr[0]:  # straight from the read buffer: no copy unless the destination is full
+                w = send(dst, self.rbuf, n, MSG_NOSIGNAL)
+                if w < 0:
+                    if errno == EAGAIN:
+                        dst_wr[0] = 0
+                    elif errno != EINTR:
+                        return R_DST
+                    w = 0
+            if w < n:
+                dir_append(d, self.rbuf + w, n - w)
+                if w:
+                    dst_wr[0] = 0
+                continue  # sends what is pending, or stops with the destination full
+
+    cdef int _forward_fin(self, Conn conn, Dir* d, int dst) except -1:
+        cdef Dir* other = &conn.down if d == &conn.up else &conn.up
+        if not d.fin_sent:
+            if other.fin_sent:  # the last FIN: the close that follows sends it (one syscall less)
+                d.fin_sent = 1
+                return R_OK
+            if shutdown(dst, SHUT_WR) < 0:
+                return R_DST
+            d.fin_sent = 1
+            if not conn.halfclosed:
+                conn.halfclosed = 1
+                self._arm(conn)
+        return R_OK
+
+    cdef int _pump_splice(self, Conn conn, Dir* d, int src, int dst, uint8_t* src_rd,
+                          uint8_t* src_hup, uint8_t* dst_wr, bint up) except -1:
+        cdef Py_ssize_t n, moved = 0
+        while True:
+            if d.pipe_len:
+                if not dst_wr[0]:
+                    return R_OK
+                n = splice(d.pipe_r, NULL, dst, NULL, d.pipe_len, SPLICE_FLAGS)
+                if n < 0:
+                    if errno == EAGAIN:
+                        dst_wr[0] = 0
+                        return R_OK
+                    if errno == EINTR:
+                        continue
+                    return R_DST
+                conn.last = self.now
+                d.pipe_len -= n
+                if d.pipe_len:
+                    continue
+            if d.eof:
+                return self._forward_fin(conn, d, dst)
+            if not src_rd[0]:
+                return R_OK
+            if moved >= C_BUDGET:
+                self.again.append(conn)
+                return R_OK
+            n = splice(src, NULL, d.pipe_w, NULL, C_PIPE_SIZE, SPLICE_FLAGS)
+            if n < 0:
+                if errno == EAGAIN:
+                    src_rd[0] = 0
+                    return R_OK
+                if errno == EINTR:
+                    continue
+                return R_SRC
+            if n == 0:
+                d.eof = 1
+                self._fin(conn, F_CLIENT_FIN if up else F_BACKEND_FIN)
+                continue
+            moved += n
+            d.pipe_len += n
+            self._count(conn, n, up)
+
+    cdef bint _to_splice(self, Conn conn) except -1:
+        cdef int fds[4]
+        cdef int err
+        if conn.up.len or conn.down.len:
+            return False
+        conn.splice_after = C_NEVER
+        if conn.up.eof or conn.down.eof:
+            return False
+        if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+            err = errno
+            self.local_errs[OP_PIPE][err if err < ERRNO_SLOTS else 0] += 1
+            return False
+        if pipe2(fds + 2, O_NONBLOCK | O_CLOEXEC) < 0:
+            err = errno
+            close(fds[0])
+            close(fds[1])
+            self.local_errs[OP_PIPE][err if err < ERRNO_SLOTS else 0] += 1
+            return False
+        fcntl(fds[1], F_SETPIPE_SZ, C_PIPE_SIZE)  # best effort: the default 64 KiB works, slower
+        fcntl(fds[3], F_SETPIPE_SZ, C_PIPE_SIZE)
+        dir_free(&conn.up)
+        dir_free(&conn.down)
+        conn.up.pipe_r = fds[0]
+        conn.up.pipe_w = fds[1]
+        conn.down.pipe_r = fds[2]
+        conn.down.pipe_w = fds[3]
+        conn.flags |= F_SPLICED
+        conn.lst.spliced += 1
+        return True
+
+    cdef inline int _count(self, Conn conn, Py_ssize_t n, bint up) except -1:
+        if up:
+            conn.bytes_in += n
+            conn.lst.bytes_in += n
+        else:
+            if not conn.t_first:
+                conn.t_first = self.now
+            conn.bytes_out += n
+            conn.lst.bytes_out += n
+        conn.last = self.now
+        return 0
+
+    cdef inline int _fin(self, Conn conn, uint8_t which) except -1:
+        conn.flags |= which
+        if not conn.first_fin:
+            conn.first_fin = which
+        return 0
+
+    # --- resets -----------------------------------------------------------------------------------
+
+    cdef int _reset(self, Conn conn, bint client) except -1:
+        """One side reset (pyengine._reset): drain what it sent to the other, then reset that."""
+        conn.flags |= F_CLIENT_RESET if client else F_BACKEND_RESET
+        cdef uint8_t reason = E_CLIENT_RESET if client else E_BACKEND_RESET
+        if conn.state != S_RELAY:
+            return self._end(conn, reason, 0, not client, client)
+        conn.state = S_DRAIN
+        conn.reason = reason
+        conn.drain_up = client
+        if client:
+            self._close(conn.cfd, False)
+            conn.cfd = -1
+        else:
+            self._close(conn.bfd, False)
+            conn.bfd = -1
+        cdef CTarget target = conn.target
+        conn.drain_deadline = self.now + (target.half_close_ns or target.idle_ns or 30000000000)
+        self.draining.add(conn)
+        self._arm(conn)
+        return self._drain(conn)
+
+    cdef int _drain(self, Conn conn) except -1:
+        cdef Dir* d = &conn.up if conn.drain_up else &conn.down
+        cdef int survivor = conn.bfd if conn.drain_up else conn.cfd
+        cdef Py_ssize_t n
+        cdef int unsent = 0
+        while d.len or d.pipe_len:
+            if d.pipe_len:
+                n = splice(d.pipe_r, NULL, survivor, NULL, d.pipe_len, SPLICE_FLAGS)
+            else:
+                n = send(survivor, d.buf + d.off, d.len, MSG_NOSIGNAL)
+            if n < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    return 0
+                break  # the survivor is gone too
+            if d.pipe_len:
+                d.pipe_len -= n
+            else:
+                d.off += n
+                d.len -= n
+        else:
+            if ioctl(survivor, SIOCOUTQNSD, &unsent) < 0:
+                unsent = 0
+            if unsent > 0 and self.now < conn.drain_deadline:
+                return 0
+        return self._end(conn, conn.reason, 0, True, True)
+
+    # --- timers -----------------------------------------------------------------------------------
+
+    cdef int64_t _due(self, Conn conn) noexcept:
+        cdef uint8_t state = conn.state
+        cdef int64_t span
+        if state == S_RELAY:
+            span = conn.target.idle_ns
+            if conn.halfclosed and conn.target.half_close_ns:
+                span = conn.target.half_close_ns
+            return conn.last + span if span else 0
+        if state == S_CONNECTING:
+            return conn.t_attempt + conn.target.connect_ns
+        if state == S_PREAMBLE:
+            return conn.preamble_deadline if conn.preamble is not None else 0
+        if state == S_DRAIN:
+            return conn.drain_deadline
+        return 0
+
+    cdef int _arm(self, Conn conn) except -1:
+        cdef int64_t due = self._due(conn)
+        if due:
+            self._wheel_file(conn, (due + C_TICK_NS - 1) // C_TICK_NS)
+        else:
+            self._wheel_remove(conn)
+        return 0
+
+    cdef int _wheel_file(self, Conn conn, int64_t due) except -1:
+        cdef Conn head
+        self._wheel_remove(conn)
+        if due <= self.wheel_tick:
+            due = self.wheel_tick + 1
+        conn.tdue = due
+        conn.tslot = due % SLOTS
+        head = self.slots[conn.tslot]
+        conn.tnext = head
+        conn.tprev = None
+        if head is not None:
+            head.tprev = conn
+        self.slots[conn.tslot] = conn
+        self.wheel_count += 1
+        return 0
+
+    cdef int _wheel_remove(self, Conn conn) except -1:
+        if conn.tslot < 0:
+            return 0
+        if conn.tprev is None:
+            self.slots[conn.tslot] = conn.tnext
+        else:
+            conn.tprev.tnext = conn.tnext
+        if conn.tnext is not None:
+            conn.tnext.tprev = conn.tprev
+        conn.tnext = None
+        conn.tprev = None
+        conn.tslot = -1
+        self.wheel_count -= 1
+        return 0
+
+    cdef list _wheel_expire(self, int64_t now):
+        cdef list due = []
+        cdef int64_t steps, step
+        cdef Conn conn, nxt
+        if now <= self.wheel_tick or not self.wheel_count:
+            if now > self.wheel_tick:
+                self.wheel_tick = now
+            return due
+        steps = now - self.wheel_tick
+        if steps > SLOTS:
+            steps = SLOTS
+        for step in range(1, steps + 1):
+            conn = self.slots[(self.wheel_tick + step) % SLOTS]
+            while conn is not None:
+                nxt = conn.tnext
+                if conn.tdue <= now:
+                    self._wheel_remove(conn)
+                    due.append(conn)
+                conn = nxt
+        self.wheel_tick = now
+        return due
+
+    cdef int _expire(self, Conn conn) except -1:
+        cdef int64_t due = self._due(conn)
+        cdef uint8_t state = conn.state
+        if not due:
+            return 0
+        if due > self.now:
+            return self._arm(conn)
+        if state == S_RELAY:
+            return self._end(conn, E_HALF_CLOSE_TIMEOUT if conn.halfclosed else E_IDLE_TIMEOUT,
+                             0, True, True)
+        if state == S_CONNECTING:
+            self._drop_backend(conn, True)
+            return self._failed(conn, OP_CONNECT, ETIMEDOUT)
+        if state == S_PREAMBLE:
+            return self._end(conn, E_REFUSED, conn.preamble.timeout_code, True, False)
+        if state == S_DRAIN:
+            return self._end(conn, conn.reason, 0, True, True)
+        return 0
+
+    # --- the end ----------------------------------------------------------------------------------
+
+    cdef int _cut(self, Conn conn, int code) except -1:
+        if self.busy:
+            conn.kill = code
+            self.kills.append(conn)
+            return 0
+        return self._end(conn, E_CLOSED, code, True, True)
+
+    cdef int _end(self, Conn conn, uint8_t reason, int detail, bint rst_client,
+                  bint rst_backend) except -1:
+        cdef Listener lst
+        cdef Record* rec
+        if conn.state == S_DONE:
+            return 0
+        conn.state = S_DONE
+        self._wheel_remove(conn)
+        if self.draining:
+            self.draining.discard(conn)
+        if conn.cfd >= 0:
+            self._close(conn.cfd, rst_client)
+            conn.cfd = -1
+        if conn.bfd >= 0:
+            self._close(conn.bfd, rst_backend)
+            conn.bfd = -1
+        dir_release(&conn.up)
+        dir_release(&conn.down)
+        conn.first = None
+        conn.preamble = None
+        lst = conn.lst
+        lst.active -= 1
+        if reason == E_REFUSED:
+            lst.refused += 1
+        else:
+            lst.ended += 1
+        if not lst.dirty:
+            lst.dirty = True
+            self.dirty.append(lst)
+        rec = lst.new_record()
+        rec.conn_id = conn.id
+        rec.backend = conn.target.backend if conn.target is not None else -1
+        rec.reason = reason
+        rec.flags = conn.flags
+        rec.detail = <uint16_t>(detail & 0xFFFF)
+        rec.bytes_in = conn.bytes_in
+        rec.bytes_out = conn.bytes_out
+        rec.started = conn.t_start
+        rec.connected = conn.t_connect
+        rec.first_byte = conn.t_first
+        rec.ended = self.now
+        rec.listener = lst.id
+        del self.conns[conn.id]
+        if self.paused:
+            self._resume_listeners()
+        return 0
+
+
+# --- UDP in batches ---------------------------------------------------------------------------------
+
+cdef enum:
+    BATCH_MAX = 1024
+
+cdef char* _rx_buf = NULL
+cdef Py_ssize_t _rx_size = 0
+cdef int _rx_count = 0
+cdef mmsghdr* _rx_msgs = NULL
+cdef iovec* _rx_iov = NULL
+cdef SockAddr* _rx_addrs = NULL
+
+
+cdef int _rx_ensure(int count, Py_ssize_t size) except -1:
+    """One receive area per process, grown to the largest batch asked for."""
+    global _rx_buf, _rx_size, _rx_count, _rx_msgs, _rx_iov, _rx_addrs
+    if count <= _rx_count and size <= _rx_size:
+        return 0
+    count = max(count, _rx_count)
+    size = max(size, _rx_size)
+    free(_rx_buf)
+    free(_rx_msgs)
+    free(_rx_iov)
+    free(_rx_addrs)
+    _rx_buf = <char*>malloc(count * size)
+    _rx_msgs = <mmsghdr*>malloc(count * sizeof(mmsghdr))
+    _rx_iov = <iovec*>malloc(count * sizeof(iovec))
+    _rx_addrs = <SockAddr*>malloc(count * sizeof(SockAddr))
+    if _rx_buf == NULL or _rx_msgs == NULL or _rx_iov == NULL or _rx_addrs == NULL:
+        _rx_count = 0
+        _rx_size = 0
+        raise MemoryError()
+    _rx_count = count
+    _rx_size = size
+    return 0
+
+
+def recv_batch(int fd, int max_messages, Py_ssize_t size=65535):
+    """Up to `max_messages` datagrams waiting on the non-blocking socket `fd`, with one
+    recvmmsg(2): a list of (payload, address), addresses as the socket module gives them."""
+    cdef int i, n
+    if max_messages <= 0:
+        return []
+    if max_messages > BATCH_MAX:
+        max_messages = BATCH_MAX
+    _rx_ensure(max_messages, size)
+    for i in range(max_messages):
+        _rx_iov[i].iov_base = _rx_buf + i * _rx_size
+        _rx_iov[i].iov_len = size
+        memset(&_rx_msgs[i], 0, sizeof(mmsghdr))
+        _rx_msgs[i].msg_hdr.msg_name = &_rx_addrs[i]
+        _rx_msgs[i].msg_hdr.msg_namelen = sizeof(SockAddr)
+        _rx_msgs[i].msg_hdr.msg_iov = &_rx_iov[i]
+        _rx_msgs[i].msg_hdr.msg_iovlen = 1
+    n = recvmmsg(fd, _rx_msgs, max_messages, MSG_DONTWAIT, NULL)
+    if n < 0:
+        if errno == EAGAIN or errno == EINTR:
+            return []
+        raise OSError(errno, "recvmmsg")
+    out = []
+    for i in range(n):
+        out.append((PyBytes_FromStringAndSize(<char*>_rx_iov[i].iov_base, _rx_msgs[i].msg_len),
+                    addr_tuple(&_rx_addrs[i])))
+    return out
+
+
+def send_batch(int fd, messages):
+    """Send (payload, address) pairs in order with sendmmsg(2) (address None: a connected
+    socket); how many went. Stops where the socket would block; an error on the first
+    message raises, on a later one the count so far is returned (pybatch.send_batch)."""
+    cdef Py_ssize_t count = len(messages), i, done = 0
+    cdef int n, chunk
+    cdef mmsghdr* msgs
+    cdef iovec* iov
+    cdef SockAddr* addrs
+    if count == 0:
+        return 0
+    chunk = count if count < BATCH_MAX else BATCH_MAX
+    msgs = <mmsghdr*>malloc(chunk * sizeof(mmsghdr))
+    iov = <iovec*>malloc(chunk * sizeof(iovec))
+    addrs = <SockAddr*>malloc(chunk * sizeof(SockAddr))
+    if msgs == NULL or iov == NULL or addrs == NULL:
+        free(msgs)
+        free(iov)
+        free(addrs)
+        raise MemoryError()
+    keep = []  # payloads stay alive while the kernel reads them
+    try:
+        while done < count:
+            chunk = min(count - done, BATCH_MAX)
+            for i in range(chunk):
+                payload, addr = messages[done + i]
+                if not isinstance(payload, bytes):
+                    payload = bytes(payload)
+                keep.append(payload)
+                iov[i].iov_base = PyBytes_AS_STRING(payload)
+                iov[i].iov_len = PyBytes_GET_SIZE(payload)
+                memset(&msgs[i], 0, sizeof(mmsghdr))
+                msgs[i].msg_hdr.msg_iov = &iov[i]
+                msgs[i].msg_hdr.msg_iovlen = 1
+                if addr is not None:
+                    parse_addr(addr[0], addr[1], &addrs[i])
+                    msgs[i].msg_hdr.msg_name = &addrs[i]
+                    msgs[i].msg_hdr.msg_namelen = addr_len(&addrs[i])
+            n = sendmmsg(fd, msgs, chunk, MSG_DONTWAIT)
+            if n < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    break
+                if done == 0:
+                    raise OSError(errno, "sendmmsg")
+                break
+            done += n
+            keep.clear()
+            if n < chunk:
+                break
+    finally:
+        free(msgs)
+        free(iov)
+        free(addrs)
+    return done

@@ -1,0 +1,245 @@
+"""Connecting: a timeout against a port that drops SYNs, a refused backend whose failure reaches
+the policy (which retries elsewhere), and our own descriptor exhaustion classified as a local
+resource error, never as the backend's failure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import resource
+import socket
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from pointsman.proxy.engine import new_engine
+from pointsman.proxy.engine.api import Decision, End, Op, Status
+from pointsman.proxy.engine.simple import RoundRobinPolicy
+from tests.integration.engine_support import ENGINES, echo, open_raw, proxy, raw_backend, recv_to_end
+from tests.support import LOOPBACK, refused_port, wait_for
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A port whose accept queue is full: further SYNs are dropped, so connects hang."""
+    full = socket.socket()
+    full.bind((LOOPBACK, 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((LOOPBACK, port))
+        fillers.append(s)
+    try:
+        yield port
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
+
+
+async def ping(address: tuple[str, int]) -> tuple[bytes, str]:
+    sock = await open_raw(address)
+    try:
+        try:
+            await asyncio.get_running_loop().sock_sendall(sock, b"ping")
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # already closed by the proxy: what it says comes next
+            pass
+        return await recv_to_end(sock)
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_connect_timeout_then_retry_elsewhere(engine: str) -> None:
+    async with raw_backend(echo) as good:
+        with silent_port() as port:
+            async with proxy(engine, [port, good.port], connect_timeout=0.3) as p:
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+                assert await ping(p.address) == (b"ping", "eof")
+                took = loop.time() - began
+                (record,) = await p.wait_ended(1)
+    assert 0.29 <= took < 2.0, took
+    assert p.policy.outcomes[(0, Status.BACKEND, errno.ETIMEDOUT)] == 1
+    assert p.policy.outcomes[(1, Status.OK, 0)] == 1
+    assert record.backend == 1 and record.reason == End.CLIENT_FIN
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_connect_timeout_everywhere_ends_as_connect_failed(engine: str) -> None:
+    with silent_port() as port:
+        async with proxy(engine, [port], connect_timeout=0.2, retries=0) as p:
+            got = await ping(p.address)
+            (record,) = await p.wait_ended(1)
+    assert got == (b"", "eof")  # the client gets a FIN: nothing was forwarded
+    assert record.reason == End.CONNECT_FAILED and record.detail == errno.ETIMEDOUT
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_refused_backend_reaches_the_policy_which_retries(engine: str) -> None:
+    async with raw_backend(echo) as good:
+        with refused_port() as bad:
+            async with proxy(engine, [bad, good.port]) as p:
+                results = [await ping(p.address) for _ in range(4)]
+                records = await p.wait_ended(4)
+    assert results == [(b"ping", "eof")] * 4
+    # Round robin moves on after every try: each connection tried the refused port first.
+    assert p.policy.outcomes[(0, Status.BACKEND, errno.ECONNREFUSED)] == 4
+    assert p.policy.outcomes[(1, Status.OK, 0)] == 4
+    assert {r.backend for r in records} == {1}
+    p.assert_adds_up()
+
+
+EMFILE_SCRIPT = textwrap.dedent("""
+    import asyncio, json, resource, socket, sys
+    from pointsman.proxy.engine import new_engine
+    from pointsman.proxy.engine.simple import RoundRobinPolicy
+
+    async def main(name, backend_port):
+        loop = asyncio.get_running_loop()
+        engine = new_engine(loop, name)
+        policy = RoundRobinPolicy([engine.target(0, "127.0.0.1", backend_port)], retries=3)
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(512)
+        lid = engine.add_listener(lsock, policy)
+        # Clients from a child process (their descriptors are not ours): hold 80 connections.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLIENT, str(lsock.getsockname()[1]), "80",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))  # ours only: the child has its own
+        proc.stdin.write(b"go\\n")
+        await proc.stdin.drain()
+        assert (await proc.stdout.readline()).strip() == b"held"
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if engine.statistics().local_errors or engine.statistics().accept_errors:
+                break
+        exhausted = engine.statistics()
+        proc.stdin.write(b"close\\n")
+        await proc.stdin.drain()
+        await proc.wait()
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if engine.active() == 0:
+                break
+        # Every descriptor is back: the next connections succeed.
+        ok = 0
+        for _ in range(20):
+            r, w = await asyncio.open_connection("127.0.0.1", lsock.getsockname()[1])
+            w.write(b"ping"); w.write_eof()
+            if await asyncio.wait_for(r.read(), 5) == b"ping":
+                ok += 1
+            w.close()
+        stats = engine.listener_stats(lid)
+        print(json.dumps({
+            "local": [[op, err, n] for (op, err), n in exhausted.local_errors.items()],
+            "accept": [[err, n] for err, n in exhausted.accept_errors.items()],
+            "outcomes": [[b, s, e, n] for (b, s, e), n in policy.outcomes.items()],
+            "ok": ok, "counters": list(stats), "records": len(policy.records)}))
+        engine.shutdown(0)
+
+    CLIENT = '''
+    import socket, sys, time
+    port, count = int(sys.argv[1]), int(sys.argv[2])
+    sys.stdin.readline()
+    socks = []
+    for _ in range(count):
+        s = socket.socket(); s.settimeout(5); s.connect(("127.0.0.1", port)); s.sendall(b"x"); socks.append(s)
+    time.sleep(0.5)
+    print("held", flush=True)
+    sys.stdin.readline()
+    for s in socks:
+        s.close()
+    '''
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+""")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_descriptor_exhaustion_is_local_and_passes(engine: str) -> None:
+    """Under RLIMIT_NOFILE 64, 80 held connections exhaust our descriptors: the failures are
+    counted as local (socket() EMFILE) or as accept errors with a backoff, the backend is never
+    reported as failed, and once the connections close, new ones succeed."""
+    async with raw_backend(echo) as backend:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", EMFILE_SCRIPT, engine, str(backend.port),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.getcwd()})
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    local = {(op, e) for op, e, _ in result["local"]}
+    accept = {e for e, _ in result["accept"]}
+    assert local or accept, result
+    assert local <= {(0, errno.EMFILE), (1, errno.EMFILE), (2, errno.EMFILE)}, result
+    assert accept <= {errno.EMFILE}, result
+    failures = [o for o in result["outcomes"] if o[1] == Status.BACKEND]
+    assert failures == [], result
+    assert result["ok"] == 20
+    accepted, refused, ended, active = result["counters"][:4]
+    assert accepted == refused + ended + active
+    assert refused + ended == result["records"]
+
+
+
+class ExhaustingPolicy(RoundRobinPolicy):
+    """Lowers the soft RLIMIT_NOFILE to exactly the next free descriptor for the engine's
+    socket() of the first connection, and restores it when the outcome arrives."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.saved: tuple[int, int] | None = None
+
+    def accepted(self, conn_id: int, host: str, port: int) -> Decision:
+        if self.saved is None:
+            self.saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+            probe = os.dup(0)
+            os.close(probe)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (probe, self.saved[1]))
+        return super().accepted(conn_id, host, port)
+
+    def connect_result(self, conn_id: int, backend: int, status: int, err: int,
+                       elapsed: float) -> Decision | None:
+        if self.saved is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.saved)
+        return super().connect_result(conn_id, backend, status, err, elapsed)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_socket_emfile_is_a_local_error_not_a_backend_failure(engine: str) -> None:
+    async with raw_backend(echo) as backend:
+        loop = asyncio.get_running_loop()
+        eng = new_engine(loop, engine)
+        policy = ExhaustingPolicy([eng.target(0, LOOPBACK, backend.port)], retries=3)
+        lsock = socket.socket()
+        lsock.bind((LOOPBACK, 0))
+        lsock.listen(16)
+        lid = eng.add_listener(lsock, policy)
+        try:
+            first = await ping(lsock.getsockname())
+            second = await ping(lsock.getsockname())
+            await wait_for(lambda: len(policy.records) == 2, 5.0)
+            stats = eng.statistics()
+        finally:
+            eng.shutdown(0)
+            lsock.close()
+    assert first[0] == b"" and second == (b"ping", "eof")
+    assert policy.outcomes[(0, Status.LOCAL, errno.EMFILE)] == 1
+    assert not [o for o in policy.outcomes if o[1] == Status.BACKEND]
+    assert stats.local_errors == {(Op.SOCKET, errno.EMFILE): 1}
+    assert policy.records[0].reason == End.LOCAL_RESOURCE
+    assert policy.records[0].detail == errno.EMFILE
+    counters = eng.listener_stats(lid)
+    assert (counters.accepted, counters.ended) == (2, 2)

@@ -1,0 +1,202 @@
+"""The engines relay bytes exactly: integrity under random chunking (copy and splice paths),
+half-close in both orders, and memory bounded by a client that never reads."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+
+import pytest
+
+from pointsman.proxy.engine import new_engine
+from pointsman.proxy.engine.api import READ_CHUNK, End, Flag
+from pointsman.proxy.engine.simple import RoundRobinPolicy
+from tests.integration.engine_support import (
+    ENGINES,
+    echo,
+    open_raw,
+    proxy,
+    raw_backend,
+    recv_to_end,
+)
+from tests.support import LOOPBACK6, has_ipv6, wait_for
+
+CONNECTIONS = 16
+SIZE = 2 * 1024 * 1024
+
+
+async def send_chunked(sock: socket.socket, data: bytes, rng: random.Random) -> None:
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    offset = 0
+    while offset < len(data):
+        step = rng.choice((1, 7, 1000, 4096, 65536, 300_000))
+        await loop.sock_sendall(sock, view[offset:offset + step])
+        offset += step
+    sock.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("splice_after", [None, 64 * 1024], ids=["copy", "splice"])
+async def test_sixteen_connections_carry_every_byte(engine: str, splice_after: int | None) -> None:
+    async with raw_backend(echo) as backend, proxy(engine, [backend.port],
+                                                   splice_after=splice_after) as p:
+
+        async def one(seed: int) -> tuple[bytes, bytes, str]:
+            rng = random.Random(seed)
+            data = rng.randbytes(SIZE)
+            sock = await open_raw(p.address)
+            try:
+                sender = asyncio.ensure_future(send_chunked(sock, data, rng))
+                got, end = await recv_to_end(sock, 30.0)
+                await sender
+            finally:
+                sock.close()
+            return hashlib.sha256(data).digest(), hashlib.sha256(got).digest(), end
+
+        results = await asyncio.gather(*(one(seed) for seed in range(CONNECTIONS)))
+        records = await p.wait_ended(CONNECTIONS)
+
+    for sent, got, end in results:
+        assert got == sent
+        assert end == "eof"
+    assert len(records) == CONNECTIONS
+    for record in records:
+        assert record.reason == End.CLIENT_FIN
+        assert record.bytes_in == record.bytes_out == SIZE
+        assert record.flags & Flag.CONNECTED
+        assert record.connected >= record.started and record.ended >= record.first_byte > 0
+        assert bool(record.flags & Flag.SPLICED) == (splice_after is not None)
+    counters = p.engine.listener_stats(p.lid)
+    assert counters.bytes_in == counters.bytes_out == CONNECTIONS * SIZE
+    assert counters.spliced == (CONNECTIONS if splice_after is not None else 0)
+    p.assert_adds_up()
+
+
+async def reply_after_eof(conn: socket.socket) -> None:
+    """`echo hi | nc`: read the whole request (its FIN first), then answer and close."""
+    request, _ = await recv_to_end(conn)
+    await asyncio.get_running_loop().sock_sendall(conn, hashlib.sha256(request).digest() * 4096)
+    conn.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_client_fin_first_still_gets_the_reply(engine: str) -> None:
+    request = random.Random(1).randbytes(300_000)
+    async with raw_backend(reply_after_eof) as backend, proxy(engine, [backend.port]) as p:
+        sock = await open_raw(p.address)
+        await asyncio.get_running_loop().sock_sendall(sock, request)
+        sock.shutdown(socket.SHUT_WR)
+        reply, end = await recv_to_end(sock)
+        sock.close()
+        (record,) = await p.wait_ended(1)
+    assert reply == hashlib.sha256(request).digest() * 4096
+    assert end == "eof"
+    assert record.reason == End.CLIENT_FIN
+    assert record.flags & Flag.CLIENT_FIN and record.flags & Flag.BACKEND_FIN
+    assert (record.bytes_in, record.bytes_out) == (len(request), len(reply))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_backend_fin_first_and_client_keeps_sending(engine: str) -> None:
+    greeting = random.Random(2).randbytes(200_000)
+    upload = random.Random(3).randbytes(1_000_000)
+    uploaded: list[bytes] = []
+
+    async def greet_then_listen(conn: socket.socket) -> None:
+        await asyncio.get_running_loop().sock_sendall(conn, greeting)
+        conn.shutdown(socket.SHUT_WR)
+        data, _ = await recv_to_end(conn)
+        uploaded.append(data)
+
+    async with raw_backend(greet_then_listen) as backend, proxy(engine, [backend.port]) as p:
+        sock = await open_raw(p.address)
+        received, end = await recv_to_end(sock)  # ends at the backend's FIN
+        await asyncio.get_running_loop().sock_sendall(sock, upload)
+        sock.shutdown(socket.SHUT_WR)
+        (record,) = await p.wait_ended(1)
+        await wait_for(lambda: bool(uploaded), 5.0, what="the backend read to its EOF")
+        sock.close()
+    assert (received, end) == (greeting, "eof")
+    assert uploaded == [upload]
+    assert record.reason == End.BACKEND_FIN
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("splice_after", [None, 0], ids=["copy", "splice"])
+async def test_client_that_never_reads_holds_bounded_memory(engine: str, splice_after: int | None) -> None:
+    """The backend offers 64 MiB to a client that reads nothing: the engine stops reading the
+    backend once the client side is full, holding at most one read (copy) or one pipe (splice)
+    per direction, and the backend sees its writes block."""
+    offered = 64 * 1024 * 1024
+    sent: list[int] = []
+    stalled = asyncio.Event()
+
+    async def firehose(conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        chunk = bytes(1 << 20)
+        total = 0
+        while total < offered:
+            try:
+                async with asyncio.timeout(0.5):
+                    await loop.sock_sendall(conn, chunk)
+            except TimeoutError:
+                break
+            total += len(chunk)
+        sent.append(total)
+        stalled.set()
+        await recv_to_end(conn)
+
+    async with raw_backend(firehose) as backend, proxy(engine, [backend.port],
+                                                       splice_after=splice_after) as p:
+        sock = await open_raw(p.address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        await asyncio.get_running_loop().sock_sendall(sock, b"go")
+        async with asyncio.timeout(30):
+            await stalled.wait()
+        (conn_id,) = p.engine.connections()
+        held = p.engine.buffered(conn_id)
+        assert held is not None
+        counters = p.engine.listener_stats(p.lid)
+        sock.close()
+    assert sent[0] < offered, "the backend was never held back"
+    bound = READ_CHUNK if splice_after is None else 1 << 20
+    assert held[1] <= bound, held
+    # Everything the proxy read is either held or went to the client's (small) socket buffers.
+    assert counters.bytes_out <= sent[0]
+
+
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_ipv6_listener_and_backend(engine: str) -> None:
+    loop = asyncio.get_running_loop()
+    server = socket.socket(socket.AF_INET6)
+    server.bind((LOOPBACK6, 0))
+    server.listen(8)
+    server.setblocking(False)
+    eng = new_engine(loop, engine)
+    policy = RoundRobinPolicy([eng.target(0, LOOPBACK6, server.getsockname()[1])])
+    lsock = socket.socket(socket.AF_INET6)
+    lsock.bind((LOOPBACK6, 0))
+    lsock.listen(8)
+    eng.add_listener(lsock, policy)
+    try:
+        client = socket.socket(socket.AF_INET6)
+        client.setblocking(False)
+        await loop.sock_connect(client, lsock.getsockname()[:2])
+        backend_side, _ = await loop.sock_accept(server)
+        backend_side.setblocking(False)
+        await loop.sock_sendall(client, b"over v6")
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_to_end(backend_side) == (b"over v6", "eof")
+        backend_side.close()
+        assert await recv_to_end(client) == (b"", "eof")
+        client.close()
+        await wait_for(lambda: len(policy.records) == 1, 5.0)
+    finally:
+        eng.shutdown(0)
+        lsock.close()
+        server.close()
+    assert policy.records[0].reason == End.CLIENT_FIN
