@@ -6,7 +6,8 @@ when a record appears, in which case it polls the file with a deadline.
 
 Tests that take the `workers` fixture run with one process and with a control process and two
 workers, where every worker appends its own records to the same file: the records must still
-add up, one whole JSON line per connection.
+add up, one whole JSON line per connection. The other tests are about what one record says,
+which the same code writes in either model, so they run once.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ async def test_client_fin_record_has_bytes_backend_and_client(tmp_path: Path, wo
     assert record["ttfb"] is not None and 0 <= record["ttfb"] <= record["duration"]
 
 
-async def test_backend_fin_record(tmp_path: Path, workers: int) -> None:
+async def test_backend_fin_record(tmp_path: Path) -> None:
     async def greet_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 hello\r\n")
         await writer.drain()
@@ -104,10 +105,7 @@ async def test_backend_fin_record(tmp_path: Path, workers: int) -> None:
 
     log = tmp_path / "flows.jsonl"
     listen = f"{LOOPBACK}:{free_port()}"
-    async with (
-        backend(greet_and_close) as peer,
-        running(config(listen, [peer.address], log), workers=workers),
-    ):
+    async with backend(greet_and_close) as peer, running(config(listen, [peer.address], log)):
         reader, writer = await connect(listen)
         assert await read_all(reader, 2.0) == b"220 hello\r\n"
         await close_writer(writer)
@@ -119,11 +117,11 @@ async def test_backend_fin_record(tmp_path: Path, workers: int) -> None:
     assert record["backend"] == "b0"
 
 
-async def test_connect_failed_record_has_no_backend(tmp_path: Path, workers: int) -> None:
+async def test_connect_failed_record_has_no_backend(tmp_path: Path) -> None:
     log = tmp_path / "flows.jsonl"
     listen = f"{LOOPBACK}:{free_port()}"
     with refused_port() as dead:
-        async with running(config(listen, [f"{LOOPBACK}:{dead}"], log), workers=workers):
+        async with running(config(listen, [f"{LOOPBACK}:{dead}"], log)):
             reader, writer = await connect(listen)
             await wait_closed(reader, 3.0)
             await close_writer(writer)
@@ -161,12 +159,12 @@ async def test_table_full_rejection_is_recorded(tmp_path: Path) -> None:
     assert by_end["client_fin"]["bytes_in"] == 4
 
 
-async def test_idle_timeout_record(tmp_path: Path, workers: int) -> None:
+async def test_idle_timeout_record(tmp_path: Path) -> None:
     log = tmp_path / "flows.jsonl"
     listen = f"{LOOPBACK}:{free_port()}"
     async with echo_backend() as peer:
         text = config(listen, [peer.address], log, pool={"idle_timeout": "200ms"})
-        async with running(text, workers=workers):
+        async with running(text):
             reader, writer = await connect(listen)
             await roundtrip(reader, writer, b"ping")
             await wait_closed(reader, 2.0)  # pointsman cuts it after 200 ms of silence

@@ -176,7 +176,9 @@ async def test_backend_state_gauges_and_no_backend_refusals(workers: int) -> Non
     assert value(s, "pointsman_connections_rejected_total", **LB, reason="no_backend") == 1
 
 
-async def test_health_checks_are_counted_by_result(workers: int) -> None:
+# Health checks run in the process that owns the pools (the single process or the control
+# process) in either model, so this runs once.
+async def test_health_checks_are_counted_by_result() -> None:
     check = {"health_check": {"type": "tcp", "interval": "50ms", "timeout": "50ms",
                               "rise": 1, "fall": 2, "jitter": 0}}
     async with echo_backend() as peer:
@@ -184,7 +186,7 @@ async def test_health_checks_are_counted_by_result(workers: int) -> None:
             listen = f"{LOOPBACK}:{free_port()}"
             dead = f"{LOOPBACK}:{dead_port}"
             text = one_pool_config(listen, [peer.address, dead], pool=check)
-            async with running(text, workers=workers) as runtime:
+            async with running(text) as runtime:
                 pool = runtime.pools["p"]
                 await wait_for(lambda: pool.member(dead).machine.state.value == "down"
                                and pool.member(peer.address).checks >= 2, 5.0,

@@ -1,8 +1,9 @@
 """Per-connection limits: the idle timeout (reset by traffic either way) and the connection table
 bound (`max_connections`).
 
-The idle timeout is per connection, so it must hold the same with one process and with a
-control process and two workers (the `workers` fixture)."""
+The idle close also runs with a control process and two workers (the `workers` fixture): the
+timer lives in the worker that holds the connection, and the count reaches the control process
+by report. What resets the timer is the same code either way, so those tests run once."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ async def test_idle_connection_is_closed_after_idle_timeout(workers: int) -> Non
     assert stats.active == 0
 
 
-async def test_client_traffic_alone_resets_the_idle_timer(workers: int) -> None:
+async def test_client_traffic_alone_resets_the_idle_timer() -> None:
     received: list[bytes] = []
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -61,7 +62,8 @@ async def test_client_traffic_alone_resets_the_idle_timer(workers: int) -> None:
     async with backend(sink) as peer:
         listen = f"{LOOPBACK}:{free_port()}"
         config = one_pool_config(listen, [peer.address], pool=IDLE_POOL)
-        async with running(config, workers=workers) as runtime:
+        async with running(config) as runtime:
+            stats = runtime.listeners["lb"].stats
             _, writer = await connect(listen)
             sent = b""
             for i in range(TICKS):
@@ -70,21 +72,16 @@ async def test_client_traffic_alone_resets_the_idle_timer(workers: int) -> None:
                 sent += tick
                 await wait_for(lambda sent=sent: b"".join(received) == sent, 1.0, what=f"tick {i} arrived")
                 await asyncio.sleep(TICK)  # the traffic pattern under test, not a synchronisation
-            # Accepted counts the connection once it is reported (with workers, every 0.5 s).
-            stats = await statistics_when(runtime, lambda s: s.accepted == 1,
-                                          what="connection reported")
             assert stats.active == 1
             assert stats.ended[EndReason.IDLE_TIMEOUT] == 0
             await close_writer(writer)
-            stats = await statistics_when(runtime, lambda s: sum(s.ended.values()) == 1,
-                                          what="connection torn down")
+            await wait_for(lambda: stats.active == 0, 1.0, what="connection torn down")
 
     assert b"".join(received) == sent
     assert stats.ended[EndReason.IDLE_TIMEOUT] == 0
-    assert stats.active == 0
 
 
-async def test_backend_traffic_alone_resets_the_idle_timer(workers: int) -> None:
+async def test_backend_traffic_alone_resets_the_idle_timer() -> None:
     async def ticker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for i in range(TICKS):
             writer.write(f"tick {i}\n".encode())
@@ -96,21 +93,17 @@ async def test_backend_traffic_alone_resets_the_idle_timer(workers: int) -> None
     async with backend(ticker) as peer:
         listen = f"{LOOPBACK}:{free_port()}"
         config = one_pool_config(listen, [peer.address], pool=IDLE_POOL)
-        async with running(config, workers=workers) as runtime:
+        async with running(config) as runtime:
             reader, writer = await connect(listen)
             async with asyncio.timeout(TICK * TICKS + 2.0):
                 lines = [await reader.readline() for _ in range(TICKS + 1)]
-            stats = await statistics_when(runtime, lambda s: s.accepted == 1,
-                                          what="connection reported")
-            assert stats.active == 1
+            stats = runtime.listeners["lb"].stats
             assert stats.ended[EndReason.IDLE_TIMEOUT] == 0
             await close_writer(writer)
-            stats = await statistics_when(runtime, lambda s: sum(s.ended.values()) == 1,
-                                          what="connection torn down")
+            await wait_for(lambda: stats.active == 0, 1.0, what="connection torn down")
 
     assert lines == [f"tick {i}\n".encode() for i in range(TICKS)] + [b"done\n"]
     assert stats.ended[EndReason.IDLE_TIMEOUT] == 0
-    assert stats.active == 0
 
 
 # One process only: with workers, `max_connections` is split into per-worker shares (the kernel
