@@ -29,7 +29,6 @@ from tests.support import (
     wait_closed,
     wait_for,
     with_workers,
-    workers_with_known_bug,
 )
 
 # The subprocess tests run the proxy on each loop; the test side's own loop does not matter there.
@@ -120,10 +119,6 @@ async def test_sigterm_cuts_connection_still_open_after_grace(
     assert "shutdown: cut 1 connections" in proc.stderr()
 
 
-@workers_with_known_bug(
-    "a control process keeps its listeners accepting (readiness 200) until every worker has "
-    "exited: Node.shutdown awaits role.stop_serving(grace) before listener.stop_accepting(), "
-    "and the workers stop reporting once told to stop")
 async def test_in_process_shutdown_counts_cut_connections(workers: int) -> None:
     grace = 2.0  # well past the wait for "not accepting": that must come first, not at the cut
     async with echo_backend() as peer:
