@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,6 +295,14 @@ def backend_drained(runtime: Node, pool: str, backend: str) -> bool:
     connections are theirs, and so are the counts: the owner pool's own are always zero."""
     member = runtime.pools[pool].member(backend)
     return member.machine.state is not BackendState.UP and backend_active(runtime, pool, backend) == 0
+
+
+def rotated(seen: Counter[str], names: Sequence[str], workers: int) -> bool:
+    """`seen` is what rotations over `names` with equal weights give: every worker rotates on its
+    own and is off by at most one per backend, so one process splits exactly evenly (given a
+    count that divides) and two workers are at most two apart."""
+    counts = [seen[name] for name in names]
+    return set(seen) <= set(names) and max(counts) - min(counts) <= workers
 
 
 def listen_address() -> str:

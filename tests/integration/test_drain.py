@@ -20,6 +20,7 @@ from tests.integration.peers import (
     listen_address,
     named_backends,
     open_streams,
+    rotated,
     single_pool,
     wait_more_exchanges,
 )
@@ -27,13 +28,6 @@ from tests.support import REPORT_TIMEOUT, running, statistics_when, wait_for, wo
 
 STREAMS = 6  # two per backend with one process
 SHORT = 20  # short connections after each operator call
-
-
-def rotated(seen: Counter[str], names: str, workers: int) -> bool:
-    """Round robin over `names`: every rotation is off by at most one per worker, so one process
-    splits evenly and two workers are at most two apart."""
-    counts = [seen[name] for name in names]
-    return set(seen) <= set(names) and max(counts) - min(counts) <= workers
 
 
 async def test_drain_and_maintenance_let_open_connections_finish(workers: int) -> None:
