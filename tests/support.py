@@ -248,6 +248,47 @@ async def running(config_text: str, shutdown_grace: float | None = 0.2,
         await node.shutdown()
 
 
+# --- figures of a node with workers -----------------------------------------------------------------
+
+# With workers, the control process's figures are the sums of the workers' latest reports, which
+# arrive every 0.5 s; generous for a loaded 2-core VM.
+REPORT_TIMEOUT = 5.0
+
+
+async def statistics_when(node: Node, predicate: Callable[[Any], bool], *, listener: str = "lb",
+                          timeout: float = REPORT_TIMEOUT, what: str = "") -> Any:
+    """The statistics of `listener` once `predicate(statistics)` holds.
+
+    The statistics are read afresh on every poll and once more at the end: with workers each read
+    is a new sum of reports, so holding one object across time would show stale figures. Wait for
+    a count to reach its value (e.g. the ended total), not for `active == 0`, which a report from
+    before the connections opened shows as well.
+    """
+    await wait_for(lambda: predicate(node.listeners[listener].statistics()), timeout, what=what)
+    return node.listeners[listener].statistics()
+
+
+async def workers_caught_up(node: Node) -> None:
+    """Return once every worker has applied what the control process decided so far.
+
+    Operator decisions (drain, enable, weights) take effect in the control process at once and
+    reach the workers by message a moment later. Applying the running config again is a round
+    trip through every worker's channel, which is ordered: when it returns, each worker has
+    applied every decision sent before. Nothing to wait for in a single process.
+    """
+    if node.role != "control":
+        return
+    errors = await node.apply(node.config)
+    assert errors == [], errors
+
+
+def with_workers(config_text: str, workers: int) -> str:
+    """`config_text` with the top-level `workers` set (for `pointsman run` subprocesses)."""
+    data = yaml.safe_load(config_text)
+    data["workers"] = workers
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 # --- pointsman as a subprocess -------------------------------------------------------------------
 
 

@@ -141,9 +141,7 @@ class ControlRole(SingleRole):
         self.reports = reports
 
     def new_pool(self, config: PoolConfig) -> Pool:
-        pool = Pool(config)
-        pool.sink = self._broadcast
-        return pool
+        return Pool(config, sink=self._broadcast)
 
     def _broadcast(self, message: PoolMessage) -> None:
         if isinstance(message, BackendEvent):
@@ -204,9 +202,7 @@ class WorkerRole(SingleRole):
         self._sockets: dict[str, socket.socket] = {}
 
     def new_pool(self, config: PoolConfig) -> Pool:
-        pool = Pool(config, mirror=True)
-        pool.sink = self._signal
-        return pool
+        return Pool(config, mirror=True, sink=self._signal)
 
     def _signal(self, message: PoolMessage) -> None:
         if isinstance(message, PassiveSignal):

@@ -447,10 +447,10 @@ class Node:
                 await service.stop()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        await self.role_object.stop_serving(grace)
         listeners = list(self.listeners.values())
-        for listener in listeners:
+        for listener in listeners:  # first: a control process is not accepting while it waits
             listener.stop_accepting()
+        await self.role_object.stop_serving(grace)
         for name in list(self.checkers):
             self.tasks.cancel(f"health:{name}")
         self.checkers.clear()

@@ -107,12 +107,15 @@ class Pool:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         mirror: bool = False,
+        sink: PoolSink | None = None,
     ) -> None:
         self.name = config.name
         # A mirror (in a worker process) owns no decisions: it applies the events the control
         # process broadcasts, in the same order, and forwards its passive signals instead.
         self.mirror = mirror
-        self.sink: PoolSink | None = None
+        # Set before the first reconfigure: the decisions a new pool's config implies at once
+        # (an `initial_state: down` backend without a health check comes up) reach the mirrors.
+        self.sink: PoolSink | None = sink
         self.config = config
         self._clock = clock
         self._rng = rng or random.Random()

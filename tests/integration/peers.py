@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from pointsman.node.runtime import Node
+from pointsman.pool.state import BackendState
 from pointsman.telemetry.stats import ListenerStats
 from tests.support import (
     LOOPBACK,
@@ -275,9 +276,33 @@ def single_pool(listen: str, peers: list[NamedBackend], **pool: Any) -> str:
 
 
 def tcp_stats(runtime: Node, listener: str = "lb") -> ListenerStats:
+    """The listener's counters now (with workers: the sum of their latest reports, so read it
+    afresh after a wait instead of holding it)."""
     stats = runtime.listeners[listener].statistics()
     assert isinstance(stats, ListenerStats)
     return stats
+
+
+def backend_active(runtime: Node, pool: str, backend: str) -> int:
+    """Open connections to one backend, as the node counts them (the admin API's figure)."""
+    owner = runtime.pools[pool]
+    by_id = dict(zip((m.id for m in owner.members()), runtime.backend_stats(owner), strict=True))
+    return by_id[backend].active
+
+
+def backend_drained(runtime: Node, pool: str, backend: str) -> bool:
+    """`Pool.is_drained` as the node sees it: not up and no connection open. With workers the
+    connections are theirs, and so are the counts: the owner pool's own are always zero."""
+    member = runtime.pools[pool].member(backend)
+    return member.machine.state is not BackendState.UP and backend_active(runtime, pool, backend) == 0
+
+
+def rotated(seen: Counter[str], names: Sequence[str], workers: int) -> bool:
+    """`seen` is what rotations over `names` with equal weights give: every worker rotates on its
+    own and is off by at most one per backend, so one process splits exactly evenly (given a
+    count that divides) and two workers are at most two apart."""
+    counts = [seen[name] for name in names]
+    return set(seen) <= set(names) and max(counts) - min(counts) <= workers
 
 
 def listen_address() -> str:

@@ -4,6 +4,8 @@ of the whole API from its own /openapi.json.
 
 Most tests run a `Node` in the test's event loop (so they can look at the pool directly and
 compare it with what the API says); the CLI and fuzz tests run `pointsman run` as a subprocess.
+Tests that take the `workers` fixture run that node as one process and as a control process with
+two workers, where the API answers from the owner pools and the workers' reports.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from tests.support import (
     free_port,
     pointsman_process,
     roundtrip,
+    statistics_when,
     wait_for,
+    workers_caught_up,
 )
 
 TOKEN = "s3cret-t0ken"
@@ -130,18 +134,22 @@ def config_text(listen: str, backends: list[str], admin: str, token_file: Path |
 
 @contextlib.asynccontextmanager
 async def admin_runtime(tmp_path: Path, backends: list[str], *, token: bool = True,
-                        **pool: Any) -> AsyncIterator[Admin]:
+                        workers: int = 1, **pool: Any) -> AsyncIterator[Admin]:
     """A Node loaded from a config file (so reload has a file to re-read), admin on a free
-    port, with a bearer token unless `token=False`."""
+    port, with a bearer token unless `token=False`; with `workers` > 1 a control process whose
+    workers serve the listener (yielded once they all do)."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     listen = f"{LOOPBACK}:{free_port()}"
     admin = f"{LOOPBACK}:{free_port()}"
     path = tmp_path / "pointsman.yaml"
     path.write_text(config_text(listen, backends, admin, token_file if token else None, **pool))
-    runtime = build_node(load_file(path), config_path=path, announce=lambda line: None, workers=1)
+    runtime = build_node(load_file(path), config_path=path, announce=lambda line: None,
+                         workers=workers)
     await runtime.start()
     try:
+        await wait_for(lambda: all(lst.accepting for lst in runtime.listeners.values()), 10.0,
+                       what="every listener served")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             yield Admin(runtime, f"http://{admin}", http, path, listen)
     finally:
@@ -154,9 +162,10 @@ async def proxy_some(admin: Admin, count: int, message: bytes = b"hello\n") -> N
         reader, writer = await connect(admin.listen)
         await roundtrip(reader, writer, message)
         await close_writer(writer)
-    stats = admin.runtime.listeners["lb"].stats
-    await wait_for(lambda: stats.active == 0 and sum(stats.ended.values()) == count, 2.0,
-                   what="every connection torn down")
+    # With workers the figures arrive by report: wait for the count, then check the gauge.
+    stats = await statistics_when(admin.runtime, lambda s: sum(s.ended.values()) == count,
+                                  what="every connection torn down")
+    assert stats.active == 0
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -178,8 +187,11 @@ READY = {"ready": True, "not_accepting": [], "pools_without_backends": [], "fail
          "drained": False}
 
 
-async def test_healthz_and_readyz_follow_the_pool(tmp_path: Path) -> None:
-    async with echo_backend() as peer, admin_runtime(tmp_path, [peer.address]) as admin:
+async def test_healthz_and_readyz_follow_the_pool(tmp_path: Path, workers: int) -> None:
+    async with (
+        echo_backend() as peer,
+        admin_runtime(tmp_path, [peer.address], workers=workers) as admin,
+    ):
         assert await admin.get("/healthz") == (200, "ok\n")
         assert await admin.get("/readyz") == (200, READY)
 
@@ -195,9 +207,12 @@ async def test_healthz_and_readyz_follow_the_pool(tmp_path: Path) -> None:
         assert await admin.get("/readyz") == (200, READY)
 
 
-async def test_metrics_count_the_proxied_connections(tmp_path: Path) -> None:
+async def test_metrics_count_the_proxied_connections(tmp_path: Path, workers: int) -> None:
     message = b"twelve bytes"
-    async with echo_backend() as peer, admin_runtime(tmp_path, [peer.address]) as admin:
+    async with (
+        echo_backend() as peer,
+        admin_runtime(tmp_path, [peer.address], workers=workers) as admin,
+    ):
         await proxy_some(admin, 3, message)
         async with admin.http.get(admin.url + "/metrics") as r:
             assert r.status == 200
@@ -222,23 +237,35 @@ async def test_metrics_count_the_proxied_connections(tmp_path: Path) -> None:
     assert sample(parsed, "pointsman_pool_available_backends", pool="p") == 1
 
 
-async def test_status_document_describes_listeners_pools_and_backends(tmp_path: Path) -> None:
+async def test_status_document_describes_listeners_pools_and_backends(
+    tmp_path: Path, workers: int
+) -> None:
     async with (
         echo_backend() as a,
         echo_backend() as b,
-        admin_runtime(tmp_path, [a.address, b.address]) as admin,
+        admin_runtime(tmp_path, [a.address, b.address], workers=workers) as admin,
     ):
         await proxy_some(admin, 2)
         doc = await admin.status()
+        pids = [w.pid for w in admin.runtime.workers()]
 
     assert set(doc) == {"version", "node", "role", "started_at", "generated_at",
                         "loop_lag_seconds", "readiness", "processes", "workers", "listeners",
                         "pools", "transitions"}
-    assert doc["role"] == "single" and doc["workers"] == [] and doc["readiness"]["ready"]
+    assert doc["readiness"]["ready"]
     assert doc["node"] == socket.gethostname()  # no `node.name` in the config, no fleet
     assert doc["started_at"] <= doc["generated_at"] <= time.time()
-    [process] = doc["processes"]
-    assert process["process"] == "single" and process["pid"] == os.getpid()
+    if workers == 1:
+        assert doc["role"] == "single" and doc["workers"] == []
+        [process] = doc["processes"]
+        assert process["process"] == "single" and process["pid"] == os.getpid()
+    else:
+        assert doc["role"] == "control"
+        assert [(w["index"], w["state"], w["restarts"]) for w in doc["workers"]] == [
+            (i, "running", 0) for i in range(workers)]
+        assert [w["pid"] for w in doc["workers"]] == pids and os.getpid() not in pids
+        assert [(p["process"], p["pid"]) for p in doc["processes"]] == [
+            ("control", os.getpid()), *((f"worker-{i}", pids[i]) for i in range(workers))]
     [listener] = doc["listeners"]
     assert listener["name"] == "lb" and listener["protocol"] == "tcp"
     assert listener["bind"] == admin.listen and listener["pool"] == "p"
@@ -250,10 +277,15 @@ async def test_status_document_describes_listeners_pools_and_backends(tmp_path: 
     assert pool["name"] == "p" and pool["algorithm"] == "round_robin"
     assert pool["available"] == 2 and pool["total"] == 2
     assert [backend["id"] for backend in pool["backends"]] == ["a", "b"]
+    # Round robin: one each with one process; each worker rotates on its own, so with workers
+    # only the sum is known.
+    assert sum(backend["total"] for backend in pool["backends"]) == 2
     for backend, peer in zip(pool["backends"], (a, b), strict=True):
         assert backend["address"] == peer.address
         assert backend["state"] == "up" and backend["weight"] == 1 and backend["available"]
-        assert backend["total"] == 1  # round robin: one each
+        assert backend["active"] == 0
+        if workers == 1:
+            assert backend["total"] == 1
         assert backend["last_check"] is None  # no health check configured
         assert backend["since_seconds"] >= 0
     assert doc["transitions"] == []
@@ -262,8 +294,13 @@ async def test_status_document_describes_listeners_pools_and_backends(tmp_path: 
 # --- operator calls ---------------------------------------------------------------------------------
 
 
-async def test_drain_maintenance_enable_and_weight_change_the_pool(tmp_path: Path) -> None:
-    async with echo_backend() as peer, admin_runtime(tmp_path, [peer.address]) as admin:
+async def test_drain_maintenance_enable_and_weight_change_the_pool(
+    tmp_path: Path, workers: int
+) -> None:
+    async with (
+        echo_backend() as peer,
+        admin_runtime(tmp_path, [peer.address], workers=workers) as admin,
+    ):
         pool = admin.runtime.pools["p"]
         for action, state in (("drain", "draining"), ("maintenance", "maintenance"),
                               ("enable", "up")):
@@ -287,14 +324,15 @@ async def test_drain_maintenance_enable_and_weight_change_the_pool(tmp_path: Pat
     assert all(t["reason"].startswith("operator ") for t in transitions)
 
 
-async def test_a_drained_backend_gets_no_new_connections(tmp_path: Path) -> None:
+async def test_a_drained_backend_gets_no_new_connections(tmp_path: Path, workers: int) -> None:
     async with (
         echo_backend() as a,
         echo_backend() as b,
-        admin_runtime(tmp_path, [a.address, b.address]) as admin,
+        admin_runtime(tmp_path, [a.address, b.address], workers=workers) as admin,
     ):
         code, _ = await admin.call("POST", f"{BACKEND}/drain")
         assert code == 200
+        await workers_caught_up(admin.runtime)  # the call returns once the owner pool changed
         await proxy_some(admin, 4)
     assert (a.accepted, b.accepted) == (0, 4)
 
@@ -390,8 +428,13 @@ async def test_without_a_token_file_loopback_calls_need_no_token(tmp_path: Path)
 # --- reload ----------------------------------------------------------------------------------------
 
 
-async def test_reload_with_a_bad_file_is_422_and_keeps_the_running_config(tmp_path: Path) -> None:
-    async with echo_backend() as peer, admin_runtime(tmp_path, [peer.address]) as admin:
+async def test_reload_with_a_bad_file_is_422_and_keeps_the_running_config(
+    tmp_path: Path, workers: int
+) -> None:
+    async with (
+        echo_backend() as peer,
+        admin_runtime(tmp_path, [peer.address], workers=workers) as admin,
+    ):
         running_config = admin.runtime.config
         good = admin.config_path.read_text()
         admin.config_path.write_text(good.replace("pool: p", "pool: missing", 1))

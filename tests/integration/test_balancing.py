@@ -4,6 +4,12 @@ hash stability across processes, affinity, slow start.
 Every backend greets each connection with its name and a newline, then echoes, so the client learns
 which backend it reached without asking pointsman. `NamedBackend` and the client helpers below are
 also used by the health, drain and reload tests.
+
+Process models: hash policies and affinity take the `workers` fixture and must hold with a
+control process and two workers as with one process, because the kernel steers each client
+address to one worker (one affinity table per address; the hashes depend on the address only).
+Round robin sequences, least connections and power of two choices are per worker by design (each
+worker rotates and counts on its own), so their exact counts are tested with one process.
 """
 
 from __future__ import annotations
@@ -27,14 +33,18 @@ from tests.integration.peers import (
 )
 from tests.support import (
     LOOPBACK,
+    REPORT_TIMEOUT,
     close_writer,
     free_port,
     pointsman_process_async,
     running,
     wait_for,
+    with_workers,
+    workers_caught_up,
 )
 
 
+# One process only: each worker runs its own weighted rotation, so exact counts are per worker.
 async def test_weighted_round_robin_counts_are_exact() -> None:
     async with named_backends("a", "b", "c") as (a, b, c):
         listen = listen_address()
@@ -57,6 +67,7 @@ HELD = 20
 SHORT = 30
 
 
+# One process only: each worker counts (and steers by) the connections it holds itself.
 @pytest.mark.parametrize("algorithm", ["least_connections", "power_of_two"])
 async def test_load_aware_algorithms_steer_new_connections_away_from_loaded_backend(
     algorithm: str,
@@ -95,9 +106,9 @@ async def test_load_aware_algorithms_steer_new_connections_away_from_loaded_back
 SOURCES = [f"127.0.0.{i}" for i in range(10, 61)]
 
 
-def hash_config(peers: list[NamedBackend], maglev_port: int, hash_port: int) -> str:
+def hash_config(peers: list[NamedBackend], maglev_port: int, hash_port: int, workers: int) -> str:
     backends = [peer.config() for peer in peers]
-    return config_text(
+    text = config_text(
         [
             {"name": "mag", "bind": f"{LOOPBACK}:{maglev_port}", "pool": "maglev"},
             {"name": "sh", "bind": f"{LOOPBACK}:{hash_port}", "pool": "hash"},
@@ -107,18 +118,21 @@ def hash_config(peers: list[NamedBackend], maglev_port: int, hash_port: int) -> 
             {"name": "hash", "algorithm": "source_hash", "backends": backends},
         ],
     )
+    return with_workers(text, workers)
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_hash_policies_agree_across_two_processes(tmp_path: Path) -> None:
+async def test_hash_policies_agree_across_two_processes(tmp_path: Path, workers: int) -> None:
     async with named_backends("b1", "b2", "b3") as peers:
         ports = [free_port() for _ in range(4)]
         one, two = tmp_path / "one", tmp_path / "two"
         one.mkdir()
         two.mkdir()
+        # With workers, the first node is a control process and two workers: each source is
+        # steered to one of them, and every one must agree with the single-process second node.
         async with (
-            pointsman_process_async(hash_config(peers, ports[0], ports[1]), one),
-            pointsman_process_async(hash_config(peers, ports[2], ports[3]), two),
+            pointsman_process_async(hash_config(peers, ports[0], ports[1], workers), one),
+            pointsman_process_async(hash_config(peers, ports[2], ports[3], 1), two),
         ):
             results: dict[str, dict[str, list[str]]] = {"maglev": {}, "source_hash": {}}
             for policy, first, second in (("maglev", 0, 2), ("source_hash", 1, 3)):
@@ -144,13 +158,15 @@ async def test_hash_policies_agree_across_two_processes(tmp_path: Path) -> None:
 STICKY_SOURCES = [f"127.0.0.{i}" for i in range(20, 25)]
 
 
-async def test_affinity_keeps_a_source_on_its_backend_until_that_backend_drains() -> None:
+async def test_affinity_keeps_a_source_on_its_backend_until_that_backend_drains(
+    workers: int,
+) -> None:
     async with named_backends("a", "b", "c") as peers:
         listen = listen_address()
         config = single_pool(
             listen, peers, algorithm="round_robin", affinity={"key": "source_ip", "timeout": "60s"}
         )
-        async with running(config) as runtime:
+        async with running(config, workers=workers) as runtime:
             pool = runtime.pools["p"]
             seen: dict[str, list[str]] = {source: [] for source in STICKY_SOURCES}
             for _ in range(4):
@@ -158,19 +174,26 @@ async def test_affinity_keeps_a_source_on_its_backend_until_that_backend_drains(
                     seen[source].append(await ask_name(listen, source))
             assert all(len(set(names)) == 1 for names in seen.values()), seen
             home = {source: names[0] for source, names in seen.items()}
-            assert len(set(home.values())) == 3, home  # first picks rotated over all three
+            # First picks rotated over all three (with two workers, one of them has at least three
+            # of the five sources, and its own rotation covers the three backends).
+            assert len(set(home.values())) == 3, home
 
             moved_source = STICKY_SOURCES[0]
             old = home[moved_source]
             pool.drain(old)
+            await workers_caught_up(runtime)
             after_drain = {source: await ask_name(listen, source) for source in STICKY_SOURCES}
             new = after_drain[moved_source]
             again = [await ask_name(listen, moved_source) for _ in range(3)]
             pool.enable(old)
+            await workers_caught_up(runtime)
             after_enable = [await ask_name(listen, moved_source) for _ in range(3)]
+            total = 4 * len(STICKY_SOURCES) + len(STICKY_SOURCES) + 3 + 3
+            await wait_for(lambda: sum(tcp_stats(runtime).ended.values()) == total,
+                           REPORT_TIMEOUT, what="all connections ended")
             stats = tcp_stats(runtime)
-            await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
 
+    assert stats.active == 0 and stats.accepted == total
     assert new != old
     assert again == [new] * 3, "the replaced entry does not hold"
     assert after_enable == [new] * 3, "the old backend took its source back after enable"

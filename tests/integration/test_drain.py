@@ -1,5 +1,11 @@
 """Drain and maintenance through real sockets: open connections on the backend carry on and end
-normally, new ones go elsewhere, and `is_drained` turns true once the last one has closed."""
+normally, new ones go elsewhere, and the backend counts as drained once the last one has closed.
+
+It runs with one process and with a control process and two workers (the `workers` fixture):
+there the operator's calls change the owner pool in the control process and reach the workers by
+message (`workers_caught_up` waits for that), the connections and their counts are the workers'
+(read through the node, fresh after each wait), and each worker rotates round robin on its own.
+"""
 
 from __future__ import annotations
 
@@ -10,55 +16,74 @@ from pointsman.telemetry.flow import EndReason
 from tests.integration.peers import (
     MORE,
     ask_name,
+    backend_drained,
     listen_address,
     named_backends,
     open_streams,
+    rotated,
     single_pool,
-    tcp_stats,
     wait_more_exchanges,
 )
-from tests.support import running, wait_for
+from tests.support import REPORT_TIMEOUT, running, statistics_when, wait_for, workers_caught_up
+
+STREAMS = 6  # two per backend with one process
+SHORT = 20  # short connections after each operator call
 
 
-async def test_drain_and_maintenance_let_open_connections_finish() -> None:
+async def test_drain_and_maintenance_let_open_connections_finish(workers: int) -> None:
     async with named_backends("a", "b", "c") as peers:
         listen = listen_address()
-        async with running(single_pool(listen, peers, algorithm="round_robin")) as runtime:
+        config = single_pool(listen, peers, algorithm="round_robin")
+        async with running(config, workers=workers) as runtime:
             pool = runtime.pools["p"]
-            streams = await open_streams(listen, 6)
-            assert Counter(s.backend for s in streams) == {"a": 2, "b": 2, "c": 2}
+            streams = await open_streams(listen, STREAMS)
+            opened = Counter(s.backend for s in streams)
             on = {name: [s for s in streams if s.backend == name] for name in "abc"}
             await wait_more_exchanges(streams)
 
             pool.drain("a")
-            after_drain = Counter([await ask_name(listen) for _ in range(20)])
+            await workers_caught_up(runtime)
+            after_drain = Counter([await ask_name(listen) for _ in range(SHORT)])
             await wait_more_exchanges(streams)
-            assert not pool.is_drained("a"), "drained while two connections are open"
+            # Every connection so far is counted (with workers: reported), so the figures are now.
+            await statistics_when(runtime, lambda s: s.accepted == STREAMS + SHORT,
+                                  what="connections reported")
+            a_drained_early = backend_drained(runtime, "p", "a")
 
             pool.maintenance("b")
-            after_maintenance = Counter([await ask_name(listen) for _ in range(20)])
+            await workers_caught_up(runtime)
+            after_maintenance = Counter([await ask_name(listen) for _ in range(SHORT)])
             await wait_more_exchanges(streams)
-            assert not pool.is_drained("b"), "in maintenance with two connections open"
+            await statistics_when(runtime, lambda s: s.accepted == STREAMS + 2 * SHORT,
+                                  what="connections reported")
+            b_drained_early = backend_drained(runtime, "p", "b")
 
             a_rest = [await s.finish() for s in on["a"]]
-            await wait_for(lambda: pool.is_drained("a"), 2.0, what="a drained")
-            b_was_drained = pool.is_drained("b")
+            await wait_for(lambda: backend_drained(runtime, "p", "a"), REPORT_TIMEOUT,
+                           what="a drained")
+            b_was_drained = backend_drained(runtime, "p", "b")
             b_rest = [await s.finish() for s in on["b"]]
-            await wait_for(lambda: pool.is_drained("b"), 2.0, what="b drained")
+            await wait_for(lambda: backend_drained(runtime, "p", "b"), REPORT_TIMEOUT,
+                           what="b drained")
             c_rest = [await s.finish() for s in on["c"]]
-            stats = tcp_stats(runtime)
-            await wait_for(lambda: stats.active == 0, 2.0, what="all connections ended")
-            c_drained = pool.is_drained("c")
+            stats = await statistics_when(
+                runtime, lambda s: sum(s.ended.values()) == STREAMS + 2 * SHORT,
+                what="all connections ended")
+            c_drained = backend_drained(runtime, "p", "c")
             states = {m.id: m.machine.state for m in pool.members()}
 
-    assert [s.error for s in streams] == [None] * 6
+    assert rotated(opened, "abc", workers), opened
+    assert [s.error for s in streams] == [None] * STREAMS
     assert all(s.exchanges >= 3 * MORE for s in streams)
-    assert a_rest == b_rest == c_rest == [b""] * 2
-    assert after_drain == {"b": 10, "c": 10}
-    assert after_maintenance == {"c": 20}
+    assert a_rest + b_rest + c_rest == [b""] * STREAMS
+    assert sum(after_drain.values()) == SHORT and rotated(after_drain, "bc", workers), after_drain
+    assert after_maintenance == {"c": SHORT}
+    assert not a_drained_early, "drained while connections are open"
+    assert not b_drained_early, "in maintenance with connections open"
     assert not b_was_drained
     assert not c_drained  # an up backend with no connections is not "drained"
     assert states == {"a": BackendState.DRAINING, "b": BackendState.MAINTENANCE,
                       "c": BackendState.UP}
+    assert stats.active == 0
     assert stats.ended[EndReason.CLOSED_BY_OPERATOR] == 0
     assert stats.ended[EndReason.BACKEND_RESET] == stats.ended[EndReason.CLIENT_RESET] == 0

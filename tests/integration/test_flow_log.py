@@ -3,6 +3,11 @@ with the bytes, the backend and how the connection ended; `sample: 0` writes not
 
 Records are read after the runtime shut down (shutdown flushes the log) unless a test is about
 when a record appears, in which case it polls the file with a deadline.
+
+Tests that take the `workers` fixture run with one process and with a control process and two
+workers, where every worker appends its own records to the same file: the records must still
+add up, one whole JSON line per connection. The other tests are about what one record says,
+which the same code writes in either model, so they run once.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tests.support import (
     refused_port,
     roundtrip,
     running,
+    statistics_when,
     wait_closed,
     wait_for,
 )
@@ -64,10 +70,13 @@ def check_shape(record: dict[str, Any]) -> None:
     assert record["duration"] >= 0
 
 
-async def test_client_fin_record_has_bytes_backend_and_client(tmp_path: Path) -> None:
+async def test_client_fin_record_has_bytes_backend_and_client(tmp_path: Path, workers: int) -> None:
     log = tmp_path / "flows.jsonl"
     listen = f"{LOOPBACK}:{free_port()}"
-    async with echo_backend() as peer, running(config(listen, [peer.address], log)) as runtime:
+    async with (
+        echo_backend() as peer,
+        running(config(listen, [peer.address], log), workers=workers) as runtime,
+    ):
         reader, writer = await connect(listen)
         client = client_address(writer)
         await roundtrip(reader, writer, b"0123456789")
@@ -75,8 +84,8 @@ async def test_client_fin_record_has_bytes_backend_and_client(tmp_path: Path) ->
         writer.write_eof()
         assert await read_all(reader, 2.0) == b""
         await close_writer(writer)
-        stats = runtime.listeners["lb"].stats
-        await wait_for(lambda: stats.active == 0, 2.0, what="connection torn down")
+        await statistics_when(runtime, lambda s: sum(s.ended.values()) == 1,
+                              what="connection torn down")
 
     [record] = records(log)
     check_shape(record)
@@ -124,6 +133,8 @@ async def test_connect_failed_record_has_no_backend(tmp_path: Path) -> None:
     assert (record["bytes_in"], record["bytes_out"]) == (0, 0)
 
 
+# One process only: with workers a table of one is one per worker (shares of the whole), so the
+# second connection may well be served by the other worker.
 async def test_table_full_rejection_is_recorded(tmp_path: Path) -> None:
     log = tmp_path / "flows.jsonl"
     listen = f"{LOOPBACK}:{free_port()}"
@@ -167,10 +178,10 @@ async def test_idle_timeout_record(tmp_path: Path) -> None:
     assert record["duration"] >= 0.2
 
 
-async def test_one_record_per_connection_written_at_teardown(tmp_path: Path) -> None:
+async def test_one_record_per_connection_written_at_teardown(tmp_path: Path, workers: int) -> None:
     log = tmp_path / "flows.jsonl"
     listen = f"{LOOPBACK}:{free_port()}"
-    async with echo_backend() as peer, running(config(listen, [peer.address], log)):
+    async with echo_backend() as peer, running(config(listen, [peer.address], log), workers=workers):
         held_reader, held_writer = await connect(listen)
         await roundtrip(held_reader, held_writer, b"still open")
         clients = []
@@ -191,21 +202,68 @@ async def test_one_record_per_connection_written_at_teardown(tmp_path: Path) -> 
     assert len(records(log)) == 6  # shutdown adds nothing: every record was written once
 
 
-async def test_sample_zero_writes_nothing(tmp_path: Path) -> None:
+async def test_sample_zero_writes_nothing(tmp_path: Path, workers: int) -> None:
     log = tmp_path / "flows.jsonl"
     listen = f"{LOOPBACK}:{free_port()}"
     async with (
         echo_backend() as peer,
-        running(config(listen, [peer.address], log, sample=0.0)) as runtime,
+        running(config(listen, [peer.address], log, sample=0.0), workers=workers) as runtime,
     ):
         for _ in range(5):
             reader, writer = await connect(listen)
             await roundtrip(reader, writer, b"ping")
             await close_writer(writer)
-        stats = runtime.listeners["lb"].stats
-        await wait_for(lambda: sum(stats.ended.values()) == 5, 2.0, what="five connections done")
+        await statistics_when(runtime, lambda s: sum(s.ended.values()) == 5,
+                              what="five connections done")
+        dropped = runtime.flow_log_dropped()
+        # The writer's own counts live where the log is written: here only with one process.
         flow_log = runtime.flow_log
-        assert flow_log is not None
+        assert (flow_log is not None) == (workers == 1)
 
     assert records(log) == []
-    assert (flow_log.written, flow_log.dropped) == (0, 0)
+    assert dropped == 0
+    if flow_log is not None:
+        assert (flow_log.written, flow_log.dropped) == (0, 0)
+
+
+MANY = 240  # connections, from CLIENTS concurrent clients
+CLIENTS = 8
+
+
+async def test_every_connection_is_one_whole_line_when_workers_share_the_file(
+    tmp_path: Path, workers: int
+) -> None:
+    """Concurrent connections of distinct sizes: every line of the file is one whole JSON
+    record, one per connection, and the bytes of each add up to what its client sent."""
+    log = tmp_path / "flows.jsonl"
+    listen = f"{LOOPBACK}:{free_port()}"
+    sent: dict[str, int] = {}
+
+    async def client(number: int) -> None:
+        for i in range(number, MANY, CLIENTS):
+            reader, writer = await connect(listen)
+            sent[client_address(writer)] = i + 1
+            await roundtrip(reader, writer, b"x" * (i + 1))
+            await close_writer(writer)
+
+    async with echo_backend() as peer, running(config(listen, [peer.address], log),
+                                               workers=workers) as runtime:
+        async with asyncio.timeout(30.0):
+            await asyncio.gather(*(client(n) for n in range(CLIENTS)))
+        stats = await statistics_when(runtime, lambda s: sum(s.ended.values()) == MANY,
+                                      what="every connection ended")
+
+    lines = log.read_text().split("\n")
+    assert lines[-1] == "", "the file does not end with a whole line"
+    parsed = []
+    for number, line in enumerate(lines[:-1]):
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"line {number + 1} is not one JSON record: {line[:200]!r}") from None
+    for record in parsed:
+        check_shape(record)
+    assert len(parsed) == MANY == len(sent)
+    assert {r["client"]: r["bytes_in"] for r in parsed} == sent
+    assert all(r["bytes_out"] == r["bytes_in"] and r["end"] == "client_fin" for r in parsed)
+    assert sum(r["bytes_in"] for r in parsed) == stats.bytes_in == MANY * (MANY + 1) // 2

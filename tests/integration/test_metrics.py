@@ -2,6 +2,10 @@
 refusals by reason, connect failures and retries, table use, bytes, histograms, backend states,
 health checks and UDP datagrams. The exposition is read the way Prometheus reads it (the text
 format, parsed by prometheus_client's parser), straight from the collector.
+
+Tests that take the `workers` fixture run with one process and with a control process and two
+workers; with workers the exposition sums the workers' latest reports (every 0.5 s), so a test
+waits until a count has reached its value (`statistics_when`) before it scrapes.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from tests.support import (
     refused_port,
     roundtrip,
     running,
+    statistics_when,
     wait_closed,
     wait_for,
+    workers_caught_up,
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -57,16 +63,15 @@ def buckets(samples: Samples, name: str, **labels: str) -> list[tuple[float, flo
     return sorted(out)
 
 
-async def test_accepted_bytes_and_histograms_after_echo_connections() -> None:
+async def test_accepted_bytes_and_histograms_after_echo_connections(workers: int) -> None:
     async with echo_backend() as peer:
         listen = f"{LOOPBACK}:{free_port()}"
-        async with running(one_pool_config(listen, [peer.address])) as runtime:
+        async with running(one_pool_config(listen, [peer.address]), workers=workers) as runtime:
             for i in range(4):
                 reader, writer = await connect(listen)
                 await roundtrip(reader, writer, b"x" * (i + 1))
                 await close_writer(writer)
-            stats = runtime.listeners["lb"].stats
-            await wait_for(lambda: sum(stats.ended.values()) == 4, 2.0, what="4 ended")
+            await statistics_when(runtime, lambda st: sum(st.ended.values()) == 4, what="4 ended")
             s = scrape(runtime)
 
     backend = {"pool": "p", "backend": peer.address}
@@ -91,6 +96,8 @@ async def test_accepted_bytes_and_histograms_after_echo_connections() -> None:
         assert 0 <= value(s, f"{name}_sum", **labels) < 4 * 2.0, name
 
 
+# One process only: with workers the table is split into per-worker shares (capacity 1 each
+# here), and which worker a connection meets is up to the kernel's spread.
 async def test_open_connections_fill_the_table_and_the_next_is_refused() -> None:
     async with echo_backend() as peer:
         listen = f"{LOOPBACK}:{free_port()}"
@@ -118,16 +125,19 @@ async def test_open_connections_fill_the_table_and_the_next_is_refused() -> None
     assert value(s, "pointsman_connections_accepted_total", **LB) == 2
 
 
-async def test_connect_failures_and_retries_are_counted_per_listener_and_backend() -> None:
+async def test_connect_failures_and_retries_are_counted_per_listener_and_backend(
+    workers: int,
+) -> None:
     with refused_port() as one, refused_port() as two:
         listen = f"{LOOPBACK}:{free_port()}"
         dead = [f"{LOOPBACK}:{one}", f"{LOOPBACK}:{two}"]
-        async with running(one_pool_config(listen, dead, pool={"retries": 1})) as runtime:
+        async with running(one_pool_config(listen, dead, pool={"retries": 1}),
+                           workers=workers) as runtime:
             reader, writer = await connect(listen)
             await wait_closed(reader, 3.0)
             await close_writer(writer)
-            stats = runtime.listeners["lb"].stats
-            await wait_for(lambda: stats.active == 0, 2.0, what="connection torn down")
+            await statistics_when(runtime, lambda st: sum(st.ended.values()) == 1,
+                                  what="connection torn down")
             s = scrape(runtime)
 
     assert value(s, "pointsman_connections_accepted_total", **LB) == 1
@@ -140,10 +150,10 @@ async def test_connect_failures_and_retries_are_counted_per_listener_and_backend
         assert value(s, "pointsman_backend_connections_total", **labels) == 0
 
 
-async def test_backend_state_gauges_and_no_backend_refusals() -> None:
+async def test_backend_state_gauges_and_no_backend_refusals(workers: int) -> None:
     async with echo_backend() as peer:
         listen = f"{LOOPBACK}:{free_port()}"
-        async with running(one_pool_config(listen, [peer.address])) as runtime:
+        async with running(one_pool_config(listen, [peer.address]), workers=workers) as runtime:
             labels = {"pool": "p", "backend": peer.address}
             s = scrape(runtime)
             assert value(s, "pointsman_backend_state", **labels, state="up") == 1
@@ -151,9 +161,12 @@ async def test_backend_state_gauges_and_no_backend_refusals() -> None:
             assert value(s, "pointsman_pool_backends", pool="p") == 1
 
             runtime.pools["p"].drain(peer.address)
+            await workers_caught_up(runtime)
             reader, writer = await connect(listen)
             await wait_closed(reader, 2.0)
             await close_writer(writer)
+            await statistics_when(runtime, lambda st: sum(st.rejected.values()) == 1,
+                                  what="the refusal reported")
             s = scrape(runtime)
 
     states = {state: value(s, "pointsman_backend_state", **labels, state=state)
@@ -163,6 +176,8 @@ async def test_backend_state_gauges_and_no_backend_refusals() -> None:
     assert value(s, "pointsman_connections_rejected_total", **LB, reason="no_backend") == 1
 
 
+# Health checks run in the process that owns the pools (the single process or the control
+# process) in either model, so this runs once.
 async def test_health_checks_are_counted_by_result() -> None:
     check = {"health_check": {"type": "tcp", "interval": "50ms", "timeout": "50ms",
                               "rise": 1, "fall": 2, "jitter": 0}}
@@ -189,14 +204,19 @@ async def test_health_checks_are_counted_by_result() -> None:
     assert value(s, "pointsman_pool_available_backends", pool="p") == 1
 
 
-async def test_udp_datagrams_sessions_and_table() -> None:
+async def test_udp_datagrams_sessions_and_table(workers: int) -> None:
     async with udp_echo() as peer:
         port = free_port(kind=socket.SOCK_DGRAM)
         text = udp_config(f"{LOOPBACK}:{port}", [peer.address], udp={"max_sessions": 10})
-        async with running(text) as runtime, udp_clients((LOOPBACK, port), 2) as clients:
+        async with (
+            running(text, workers=workers) as runtime,
+            udp_clients((LOOPBACK, port), 2) as clients,
+        ):
             for client in clients:
                 await client.request(b"question")
                 await client.request(b"again")
+            await statistics_when(runtime, lambda st: st.datagrams_out == 4, listener="u",
+                                  what="four replies reported")
             s = scrape(runtime)
 
     u = {"listener": "u", "pool": "p"}
@@ -209,10 +229,14 @@ async def test_udp_datagrams_sessions_and_table() -> None:
     assert value(s, "pointsman_udp_drops_total", **u, reason="table_full") == 0
 
 
-async def test_loop_lag_flow_log_drops_and_process_metrics_are_exported() -> None:
+async def test_loop_lag_flow_log_drops_and_process_metrics_are_exported(workers: int) -> None:
+    # The process in the test's event loop, which the stimulus below stalls, and every process.
+    here = "single" if workers == 1 else "control"
+    processes = [here] + [f"worker-{i}" for i in range(workers if workers > 1 else 0)]
     listen = f"{LOOPBACK}:{free_port()}"
     with refused_port() as dead:
-        async with running(one_pool_config(listen, [f"{LOOPBACK}:{dead}"])) as runtime:
+        async with running(one_pool_config(listen, [f"{LOOPBACK}:{dead}"]),
+                           workers=workers) as runtime:
             s = scrape(runtime)
             time.sleep(0.7)  # the stimulus: a stalled event loop (not a synchronisation)
             await wait_for(lambda: runtime.loop_lag >= 0.15, 1.0, what="the late tick seen")
@@ -221,9 +245,13 @@ async def test_loop_lag_flow_log_drops_and_process_metrics_are_exported() -> Non
                 generate_latest(registry_for(runtime)).decode())}
 
     assert value(s, "pointsman_flow_log_dropped_total") == 0  # no flow log: nothing dropped
-    assert 0 <= value(s, "pointsman_event_loop_lag_seconds", process="single") < 0.15
-    assert value(lagged, "pointsman_event_loop_lag_seconds", process="single") >= 0.15
-    assert value(s, "pointsman_process_open_fds", process="single") > 0
-    assert value(s, "pointsman_process_cpu_seconds_total", process="single") > 0
+    assert 0 <= value(s, "pointsman_event_loop_lag_seconds", process=here) < 0.15
+    assert value(lagged, "pointsman_event_loop_lag_seconds", process=here) >= 0.15
+    for process in processes:
+        assert value(s, "pointsman_process_open_fds", process=process) > 0
+        assert value(s, "pointsman_process_cpu_seconds_total", process=process) > 0
+    exported = {dict(labels)["process"] for name, labels in s
+                if name == "pointsman_process_open_fds"}
+    assert exported == set(processes)
     # Regular names only: what the dashboards and rules in deploy/ rely on.
     assert all(name.startswith("pointsman_") for name in names), names

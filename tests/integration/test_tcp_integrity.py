@@ -4,7 +4,9 @@ Each connection carries independent random data in both directions, written in r
 The client announces a connection number in a 4-byte header; the backend hashes everything it
 receives after it and answers with its own stream, seeded by that number. Both ends compare SHA-256
 digests and byte counts, so a lost, duplicated, reordered or truncated chunk fails the test.
-It runs once on the transport path and once with zero copy (splice after the first MiB).
+It runs once on the transport path and once with zero copy (splice after the first MiB), each
+with one process and with a control process and two workers (`workers: 2`), which share the
+connections between them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tests.support import (
     free_port,
     one_pool_config,
     pointsman_process_async,
+    with_workers,
 )
 
 CONNECTIONS = 16
@@ -77,7 +80,9 @@ class Received:
 
 
 @pytest.mark.parametrize("zero_copy", ["off", "auto"], ids=["transports", "splice"])
-async def test_64_mib_each_way_over_16_connections_arrives_intact(tmp_path: Path, zero_copy: str) -> None:
+async def test_64_mib_each_way_over_16_connections_arrives_intact(
+    tmp_path: Path, zero_copy: str, workers: int
+) -> None:
     received: dict[int, Received] = {}
 
     async def seeded_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -101,7 +106,8 @@ async def test_64_mib_each_way_over_16_connections_arrives_intact(tmp_path: Path
 
     async with backend(seeded_backend) as peer:
         listen = f"{LOOPBACK}:{free_port()}"
-        config = one_pool_config(listen, [peer.address], pool={"zero_copy": zero_copy})
+        config = with_workers(
+            one_pool_config(listen, [peer.address], pool={"zero_copy": zero_copy}), workers)
         async with pointsman_process_async(config, tmp_path):
             async with asyncio.timeout(DEADLINE):
                 results = await asyncio.gather(*(client(listen, i) for i in range(CONNECTIONS)))

@@ -1,5 +1,10 @@
 """Clean shutdown, in its written order: stop accepting at once, let open connections finish for
-`shutdown_grace`, cut what is left, exit 0."""
+`shutdown_grace`, cut what is left, exit 0.
+
+Each test also runs with a control process and two workers (`workers: 2`), where the workers do
+all of that for their own connections and the control process waits for them. Workers always run
+uvloop, so the subprocess tests run the two-worker case once, not once per proxy loop.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +28,16 @@ from tests.support import (
     running,
     wait_closed,
     wait_for,
+    with_workers,
 )
 
 # The subprocess tests run the proxy on each loop; the test side's own loop does not matter there.
-proxy_loops = pytest.mark.parametrize("proxy_loop", ["uvloop", "asyncio"])
-on_asyncio_side = pytest.mark.asyncio(loop_factories=["asyncio"])
+# `workers` overrides the fixture of that name: the workers run uvloop whatever the proxy loop is.
+proxy_loops = pytest.mark.parametrize(
+    ("proxy_loop", "workers"), [("uvloop", 1), ("asyncio", 1), ("uvloop", 2)],
+    ids=["uvloop-w1", "asyncio-w1", "uvloop-w2"])
+# One loop on the test side: uvloop, the loop tests/conftest.py runs two-worker cases on.
+one_test_loop = pytest.mark.asyncio(loop_factories=["uvloop"])
 
 
 async def wait_refused(address: str, timeout: float) -> None:
@@ -53,14 +63,14 @@ async def wait_exit(proc: PointsmanProcess, timeout: float) -> int:
 
 
 @proxy_loops
-@on_asyncio_side
+@one_test_loop
 async def test_sigterm_stops_accepting_and_lets_open_connection_finish(
-    tmp_path: Path, proxy_loop: str
+    tmp_path: Path, proxy_loop: str, workers: int
 ) -> None:
     grace = 5.0
     async with echo_backend() as peer:
         listen = f"{LOOPBACK}:{free_port()}"
-        config = one_pool_config(listen, [peer.address], shutdown_grace=grace)
+        config = with_workers(one_pool_config(listen, [peer.address], shutdown_grace=grace), workers)
         async with pointsman_process_async(config, tmp_path, uvloop=proxy_loop == "uvloop") as proc:
             reader, writer = await connect(listen)
             await roundtrip(reader, writer, b"before\n")
@@ -84,14 +94,14 @@ async def test_sigterm_stops_accepting_and_lets_open_connection_finish(
 
 
 @proxy_loops
-@on_asyncio_side
+@one_test_loop
 async def test_sigterm_cuts_connection_still_open_after_grace(
-    tmp_path: Path, proxy_loop: str
+    tmp_path: Path, proxy_loop: str, workers: int
 ) -> None:
     grace = 1.0
     async with echo_backend() as peer:
         listen = f"{LOOPBACK}:{free_port()}"
-        config = one_pool_config(listen, [peer.address], shutdown_grace="1s")
+        config = with_workers(one_pool_config(listen, [peer.address], shutdown_grace="1s"), workers)
         async with pointsman_process_async(config, tmp_path, uvloop=proxy_loop == "uvloop") as proc:
             reader, writer = await connect(listen)
             await roundtrip(reader, writer, b"hello\n")
@@ -109,10 +119,12 @@ async def test_sigterm_cuts_connection_still_open_after_grace(
     assert "shutdown: cut 1 connections" in proc.stderr()
 
 
-async def test_in_process_shutdown_counts_cut_connections() -> None:
+async def test_in_process_shutdown_counts_cut_connections(workers: int) -> None:
+    grace = 2.0  # well past the wait for "not accepting": that must come first, not at the cut
     async with echo_backend() as peer:
         listen = f"{LOOPBACK}:{free_port()}"
-        async with running(one_pool_config(listen, [peer.address]), shutdown_grace=0.2) as runtime:
+        async with running(one_pool_config(listen, [peer.address]), shutdown_grace=grace,
+                           workers=workers) as runtime:
             reader, writer = await connect(listen)
             await roundtrip(reader, writer, b"hello\n")
             listener = runtime.listeners["lb"]
@@ -124,9 +136,11 @@ async def test_in_process_shutdown_counts_cut_connections() -> None:
                 pass
             else:
                 raise AssertionError("listener still accepting during shutdown")
-            await wait_closed(reader, timeout=2.0)
+            await roundtrip(reader, writer, b"still served\n")  # within the grace
+            await wait_closed(reader, timeout=grace + 2.0)
             await shutdown
             await close_writer(writer)
 
-    assert listener.stats.ended[EndReason.SHUTDOWN] == 1
-    assert listener.stats.active == 0
+    stats = listener.statistics()  # with workers: their last reports, sent as they exited
+    assert stats.ended[EndReason.SHUTDOWN] == 1
+    assert stats.active == 0

@@ -3,6 +3,11 @@
 Backends are echo endpoints that record every datagram with its source address. Each session has
 its own upstream socket, so the source address a backend saw names the session: a client's
 datagrams all arriving from its session's address at one backend means one session, one backend.
+
+The concurrent-clients test also runs with a control process and two workers (v4 only): the
+kernel hands all datagrams of one client address and port to one worker, so each client must
+still keep one session. There the sessions live in the workers; the test reads them from what the
+backends saw (each payload names its client) and the counters from the workers' reports.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from collections import Counter
 
 import pytest
 
+from pointsman.proxy.udp import UdpListener
 from pointsman.telemetry.flow import DropReason, UdpEndReason
 from tests.integration.udp_support import (
     MAX_PAYLOAD_V4,
     UdpClient,
+    UdpEcho,
+    bound_addr,
     family_hosts,
     listener_addr,
     max_payload,
@@ -29,7 +37,15 @@ from tests.integration.udp_support import (
     udp_echoes,
     udp_listener,
 )
-from tests.support import LOOPBACK, LOOPBACK6, free_port, has_ipv6, hostport, running
+from tests.support import (
+    LOOPBACK,
+    LOOPBACK6,
+    free_port,
+    has_ipv6,
+    hostport,
+    running,
+    statistics_when,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -50,6 +66,11 @@ FAMILY_PAIRS = [
     pytest.param(LOOPBACK6, LOOPBACK, id="v6-v4",
                  marks=pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")),
 ]
+# Every family pair with one process; v4 to v4 with two workers as well (`workers` overrides the
+# fixture of that name; the families take the same path through the workers).
+FAMILIES_AND_WORKERS = [
+    pytest.param(*pair.values, 1, id=f"{pair.id}-w1", marks=pair.marks) for pair in FAMILY_PAIRS
+] + [pytest.param(LOOPBACK, LOOPBACK, 2, id="v4-v4-w2")]
 
 
 def payload(client: int, seq: int, size: int) -> bytes:
@@ -63,17 +84,26 @@ def bind_for(host: str) -> str:
     return hostport(host, free_port(host, socket.SOCK_DGRAM))
 
 
-@pytest.mark.parametrize(("lb_host", "backend_host"), FAMILY_PAIRS)
+def sessions_seen(backends: list[UdpEcho]) -> dict[tuple[str, tuple[str, int]], list[bytes]]:
+    """What each session carried, as the backends saw it: the datagrams by (backend, upstream
+    source address), in arrival order."""
+    seen: dict[tuple[str, tuple[str, int]], list[bytes]] = {}
+    for backend in backends:
+        for source, data in backend.received:
+            seen.setdefault((backend.address, source), []).append(data)
+    return seen
+
+
+@pytest.mark.parametrize(("lb_host", "backend_host", "workers"), FAMILIES_AND_WORKERS)
 async def test_concurrent_clients_each_keep_one_session_and_get_exact_replies(
-    lb_host: str, backend_host: str
+    lb_host: str, backend_host: str, workers: int
 ) -> None:
     rng = random.Random(20240605)
     plan = [[rng.choice(SMALL_SIZES) for _ in range(ROUNDS)] for _ in range(CLIENTS)]
     async with udp_echoes(backend_host) as backends:
         config = udp_config(bind_for(lb_host), [b.address for b in backends])
-        async with running(config) as runtime:
-            listener = udp_listener(runtime)
-            async with udp_clients(listener_addr(runtime), CLIENTS) as clients:
+        async with running(config, workers=workers) as runtime:
+            async with udp_clients(bound_addr(runtime), CLIENTS) as clients:
 
                 async def talk(index: int, client: UdpClient) -> None:
                     for seq, size in enumerate(plan[index]):
@@ -83,28 +113,47 @@ async def test_concurrent_clients_each_keep_one_session_and_get_exact_replies(
                     for index, client in enumerate(clients):
                         group.create_task(talk(index, client))
 
-                assert listener.stats.sessions == CLIENTS
-                assert listener.stats.sessions_created == CLIENTS
-                for index, client in enumerate(clients):
-                    session = listener.sessions[client.local]
-                    source = session_source(listener, client)
-                    owners = [b for b in backends if source in b.by_source]
-                    assert len(owners) == 1, f"client {index}'s session reached {len(owners)} backends"
-                    owner = owners[0]
-                    assert session.backend_id == owner.address
-                    seen = [data for src, data in owner.received if src == source]
-                    sent = [payload(index, seq, size) for seq, size in enumerate(plan[index])]
-                    assert seen == sent, f"backend saw client {index}'s datagrams altered or reordered"
-                # Round robin over two backends: 32 sessions split 16/16.
-                per_backend = Counter(s.backend_id for s in listener.sessions.values())
-                assert sorted(per_backend.values()) == [CLIENTS // 2, CLIENTS // 2]
+                # One session per client, one backend per session, datagrams intact and in order,
+                # as the backends saw them: every (backend, upstream source) carried exactly one
+                # client's datagrams, and every client's went through one of them.
+                sent = {tuple(payload(index, seq, size) for seq, size in enumerate(sizes)): index
+                        for index, sizes in enumerate(plan)}
+                carried = sessions_seen(backends)
+                unknown = [key for key, data in carried.items() if tuple(data) not in sent]
+                assert not unknown, f"sessions carried datagrams altered, reordered or mixed: {unknown}"
+                assert sorted(sent[tuple(data)] for data in carried.values()) == list(range(CLIENTS))
                 assert sum(b.count for b in backends) == CLIENTS * ROUNDS
+                if workers == 1:  # the sessions are in this process: they say the same
+                    check_sessions(udp_listener(runtime), clients, backends, plan)
+                stats = await statistics_when(
+                    runtime, lambda s: s.datagrams_out == CLIENTS * ROUNDS, listener="u",
+                    what="every reply counted")
+                assert (stats.sessions, stats.sessions_created) == (CLIENTS, CLIENTS)
 
             total = sum(sum(sizes) for sizes in plan)
-            stats = listener.stats
             assert (stats.datagrams_in, stats.datagrams_out) == (CLIENTS * ROUNDS, CLIENTS * ROUNDS)
             assert (stats.bytes_in, stats.bytes_out) == (total, total)
             assert sum(stats.drops.values()) == 0
+
+
+def check_sessions(listener: UdpListener, clients: list[UdpClient], backends: list[UdpEcho],
+                   plan: list[list[int]]) -> None:
+    """Each client's session in the listener's table names the backend its datagrams reached,
+    and its upstream socket carried exactly that client's datagrams."""
+    for index, client in enumerate(clients):
+        session = listener.sessions[client.local]
+        source = session_source(listener, client)
+        owners = [b for b in backends if source in b.by_source]
+        assert len(owners) == 1, f"client {index}'s session reached {len(owners)} backends"
+        owner = owners[0]
+        assert session.backend_id == owner.address
+        seen = [data for src, data in owner.received if src == source]
+        sent = [payload(index, seq, size) for seq, size in enumerate(plan[index])]
+        assert seen == sent, f"backend saw client {index}'s datagrams altered or reordered"
+    # Round robin over two backends: 32 sessions split 16/16 (one process: one rotation; each
+    # worker rotates on its own, so this is not a figure of two workers).
+    per_backend = Counter(s.backend_id for s in listener.sessions.values())
+    assert sorted(per_backend.values()) == [CLIENTS // 2, CLIENTS // 2]
 
 
 @pytest.mark.parametrize("host", family_hosts())

@@ -235,6 +235,13 @@ def listener_addr(runtime: Node, name: str = "u") -> Addr:
     return short(udp_listener(runtime, name).sock.getsockname())
 
 
+def bound_addr(runtime: Node, name: str = "u") -> Addr:
+    """Where listener `name` listens, from its config: also for a control process, whose workers
+    hold the sockets (`listener_addr` reads the socket of a listener served in this process)."""
+    bind = runtime.listeners[name].config.bind
+    return (bind.host, bind.port)
+
+
 def session_source(listener: UdpListener, client: UdpClient) -> Addr:
     """The upstream address a client's session uses: what its backend sees as the source."""
     session = listener.sessions[client.local]
