@@ -188,14 +188,18 @@ async def test_client_reset_during_the_connect_never_reaches_the_backend_as_a_cl
             await wait_for(lambda: stats.active == 0 and stats.accepted == 1, 5.0,
                            what="connection ended")
             assert dict(stats.ended) == {EndReason.CLIENT_RESET: 1}
-            # Whatever reached the backend's queue meanwhile must not be a request then a FIN.
+            # Whatever reached the backend's queue meanwhile (the filler, maybe the proxy's late
+            # connection) must not be a request followed by a FIN.
             for _ in range(3):
                 try:
                     conn, _ = slow.accept()
                 except BlockingIOError:
                     break
                 conn.setblocking(False)
-                got, how = await read_to_end(conn, 5.0)
+                try:
+                    got, how = await read_to_end(conn, 0.5)
+                except TimeoutError:
+                    got, how = b"", "open"
                 conn.close()
                 assert not (got and how == "eof"), "the request reached the backend as complete"
             (record,) = await flow_records(log, 1)
