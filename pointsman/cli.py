@@ -77,12 +77,15 @@ def run(config: str, log_level: str, no_uvloop: bool) -> None:
     node file: then the cluster config comes from etcd and every revision of it is applied."""
     _setup_logging(log_level)
     from pointsman.config.node import is_node_file
+    from pointsman.proxy.resources import prepare_process
 
     if is_node_file(config):
         node = _load_node_or_exit(config)
+        prepare_process(None)  # issue 14: soft RLIMIT_NOFILE up to the hard limit
         run_loop(_serve_node(node, log_level), use_uvloop=not no_uvloop)
         return
     cfg = _load_or_exit(config)
+    prepare_process(cfg)  # issue 14: RLIMIT_NOFILE raised, warned if the tables do not fit
     run_loop(_serve(cfg, config, log_level), use_uvloop=not no_uvloop)
 
 

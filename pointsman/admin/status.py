@@ -41,14 +41,14 @@ def _listener(listener: Listener) -> dict[str, Any]:
         out.update(active=s.active, capacity=s.capacity, accepted=s.accepted,
                    connect_failed=s.connect_failed, retried=s.retried,
                    bytes_in=s.bytes_in, bytes_out=s.bytes_out,
-                   rejected={k.value: v for k, v in s.rejected.items()},
-                   ended={k.value: v for k, v in s.ended.items()})
+                   rejected={str(k): v for k, v in s.rejected.items()},
+                   ended={str(k): v for k, v in s.ended.items()})
     else:
         u = listener.stats
         out.update(active=u.sessions, capacity=u.capacity, accepted=u.sessions_created,
                    datagrams_in=u.datagrams_in, datagrams_out=u.datagrams_out,
                    bytes_in=u.bytes_in, bytes_out=u.bytes_out,
-                   drops={k.value: v for k, v in u.drops.items()},
+                   drops={str(k): v for k, v in u.drops.items()},
                    ended=dict(u.sessions_ended))
     return out
 

@@ -9,9 +9,10 @@ socket gets its transport from `connect_accepted_socket`, whose coroutine is ste
 rather than wrapped in a Task (it only waits for `connection_made`; a Task per connection costs
 a few microseconds more, measured).
 
-Backing off: an accept that fails for lack of a resource stops accepting for BACKOFF_MIN,
-doubling up to BACKOFF_MAX while it keeps failing; `freed()` (a connection of this listener ended,
-so descriptors came back) resumes at once. Connections wait in the kernel's backlog meanwhile.
+Backing off: an accept that fails for lack of a resource (or a listener that finds the
+descriptor budget spent) stops accepting for BACKOFF_MIN, doubling up to BACKOFF_MAX while it
+keeps happening; `freed()` (a connection ended, so descriptors came back) resumes at once when
+`room()` says there is room again. Connections wait in the kernel's backlog meanwhile.
 """
 
 from __future__ import annotations
@@ -45,14 +46,16 @@ class Acceptor:
     """Accepts on one listening socket; hands each socket to `on_socket(sock, address)`."""
 
     __slots__ = ("_handle", "backoff", "closed", "loop", "on_error", "on_socket", "paused",
-                 "reading", "sock")
+                 "reading", "room", "sock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 on_socket: Accepted, on_error: Failed) -> None:
+                 on_socket: Accepted, on_error: Failed,
+                 room: Callable[[], bool] = lambda: True) -> None:
         self.loop = loop
         self.sock = sock
         self.on_socket = on_socket
         self.on_error = on_error
+        self.room = room
         self.reading = False
         self.paused = False
         self.closed = False
@@ -96,13 +99,21 @@ class Acceptor:
             return
         self._read_off()
         self.paused = True
-        self._handle = self.loop.call_later(self.backoff, self._resume)
+        self._handle = self.loop.call_later(self.backoff, self._retry)
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
     def freed(self) -> None:
-        """A connection ended and gave its descriptors back: accept again now."""
-        if self.paused:
+        """A connection ended and gave its descriptors back: accept again if there is room."""
+        if self.paused and self.room():
             self._resume()
+
+    def _retry(self) -> None:
+        self._handle = None
+        if self.room():
+            self._resume()
+        else:  # still no room: look again later (a freed() may come first)
+            self._handle = self.loop.call_later(self.backoff, self._retry)
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
     def _resume(self) -> None:
         if self._handle is not None:

@@ -16,15 +16,7 @@ from pointsman.protect.limits import Admission, Limits
 from pointsman.protect.shedding import Shedder
 from pointsman.proxy.accept import Acceptor, attach
 from pointsman.proxy.preamble import Preamble, Route
-from pointsman.proxy.resources import (
-    ERRORS,
-    FD_ERRNOS,
-    FD_RESERVE,
-    MemoryTrimmer,
-    errno_name,
-    fd_reserve,
-    nofile_limit,
-)
+from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
 from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.tcp import ClientConnection
 from pointsman.telemetry.flow import EndReason, RejectReason
@@ -70,7 +62,6 @@ class TcpListener:
         self.accepting = False
         self.acceptor: Acceptor | None = None
         self._sock: socket.socket | None = None
-        self._fd_ceiling = 1 << 62  # accepted descriptors from here on eat into the reserve
         self._trimmer: MemoryTrimmer | None = None
         # uvloop sets TCP_NODELAY on accepted sockets; plain asyncio does not when we made the
         # listening socket ourselves, and setting it twice costs new-connection rate.
@@ -82,9 +73,9 @@ class TcpListener:
         self._sock = sock or listen_socket(self.config.bind, backlog=self.config.backlog,
                                            reuse_port=reuse_port)
         self._sock.setblocking(False)
-        limit = nofile_limit()
-        self._fd_ceiling = limit - fd_reserve(limit)
-        self.acceptor = Acceptor(self.loop, self._sock, self._accepted, self._accept_failed)
+        BUDGET.measure()
+        self.acceptor = Acceptor(self.loop, self._sock, self._accepted, self._accept_failed,
+                                 BUDGET.room)
         self.acceptor.start()
         self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
         self.accepting = True
@@ -102,26 +93,14 @@ class TcpListener:
     # --- accept ------------------------------------------------------------------------------------
 
     def _accepted(self, sock: Socket, address: object) -> None:
-        """A socket from the kernel. Past the descriptor reserve it is refused at once, so the
-        admin listener, health checks and our own backend sockets still find descriptors."""
-        if sock.fileno() >= self._fd_ceiling:
-            self._refuse_socket(sock, address)
-            return
+        """A socket from the kernel. Once the descriptor budget is spent (a reserve stays for the
+        admin listener and health checks) this one is still served, but accepting pauses until
+        connections end: the next ones wait in the kernel's backlog rather than being accepted
+        only to fail at socket() for their backend."""
+        BUDGET.used += 2  # its socket and its backend's; given back by the connection's teardown
         attach(self.loop, self._protocol, sock)
-
-    def _refuse_socket(self, sock: Socket, address: object) -> None:
-        stats = self.stats
-        stats.accepted += 1
-        stats.rejected[RejectReason.LOCAL_RESOURCE] += 1
-        self._count_local("accept", FD_RESERVE)
-        conn = ClientConnection(self)  # for the flow record only
-        if isinstance(address, tuple) and len(address) >= 2:
-            conn.peer = (str(address[0]), int(address[1]))
-        conn.reject = RejectReason.LOCAL_RESOURCE
-        conn.ended = True
-        sock.close()
-        self.flow_ended(conn)
-        if self.acceptor is not None:
+        if not BUDGET.room() and self.acceptor is not None and not self.acceptor.paused:
+            self._count_local("accept", FD_RESERVE)
             self.acceptor.back_off()
 
     def _accept_failed(self, exc: OSError) -> None:

@@ -64,6 +64,49 @@ def nofile_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def open_descriptors() -> int:
+    """How many descriptors this process has open (a directory listing: not for the hot path)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # the listing's own descriptor
+    except OSError:
+        return 0
+
+
+class FdBudget:
+    """The descriptors the data path holds, against what it may hold.
+
+    The process has one descriptor table, so this is one object per process (`BUDGET`). The data
+    path adds what it opens (a client socket at accept, a backend socket per connect, the pipes
+    and duplicates of a spliced connection, a UDP session's socket) and takes it back when it
+    closes them: integer adds, per connection. `cap` is the soft RLIMIT_NOFILE minus what was
+    open besides (measured when a listener starts) minus a reserve for everything else (admin
+    listener, health checks, flow log): when the data path reaches it, listeners stop accepting
+    and UDP refuses new sessions, instead of accepting connections that would fail at socket().
+    """
+
+    __slots__ = ("cap", "used")
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.cap = 1 << 62
+
+    def measure(self) -> None:
+        """Set the cap from the limit and what is open now besides our own descriptors."""
+        limit = nofile_limit()
+        if limit == resource.RLIM_INFINITY:
+            self.cap = 1 << 62
+            return
+        others = max(open_descriptors() - self.used, 0)
+        self.cap = max(limit - others - fd_reserve(limit), 0)
+
+    def room(self, n: int = 2) -> bool:
+        """Room for `n` more (2: a TCP connection's client and backend sockets)."""
+        return self.used + n <= self.cap
+
+
+BUDGET = FdBudget()
+
+
 class ErrorLog:
     """Counts local resource errors and logs them at most once per LOG_INTERVAL per key, with how
     many were not logged in between, so a storm of EMFILE is one line every ten seconds."""

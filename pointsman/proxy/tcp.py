@@ -36,7 +36,7 @@ from pointsman.protocols.errors import ProtocolError
 from pointsman.protocols.proxy_protocol import ProxyHeader
 from pointsman.proxy.preamble import Decision, Preamble, Refused
 from pointsman.proxy.resets import LINGER_RESET, ResetWhenSent, reset_transport
-from pointsman.proxy.resources import FD_ERRNOS, MEMORY_ERRNOS, is_local
+from pointsman.proxy.resources import BUDGET, FD_ERRNOS, MEMORY_ERRNOS, is_local
 from pointsman.proxy.splice import SPLICE, Spliced
 from pointsman.proxy.upstream import open_connection, outgoing_header
 from pointsman.telemetry.flow import EndReason, RejectReason
@@ -110,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         "connect_task",
         "early",
         "ended",
+        "fds",
         "first_byte_at",
         "half_limit",
         "header",
@@ -177,6 +178,7 @@ class ClientConnection(asyncio.Protocol):
         self.first_byte_at = 0.0
         self.idle_limit = 0.0
         self.half_limit = 0.0
+        self.fds = 2  # descriptors counted in BUDGET for us: the client's and, reserved, the backend's
 
     # --- accept and admission ----------------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class ClientConnection(asyncio.Protocol):
             self.reject = reject
             self.ended = True
             transport.abort()
+            self._release_fds()
             listener.flow_ended(self)
             return
         listener.enter(self)
@@ -638,6 +641,8 @@ class ClientConnection(asyncio.Protocol):
             self.listener.local_error("splice", exc)
             return
         self.spliced = spliced
+        BUDGET.used += 4  # two duplicates and two pipes; the transports' two go below
+        self.fds += 4
         client.close()  # closes only the transports' descriptors: the sockets live on
         upstream.close()
         self.listener.stats.spliced += 1
@@ -685,6 +690,11 @@ class ClientConnection(asyncio.Protocol):
         if self.client is not None:
             self.client.close()
 
+    def _release_fds(self) -> None:
+        """Give our descriptors back to the budget."""
+        BUDGET.used -= self.fds
+        self.fds = 0
+
     def _leave(self) -> None:
         if self.in_table:
             self.in_table = False
@@ -704,6 +714,7 @@ class ClientConnection(asyncio.Protocol):
             stats.duration.observe(time.perf_counter() - self.started)
         if self.backend_stats is not None:
             self.backend_stats.active -= 1
+        self._release_fds()
         self._leave()
         self.listener.flow_ended(self)
 
