@@ -569,6 +569,8 @@ class ClientConnection(asyncio.Protocol):
         self.half_limit = config.half_close_timeout
         self._arm_timer(self._limit())
         client.resume_reading()
+        if self.bytes_in + self.bytes_out >= self.splice_after:
+            self._try_splice()  # enough came before the connect (zero_copy_after: 0, or early data)
         return None
 
     # --- idle and half-close timers ---------------------------------------------------------------
