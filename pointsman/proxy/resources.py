@@ -164,7 +164,8 @@ def descriptors_needed(config: Config, workers: int) -> int:
             need += math.ceil(listener.udp.max_sessions / workers)
         else:
             share = math.ceil(listener.max_connections / workers)
-            need += 2 * (share + listener.preamble_max_pending)
+            reads_preamble = listener.proxy_protocol.accept != "off" or listener.tls_routes
+            need += 2 * (share + (listener.preamble_max_pending if reads_preamble else 0))
     return need
 
 

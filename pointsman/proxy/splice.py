@@ -128,6 +128,10 @@ class Pump:
         try:
             empty = self._flush()
         except OSError as exc:
+            if self.drained is not None:  # draining towards a side that broke too: done
+                self.pending = 0
+                self._drained()
+                return
             self.on_error(exc, DST)
             return
         if not empty:
@@ -275,7 +279,7 @@ class Spliced:
         self.down.stop()
         reset_and_close(self.client_fd)
         reset_and_close(self.upstream_fd)
-        self._finish_end("aborted")
+        self._finish_end(self.first_fin if self.first_fin.endswith("_reset") else "aborted")
 
     def _end(self, reason: str) -> None:
         """Both FINs crossed: close both."""

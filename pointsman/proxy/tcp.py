@@ -680,6 +680,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.resetter is not None:
             self.resetter.cancel()  # the reset being forwarded goes now
+        elif self.resetting is not None and not self.resetting.is_closing():
+            _reset_now(self.resetting)  # still flushing its buffer: reset now all the same
         if self.upstream is not None and not self.upstream_closed:
             self.upstream.abort()
         if self.client is not None and not self.client_closed:

@@ -209,3 +209,27 @@ async def test_client_reset_during_the_connect_never_reaches_the_backend_as_a_cl
         filler.close()
         slow.close()
 
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+async def test_a_reset_towards_a_client_that_does_not_read_goes_after_half_close_timeout(
+        path: str) -> None:
+    """The bytes before the reset wait for a client that reads; one that does not read gets the
+    reset (never a FIN) once half_close_timeout has passed without progress."""
+    n = 200_000  # more than the client's small window takes, less than the proxy buffers
+    async with raw_backend(send_then_reset(n, read_first=REQUEST)) as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        text = one_pool_config(listen, [peer.address], pool={
+            **PATHS[path], "half_close_timeout": "500ms", "idle_timeout": "60s"})
+        async with running(text) as runtime:
+            stats = runtime.listeners["lb"].stats
+            sock = await raw_connect(listen, rcvbuf=4096)
+            try:
+                await send_all(sock, pattern(REQUEST))
+                await wait_for(lambda: stats.active == 0, 10.0, what="connection ended")
+                data, how = await read_to_end(sock, 5.0)
+            finally:
+                sock.close()
+            assert how == "reset"
+            assert data == pattern(n)[:len(data)] and len(data) < n
+            assert dict(stats.ended) == {EndReason.BACKEND_RESET: 1}
