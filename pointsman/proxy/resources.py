@@ -117,16 +117,18 @@ class ErrorLog:
         self.last: dict[tuple[str, str, str], float] = {}
         self.suppressed: Counter[tuple[str, str, str]] = Counter()
 
-    def note(self, listener: str, op: str, name: str) -> None:
+    def note(self, listener: str, op: str, name: str, now: float | None = None) -> bool:
+        """Count one error; True when it was logged (the first of its interval)."""
         key = (listener, op, name)
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if now - self.last.get(key, -math.inf) < LOG_INTERVAL:
             self.suppressed[key] += 1
-            return
+            return False
         self.last[key] = now
         more = self.suppressed.pop(key, 0)
         log.warning("%s: %s failed with %s: out of a local resource, not a backend fault%s",
                     listener, op, name, f" ({more} more since the last message)" if more else "")
+        return True
 
 
 ERRORS = ErrorLog()

@@ -222,9 +222,13 @@ class Spliced:
         self.resetting: ResetWhenSent | None = None
         self.up = Pump(loop, client_fd, upstream_fd, count_in, lambda: self._half_done("client_fin"),
                        lambda exc, end: self._failed("client" if end == SRC else "backend"))
-        self.down = Pump(loop, upstream_fd, client_fd, count_out,
-                         lambda: self._half_done("backend_fin"),
-                         lambda exc, end: self._failed("backend" if end == SRC else "client"))
+        try:
+            self.down = Pump(loop, upstream_fd, client_fd, count_out,
+                             lambda: self._half_done("backend_fin"),
+                             lambda exc, end: self._failed("backend" if end == SRC else "client"))
+        except OSError:  # no descriptors for the second pipe: give the first one back
+            self.up.stop()
+            raise
 
     def start(self) -> None:
         self.up.start()

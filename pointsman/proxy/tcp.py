@@ -627,21 +627,17 @@ class ClientConnection(asyncio.Protocol):
         upstream_sock = upstream.get_extra_info("socket")
         if client_sock is None or upstream_sock is None:
             return
+        fds: list[int] = []
         try:
-            client_fd = os.dup(client_sock.fileno())
-        except OSError as exc:
+            fds.append(os.dup(client_sock.fileno()))
+            fds.append(os.dup(upstream_sock.fileno()))
+            spliced = Spliced(self.loop, fds[0], fds[1], self._spliced_in, self._spliced_out,
+                              self._splice_ended, self._half_closed)
+        except OSError as exc:  # out of descriptors for the duplicates or pipes
+            for fd in fds:
+                os.close(fd)
             self.listener.local_error("splice", exc)
             return  # stays on the transport path
-        try:
-            upstream_fd = os.dup(upstream_sock.fileno())
-            spliced = Spliced(self.loop, client_fd, upstream_fd, self._spliced_in,
-                              self._spliced_out, self._splice_ended, self._half_closed)
-        except OSError as exc:
-            os.close(client_fd)
-            if "upstream_fd" in locals():
-                os.close(upstream_fd)
-            self.listener.local_error("splice", exc)
-            return
         self.spliced = spliced
         BUDGET.used += 4  # two duplicates and two pipes; the transports' two go below
         self.fds += 4
