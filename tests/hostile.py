@@ -317,9 +317,10 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 
 class FdLimitedPointsman(PointsmanProcess):
-    """`pointsman run` started under `prlimit --nofile=N:N` (soft and hard limits both N)."""
+    """`pointsman run` started under `prlimit --nofile=SOFT:HARD`."""
 
-    def __init__(self, args: list[str], workdir: Path, nofile: int) -> None:
+    def __init__(self, args: list[str], workdir: Path, nofile: int, soft: int | None = None
+                 ) -> None:
         import os
         import subprocess
 
@@ -327,8 +328,8 @@ class FdLimitedPointsman(PointsmanProcess):
         self.stderr_path = workdir / "pointsman.stderr"
         self.lines = []
         self._pending = b""
-        argv = ["prlimit", f"--nofile={nofile}:{nofile}", "--", sys.executable, "-m", "pointsman",
-                *args]
+        argv = ["prlimit", f"--nofile={soft or nofile}:{nofile}", "--", sys.executable, "-m",
+                "pointsman", *args]
         with self.stderr_path.open("wb") as stderr:
             self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
         assert self.popen.stdout is not None
@@ -336,14 +337,14 @@ class FdLimitedPointsman(PointsmanProcess):
 
 
 @contextlib.contextmanager
-def fd_limited_pointsman(config_text: str, workdir: Path, nofile: int,
+def fd_limited_pointsman(config_text: str, workdir: Path, nofile: int, soft: int | None = None,
                          listeners: int = 1) -> Iterator[FdLimitedPointsman]:
-    """`pointsman run` on `config_text` with RLIMIT_NOFILE lowered to `nofile`, ready once it
-    printed its "listening" lines (and its admin line, if it has an admin listener); SIGTERM at
-    exit must end it with status 0."""
+    """`pointsman run` on `config_text` with RLIMIT_NOFILE lowered to `nofile` (the soft limit to
+    `soft`, if given), ready once it printed its "listening" lines (and its admin line, if it has
+    an admin listener); SIGTERM at exit must end it with status 0."""
     path = workdir / "pointsman.yaml"
     path.write_text(config_text)
-    proc = FdLimitedPointsman(["run", str(path)], workdir, nofile)
+    proc = FdLimitedPointsman(["run", str(path)], workdir, nofile, soft)
     listening = _listening_lines(listeners)
     has_admin = "admin:" in config_text
 

@@ -91,7 +91,11 @@ async def test_tcp_out_of_descriptors_blames_no_backend(workers: int, tmp_path: 
         listen = f"{LOOPBACK}:{free_port()}"
         admin = f"{LOOPBACK}:{free_port()}"
         text = fd_config(listen, admin, [a.address, b.address], workers)
-        with fd_limited_pointsman(text, tmp_path, NOFILE):
+        with fd_limited_pointsman(text, tmp_path, NOFILE, soft=NOFILE // 2) as proc:
+            # The soft limit goes up to the hard one at start, and the tables do not fit in it.
+            log = proc.stderr()
+            assert f"open-file limit raised from {NOFILE // 2} to {NOFILE}" in log
+            assert "could need" in log and f"but the limit is {NOFILE}" in log
 
             def limit_was_hit() -> bool:
                 m = admin_metrics(admin)
