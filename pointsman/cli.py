@@ -130,16 +130,19 @@ def run(config: str, log_level: str, no_uvloop: bool) -> None:
     _setup_logging(log_level)
     from pointsman.config.node import is_node_file
     from pointsman.config.preflight import preflight_file, preflight_node
+    from pointsman.proxy.resources import prepare_process
 
     if is_node_file(config):
         node = _load_node_or_exit(config)
         _exit_on_issues(preflight_node(node), config, "cannot start: ")
+        prepare_process(None)  # soft RLIMIT_NOFILE up to the hard limit (workers inherit it)
         run_loop(_serve_node(node, log_level), use_uvloop=not no_uvloop)
         return
     cfg = load_or_exit(config)
     # What `check` finds (files, addresses to bind) stops `run` before anything is bound, with
     # the same file:line: field: message lines, instead of a half-started node.
     _exit_on_issues(preflight_file(config, cfg), config, "cannot start: ")
+    prepare_process(cfg)  # RLIMIT_NOFILE raised, and a warning if the tables do not fit
     run_loop(_serve(cfg, config, log_level), use_uvloop=not no_uvloop)
 
 

@@ -50,6 +50,13 @@ def _add(family: HistogramMetricFamily, values: list[str], hist: Histogram) -> N
     family.add_metric(values, hist.cumulative(), hist.sum)
 
 
+def _local(family: CounterMetricFamily, values: list[str], counts: dict[str, int]) -> None:
+    """Counts keyed "op:ERRNO" as op and errno labels."""
+    for key, n in sorted(counts.items()):
+        op, _, name = key.partition(":")
+        family.add_metric([*values, op, name], n)
+
+
 class RuntimeCollector(Collector):
     def __init__(self, runtime: NodeView) -> None:
         self.runtime = runtime
@@ -63,8 +70,12 @@ class RuntimeCollector(Collector):
                 yield [listener.name, listener.pool.name], stats
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._tcp()
-        yield from self._udp()
+        local = CounterMetricFamily(P + "local_resource_errors", "Our own shortages: descriptors, "
+                                    "buffers, memory, source ports (never a backend failure)",
+                                    labels=["listener", "pool", "op", "errno"])
+        yield from self._tcp(local)
+        yield from self._udp(local)
+        yield local
         yield from self._kernel()
         yield from self._backends()
         yield from self._process()
@@ -79,7 +90,7 @@ class RuntimeCollector(Collector):
         yield from self._health_durations()
         yield from self._bgp()
 
-    def _tcp(self) -> Iterator[Metric]:
+    def _tcp(self, local: CounterMetricFamily) -> Iterator[Metric]:
         lbl = ["listener", "pool"]
         accepted = CounterMetricFamily(P + "connections_accepted", "Connections accepted", labels=lbl)
         rejected = CounterMetricFamily(
@@ -96,6 +107,10 @@ class RuntimeCollector(Collector):
         active = GaugeMetricFamily(P + "active_connections", "Open connections", labels=lbl)
         used = GaugeMetricFamily(P + "connection_table_used", "Connection table entries in use",
                                  labels=lbl)
+        pending = GaugeMetricFamily(P + "preamble_pending", "Connections still reading a PROXY "
+                                    "header or ClientHello (outside the table)", labels=lbl)
+        accept_errors = CounterMetricFamily(P + "accept_errors", "accept() failures of the "
+                                            "listening socket", labels=[*lbl, "errno"])
         capacity = GaugeMetricFamily(P + "connection_table_capacity", "Connection table size",
                                      labels=lbl)
         nbytes = CounterMetricFamily(P + "bytes", "Bytes proxied (in: client to backend)",
@@ -116,7 +131,11 @@ class RuntimeCollector(Collector):
             failed.add_metric(v, s.connect_failed)
             retried.add_metric(v, s.retried)
             active.add_metric(v, s.active)
-            used.add_metric(v, s.active)
+            used.add_metric(v, s.active - s.pending)
+            pending.add_metric(v, s.pending)
+            _local(local, v, s.local_resource)
+            for name, n in sorted(s.accept_errors.items()):
+                accept_errors.add_metric([*v, name], n)
             capacity.add_metric(v, s.capacity)
             nbytes.add_metric([*v, "in"], s.bytes_in)
             nbytes.add_metric([*v, "out"], s.bytes_out)
@@ -125,9 +144,9 @@ class RuntimeCollector(Collector):
             _add(ttfb, v, s.ttfb)
             _add(duration, v, s.duration)
         yield from (accepted, rejected, ended, failed, retried, active, used, capacity, nbytes,
-                    spliced, no_port, ttfb, duration)
+                    spliced, no_port, ttfb, duration, pending, accept_errors)
 
-    def _udp(self) -> Iterator[Metric]:
+    def _udp(self, local: CounterMetricFamily) -> Iterator[Metric]:
         lbl = ["listener", "pool"]
         sessions = GaugeMetricFamily(P + "udp_sessions", "Live UDP sessions (table use)",
                                      labels=lbl)
@@ -155,6 +174,7 @@ class RuntimeCollector(Collector):
             nbytes.add_metric([*v, "out"], s.bytes_out)
             for drop in DropReason:
                 drops.add_metric([*v, drop.value], s.drops[drop])
+            _local(local, v, s.local_resource)
         yield from (sessions, capacity, created, ended, datagrams, nbytes, drops)
 
     def _kernel(self) -> Iterator[Metric]:

@@ -46,6 +46,19 @@ def _acl_network(value: object) -> str:
     return _acl_prefix(value)
 
 
+def _off_switch(value: object) -> object:
+    """YAML 1.1 reads an unquoted `off` (also `no`, `false`) as False: where the reference writes
+    `off`, take the boolean as the word."""
+    return "off" if value is False else value
+
+
+def _on_means_auto(value: object) -> object:
+    """`zero_copy: on` (or `true`, `yes`) has one meaning: the automatic switch to splice."""
+    if value is True:
+        return "auto"
+    return _off_switch(value)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Fraction = Annotated[float, BeforeValidator(parse_fraction)]
 Address = Annotated[HostPort, BeforeValidator(parse_host_port), PlainSerializer(str)]
@@ -136,7 +149,7 @@ class TlvConfig(Strict):
 
 
 class PoolProxyProtocolConfig(Strict):
-    send: Literal["off", "v1", "v2"] = "off"
+    send: Annotated[Literal["off", "v1", "v2"], BeforeValidator(_off_switch)] = "off"
     tlvs: TlvConfig = Field(default_factory=TlvConfig)
 
 
@@ -171,6 +184,9 @@ class PoolConfig(Strict):
     backends: list[BackendConfig] = Field(min_length=1)
     connect_timeout: Duration = 2.0
     idle_timeout: Duration = 300.0
+    # Once either side has sent its FIN: close after this long without a byte moving (HAProxy's
+    # client-fin/server-fin). 0: half-closed connections wait for idle_timeout like the others.
+    half_close_timeout: Duration = 30.0
     retries: int = Field(default=2, ge=0, le=100)
     hash_key: HashKey = "source_ip"
     maglev_table_size: int = Field(default=65537, ge=3, le=1_000_003)
@@ -185,7 +201,7 @@ class PoolConfig(Strict):
     discovery: DiscoveryConfig | None = None
     # Zero-copy (splice) for bulk streams: a connection switches after this many bytes; off keeps
     # every connection on the transport path.
-    zero_copy: Literal["off", "auto"] = "auto"
+    zero_copy: Annotated[Literal["off", "auto"], BeforeValidator(_on_means_auto)] = "auto"
     zero_copy_after: int = Field(default=1 << 20, ge=0)
     # New connections go to this pool while this one has no backend to offer (a sorry server,
     # another region); chains are followed, cycles are config errors.
@@ -203,11 +219,17 @@ class UdpConfig(Strict):
 
 
 class ListenerProxyProtocolConfig(Strict):
-    accept: Literal["off", "required", "optional"] = "off"
+    accept: Annotated[Literal["off", "required", "optional"], BeforeValidator(_off_switch)] = "off"
     # Sources allowed to send a header; None trusts every source (only for listeners that
     # nothing but trusted proxies can reach: the header sets the client address).
     trusted_sources: list[Network] | None = None
     timeout: Duration = 5.0
+
+
+class PreambleConfig(Strict):
+    # Connections still reading a PROXY header or ClientHello, bounded apart from the table;
+    # None: 10% of max_connections (at least 1).
+    max_pending: int | None = Field(default=None, ge=1)
 
 
 class TlsRouteConfig(Strict):
@@ -243,6 +265,7 @@ class ListenerConfig(Strict):
     tls_routes: list[TlsRouteConfig] = Field(default_factory=list)
     default_pool: Name | None = None
     inspect_timeout: Duration = 5.0
+    preamble: PreambleConfig = Field(default_factory=PreambleConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     dataplane: Literal["proxy", "kernel"] = "proxy"
     kernel: KernelListenerConfig = Field(default_factory=KernelListenerConfig)
@@ -257,6 +280,13 @@ class ListenerConfig(Strict):
         name = self.default_pool or self.pool
         assert name is not None, "the loader requires pool or default_pool"
         return name
+
+    @property
+    def preamble_max_pending(self) -> int:
+        """The preamble budget in force: the configured one, else 10% of the table."""
+        if self.preamble.max_pending is not None:
+            return self.preamble.max_pending
+        return max(1, self.max_connections // 10)
 
     @property
     def pool_names(self) -> list[str]:

@@ -1,4 +1,5 @@
-"""A TCP listener: its socket, its connection table and its counters."""
+"""A TCP listener: its socket and accept loop, its connection table, its preamble budget and its
+counters."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pointsman.pool.pool import Pool
 from pointsman.protect.acl import AclLists
 from pointsman.protect.limits import Admission, Limits
 from pointsman.protect.shedding import Shedder
+from pointsman.proxy.accept import Acceptor, attach
 from pointsman.proxy.preamble import Preamble, Route
+from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
 from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.tcp import ClientConnection
 from pointsman.telemetry.flow import EndReason, RejectReason
@@ -23,13 +26,17 @@ from pointsman.telemetry.stats import ListenerStats
 log = logging.getLogger("pointsman.listener")
 
 FlowSink = Callable[[ClientConnection], None]
+Socket = socket.socket  # the class has a `socket` property
 
 
 class TcpListener:
     """Accepts connections on one address and proxies them to one pool.
 
-    The connection table is the set of live connections, bounded by `max_connections`; a
-    connection past the bound is closed at once and counted as `table_full`.
+    The connection table holds the connections being served, bounded by `max_connections`; a
+    connection past the bound is closed at once and counted as `table_full`. Connections still
+    reading a PROXY header or ClientHello wait apart, in the preamble budget
+    (`preamble.max_pending`): when it is full the oldest of them is closed (`preamble_evicted`),
+    so clients that stall after one byte cannot fill the table.
     """
 
     def __init__(
@@ -51,10 +58,12 @@ class TcpListener:
         self.stats = stats or ListenerStats(config.max_connections)
         self.stats.capacity = config.max_connections
         self.connections: set[ClientConnection] = set()
+        self.pending: dict[ClientConnection, None] = {}  # in the preamble, oldest first
         self.flow_sink = flow_sink
         self.accepting = False
-        self._server: asyncio.AbstractServer | None = None
+        self.acceptor: Acceptor | None = None
         self._sock: socket.socket | None = None
+        self._trimmer: MemoryTrimmer | None = None
         # uvloop sets TCP_NODELAY on accepted sockets; plain asyncio does not when we made the
         # listening socket ourselves, and setting it twice costs new-connection rate.
         self.set_nodelay = "uvloop" not in type(loop).__module__
@@ -64,10 +73,16 @@ class TcpListener:
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         self._sock = sock or listen_socket(self.config.bind, backlog=self.config.backlog,
                                            reuse_port=reuse_port)
-        self._server = await self.loop.create_server(
-            self._protocol, sock=self._sock, backlog=self.config.backlog
-        )
+        self._sock.setblocking(False)
+        BUDGET.measure()
+        self.acceptor = Acceptor(self.loop, self._sock, self._accepted, self._accept_failed,
+                                 BUDGET.room)
+        self.acceptor.start()
+        self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
         self.accepting = True
+
+    def _open_count(self) -> int:
+        return self.stats.active
 
     @property
     def socket(self) -> socket.socket | None:
@@ -78,6 +93,36 @@ class TcpListener:
 
     def _protocol(self) -> ClientConnection:
         return ClientConnection(self)
+
+    # --- accept ------------------------------------------------------------------------------------
+
+    def _accepted(self, sock: Socket, address: object) -> None:
+        """A socket from the kernel. Once the descriptor budget is spent (a reserve stays for the
+        admin listener and health checks) this one is still served, but accepting pauses until
+        connections end: the next ones wait in the kernel's backlog rather than being accepted
+        only to fail at socket() for their backend."""
+        BUDGET.used += 2  # its socket and its backend's; given back by the connection's teardown
+        attach(self.loop, self._protocol, sock)
+        if not BUDGET.room() and self.acceptor is not None and not self.acceptor.paused:
+            self._count_local("accept", FD_RESERVE)
+            self.acceptor.back_off()
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """accept() itself failed (EMFILE, ENFILE, ENOBUFS, ENOMEM...); the acceptor backs off."""
+        name = errno_name(exc.errno)
+        self.stats.accept_errors[name] += 1
+        ERRORS.note(self.name, "accept", name)
+
+    def local_error(self, op: str, exc: OSError) -> None:
+        """A shortage of ours while serving a connection: counted, logged (rate-limited), and,
+        when descriptors ran out, no more accepting for a moment."""
+        self._count_local(op, errno_name(exc.errno))
+        if exc.errno in FD_ERRNOS and self.acceptor is not None:
+            self.acceptor.back_off()
+
+    def _count_local(self, op: str, name: str) -> None:
+        self.stats.local_resource[f"{op}:{name}"] += 1
+        ERRORS.note(self.name, op, name)
 
     def _setup(self, config: ListenerConfig) -> None:
         """Derive what the data path reads from the listener config (at start and on reload)."""
@@ -91,6 +136,7 @@ class TcpListener:
                                    config.inspect_timeout if self.routes else 0.0)
         self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on,
                                         getattr(self, "acl_lists", None)))
+        self.max_pending = config.preamble_max_pending
         limits = config.limits
         settings = Limits(limits.max_connections_per_source, limits.new_connections_per_second,
                           limits.new_connections_per_second_per_source, limits.source_prefix_v4,
@@ -106,7 +152,7 @@ class TcpListener:
         """Decide at accept time whether a new connection may enter the table."""
         if not self.accepting:
             return RejectReason.SHUTTING_DOWN
-        if self.stats.active >= self.config.max_connections:
+        if self.table_full():
             return RejectReason.TABLE_FULL
         shed = self.shedder.reason()
         if shed is not None:
@@ -131,6 +177,24 @@ class TcpListener:
             return None
         conn.peer = (peer[0], peer[1])
         return RejectReason.DENIED
+
+    def table_full(self) -> bool:
+        """No room for one more served connection (the pending ones do not count)."""
+        stats = self.stats
+        return stats.active - stats.pending >= self.config.max_connections
+
+    def preamble_started(self, conn: ClientConnection) -> None:
+        """`conn` reads its preamble now; the oldest pending one goes if the budget is full."""
+        if len(self.pending) >= self.max_pending:
+            oldest = next(iter(self.pending))
+            oldest.refuse(RejectReason.PREAMBLE_EVICTED)
+        self.pending[conn] = None
+        self.stats.pending += 1
+
+    def preamble_done(self, conn: ClientConnection) -> None:
+        if conn in self.pending:
+            del self.pending[conn]
+            self.stats.pending -= 1
 
     def admit_source(self, ip: str) -> tuple[RejectReason | None, bytes | None]:
         """Rate limits and per-source caps, on the client address (after any PROXY header); with
@@ -165,11 +229,14 @@ class TcpListener:
         self.connections.add(conn)
 
     def leave(self, conn: ClientConnection) -> None:
+        self.preamble_done(conn)
         self.stats.active -= 1
         self.shedder.active -= 1
         self.connections.discard(conn)
         if conn.source_key is not None and self.admission is not None:
             self.admission.closed(conn.source_key)
+        if self.acceptor is not None and self.acceptor.paused:
+            self.acceptor.freed()  # its descriptors are back
 
     def flow_ended(self, conn: ClientConnection) -> None:
         if self.flow_sink is not None:
@@ -186,9 +253,14 @@ class TcpListener:
 
     def stop_accepting(self) -> None:
         self.accepting = False
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self.acceptor is not None:
+            self.acceptor.close()
+            self.acceptor = None
+            if self._sock is not None:
+                self._sock.close()
+        if self._trimmer is not None:
+            self._trimmer.release(self._open_count)
+            self._trimmer = None
 
     async def wait_drained(self, timeout: float) -> bool:
         """Wait until no connection is left, at most `timeout` seconds; True if drained."""

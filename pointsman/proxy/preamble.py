@@ -79,6 +79,12 @@ class Preamble:
         self._fed = 0
 
     @property
+    def may_replace_peer(self) -> bool:
+        """A PROXY header from this peer would be believed: the client address is not known
+        until it has been read."""
+        return self.accept != "off" and self.trusted
+
+    @property
     def in_header(self) -> bool:
         """True while the PROXY header stage is not over (errors then are header errors)."""
         return self._consumed is None

@@ -13,6 +13,10 @@ success, as a TCP connect does, so only consecutive refusals add up to an ejecti
 
 Sockets are read with `add_reader` callbacks, not Tasks: a session costs one socket and one small
 object. Idle sessions are swept by one timer per listener over a table kept in last-use order.
+
+A session that cannot get its socket because we ran out of descriptors or buffers (or it would eat
+into the descriptor reserve) is not a backend failure: its datagram is dropped as
+`local_resource`, the error counted by op and errno, and the pool hears nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import Pool
 from pointsman.protect.acl import AclLists
 from pointsman.protocols.proxy_protocol import Transport
+from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, errno_name, is_local
 from pointsman.proxy.sockets import family_of, listen_socket
 from pointsman.proxy.upstream import outgoing_header
 from pointsman.telemetry.flow import DropReason, UdpEndReason
@@ -50,6 +55,11 @@ READ_BATCH = 64
 ClientAddr = tuple[str, int]
 SessionKey = tuple[str, int] | tuple[str, int, int]
 SessionSink = Callable[["UdpSession"], None]
+
+
+class ReserveReached(Exception):
+    """The descriptor budget is spent: a new socket would eat the reserve kept for the admin
+    listener and health checks."""
 
 
 class UdpSession:
@@ -104,9 +114,16 @@ class UdpSession:
         header) goes in front of every datagram, as the spec allows for UDP."""
         self.detach()
         self.prefix = prefix
+        if not BUDGET.room(1):
+            raise ReserveReached
         sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        sock.connect((host, port))
+        try:
+            sock.setblocking(False)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        BUDGET.used += 1
         self.sock = sock
         self.backend_index = index
         self.backend_id = backend_id
@@ -122,6 +139,7 @@ class UdpSession:
             self.listener.loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
+            BUDGET.used -= 1
         if self.backend_stats is not None:
             self.backend_stats.active -= 1
             self.backend_stats = None
@@ -219,6 +237,7 @@ class UdpListener:
 
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         self.sock = sock or listen_socket(self.config.bind, socket.SOCK_DGRAM, reuse_port=reuse_port)
+        BUDGET.measure()
         self.loop.add_reader(self.sock.fileno(), self._readable)
         name = self.sock.getsockname()
         self.local = (str(name[0]), int(name[1]))
@@ -334,13 +353,25 @@ class UdpListener:
                                      Transport.DGRAM)
             session.attach(index, backend.id, backend.host, backend.port, snapshot.stats[index],
                            snapshot.version, prefix)
+        except ReserveReached:
+            self._local_error("socket", FD_RESERVE)
+            return False
         except OSError as exc:
+            if is_local(exc):  # ours, not the backend's: no passive failure
+                self._local_error("socket" if exc.errno in FD_ERRNOS else "connect",
+                                  errno_name(exc.errno))
+                return False
             log.debug("udp connect to %s failed: %r", backend.id, exc)
             session.pool.report_connect_failure(backend.id)
             self.stats.drops[DropReason.SEND_FAILED] += 1
             return False
         session.avoid = ""
         return True
+
+    def _local_error(self, op: str, name: str) -> None:
+        self.stats.drops[DropReason.LOCAL_RESOURCE] += 1
+        self.stats.local_resource[f"{op}:{name}"] += 1
+        ERRORS.note(self.name, op, name)
 
     # --- session end ---------------------------------------------------------------------------------
 

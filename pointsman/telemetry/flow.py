@@ -11,15 +11,16 @@ class EndReason(enum.StrEnum):
     CLIENT_RESET = "client_reset"
     BACKEND_RESET = "backend_reset"
     IDLE_TIMEOUT = "idle_timeout"
+    HALF_CLOSE_TIMEOUT = "half_close_timeout"  # a FIN, then nothing moved for half_close_timeout
     CONNECT_FAILED = "connect_failed"
-    REJECTED = "rejected"
     SHUTDOWN = "shutdown"
     CLOSED_BY_OPERATOR = "closed_by_operator"
     BACKEND_DOWN = "backend_down"  # on_down: close_sessions cut it when its backend left service
 
 
 class RejectReason(enum.StrEnum):
-    """Why a connection was refused before any backend was tried."""
+    """Why a connection was refused before any backend carried it. A refused connection is
+    counted here once and never in EndReason: accepted = rejected + ended + active."""
 
     TABLE_FULL = "table_full"
     NO_BACKEND = "no_backend"
@@ -35,6 +36,8 @@ class RejectReason(enum.StrEnum):
     BAD_CLIENT_HELLO = "bad_client_hello"
     INSPECT_TIMEOUT = "inspect_timeout"  # no complete PROXY header / ClientHello in time
     DENIED = "denied"  # the listener's allow/deny lists refuse the source
+    PREAMBLE_EVICTED = "preamble_evicted"  # the oldest preamble, closed for a newer one
+    LOCAL_RESOURCE = "local_resource"  # we ran out of descriptors, buffers or source ports
 
 
 class DropReason(enum.StrEnum):
@@ -45,6 +48,7 @@ class DropReason(enum.StrEnum):
     SEND_FAILED = "send_failed"
     BACKEND_REFUSED = "backend_refused"
     DENIED = "denied"  # the listener's allow/deny lists refuse the source
+    LOCAL_RESOURCE = "local_resource"  # no socket for a new session: our shortage, not the backend's
 
 
 class UdpEndReason(enum.StrEnum):

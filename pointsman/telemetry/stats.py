@@ -12,8 +12,14 @@ from pointsman.telemetry.histogram import DURATION_BUCKETS, Histogram
 
 
 class ListenerStats:
-    GAUGES = frozenset({"active", "capacity"})  # the rest are counters (see telemetry.aggregate)
+    """`accepted` counts every connection the listener took from the kernel; each one is then
+    either refused (`rejected`, once, with one reason), or still open (`active`, which includes
+    the `pending` ones still reading a preamble), or ended (`ended`, once, with one reason):
+    accepted = sum(rejected) + sum(ended) + active, at every moment."""
+
+    GAUGES = frozenset({"active", "capacity", "pending"})  # the rest are counters (aggregate.py)
     __slots__ = (
+        "accept_errors",
         "accepted",
         "active",
         "bytes_in",
@@ -22,6 +28,8 @@ class ListenerStats:
         "connect_failed",
         "duration",
         "ended",
+        "local_resource",
+        "pending",
         "rejected",
         "retried",
         "source_port_failures",
@@ -34,6 +42,7 @@ class ListenerStats:
         self.capacity = capacity
         self.accepted = 0
         self.active = 0
+        self.pending = 0  # of `active`: still reading a PROXY header or ClientHello
         self.connect_failed = 0
         self.retried = 0
         self.spliced = 0  # connections moved to the zero-copy path
@@ -43,6 +52,8 @@ class ListenerStats:
         self.bytes_out = 0  # backend -> client
         self.rejected: Counter[RejectReason] = Counter()
         self.ended: Counter[EndReason] = Counter()
+        self.local_resource: Counter[str] = Counter()  # "op:ERRNO" (op: accept, socket, ...)
+        self.accept_errors: Counter[str] = Counter()  # by errno name
         self.ttfb = Histogram()  # accept -> first byte from the backend
         self.duration = Histogram(DURATION_BUCKETS)
 

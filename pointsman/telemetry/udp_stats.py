@@ -16,6 +16,7 @@ class UdpListenerStats:
         "datagrams_in",
         "datagrams_out",
         "drops",
+        "local_resource",
         "sessions",
         "sessions_created",
         "sessions_ended",
@@ -31,3 +32,4 @@ class UdpListenerStats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.drops: Counter[DropReason] = Counter()
+        self.local_resource: Counter[str] = Counter()  # "op:ERRNO"

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pointsman.telemetry.flow import EndReason
+from pointsman.telemetry.flow import RejectReason
 from tests.support import (
     LOOPBACK,
     backend,
@@ -84,11 +84,15 @@ async def test_an_address_that_cannot_be_bound_fails_fast_and_is_counted() -> No
                 assert time.monotonic() - began < 1.0
             await wait_for(lambda: stats.active == 0, IO_TIMEOUT, what="flows ended")
     assert recorder.peers == []
-    assert stats.connect_failed == 3
-    assert stats.ended[EndReason.CONNECT_FAILED] == 3
+    # A source address we cannot use is our shortage, not the backends' (issue 14): refused as
+    # local_resource, counted by op and errno, and no backend is blamed for it.
+    assert stats.rejected[RejectReason.LOCAL_RESOURCE] == 3
+    assert stats.connect_failed == 0 and not stats.ended
     # Each connection tried both backends (a retry), and every attempt found no source address.
     assert stats.source_port_failures == 6
+    assert stats.local_resource["bind:EADDRNOTAVAIL"] == 6
     assert stats.retried == 3
+    assert all(m.stats.connect_failures == 0 for m in runtime.pools["p"].members())
 
 
 async def test_an_unusable_address_among_good_ones_is_skipped() -> None:

@@ -27,6 +27,9 @@ KEYS: dict[tuple[type, str], list[Any]] = {
     (ListenerStats, "ended"): list(EndReason),
     (UdpListenerStats, "drops"): list(DropReason),
     (UdpListenerStats, "sessions_ended"): ["idle_timeout", "responses", "shutdown"],
+    (ListenerStats, "local_resource"): ["socket:EMFILE", "connect:EADDRNOTAVAIL"],
+    (ListenerStats, "accept_errors"): ["EMFILE", "ENFILE", "ENOBUFS"],
+    (UdpListenerStats, "local_resource"): ["socket:EMFILE", "socket:ENFILE"],
 }
 
 
@@ -161,9 +164,9 @@ def test_blank_and_counters_of() -> None:
     assert empty.duration.bounds == DURATION_BUCKETS and empty.duration.count == 0
     assert empty.ttfb.bounds == LATENCY_BUCKETS
     kept = counters_of(stats)
-    assert (kept.active, kept.capacity) == (0, 0)
+    assert (kept.active, kept.capacity, kept.pending) == (0, 0, 0)
     expected = picture(stats)
-    expected.update(active=0, capacity=0)
+    expected.update(active=0, capacity=0, pending=0)
     assert picture(kept) == expected
     kept.rejected[RejectReason.NO_BACKEND] += 1
     kept.ttfb.observe(1.0)
