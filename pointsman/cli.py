@@ -184,10 +184,8 @@ async def _serve_node(node: NodeFile, log_level: str) -> None:
 async def _serve(cfg: Config, path: str | None, log_level: str = "info",
                  agent: NodeAgent | None = None) -> None:
     from pointsman import __version__
-    from pointsman.admin.server import AdminSetupError
     from pointsman.app import build_node
     from pointsman.node.roles import worker_count
-    from pointsman.node.supervisor import WorkerStartError
 
     def announce(line: str) -> None:
         print(line, flush=True)
@@ -203,7 +201,7 @@ async def _serve(cfg: Config, path: str | None, log_level: str = "info",
     node.install_signal_handlers()
     try:
         await node.start()
-    except (OSError, WorkerStartError, AdminSetupError) as exc:
+    except (OSError, RuntimeError) as exc:  # a bind, a worker, the admin TLS, the kernel tables
         log.error("cannot start: %s", exc)
         await node.shutdown(0.0)
         sys.exit(1)
