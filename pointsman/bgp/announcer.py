@@ -26,7 +26,7 @@ from pointsman.config.model import BgpConfig, ListenerConfig
 from pointsman.node.tasks import Tasks
 from pointsman.pool.pool import Pool
 from pointsman.pool.snapshot import PoolSnapshot
-from pointsman.telemetry.eventlog import record_bgp
+from pointsman.telemetry.eventlog import record_bgp, record_bgp_session
 
 log = logging.getLogger("pointsman.bgp")
 
@@ -214,15 +214,19 @@ class Announcer:
         peer = _address(message.peer) if message.peer else None
         if message.kind is Kind.PEER_UP:
             self._failures = 0
-            if peer:
+            if peer and peer not in self.sessions_up:
                 self.sessions_up.add(peer)
+                record_bgp_session(peer, True)
         elif message.kind is Kind.PEER_DOWN and peer in self.sessions_up:
             self.sessions_up.discard(peer)
             self.session_flaps[peer] += 1
+            record_bgp_session(peer, False, "the peer or the network")
 
     def _sessions_lost(self) -> None:
         """ExaBGP is gone (died, or stopped for new session settings): so are its sessions."""
         self.session_flaps.update(self.sessions_up)
+        for peer in sorted(self.sessions_up):
+            record_bgp_session(peer, False, "ExaBGP stopped")
         self.sessions_up.clear()
 
     def _speaker_failed(self, reason: str) -> None:

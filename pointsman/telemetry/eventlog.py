@@ -19,6 +19,7 @@ from pointsman.telemetry.events import (
     AdminEvent,
     BackendEvent,
     BgpEvent,
+    BgpSessionEvent,
     Entry,
     Event,
     EventRing,
@@ -48,6 +49,8 @@ class EventLog:
 
 
 def _level(event: Event) -> int:
+    if isinstance(event, BgpSessionEvent) and not event.up:
+        return logging.WARNING
     if isinstance(event, AdminEvent) and event.status in (401, 403):
         return logging.WARNING
     if isinstance(event, BackendEvent) and event.new in ("down", "ejected"):
@@ -82,6 +85,11 @@ def record_bgp(decision: Decision) -> None:
                            decision.describe(), pool=vip.pool, listener=vip.listener,
                            next_hop=str(route.next_hop) if route is not None else None,
                            available=decision.available))
+
+
+def record_bgp_session(peer: str, up: bool, reason: str = "") -> None:
+    """A BGP session came up or went down (the announcer, from ExaBGP's messages)."""
+    EVENTS.record(BgpSessionEvent(EVENTS.clock(), peer, up, reason))
 
 
 def record_admin(event: AdminEvent) -> Entry:

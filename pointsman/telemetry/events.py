@@ -182,7 +182,24 @@ class BgpEvent:
         return self.description
 
 
-Event = BackendEvent | AdminEvent | ReloadEvent | BgpEvent
+@dataclass(frozen=True, slots=True)
+class BgpSessionEvent:
+    """A BGP session with a peer came up or went down (kind "bgp", as VIP changes)."""
+
+    kind: ClassVar[str] = "bgp"
+    at: float
+    peer: str
+    up: bool
+    reason: str  # why it went down: "peer", "exabgp stopped", ...
+
+    def subjects(self) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset(), frozenset()
+
+    def summary(self) -> str:
+        return f"bgp session with {self.peer} " + ("up" if self.up else f"down ({self.reason})")
+
+
+Event = BackendEvent | AdminEvent | ReloadEvent | BgpEvent | BgpSessionEvent
 
 
 def _set(value: str | None) -> frozenset[str]:
@@ -366,6 +383,8 @@ def as_dict(entry: Entry) -> dict[str, Any]:
         out.update(source=event.source, accepted=event.accepted,
                    diff=event.diff.as_dict() if event.diff is not None else None,
                    errors=list(event.errors))
+    elif isinstance(event, BgpSessionEvent):
+        out.update(peer=event.peer, up=event.up, reason=event.reason)
     else:
         out.update(prefix=event.prefix, announced=event.announced, reason=event.reason,
                    pool=event.pool, listener=event.listener, next_hop=event.next_hop,

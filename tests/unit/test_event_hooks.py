@@ -11,7 +11,7 @@ from pointsman.config.model import BgpConfig, PoolConfig
 from pointsman.discovery.composer import Composer
 from pointsman.pool.pool import Pool
 from pointsman.telemetry.eventlog import EVENTS, record_transition
-from pointsman.telemetry.events import BgpEvent, EventFilter, ReloadEvent
+from pointsman.telemetry.events import BgpEvent, BgpSessionEvent, EventFilter, ReloadEvent
 from tests.unit.bgp.test_announcer import FakeNode, RecordingSpeaker, pool
 
 
@@ -86,3 +86,28 @@ def test_a_pool_records_through_its_subscriber_and_a_mirror_is_left_out() -> Non
     mirror.apply_event("x", "drain", "operator drain")
     events = recorded_since(seen, "backend")
     assert len(events) == 1
+
+
+async def test_the_announcer_records_bgp_sessions_going_up_and_down() -> None:
+    from pointsman.bgp.exabgp import Kind, Message
+
+    config = BgpConfig.model_validate({
+        "asn": 65001, "router_id": "10.0.0.1",
+        "peers": [{"address": "10.0.0.2", "asn": 65000}],
+        "vips": [{"prefix": "10.99.0.10", "pool": "web"}]})
+    seen = EVENTS.ring.recorded
+    announcer = Announcer(config, FakeNode(pools={"web": pool("web")}),
+                          speaker_factory=RecordingSpeaker)
+    await announcer.start()
+    speaker = RecordingSpeaker.instances[-1]
+    speaker.connect()
+    speaker.on_message(Message(Kind.PEER_UP, peer="10.0.0.2"))
+    speaker.on_message(Message(Kind.PEER_UP, peer="10.0.0.2"))  # still up: no second event
+    speaker.on_message(Message(Kind.PEER_DOWN, peer="10.0.0.2"))
+    speaker.on_message(Message(Kind.PEER_UP, peer="10.0.0.2"))
+    speaker.die()  # ExaBGP exits: its session ends with it
+    await announcer.stop()
+    sessions = [(e.peer, e.up, e.reason) for e in recorded_since(seen, "bgp")
+                if isinstance(e, BgpSessionEvent)]
+    assert sessions == [("10.0.0.2", True, ""), ("10.0.0.2", False, "the peer or the network"),
+                        ("10.0.0.2", True, ""), ("10.0.0.2", False, "ExaBGP stopped")]
