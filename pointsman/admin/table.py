@@ -14,7 +14,7 @@ STATE_STYLE = {"up": "green", "down": "red", "ejected": "dark_orange", "draining
 
 def render_status(first: dict[str, Any], second: dict[str, Any], seconds: float) -> str:
     before = {(p["name"], b["id"]): b["total"] for p in first["pools"] for b in p["backends"]}
-    table = Table(title="pointsman")
+    table = Table(title=f"pointsman {second.get('version', '')} on {second.get('node', '?')}".strip())
     for column in ("pool", "backend", "state", "weight", "active", "conn/s", "last check"):
         table.add_column(column, justify="right" if column in ("weight", "active", "conn/s")
                          else "left")
