@@ -1,22 +1,28 @@
-"""The kernel data plane against routed direct and against HAProxy, in network namespaces.
+"""The kernel data plane's two NAT modes against routed direct (and HAProxy), in network namespaces.
 
 Run as root from the repository root:  python3 bench/kernel_bench.py [--seconds 4] [--rounds 3]
+                                        [--ways direct,conntrack,stateless,nft_bare,haproxy]
 
 Namespaces (tests/netns/netns_support.py): client -- lb -- one backend. The backend runs nginx (one
-worker, a 2-byte answer, keep-alive) and `iperf3 -s`. Three ways through the lb namespace:
+worker, a 2-byte answer, keep-alive) and `iperf3 -s`, and routes its replies through the lb. Ways
+through the lb namespace:
 
 - direct: the client connects to the backend's own address; the lb only routes (no NAT, no table);
-- kernel: `pointsman run` with two `dataplane: kernel` listeners on a VIP (ports 80 and 5201),
-  maglev, SNAT masquerade: nftables DNAT, conntrack, the counting chains, everything enabled;
-- haproxy: HAProxy 2.6 in `mode tcp` (two threads) on the lb's own address, the same two ports;
+- conntrack: `pointsman run` with two `dataplane: kernel` listeners on a VIP (ports 80 and 5201),
+  maglev, `nat: conntrack`, `snat: none`: nftables DNAT, conntrack, the counting chains;
+- stateless: the same with `nat: stateless`: notrack both ways, the destination rewritten from
+  the slot map and the source rewritten back on replies; no conntrack entry;
 - nft_bare: a reference, not pointsman: a hand-written table with only a DNAT rule to the backend
-  and masquerade (no counters, no guard, no slot map), to separate the cost of conntrack and NAT
-  from the cost of pointsman's counting chains.
+  (no counters, no guard, no slot map), to separate the cost of conntrack and NAT from the cost of
+  pointsman's counting chains;
+- haproxy: HAProxy 2.6 in `mode tcp` (two threads) on the lb's own address, the same two ports.
 
-Per way: keep-alive requests/s (wrk, 64 connections), new connections/s (wrk, 32 connections,
-`Connection: close`), bulk Gbit/s (iperf3, one stream). wrk and the iperf3 client run on CPU 0,
-nginx and the iperf3 server on CPU 1; the kernel path and HAProxy float. Rounds rotate the order of
-the ways and the medians are reported, because runs on this VM vary by 10-15%.
+Both pointsman ways use `snat: none` (the backend routes replies through the lb), so they differ
+only in the NAT mode. Per way: keep-alive requests/s (wrk, 64 connections), new connections/s (wrk,
+32 connections, `Connection: close`), bulk Gbit/s (iperf3, one stream). wrk and the iperf3 client
+run on CPU 0, nginx and the iperf3 server on CPU 1 (taskset); the kernel path and HAProxy float.
+Rounds rotate the order of the ways and the medians are reported, because runs on a shared VM vary
+by 10-15%: compare ratios within one run, never figures across runs.
 
 Also measured: the slot map transaction alone (libnftables, in-process, in the lb namespace): a
 4093-slot maglev map taking one of three backends out and back (diff updates) and a whole-map
@@ -56,7 +62,7 @@ from tests.netns.netns_support import (  # noqa: E402
 HTTP_PORT = 80
 BULK_PORT = 5201
 READY_DEADLINE = 10.0
-WAYS = ("direct", "nft_bare", "kernel", "haproxy")
+WAYS = ("direct", "conntrack", "stateless", "nft_bare", "haproxy")
 TESTS = ("keepalive_rps", "newconn_rps", "bulk_gbps")
 
 NGINX_CONF = """
@@ -106,15 +112,14 @@ backend bulk
 BARE_TABLE = (
     "add table ip bare\n"
     "add chain ip bare pre {{ type nat hook prerouting priority -100 ; }}\n"
-    "add chain ip bare post {{ type nat hook postrouting priority 100 ; }}\n"
     "add rule ip bare pre ip daddr {vip} tcp dport {{ {http}, {bulk} }} dnat to {backend}\n"
-    "add rule ip bare post ip daddr {backend} masquerade\n"
 )
 
 
-def pointsman_config(backend: str) -> str:
+def pointsman_config(backend: str, nat: str) -> str:
+    kernel = f"{{nat: {nat}, snat: none}}"
     listeners = "".join(
-        f"  - {{name: {name}, bind: '{VIP}:{port}', pool: {name}, dataplane: kernel}}\n"
+        f"  - {{name: {name}, bind: '{VIP}:{port}', pool: {name}, dataplane: kernel, kernel: {kernel}}}\n"
         for name, port in (("web", HTTP_PORT), ("bulk", BULK_PORT)))
     pools = "".join(
         f"  - {{name: {name}, algorithm: maglev, hash_key: source_ip_port, "
@@ -168,8 +173,8 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[str]:
         finally:
             topo.lb.run("nft", "delete table ip bare")
             topo.lb.run("conntrack", "-F", check=False)
-    elif name == "kernel":
-        proc = PointsmanInNetns(topo.lb, pointsman_config(backend), workdir, listeners=2)
+    elif name in ("conntrack", "stateless"):
+        proc = PointsmanInNetns(topo.lb, pointsman_config(backend, name), workdir, listeners=2)
         try:
             yield VIP
         finally:
@@ -196,7 +201,7 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[str]:
 
 MAP_BENCH = r'''
 import json, sys, time
-from pointsman.kernel.nft import KernelTable
+from pointsman.kernel.nft import Nft
 from pointsman.kernel.plan import ListenerSpec, slot_targets, slot_diff
 from pointsman.kernel import ruleset
 from pointsman.pool.snapshot import BackendView
@@ -205,41 +210,42 @@ from pointsman.pool.state import BackendState as S
 def views(down):
     return [BackendView(f"b{i}", f"10.0.0.{i + 1}", 80, 1, 0.0 if i == down else 1.0,
                         S.DOWN if i == down else S.UP) for i in range(3)]
-spec = ListenerSpec("bench", "ip", "10.99.200.1", 80, "tcp", 4093, "maglev", "jhash", "source_ip", True)
-table = KernelTable()
-table.acquire("bench")
-current = slot_targets("maglev", views(None), 4093)
-with table.transaction() as nft:
+nft = Nft()
+nft.text("add table inet pointsman\ndelete table inet pointsman\n")
+out = {}
+for nat in ("conntrack", "stateless"):
+    spec = ListenerSpec("bench", "ip", "10.99.200.1", 80, "tcp", 4093, "maglev", "jhash", "source_ip",
+                        False, nat=nat)
+    current = slot_targets("maglev", views(None), 4093)
     nft.text(ruleset.listener_text(spec, current))
-diffs, full = [], []
-for k in range(40):
-    new = slot_targets("maglev", views(None if k % 2 else 1), 4093)
-    diff = slot_diff(current, new)
-    started = time.perf_counter()
-    with table.transaction() as nft:
-        nft.json(ruleset.slot_commands("bench", diff))
-    diffs.append((time.perf_counter() - started, len(diff)))
-    current = new
-for k in range(10):
-    started = time.perf_counter()
-    with table.transaction() as nft:
-        nft.json(ruleset.replace_slots_commands("bench", current))
-    full.append(time.perf_counter() - started)
-table.release("bench", "")
-diffs.sort()
-full.sort()
-print(json.dumps({"diff_ms": diffs[len(diffs) // 2][0] * 1e3, "diff_elements": diffs[len(diffs) // 2][1],
-                  "diff_max_ms": diffs[-1][0] * 1e3, "full_ms": full[len(full) // 2] * 1e3}))
+    diffs, full = [], []
+    for k in range(40):
+        new = slot_targets("maglev", views(None if k % 2 else 1), 4093)
+        diff = slot_diff(current, new)
+        started = time.perf_counter()
+        nft.json(ruleset.slot_commands(spec, diff))
+        diffs.append((time.perf_counter() - started, len(diff)))
+        current = new
+    for k in range(10):
+        started = time.perf_counter()
+        nft.json(ruleset.replace_slots_commands(spec, current))
+        full.append(time.perf_counter() - started)
+    nft.text("delete table inet pointsman\n")
+    diffs.sort()
+    full.sort()
+    out[nat] = {"diff_ms": round(diffs[len(diffs) // 2][0] * 1e3, 1), "diff_slots": diffs[len(diffs) // 2][1],
+                "diff_max_ms": round(diffs[-1][0] * 1e3, 1), "full_ms": round(full[len(full) // 2] * 1e3, 1)}
+print(json.dumps(out))
 '''
 
 
-def map_update_latency(topo: LbTopology) -> dict[str, float]:
+def map_update_latency(topo: LbTopology) -> dict[str, object]:
     out = topo.lb.run(sys.executable, "-c", MAP_BENCH, timeout=120)
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def run(seconds: int, rounds: int) -> None:
-    results: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in WAYS}
+def run(seconds: int, rounds: int, ways: tuple[str, ...]) -> None:
+    results: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
     with lb_topology(backends=1) as topo, tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         node = topo.backends[0]
@@ -253,7 +259,7 @@ def run(seconds: int, rounds: int) -> None:
             wait_port(node, topo.backend_ip(0), BULK_PORT)
             print(f"map update (4093 slots, libnftables in-process): {map_update_latency(topo)}")
             for r in range(rounds):
-                order = WAYS[r % len(WAYS):] + WAYS[:r % len(WAYS)]
+                order = ways[r % len(ways):] + ways[:r % len(ways)]
                 for name in order:
                     with way(name, topo, workdir) as host:
                         measures: dict[str, Callable[[], float]] = {
@@ -264,37 +270,49 @@ def run(seconds: int, rounds: int) -> None:
                         for test, measure in measures.items():
                             value = measure()
                             results[name][test].append(value)
-                            print(f"  round {r + 1} {name:8} {test:14} {value:12.2f}", flush=True)
+                            print(f"  round {r + 1} {name:9} {test:14} {value:12.2f}", flush=True)
                     topo.lb.run("conntrack", "-F", check=False)
         finally:
             for proc in (nginx, iperf_server):
                 proc.terminate()
                 proc.wait(timeout=10)
-    report(results)
+    report(results, ways)
 
 
-def report(results: dict[str, dict[str, list[float]]]) -> None:
+RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "conntrack"),
+          ("nft_bare", "direct"), ("conntrack", "nft_bare"), ("haproxy", "direct"),
+          ("stateless", "haproxy"))
+
+
+def report(results: dict[str, dict[str, list[float]]], ways: tuple[str, ...]) -> None:
     median = {w: {t: statistics.median(v) for t, v in tests.items()} for w, tests in results.items()}
-    print()
-    print(f"{'':10}" + "".join(f"{t:>16}" for t in TESTS))
-    for w in WAYS:
-        print(f"{w:10}" + "".join(f"{median[w][t]:16.2f}" for t in TESTS))
-    for num, den in (("kernel", "direct"), ("nft_bare", "direct"), ("haproxy", "direct"),
-                     ("kernel", "nft_bare"), ("kernel", "haproxy")):
-        label = f"{num}/{den}"
-        print(f"{label:16}" + "".join(f"{median[num][t] / median[den][t]:10.2f}x    " for t in TESTS))
+    print(f"\nmedians of {len(next(iter(results.values()))['bulk_gbps'])} rounds (a shared machine: "
+          "compare ratios within this run)")
+    print(f"{'':18}" + "".join(f"{t:>16}" for t in TESTS))
+    for w in ways:
+        print(f"{w:18}" + "".join(f"{median[w][t]:16.2f}" for t in TESTS))
+    for num, den in RATIOS:
+        if num in median and den in median:
+            label = f"{num}/{den}"
+            print(f"{label:18}" + "".join(f"{median[num][t] / median[den][t]:15.2f}x" for t in TESTS))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ways", default=",".join(WAYS),
+                        help=f"comma-separated, from {', '.join(WAYS)}")
     args = parser.parse_args()
+    ways = tuple(w for w in args.ways.split(",") if w)
+    unknown = set(ways) - set(WAYS)
+    if unknown:
+        sys.exit(f"kernel_bench: unknown ways {sorted(unknown)}")
     reason = nftables_unavailable_reason()
     if reason is not None:
         sys.exit(f"kernel_bench: {reason}")
     socket.setdefaulttimeout(30)
-    run(args.seconds, args.rounds)
+    run(args.seconds, args.rounds, ways)
 
 
 if __name__ == "__main__":
