@@ -128,7 +128,7 @@ class KernelListener:
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         """Write the listener's rules and slot map (no socket: `sock` and `reuse_port` are unused)."""
         del sock, reuse_port
-        await self._table.acquire(self.name)
+        await self._table.acquire(self.name, self)
         self._acquired = True
         self._warn_if_not_forwarding()
         snapshot = self.pool.snapshot
@@ -467,4 +467,5 @@ class KernelListener:
         self._acquired = False
         await self._refresh()  # the final counts stay readable after the objects are gone
         spec = self._state.spec or self.spec
-        await self._table.release(self.name, remove_listener_text(spec, self.backend_counter_names()))
+        await self._table.release(self.name, self,
+                                  remove_listener_text(spec, self.backend_counter_names()))

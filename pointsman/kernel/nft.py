@@ -137,7 +137,10 @@ class KernelTable:
         # counter reads get their own thread so a long transaction never delays a reading.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pointsman-nft")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pointsman-kernel-read")
-        self._owners: set[str] = set()
+        # Listener name -> the listener object that owns its objects now. A listener retired by a
+        # reload can still be draining when a new one of the same name (new VIP) has started: the
+        # objects are the new one's then, and the old one's release must leave them alone.
+        self._owners: dict[str, object] = {}
         self._atexit = False
 
     @property
@@ -172,14 +175,15 @@ class KernelTable:
         with self._thread_lock:
             return work(self._require())
 
-    async def acquire(self, listener: str) -> None:
-        """Register a listener; the first one checks the kernel and clears a stale table."""
+    async def acquire(self, listener: str, owner: object) -> None:
+        """Register `owner` as the listener of that name (replacing any earlier one); the first
+        listener checks the kernel and clears a stale table."""
         async with self._ordering():
-            await asyncio.get_running_loop().run_in_executor(self._writer, self._acquire, listener)
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._acquire, listener, owner)
         # Start the reading thread now, not in the first scrape's refresh.
         await asyncio.get_running_loop().run_in_executor(self._reader, lambda: None)
 
-    def _acquire(self, listener: str) -> None:
+    def _acquire(self, listener: str, owner: object) -> None:
         with self._thread_lock:
             if self._nft is None:
                 check_privileges()
@@ -194,18 +198,20 @@ class KernelTable:
             if not self._atexit:
                 atexit.register(self._at_exit)
                 self._atexit = True
-            self._owners.add(listener)
+            self._owners[listener] = owner
 
-    async def release(self, listener: str, removal: str) -> None:
-        """Remove a listener's objects; the last listener out removes the table."""
+    async def release(self, listener: str, owner: object, removal: str) -> None:
+        """Remove a listener's objects; the last listener out removes the table. Nothing happens
+        unless `owner` still owns the name."""
         async with self._ordering():
-            await asyncio.get_running_loop().run_in_executor(self._writer, self._release, listener, removal)
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._release, listener,
+                                                             owner, removal)
 
-    def _release(self, listener: str, removal: str) -> None:
+    def _release(self, listener: str, owner: object, removal: str) -> None:
         with self._thread_lock:
-            if listener not in self._owners:
+            if self._owners.get(listener) is not owner:
                 return
-            self._owners.discard(listener)
+            del self._owners[listener]
             nft = self._require()
             try:
                 if self._owners:

@@ -61,20 +61,34 @@ def test_privileges_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_first_acquire_clears_a_stale_table_and_last_release_deletes_it() -> None:
     table = KernelTable(FakeNft)
-    await table.acquire("a")
-    await table.acquire("b")
+    a, b = object(), object()
+    await table.acquire("a", a)
+    await table.acquire("b", b)
     assert FakeNft.log == ["add table inet pointsman\ndelete table inet pointsman\n"]
-    await table.release("a", "REMOVE a\n")
-    await table.release("a", "REMOVE a\n")  # twice: ignored
-    await table.release("b", "REMOVE b\n")
+    await table.release("a", a, "REMOVE a\n")
+    await table.release("a", a, "REMOVE a\n")  # twice: ignored
+    await table.release("b", b, "REMOVE b\n")
     assert FakeNft.log[1:] == ["REMOVE a\n", "delete table inet pointsman\n"]
     assert table.owners == frozenset()
+
+
+async def test_a_retired_listener_leaves_its_successors_objects_alone() -> None:
+    table = KernelTable(FakeNft)
+    old, new, other = object(), object(), object()
+    await table.acquire("web", old)
+    await table.acquire("other", other)
+    await table.acquire("web", new)  # a reload moved web to a new VIP; old web still drains
+    await table.release("web", old, "REMOVE web\n")
+    assert "REMOVE web\n" not in FakeNft.log
+    assert table.owners == frozenset({"web", "other"})
+    await table.release("web", new, "REMOVE web\n")
+    assert FakeNft.log[-1] == "REMOVE web\n"
 
 
 async def test_missing_nf_tables_is_a_clear_refusal() -> None:
     FakeNft.fail_on = "add table"
     with pytest.raises(KernelUnavailable, match="nf_tables is not usable"):
-        await KernelTable(FakeNft).acquire("a")
+        await KernelTable(FakeNft).acquire("a", object())
 
 
 async def test_a_transaction_needs_an_owner() -> None:
@@ -84,7 +98,7 @@ async def test_a_transaction_needs_an_owner() -> None:
 
 async def test_transactions_run_off_the_loop_in_the_order_asked() -> None:
     table = KernelTable(FakeNft)
-    await table.acquire("a")
+    await table.acquire("a", object())
     loop_thread = threading.get_ident()
     threads: list[int] = []
 
@@ -102,7 +116,7 @@ async def test_transactions_run_off_the_loop_in_the_order_asked() -> None:
 
 async def test_a_cancelled_caller_keeps_the_order_until_its_thread_is_done() -> None:
     table = KernelTable(FakeNft)
-    await table.acquire("a")
+    await table.acquire("a", object())
     started = threading.Event()
     release = threading.Event()
 
@@ -126,6 +140,6 @@ async def test_a_cancelled_caller_keeps_the_order_until_its_thread_is_done() -> 
 
 async def test_at_exit_deletes_a_table_still_owned() -> None:
     table = KernelTable(FakeNft)
-    await table.acquire("a")
+    await table.acquire("a", object())
     table._at_exit()
     assert FakeNft.log[-1] == "delete table inet pointsman\n"
