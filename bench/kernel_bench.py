@@ -37,7 +37,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import resource
 import socket
 import statistics
 import subprocess
@@ -64,6 +66,7 @@ BULK_PORT = 5201
 READY_DEADLINE = 10.0
 WAYS = ("direct", "conntrack", "stateless", "nft_bare", "haproxy")
 TESTS = ("keepalive_rps", "newconn_rps", "bulk_gbps")
+UNITS = {"keepalive_rps": "request", "newconn_rps": "request", "bulk_gbps": "MB"}
 
 NGINX_CONF = """
 worker_processes 1;
@@ -140,7 +143,59 @@ def wait_port(ns: Netns, host: str, port: int) -> None:
         time.sleep(0.05)
 
 
-def wrk(topo: LbTopology, host: str, seconds: int, connections: int, close: bool) -> float:
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14 and 15)
+
+
+def pids_where(test: Callable[[int, str, int], bool]) -> list[int]:
+    """Processes for which test(pid, comm, ppid) holds."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm_part, rest = (entry / "stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        comm = comm_part.split("(", 1)[1]
+        if test(int(entry.name), comm, int(rest.split()[1])):
+            found.append(int(entry.name))
+    return found
+
+
+class CpuMeter:
+    """CPU seconds a measurement costs, whatever else runs on the machine: the load generator (a
+    waited child: its rusage), the given processes (servers, a proxy) and the kernel's softirq
+    threads. Without IRQ time accounting the kernel charges packet processing to the process it
+    runs in (mostly the sender's) or to ksoftirqd, so the forwarding done in the lb namespace is
+    in these figures."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids + pids_where(lambda pid, comm, ppid: comm.startswith("ksoftirqd/"))
+        self.seconds = 0.0
+
+    def _now(self) -> float:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return children.ru_utime + children.ru_stime + sum(process_cpu(pid) for pid in self.pids)
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = self._now() - self._start
+
+
+def wrk(topo: LbTopology, host: str, seconds: int, connections: int, close: bool) -> tuple[float, int]:
+    """Requests/s and the number of requests."""
     args = ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
     if close:
         args += ["-H", "Connection: close"]
@@ -149,34 +204,38 @@ def wrk(topo: LbTopology, host: str, seconds: int, connections: int, close: bool
     if errors:
         print(f"    wrk socket errors ({'close' if close else 'keep-alive'}): {errors.group(1)}")
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if match is None:
+    total = re.search(r"(\d+) requests in", out)
+    if match is None or total is None:
         raise RuntimeError(f"no Requests/sec in wrk output:\n{out}")
-    return float(match.group(1))
+    return float(match.group(1)), int(total.group(1))
 
 
-def iperf(topo: LbTopology, host: str, seconds: int) -> float:
+def iperf(topo: LbTopology, host: str, seconds: int) -> tuple[float, int]:
+    """Gbit/s and the gigabytes received (as an integer count of MB, for CPU per unit)."""
     out = topo.client.run("taskset", "-c", "0", "iperf3", "-c", host, "-p", str(BULK_PORT), "-t",
                           str(seconds), "-J", timeout=seconds + 30)
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    received = json.loads(out)["end"]["sum_received"]
+    return float(received["bits_per_second"]) / 1e9, max(int(received["bytes"]) // 1_000_000, 1)
 
 
 @contextlib.contextmanager
-def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[str]:
-    """Set up one way through the lb; yields the address the client connects to."""
+def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[int]]]:
+    """Set up one way through the lb; yields the address the client connects to and the processes
+    that carry its traffic besides the servers (HAProxy)."""
     backend = topo.backend_ip(0)
     if name == "direct":
-        yield backend
+        yield backend, []
     elif name == "nft_bare":
         topo.lb.run("nft", BARE_TABLE.format(vip=VIP, backend=backend, http=HTTP_PORT, bulk=BULK_PORT))
         try:
-            yield VIP
+            yield VIP, []
         finally:
             topo.lb.run("nft", "delete table ip bare")
             topo.lb.run("conntrack", "-F", check=False)
     elif name in ("conntrack", "stateless"):
         proc = PointsmanInNetns(topo.lb, pointsman_config(backend, name), workdir, listeners=2)
         try:
-            yield VIP
+            yield VIP, []
         finally:
             proc.stop()
             proc.close()
@@ -186,16 +245,16 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[str]:
         conf.write_text(HAPROXY_CONF.format(lb=topo.lb_client_side, backend=backend, http=HTTP_PORT,
                                             bulk=BULK_PORT))
         log = (workdir / "haproxy.log").open("wb")
-        proc = topo.lb.popen("haproxy", "-db", "-f", str(conf), stdout=log, stderr=log)
+        haproxy = topo.lb.popen("haproxy", "-db", "-f", str(conf), stdout=log, stderr=log)
         try:
-            if proc.poll() is None:
+            if haproxy.poll() is None:
                 wait_port(topo.lb, topo.lb_client_side, HTTP_PORT)
             else:
                 raise RuntimeError(f"haproxy exited: {(workdir / 'haproxy.log').read_text()}")
-            yield topo.lb_client_side
+            yield topo.lb_client_side, [haproxy.pid]
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            haproxy.terminate()
+            haproxy.wait(timeout=10)
             log.close()
 
 
@@ -246,6 +305,7 @@ def map_update_latency(topo: LbTopology) -> dict[str, object]:
 
 def run(seconds: int, rounds: int, ways: tuple[str, ...]) -> None:
     results: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
+    cpu: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
     with lb_topology(backends=1) as topo, tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         node = topo.backends[0]
@@ -257,26 +317,31 @@ def run(seconds: int, rounds: int, ways: tuple[str, ...]) -> None:
         try:
             wait_port(node, topo.backend_ip(0), HTTP_PORT)
             wait_port(node, topo.backend_ip(0), BULK_PORT)
+            servers = [nginx.pid, iperf_server.pid,
+                       *pids_where(lambda pid, comm, ppid: ppid == nginx.pid)]
             print(f"map update (4093 slots, libnftables in-process): {map_update_latency(topo)}")
             for r in range(rounds):
                 order = ways[r % len(ways):] + ways[:r % len(ways)]
                 for name in order:
-                    with way(name, topo, workdir) as host:
-                        measures: dict[str, Callable[[], float]] = {
+                    with way(name, topo, workdir) as (host, carriers):
+                        measures: dict[str, Callable[[], tuple[float, int]]] = {
                             "keepalive_rps": lambda: wrk(topo, host, seconds, 64, close=False),
                             "newconn_rps": lambda: wrk(topo, host, seconds, 32, close=True),
                             "bulk_gbps": lambda: iperf(topo, host, seconds),
                         }
                         for test, measure in measures.items():
-                            value = measure()
+                            with CpuMeter(servers + carriers) as meter:
+                                value, units = measure()
                             results[name][test].append(value)
-                            print(f"  round {r + 1} {name:9} {test:14} {value:12.2f}", flush=True)
+                            cpu[name][test].append(meter.seconds / units * 1e6)
+                            print(f"  round {r + 1} {name:9} {test:14} {value:12.2f}   "
+                                  f"{cpu[name][test][-1]:8.1f} us CPU per {UNITS[test]}", flush=True)
                     topo.lb.run("conntrack", "-F", check=False)
         finally:
             for proc in (nginx, iperf_server):
                 proc.terminate()
                 proc.wait(timeout=10)
-    report(results, ways)
+    report(results, cpu, ways)
 
 
 RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "conntrack"),
@@ -284,17 +349,29 @@ RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "connt
           ("stateless", "haproxy"))
 
 
-def report(results: dict[str, dict[str, list[float]]], ways: tuple[str, ...]) -> None:
-    median = {w: {t: statistics.median(v) for t, v in tests.items()} for w, tests in results.items()}
-    print(f"\nmedians of {len(next(iter(results.values()))['bulk_gbps'])} rounds (a shared machine: "
-          "compare ratios within this run)")
-    print(f"{'':18}" + "".join(f"{t:>16}" for t in TESTS))
+def report(results: dict[str, dict[str, list[float]]], cpu: dict[str, dict[str, list[float]]],
+           ways: tuple[str, ...]) -> None:
+    rounds = len(next(iter(results.values()))["bulk_gbps"])
+    print(f"\nthroughput, medians of {rounds} rounds (a shared machine: compare ratios within this "
+          "run; ratios are medians of the per-round ratios)")
+    table(results, ways, higher_is_better=True)
+    print(f"\nCPU per unit (us per request; us per MB for bulk: load generator, servers, proxy and "
+          f"softirq threads), medians of {rounds} rounds; ratios are den/num (>1: cheaper than den)")
+    table(cpu, ways, higher_is_better=False)
+
+
+def table(values: dict[str, dict[str, list[float]]], ways: tuple[str, ...], higher_is_better: bool) -> None:
+    print(f"{'':20}" + "".join(f"{t:>16}" for t in TESTS))
     for w in ways:
-        print(f"{w:18}" + "".join(f"{median[w][t]:16.2f}" for t in TESTS))
+        print(f"{w:20}" + "".join(f"{statistics.median(values[w][t]):16.2f}" for t in TESTS))
     for num, den in RATIOS:
-        if num in median and den in median:
-            label = f"{num}/{den}"
-            print(f"{label:18}" + "".join(f"{median[num][t] / median[den][t]:15.2f}x" for t in TESTS))
+        if num in values and den in values:
+            cells = []
+            for t in TESTS:
+                pairs = zip(values[num][t], values[den][t], strict=True)
+                per_round = [a / b if higher_is_better else b / a for a, b in pairs]
+                cells.append(f"{statistics.median(per_round):15.2f}x")
+            print(f"{num + '/' + den:20}" + "".join(cells))
 
 
 def main() -> None:
