@@ -40,6 +40,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -194,6 +195,44 @@ class CpuMeter:
         self.seconds = self._now() - self._start
 
 
+NETFILTER = re.compile(r"^(__)?(nf|nft|nf_ct|nf_nat)_|conntrack|^jhash|^tcp_in_window$|masquerade")
+"""Kernel symbols of netfilter: nf_tables, conntrack, NAT (routing, fib_*, is not counted)."""
+DATA_PATH = ("wrk", "nginx", "iperf3", "haproxy", "ksoftirqd/0", "ksoftirqd/1")
+
+
+class Profile:
+    """`perf record -a` around a measurement; `netfilter_share` is the fraction of the data path's
+    samples (load generator, servers, proxy, softirq threads) spent in netfilter. A fraction of
+    one run's own samples: it holds on a machine whose other tenants change the throughput."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.share = 0.0
+
+    def __enter__(self) -> Profile:
+        self._perf = subprocess.Popen(["perf", "record", "-a", "-F", "999", "-q", "-o", str(self.path)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # perf opens its events before the traffic starts (not a synchronisation)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._perf.send_signal(signal.SIGINT)
+        self._perf.wait(timeout=60)
+        report = subprocess.run(["perf", "report", "-i", str(self.path), "--comm", ",".join(DATA_PATH),
+                                 "--no-children", "--sort", "sym", "--stdio", "-g", "none",
+                                 "--percentage", "relative"], capture_output=True, text=True,
+                                timeout=120, check=False).stdout
+        total = netfilter = 0.0
+        for line in report.splitlines():
+            match = re.match(r"\s*([\d.]+)%\s+\[(k|\.)\]\s+(\S+)", line)
+            if match:
+                total += float(match.group(1))
+                if match.group(2) == "k" and NETFILTER.search(match.group(3)):
+                    netfilter += float(match.group(1))
+        self.share = netfilter / total if total else 0.0
+        self.path.unlink(missing_ok=True)
+
+
 def wrk(topo: LbTopology, host: str, seconds: int, connections: int, close: bool) -> tuple[float, int]:
     """Requests/s and the number of requests."""
     args = ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
@@ -303,9 +342,10 @@ def map_update_latency(topo: LbTopology) -> dict[str, object]:
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def run(seconds: int, rounds: int, ways: tuple[str, ...]) -> None:
+def run(seconds: int, rounds: int, ways: tuple[str, ...], profile: bool) -> None:
     results: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
     cpu: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
+    netfilter: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
     with lb_topology(backends=1) as topo, tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         node = topo.backends[0]
@@ -330,18 +370,24 @@ def run(seconds: int, rounds: int, ways: tuple[str, ...]) -> None:
                             "bulk_gbps": lambda: iperf(topo, host, seconds),
                         }
                         for test, measure in measures.items():
-                            with CpuMeter(servers + carriers) as meter:
-                                value, units = measure()
+                            perf = Profile(workdir / "perf.data")
+                            with contextlib.ExitStack() as stack:
+                                if profile:
+                                    stack.enter_context(perf)
+                                with CpuMeter(servers + carriers) as meter:
+                                    value, units = measure()
                             results[name][test].append(value)
                             cpu[name][test].append(meter.seconds / units * 1e6)
+                            netfilter[name][test].append(perf.share * 100)
                             print(f"  round {r + 1} {name:9} {test:14} {value:12.2f}   "
-                                  f"{cpu[name][test][-1]:8.1f} us CPU per {UNITS[test]}", flush=True)
+                                  f"{cpu[name][test][-1]:8.1f} us CPU per {UNITS[test]}"
+                                  + (f"   netfilter {perf.share:6.1%}" if profile else ""), flush=True)
                     topo.lb.run("conntrack", "-F", check=False)
         finally:
             for proc in (nginx, iperf_server):
                 proc.terminate()
                 proc.wait(timeout=10)
-    report(results, cpu, ways)
+    report(results, cpu, netfilter if profile else None, ways)
 
 
 RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "conntrack"),
@@ -350,7 +396,7 @@ RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "connt
 
 
 def report(results: dict[str, dict[str, list[float]]], cpu: dict[str, dict[str, list[float]]],
-           ways: tuple[str, ...]) -> None:
+           netfilter: dict[str, dict[str, list[float]]] | None, ways: tuple[str, ...]) -> None:
     rounds = len(next(iter(results.values()))["bulk_gbps"])
     print(f"\nthroughput, medians of {rounds} rounds (a shared machine: compare ratios within this "
           "run; ratios are medians of the per-round ratios)")
@@ -358,6 +404,11 @@ def report(results: dict[str, dict[str, list[float]]], cpu: dict[str, dict[str, 
     print(f"\nCPU per unit (us per request; us per MB for bulk: load generator, servers, proxy and "
           f"softirq threads), medians of {rounds} rounds; ratios are den/num (>1: cheaper than den)")
     table(cpu, ways, higher_is_better=False)
+    if netfilter is not None:
+        print(f"\nnetfilter's share of the data path's CPU samples (perf), % , medians of {rounds} rounds")
+        print(f"{'':20}" + "".join(f"{t:>16}" for t in TESTS))
+        for w in ways:
+            print(f"{w:20}" + "".join(f"{statistics.median(netfilter[w][t]):16.1f}" for t in TESTS))
 
 
 def table(values: dict[str, dict[str, list[float]]], ways: tuple[str, ...], higher_is_better: bool) -> None:
@@ -378,6 +429,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--perf", action="store_true",
+                        help="profile each measurement (perf record -a): netfilter's share of the CPU")
     parser.add_argument("--ways", default=",".join(WAYS),
                         help=f"comma-separated, from {', '.join(WAYS)}")
     args = parser.parse_args()
@@ -389,7 +442,7 @@ def main() -> None:
     if reason is not None:
         sys.exit(f"kernel_bench: {reason}")
     socket.setdefaulttimeout(30)
-    run(args.seconds, args.rounds, ways)
+    run(args.seconds, args.rounds, ways, args.perf)
 
 
 if __name__ == "__main__":
