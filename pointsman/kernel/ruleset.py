@@ -28,7 +28,7 @@ coming back).
     map     l_web_slot_port  { typeof numgen inc mod 2 : tcp dport }  slot -> backend port
     set     l_web_backends   { ipv4_addr . inet_service }             replies come from these
     chain   l_web_raw   filter prerouting  -300  notrack both ways; VIP packets -> l_web_sin
-    chain   l_web_sin   (regular)                count, rewrite the destination from the slot
+    chain   l_web_sin   (regular)                rewrite the destination from the slot, count
     chain   l_web_rev   filter postrouting  100  replies: count, rewrite the source to the VIP
 
 -300 is the raw priority: notrack must come before conntrack (-200) sees the packet. The two slot
@@ -201,15 +201,16 @@ def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
                f"{proto} dport set {index} map @{n.slot_port} "
                f"counter name \"{n.counter('in')}\" counter name {backend_in} map @{n.backend_map('in')}")
     rules = [
-        ("raw", f"{_vip_match(spec)} notrack jump {n.chain('sin')}"),
+        # goto: a packet to the VIP is done with this chain when l_web_sin is (no reply lookup).
+        ("raw", f"{_vip_match(spec)} notrack goto {n.chain('sin')}"),
         ("raw", f"{backend_out} @{n.backends} fib daddr type != local notrack"),
+        # An empty slot fails the map lookups: nothing is rewritten and the guard refuses the packet.
+        ("sin", rewrite),
     ]
     if proto == "tcp":
-        rules.append(("sin", f"{_SYN} counter name \"{n.counter('new')}\""))
-    # An empty slot fails the map lookups: nothing is rewritten and the guard refuses the packet.
-    rules.append(("sin", rewrite))
-    if proto == "tcp":
-        rules.append(("sin", f"{_SYN} counter name {backend_in} map @{n.backend_map('new')}"))
+        # Every SYN counts as new; only a rewritten one finds its backend's counter.
+        rules.append(("sin", f"{_SYN} counter name \"{n.counter('new')}\" "
+                             f"counter name {backend_in} map @{n.backend_map('new')}"))
     # The counter-map lookup is also the match: it fails for any source that is not a backend.
     rules.append(("rev", f"counter name {backend_out} map @{n.backend_map('out')} "
                          f"counter name \"{n.counter('out')}\" "

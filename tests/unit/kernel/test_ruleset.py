@@ -140,14 +140,14 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
     text = listener_text(stateless())
     index = "jhash ip saddr . tcp sport mod 13 seed 0x706d616e"
     assert rules(text, "l_web_raw") == [
-        "ip daddr 10.99.100.1 tcp dport 80 notrack jump l_web_sin",
+        "ip daddr 10.99.100.1 tcp dport 80 notrack goto l_web_sin",
         "ip saddr . tcp sport @l_web_backends fib daddr type != local notrack",
     ]
     assert rules(text, "l_web_sin") == [
-        'tcp flags & (syn | ack) == syn counter name "l_web_new"',
         f"ip daddr set {index} map @l_web_slot_addr tcp dport set {index} map @l_web_slot_port "
         'counter name "l_web_in" counter name ip daddr . tcp dport map @l_web_bin',
-        "tcp flags & (syn | ack) == syn counter name ip daddr . tcp dport map @l_web_bnew",
+        'tcp flags & (syn | ack) == syn counter name "l_web_new" '
+        "counter name ip daddr . tcp dport map @l_web_bnew",
     ]
     assert rules(text, "l_web_rev") == [
         'counter name ip saddr . tcp sport map @l_web_bout counter name "l_web_out" '
