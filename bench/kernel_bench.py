@@ -15,6 +15,8 @@ through the lb namespace:
 - nft_bare: a reference, not pointsman: a hand-written table with only a DNAT rule to the backend
   (no counters, no guard, no slot map), to separate the cost of conntrack and NAT from the cost of
   pointsman's counting chains;
+- nft_stateless_bare: the stateless floor, not pointsman: notrack and a constant rewrite each way
+  (no slot map, no counters, no guard);
 - haproxy: HAProxy 2.6 in `mode tcp` (two threads) on the lb's own address, the same two ports.
 
 Both pointsman ways use `snat: none` (the backend routes replies through the lb), so they differ
@@ -65,7 +67,7 @@ from tests.netns.netns_support import (  # noqa: E402
 HTTP_PORT = 80
 BULK_PORT = 5201
 READY_DEADLINE = 10.0
-WAYS = ("direct", "conntrack", "stateless", "nft_bare", "haproxy")
+WAYS = ("direct", "conntrack", "stateless", "nft_bare", "nft_stateless_bare", "haproxy")
 TESTS = ("keepalive_rps", "newconn_rps", "bulk_gbps")
 UNITS = {"keepalive_rps": "request", "newconn_rps": "request", "bulk_gbps": "MB"}
 
@@ -117,6 +119,16 @@ BARE_TABLE = (
     "add table ip bare\n"
     "add chain ip bare pre {{ type nat hook prerouting priority -100 ; }}\n"
     "add rule ip bare pre ip daddr {vip} tcp dport {{ {http}, {bulk} }} dnat to {backend}\n"
+)
+
+
+STATELESS_BARE_TABLE = (
+    "add table ip sbare\n"
+    "add chain ip sbare pre {{ type filter hook prerouting priority -300 ; }}\n"
+    "add chain ip sbare post {{ type filter hook postrouting priority 100 ; }}\n"
+    "add rule ip sbare pre ip daddr {vip} tcp dport {{ {http}, {bulk} }} notrack ip daddr set {backend}\n"
+    "add rule ip sbare pre ip saddr {backend} tcp sport {{ {http}, {bulk} }} notrack\n"
+    "add rule ip sbare post ip saddr {backend} tcp sport {{ {http}, {bulk} }} ip saddr set {vip}\n"
 )
 
 
@@ -271,6 +283,13 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[
         finally:
             topo.lb.run("nft", "delete table ip bare")
             topo.lb.run("conntrack", "-F", check=False)
+    elif name == "nft_stateless_bare":
+        topo.lb.run("nft", STATELESS_BARE_TABLE.format(vip=VIP, backend=backend, http=HTTP_PORT,
+                                                       bulk=BULK_PORT))
+        try:
+            yield VIP, []
+        finally:
+            topo.lb.run("nft", "delete table ip sbare")
     elif name in ("conntrack", "stateless"):
         proc = PointsmanInNetns(topo.lb, pointsman_config(backend, name), workdir, listeners=2)
         try:
@@ -342,7 +361,7 @@ def map_update_latency(topo: LbTopology) -> dict[str, object]:
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def run(seconds: int, rounds: int, ways: tuple[str, ...], profile: bool) -> None:
+def run(seconds: int, rounds: int, ways: tuple[str, ...], profile: bool, tests: tuple[str, ...]) -> None:
     results: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
     cpu: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
     netfilter: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
@@ -370,6 +389,8 @@ def run(seconds: int, rounds: int, ways: tuple[str, ...], profile: bool) -> None
                             "bulk_gbps": lambda: iperf(topo, host, seconds),
                         }
                         for test, measure in measures.items():
+                            if test not in tests:
+                                continue
                             perf = Profile(workdir / "perf.data")
                             with contextlib.ExitStack() as stack:
                                 if profile:
@@ -387,38 +408,41 @@ def run(seconds: int, rounds: int, ways: tuple[str, ...], profile: bool) -> None
             for proc in (nginx, iperf_server):
                 proc.terminate()
                 proc.wait(timeout=10)
-    report(results, cpu, netfilter if profile else None, ways)
+    report(results, cpu, netfilter if profile else None, ways, tests)
 
 
 RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "conntrack"),
+          ("nft_stateless_bare", "direct"), ("stateless", "nft_stateless_bare"),
           ("nft_bare", "direct"), ("conntrack", "nft_bare"), ("haproxy", "direct"),
           ("stateless", "haproxy"))
 
 
 def report(results: dict[str, dict[str, list[float]]], cpu: dict[str, dict[str, list[float]]],
-           netfilter: dict[str, dict[str, list[float]]] | None, ways: tuple[str, ...]) -> None:
-    rounds = len(next(iter(results.values()))["bulk_gbps"])
+           netfilter: dict[str, dict[str, list[float]]] | None, ways: tuple[str, ...],
+           tests: tuple[str, ...]) -> None:
+    rounds = len(next(iter(results.values()))[tests[0]])
     print(f"\nthroughput, medians of {rounds} rounds (a shared machine: compare ratios within this "
           "run; ratios are medians of the per-round ratios)")
-    table(results, ways, higher_is_better=True)
+    table(results, ways, tests, higher_is_better=True)
     print(f"\nCPU per unit (us per request; us per MB for bulk: load generator, servers, proxy and "
           f"softirq threads), medians of {rounds} rounds; ratios are den/num (>1: cheaper than den)")
-    table(cpu, ways, higher_is_better=False)
+    table(cpu, ways, tests, higher_is_better=False)
     if netfilter is not None:
         print(f"\nnetfilter's share of the data path's CPU samples (perf), % , medians of {rounds} rounds")
-        print(f"{'':20}" + "".join(f"{t:>16}" for t in TESTS))
+        print(f"{'':20}" + "".join(f"{t:>16}" for t in tests))
         for w in ways:
-            print(f"{w:20}" + "".join(f"{statistics.median(netfilter[w][t]):16.1f}" for t in TESTS))
+            print(f"{w:20}" + "".join(f"{statistics.median(netfilter[w][t]):16.1f}" for t in tests))
 
 
-def table(values: dict[str, dict[str, list[float]]], ways: tuple[str, ...], higher_is_better: bool) -> None:
-    print(f"{'':20}" + "".join(f"{t:>16}" for t in TESTS))
+def table(values: dict[str, dict[str, list[float]]], ways: tuple[str, ...], tests: tuple[str, ...],
+          higher_is_better: bool) -> None:
+    print(f"{'':20}" + "".join(f"{t:>16}" for t in tests))
     for w in ways:
-        print(f"{w:20}" + "".join(f"{statistics.median(values[w][t]):16.2f}" for t in TESTS))
+        print(f"{w:20}" + "".join(f"{statistics.median(values[w][t]):16.2f}" for t in tests))
     for num, den in RATIOS:
         if num in values and den in values:
             cells = []
-            for t in TESTS:
+            for t in tests:
                 pairs = zip(values[num][t], values[den][t], strict=True)
                 per_round = [a / b if higher_is_better else b / a for a, b in pairs]
                 cells.append(f"{statistics.median(per_round):15.2f}x")
@@ -431,18 +455,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--perf", action="store_true",
                         help="profile each measurement (perf record -a): netfilter's share of the CPU")
+    parser.add_argument("--tests", default=",".join(TESTS), help=f"comma-separated, from {', '.join(TESTS)}")
     parser.add_argument("--ways", default=",".join(WAYS),
                         help=f"comma-separated, from {', '.join(WAYS)}")
     args = parser.parse_args()
     ways = tuple(w for w in args.ways.split(",") if w)
-    unknown = set(ways) - set(WAYS)
+    tests = tuple(t for t in args.tests.split(",") if t)
+    unknown = (set(ways) - set(WAYS)) | (set(tests) - set(TESTS))
     if unknown:
-        sys.exit(f"kernel_bench: unknown ways {sorted(unknown)}")
+        sys.exit(f"kernel_bench: unknown ways or tests {sorted(unknown)}")
     reason = nftables_unavailable_reason()
     if reason is not None:
         sys.exit(f"kernel_bench: {reason}")
     socket.setdefaulttimeout(30)
-    run(args.seconds, args.rounds, ways, args.perf)
+    run(args.seconds, args.rounds, ways, args.perf, tests)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,19 @@
 
 Everything lives in one table, `inet pointsman`; pointsman never reads or writes another. Each
 listener owns its objects, all named `l_<listener>_...`, so listeners come and go independently.
-Both NAT modes share the counters, the per-backend counter maps and the guard:
+Both NAT modes share the counters, the per-backend counter maps and the local guard:
 
     counter l_web_new, l_web_rejected, l_web_in, l_web_out         per listener
     counter l_web_b<k>_new, _in, _out                               per backend (k: a stable index)
     map     l_web_bnew, l_web_bin, l_web_bout  { ipv4_addr . inet_service : counter }
-    chain   l_web_guard       filter prerouting  -90   no slot matched: reset / ICMP
-    chain   l_web_guard_local filter output      -90   (only packets still addressed to the VIP)
+    chain   l_web_guard_local filter output      -90   local clients no slot took: reset / ICMP
 
 `nat: conntrack` (DNAT; the binding lives in each flow's conntrack entry):
 
     map     l_web_slots  { typeof numgen inc mod 2 : ip daddr . tcp dport }   slot -> backend
     chain   l_web_dnat        nat    prerouting  -100  count new, DNAT through the slot map
+    chain   l_web_guard       filter prerouting  -90   no slot matched: reset / ICMP (only packets
+                                                       still addressed to the VIP reach it)
     chain   l_web_dnat_local  nat    output      -100  the same for clients on this host
     chain   l_web_snat        nat    postrouting 100   per-backend new flows; masquerade
     chain   l_web_fwd         filter forward     10    -> l_web_count: bytes both ways
@@ -28,7 +29,9 @@ coming back).
     map     l_web_slot_port  { typeof numgen inc mod 2 : tcp dport }  slot -> backend port
     set     l_web_backends   { ipv4_addr . inet_service }             replies come from these
     chain   l_web_raw   filter prerouting  -300  notrack both ways; VIP packets -> l_web_sin
-    chain   l_web_sin   (regular)                rewrite the destination from the slot, count
+    chain   l_web_sin   (regular)                rewrite the destination from the slot, count,
+                                             refuse what no slot took (the guard lives here:
+                                             one prerouting hook fewer for every packet)
     chain   l_web_rev   filter postrouting  100  replies: count, rewrite the source to the VIP
 
 -300 is the raw priority: notrack must come before conntrack (-200) sees the packet. The two slot
@@ -81,9 +84,8 @@ _HOOKS = {
 # Chains per mode in deletion order: base chains (which jump) before the chains they jump to.
 _CHAINS: dict[Nat, tuple[str, ...]] = {
     "conntrack": ("dnat", "dnat_local", "guard", "guard_local", "snat", "fwd", "count"),
-    "stateless": ("raw", "guard", "guard_local", "rev", "sin"),
+    "stateless": ("raw", "guard_local", "rev", "sin"),
 }
-_SHARED_CHAINS = ("guard", "guard_local")
 
 
 class Names:
@@ -161,6 +163,11 @@ _SYN = "tcp flags & (syn | ack) == syn"
 """A TCP packet opening a flow (SYN without ACK): the stateless mode's "new flow"."""
 
 
+def _refuse(spec: ListenerSpec, n: Names) -> str:
+    """The guard's rule: a packet still addressed to the VIP found no backend."""
+    return f"{_vip_match(spec)} counter name \"{n.counter('rejected')}\" {_reject(spec)}"
+
+
 def _target_text(target: Target) -> str:
     return f"{target[0]} . {target[1]}"
 
@@ -196,7 +203,7 @@ def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
     index = _index_expr(spec)
     backend_in = f"{fam} daddr . {proto} dport"
     backend_out = f"{fam} saddr . {proto} sport"
-    # `in` counts only what was rewritten: refused packets count in `rejected` (at the guard).
+    # `in` counts only what was rewritten: refused packets count in `rejected`.
     rewrite = (f"{fam} daddr set {index} map @{n.slot_addr} "
                f"{proto} dport set {index} map @{n.slot_port} "
                f"counter name \"{n.counter('in')}\" counter name {backend_in} map @{n.backend_map('in')}")
@@ -211,6 +218,7 @@ def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
         # Every SYN counts as new; only a rewritten one finds its backend's counter.
         rules.append(("sin", f"{_SYN} counter name \"{n.counter('new')}\" "
                              f"counter name {backend_in} map @{n.backend_map('new')}"))
+    rules.append(("sin", _refuse(spec, n)))
     # The counter-map lookup is also the match: it fails for any source that is not a backend.
     rules.append(("rev", f"counter name {backend_out} map @{n.backend_map('out')} "
                          f"counter name \"{n.counter('out')}\" "
@@ -264,7 +272,7 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
     t = TABLE_REF
     lines = [f"add table {t}"]
     if previous is not None and previous != spec.nat:
-        lines += _remove_chains_lines(n, (c for c in _CHAINS[previous] if c not in _SHARED_CHAINS))
+        lines += _remove_chains_lines(n, (c for c in _CHAINS[previous] if c not in _CHAINS[spec.nat]))
         lines += [f"delete {'set' if name == n.backends else 'map'} {t} {name}"
                   for name in n.mode_maps(previous)]
     lines += [f"add counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
@@ -276,8 +284,9 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
         hook = _HOOKS.get(kind)
         lines.append(f"add chain {t} {n.chain(kind)}" + (f" {{ {hook} ; policy accept ; }}" if hook else ""))
     lines += [f"flush chain {t} {n.chain(kind)}" for kind in chains]
-    guard = f"{_vip_match(spec)} counter name \"{n.counter('rejected')}\" {_reject(spec)}"
-    rules = [("guard", guard), ("guard_local", guard)]
+    rules = [("guard_local", _refuse(spec, n))]
+    if spec.nat == "conntrack":
+        rules.append(("guard", _refuse(spec, n)))
     rules += _conntrack_rules(spec, n) if spec.nat == "conntrack" else _stateless_rules(spec, n)
     lines += [f"add rule {t} {n.chain(kind)} {rule}" for kind, rule in rules]
     if targets is not None:
@@ -310,16 +319,17 @@ def stop_new_flows_text(spec: ListenerSpec) -> str:
     """Stop taking new flows (the guard refuses them); established flows and counting go on.
 
     conntrack: no DNAT rule, so new flows stay addressed to the VIP (established ones have their
-    NAT in conntrack). stateless TCP: SYNs leave the rewrite chain before it, so only they reach
-    the guard. Stateless UDP has no way to tell a new flow: nothing is rewritten any more.
+    NAT in conntrack) and the guard refuses them. stateless TCP: SYNs are refused before the
+    rewrite. Stateless UDP has no way to tell a new flow: everything is refused.
     """
     n = Names(spec.name)
     t = TABLE_REF
     if spec.nat == "conntrack":
         return "".join(f"flush chain {t} {n.chain(kind)}\n" for kind in ("dnat", "dnat_local"))
+    sin = n.chain("sin")
     if spec.protocol == "tcp":
-        return f"insert rule {t} {n.chain('sin')} {_SYN} return\n"
-    return f"flush chain {t} {n.chain('sin')}\n"
+        return f"insert rule {t} {sin} {_SYN} counter name \"{n.counter('rejected')}\" {_reject(spec)}\n"
+    return f"flush chain {t} {sin}\nadd rule {t} {sin} {_refuse(spec, n)}\n"
 
 
 # --- JSON: elements and counters ---------------------------------------------------------------------

@@ -148,11 +148,13 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
         'counter name "l_web_in" counter name ip daddr . tcp dport map @l_web_bin',
         'tcp flags & (syn | ack) == syn counter name "l_web_new" '
         "counter name ip daddr . tcp dport map @l_web_bnew",
+        'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_rejected" reject with tcp reset',
     ]
     assert rules(text, "l_web_rev") == [
         'counter name ip saddr . tcp sport map @l_web_bout counter name "l_web_out" '
         "ip saddr set 10.99.100.1 tcp sport set 80"]
-    assert rules(text, "l_web_guard")[0].endswith("reject with tcp reset")
+    assert rules(text, "l_web_guard") == []  # the guard is l_web_sin's last rule
+    assert rules(text, "l_web_guard_local")[0].endswith("reject with tcp reset")
     # raw before conntrack; replies rewritten after routing
     assert "l_web_raw { type filter hook prerouting priority -300 ;" in text
     assert "l_web_rev { type filter hook postrouting priority 100 ;" in text
@@ -168,6 +170,7 @@ def test_stateless_uses_no_conntrack_and_no_nat_chain() -> None:
 def test_stateless_udp_counts_no_new_flows() -> None:
     text = listener_text(stateless(protocol="udp"))
     assert not any("flags" in rule for rule in rules(text, "l_web_sin"))
+    assert rules(text, "l_web_sin")[-1].endswith("reject with icmpx port-unreachable")
     assert "udp dport set jhash ip saddr . udp sport mod 13" in text
     assert "udp sport set 80" in text
 
@@ -219,14 +222,18 @@ def test_stateless_backends_join_the_reply_set() -> None:
 
 def test_stateless_stop_refuses_syns_only_for_tcp() -> None:
     assert stop_new_flows_text(stateless()) == (
-        "insert rule inet pointsman l_web_sin tcp flags & (syn | ack) == syn return\n")
-    assert stop_new_flows_text(stateless(protocol="udp")) == "flush chain inet pointsman l_web_sin\n"
+        "insert rule inet pointsman l_web_sin tcp flags & (syn | ack) == syn "
+        'counter name "l_web_rejected" reject with tcp reset\n')
+    assert stop_new_flows_text(stateless(protocol="udp")) == (
+        "flush chain inet pointsman l_web_sin\n"
+        'add rule inet pointsman l_web_sin ip daddr 10.99.100.1 udp dport 80 counter name "l_web_rejected" '
+        "reject with icmpx port-unreachable\n")
 
 
 def test_stateless_removal() -> None:
     lines = remove_listener_text(stateless(), ["l_web_b0_in"]).splitlines()
     deleted = [line.split()[-1] for line in lines if line.startswith("delete chain")]
-    assert deleted == ["l_web_raw", "l_web_guard", "l_web_guard_local", "l_web_rev", "l_web_sin"]
+    assert deleted == ["l_web_raw", "l_web_guard_local", "l_web_rev", "l_web_sin"]
     assert "delete set inet pointsman l_web_backends" in lines
     assert "delete map inet pointsman l_web_slot_port" in lines
     assert not any("l_web_slots" in line or "l_web_dnat" in line for line in lines)
@@ -235,8 +242,8 @@ def test_stateless_removal() -> None:
 def test_switching_nat_mode_removes_only_the_other_modes_objects() -> None:
     to_stateless = listener_text(stateless(), previous="conntrack").splitlines()
     gone = [line.split()[-1] for line in to_stateless if line.startswith("delete ")]
-    assert gone == ["l_web_dnat", "l_web_dnat_local", "l_web_snat", "l_web_fwd", "l_web_count",
-                    "l_web_slots"]
+    assert gone == ["l_web_dnat", "l_web_dnat_local", "l_web_guard", "l_web_snat", "l_web_fwd",
+                    "l_web_count", "l_web_slots"]
     back = listener_text(spec(), previous="stateless").splitlines()
     gone = [line.split()[-1] for line in back if line.startswith("delete ")]
     assert gone == ["l_web_raw", "l_web_rev", "l_web_sin", "l_web_slot_addr", "l_web_slot_port",
