@@ -1,22 +1,30 @@
-"""The kernel data plane against routed direct and against HAProxy, in network namespaces.
+"""The kernel data plane's two NAT modes against routed direct (and HAProxy), in network namespaces.
 
 Run as root from the repository root:  python3 bench/kernel_bench.py [--seconds 4] [--rounds 3]
+                                        [--ways direct,conntrack,stateless,nft_bare,haproxy]
 
 Namespaces (tests/netns/netns_support.py): client -- lb -- one backend. The backend runs nginx (one
-worker, a 2-byte answer, keep-alive) and `iperf3 -s`. Three ways through the lb namespace:
+worker, a 2-byte answer, keep-alive) and `iperf3 -s`, and routes its replies through the lb. Ways
+through the lb namespace:
 
 - direct: the client connects to the backend's own address; the lb only routes (no NAT, no table);
-- kernel: `pointsman run` with two `dataplane: kernel` listeners on a VIP (ports 80 and 5201),
-  maglev, SNAT masquerade: nftables DNAT, conntrack, the counting chains, everything enabled;
-- haproxy: HAProxy 2.6 in `mode tcp` (two threads) on the lb's own address, the same two ports;
+- conntrack: `pointsman run` with two `dataplane: kernel` listeners on a VIP (ports 80 and 5201),
+  maglev, `nat: conntrack`, `snat: none`: nftables DNAT, conntrack, the counting chains;
+- stateless: the same with `nat: stateless`: notrack both ways, the destination rewritten from
+  the slot map and the source rewritten back on replies; no conntrack entry;
 - nft_bare: a reference, not pointsman: a hand-written table with only a DNAT rule to the backend
-  and masquerade (no counters, no guard, no slot map), to separate the cost of conntrack and NAT
-  from the cost of pointsman's counting chains.
+  (no counters, no guard, no slot map), to separate the cost of conntrack and NAT from the cost of
+  pointsman's counting chains;
+- nft_stateless_bare: the stateless floor, not pointsman: notrack and a constant rewrite each way
+  (no slot map, no counters, no guard);
+- haproxy: HAProxy 2.6 in `mode tcp` (two threads) on the lb's own address, the same two ports.
 
-Per way: keep-alive requests/s (wrk, 64 connections), new connections/s (wrk, 32 connections,
-`Connection: close`), bulk Gbit/s (iperf3, one stream). wrk and the iperf3 client run on CPU 0,
-nginx and the iperf3 server on CPU 1; the kernel path and HAProxy float. Rounds rotate the order of
-the ways and the medians are reported, because runs on this VM vary by 10-15%.
+Both pointsman ways use `snat: none` (the backend routes replies through the lb), so they differ
+only in the NAT mode. Per way: keep-alive requests/s (wrk, 64 connections), new connections/s (wrk,
+32 connections, `Connection: close`), bulk Gbit/s (iperf3, one stream). wrk and the iperf3 client
+run on CPU 0, nginx and the iperf3 server on CPU 1 (taskset); the kernel path and HAProxy float.
+Rounds rotate the order of the ways and the medians are reported, because runs on a shared VM vary
+by 10-15%: compare ratios within one run, never figures across runs.
 
 Also measured: the slot map transaction alone (libnftables, in-process, in the lb namespace): a
 4093-slot maglev map taking one of three backends out and back (diff updates) and a whole-map
@@ -31,7 +39,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -56,8 +67,9 @@ from tests.netns.netns_support import (  # noqa: E402
 HTTP_PORT = 80
 BULK_PORT = 5201
 READY_DEADLINE = 10.0
-WAYS = ("direct", "nft_bare", "kernel", "haproxy")
+WAYS = ("direct", "conntrack", "stateless", "nft_bare", "nft_stateless_bare", "haproxy")
 TESTS = ("keepalive_rps", "newconn_rps", "bulk_gbps")
+UNITS = {"keepalive_rps": "request", "newconn_rps": "request", "bulk_gbps": "MB"}
 
 NGINX_CONF = """
 worker_processes 1;
@@ -106,15 +118,24 @@ backend bulk
 BARE_TABLE = (
     "add table ip bare\n"
     "add chain ip bare pre {{ type nat hook prerouting priority -100 ; }}\n"
-    "add chain ip bare post {{ type nat hook postrouting priority 100 ; }}\n"
     "add rule ip bare pre ip daddr {vip} tcp dport {{ {http}, {bulk} }} dnat to {backend}\n"
-    "add rule ip bare post ip daddr {backend} masquerade\n"
 )
 
 
-def pointsman_config(backend: str) -> str:
+STATELESS_BARE_TABLE = (
+    "add table ip sbare\n"
+    "add chain ip sbare pre {{ type filter hook prerouting priority -300 ; }}\n"
+    "add chain ip sbare post {{ type filter hook postrouting priority 100 ; }}\n"
+    "add rule ip sbare pre ip daddr {vip} tcp dport {{ {http}, {bulk} }} notrack ip daddr set {backend}\n"
+    "add rule ip sbare pre ip saddr {backend} tcp sport {{ {http}, {bulk} }} notrack\n"
+    "add rule ip sbare post ip saddr {backend} tcp sport {{ {http}, {bulk} }} ip saddr set {vip}\n"
+)
+
+
+def pointsman_config(backend: str, nat: str) -> str:
+    kernel = f"{{nat: {nat}, snat: none}}"
     listeners = "".join(
-        f"  - {{name: {name}, bind: '{VIP}:{port}', pool: {name}, dataplane: kernel}}\n"
+        f"  - {{name: {name}, bind: '{VIP}:{port}', pool: {name}, dataplane: kernel, kernel: {kernel}}}\n"
         for name, port in (("web", HTTP_PORT), ("bulk", BULK_PORT)))
     pools = "".join(
         f"  - {{name: {name}, algorithm: maglev, hash_key: source_ip_port, "
@@ -135,7 +156,97 @@ def wait_port(ns: Netns, host: str, port: int) -> None:
         time.sleep(0.05)
 
 
-def wrk(topo: LbTopology, host: str, seconds: int, connections: int, close: bool) -> float:
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14 and 15)
+
+
+def pids_where(test: Callable[[int, str, int], bool]) -> list[int]:
+    """Processes for which test(pid, comm, ppid) holds."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm_part, rest = (entry / "stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        comm = comm_part.split("(", 1)[1]
+        if test(int(entry.name), comm, int(rest.split()[1])):
+            found.append(int(entry.name))
+    return found
+
+
+class CpuMeter:
+    """CPU seconds a measurement costs, whatever else runs on the machine: the load generator (a
+    waited child: its rusage), the given processes (servers, a proxy) and the kernel's softirq
+    threads. Without IRQ time accounting the kernel charges packet processing to the process it
+    runs in (mostly the sender's) or to ksoftirqd, so the forwarding done in the lb namespace is
+    in these figures."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids + pids_where(lambda pid, comm, ppid: comm.startswith("ksoftirqd/"))
+        self.seconds = 0.0
+
+    def _now(self) -> float:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return children.ru_utime + children.ru_stime + sum(process_cpu(pid) for pid in self.pids)
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = self._now() - self._start
+
+
+NETFILTER = re.compile(r"^(__)?(nf|nft|nf_ct|nf_nat)_|conntrack|^jhash|^tcp_in_window$|masquerade")
+"""Kernel symbols of netfilter: nf_tables, conntrack, NAT (routing, fib_*, is not counted)."""
+DATA_PATH = ("wrk", "nginx", "iperf3", "haproxy", "ksoftirqd/0", "ksoftirqd/1")
+
+
+class Profile:
+    """`perf record -a` around a measurement; `netfilter_share` is the fraction of the data path's
+    samples (load generator, servers, proxy, softirq threads) spent in netfilter. A fraction of
+    one run's own samples: it holds on a machine whose other tenants change the throughput."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.share = 0.0
+
+    def __enter__(self) -> Profile:
+        self._perf = subprocess.Popen(["perf", "record", "-a", "-F", "999", "-q", "-o", str(self.path)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # perf opens its events before the traffic starts (not a synchronisation)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._perf.send_signal(signal.SIGINT)
+        self._perf.wait(timeout=60)
+        report = subprocess.run(["perf", "report", "-i", str(self.path), "--comm", ",".join(DATA_PATH),
+                                 "--no-children", "--sort", "sym", "--stdio", "-g", "none",
+                                 "--percentage", "relative"], capture_output=True, text=True,
+                                timeout=120, check=False).stdout
+        total = netfilter = 0.0
+        for line in report.splitlines():
+            match = re.match(r"\s*([\d.]+)%\s+\[(k|\.)\]\s+(\S+)", line)
+            if match:
+                total += float(match.group(1))
+                if match.group(2) == "k" and NETFILTER.search(match.group(3)):
+                    netfilter += float(match.group(1))
+        self.share = netfilter / total if total else 0.0
+        self.path.unlink(missing_ok=True)
+
+
+def wrk(topo: LbTopology, host: str, seconds: int, connections: int, close: bool) -> tuple[float, int]:
+    """Requests/s and the number of requests."""
     args = ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
     if close:
         args += ["-H", "Connection: close"]
@@ -144,34 +255,45 @@ def wrk(topo: LbTopology, host: str, seconds: int, connections: int, close: bool
     if errors:
         print(f"    wrk socket errors ({'close' if close else 'keep-alive'}): {errors.group(1)}")
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if match is None:
+    total = re.search(r"(\d+) requests in", out)
+    if match is None or total is None:
         raise RuntimeError(f"no Requests/sec in wrk output:\n{out}")
-    return float(match.group(1))
+    return float(match.group(1)), int(total.group(1))
 
 
-def iperf(topo: LbTopology, host: str, seconds: int) -> float:
+def iperf(topo: LbTopology, host: str, seconds: int) -> tuple[float, int]:
+    """Gbit/s and the gigabytes received (as an integer count of MB, for CPU per unit)."""
     out = topo.client.run("taskset", "-c", "0", "iperf3", "-c", host, "-p", str(BULK_PORT), "-t",
                           str(seconds), "-J", timeout=seconds + 30)
-    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    received = json.loads(out)["end"]["sum_received"]
+    return float(received["bits_per_second"]) / 1e9, max(int(received["bytes"]) // 1_000_000, 1)
 
 
 @contextlib.contextmanager
-def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[str]:
-    """Set up one way through the lb; yields the address the client connects to."""
+def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[int]]]:
+    """Set up one way through the lb; yields the address the client connects to and the processes
+    that carry its traffic besides the servers (HAProxy)."""
     backend = topo.backend_ip(0)
     if name == "direct":
-        yield backend
+        yield backend, []
     elif name == "nft_bare":
         topo.lb.run("nft", BARE_TABLE.format(vip=VIP, backend=backend, http=HTTP_PORT, bulk=BULK_PORT))
         try:
-            yield VIP
+            yield VIP, []
         finally:
             topo.lb.run("nft", "delete table ip bare")
             topo.lb.run("conntrack", "-F", check=False)
-    elif name == "kernel":
-        proc = PointsmanInNetns(topo.lb, pointsman_config(backend), workdir, listeners=2)
+    elif name == "nft_stateless_bare":
+        topo.lb.run("nft", STATELESS_BARE_TABLE.format(vip=VIP, backend=backend, http=HTTP_PORT,
+                                                       bulk=BULK_PORT))
         try:
-            yield VIP
+            yield VIP, []
+        finally:
+            topo.lb.run("nft", "delete table ip sbare")
+    elif name in ("conntrack", "stateless"):
+        proc = PointsmanInNetns(topo.lb, pointsman_config(backend, name), workdir, listeners=2)
+        try:
+            yield VIP, []
         finally:
             proc.stop()
             proc.close()
@@ -181,22 +303,22 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[str]:
         conf.write_text(HAPROXY_CONF.format(lb=topo.lb_client_side, backend=backend, http=HTTP_PORT,
                                             bulk=BULK_PORT))
         log = (workdir / "haproxy.log").open("wb")
-        proc = topo.lb.popen("haproxy", "-db", "-f", str(conf), stdout=log, stderr=log)
+        haproxy = topo.lb.popen("haproxy", "-db", "-f", str(conf), stdout=log, stderr=log)
         try:
-            if proc.poll() is None:
+            if haproxy.poll() is None:
                 wait_port(topo.lb, topo.lb_client_side, HTTP_PORT)
             else:
                 raise RuntimeError(f"haproxy exited: {(workdir / 'haproxy.log').read_text()}")
-            yield topo.lb_client_side
+            yield topo.lb_client_side, [haproxy.pid]
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            haproxy.terminate()
+            haproxy.wait(timeout=10)
             log.close()
 
 
 MAP_BENCH = r'''
 import json, sys, time
-from pointsman.kernel.nft import KernelTable
+from pointsman.kernel.nft import Nft
 from pointsman.kernel.plan import ListenerSpec, slot_targets, slot_diff
 from pointsman.kernel import ruleset
 from pointsman.pool.snapshot import BackendView
@@ -205,41 +327,44 @@ from pointsman.pool.state import BackendState as S
 def views(down):
     return [BackendView(f"b{i}", f"10.0.0.{i + 1}", 80, 1, 0.0 if i == down else 1.0,
                         S.DOWN if i == down else S.UP) for i in range(3)]
-spec = ListenerSpec("bench", "ip", "10.99.200.1", 80, "tcp", 4093, "maglev", "jhash", "source_ip", True)
-table = KernelTable()
-table.acquire("bench")
-current = slot_targets("maglev", views(None), 4093)
-with table.transaction() as nft:
+nft = Nft()
+nft.text("add table inet pointsman\ndelete table inet pointsman\n")
+out = {}
+for nat in ("conntrack", "stateless"):
+    spec = ListenerSpec("bench", "ip", "10.99.200.1", 80, "tcp", 4093, "maglev", "jhash", "source_ip",
+                        False, nat=nat)
+    current = slot_targets("maglev", views(None), 4093)
     nft.text(ruleset.listener_text(spec, current))
-diffs, full = [], []
-for k in range(40):
-    new = slot_targets("maglev", views(None if k % 2 else 1), 4093)
-    diff = slot_diff(current, new)
-    started = time.perf_counter()
-    with table.transaction() as nft:
-        nft.json(ruleset.slot_commands("bench", diff))
-    diffs.append((time.perf_counter() - started, len(diff)))
-    current = new
-for k in range(10):
-    started = time.perf_counter()
-    with table.transaction() as nft:
-        nft.json(ruleset.replace_slots_commands("bench", current))
-    full.append(time.perf_counter() - started)
-table.release("bench", "")
-diffs.sort()
-full.sort()
-print(json.dumps({"diff_ms": diffs[len(diffs) // 2][0] * 1e3, "diff_elements": diffs[len(diffs) // 2][1],
-                  "diff_max_ms": diffs[-1][0] * 1e3, "full_ms": full[len(full) // 2] * 1e3}))
+    diffs, full = [], []
+    for k in range(40):
+        new = slot_targets("maglev", views(None if k % 2 else 1), 4093)
+        diff = slot_diff(current, new)
+        started = time.perf_counter()
+        nft.json(ruleset.slot_commands(spec, diff))
+        diffs.append((time.perf_counter() - started, len(diff)))
+        current = new
+    for k in range(10):
+        started = time.perf_counter()
+        nft.json(ruleset.replace_slots_commands(spec, current))
+        full.append(time.perf_counter() - started)
+    nft.text("delete table inet pointsman\n")
+    diffs.sort()
+    full.sort()
+    out[nat] = {"diff_ms": round(diffs[len(diffs) // 2][0] * 1e3, 1), "diff_slots": diffs[len(diffs) // 2][1],
+                "diff_max_ms": round(diffs[-1][0] * 1e3, 1), "full_ms": round(full[len(full) // 2] * 1e3, 1)}
+print(json.dumps(out))
 '''
 
 
-def map_update_latency(topo: LbTopology) -> dict[str, float]:
+def map_update_latency(topo: LbTopology) -> dict[str, object]:
     out = topo.lb.run(sys.executable, "-c", MAP_BENCH, timeout=120)
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def run(seconds: int, rounds: int) -> None:
-    results: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in WAYS}
+def run(seconds: int, rounds: int, ways: tuple[str, ...], profile: bool, tests: tuple[str, ...]) -> None:
+    results: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
+    cpu: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
+    netfilter: dict[str, dict[str, list[float]]] = {w: {t: [] for t in TESTS} for w in ways}
     with lb_topology(backends=1) as topo, tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         node = topo.backends[0]
@@ -251,50 +376,99 @@ def run(seconds: int, rounds: int) -> None:
         try:
             wait_port(node, topo.backend_ip(0), HTTP_PORT)
             wait_port(node, topo.backend_ip(0), BULK_PORT)
+            servers = [nginx.pid, iperf_server.pid,
+                       *pids_where(lambda pid, comm, ppid: ppid == nginx.pid)]
             print(f"map update (4093 slots, libnftables in-process): {map_update_latency(topo)}")
             for r in range(rounds):
-                order = WAYS[r % len(WAYS):] + WAYS[:r % len(WAYS)]
+                order = ways[r % len(ways):] + ways[:r % len(ways)]
                 for name in order:
-                    with way(name, topo, workdir) as host:
-                        measures: dict[str, Callable[[], float]] = {
+                    with way(name, topo, workdir) as (host, carriers):
+                        measures: dict[str, Callable[[], tuple[float, int]]] = {
                             "keepalive_rps": lambda: wrk(topo, host, seconds, 64, close=False),
                             "newconn_rps": lambda: wrk(topo, host, seconds, 32, close=True),
                             "bulk_gbps": lambda: iperf(topo, host, seconds),
                         }
                         for test, measure in measures.items():
-                            value = measure()
+                            if test not in tests:
+                                continue
+                            perf = Profile(workdir / "perf.data")
+                            with contextlib.ExitStack() as stack:
+                                if profile:
+                                    stack.enter_context(perf)
+                                with CpuMeter(servers + carriers) as meter:
+                                    value, units = measure()
                             results[name][test].append(value)
-                            print(f"  round {r + 1} {name:8} {test:14} {value:12.2f}", flush=True)
+                            cpu[name][test].append(meter.seconds / units * 1e6)
+                            netfilter[name][test].append(perf.share * 100)
+                            print(f"  round {r + 1} {name:9} {test:14} {value:12.2f}   "
+                                  f"{cpu[name][test][-1]:8.1f} us CPU per {UNITS[test]}"
+                                  + (f"   netfilter {perf.share:6.1%}" if profile else ""), flush=True)
                     topo.lb.run("conntrack", "-F", check=False)
         finally:
             for proc in (nginx, iperf_server):
                 proc.terminate()
                 proc.wait(timeout=10)
-    report(results)
+    report(results, cpu, netfilter if profile else None, ways, tests)
 
 
-def report(results: dict[str, dict[str, list[float]]]) -> None:
-    median = {w: {t: statistics.median(v) for t, v in tests.items()} for w, tests in results.items()}
-    print()
-    print(f"{'':10}" + "".join(f"{t:>16}" for t in TESTS))
-    for w in WAYS:
-        print(f"{w:10}" + "".join(f"{median[w][t]:16.2f}" for t in TESTS))
-    for num, den in (("kernel", "direct"), ("nft_bare", "direct"), ("haproxy", "direct"),
-                     ("kernel", "nft_bare"), ("kernel", "haproxy")):
-        label = f"{num}/{den}"
-        print(f"{label:16}" + "".join(f"{median[num][t] / median[den][t]:10.2f}x    " for t in TESTS))
+RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "conntrack"),
+          ("nft_stateless_bare", "direct"), ("stateless", "nft_stateless_bare"),
+          ("nft_bare", "direct"), ("conntrack", "nft_bare"), ("haproxy", "direct"),
+          ("stateless", "haproxy"))
+
+
+def report(results: dict[str, dict[str, list[float]]], cpu: dict[str, dict[str, list[float]]],
+           netfilter: dict[str, dict[str, list[float]]] | None, ways: tuple[str, ...],
+           tests: tuple[str, ...]) -> None:
+    rounds = len(next(iter(results.values()))[tests[0]])
+    print(f"\nthroughput, medians of {rounds} rounds (a shared machine: compare ratios within this "
+          "run; ratios are medians of the per-round ratios)")
+    table(results, ways, tests, higher_is_better=True)
+    print(f"\nCPU per unit (us per request; us per MB for bulk: load generator, servers, proxy and "
+          f"softirq threads), medians of {rounds} rounds; ratios are den/num (>1: cheaper than den)")
+    table(cpu, ways, tests, higher_is_better=False)
+    if netfilter is not None:
+        print(f"\nnetfilter's share of the data path's CPU samples (perf), % , medians of {rounds} rounds")
+        print(f"{'':20}" + "".join(f"{t:>16}" for t in tests))
+        for w in ways:
+            print(f"{w:20}" + "".join(f"{statistics.median(netfilter[w][t]):16.1f}" for t in tests))
+
+
+def table(values: dict[str, dict[str, list[float]]], ways: tuple[str, ...], tests: tuple[str, ...],
+          higher_is_better: bool) -> None:
+    print(f"{'':20}" + "".join(f"{t:>16}" for t in tests))
+    for w in ways:
+        print(f"{w:20}" + "".join(f"{statistics.median(values[w][t]):16.2f}" for t in tests))
+    for num, den in RATIOS:
+        if num in values and den in values:
+            cells = []
+            for t in tests:
+                pairs = zip(values[num][t], values[den][t], strict=True)
+                per_round = [a / b if higher_is_better else b / a for a, b in pairs]
+                cells.append(f"{statistics.median(per_round):15.2f}x")
+            print(f"{num + '/' + den:20}" + "".join(cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--perf", action="store_true",
+                        help="profile each measurement (perf record -a): netfilter's share of the CPU")
+    parser.add_argument("--tests", default=",".join(TESTS), help=f"comma-separated, from {', '.join(TESTS)}")
+    parser.add_argument("--ways", default=",".join(WAYS),
+                        help=f"comma-separated, from {', '.join(WAYS)}")
     args = parser.parse_args()
+    ways = tuple(w for w in args.ways.split(",") if w)
+    tests = tuple(t for t in args.tests.split(",") if t)
+    unknown = (set(ways) - set(WAYS)) | (set(tests) - set(TESTS))
+    if unknown:
+        sys.exit(f"kernel_bench: unknown ways or tests {sorted(unknown)}")
     reason = nftables_unavailable_reason()
     if reason is not None:
         sys.exit(f"kernel_bench: {reason}")
     socket.setdefaulttimeout(30)
-    run(args.seconds, args.rounds)
+    run(args.seconds, args.rounds, ways, args.perf, tests)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,14 @@ class RuntimeCollector(Collector):
                                        "kernel refused (retried)", labels=lbl)
         latency = _histogram("kernel_map_update_seconds", "Pool snapshot published to its slot map "
                              "transaction committed", lbl)
+        changed = CounterMetricFamily(P + "kernel_slots_changed", "Slots that moved to another "
+                                      "backend (nat: stateless: their established flows were reset)",
+                                      labels=lbl)
+        age = GaugeMetricFamily(P + "kernel_counters_age_seconds", "How old the kernel counters "
+                                "in this scrape are (read in the background, about every second)",
+                                labels=lbl)
+        nat = GaugeMetricFamily(P + "kernel_nat_info", "Always 1: the listener's NAT mode",
+                                labels=[*lbl, "nat"])
         ct_used = GaugeMetricFamily(P + "conntrack_entries", "Entries in the conntrack table")
         ct_max = GaugeMetricFamily(P + "conntrack_max", "Bound of the conntrack table "
                                    "(nf_conntrack_max)")
@@ -227,12 +235,15 @@ class RuntimeCollector(Collector):
             updates.add_metric(v, s.map_updates.applied)
             failures.add_metric(v, s.map_updates.failed)
             _add(latency, v, s.map_updates.latency)
+            changed.add_metric(v, s.map_updates.slots_changed)
+            age.add_metric(v, s.age)
+            nat.add_metric([*v, s.nat], 1)
             if not seen:
                 ct_used.add_metric([], s.conntrack_entries)
                 ct_max.add_metric([], s.conntrack_max)
                 seen = True
         yield from (new, refused, packets, nbytes, b_new, b_packets, b_bytes, b_slots, slots,
-                    updates, failures, latency, ct_used, ct_max)
+                    updates, failures, latency, changed, age, nat, ct_used, ct_max)
 
     def _backends(self) -> Iterator[Metric]:
         lbl = ["pool", "backend"]

@@ -248,8 +248,21 @@ class LimitsConfig(Strict):
 
 
 class KernelListenerConfig(Strict):
+    # conntrack: DNAT with a conntrack entry per flow (flows keep their backend); stateless:
+    # notrack, every packet rewritten from the slot map (see docs/kernel.md for the conditions).
+    nat: Literal["conntrack", "stateless"] = "conntrack"
     snat: Literal["masquerade", "none"] = "masquerade"  # none: backends route replies via us
     slots: int = Field(default=4093, ge=3, le=1_000_003)  # prime: the kernel Maglev table size
+
+    @model_validator(mode="after")
+    def _check(self) -> KernelListenerConfig:
+        if self.nat == "stateless" and self.snat != "none":
+            raise ValueError(
+                "nat: stateless needs snat: none (with no conntrack entry nothing records which "
+                "client a reply to the load balancer's own address belongs to, so the source "
+                "cannot be rewritten; backends must see the client and route their replies "
+                "through the load balancer)")
+        return self
 
 
 class ListenerConfig(Strict):

@@ -3,8 +3,10 @@
 Established flows keep their backend because the NAT binding lives in their conntrack entry, not
 in our rules; so cutting a backend's flows (on_down: close_sessions) means deleting its entries,
 and "drained" means no live entry for the VIP is left. Both go through the conntrack tool
-(conntrack-tools, Debian package conntrack): they happen on state changes and at shutdown, not per
-packet, and the tool's filters are the documented interface.
+(conntrack-tools, Debian package conntrack), as an asyncio subprocess so the event loop never waits
+for it: they happen on state changes and at shutdown, not per packet, and the tool's filters are
+the documented interface. `usage` reads two /proc files; the listener calls it from a worker
+thread with its counter reads.
 
 After an entry is deleted the next packet of the flow starts a new, unrelated entry: the backend
 (which no longer knows the connection) or the host answers it with a reset, so both ends learn the
@@ -14,15 +16,11 @@ flow is gone as soon as they send.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from pointsman.kernel.plan import ListenerSpec, Target
-
-log = logging.getLogger("pointsman.kernel")
 
 PROC = Path("/proc/sys/net/netfilter")
 TOOL_TIMEOUT = 10.0  # seconds; the tool walks the whole table (about 1 s per million entries)
@@ -82,17 +80,6 @@ async def delete_flows(spec: ListenerSpec, backend: Target | None = None) -> int
         await proc.wait()
         raise
     return parse_count(err.decode(errors="replace"))
-
-
-def delete_flows_now(spec: ListenerSpec, backend: Target | None = None) -> int:
-    """`delete_flows` for callers that cannot wait (close_all at shutdown)."""
-    try:
-        done = subprocess.run(["conntrack", "-D", *flow_filter(spec, backend)], capture_output=True,
-                              text=True, timeout=TOOL_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.error("kernel: conntrack -D for %s failed: %s", spec.name, exc)
-        return 0
-    return parse_count(done.stderr)
 
 
 async def live_flows(spec: ListenerSpec) -> int:

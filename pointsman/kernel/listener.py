@@ -1,57 +1,63 @@
-"""`KernelListener`: a listener whose connections nftables DNAT forwards, pointsman only steering.
+"""`KernelListener`: a listener whose connections nftables forwards, pointsman only steering.
 
 It has the duck interface the runtime uses for its proxy listeners (start, stop_accepting,
-wait_drained, close_all, close_backend, reconfigure, stats, connections), but no socket: `start`
-writes the listener's rules and slot map into `inet pointsman`, and every pool snapshot the
-control plane publishes (health, drain, weight, reload) becomes one atomic transaction on the map.
+wait_drained, close_all, close_backend, reconfigure, statistics / stats, connections), but no
+socket: `start` writes the listener's rules and slot map into `inet pointsman`, and every pool
+snapshot the control plane publishes (health, drain, weight, reload) becomes one atomic
+transaction on the map. `kernel.nat` picks conntrack DNAT or stateless rewriting (ruleset.py).
 
-Ownership: the pool owns backend state; this listener is the only writer of its nftables objects.
-Snapshots arrive on the event loop; a single writer task takes the latest one (a burst of changes
-collapses into one transaction: only the newest state matters) and runs the transaction in a
-worker thread, so a 4093-slot rewrite (tens of milliseconds in libnftables) never stalls the loop.
+Nothing here blocks the event loop (all of it runs on the loop that serves the proxy listeners,
+the admin API and the health checks):
 
-Shutdown order (the runtime's): `stop_accepting` removes the DNAT rules (new flows are refused by
-the guard chain, established ones keep their NAT in conntrack); `wait_drained` waits for the
-listener's live conntrack entries to end; `close_all` deletes the rest; either then removes the
-listener's objects, and the last listener removes the table.
+- transactions run in a worker thread, queued in order by `KernelTable.run`; snapshots arrive on
+  the loop and a single writer task takes the latest one (a burst of changes collapses into one
+  transaction: only the newest state matters);
+- the conntrack tool runs as an asyncio subprocess;
+- counters are read by a background task every `REFRESH_SECONDS` (a netlink dump and /proc, in a
+  worker thread); `statistics()` builds a snapshot from the latest reading without any I/O.
+
+Ownership: the pool owns backend state; this listener is the only writer of its nftables objects;
+`_state` (what the kernel holds) is written only by the programming thread, under the table's
+order, and read by the loop as one immutable value.
+
+Shutdown order (the runtime's): `stop_accepting` makes the guard refuse new flows while
+established ones go on; `wait_drained` waits for them to end (conntrack: no live entry left;
+stateless TCP: no packet for `DRAIN_QUIET_SECONDS`), cuts what is left at the deadline, and
+removes the listener's objects (the last listener removes the table); `close_all` then only
+reports how many flows were cut.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 
 from pointsman.config.model import ListenerConfig
 from pointsman.kernel import conntrack
-from pointsman.kernel.netlink import read_counters
-from pointsman.kernel.nft import KernelTable, NftError, shared_table
-from pointsman.kernel.plan import (
-    KernelConfigError,
-    ListenerSpec,
-    Target,
-    slot_diff,
-    slot_targets,
-    spec_for,
-    target_of,
-)
+from pointsman.kernel.netlink import CounterValue, read_counters
+from pointsman.kernel.nft import KernelTable, Nft, NftError, shared_table
+from pointsman.kernel.plan import KernelConfigError, ListenerSpec, Target, spec_for, target_of
+from pointsman.kernel.program import Programmed, Transaction, apply, plan
 from pointsman.kernel.ruleset import (
     BACKEND_COUNTER_KINDS,
     TABLE,
-    JsonCommand,
     Names,
-    add_backend_commands,
-    listener_text,
-    remove_backend_commands,
     remove_listener_text,
-    replace_slots_commands,
-    slot_commands,
-    stop_dnat_text,
+    stop_new_flows_text,
 )
-from pointsman.kernel.stats import KernelListenerStats, MapUpdates
+from pointsman.kernel.stats import (
+    EMPTY_READING,
+    REFRESH_SECONDS,
+    KernelListenerStats,
+    KernelReading,
+    MapUpdates,
+)
 from pointsman.pool.pool import Pool
 from pointsman.pool.snapshot import PoolSnapshot
 from pointsman.telemetry.flow import EndReason
@@ -61,9 +67,24 @@ log = logging.getLogger("pointsman.kernel")
 RETRY_SECONDS = 1.0
 """After a failed transaction, program the latest snapshot again this much later."""
 
+PLAN_ON_LOOP_SLOTS = 8191
+"""Slot tables up to this size are planned on the loop, larger ones in the table's thread (see
+`KernelListener._programming`). 8191 slots plan in about 25 ms on the 2-core test VM."""
+
 DRAIN_POLL_SECONDS = 0.25
-"""How often `wait_drained` lists the listener's conntrack entries (the kernel has no event we
-could wait on without a ctnetlink event socket)."""
+"""How often `wait_drained` looks at the listener's flows (conntrack entries, or counters when
+stateless): the kernel has no event we could wait on without a ctnetlink event socket."""
+
+DRAIN_QUIET_SECONDS = 1.0
+"""Stateless TCP: the listener counts as drained once no packet crossed it for this long. The
+kernel keeps no record of stateless flows, so silence is the only sign that they ended; an idle
+connection still open then is cut with the rules."""
+
+
+def read_kernel() -> KernelReading:
+    """Every counter of our table and the conntrack table's use (blocking: a worker thread's job)."""
+    counters = read_counters(TABLE)
+    return KernelReading(MappingProxyType(counters), conntrack.usage(), time.monotonic())
 
 
 class KernelListener:
@@ -82,46 +103,48 @@ class KernelListener:
         self.loop = loop
         self.spec: ListenerSpec = spec_for(config, pool.config)
         self.accepting = False
-        self.connections: dict[str, object] = {}  # the kernel holds them (conntrack)
+        self.connections: dict[str, object] = {}  # the kernel holds them (conntrack or none)
         self.updates = MapUpdates()
         self._table = table if table is not None else shared_table()
         self._names = Names(config.name)
         self._acquired = False
         self._stopped = False
-        # What the kernel holds: the slot map (None: unknown, replace it whole next time) and the
-        # per-backend counter index of each backend address. Written only by the writer.
-        self._slots: list[Target | None] | None = None
-        self._counter_index: dict[Target, int] = {}
-        self._next_index = 0
-        self._slot_counts: Counter[Target] = Counter()
+        self._state = Programmed()
+        self._reading = EMPTY_READING
         self._pending: PoolSnapshot | None = None
         self._pending_since = 0.0
-        self._restructure = False
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._watched: list[Pool] = []
         self._cuts: set[asyncio.Task[None]] = set()
+        self._cut = 0  # flows cut at the drain deadline, reported by close_all
 
     # --- start ---------------------------------------------------------------------------------------
 
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
         """Write the listener's rules and slot map (no socket: `sock` and `reuse_port` are unused)."""
         del sock, reuse_port
-        self._table.acquire(self.name)
+        await self._table.acquire(self.name, self)
         self._acquired = True
         self._warn_if_not_forwarding()
         snapshot = self.pool.snapshot
         try:
-            await asyncio.to_thread(self._program, snapshot, True)
+            done = await self._table.run(self._programming(self.spec, snapshot))
         except NftError as exc:
-            self._release()
+            await self._release()
             raise KernelConfigError(self.name, [f"nftables refused the listener's rules: {exc}"]) from exc
         except BaseException:
-            self._release()
+            await self._release()
             raise
+        self._record(done)
+        await self._refresh()
         self._watch(self.pool)
         self._writer = self.loop.create_task(self._write_loop(), name=f"kernel-writer:{self.name}")
+        self._reader = self.loop.create_task(self._read_loop(), name=f"kernel-reader:{self.name}")
         if self.pool.snapshot is not snapshot:  # published while we wrote the first one
             self._on_snapshot(self.pool, self.pool.snapshot)
         self.accepting = True
@@ -130,7 +153,7 @@ class KernelListener:
         path = (Path("/proc/sys/net/ipv6/conf/all/forwarding") if self.spec.family == "ip6"
                 else Path("/proc/sys/net/ipv4/ip_forward"))
         try:
-            enabled = path.read_text().strip() != "0"
+            enabled = path.read_text().strip() != "0"  # a /proc read: microseconds, once
         except OSError:
             return
         if not enabled:
@@ -158,106 +181,115 @@ class KernelListener:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            snapshot, since, restructure = self._pending, self._pending_since, self._restructure
+            snapshot, since = self._pending, self._pending_since
             self._pending = None
-            self._restructure = False
             if snapshot is None:
                 continue
             try:
-                await asyncio.to_thread(self._program, snapshot, restructure)
+                done = await self._table.run(self._programming(self.spec, snapshot))
             except NftError as exc:
-                self._failed(snapshot, since, restructure, str(exc))
+                self._failed(snapshot, since, str(exc))
                 continue
             except Exception as exc:  # a bug must not end the only writer: log it, count it, retry
                 log.exception("kernel listener %s: programming failed", self.name)
-                self._failed(snapshot, since, restructure, repr(exc))
+                self._failed(snapshot, since, repr(exc))
                 continue
-            self.updates.latency.observe(time.perf_counter() - since)
+            if self._record(done):
+                self.updates.latency.observe(time.perf_counter() - since)
 
-    def _failed(self, snapshot: PoolSnapshot, since: float, restructure: bool, error: str) -> None:
+    def _programming(self, spec: ListenerSpec,
+                     snapshot: PoolSnapshot) -> Callable[[Nft], Transaction | None]:
+        """The work that brings the kernel to `snapshot`, for the table's thread.
+
+        Planning (the Maglev table, the diff, the commands) is Python CPU work; where it runs is a
+        choice measured in docs/kernel.md: a small table is planned here on the loop (4093 slots:
+        about 10-20 ms), since a thread doing pure-Python work holds the GIL and the loop waits a
+        switch interval (5 ms) every time it gives the GIL up; a larger one is planned in the
+        thread, where the loop at least keeps half the GIL instead of stalling for the whole
+        build. The transaction itself is C (libnftables through ctypes, which releases the GIL).
+        """
+        if spec.slots <= PLAN_ON_LOOP_SLOTS:
+            ready = plan(self._state, spec, snapshot.backends)  # the writer's turn: state is current
+            return functools.partial(self._program, None, ready)
+        return functools.partial(self._program, (spec, snapshot), None)
+
+    def _program(self, todo: tuple[ListenerSpec, PoolSnapshot] | None, ready: Transaction | None,
+                 nft: Nft) -> Transaction | None:
+        """Plan (unless `ready`) and commit (a worker thread, in the table's order; the only
+        writer of `_state`). None if the listener stopped meanwhile: nothing is written then."""
+        if self._stopped:
+            return None
+        if ready is None:
+            assert todo is not None
+            ready = plan(self._state, todo[0], todo[1].backends)
+        apply(nft, ready, self.name)
+        self._state = ready.after
+        return ready
+
+    def _record(self, done: Transaction | None) -> bool:
+        if done is None:
+            return False
+        self.updates.applied += 1
+        self.updates.elements = done.elements
+        self.updates.slots_changed += done.slots_changed
+        return True
+
+    def _failed(self, snapshot: PoolSnapshot, since: float, error: str) -> None:
         self.updates.failed += 1
         log.error("kernel listener %s: programming pool %s v%d failed (retrying in %.0fs): %s",
                   self.name, snapshot.name, snapshot.version, RETRY_SECONDS, error)
-        self._retry_later(snapshot, since, restructure)
+        self._retry_later(snapshot, since)
 
-    def _retry_later(self, snapshot: PoolSnapshot, since: float, restructure: bool) -> None:
+    def _retry_later(self, snapshot: PoolSnapshot, since: float) -> None:
         def retry() -> None:
             self._retry = None
             if self._pending is None and not self._stopped:
                 self._pending, self._pending_since = snapshot, since
-            self._restructure = self._restructure or restructure
             self._wake.set()
 
         if self._retry is not None:
             self._retry.cancel()
         self._retry = self.loop.call_later(RETRY_SECONDS, retry)
 
-    def _program(self, snapshot: PoolSnapshot, restructure: bool) -> None:
-        """Bring the kernel to `snapshot` (runs in a worker thread; the only writer)."""
-        spec = self.spec
-        targets = slot_targets(spec.algorithm, snapshot.backends, spec.slots)
-        wanted = {target_of(b) for b in snapshot.backends}
-        index = dict(self._counter_index)
-        joining: list[JsonCommand] = []
-        for target in sorted(wanted - index.keys()):
-            index[target] = self._next_index
-            joining += add_backend_commands(self.name, self._next_index, target)
-            self._next_index += 1
-        leaving: list[JsonCommand] = []
-        for target in sorted(index.keys() - wanted):
-            leaving += remove_backend_commands(self.name, index.pop(target), target)
-        with self._table.transaction() as nft:
-            if self._stopped:
-                return
-            if restructure or self._slots is None or len(self._slots) != len(targets):
-                nft.text(listener_text(spec, targets))
-                nft.json(joining + leaving)
-                changed = len(targets)
-            else:
-                diff = slot_diff(self._slots, targets)
-                try:
-                    nft.json(joining + slot_commands(self.name, diff) + leaving)
-                except NftError as exc:
-                    # Someone else touched our map, or an earlier failure left it unknown.
-                    log.warning("kernel listener %s: slot diff refused (%s); replacing the map",
-                                self.name, exc)
-                    nft.json(replace_slots_commands(self.name, targets))
-                    nft.json(joining + leaving)
-                changed = len(diff)
-        self._slots = targets
-        self._counter_index = index
-        self._slot_counts = Counter(t for t in targets if t is not None)
-        self.updates.applied += 1
-        self.updates.elements = changed
-
     # --- reading -------------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        try:
+            self._reading = await self._table.read(read_kernel)
+        except OSError as exc:  # keep the last reading: its `age` shows that it is getting old
+            log.warning("kernel listener %s: reading counters failed: %s", self.name, exc)
+
+    def statistics(self) -> KernelListenerStats:
+        """The counters as of the last reading (at most about `REFRESH_SECONDS` old), this
+        listener's map updates as of now. No I/O: safe to call from a scrape on the loop."""
+        state, reading = self._state, self._reading
+        ids = {target_of(b): b.id for b in self.pool.snapshot.backends}
+        counts = state.slot_counts
+        backends = {target: (ids.get(target, f"{target[0]}:{target[1]}"), index, counts.get(target, 0))
+                    for target, index in state.counter_index.items()}
+        age = time.monotonic() - reading.at if reading.at else 0.0
+        return KernelListenerStats.read(self.name, reading.counters, backends, self.spec.slots,
+                                        self.updates.copy(), reading.conntrack, self.spec.nat, age)
 
     @property
     def stats(self) -> KernelListenerStats:
-        """A fresh reading of the kernel's counters (see `pointsman.kernel.stats`)."""
-        ids = {target_of(b): b.id for b in self.pool.snapshot.backends}
-        counts = self._slot_counts
-        backends = {target: (ids.get(target, f"{target[0]}:{target[1]}"), index, counts[target])
-                    for target, index in self._counter_index.items()}
-        try:
-            counters = read_counters(TABLE) if self._acquired else {}
-        except OSError as exc:
-            log.warning("kernel listener %s: reading counters failed: %s", self.name, exc)
-            counters = {}
-        return KernelListenerStats.read(self.name, counters, backends, self.spec.slots,
-                                        self.updates.copy(), conntrack.usage())
-
-    def statistics(self) -> KernelListenerStats:
-        return self.stats
+        """`statistics()`, under the name the proxy listeners' stats objects have."""
+        return self.statistics()
 
     def backend_counter_names(self) -> list[str]:
         return [self._names.backend_counter(i, kind)
-                for i in self._counter_index.values() for kind in BACKEND_COUNTER_KINDS]
+                for i in self._state.counter_index.values() for kind in BACKEND_COUNTER_KINDS]
 
     # --- reload --------------------------------------------------------------------------------------
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
-        """Reload: new slots, hash key, SNAT or pool; the counters and established flows stay."""
+        """Reload: new slots, hash key, SNAT, NAT mode or pool; counters stay, and so do flows
+        whose slot keeps its backend (conntrack flows keep theirs in any case)."""
         if config.dataplane != "kernel":
             log.error("kernel listener %s: switching the data plane needs a restart; the kernel "
                       "rules stay", self.name)
@@ -270,15 +302,14 @@ class KernelListener:
         self.config = config
         self.pool = pool
         self._watch(pool)
-        if spec != self.spec:
-            self.spec = spec
-            self._restructure = True
+        self.spec = spec  # the writer restructures when it differs from what the kernel holds
         self._on_snapshot(pool, pool.snapshot)
 
     # --- stop ----------------------------------------------------------------------------------------
 
     def stop_accepting(self) -> None:
-        """No new flows (the guard refuses them); established flows keep going."""
+        """No new flows (the guard refuses them); established flows keep going. The rule change
+        is a transaction like any other: `wait_drained` waits for it."""
         if self._stopped:
             return
         self.accepting = False
@@ -288,63 +319,134 @@ class KernelListener:
             self._retry = None
         if self._writer is not None:
             self._writer.cancel()
-        if not self._acquired:
-            return
+        if self._acquired:
+            self._stopping = self.loop.create_task(self._stop_new_flows(),
+                                                   name=f"kernel-stop:{self.name}")
+
+    async def _stop_new_flows(self) -> None:
+        def work(nft: Nft) -> None:
+            spec = self._state.spec  # in the table's order: the last transaction is done
+            if spec is not None:
+                nft.text(stop_new_flows_text(spec))
+
         try:
-            with self._table.transaction() as nft:
-                nft.text(stop_dnat_text(self.name))
+            await self._table.run(work)
         except NftError as exc:
-            log.error("kernel listener %s: removing the DNAT rules failed: %s", self.name, exc)
+            log.error("kernel listener %s: refusing new flows failed: %s", self.name, exc)
 
     async def wait_drained(self, timeout: float) -> bool:
-        """Wait (at most `timeout` s) until no live conntrack entry is left; True if none is.
+        """Wait (at most `timeout` s) until the listener's flows have ended; True if they have.
 
-        Either way the listener's objects are removed afterwards unless flows remain, in which
-        case `close_all` (which the runtime calls next) cuts them and removes the objects.
+        Either way the listener's objects are removed before this returns; at the deadline the
+        flows still open are cut first (conntrack entries deleted; stateless flows end with the
+        rules), and `close_all` reports how many.
         """
-        if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
+        deadline = self.loop.time() + timeout
+        for task in (self._writer, self._stopping):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
         if not self._acquired:
             return True
-        deadline = self.loop.time() + timeout
         try:
-            while True:  # bounded: the deadline ends it
-                try:
-                    live = await conntrack.live_flows(self.spec)
-                except (OSError, TimeoutError) as exc:
-                    log.warning("kernel listener %s: cannot list conntrack entries (%s); not "
-                                "waiting for flows to end", self.name, exc)
-                    live = 0
-                if live == 0:
-                    self._release()
-                    return True
-                remaining = deadline - self.loop.time()
-                if remaining <= 0:
-                    return False
-                await asyncio.sleep(min(DRAIN_POLL_SECONDS, remaining))
+            drained = await self._wait_flows(deadline)
+            if not drained:
+                self._cut += await self._cut_all()
         except asyncio.CancelledError:
-            self._release()  # the flows keep their NAT in conntrack; only our objects go
+            self._close_soon(cut=False)  # the objects go; conntrack flows keep their NAT
             raise
+        await self._release()
+        return drained
+
+    async def _wait_flows(self, deadline: float) -> bool:
+        spec = self._state.spec or self.spec
+        if spec.stateless and spec.protocol == "udp":
+            return True  # stop_accepting ended them: nothing tells a UDP flow from a new one
+        last: tuple[int, int] | None = None
+        quiet_since = self.loop.time()
+        while True:  # bounded: the deadline ends it
+            if spec.stateless:
+                moved = await self._packets()
+                now = self.loop.time()
+                if moved != last:
+                    last, quiet_since = moved, now
+                elif now - quiet_since >= DRAIN_QUIET_SECONDS:
+                    return True
+            elif await self._live_flows(spec) == 0:
+                return True
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(DRAIN_POLL_SECONDS, remaining))
+
+    async def _live_flows(self, spec: ListenerSpec) -> int:
+        try:
+            return await conntrack.live_flows(spec)
+        except (OSError, TimeoutError) as exc:
+            log.warning("kernel listener %s: cannot list conntrack entries (%s); not waiting for "
+                        "flows to end", self.name, exc)
+            return 0
+
+    async def _packets(self) -> tuple[int, int]:
+        """The listener's forwarded packets in and out, read now (a worker thread)."""
+        try:
+            counters = await self._table.read(functools.partial(read_counters, TABLE))
+        except OSError:
+            return (-1, -1)
+        zero = CounterValue(0, 0)
+        return (counters.get(self._names.counter("in"), zero).packets,
+                counters.get(self._names.counter("out"), zero).packets)
+
+    async def _cut_all(self) -> int:
+        spec = self._state.spec or self.spec
+        if spec.stateless:
+            return 0  # no record of its flows: they end when the rules go
+        try:
+            return await conntrack.delete_flows(spec)
+        except (OSError, TimeoutError) as exc:
+            log.error("kernel listener %s: cutting its flows failed: %s", self.name, exc)
+            return 0
 
     def close_all(self, reason: EndReason) -> int:
-        """Cut every flow of the listener (delete its conntrack entries); returns how many."""
+        """Flows cut at the drain deadline (`wait_drained` cut them without blocking the loop).
+
+        Called without a drain first, the cut and the removal of the objects happen in the
+        background; this returns 0 and `wait_closed` waits for them.
+        """
         del reason
-        cut = conntrack.delete_flows_now(self.spec) if self._acquired else 0
-        self._release()
+        cut, self._cut = self._cut, 0
+        if self._acquired:
+            self._close_soon(cut=True)
         return cut
+
+    def _close_soon(self, cut: bool) -> None:
+        if self._closing is None:
+            self._closing = self.loop.create_task(self._close(cut), name=f"kernel-close:{self.name}")
+
+    async def _close(self, cut: bool) -> None:
+        if cut:
+            count = await self._cut_all()
+            if count:
+                log.warning("kernel listener %s: cut %d flows", self.name, count)
+        await self._release()
+
+    async def wait_closed(self) -> None:
+        """Wait until a background close (`close_all` without a drain) is done."""
+        if self._closing is not None:
+            await asyncio.gather(self._closing, return_exceptions=True)
 
     def close_backend(self, backend_id: str, reason: EndReason) -> int:
         """Cut the flows to one backend (on_down: close_sessions). The conntrack tool runs in the
-        background; the count is logged when it is done, so this returns 0."""
+        background; the count is logged when it is done, so this returns 0. Stateless: nothing to
+        do, the slot map change already sent the backend's flows elsewhere (reset there)."""
         target = next((target_of(b) for b in self.pool.snapshot.backends if b.id == backend_id), None)
-        if target is None or not self._acquired:
+        if target is None or not self._acquired or self.spec.stateless:
             return 0
-        task = self.loop.create_task(self._cut(target, backend_id, reason))
+        task = self.loop.create_task(self._cut_backend(target, backend_id, reason))
         self._cuts.add(task)
         task.add_done_callback(self._cuts.discard)
         return 0
 
-    async def _cut(self, target: Target, backend_id: str, reason: EndReason) -> None:
+    async def _cut_backend(self, target: Target, backend_id: str, reason: EndReason) -> None:
         try:
             count = await conntrack.delete_flows(self.spec, target)
         except (OSError, TimeoutError) as exc:
@@ -352,11 +454,18 @@ class KernelListener:
             return
         log.info("kernel listener %s: cut %d flows to %s (%s)", self.name, count, backend_id, reason.value)
 
-    def _release(self) -> None:
-        for task in self._cuts:
+    async def _release(self) -> None:
+        """Stop the tasks, take a last reading, remove the listener's objects."""
+        self._stopped = True
+        self.accepting = False
+        tasks = [t for t in (self._writer, self._reader, *self._cuts) if t is not None]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if not self._acquired:
             return
         self._acquired = False
-        self._stopped = True
-        self._table.release(self.name, remove_listener_text(self.name, self.backend_counter_names()))
+        await self._refresh()  # the final counts stay readable after the objects are gone
+        spec = self._state.spec or self.spec
+        await self._table.release(self.name, self,
+                                  remove_listener_text(spec, self.backend_counter_names()))

@@ -6,22 +6,27 @@ for this one import and removes it again: nothing else can be picked up from the
 
 `KernelTable` owns `inet pointsman` for this process: the first listener to start deletes a table
 left behind by a process that died without cleaning up, the last to stop deletes the table, and an
-atexit hook deletes it if the process exits with listeners still registered. Transactions run one
-at a time (a lock), from the event loop or from a worker thread.
+atexit hook deletes it if the process exits with listeners still registered.
+
+Nothing here blocks the event loop: a transaction (a 4093-slot rewrite takes tens of milliseconds
+in libnftables) runs in a worker thread, and an asyncio lock queues transactions in the order the
+loop asked for them. A threading lock guards the libnftables context itself, which the worker
+threads and the exit hook share.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
-import contextlib
 import importlib
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from pointsman.kernel.ruleset import TABLE_REF, JsonCommand
 
@@ -31,6 +36,8 @@ BINDING_DIR = Path("/usr/lib/python3/dist-packages")
 """Where Debian installs python3-nftables (the package directory is `nftables/` under it)."""
 
 CAP_NET_ADMIN = 12
+
+T = TypeVar("T")
 
 
 class KernelUnavailable(RuntimeError):
@@ -117,17 +124,67 @@ class KernelTable:
     def __init__(self, nft_factory: type[Nft] = Nft) -> None:
         self._factory = nft_factory
         self._nft: Nft | None = None
-        self._lock = threading.Lock()
-        self._owners: set[str] = set()
+        # The context is used by one thread at a time (libnftables contexts are not thread-safe).
+        # Only worker threads and the exit hook take it, so the event loop never waits on it.
+        self._thread_lock = threading.Lock()
+        # Orders transactions on the loop: a writer holds it until its thread is done, so the
+        # kernel sees transactions in the order the loop asked for them.
+        self._order: asyncio.Lock | None = None
+        self._order_loop: asyncio.AbstractEventLoop | None = None
+        # Own threads, started once: the loop's default executor starts a thread on demand, and
+        # Thread.start() waits until the OS has run it (milliseconds to tens of milliseconds on a
+        # loaded machine), inside whichever callback asked. Transactions run one at a time anyway;
+        # counter reads get their own thread so a long transaction never delays a reading.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pointsman-nft")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pointsman-kernel-read")
+        # Listener name -> the listener object that owns its objects now. A listener retired by a
+        # reload can still be draining when a new one of the same name (new VIP) has started: the
+        # objects are the new one's then, and the old one's release must leave them alone.
+        self._owners: dict[str, object] = {}
         self._atexit = False
 
     @property
     def owners(self) -> frozenset[str]:
         return frozenset(self._owners)
 
-    def acquire(self, listener: str) -> None:
-        """Register a listener; the first one checks the kernel and clears a stale table."""
-        with self._lock:
+    def _ordering(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._order is None or self._order_loop is not loop:  # a lock belongs to one loop
+            self._order, self._order_loop = asyncio.Lock(), loop
+        return self._order
+
+    async def run(self, work: Callable[[Nft], T]) -> T:
+        """Run `work(nft)` in a worker thread, after every transaction asked for before it.
+
+        If the caller is cancelled while the thread runs, the lock is held until the thread is
+        done (a thread cannot be stopped), and the cancellation is passed on then.
+        """
+        async with self._ordering():
+            future = asyncio.get_running_loop().run_in_executor(self._writer, self._in_thread, work)
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                await asyncio.wait([future])
+                raise
+
+    async def read(self, work: Callable[[], T]) -> T:
+        """Run a read (a netlink counter dump) in the table's reading thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._reader, work)
+
+    def _in_thread(self, work: Callable[[Nft], T]) -> T:
+        with self._thread_lock:
+            return work(self._require())
+
+    async def acquire(self, listener: str, owner: object) -> None:
+        """Register `owner` as the listener of that name (replacing any earlier one); the first
+        listener checks the kernel and clears a stale table."""
+        async with self._ordering():
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._acquire, listener, owner)
+        # Start the reading thread now, not in the first scrape's refresh.
+        await asyncio.get_running_loop().run_in_executor(self._reader, lambda: None)
+
+    def _acquire(self, listener: str, owner: object) -> None:
+        with self._thread_lock:
             if self._nft is None:
                 check_privileges()
                 nft = self._factory()
@@ -141,20 +198,20 @@ class KernelTable:
             if not self._atexit:
                 atexit.register(self._at_exit)
                 self._atexit = True
-            self._owners.add(listener)
+            self._owners[listener] = owner
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[Nft]:
-        """Exclusive use of the context: check your own state inside, then write."""
-        with self._lock:
-            yield self._require()
+    async def release(self, listener: str, owner: object, removal: str) -> None:
+        """Remove a listener's objects; the last listener out removes the table. Nothing happens
+        unless `owner` still owns the name."""
+        async with self._ordering():
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._release, listener,
+                                                             owner, removal)
 
-    def release(self, listener: str, removal: str) -> None:
-        """Remove a listener's objects; the last listener out removes the table."""
-        with self._lock:
-            if listener not in self._owners:
+    def _release(self, listener: str, owner: object, removal: str) -> None:
+        with self._thread_lock:
+            if self._owners.get(listener) is not owner:
                 return
-            self._owners.discard(listener)
+            del self._owners[listener]
             nft = self._require()
             try:
                 if self._owners:
@@ -170,12 +227,13 @@ class KernelTable:
         return self._nft
 
     def _at_exit(self) -> None:
-        if self._owners and self._nft is not None:
-            try:
-                self._nft.text(f"delete table {TABLE_REF}\n")
-            except NftError as exc:
-                log.error("kernel: deleting the pointsman table at exit failed: %s", exc)
-            self._owners.clear()
+        with self._thread_lock:
+            if self._owners and self._nft is not None:
+                try:
+                    self._nft.text(f"delete table {TABLE_REF}\n")
+                except NftError as exc:
+                    log.error("kernel: deleting the pointsman table at exit failed: %s", exc)
+                self._owners.clear()
 
 
 _shared: KernelTable | None = None

@@ -18,6 +18,11 @@ How each algorithm maps onto the kernel's one lookup, `dnat to <index> map @slot
 least_connections and power_of_two need live load per pick and source_hash is rendezvous hashing
 over the backend list (no table): the kernel cannot do them, so such listeners are refused rather
 than silently served by something else.
+
+With `nat: stateless` no conntrack entry pins a flow, so every packet is sent where its slot
+points: the index must be a function of the flow (jhash of the source), never a counter, and only
+maglev qualifies. The slot table is the same in both modes, so a client lands on the same backend
+whichever mode serves it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ KERNEL_ALGORITHMS = ("maglev", "round_robin", "weighted_round_robin")
 
 Family = Literal["ip", "ip6"]
 Dispatch = Literal["jhash", "numgen"]
+Nat = Literal["conntrack", "stateless"]
 Target = tuple[str, int]
 """A backend address as the slot map holds it: (IP literal, port)."""
 
@@ -70,6 +76,11 @@ class ListenerSpec:
     hash_key: Literal["source_ip", "source_ip_port"]
     snat: bool
     seed: int = DEFAULT_SEED
+    nat: Nat = "conntrack"
+
+    @property
+    def stateless(self) -> bool:
+        return self.nat == "stateless"
 
 
 def family_of(address: str) -> Family:
@@ -104,6 +115,10 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
         issues.append("tls_routes read the ClientHello: they need the proxy data plane")
     if listener.proxy_protocol.accept != "off":
         issues.append("proxy_protocol.accept needs the proxy data plane")
+    if listener.kernel.nat == "stateless" and pool.algorithm != "maglev":
+        issues.append(f"pool {pool.name}: nat: stateless needs algorithm maglev ({pool.algorithm} "
+                      "counts new flows; with no conntrack entry to pin a flow, every packet would "
+                      "be counted to the next backend)")
     limits = listener.limits
     if (limits.max_connections_per_source is not None or limits.new_connections_per_second is not None
             or limits.new_connections_per_second_per_source is not None):
@@ -131,6 +146,7 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
         dispatch="jhash" if pool.algorithm == "maglev" else "numgen",
         hash_key=pool.hash_key,
         snat=listener.kernel.snat == "masquerade",
+        nat=listener.kernel.nat,
     )
 
 

@@ -1,24 +1,49 @@
 """The nftables text and JSON pointsman writes, as pure functions of a `ListenerSpec`.
 
 Everything lives in one table, `inet pointsman`; pointsman never reads or writes another. Each
-listener owns its objects, all named `l_<listener>_...`, so listeners come and go independently:
+listener owns its objects, all named `l_<listener>_...`, so listeners come and go independently.
+Both NAT modes share the counters, the per-backend counter maps and the local guard:
 
     counter l_web_new, l_web_rejected, l_web_in, l_web_out         per listener
     counter l_web_b<k>_new, _in, _out                               per backend (k: a stable index)
-    map     l_web_slots  { typeof numgen inc mod 2 : ip daddr . tcp dport }   slot -> backend
     map     l_web_bnew, l_web_bin, l_web_bout  { ipv4_addr . inet_service : counter }
+    chain   l_web_guard_local filter output      -90   local clients no slot took: reset / ICMP
+
+`nat: conntrack` (DNAT; the binding lives in each flow's conntrack entry):
+
+    map     l_web_slots  { typeof numgen inc mod 2 : ip daddr . tcp dport }   slot -> backend
     chain   l_web_dnat        nat    prerouting  -100  count new, DNAT through the slot map
+    chain   l_web_guard       filter prerouting  -90   no slot matched: reset / ICMP (only packets
+                                                       still addressed to the VIP reach it)
     chain   l_web_dnat_local  nat    output      -100  the same for clients on this host
-    chain   l_web_guard       filter prerouting  -90   no slot matched: reset / ICMP
-    chain   l_web_guard_local filter output      -90   (only un-NATed packets reach these)
     chain   l_web_snat        nat    postrouting 100   per-backend new flows; masquerade
     chain   l_web_fwd         filter forward     10    -> l_web_count: bytes both ways
 
 A NAT chain only sees a flow's first packet, so new-flow counters live there and byte counters
 live in the forward chain (after DNAT, before SNAT: the backend is `daddr` going in, `saddr`
-coming back). Structure is written as text (nft 1.0.6 cannot read its own JSON for `typeof` and
-concatenated maps); element changes are JSON. Each is one transaction, so the kernel never sees a
-half-written listener or slot map.
+coming back).
+
+`nat: stateless` (notrack; every packet rewritten, no state anywhere):
+
+    map     l_web_slot_addr  { typeof numgen inc mod 2 : ip daddr }   slot -> backend address
+    map     l_web_slot_port  { typeof numgen inc mod 2 : tcp dport }  slot -> backend port
+    set     l_web_backends   { ipv4_addr . inet_service }             replies come from these
+    chain   l_web_raw   filter prerouting  -300  notrack both ways; VIP packets -> l_web_sin
+    chain   l_web_sin   (regular)                rewrite the destination from the slot, count,
+                                             refuse what no slot took (the guard lives here:
+                                             one prerouting hook fewer for every packet)
+    chain   l_web_rev   filter postrouting  100  replies: count, rewrite the source to the VIP
+
+-300 is the raw priority: notrack must come before conntrack (-200) sees the packet. The two slot
+maps are indexed by the same jhash expression (computed twice, over the source, which the rewrite
+does not touch) and always change in the same transaction, so they act as one map of the slots the
+conntrack mode uses. Replies are rewritten after routing (postrouting): a VIP source before
+routing would fail the reverse-path and martian checks. Replies to addresses of this host (health
+checks) stay tracked. New-flow counts are TCP SYNs (retransmissions included); UDP has none.
+
+Structure is written as text (nft 1.0.6 cannot read its own JSON for `typeof` and concatenated
+maps); element changes are JSON. Each is one transaction, so the kernel never sees a half-written
+listener or slot map.
 """
 
 from __future__ import annotations
@@ -26,7 +51,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pointsman.kernel.plan import ListenerSpec, SlotDiff, Target
+from pointsman.kernel.plan import ListenerSpec, Nat, SlotDiff, Target
 
 TABLE = "pointsman"
 FAMILY = "inet"
@@ -34,17 +59,33 @@ TABLE_REF = f"{FAMILY} {TABLE}"
 
 JsonCommand = dict[str, Any]
 
-# Chains in deletion order: base chains (which jump) before the chain they jump to.
-_BASE_CHAINS = ("dnat", "dnat_local", "guard", "guard_local", "snat", "fwd")
-_CHAINS = (*_BASE_CHAINS, "count")
 _LISTENER_COUNTERS = ("new", "rejected", "in", "out")
 _BACKEND_MAPS = ("bnew", "bin", "bout")
 BACKEND_COUNTER_KINDS = ("new", "in", "out")
 
+PRIORITY_RAW = -300  # NF_IP_PRI_RAW: before conntrack (-200), where notrack must be
 PRIORITY_DSTNAT = -100  # NF_IP_PRI_NAT_DST, nft's `dstnat`
 PRIORITY_GUARD = -90  # after DNAT: only packets to the VIP that no slot took are still addressed to it
-PRIORITY_SRCNAT = 100  # NF_IP_PRI_NAT_SRC, nft's `srcnat`
+PRIORITY_SRCNAT = 100  # NF_IP_PRI_NAT_SRC, nft's `srcnat`; stateless replies are rewritten here too
 PRIORITY_COUNT = 10  # after the usual filter chains (0): count what they let through
+
+# Numeric priorities: nft 1.0.6 accepts names such as `dstnat` only on some hooks.
+_HOOKS = {
+    "dnat": f"type nat hook prerouting priority {PRIORITY_DSTNAT}",
+    "dnat_local": f"type nat hook output priority {PRIORITY_DSTNAT}",
+    "guard": f"type filter hook prerouting priority {PRIORITY_GUARD}",
+    "guard_local": f"type filter hook output priority {PRIORITY_GUARD}",
+    "snat": f"type nat hook postrouting priority {PRIORITY_SRCNAT}",
+    "fwd": f"type filter hook forward priority {PRIORITY_COUNT}",
+    "raw": f"type filter hook prerouting priority {PRIORITY_RAW}",
+    "rev": f"type filter hook postrouting priority {PRIORITY_SRCNAT}",
+}
+
+# Chains per mode in deletion order: base chains (which jump) before the chains they jump to.
+_CHAINS: dict[Nat, tuple[str, ...]] = {
+    "conntrack": ("dnat", "dnat_local", "guard", "guard_local", "snat", "fwd", "count"),
+    "stateless": ("raw", "guard_local", "rev", "sin"),
+}
 
 
 class Names:
@@ -68,11 +109,27 @@ class Names:
     def slots(self) -> str:
         return f"{self.prefix}_slots"
 
+    @property
+    def slot_addr(self) -> str:
+        return f"{self.prefix}_slot_addr"
+
+    @property
+    def slot_port(self) -> str:
+        return f"{self.prefix}_slot_port"
+
+    @property
+    def backends(self) -> str:
+        return f"{self.prefix}_backends"
+
     def backend_map(self, kind: str) -> str:
         return f"{self.prefix}_b{kind}"
 
     def owns(self, name: str) -> bool:
         return name.startswith(self.prefix + "_")
+
+    def mode_maps(self, nat: Nat) -> tuple[str, ...]:
+        """Maps and sets only one NAT mode uses (deleted when a reload switches modes)."""
+        return (self.slots,) if nat == "conntrack" else (self.slot_addr, self.slot_port, self.backends)
 
 
 def _addr_type(spec: ListenerSpec) -> str:
@@ -102,48 +159,28 @@ def _reject(spec: ListenerSpec) -> str:
     return "reject with tcp reset" if spec.protocol == "tcp" else "reject with icmpx port-unreachable"
 
 
+_SYN = "tcp flags & (syn | ack) == syn"
+"""A TCP packet opening a flow (SYN without ACK): the stateless mode's "new flow"."""
+
+
+def _refuse(spec: ListenerSpec, n: Names) -> str:
+    """The guard's rule: a packet still addressed to the VIP found no backend."""
+    return f"{_vip_match(spec)} counter name \"{n.counter('rejected')}\" {_reject(spec)}"
+
+
 def _target_text(target: Target) -> str:
     return f"{target[0]} . {target[1]}"
 
 
-def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = None) -> str:
-    """Create (or re-create the rules of) one listener, with its slot map's full contents.
-
-    Idempotent: `add` of an existing table, chain, map or counter is a no-op, chains are flushed
-    and refilled, so a reload that changes slots, hash key or SNAT keeps the counters.
-    """
-    n = Names(spec.name)
-    t = TABLE_REF
-    lines = [f"add table {t}"]
-    lines += [f"add counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
-    lines.append(f"add map {t} {n.slots} {{ typeof numgen inc mod 2 : "
-                 f"{spec.family} daddr . {spec.protocol} dport ; }}")
-    lines += [f"add map {t} {n.backend_map(kind)} {{ type {_addr_type(spec)} . inet_service : counter ; }}"
-              for kind in BACKEND_COUNTER_KINDS]
-    # Numeric priorities: nft 1.0.6 accepts names such as `dstnat` only on some hooks.
-    hooks = {
-        "dnat": f"type nat hook prerouting priority {PRIORITY_DSTNAT}",
-        "dnat_local": f"type nat hook output priority {PRIORITY_DSTNAT}",
-        "guard": f"type filter hook prerouting priority {PRIORITY_GUARD}",
-        "guard_local": f"type filter hook output priority {PRIORITY_GUARD}",
-        "snat": f"type nat hook postrouting priority {PRIORITY_SRCNAT}",
-        "fwd": f"type filter hook forward priority {PRIORITY_COUNT}",
-    }
-    for kind in _BASE_CHAINS:
-        lines.append(f"add chain {t} {n.chain(kind)} {{ {hooks[kind]} ; policy accept ; }}")
-    lines.append(f"add chain {t} {n.chain('count')}")
-    lines += [f"flush chain {t} {n.chain(kind)}" for kind in _CHAINS]
+def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
     dnat = (f"{_vip_match(spec)} counter name \"{n.counter('new')}\" "
             f"dnat {spec.family} addr . port to {_index_expr(spec)} map @{n.slots}")
-    guard = f"{_vip_match(spec)} counter name \"{n.counter('rejected')}\" {_reject(spec)}"
     ct = _ct_match(spec)
     proto = spec.protocol
     fam = spec.family
     rules = [
         ("dnat", dnat),
         ("dnat_local", dnat),
-        ("guard", guard),
-        ("guard_local", guard),
         # A flow to an address with no element here breaks this rule only: keep masquerade apart.
         ("snat", f"{ct} counter name {fam} daddr . {proto} dport map @{n.backend_map('new')}"),
     ]
@@ -158,35 +195,141 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
         ("count", f"ct direction reply counter name {fam} saddr . {proto} sport "
                   f"map @{n.backend_map('out')}"),
     ]
+    return rules
+
+
+def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
+    fam, proto = spec.family, spec.protocol
+    index = _index_expr(spec)
+    backend_in = f"{fam} daddr . {proto} dport"
+    backend_out = f"{fam} saddr . {proto} sport"
+    # `in` counts only what was rewritten: refused packets count in `rejected`.
+    rewrite = (f"{fam} daddr set {index} map @{n.slot_addr} "
+               f"{proto} dport set {index} map @{n.slot_port} "
+               f"counter name \"{n.counter('in')}\" counter name {backend_in} map @{n.backend_map('in')}")
+    rules = [
+        # goto: a packet to the VIP is done with this chain when l_web_sin is (no reply lookup).
+        ("raw", f"{_vip_match(spec)} notrack goto {n.chain('sin')}"),
+        ("raw", f"{backend_out} @{n.backends} fib daddr type != local notrack"),
+        # An empty slot fails the map lookups: nothing is rewritten and the guard refuses the packet.
+        ("sin", rewrite),
+    ]
+    if proto == "tcp":
+        # Every SYN counts as new; only a rewritten one finds its backend's counter.
+        rules.append(("sin", f"{_SYN} counter name \"{n.counter('new')}\" "
+                             f"counter name {backend_in} map @{n.backend_map('new')}"))
+    rules.append(("sin", _refuse(spec, n)))
+    # The counter-map lookup is also the match: it fails for any source that is not a backend.
+    rules.append(("rev", f"counter name {backend_out} map @{n.backend_map('out')} "
+                         f"counter name \"{n.counter('out')}\" "
+                         f"{fam} saddr set {spec.vip} {proto} sport set {spec.port}"))
+    return rules
+
+
+def _mode_maps_text(spec: ListenerSpec, n: Names) -> list[str]:
+    t = TABLE_REF
+    fam, proto = spec.family, spec.protocol
+    if spec.nat == "conntrack":
+        return [f"add map {t} {n.slots} {{ typeof numgen inc mod 2 : {fam} daddr . {proto} dport ; }}"]
+    return [f"add map {t} {n.slot_addr} {{ typeof numgen inc mod 2 : {fam} daddr ; }}",
+            f"add map {t} {n.slot_port} {{ typeof numgen inc mod 2 : {proto} dport ; }}",
+            f"add set {t} {n.backends} {{ type {_addr_type(spec)} . inet_service ; }}"]
+
+
+def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target | None]) -> list[str]:
+    t = TABLE_REF
+    filled = [(i, x) for i, x in enumerate(targets) if x is not None]
+    if spec.nat == "conntrack":
+        lines = [f"flush map {t} {n.slots}"]
+        if filled:
+            lines.append(f"add element {t} {n.slots} {{ "
+                         f"{', '.join(f'{i} : {_target_text(x)}' for i, x in filled)} }}")
+        return lines
+    lines = [f"flush map {t} {n.slot_addr}", f"flush map {t} {n.slot_port}"]
+    if filled:
+        lines.append(f"add element {t} {n.slot_addr} {{ {', '.join(f'{i} : {x[0]}' for i, x in filled)} }}")
+        lines.append(f"add element {t} {n.slot_port} {{ {', '.join(f'{i} : {x[1]}' for i, x in filled)} }}")
+    return lines
+
+
+def _remove_chains_lines(n: Names, chains: Iterable[str]) -> list[str]:
+    chains = list(chains)
+    return ([f"flush chain {TABLE_REF} {n.chain(kind)}" for kind in chains]
+            + [f"delete chain {TABLE_REF} {n.chain(kind)}" for kind in chains])
+
+
+def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = None,
+                  previous: Nat | None = None, backends: Iterable[Target] = ()) -> str:
+    """Create (or re-create the rules of) one listener, with its slot map's full contents.
+
+    Idempotent: `add` of an existing table, chain, map or counter is a no-op, chains are flushed
+    and refilled, so a reload that changes slots, hash key or SNAT keeps the counters. `previous`
+    is the NAT mode the kernel holds now: if it differs, that mode's own chains and maps go first.
+    `backends` (stateless) refills the reply set: the backends that already have counters
+    (`add_backend_commands` adds the ones joining).
+    """
+    n = Names(spec.name)
+    t = TABLE_REF
+    lines = [f"add table {t}"]
+    if previous is not None and previous != spec.nat:
+        lines += _remove_chains_lines(n, (c for c in _CHAINS[previous] if c not in _CHAINS[spec.nat]))
+        lines += [f"delete {'set' if name == n.backends else 'map'} {t} {name}"
+                  for name in n.mode_maps(previous)]
+    lines += [f"add counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
+    lines += _mode_maps_text(spec, n)
+    lines += [f"add map {t} {n.backend_map(kind)} {{ type {_addr_type(spec)} . inet_service : counter ; }}"
+              for kind in BACKEND_COUNTER_KINDS]
+    chains = _CHAINS[spec.nat]
+    for kind in chains:
+        hook = _HOOKS.get(kind)
+        lines.append(f"add chain {t} {n.chain(kind)}" + (f" {{ {hook} ; policy accept ; }}" if hook else ""))
+    lines += [f"flush chain {t} {n.chain(kind)}" for kind in chains]
+    rules = [("guard_local", _refuse(spec, n))]
+    if spec.nat == "conntrack":
+        rules.append(("guard", _refuse(spec, n)))
+    rules += _conntrack_rules(spec, n) if spec.nat == "conntrack" else _stateless_rules(spec, n)
     lines += [f"add rule {t} {n.chain(kind)} {rule}" for kind, rule in rules]
     if targets is not None:
-        lines.append(f"flush map {t} {n.slots}")
-        elements = [f"{i} : {_target_text(x)}" for i, x in enumerate(targets) if x is not None]
-        if elements:
-            lines.append(f"add element {t} {n.slots} {{ {', '.join(elements)} }}")
+        lines += _slot_elements_text(spec, n, targets)
+    if spec.nat == "stateless":
+        lines.append(f"flush set {t} {n.backends}")
+        members = sorted(set(backends))
+        if members:
+            lines.append(f"add element {t} {n.backends} {{ {', '.join(map(_target_text, members))} }}")
     return "\n".join(lines) + "\n"
 
 
-def remove_listener_text(listener: str, backend_counters: Iterable[str] = ()) -> str:
+def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = ()) -> str:
     """Delete one listener's objects in one transaction (rules first, then what they used).
 
-    Established flows keep working: their NAT lives in conntrack entries, not in these rules.
+    With conntrack, established flows keep working: their NAT lives in conntrack entries, not in
+    these rules. Stateless flows end here: nothing rewrites their packets any more.
     """
-    n = Names(listener)
+    n = Names(spec.name)
     t = TABLE_REF
-    lines = [f"flush chain {t} {n.chain(kind)}" for kind in _CHAINS]
-    lines += [f"delete chain {t} {n.chain(kind)}" for kind in _CHAINS]
-    lines.append(f"delete map {t} {n.slots}")
+    lines = _remove_chains_lines(n, _CHAINS[spec.nat])
+    lines += [f"delete {'set' if name == n.backends else 'map'} {t} {name}" for name in n.mode_maps(spec.nat)]
     lines += [f"delete map {t} {n.backend_map(kind)}" for kind in BACKEND_COUNTER_KINDS]
     lines += [f"delete counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
     lines += [f"delete counter {t} {name}" for name in backend_counters]
     return "\n".join(lines) + "\n"
 
 
-def stop_dnat_text(listener: str) -> str:
-    """Stop taking new flows (no DNAT: the guard now refuses them); counting continues."""
-    n = Names(listener)
-    return "".join(f"flush chain {TABLE_REF} {n.chain(kind)}\n" for kind in ("dnat", "dnat_local"))
+def stop_new_flows_text(spec: ListenerSpec) -> str:
+    """Stop taking new flows (the guard refuses them); established flows and counting go on.
+
+    conntrack: no DNAT rule, so new flows stay addressed to the VIP (established ones have their
+    NAT in conntrack) and the guard refuses them. stateless TCP: SYNs are refused before the
+    rewrite. Stateless UDP has no way to tell a new flow: everything is refused.
+    """
+    n = Names(spec.name)
+    t = TABLE_REF
+    if spec.nat == "conntrack":
+        return "".join(f"flush chain {t} {n.chain(kind)}\n" for kind in ("dnat", "dnat_local"))
+    sin = n.chain("sin")
+    if spec.protocol == "tcp":
+        return f"insert rule {t} {sin} {_SYN} counter name \"{n.counter('rejected')}\" {_reject(spec)}\n"
+    return f"flush chain {t} {sin}\nadd rule {t} {sin} {_refuse(spec, n)}\n"
 
 
 # --- JSON: elements and counters ---------------------------------------------------------------------
@@ -200,47 +343,60 @@ def _concat(target: Target) -> dict[str, list[str | int]]:
     return {"concat": [target[0], target[1]]}
 
 
-def slot_commands(listener: str, diff: SlotDiff) -> list[JsonCommand]:
+def slot_commands(spec: ListenerSpec, diff: SlotDiff) -> list[JsonCommand]:
     """Apply a slot diff: deletes, then adds (a changed slot is in both)."""
-    n = Names(listener)
+    n = Names(spec.name)
     commands: list[JsonCommand] = []
-    if diff.delete:
-        commands.append({"delete": {"element": {**_ref(n.slots), "elem": list(diff.delete)}}})
+    if spec.nat == "conntrack":
+        if diff.delete:
+            commands.append({"delete": {"element": {**_ref(n.slots), "elem": list(diff.delete)}}})
+        if diff.add:
+            elem = [[i, _concat(target)] for i, target in diff.add]
+            commands.append({"add": {"element": {**_ref(n.slots), "elem": elem}}})
+        return commands
+    for name in (n.slot_addr, n.slot_port):
+        if diff.delete:
+            commands.append({"delete": {"element": {**_ref(name), "elem": list(diff.delete)}}})
     if diff.add:
-        elem = [[i, _concat(target)] for i, target in diff.add]
-        commands.append({"add": {"element": {**_ref(n.slots), "elem": elem}}})
+        commands.append({"add": {"element": {**_ref(n.slot_addr),
+                                             "elem": [[i, target[0]] for i, target in diff.add]}}})
+        commands.append({"add": {"element": {**_ref(n.slot_port),
+                                             "elem": [[i, target[1]] for i, target in diff.add]}}})
     return commands
 
 
-def replace_slots_commands(listener: str, targets: Sequence[Target | None]) -> list[JsonCommand]:
+def replace_slots_commands(spec: ListenerSpec, targets: Sequence[Target | None]) -> list[JsonCommand]:
     """Replace the whole slot map (flush and fill): the fallback when a diff cannot apply."""
-    n = Names(listener)
-    commands: list[JsonCommand] = [{"flush": {"map": _ref(n.slots)}}]
-    elem = [[i, _concat(x)] for i, x in enumerate(targets) if x is not None]
-    if elem:
-        commands.append({"add": {"element": {**_ref(n.slots), "elem": elem}}})
-    return commands
+    n = Names(spec.name)
+    filled = tuple((i, x) for i, x in enumerate(targets) if x is not None)
+    names = (n.slots,) if spec.nat == "conntrack" else (n.slot_addr, n.slot_port)
+    commands: list[JsonCommand] = [{"flush": {"map": _ref(name)}} for name in names]
+    return commands + slot_commands(spec, SlotDiff((), filled))
 
 
-def add_backend_commands(listener: str, index: int, target: Target) -> list[JsonCommand]:
-    """Counters for a backend joining the listener, and their entries in the counter maps."""
-    n = Names(listener)
+def add_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list[JsonCommand]:
+    """Counters for a backend joining the listener, their entries in the counter maps, and (for
+    stateless) its address in the set that tells replies apart."""
+    n = Names(spec.name)
     commands: list[JsonCommand] = []
     for kind in BACKEND_COUNTER_KINDS:
         name = n.backend_counter(index, kind)
         commands.append({"add": {"counter": _ref(name)}})
         commands.append({"add": {"element": {**_ref(n.backend_map(kind)),
                                              "elem": [[_concat(target), name]]}}})
+    if spec.nat == "stateless":
+        commands.append({"add": {"element": {**_ref(n.backends), "elem": [_concat(target)]}}})
     return commands
 
 
-def remove_backend_commands(listener: str, index: int, target: Target) -> list[JsonCommand]:
-    """The reverse of `add_backend_commands`: map entries first, then the counters they name."""
-    n = Names(listener)
-    commands: list[JsonCommand] = [
-        {"delete": {"element": {**_ref(n.backend_map(kind)), "elem": [_concat(target)]}}}
-        for kind in BACKEND_COUNTER_KINDS
-    ]
+def remove_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list[JsonCommand]:
+    """The reverse of `add_backend_commands`: elements first, then the counters they name."""
+    n = Names(spec.name)
+    commands: list[JsonCommand] = []
+    if spec.nat == "stateless":
+        commands.append({"delete": {"element": {**_ref(n.backends), "elem": [_concat(target)]}}})
+    commands += [{"delete": {"element": {**_ref(n.backend_map(kind)), "elem": [_concat(target)]}}}
+                 for kind in BACKEND_COUNTER_KINDS]
     commands += [{"delete": {"counter": _ref(n.backend_counter(index, kind))}}
                  for kind in BACKEND_COUNTER_KINDS]
     return commands

@@ -1,9 +1,12 @@
-"""What the kernel listener reports: nftables counters and conntrack use, read when asked.
+"""What the kernel listener reports: nftables counters and conntrack use, and its own map updates.
 
-The counts belong to the kernel, so the listener keeps no copy of them: `KernelListenerStats` is a
-snapshot built at each read (a netlink dump, well under a millisecond) and can be thrown away or
-zeroed by anyone (the supervisor's aggregation resets listener stats) without losing anything.
-Only the map-update counters are pointsman's own; the snapshot carries copies.
+The counts belong to the kernel. A background task of the listener reads them (one netlink dump
+and two /proc files, in a worker thread) every `REFRESH_SECONDS` into a `KernelReading`; a
+scrape builds a `KernelListenerStats` from the latest reading (no I/O, microseconds), so counters
+can be up to about `REFRESH_SECONDS` old (`age` says by how much). A snapshot is a fresh object
+each time: it can be thrown away or zeroed by anyone (the supervisor's aggregation resets listener
+stats) without touching the reading. Only the map-update counters are pointsman's own; the
+snapshot carries copies, current at the time of the call.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from pointsman.kernel.conntrack import ConntrackUsage
 from pointsman.kernel.netlink import CounterValue
@@ -21,6 +25,21 @@ from pointsman.telemetry.histogram import Histogram
 
 _ZERO = CounterValue(0, 0)
 
+REFRESH_SECONDS = 1.0
+"""How often a kernel listener reads its counters: the most a scrape's figures lag the kernel's."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelReading:
+    """One read of the kernel's counters and conntrack use; `at` is time.monotonic() of the read."""
+
+    counters: Mapping[str, CounterValue]
+    conntrack: ConntrackUsage | None
+    at: float
+
+
+EMPTY_READING = KernelReading(MappingProxyType({}), None, 0.0)
+
 
 @dataclass(slots=True)
 class MapUpdates:
@@ -29,6 +48,9 @@ class MapUpdates:
     applied: int = 0
     failed: int = 0
     elements: int = 0  # element changes in the last transaction
+    # Slots that changed backend, summed over every update after the first fill. With nat:
+    # stateless these are the slots whose established flows moved (and were reset).
+    slots_changed: int = 0
     # Publication of a pool snapshot to its transaction committed in the kernel (queueing,
     # table computation and the transaction itself).
     latency: Histogram = field(default_factory=Histogram)
@@ -36,7 +58,7 @@ class MapUpdates:
     def copy(self) -> MapUpdates:
         latency = Histogram(self.latency.bounds)
         latency.merge(self.latency)
-        return MapUpdates(self.applied, self.failed, self.elements, latency)
+        return MapUpdates(self.applied, self.failed, self.elements, self.slots_changed, latency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,17 +76,21 @@ class KernelBackendStats:
 class KernelListenerStats:
     """One reading of a kernel listener's counters.
 
-    Bytes are IP packet lengths (headers included) seen in the forward hook, so flows of clients
-    on the load balancer host itself count new connections but no bytes.
+    Bytes are IP packet lengths (headers included): seen in the forward hook with conntrack (so
+    flows of clients on the load balancer host itself count new connections but no bytes), in
+    prerouting (in) and postrouting (out) when stateless, where new connections are TCP SYNs.
+    `age` is how old the kernel figures are (seconds since the reading; 0 if never read).
     """
 
     __slots__ = (
+        "age",
         "backends",
         "bytes_in",
         "bytes_out",
         "conntrack_entries",
         "conntrack_max",
         "map_updates",
+        "nat",
         "new_connections",
         "packets_in",
         "packets_out",
@@ -72,7 +98,10 @@ class KernelListenerStats:
         "slots",
     )
 
-    def __init__(self, slots: int, updates: MapUpdates, conntrack: ConntrackUsage | None) -> None:
+    def __init__(self, slots: int, updates: MapUpdates, conntrack: ConntrackUsage | None,
+                 nat: str = "conntrack", age: float = 0.0) -> None:
+        self.nat = nat
+        self.age = age
         self.slots = slots
         self.new_connections = 0  # first packets DNATed or refused (NAT chains see one per flow)
         self.rejected = 0  # refused: no backend in the slot
@@ -94,10 +123,12 @@ class KernelListenerStats:
         slots: int,
         updates: MapUpdates,
         conntrack: ConntrackUsage | None,
+        nat: str = "conntrack",
+        age: float = 0.0,
     ) -> KernelListenerStats:
         """Build from a counter dump; `backends` maps address -> (id, counter index, slots held)."""
         n = Names(listener)
-        stats = cls(slots, updates, conntrack)
+        stats = cls(slots, updates, conntrack, nat, age)
         stats.new_connections = counters.get(n.counter("new"), _ZERO).packets
         stats.rejected = counters.get(n.counter("rejected"), _ZERO).packets
         inbound = counters.get(n.counter("in"), _ZERO)
@@ -116,10 +147,11 @@ class KernelListenerStats:
 
     # The status document (admin/status.py) shows non-TCP listeners with the UDP listener's
     # fields; for the kernel, "sessions" are conntrack entries and the capacity is their bound.
+    # A stateless listener has no entries of its own: it shows none.
 
     @property
     def sessions(self) -> int:
-        return self.conntrack_entries
+        return self.conntrack_entries if self.nat == "conntrack" else 0
 
     @property
     def capacity(self) -> int:

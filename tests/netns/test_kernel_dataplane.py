@@ -1,10 +1,7 @@
-"""The kernel data plane end to end: pointsman programs nftables in an lb namespace, a client
-namespace connects to the VIP, backend namespaces answer with their name and the peer they saw.
-
-Topology (netns_support.lb_topology): client 10.99.1.2 (+ 10.99.1.100-147) -- lb -- b1 10.99.11.2,
-b2 10.99.12.2, b3 10.99.13.2; the VIP 10.99.100.1 is routed to the lb and is no local address.
-pointsman runs as `python -m pointsman run` inside the lb namespace, admin API on 127.0.0.1:9900
-there. Every test starts its own pointsman and checks it removed its table on exit.
+"""The kernel data plane (nat: conntrack) end to end: pointsman programs nftables in an lb
+namespace, a client namespace connects to the VIP, backend namespaces answer with their name and
+the peer they saw (topology and helpers: kernel_support.py). Every test starts its own pointsman
+and checks it removed its table on exit.
 """
 
 from __future__ import annotations
@@ -12,31 +9,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from pointsman.balance.base import Candidate
-from pointsman.balance.hashing import source_key
-from pointsman.balance.maglev import Maglev
-from pointsman.kernel.jhash import kernel_key_hash
-
+from .kernel_support import (
+    CONCURRENCY,
+    HEALTH_BOUND,
+    IO_TIMEOUT,
+    Stream,
+    admin,
+    backend_servers,
+    config,
+    http_get,
+    maglev_choice,
+    metrics,
+    metrics_when,
+    pointsman,
+    revive,
+    slot_map,
+)
 from .netns_support import (
-    HEALTH_PORT,
     HTTP_PORT,
     UDP_PORT,
     VIP,
     BackendServer,
     LbTopology,
-    PointsmanInNetns,
     lb_topology,
     nftables_unavailable_reason,
     wait_until,
@@ -44,16 +48,6 @@ from .netns_support import (
 
 _reason = nftables_unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
-
-ADMIN = ("127.0.0.1", 9900)
-IO_TIMEOUT = 10.0
-HEALTH_INTERVAL = 0.3
-HEALTH_FALL = 3  # three misses in a row: one slow probe on a busy VM must not take a backend out
-# A dead backend is seen after `fall` failed probes, each at most interval + timeout apart; the
-# rest is the map transaction and a loaded VM's scheduling.
-HEALTH_BOUND = HEALTH_FALL * (HEALTH_INTERVAL * 2) + 1.5
-CONCURRENCY = 8  # clients in flight in the churn test: enough to overlap every update, and
-# few enough to leave pointsman (2 cores shared with clients and backends) CPU to program the map
 
 
 @pytest.fixture(scope="module")
@@ -64,158 +58,9 @@ def topo() -> Iterator[LbTopology]:
 
 @pytest.fixture(scope="module")
 def servers(topo: LbTopology) -> Iterator[dict[str, BackendServer]]:
-    running = {name: BackendServer(ns, name) for ns, name in zip(topo.backends, topo.names, strict=True)}
-    yield running
-    for server in running.values():
-        server.kill()
+    with backend_servers(topo) as running:
+        yield running
 
-
-def revive(topo: LbTopology, servers: dict[str, BackendServer], name: str) -> None:
-    servers[name].kill()
-    servers[name] = BackendServer(topo.backends[topo.names.index(name)], name)
-
-
-def config(topo: LbTopology, *, algorithm: str = "maglev", hash_key: str = "source_ip_port",
-           protocol: str = "tcp", bind: str = f"{VIP}:80", slots: int = 4093, snat: str = "masquerade",
-           on_down: str = "keep_sessions", port: int = HTTP_PORT, grace: float = 1.0) -> str:
-    return yaml.safe_dump({
-        "listeners": [{"name": "web", "bind": bind, "protocol": protocol, "pool": "web",
-                       "dataplane": "kernel", "kernel": {"slots": slots, "snat": snat}}],
-        "pools": [{
-            "name": "web", "algorithm": algorithm, "hash_key": hash_key, "on_down": on_down,
-            "backends": [{"address": f"{topo.backend_ip(i)}:{port}", "name": name}
-                         for i, name in enumerate(topo.names)],
-            "health_check": {"type": "tcp", "port": HEALTH_PORT, "interval": HEALTH_INTERVAL,
-                             "timeout": HEALTH_INTERVAL, "rise": 1, "fall": HEALTH_FALL, "jitter": 0},
-        }],
-        "admin": {"bind": f"{ADMIN[0]}:{ADMIN[1]}"},
-        "shutdown_grace": grace,
-    })
-
-
-@contextlib.contextmanager
-def pointsman(topo: LbTopology, tmp_path: Path, text: str) -> Iterator[PointsmanInNetns]:
-    proc = PointsmanInNetns(topo.lb, text, tmp_path, listeners=1, admin=True)
-    try:
-        yield proc
-        code = proc.stop()
-        assert code == 0, f"pointsman exited with {code}:\n{proc.stderr()}"
-        tables = topo.lb.run("nft", "list", "tables")
-        assert "pointsman" not in tables, f"table left behind: {tables}"
-    finally:
-        proc.close()
-        topo.lb.run("nft", "delete", "table", "inet", "pointsman", check=False)
-        topo.lb.run("conntrack", "-F", check=False)
-
-
-# --- clients -----------------------------------------------------------------------------------------
-
-
-def http_get(topo: LbTopology, source: tuple[str, int] | None = None, path: str = "/") -> str:
-    """GET through the VIP from the client namespace; the body (backend name and peer seen)."""
-    with topo.client.socket() as sock:
-        sock.settimeout(IO_TIMEOUT)
-        if source is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(source)
-        sock.connect((VIP, 80))
-        sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200"), data[:200]
-    return body.decode()
-
-
-class Stream:
-    """A long paced download through the VIP (`/stream/<bytes>/<seconds>`)."""
-
-    def __init__(self, topo: LbTopology, total: int, seconds: float, source: tuple[str, int]) -> None:
-        self.total = total
-        self.sock = topo.client.socket()
-        self.sock.settimeout(IO_TIMEOUT)
-        self.sock.bind(source)
-        self.sock.connect((VIP, 80))
-        self.sock.sendall(f"GET /stream/{total}/{seconds} HTTP/1.0\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            assert chunk, "stream closed before its header"
-            head += chunk
-        header, _, self.body = head.partition(b"\r\n\r\n")
-        self.backend = re.search(rb"X-Backend: (\S+)", header).group(1).decode()  # type: ignore[union-attr]
-
-    def finish(self) -> int:
-        """Read to the end; the number of body bytes received."""
-        received = len(self.body)
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            while chunk := self.sock.recv(65536):
-                received += len(chunk)
-        self.sock.close()
-        return received
-
-
-def admin(topo: LbTopology, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
-    payload = json.dumps(body).encode() if body is not None else b""
-    with topo.lb.socket() as sock:
-        sock.settimeout(IO_TIMEOUT)
-        sock.connect(ADMIN)
-        sock.sendall(f"{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), rest.decode()
-
-
-_SAMPLE = re.compile(r'^(\w+)(?:\{(.*)\})? (\S+)$')
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
-
-
-class Metrics:
-    """The kernel families of one /metrics scrape."""
-
-    def __init__(self, text: str) -> None:
-        self.samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-        for line in text.splitlines():
-            match = _SAMPLE.match(line)
-            if match and match.group(1).startswith(("pointsman_kernel", "pointsman_conntrack")):
-                labels = frozenset(_LABEL.findall(match.group(2) or ""))
-                self.samples[(match.group(1), labels)] = float(match.group(3))
-
-    def __call__(self, name: str, **labels: str) -> float:
-        """The sample of `name` with these labels (listener and pool default to "web")."""
-        if not name.startswith("pointsman_conntrack"):
-            labels = {"listener": "web", "pool": "web", **labels}
-        return self.samples[(name, frozenset(labels.items()))]
-
-
-def metrics(topo: LbTopology) -> Metrics:
-    status, text = admin(topo, "GET", "/metrics")
-    assert status == 200
-    return Metrics(text)
-
-
-def slot_map(topo: LbTopology) -> list[str]:
-    """The backend addresses the kernel's slot map holds, one per filled slot."""
-    listing = json.loads(topo.lb.run("nft", "-j", "list", "map", "inet", "pointsman", "l_web_slots"))
-    elements = next(item["map"] for item in listing["nftables"] if "map" in item).get("elem", [])
-    return [element[1]["concat"][0] for element in elements]
-
-
-def maglev_choice(topo: LbTopology, slots: int, ip: str, port: int, hash_key: str,
-                  weights: tuple[float, ...] = (1.0, 1.0, 1.0)) -> str:
-    """What userspace Maglev picks with the kernel's hash: the kernel must pick the same."""
-    candidates = [Candidate(name, w) for name, w in zip(topo.names, weights, strict=True)]
-    maglev = Maglev(candidates, slots, home_weights=list(weights), key_hash=kernel_key_hash(slots))
-    index = maglev.pick(source_key(ip, port, hash_key))
-    assert index is not None
-    return topo.names[index]
-
-
-# --- tests -------------------------------------------------------------------------------------------
 
 
 def test_maglev_in_the_kernel_picks_what_userspace_picks(topo: LbTopology, servers: dict[str, BackendServer],
@@ -231,7 +76,8 @@ def test_maglev_in_the_kernel_picks_what_userspace_picks(topo: LbTopology, serve
                 assert peer == topo.lb_backend_side(topo.names.index(name))  # masquerade
                 seen[name] += 1
         assert set(seen) == set(topo.names), seen
-        found = metrics(topo)
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_new_connections_total") >= 96,
+                             "96 new connections counted")
     assert found("pointsman_kernel_new_connections_total") == 96
     for name in topo.names:
         assert found("pointsman_kernel_backend_new_connections_total", backend=name) == seen[name]
@@ -309,7 +155,9 @@ def test_no_backend_refuses_then_one_comes_back(topo: LbTopology, servers: dict[
         wait_until(lambda: not slot_map(topo), 2.0, what="an empty slot map")
         with pytest.raises(ConnectionRefusedError):  # the guard chain's TCP reset
             http_get(topo)
-        assert metrics(topo)("pointsman_kernel_connections_rejected_total", reason="no_backend") == 1
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_connections_rejected_total",
+                                                reason="no_backend") >= 1, "the refusal counted")
+        assert found("pointsman_kernel_connections_rejected_total", reason="no_backend") == 1
         assert admin(topo, "POST", "/api/v1/pools/web/backends/b2/enable")[0] == 200
         wait_until(lambda: len(slot_map(topo)) == 13, 2.0, what="b2 back in every slot")
         assert http_get(topo).split()[0] == "b2"
@@ -445,7 +293,9 @@ def test_udp_through_the_kernel_to_a_local_vip(topo: LbTopology, servers: dict[s
             assert peer == topo.lb_backend_side(topo.names.index(name))
             seen[name] += 1
         assert set(seen) == set(topo.names)
-        assert metrics(topo)("pointsman_kernel_new_connections_total") == 24
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_new_connections_total") >= 24,
+                             "24 new flows counted")
+        assert found("pointsman_kernel_new_connections_total") == 24
 
 
 def test_reload_changes_algorithm_and_slots_keeping_counters(
@@ -460,7 +310,9 @@ def test_reload_changes_algorithm_and_slots_keeping_counters(
         assert len(slot_map(topo)) == 7
         source = (topo.client_source(3), 51000)
         assert http_get(topo, source).split()[0] == maglev_choice(topo, 7, *source, "source_ip_port")
-        assert metrics(topo)("pointsman_kernel_new_connections_total") == 7
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_new_connections_total") >= 7,
+                             "7 new connections counted")
+        assert found("pointsman_kernel_new_connections_total") == 7
 
 
 def test_with_workers_only_the_control_process_programs_the_kernel(
@@ -472,7 +324,9 @@ def test_with_workers_only_the_control_process_programs_the_kernel(
         assert rules.count(" dnat ip to ") == 1
         source = (topo.client_source(7), 52000)
         assert http_get(topo, source).split()[0] == maglev_choice(topo, 13, *source, "source_ip_port")
-        assert metrics(topo)("pointsman_kernel_new_connections_total") == 1
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_new_connections_total") >= 1,
+                             "the connection counted")
+        assert found("pointsman_kernel_new_connections_total") == 1
         status, body = admin(topo, "GET", "/api/v1/status")
         assert status == 200
         (listener,) = json.loads(body)["listeners"]

@@ -7,6 +7,9 @@ here the question is which transactions the listener writes, and when.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +25,7 @@ from pointsman.kernel.plan import KernelConfigError
 from pointsman.pool.pool import Pool
 from pointsman.telemetry.flow import EndReason
 
-from .helpers import listener, pool
+from .helpers import listener, pool, scheduled_first
 
 
 class Recorder(Nft):
@@ -130,26 +133,53 @@ async def test_stop_accepting_removes_dnat_and_ignores_later_snapshots(
     kernel, backends = await started(table)
     kernel.stop_accepting()
     assert not kernel.accepting
-    assert texts()[-1] == ("flush chain inet pointsman l_web_dnat\n"
-                           "flush chain inet pointsman l_web_dnat_local\n")
-    before = len(Recorder.calls)
     backends.set_weight("b1", 5)
-    await asyncio.sleep(0.05)
-    assert len(Recorder.calls) == before
 
     async def no_flows(spec: object) -> int:
         return 0
 
     monkeypatch.setattr(conntrack, "live_flows", no_flows)
     assert await kernel.wait_drained(1.0)
-    assert texts()[-1] == "delete table inet pointsman\n"  # the last listener out
+    assert texts()[-2:] == ["flush chain inet pointsman l_web_dnat\n"
+                            "flush chain inet pointsman l_web_dnat_local\n",
+                            "delete table inet pointsman\n"]  # the last listener out
+    assert not jsons()[1:]  # the weight change after the stop was never written
+    assert kernel.close_all(EndReason.SHUTDOWN) == 0
 
 
-async def test_close_all_cuts_flows_then_removes(table: KernelTable, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_drain_deadline_cuts_flows_then_close_all_reports_them(
+        table: KernelTable, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel, _ = await started(table)
-    monkeypatch.setattr(conntrack, "delete_flows_now", lambda spec, backend=None: 4)
+    cut: list[object] = []
+
+    async def live(spec: object) -> int:
+        return 3
+
+    async def delete_flows(spec: object, backend: object = None) -> int:
+        cut.append(backend)
+        return 4
+
+    monkeypatch.setattr(conntrack, "live_flows", live)
+    monkeypatch.setattr(conntrack, "delete_flows", delete_flows)
     kernel.stop_accepting()
+    assert not await kernel.wait_drained(0.05)
+    assert cut == [None]  # the whole listener
+    assert table.owners == frozenset()
     assert kernel.close_all(EndReason.SHUTDOWN) == 4
+    assert kernel.close_all(EndReason.SHUTDOWN) == 0
+
+
+async def test_close_all_without_a_drain_cuts_in_the_background(
+        table: KernelTable, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel, _ = await started(table)
+
+    async def delete_flows(spec: object, backend: object = None) -> int:
+        return 2
+
+    monkeypatch.setattr(conntrack, "delete_flows", delete_flows)
+    kernel.stop_accepting()
+    assert kernel.close_all(EndReason.SHUTDOWN) == 0
+    await kernel.wait_closed()
     assert table.owners == frozenset()
 
 
@@ -171,16 +201,20 @@ async def test_close_backend_deletes_its_flows(table: KernelTable, monkeypatch: 
 
 
 async def test_stats_map_counters_to_backends(table: KernelTable, monkeypatch: pytest.MonkeyPatch) -> None:
-    kernel, _ = await started(table)
     counters = {"l_web_new": CounterValue(5, 300), "l_web_in": CounterValue(50, 5000),
                 "l_web_b1_new": CounterValue(2, 120), "l_web_b1_out": CounterValue(7, 9000)}
     monkeypatch.setattr(listener_module, "read_counters", lambda table: counters)
-    stats = kernel.stats
+    kernel, _ = await started(table)  # start takes the first reading
+    stats = kernel.statistics()
     assert (stats.new_connections, stats.packets_in, stats.bytes_in) == (5, 50, 5000)
     by_id = {b.backend: b for b in stats.backends}
     assert (by_id["b2"].new_connections, by_id["b2"].bytes_out) == (2, 9000)
     assert sum(b.slots for b in stats.backends) == 13
     assert stats.sessions_created == 5 and stats.capacity == stats.conntrack_max
+    assert stats.nat == "conntrack" and 0 <= stats.age < 5
+    # each call is a new object: zeroing one (the supervisor's aggregation does) loses nothing
+    stats.new_connections = 0
+    assert kernel.stats.new_connections == 5
 
 
 async def test_a_refused_transaction_is_counted_and_retried(table: KernelTable,
@@ -202,3 +236,144 @@ async def test_a_refused_transaction_is_counted_and_retried(table: KernelTable,
     # kernel (a transaction is all or nothing), so the retry's diff applies
     assert kernel.updates.failed == 1
     assert any(c.get("delete", {}).get("element", {}).get("name") == "l_web_slots" for c in jsons()[-1])
+
+
+# --- nat: stateless ----------------------------------------------------------------------------------
+
+STATELESS = {"slots": 13, "nat": "stateless", "snat": "none"}
+
+
+async def started_stateless(table: KernelTable, protocol: str = "tcp") -> tuple[KernelListener, Pool]:
+    backends = Pool(pool(hash_key="source_ip_port"))
+    kernel = KernelListener(listener(kernel=STATELESS, protocol=protocol), backends,
+                            asyncio.get_running_loop(), table=table)
+    await kernel.start()
+    return kernel, backends
+
+
+async def test_stateless_start_writes_the_stateless_objects(table: KernelTable) -> None:
+    kernel, backends = await started_stateless(table)
+    structure = texts()[1]
+    assert "add chain inet pointsman l_web_raw" in structure and "dnat" not in structure
+    members = [c["add"]["element"]["elem"] for c in jsons()[0]
+               if c.get("add", {}).get("element", {}).get("name") == "l_web_backends"]
+    assert len(members) == 3
+    backends.health_verdict("b2", False, "test")
+    await settle(kernel, 2)
+    names = {c[verb]["element"]["name"] for c in jsons()[-1] for verb in c}
+    assert names == {"l_web_slot_addr", "l_web_slot_port"}  # the two maps, one transaction
+    assert kernel.updates.slots_changed == sum(1 for c in jsons()[-1] if "delete" in c
+                                               for _ in c["delete"]["element"]["elem"]) // 2
+
+
+async def test_stateless_close_backend_has_nothing_to_cut(table: KernelTable,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel, _ = await started_stateless(table)
+
+    async def delete_flows(spec: object, backend: object = None) -> int:
+        raise AssertionError("no conntrack entries to delete in stateless mode")
+
+    monkeypatch.setattr(conntrack, "delete_flows", delete_flows)
+    assert kernel.close_backend("b1", EndReason.BACKEND_DOWN) == 0
+    assert kernel.statistics().sessions == 0  # no conntrack entries of its own
+
+
+async def test_stateless_tcp_drains_when_quiet(table: KernelTable, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel, _ = await started_stateless(table)
+    packets = iter(range(1, 4))  # moving for three reads, then still
+    monkeypatch.setattr(listener_module, "DRAIN_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(listener_module, "DRAIN_QUIET_SECONDS", 0.05)
+
+    def read(table_name: str) -> dict[str, CounterValue]:
+        return {"l_web_in": CounterValue(next(packets, 3), 0)}
+
+    monkeypatch.setattr(listener_module, "read_counters", read)
+    kernel.stop_accepting()
+    assert await kernel.wait_drained(5.0)
+    assert "tcp flags & (syn | ack) == syn counter name" in texts()[-2]
+    assert next(packets, None) is None  # it waited for the counter to stop moving
+
+
+async def test_stateless_udp_stops_at_once(table: KernelTable) -> None:
+    kernel, _ = await started_stateless(table, protocol="udp")
+    kernel.stop_accepting()
+    assert await kernel.wait_drained(5.0)
+    assert texts()[-2].startswith("flush chain inet pointsman l_web_sin\nadd rule inet pointsman l_web_sin ")
+
+
+async def test_reload_switches_the_nat_mode(table: KernelTable) -> None:
+    kernel, _ = await started(table)
+    kernel.reconfigure(listener(kernel=STATELESS), Pool(pool(hash_key="source_ip_port")))
+    await settle(kernel, 2)
+    assert kernel.spec.nat == "stateless"
+    switched = texts()[-1]
+    assert switched.index("delete chain inet pointsman l_web_dnat\n") < switched.index(
+        "add chain inet pointsman l_web_raw")
+    assert "add element inet pointsman l_web_backends { 10.99.11.2 . 8080, 10.99.12.2 . 8080, " \
+           "10.99.13.2 . 8080 }" in switched
+
+
+# --- nothing blocks the loop -------------------------------------------------------------------------
+
+
+class SlowRecorder(Recorder):
+    """libnftables taking as long as a large transaction does on a busy machine."""
+
+    def text(self, commands: str) -> str:
+        time.sleep(0.15)
+        return super().text(commands)
+
+    def json(self, commands: list[dict[str, Any]]) -> None:
+        time.sleep(0.15)
+        super().json(commands)
+
+
+async def test_slow_transactions_and_scrapes_never_block_the_loop(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    Recorder.calls = []
+    monkeypatch.setattr(nft_module, "check_privileges", lambda: None)
+    monkeypatch.setattr(listener_module, "REFRESH_SECONDS", 0.01)
+
+    def slow_read(table_name: str) -> dict[str, CounterValue]:
+        time.sleep(0.15)  # a netlink dump stuck behind a busy kernel
+        return {}
+
+    monkeypatch.setattr(listener_module, "read_counters", slow_read)
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.05
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    # The test process's heap (pytest, every test before this one) makes a full collection take
+    # ~50 ms whenever the planner's garbage triggers one; freezing it keeps that pause, which is
+    # the heap's and not the kernel listener's, out of the measurement.
+    gc.collect()
+    gc.freeze()
+    try:
+        with scheduled_first():
+            await drive_slow_kernel(loop)
+    finally:
+        gc.unfreeze()
+    slow = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Executing")]
+    assert not slow, slow
+
+
+async def drive_slow_kernel(loop: asyncio.AbstractEventLoop) -> None:
+    """Start, 6 map updates with 20 scrapes each, then the shutdown order, all with a slow kernel."""
+    try:
+        table = KernelTable(SlowRecorder)
+        # The pool's own (userspace) Maglev table is built on the loop at every weight change:
+        # keep it small here, the question is what the kernel listener does.
+        backends = Pool(pool(hash_key="source_ip_port", maglev_table_size=13))
+        kernel = KernelListener(listener(kernel={"slots": 4093}), backends, loop, table=table)
+        await kernel.start()
+        for k in range(6):
+            backends.set_weight("b1", 2 + k)
+            for _ in range(20):
+                assert kernel.statistics().slots == 4093  # a scrape
+                await asyncio.sleep(0.005)
+        await settle(kernel, 3)
+        kernel.stop_accepting()
+        assert await kernel.wait_drained(0.0) in (True, False)
+        kernel.close_all(EndReason.SHUTDOWN)
+    finally:
+        loop.set_debug(False)

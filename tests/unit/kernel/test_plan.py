@@ -136,3 +136,17 @@ def test_diff_turns_old_into_new(old: list[Target | None], new: list[Target | No
 def test_diff_of_different_sizes() -> None:
     with pytest.raises(ValueError, match="differ in size"):
         slot_diff([None], [None, None])
+
+
+def test_spec_for_stateless() -> None:
+    spec = spec_for(listener(kernel={"slots": 13, "nat": "stateless", "snat": "none"}),
+                    pool(hash_key="source_ip_port"))
+    assert (spec.nat, spec.stateless, spec.snat, spec.dispatch) == ("stateless", True, False, "jhash")
+    assert spec_for(listener(), pool()).nat == "conntrack"
+
+
+@pytest.mark.parametrize("algorithm", ["round_robin", "weighted_round_robin"])
+def test_stateless_needs_a_hash_of_the_flow(algorithm: str) -> None:
+    with pytest.raises(KernelConfigError, match="nat: stateless needs algorithm maglev"):
+        spec_for(listener(kernel={"slots": 13, "nat": "stateless", "snat": "none"}),
+                 pool(algorithm=algorithm))

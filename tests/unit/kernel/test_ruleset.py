@@ -12,7 +12,7 @@ from pointsman.kernel.ruleset import (
     remove_listener_text,
     replace_slots_commands,
     slot_commands,
-    stop_dnat_text,
+    stop_new_flows_text,
 )
 
 
@@ -85,7 +85,7 @@ def test_empty_map_has_no_element_line() -> None:
 
 
 def test_removal_deletes_rules_before_what_they_use() -> None:
-    text = remove_listener_text("web", ["l_web_b0_new"])
+    text = remove_listener_text(spec(), ["l_web_b0_new"])
     lines = text.splitlines()
     first_delete = next(i for i, line in enumerate(lines) if line.startswith("delete"))
     assert all(line.startswith("flush chain") for line in lines[:first_delete])
@@ -96,29 +96,29 @@ def test_removal_deletes_rules_before_what_they_use() -> None:
 
 
 def test_stop_dnat_flushes_only_dnat_chains() -> None:
-    assert stop_dnat_text("web") == ("flush chain inet pointsman l_web_dnat\n"
-                                     "flush chain inet pointsman l_web_dnat_local\n")
+    assert stop_new_flows_text(spec()) == ("flush chain inet pointsman l_web_dnat\n"
+                                           "flush chain inet pointsman l_web_dnat_local\n")
 
 
 def test_slot_commands() -> None:
     ref = {"family": "inet", "table": "pointsman", "name": "l_web_slots"}
     diff = SlotDiff(delete=(1, 2), add=((2, ("10.0.0.1", 80)),))
-    assert slot_commands("web", diff) == [
+    assert slot_commands(spec(), diff) == [
         {"delete": {"element": {**ref, "elem": [1, 2]}}},
         {"add": {"element": {**ref, "elem": [[2, {"concat": ["10.0.0.1", 80]}]]}}},
     ]
-    assert slot_commands("web", SlotDiff((), ())) == []
-    assert replace_slots_commands("web", [None, ("10.0.0.1", 80)]) == [
+    assert slot_commands(spec(), SlotDiff((), ())) == []
+    assert replace_slots_commands(spec(), [None, ("10.0.0.1", 80)]) == [
         {"flush": {"map": ref}},
         {"add": {"element": {**ref, "elem": [[1, {"concat": ["10.0.0.1", 80]}]]}}},
     ]
 
 
 def test_backend_counters_come_and_go_in_order() -> None:
-    add = add_backend_commands("web", 4, ("10.0.0.1", 80))
+    add = add_backend_commands(spec(), 4, ("10.0.0.1", 80))
     assert [next(iter(c["add"])) for c in add] == ["counter", "element"] * 3
     assert add[1]["add"]["element"]["elem"] == [[{"concat": ["10.0.0.1", 80]}, "l_web_b4_new"]]
-    remove = remove_backend_commands("web", 4, ("10.0.0.1", 80))
+    remove = remove_backend_commands(spec(), 4, ("10.0.0.1", 80))
     assert [next(iter(c["delete"])) for c in remove] == ["element"] * 3 + ["counter"] * 3
 
 
@@ -127,3 +127,127 @@ def test_names() -> None:
     assert names.slots == "l_web-1.a_slots"
     assert names.backend_counter(3, "in") == "l_web-1.a_b3_in"
     assert names.owns("l_web-1.a_new") and not names.owns("l_web-1.ab_new")
+
+
+# --- nat: stateless ----------------------------------------------------------------------------------
+
+
+def stateless(**overrides: object) -> ListenerSpec:
+    return spec(nat="stateless", snat=False, hash_key="source_ip_port", **overrides)
+
+
+def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
+    text = listener_text(stateless())
+    index = "jhash ip saddr . tcp sport mod 13 seed 0x706d616e"
+    assert rules(text, "l_web_raw") == [
+        "ip daddr 10.99.100.1 tcp dport 80 notrack goto l_web_sin",
+        "ip saddr . tcp sport @l_web_backends fib daddr type != local notrack",
+    ]
+    assert rules(text, "l_web_sin") == [
+        f"ip daddr set {index} map @l_web_slot_addr tcp dport set {index} map @l_web_slot_port "
+        'counter name "l_web_in" counter name ip daddr . tcp dport map @l_web_bin',
+        'tcp flags & (syn | ack) == syn counter name "l_web_new" '
+        "counter name ip daddr . tcp dport map @l_web_bnew",
+        'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_rejected" reject with tcp reset',
+    ]
+    assert rules(text, "l_web_rev") == [
+        'counter name ip saddr . tcp sport map @l_web_bout counter name "l_web_out" '
+        "ip saddr set 10.99.100.1 tcp sport set 80"]
+    assert rules(text, "l_web_guard") == []  # the guard is l_web_sin's last rule
+    assert rules(text, "l_web_guard_local")[0].endswith("reject with tcp reset")
+    # raw before conntrack; replies rewritten after routing
+    assert "l_web_raw { type filter hook prerouting priority -300 ;" in text
+    assert "l_web_rev { type filter hook postrouting priority 100 ;" in text
+
+
+def test_stateless_uses_no_conntrack_and_no_nat_chain() -> None:
+    for protocol in ("tcp", "udp"):
+        text = listener_text(stateless(protocol=protocol), [("10.0.0.1", 80)])
+        assert " ct " not in text and "type nat" not in text and "dnat" not in text
+        assert "masquerade" not in text
+
+
+def test_stateless_udp_counts_no_new_flows() -> None:
+    text = listener_text(stateless(protocol="udp"))
+    assert not any("flags" in rule for rule in rules(text, "l_web_sin"))
+    assert rules(text, "l_web_sin")[-1].endswith("reject with icmpx port-unreachable")
+    assert "udp dport set jhash ip saddr . udp sport mod 13" in text
+    assert "udp sport set 80" in text
+
+
+def test_stateless_ipv6() -> None:
+    text = listener_text(stateless(family="ip6", vip="fd00::1"), [("fd00::11", 8080)])
+    assert "ip6 daddr set jhash ip6 saddr . tcp sport mod 13" in text
+    assert "ip6 saddr set fd00::1 tcp sport set 80" in text
+    assert "add set inet pointsman l_web_backends { type ipv6_addr . inet_service ; }" in text
+
+
+def test_stateless_slot_maps_are_filled_together() -> None:
+    text = listener_text(stateless(), [("10.0.0.1", 80), None, ("10.0.0.2", 81)],
+                         backends=[("10.0.0.2", 81), ("10.0.0.1", 80)])
+    lines = text.splitlines()
+    assert "add element inet pointsman l_web_slot_addr { 0 : 10.0.0.1, 2 : 10.0.0.2 }" in lines
+    assert "add element inet pointsman l_web_slot_port { 0 : 80, 2 : 81 }" in lines
+    assert lines[-2:] == ["flush set inet pointsman l_web_backends",
+                          "add element inet pointsman l_web_backends { 10.0.0.1 . 80, 10.0.0.2 . 81 }"]
+
+
+def test_stateless_slot_commands_touch_both_maps_alike() -> None:
+    diff = SlotDiff(delete=(1, 2), add=((2, ("10.0.0.1", 80)), (5, ("10.0.0.2", 81))))
+    commands = slot_commands(stateless(), diff)
+    by_map: dict[tuple[str, str], object] = {}
+    for command in commands:
+        (verb, body), = command.items()
+        by_map[(verb, body["element"]["name"])] = body["element"]["elem"]
+    assert by_map == {
+        ("delete", "l_web_slot_addr"): [1, 2], ("delete", "l_web_slot_port"): [1, 2],
+        ("add", "l_web_slot_addr"): [[2, "10.0.0.1"], [5, "10.0.0.2"]],
+        ("add", "l_web_slot_port"): [[2, 80], [5, 81]],
+    }
+    replaced = replace_slots_commands(stateless(), [None, ("10.0.0.1", 80)])
+    assert [c.get("flush", {}).get("map", {}).get("name") for c in replaced[:2]] == [
+        "l_web_slot_addr", "l_web_slot_port"]
+
+
+def test_stateless_backends_join_the_reply_set() -> None:
+    target = ("10.0.0.1", 80)
+    add = add_backend_commands(stateless(), 4, target)
+    assert add[-1] == {"add": {"element": {"family": "inet", "table": "pointsman",
+                                           "name": "l_web_backends", "elem": [{"concat": ["10.0.0.1", 80]}]}}}
+    remove = remove_backend_commands(stateless(), 4, target)
+    assert remove[0]["delete"]["element"]["name"] == "l_web_backends"
+    assert not any(c.get("add", {}).get("element", {}).get("name") == "l_web_backends"
+                   for c in add_backend_commands(spec(), 4, target))
+
+
+def test_stateless_stop_refuses_syns_only_for_tcp() -> None:
+    assert stop_new_flows_text(stateless()) == (
+        "insert rule inet pointsman l_web_sin tcp flags & (syn | ack) == syn "
+        'counter name "l_web_rejected" reject with tcp reset\n')
+    assert stop_new_flows_text(stateless(protocol="udp")) == (
+        "flush chain inet pointsman l_web_sin\n"
+        'add rule inet pointsman l_web_sin ip daddr 10.99.100.1 udp dport 80 counter name "l_web_rejected" '
+        "reject with icmpx port-unreachable\n")
+
+
+def test_stateless_removal() -> None:
+    lines = remove_listener_text(stateless(), ["l_web_b0_in"]).splitlines()
+    deleted = [line.split()[-1] for line in lines if line.startswith("delete chain")]
+    assert deleted == ["l_web_raw", "l_web_guard_local", "l_web_rev", "l_web_sin"]
+    assert "delete set inet pointsman l_web_backends" in lines
+    assert "delete map inet pointsman l_web_slot_port" in lines
+    assert not any("l_web_slots" in line or "l_web_dnat" in line for line in lines)
+
+
+def test_switching_nat_mode_removes_only_the_other_modes_objects() -> None:
+    to_stateless = listener_text(stateless(), previous="conntrack").splitlines()
+    gone = [line.split()[-1] for line in to_stateless if line.startswith("delete ")]
+    assert gone == ["l_web_dnat", "l_web_dnat_local", "l_web_guard", "l_web_snat", "l_web_fwd",
+                    "l_web_count", "l_web_slots"]
+    back = listener_text(spec(), previous="stateless").splitlines()
+    gone = [line.split()[-1] for line in back if line.startswith("delete ")]
+    assert gone == ["l_web_raw", "l_web_rev", "l_web_sin", "l_web_slot_addr", "l_web_slot_port",
+                    "l_web_backends"]
+    assert "delete set inet pointsman l_web_backends" in back
+    same = listener_text(spec(), previous="conntrack").splitlines()
+    assert not any(line.startswith("delete") for line in same)

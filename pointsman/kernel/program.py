@@ -1,0 +1,107 @@
+"""From "what the kernel holds" and a pool snapshot to the transaction that updates it (pure).
+
+The listener's writer calls `plan` and then `apply` in a worker thread (a 4093-slot Maglev table
+and its transaction take tens of milliseconds) and keeps the returned `Programmed` as its record
+of the kernel. Nothing here touches the event loop or the listener.
+
+A transaction is either a restructure (first write, reload with a new spec, slot count changed:
+the listener's rules and its whole slot map as text, then backend counters as JSON) or a diff
+(only the slots that changed, plus counters for backends that joined or left, in one JSON
+transaction). If the kernel refuses a diff (someone edited our map, or an earlier failure left it
+unknown) the map is replaced whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from pointsman.kernel.nft import Nft, NftError
+from pointsman.kernel.plan import ListenerSpec, Target, slot_diff, slot_targets, target_of
+from pointsman.kernel.ruleset import (
+    JsonCommand,
+    add_backend_commands,
+    listener_text,
+    remove_backend_commands,
+    replace_slots_commands,
+    slot_commands,
+)
+from pointsman.pool.snapshot import BackendView
+
+log = logging.getLogger("pointsman.kernel")
+
+
+@dataclass(frozen=True, slots=True)
+class Programmed:
+    """What the kernel holds for one listener, as far as pointsman wrote it."""
+
+    spec: ListenerSpec | None = None  # the rules follow this spec (None: nothing written yet)
+    slots: tuple[Target | None, ...] | None = None  # the slot map (None: unknown)
+    counter_index: Mapping[Target, int] = field(default_factory=lambda: MappingProxyType({}))
+    next_index: int = 0  # per-backend counter names are never reused while the listener lives
+    slot_counts: Mapping[Target, int] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    text: str | None  # the listener's structure and slot map, for a restructure
+    commands: list[JsonCommand]  # the diff (or, after `text`, the backend counters)
+    counters: list[JsonCommand]  # the backend counters alone (for the fallback)
+    after: Programmed  # what the kernel holds once this is committed
+    elements: int  # element changes (the whole map for a restructure)
+    slots_changed: int  # slots whose backend changed (0 for the first fill)
+
+
+def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView]) -> Transaction:
+    """The transaction that brings the kernel from `state` to `backends` under `spec`."""
+    targets = tuple(slot_targets(spec.algorithm, backends, spec.slots))
+    wanted = {target_of(b) for b in backends}
+    index = dict(state.counter_index)
+    next_index = state.next_index
+    joining: list[JsonCommand] = []
+    for target in sorted(wanted - index.keys()):
+        index[target] = next_index
+        joining += add_backend_commands(spec, next_index, target)
+        next_index += 1
+    leaving: list[JsonCommand] = []
+    for target in sorted(index.keys() - wanted):
+        leaving += remove_backend_commands(spec, index.pop(target), target)
+    after = Programmed(spec, targets, MappingProxyType(index), next_index,
+                       MappingProxyType(Counter(t for t in targets if t is not None)))
+    old = state.slots
+    comparable = old is not None and len(old) == len(targets)
+    changed = sum(a != b for a, b in zip(old, targets, strict=True)) if comparable and old else 0
+    if state.spec != spec or not comparable or old is None:
+        previous = state.spec.nat if state.spec is not None else None
+        # The reply set (stateless) is refilled with every backend that has counters now; the
+        # leaving ones are then deleted with their counters, the joining ones added.
+        text = listener_text(spec, targets, previous, backends=state.counter_index.keys())
+        return Transaction(text, joining + leaving, joining + leaving, after, len(targets), changed)
+    diff = slot_diff(old, targets)
+    return Transaction(None, joining + slot_commands(spec, diff) + leaving, joining + leaving,
+                       after, len(diff), changed)
+
+
+def fallback(transaction: Transaction) -> list[list[JsonCommand]]:
+    """If the kernel refuses a diff: replace the whole map, then the backend counters. Built only
+    when needed: a 4093-slot map's commands cost as much CPU as the Maglev table."""
+    after = transaction.after
+    assert after.spec is not None and after.slots is not None
+    return [replace_slots_commands(after.spec, after.slots), transaction.counters]
+
+
+def apply(nft: Nft, transaction: Transaction, listener: str) -> None:
+    """Commit `transaction` (blocking: call it from a worker thread). Raises NftError."""
+    if transaction.text is not None:
+        nft.text(transaction.text)
+        nft.json(transaction.commands)
+        return
+    try:
+        nft.json(transaction.commands)
+    except NftError as exc:
+        log.warning("kernel listener %s: slot diff refused (%s); replacing the map", listener, exc)
+        for commands in fallback(transaction):
+            nft.json(commands)

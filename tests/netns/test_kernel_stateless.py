@@ -1,0 +1,286 @@
+"""`kernel.nat: stateless` end to end, in the same namespaces as the conntrack mode
+(kernel_support.py): notrack both ways, destinations rewritten from the slot map, replies
+rewritten back to the VIP by the load balancer the backends route through.
+
+What is checked: the kernel's choice per client is userspace Maglev's (the conntrack mode's,
+too); bytes arrive intact and replies come from the VIP; no conntrack entry is made; a change of
+the slot map under load resets exactly the flows of the slots that changed (the bound
+docs/kernel.md states), nothing else; shutdown refuses new flows and lets running ones finish;
+a reload switching conntrack -> stateless keeps a running flow; UDP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from pointsman.balance.hashing import source_key
+from pointsman.kernel.jhash import slot_of
+
+from .kernel_support import (
+    ECHO_PORT,
+    HEALTH_BOUND,
+    IO_TIMEOUT,
+    Stream,
+    admin,
+    backend_servers,
+    config,
+    echo_servers,
+    echo_through,
+    http_get,
+    maglev_choice,
+    metrics_when,
+    pointsman,
+    revive,
+    slot_table,
+)
+from .netns_support import (
+    UDP_PORT,
+    VIP,
+    BackendServer,
+    LbTopology,
+    lb_topology,
+    nftables_unavailable_reason,
+    wait_until,
+)
+
+_reason = nftables_unavailable_reason()
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+SLOTS = 4093
+STREAMS = 24  # long flows in flight while the map changes: about 8 per backend
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[LbTopology]:
+    with lb_topology(backends=3) as topology:
+        yield topology
+
+
+@pytest.fixture(scope="module")
+def servers(topo: LbTopology) -> Iterator[dict[str, BackendServer]]:
+    with backend_servers(topo) as running:
+        yield running
+
+
+def stateless(topo: LbTopology, **overrides: object) -> str:
+    values: dict[str, object] = {"nat": "stateless", "snat": "none"}
+    values.update(overrides)
+    return config(topo, **values)  # type: ignore[arg-type]
+
+
+def conntrack_entries(topo: LbTopology, *args: str) -> int:
+    listing = topo.lb.run("conntrack", "-L", *args, check=False)
+    return sum(1 for line in listing.splitlines() if line.strip())
+
+
+def start_streams(topo: LbTopology, base_port: int, total: int = 3_000_000,
+                  seconds: float = 4.0) -> list[tuple[Stream, int]]:
+    """STREAMS paced downloads from distinct sources, each with the kernel slot it hashes to."""
+    streams = []
+    for i in range(STREAMS):
+        source = (topo.client_source(i), base_port + i)
+        slot = slot_of(source_key(*source, "source_ip_port"), SLOTS)
+        streams.append((Stream(topo, total, seconds, source), slot))
+    return streams
+
+
+def finish_all(streams: list[tuple[Stream, int]]) -> list[bool]:
+    """Read every stream to its end side by side; True for each that arrived whole."""
+    with ThreadPoolExecutor(len(streams)) as pool:
+        received = list(pool.map(lambda pair: pair[0].finish(), streams))
+    return [got == stream.total for got, (stream, _) in zip(received, streams, strict=True)]
+
+
+def broken_matches_changed_slots(streams: list[tuple[Stream, int]], intact: list[bool],
+                                 before: dict[int, str], after: dict[int, str]) -> tuple[int, int]:
+    """Assert the flows that broke are exactly those whose slot changed backend; the counts."""
+    changed = {slot for slot in before if before[slot] != after.get(slot)}
+    broken = {i for i, ok in enumerate(intact) if not ok}
+    moved = {i for i, (_, slot) in enumerate(streams) if slot in changed}
+    assert broken == moved, f"broken {sorted(broken)}, on changed slots {sorted(moved)}"
+    return len(broken), len(changed)
+
+
+# --- choice, integrity, no state ---------------------------------------------------------------------
+
+
+def test_kernel_choice_is_userspace_maglev_and_nothing_is_tracked(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, stateless(topo)) as proc:
+        assert "[kernel data plane]" in proc.lines[0]
+        seen: Counter[str] = Counter()
+        for i in range(48):
+            for port in (41000 + i, 42000 + i):
+                source = topo.client_source(i)
+                name, peer = http_get(topo, (source, port)).split()
+                # the same pick as the conntrack mode (test_kernel_dataplane asserts the same function)
+                assert name == maglev_choice(topo, SLOTS, source, port, "source_ip_port"), (source, port)
+                assert peer == source  # no SNAT: the backend sees the client
+                seen[name] += 1
+        assert set(seen) == set(topo.names), seen
+        assert conntrack_entries(topo, "-p", "tcp", "--orig-dst", VIP) == 0
+        for i in range(len(topo.names)):
+            assert conntrack_entries(topo, "-p", "tcp", "--orig-src", topo.backend_ip(i),
+                                     "--orig-port-src", "8080") == 0
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_new_connections_total") >= 96,
+                             "96 SYNs counted")
+    assert found("pointsman_kernel_new_connections_total") == 96
+    for name in topo.names:
+        assert found("pointsman_kernel_backend_new_connections_total", backend=name) == seen[name]
+        assert found("pointsman_kernel_backend_bytes_total", backend=name, direction="out") > 0
+        assert found("pointsman_kernel_backend_packets_total", backend=name, direction="in") > 0
+    assert sum(found("pointsman_kernel_backend_slots", backend=name) for name in topo.names) == SLOTS
+    assert found("pointsman_kernel_bytes_total", direction="in") > 0
+    assert found("pointsman_kernel_bytes_total", direction="out") > 0
+
+
+def test_bytes_arrive_intact_and_replies_come_from_the_vip(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    payloads = [os.urandom(2_000_000 + 7919 * i) for i in range(8)]
+    with echo_servers(topo), pointsman(topo, tmp_path, stateless(topo, port=ECHO_PORT)):
+        sources = [(topo.client_source(i), 43000 + i) for i in range(len(payloads))]
+        with ThreadPoolExecutor(len(payloads)) as pool:
+            results = list(pool.map(echo_through, [topo] * len(payloads), sources, payloads))
+        for payload, (received, peer) in zip(payloads, results, strict=True):
+            assert peer == (VIP, 80)  # the client's socket only accepts segments from the VIP
+            assert len(received) == len(payload)
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        backends = {maglev_choice(topo, SLOTS, *source, "source_ip_port") for source in sources}
+        assert len(backends) > 1, "every flow hashed to one backend; pick other sources"
+
+
+def test_udp_replies_come_from_the_vip(topo: LbTopology, servers: dict[str, BackendServer],
+                                       tmp_path: Path) -> None:
+    for vip in (VIP, topo.lb_client_side):  # routed, and an address of the lb itself
+        text = stateless(topo, protocol="udp", bind=f"{vip}:{UDP_PORT}", port=UDP_PORT, slots=13)
+        with pointsman(topo, tmp_path, text):
+            seen: Counter[str] = Counter()
+            for i in range(24):
+                source = (topo.client_source(i), 50000 + i)
+                with topo.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.settimeout(IO_TIMEOUT)
+                    sock.bind(source)
+                    sock.sendto(b"who", (vip, UDP_PORT))  # unconnected: recvfrom shows the sender
+                    data, sender = sock.recvfrom(2048)
+                name, peer = data.decode().split()
+                assert sender == (vip, UDP_PORT)
+                assert name == maglev_choice(topo, 13, *source, "source_ip_port")
+                assert peer == source[0]
+                seen[name] += 1
+            assert set(seen) == set(topo.names)
+            assert conntrack_entries(topo, "-p", "udp", "--orig-dst", vip) == 0
+            found = metrics_when(topo, lambda m: m("pointsman_kernel_packets_total", direction="out") >= 24,
+                                 "24 replies counted")
+            assert found("pointsman_kernel_packets_total", direction="in") == 24
+            assert found("pointsman_kernel_new_connections_total") == 0  # UDP: no SYN to count
+
+
+# --- the slot map changes under load -----------------------------------------------------------------
+
+
+def test_removed_backend_resets_only_the_flows_of_its_slots(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, stateless(topo)):
+        before = slot_table(topo)
+        streams = start_streams(topo, 53000)
+        on = Counter(stream.backend for stream, _ in streams)
+        victim = on.most_common(1)[0][0]
+        status, _ = admin(topo, "POST", f"/api/v1/pools/web/backends/{victim}/maintenance")
+        assert status == 200
+        victim_ip = topo.backend_ip(topo.names.index(victim))
+        wait_until(lambda: victim_ip not in slot_table(topo).values(), 5.0, what=f"{victim} out of the map")
+        after = slot_table(topo)
+        intact = finish_all(streams)
+        broken, changed = broken_matches_changed_slots(streams, intact, before, after)
+        assert broken == on[victim] > 0  # its own slots and no other moved (Maglev's home table)
+        print(f"\nmaintenance of {victim}: {changed} slots changed, {broken} of {STREAMS} flows reset "
+              f"(all on {victim}), {STREAMS - broken} intact")
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_map_updates_total") >= 2, "the update")
+        assert found("pointsman_kernel_map_updates_total") >= 2
+
+
+def test_returning_backend_takes_back_exactly_its_slots(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, stateless(topo)):
+        home = slot_table(topo)
+        assert admin(topo, "POST", "/api/v1/pools/web/backends/b2/maintenance")[0] == 200
+        b2 = topo.backend_ip(1)
+        wait_until(lambda: b2 not in slot_table(topo).values(), 5.0, what="b2 out of the map")
+        before = slot_table(topo)
+        streams = start_streams(topo, 54000)
+        assert admin(topo, "POST", "/api/v1/pools/web/backends/b2/enable")[0] == 200
+        wait_until(lambda: slot_table(topo) == home, 5.0, what="b2 back in its own slots")
+        intact = finish_all(streams)
+        broken, changed = broken_matches_changed_slots(streams, intact, before, home)
+        assert changed == sum(1 for address in home.values() if address == b2)
+        print(f"\nb2 returned: {changed} slots changed, {broken} of {STREAMS} flows reset")
+
+
+def test_killed_backend_under_load(topo: LbTopology, servers: dict[str, BackendServer],
+                                   tmp_path: Path) -> None:
+    victim = ""
+    try:
+        with pointsman(topo, tmp_path, stateless(topo)):
+            before = slot_table(topo)
+            streams = start_streams(topo, 55000, total=4_000_000, seconds=5.0)
+            on = Counter(stream.backend for stream, _ in streams)
+            victim = on.most_common(1)[0][0]
+            victim_ip = topo.backend_ip(topo.names.index(victim))
+            servers[victim].kill()
+            took = wait_until(lambda: victim_ip not in slot_table(topo).values(), HEALTH_BOUND,
+                              what=f"{victim} out of the slot map")
+            after = slot_table(topo)
+            intact = finish_all(streams)
+            broken, changed = broken_matches_changed_slots(streams, intact, before, after)
+            assert broken == on[victim]
+            print(f"\n{victim} killed: left the map after {took:.2f}s; {changed} slots changed, "
+                  f"{broken} of {STREAMS} flows broke (all on {victim}), {STREAMS - broken} intact")
+    finally:
+        if victim:
+            revive(topo, servers, victim)
+
+
+# --- stop, reload ------------------------------------------------------------------------------------
+
+
+def test_shutdown_refuses_new_flows_and_lets_running_ones_finish(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, stateless(topo, grace=8.0)) as proc:
+        stream = Stream(topo, 2_000_000, 2.0, (topo.client_source(3), 56000))
+        proc.popen.send_signal(15)
+        refusing = 'syn / syn,ack counter name "l_web_rejected"'
+        wait_until(lambda: refusing in topo.lb.run("nft", "list", "chain", "inet", "pointsman", "l_web_sin",
+                                                   check=False), 5.0, what="SYNs refused")
+        with pytest.raises(ConnectionRefusedError):  # the guard's reset
+            http_get(topo, (topo.client_source(4), 56001))
+        assert stream.finish() == stream.total
+        # drained: the stream ended, then DRAIN_QUIET_SECONDS without a packet; well within grace
+        assert proc.popen.wait(timeout=8.0) == 0
+
+
+def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, config(topo, snat="none")) as proc:
+        source = (topo.client_source(6), 57000)
+        stream = Stream(topo, 3_000_000, 3.0, source)
+        assert stream.backend == maglev_choice(topo, SLOTS, *source, "source_ip_port")
+        proc.path.write_text(stateless(topo))
+        proc.reload()
+        wait_until(lambda: "l_web_raw" in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
+                   5.0, what="the stateless rules")
+        rules = json.loads(topo.lb.run("nft", "-j", "list", "table", "inet", "pointsman"))["nftables"]
+        assert not any(item.get("chain", {}).get("name") == "l_web_dnat" for item in rules)
+        assert stream.finish() == stream.total  # same slot, same backend: the switch is invisible
+        new_source = (topo.client_source(7), 57001)
+        name = http_get(topo, new_source).split()[0]
+        assert name == maglev_choice(topo, SLOTS, *new_source, "source_ip_port")
+        assert conntrack_entries(topo, "-p", "tcp", "--orig-src", new_source[0]) == 0

@@ -1,0 +1,53 @@
+"""The `kernel:` keys of a listener, as the config loader reports them."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from pointsman.config.loader import ConfigError, load_text
+
+CONFIG = """
+listeners:
+  - name: web
+    bind: 10.0.0.100:80
+    pool: web
+    dataplane: kernel
+    kernel:
+      nat: {nat}
+      snat: {snat}
+pools:
+  - name: web
+    algorithm: maglev
+    backends:
+      - {{address: 10.0.1.11:8080}}
+"""
+
+
+def test_nat_defaults_to_conntrack() -> None:
+    text = textwrap.dedent("""
+        listeners:
+          - {name: web, bind: 10.0.0.100:80, pool: web, dataplane: kernel}
+        pools:
+          - {name: web, algorithm: maglev, backends: [{address: 10.0.1.11:8080}]}
+        """)
+    assert load_text(text, "k.yaml").listeners[0].kernel.nat == "conntrack"
+
+
+def test_stateless_with_snat_none_loads() -> None:
+    kernel = load_text(CONFIG.format(nat="stateless", snat="none"), "k.yaml").listeners[0].kernel
+    assert (kernel.nat, kernel.snat) == ("stateless", "none")
+
+
+def test_stateless_with_masquerade_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_text(CONFIG.format(nat="stateless", snat="masquerade"), "k.yaml")
+    message = str(info.value)
+    assert "k.yaml:7: listeners[0].kernel: nat: stateless needs snat: none" in message
+    assert "route their replies through the load balancer" in message
+
+
+def test_unknown_nat_mode() -> None:
+    with pytest.raises(ConfigError, match=r"kernel\.nat"):
+        load_text(CONFIG.format(nat="ipvs", snat="none"), "k.yaml")

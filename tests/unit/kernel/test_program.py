@@ -1,0 +1,78 @@
+"""The transaction planner: from what the kernel holds and a snapshot to what to write."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pointsman.kernel.plan import ListenerSpec, slot_targets, spec_for
+from pointsman.kernel.program import Programmed, fallback, plan
+from pointsman.pool.state import BackendState
+
+from .helpers import listener, pool, view
+
+CONNTRACK = spec_for(listener(), pool(hash_key="source_ip_port"))
+STATELESS = spec_for(listener(kernel={"slots": 13, "nat": "stateless", "snat": "none"}),
+                     pool(hash_key="source_ip_port"))
+
+
+def element_names(commands: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(verb, body["element"]["name"]) for c in commands for verb, body in c.items()
+            if "element" in body}
+
+
+def test_first_write_is_a_restructure_with_every_backend() -> None:
+    backends = [view(0), view(1), view(2)]
+    tx = plan(Programmed(), CONNTRACK, backends)
+    assert tx.text is not None and "add chain inet pointsman l_web_dnat" in tx.text
+    assert tx.elements == 13 and tx.slots_changed == 0
+    assert dict(tx.after.counter_index) == {("10.99.11.2", 8080): 0, ("10.99.12.2", 8080): 1,
+                                            ("10.99.13.2", 8080): 2}
+    assert sum(tx.after.slot_counts.values()) == 13
+
+
+def test_a_down_backend_is_a_diff_of_its_slots_only() -> None:
+    first = plan(Programmed(), STATELESS, [view(0), view(1), view(2)]).after
+    tx = plan(first, STATELESS, [view(0), view(1, state=BackendState.DOWN), view(2)])
+    assert tx.text is None
+    held = first.slot_counts[("10.99.12.2", 8080)]
+    assert tx.slots_changed == held and tx.elements == 2 * held
+    assert element_names(tx.commands) == {("delete", "l_web_slot_addr"), ("delete", "l_web_slot_port"),
+                                          ("add", "l_web_slot_addr"), ("add", "l_web_slot_port")}
+    assert fallback(tx)[0][0] == {"flush": {"map": {"family": "inet", "table": "pointsman",
+                                                    "name": "l_web_slot_addr"}}}
+
+
+def test_a_backend_leaving_the_config_loses_its_counters_and_reply_entry() -> None:
+    first = plan(Programmed(), STATELESS, [view(0), view(1), view(2)]).after
+    tx = plan(first, STATELESS, [view(0), view(2)])
+    assert ("delete", "l_web_backends") in element_names(tx.commands)
+    assert ("10.99.12.2", 8080) not in tx.after.counter_index
+    again = plan(tx.after, STATELESS, [view(0), view(1), view(2)]).after
+    assert again.counter_index[("10.99.12.2", 8080)] == 3  # counter names are never reused
+
+
+def test_a_new_spec_restructures_from_the_old_mode() -> None:
+    first = plan(Programmed(), CONNTRACK, [view(0), view(1)]).after
+    tx = plan(first, STATELESS, [view(0), view(1)])
+    assert tx.text is not None and "delete chain inet pointsman l_web_dnat\n" in tx.text
+    assert tx.slots_changed == 0  # same slot map in both modes: flows stay where they were
+
+
+@given(st.lists(st.sampled_from([BackendState.UP, BackendState.DOWN, BackendState.DRAINING]),
+                min_size=3, max_size=3),
+       st.lists(st.sampled_from([BackendState.UP, BackendState.DOWN, BackendState.DRAINING]),
+                min_size=3, max_size=3))
+def test_changed_slots_are_exactly_those_whose_backend_differs(
+        before: list[BackendState], after: list[BackendState]) -> None:
+    spec: ListenerSpec = STATELESS
+    old = [view(i, state=s) for i, s in enumerate(before)]
+    new = [view(i, state=s) for i, s in enumerate(after)]
+    state = plan(Programmed(), spec, old).after
+    tx = plan(state, spec, new)
+    expected = sum(a != b for a, b in zip(slot_targets("maglev", old, 13), slot_targets("maglev", new, 13),
+                                          strict=True))
+    assert tx.slots_changed == expected
+    assert tx.after.slots == tuple(slot_targets("maglev", new, 13))
