@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 
 from pointsman.balance import build_picker
@@ -82,6 +82,24 @@ class Member:
     @property
     def id(self) -> str:
         return self.config.id
+
+
+class LazyPicker:
+    """A picker built at its first pick: a process that never picks from a pool (the control
+    process, whose workers pick; a pool only a kernel listener serves) never pays for it, and a
+    Maglev table (tens of milliseconds at 65537 slots) is not rebuilt on the loop for nothing."""
+
+    __slots__ = ("_build", "_picker")
+
+    def __init__(self, build: Callable[[], Picker]) -> None:
+        self._build = build
+        self._picker: Picker | None = None
+
+    def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
+        picker = self._picker
+        if picker is None:
+            picker = self._picker = self._build()
+        return picker.pick(key, exclude)
 
 
 class UnknownBackend(KeyError):
@@ -468,13 +486,8 @@ class Pool:
             if key == self._maglev_key and self._picker_cache is not None:
                 return self._picker_cache
             self._maglev_key = key
-        picker = build_picker(
-            self.config.algorithm,
-            candidates,
-            load=stats,
-            table_size=self.config.maglev_table_size,
-            rng=self._rng,
-            home_weights=homes,
-        )
+        algorithm, size, rng = self.config.algorithm, self.config.maglev_table_size, self._rng
+        picker = LazyPicker(lambda: build_picker(algorithm, candidates, load=stats,
+                                                 table_size=size, rng=rng, home_weights=homes))
         self._picker_cache = picker
         return picker
