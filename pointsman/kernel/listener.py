@@ -23,6 +23,7 @@ import logging
 import socket
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from pointsman.config.model import ListenerConfig
@@ -105,7 +106,8 @@ class KernelListener:
 
     # --- start ---------------------------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
+    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
+                    reuse_port: bool = False) -> None:
         """Write the listener's rules and slot map (no socket: `sock` and `reuse_port` are unused)."""
         del sock, reuse_port
         self._table.acquire(self.name)

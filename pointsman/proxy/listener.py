@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from pointsman.balance.hashing import client_ip
 from pointsman.config.model import ListenerConfig
@@ -26,7 +26,7 @@ FlowSink = Callable[[ClientConnection], None]
 
 
 class TcpListener:
-    """Accepts connections on one address and proxies them to one pool.
+    """Accepts connections on its addresses (one socket each) and proxies them to one pool.
 
     The connection table is the set of live connections, bounded by `max_connections`; a
     connection past the bound is closed at once and counted as `table_full`.
@@ -53,7 +53,7 @@ class TcpListener:
         self.connections: set[ClientConnection] = set()
         self.flow_sink = flow_sink
         self.accepting = False
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._sock: socket.socket | None = None
         # uvloop sets TCP_NODELAY on accepted sockets; plain asyncio does not when we made the
         # listening socket ourselves, and setting it twice costs new-connection rate.
@@ -61,12 +61,17 @@ class TcpListener:
         self._idle: asyncio.Event | None = None
         self._setup(config)
 
-    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
-        self._sock = sock or listen_socket(self.config.bind, backlog=self.config.backlog,
-                                           reuse_port=reuse_port)
-        self._server = await self.loop.create_server(
-            self._protocol, sock=self._sock, backlog=self.config.backlog
-        )
+    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
+                    reuse_port: bool = False) -> None:
+        """Serve on the given sockets (one per address), else bind the config's addresses."""
+        socks = [sock] if isinstance(sock, socket.socket) else list(sock or ())
+        if not socks:
+            socks = [listen_socket(address, backlog=self.config.backlog, reuse_port=reuse_port)
+                     for address in self.config.addresses]
+        self._sock = socks[0]
+        for each in socks:
+            self._servers.append(await self.loop.create_server(
+                self._protocol, sock=each, backlog=self.config.backlog))
         self.accepting = True
 
     @property
@@ -186,9 +191,9 @@ class TcpListener:
 
     def stop_accepting(self) -> None:
         self.accepting = False
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
 
     async def wait_drained(self, timeout: float) -> bool:
         """Wait until no connection is left, at most `timeout` seconds; True if drained."""
