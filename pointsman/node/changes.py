@@ -151,6 +151,8 @@ class RuntimeChanges:
         effective, notes = self.overlay.effective(config)
         for note in notes:
             log.info("runtime change: %s", note)
+        if notes:
+            self.changed()  # the file holds what the config file has overridden since: rewrite
         return effective
 
     def restore_pools(self) -> None:
@@ -175,6 +177,7 @@ class RuntimeChanges:
             if file_list != acl.file_prefixes:
                 log.info("runtime change: listener %s: the %s list set at run time gives way to "
                          "the config file's, which changed", name, kind)
+                self.changed()
                 continue
             listener.set_acl(lists.replaced(kind, acl.prefixes))  # type: ignore[attr-defined]
 
