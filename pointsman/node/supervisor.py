@@ -137,6 +137,10 @@ class WorkerProcesses:
                     await slot.ready
         except TimeoutError:
             raise WorkerStartError(f"workers not ready after {READY_TIMEOUT:.0f}s") from None
+        finally:
+            for slot in self.slots:  # several failed alike: the first one is the one raised
+                if slot.ready is not None and slot.ready.done() and not slot.ready.cancelled():
+                    slot.ready.exception()
 
     async def _run(self, slot: Slot) -> None:
         """Keep worker `slot` running until the node stops."""
