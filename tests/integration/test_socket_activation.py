@@ -25,7 +25,15 @@ import pytest
 import yaml
 
 from tests.integration.udp_support import udp_clients, udp_echo
-from tests.support import LOOPBACK, START_TIMEOUT, STOP_TIMEOUT, echo_backend, free_port, roundtrip
+from tests.support import (
+    LOOPBACK,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    echo_backend,
+    free_port,
+    has_ipv6,
+    roundtrip,
+)
 
 STEP = 5.0
 # pointsman runs in a subprocess (uvloop): the test's own loop does not matter; run it once.
@@ -213,3 +221,52 @@ async def test_a_named_socket_on_another_address_stops_the_start(
     assert (f"cannot start: socket activation: listener web: the passed socket fd 3 (web, "
             f"{LOOPBACK}:{port_of(sock)}/tcp) is named after it but is not tcp on one of its "
             f"addresses ({LOOPBACK}:{wanted})") in node.stderr()
+
+
+UNIT = Path(__file__).parents[2] / "deploy" / "systemd" / "pointsman.socket"
+
+
+def unit_sockets() -> tuple[list[str], str]:
+    """The shipped socket unit's ListenStream= addresses and its FileDescriptorName=."""
+    streams, name = [], ""
+    for line in UNIT.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key == "ListenStream":
+            streams.append(value)
+        elif key == "FileDescriptorName":
+            name = value
+    return streams, name
+
+
+async def test_the_shipped_socket_unit_serves_its_listener(tmp_path: Path,
+                                                           made: list[socket.socket]) -> None:
+    """The sockets deploy/systemd/pointsman.socket describes (on a free port instead of 443),
+    made as systemd makes them (v6-only, as BindIPv6Only=ipv6-only), serve the listener the unit
+    names, with the bind list its comment gives."""
+    streams, name = unit_sockets()
+    assert streams == ["0.0.0.0:443", "[::]:443"] and name == "web"
+    port = free_port("0.0.0.0")
+    hosts = ["0.0.0.0", "::"] if has_ipv6() else ["0.0.0.0"]
+    for host in hosts:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if ":" in host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+        made.append(sock)
+    async with echo_backend() as backend:
+        path = write_config(tmp_path, {
+            "listeners": [{"name": "web", "bind": [f"0.0.0.0:{port}", f"[::]:{port}"],
+                           "pool": "p"}],
+            "pools": [{"name": "p", "backends": [{"address": backend.address}]}]})
+        node = Activated(path, [(sock, name) for sock in made])
+        try:
+            await asyncio.to_thread(node.wait_listening, 1)
+            for host in ["127.0.0.1", "::1"][:len(hosts)]:
+                reader, writer = await asyncio.open_connection(host, port)
+                await roundtrip(reader, writer, f"via {host}".encode())
+                writer.close()
+        finally:
+            assert await asyncio.to_thread(node.stop) == 0, node.stderr()
+    assert ("address already in use" not in node.stderr()) and len(hosts) == len(made)
