@@ -210,29 +210,22 @@ class ControlRole(SingleRole):
     def bind(self, config: ListenerConfig, node_config: Config) -> list[socket.socket] | None:
         """The workers bind; here only check that they can (a reload that cannot bind is refused
         before any worker changes anything). Passed sockets go to the workers as they are."""
-        if config.dataplane != "kernel":
-            for sock in bind_all(config, Inherited(), reuse_port=True, backlog=1) \
-                    if not self.inherited else self._check_unpassed(config):
-                sock.close()
-        return None
-
-    def _check_unpassed(self, config: ListenerConfig) -> list[socket.socket]:
-        """Bind-check only the addresses no passed socket serves."""
-        socks: list[socket.socket] = []
+        if config.dataplane == "kernel":
+            return None
+        checked: list[socket.socket] = []
         try:
             for address in config.addresses:
                 if self.inherited.covers(config.name, address):
                     continue
                 try:
-                    socks.append(listen_socket(address, _socket_kind(config), backlog=1,
-                                               reuse_port=True))
+                    checked.append(listen_socket(address, _socket_kind(config), backlog=1,
+                                                 reuse_port=True))
                 except OSError as exc:
                     raise _bind_error(config, address, exc) from exc
-        except BaseException:
-            for sock in socks:
+        finally:
+            for sock in checked:
                 sock.close()
-            raise
-        return socks
+        return None
 
     def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
         if config.dataplane == "kernel":  # nftables is programmed once, here

@@ -190,6 +190,19 @@ async def test_matched_by_address_with_udp_and_an_address_bound_as_usual(
             async with udp_clients((LOOPBACK, port_of(udp))) as [client]:
                 await client.request(b"a question")
             doc = await asyncio.to_thread(status, admin)
+            if workers > 1:  # a worker that restarts gets the passed sockets again
+                pids = [w["pid"] for w in doc["workers"]]
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 3 * START_TIMEOUT
+                while not all(w["state"] == "running" and w["pid"] not in pids
+                              for w in (await asyncio.to_thread(status, admin))["workers"]):
+                    assert time.monotonic() < deadline, "the workers did not come back"
+                    await asyncio.sleep(0.1)  # polling the admin API of another process
+                for _ in range(4):
+                    reader, writer = await asyncio.open_connection(LOOPBACK, port_of(tcp))
+                    await roundtrip(reader, writer, b"served by a restarted worker")
+                    writer.close()
         finally:
             assert await asyncio.to_thread(node.stop) == 0, node.stderr()
     assert doc["passed_sockets"] == [
