@@ -78,6 +78,7 @@ class RuntimeChanges:
         self.timers = DrainTimers(node.loop, self._drain_expired)
         self.removing: dict[Key, float] = {}  # backend -> when its removal was asked (monotonic)
         self._finishing: set[Key] = set()
+        self._expired: set[Key] = set()  # drains whose deadline passed (not armed again)
 
     # --- the effective config ---------------------------------------------------------------------
 
@@ -107,6 +108,7 @@ class RuntimeChanges:
                 self.changed()
         pools = self.node.pools
         self.timers.keep_only(lambda p, b: p in pools and _has(pools[p], b))
+        self._expired = {k for k in self._expired if k[0] in pools and _has(pools[k[0]], k[1])}
         for key in [k for k in self.removing if k[0] not in pools or not _has(pools[k[0]], k[1])]:
             del self.removing[key]
         for pool in pools.values():
@@ -122,6 +124,7 @@ class RuntimeChanges:
             return
         for member in pool.members():
             if member.machine.state is BackendState.DRAINING and \
+                    (pool.name, member.id) not in self._expired and \
                     self.timers.remaining(pool.name, member.id) is None:
                 began = self.node.loop.time() - (time.monotonic() - member.machine.since)
                 self.timers.arm(pool.name, member.id, timeout, started=began)
@@ -195,10 +198,11 @@ class RuntimeChanges:
             lists: AclLists | None = getattr(listener, "acl_lists", None)
             if lists is None:
                 continue
-            for kind, file_list in (("allow", lists.file_allow), ("deny", lists.file_deny)):
-                if lists.get(kind) != file_list:  # type: ignore[arg-type]
-                    self.overlay.set_acl(listener.name, kind,  # type: ignore[arg-type]
-                                         lists.get(kind), file_list)  # type: ignore[arg-type]
+            pairs: tuple[tuple[Kind, tuple[str, ...]], ...] = (("allow", lists.file_allow),
+                                                               ("deny", lists.file_deny))
+            for kind, file_list in pairs:
+                if lists.get(kind) != file_list:
+                    self.overlay.set_acl(listener.name, kind, lists.get(kind), file_list)
         return self.overlay.document()
 
     async def close(self) -> None:
@@ -218,6 +222,7 @@ class RuntimeChanges:
             self.timers.arm(pool_name, backend, pool.config.drain_timeout)
         elif transition.old is BackendState.DRAINING:
             self.timers.cancel(pool_name, backend)
+            self._expired.discard((pool_name, backend))
         if transition.old in OPERATOR_STATES and transition.new not in OPERATOR_STATES and \
                 (pool_name, backend) in self.overlay.states:
             self.overlay.set_state(pool_name, backend, None)
@@ -238,6 +243,7 @@ class RuntimeChanges:
                 self._finish_later(key)
 
     def _drain_expired(self, pool_name: str, backend: str) -> None:
+        self._expired.add((pool_name, backend))
         pool = self.node.pools.get(pool_name)
         if pool is None or not _has(pool, backend) or \
                 pool.member(backend).machine.state is not BackendState.DRAINING:
@@ -270,6 +276,7 @@ class RuntimeChanges:
         pool.drain(member.id, f"operator drain via admin api{said}")
         if timeout is not None:
             self.timers.arm(pool.name, member.id, timeout, override=True)
+            self._expired.discard((pool.name, member.id))
         self._set_state(pool.name, member.id, "draining")
         return member
 
@@ -345,8 +352,9 @@ class RuntimeChanges:
             raise BackendExists(f"{member.id!r} is the last backend of pool {pool.name!r}: a pool "
                                 "keeps at least one (remove the pool from the config file)")
         key = (pool.name, member.id)
-        if member.machine.state not in OPERATOR_STATES:
+        if member.machine.state is not BackendState.DRAINING:  # maintenance too: drain_timeout applies
             pool.drain(member.id, "removal via admin api")
+        self._set_state(pool.name, member.id, "draining")  # a restart meanwhile finds it drained
         self.removing.setdefault(key, time.monotonic())
         if self.stats_lag == 0 and self._active(pool, member.id) == 0:
             await self._finish(key)
