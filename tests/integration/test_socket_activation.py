@@ -283,3 +283,41 @@ async def test_the_shipped_socket_unit_serves_its_listener(tmp_path: Path,
         finally:
             assert await asyncio.to_thread(node.stop) == 0, node.stderr()
     assert ("address already in use" not in node.stderr()) and len(hosts) == len(made)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["w1", "w2"])
+async def test_a_reload_gives_an_unused_passed_socket_to_the_listener_it_adds(
+        tmp_path: Path, made: list[socket.socket], workers: int) -> None:
+    """In the test's process: a passed socket no listener takes at start is kept; a reload that
+    adds a listener on its address serves on it (while this test holds it bound, so binding the
+    address anew would fail)."""
+    from pointsman.app import build_node
+    from pointsman.config.loader import load_file
+    from pointsman.node.activation import Inherited, inspect
+    from tests.support import wait_for
+
+    spare = listening(made)
+    async with echo_backend() as backend:
+        data: dict[str, Any] = {
+            "workers": workers,
+            "listeners": [{"name": "web", "bind": f"{LOOPBACK}:{free_port()}", "pool": "p"}],
+            "pools": [{"name": "p", "backends": [{"address": backend.address}]}]}
+        path = write_config(tmp_path, data)
+        inherited = Inherited([inspect(spare.fileno(), "pointsman.socket")])
+        node = build_node(load_file(path), config_path=path, announce=lambda line: None,
+                          workers=workers, inherited=inherited)
+        await node.start()
+        try:
+            assert [s["listener"] for s in node.passed_sockets()] == [None]
+            data["listeners"].append({"name": "late", "bind": f"{LOOPBACK}:{port_of(spare)}",
+                                      "pool": "p"})
+            write_config(tmp_path, data)
+            assert await node.reload() == []
+            await wait_for(lambda: all(lst.accepting for lst in node.listeners.values()), STEP,
+                           what="the new listener served")
+            reader, writer = await asyncio.open_connection(LOOPBACK, port_of(spare))
+            await roundtrip(reader, writer, b"on the passed socket")
+            writer.close()
+            assert [s["listener"] for s in node.passed_sockets()] == ["late"]
+        finally:
+            await node.shutdown()
