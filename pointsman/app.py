@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pointsman.config.model import AdminConfig, Config
 from pointsman.discovery.composer import Composer
+from pointsman.node.activation import Inherited
 from pointsman.node.remote import WorkerReports
 from pointsman.node.roles import ControlRole, SingleRole, worker_count
 from pointsman.node.runtime import Node
@@ -31,7 +32,9 @@ log = logging.getLogger("pointsman")
 
 def build_node(config: Config, *, config_path: str | Path | None = None,
                announce: Callable[[str], None] = print, workers: int | None = None,
-               log_level: str = "info", agent: NodeAgent | None = None) -> Node:
+               log_level: str = "info", agent: NodeAgent | None = None,
+               inherited: Inherited | None = None) -> Node:
+    """`inherited`: the listening sockets systemd passed (socket activation), if any."""
     count = workers if workers is not None else worker_count(config)
     if count > 1:
         reports = WorkerReports()
@@ -47,11 +50,11 @@ def build_node(config: Config, *, config_path: str | Path | None = None,
                 pool.report_connect_failure(signal.backend)
 
         processes = WorkerProcesses(count, reports, on_signal, log_level)
-        node = Node(config, ControlRole(processes, reports), config_path=config_path,
+        node = Node(config, ControlRole(processes, reports, inherited), config_path=config_path,
                     announce=announce)
         node_ref.append(node)
     else:
-        node = Node(config, SingleRole(), config_path=config_path, announce=announce)
+        node = Node(config, SingleRole(inherited), config_path=config_path, announce=announce)
     composer = agent.composer if agent is not None else Composer()
     node.config_source = composer
     node.services = [BgpService(), ComposerService(composer)]
@@ -108,7 +111,8 @@ class ComposerService:
         self.composer = composer
 
     async def start(self, node: Node) -> None:
-        await self.composer.start(node.config, node.apply, node.tasks)
+        # The file's config: the node puts the runtime changes over every config it is given.
+        await self.composer.start(node.file_config, node.apply, node.tasks)
 
     async def apply(self, config: Config) -> None:
         pass

@@ -23,6 +23,7 @@ from pointsman.loop import run as run_loop
 if TYPE_CHECKING:
     from pointsman.config.node import NodeFile
     from pointsman.fleet.agent import NodeAgent
+    from pointsman.node.activation import Inherited
 
 
 def _setup_logging(level: str) -> None:
@@ -42,7 +43,7 @@ def main() -> None:
 
     \b
     Commands that talk to a running pointsman (status, drain, enable, maintenance, weight,
-    reload, node) find its admin API, first match wins:
+    backend, deny, reload, node) find its admin API, first match wins:
       --admin URL, --token-file FILE    on the command line
       -c/--config FILE                  that config's admin.bind and admin.token_file
       POINTSMAN_ADMIN, POINTSMAN_TOKEN_FILE, POINTSMAN_TOKEN (the token itself)
@@ -99,7 +100,7 @@ def _held_by_running(cfg: Config) -> list[tuple[HostPort, str]]:
     config's pointsman when it runs a listener of the same name; another one (the demo, say)
     holds nothing of ours. Nothing when nothing answers there."""
     from pointsman.admin.target import url_for
-    from pointsman.config.addresses import parse_host_port
+    from pointsman.config.addresses import binds_of
 
     if cfg.admin is None:
         return []
@@ -107,7 +108,8 @@ def _held_by_running(cfg: Config) -> list[tuple[HostPort, str]]:
     try:
         listeners = AdminClient(url, timeout=2.0).status()["listeners"]
         names = {str(lst["name"]) for lst in listeners}
-        held = [(parse_host_port(lst["bind"]), str(lst["protocol"])) for lst in listeners]
+        held = [(address, str(lst["protocol"])) for lst in listeners
+                for address in binds_of(lst.get("binds") or lst["bind"]).addresses]
     except (AdminError, KeyError, TypeError, ValueError):
         return []
     if not names & {listener.name for listener in cfg.listeners}:
@@ -136,14 +138,35 @@ def run(config: str, log_level: str, no_uvloop: bool) -> None:
         node = _load_node_or_exit(config)
         _exit_on_issues(preflight_node(node), config, "cannot start: ")
         prepare_process(None)  # soft RLIMIT_NOFILE up to the hard limit (workers inherit it)
-        run_loop(_serve_node(node, log_level), use_uvloop=not no_uvloop)
+        run_loop(_serve_node(node, log_level, _passed_sockets(None)), use_uvloop=not no_uvloop)
         return
     cfg = load_or_exit(config)
+    inherited = _passed_sockets(cfg)
     # What `check` finds (files, addresses to bind) stops `run` before anything is bound, with
-    # the same file:line: field: message lines, instead of a half-started node.
-    _exit_on_issues(preflight_file(config, cfg), config, "cannot start: ")
+    # the same file:line: field: message lines, instead of a half-started node. Addresses that
+    # systemd passed sockets for are not tried (they are bound: by systemd).
+    _exit_on_issues(preflight_file(config, cfg, held=inherited.held(cfg)), config,
+                    "cannot start: ")
     prepare_process(cfg)  # RLIMIT_NOFILE raised, and a warning if the tables do not fit
-    run_loop(_serve(cfg, config, log_level), use_uvloop=not no_uvloop)
+    run_loop(_serve(cfg, config, log_level, inherited=inherited), use_uvloop=not no_uvloop)
+
+
+def _passed_sockets(cfg: Config | None) -> Inherited:
+    """The listening sockets systemd passed (socket activation; none outside it). A fleet node
+    (`cfg` None) matches them to its listeners once the cluster config arrives."""
+    from pointsman.node.activation import ActivationError, Inherited
+
+    try:
+        inherited = Inherited.from_environment()
+        if cfg is not None:
+            inherited.held(cfg)  # a named socket that does not fit its listener: say so now
+    except ActivationError as exc:
+        click.echo(f"cannot start: socket activation: {exc}", err=True)
+        sys.exit(1)
+    if inherited:
+        logging.getLogger("pointsman").info(
+            "socket activation: %s", ", ".join(s.describe() for s in inherited.sockets))
+    return inherited
 
 
 
@@ -157,7 +180,7 @@ def _load_node_or_exit(path: str) -> NodeFile:
         raise  # not reached: exit_with exits
 
 
-async def _serve_node(node: NodeFile, log_level: str) -> None:
+async def _serve_node(node: NodeFile, log_level: str, inherited: Inherited) -> None:
     """Wait for a valid cluster config in etcd (SIGTERM/SIGINT end the wait), then serve it."""
     import asyncio
     import signal
@@ -178,11 +201,11 @@ async def _serve_node(node: NodeFile, log_level: str) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    await _serve(cfg, None, log_level, agent=agent)
+    await _serve(cfg, None, log_level, agent=agent, inherited=inherited)
 
 
 async def _serve(cfg: Config, path: str | None, log_level: str = "info",
-                 agent: NodeAgent | None = None) -> None:
+                 agent: NodeAgent | None = None, inherited: Inherited | None = None) -> None:
     from pointsman import __version__
     from pointsman.app import build_node
     from pointsman.node.roles import worker_count
@@ -196,7 +219,7 @@ async def _serve(cfg: Config, path: str | None, log_level: str = "info",
              f"a control process and {workers} workers" if workers > 1 else "one process",
              len(cfg.listeners), "" if len(cfg.listeners) == 1 else "s")
     node = build_node(cfg, config_path=path, announce=announce, workers=workers,
-                      log_level=log_level, agent=agent)
+                      log_level=log_level, agent=agent, inherited=inherited)
     # Before the "listening" lines: a SIGTERM right after them must stop us cleanly, not kill us.
     node.install_signal_handlers()
     try:
@@ -329,20 +352,102 @@ def status(admin_url: str | None, token_file: str | None, as_json: bool) -> None
     click.echo(render_status(first, second, 1.0))
 
 
-def _backend_command(action: str, doc: str) -> None:
-    @main.command(name=action, help=doc)
-    @click.argument("pool")
-    @click.argument("backend")
-    @_admin_options
-    def command(pool: str, backend: str, admin_url: str | None, token_file: str | None) -> None:
-        result = _call(lambda: _client(admin_url, token_file).backend_action(pool, backend, action))
-        click.echo(f"{pool}/{result['backend']}: {result['state']} ({result['active']} active)")
+def _say_backend(pool: str, result: dict[str, Any], extra: str = "") -> None:
+    click.echo(f"{pool}/{result['backend']}: {result['state']} ({result['active']} active){extra}")
 
 
-_BACKEND = " BACKEND is its name or its host:port."
-_backend_command("drain", "Drain BACKEND of POOL: no new connections, existing ones finish." + _BACKEND)
-_backend_command("enable", "Return BACKEND of POOL to service." + _BACKEND)
-_backend_command("maintenance", "Put BACKEND of POOL in maintenance: no new connections." + _BACKEND)
+@main.command()
+@click.argument("pool")
+@click.argument("backend")
+@click.option("--timeout", default=None, metavar="DURATION",
+              help="Close its remaining connections this long from now (60s, 5m); default: the "
+                   "pool's drain_timeout, if any.")
+@_admin_options
+def drain(pool: str, backend: str, timeout: str | None, admin_url: str | None,
+          token_file: str | None) -> None:
+    """Drain BACKEND of POOL: no new connections, existing ones finish (or are closed once the
+    timeout passes, counted as drain_timeout). BACKEND is its name or its host:port."""
+    from pointsman.config.durations import parse_duration
+
+    if timeout is not None:
+        try:
+            parse_duration(timeout)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--timeout") from None
+    options = {"timeout": timeout} if timeout is not None else None
+    result = _call(lambda: _client(admin_url, token_file).backend_action(pool, backend, "drain",
+                                                                         options))
+    _say_backend(pool, result, f"; closing what is left in {timeout}" if timeout else "")
+
+
+@main.command()
+@click.argument("pool")
+@click.argument("backend")
+@_admin_options
+def enable(pool: str, backend: str, admin_url: str | None, token_file: str | None) -> None:
+    """Return BACKEND of POOL to service (a removal under way is cancelled). BACKEND is its
+    name or its host:port."""
+    _say_backend(pool, _call(lambda: _client(admin_url, token_file).backend_action(
+        pool, backend, "enable")))
+
+
+@main.command()
+@click.argument("pool")
+@click.argument("backend")
+@click.option("--close", is_flag=True, help="Close its open connections now (closed_by_operator).")
+@_admin_options
+def maintenance(pool: str, backend: str, close: bool, admin_url: str | None,
+                token_file: str | None) -> None:
+    """Put BACKEND of POOL in maintenance: no new connections; with --close its open ones are
+    closed now. BACKEND is its name or its host:port."""
+    options = {"close": True} if close else None
+    result = _call(lambda: _client(admin_url, token_file).backend_action(
+        pool, backend, "maintenance", options))
+    _say_backend(pool, result, f"; closed {result['closed']}" if "closed" in result else "")
+
+
+@main.group()
+def backend() -> None:
+    """Add or remove a pool's backends at run time (kept across reloads; with state_file,
+    across restarts too)."""
+
+
+@backend.command(name="add", context_settings={"ignore_unknown_options": True})
+@click.argument("pool")
+@click.argument("address")
+@click.option("--weight", type=click.IntRange(0, 1000), default=None, help="0-1000 [default: 1].")
+@click.option("--name", default=None, help="Its id in the pool [default: ADDRESS as written].")
+@click.option("--backup", is_flag=True, help="Serve only while no other backend is available.")
+@_admin_options
+def backend_add(pool: str, address: str, weight: int | None, name: str | None, backup: bool,
+                admin_url: str | None, token_file: str | None) -> None:
+    """Add the backend at ADDRESS (host:port) to POOL. It starts in the pool's initial_state
+    and is health checked as the others."""
+    entry: dict[str, Any] = {"address": address}
+    if name is not None:
+        entry["name"] = name
+    if weight is not None:
+        entry["weight"] = weight
+    if backup:
+        entry["backup"] = True
+    result = _call(lambda: _client(admin_url, token_file).add_backend(pool, entry))
+    click.echo(f"{pool}/{result['backend']}: added ({result['address']}, {result['state']})")
+
+
+@backend.command(name="remove")
+@click.argument("pool")
+@click.argument("backend_name", metavar="BACKEND")
+@_admin_options
+def backend_remove(pool: str, backend_name: str, admin_url: str | None,
+                   token_file: str | None) -> None:
+    """Drain BACKEND (its name, or host:port) of POOL and remove it once its connections end
+    (or the pool's drain_timeout closes them)."""
+    result = _call(lambda: _client(admin_url, token_file).remove_backend(pool, backend_name))
+    if result.get("removed"):
+        click.echo(f"{pool}/{result['backend']}: removed")
+    else:
+        click.echo(f"{pool}/{result['backend']}: draining ({result['active']} active); removed "
+                   "once they end (`pointsman status` shows it meanwhile)")
 
 
 # ignore_unknown_options: `weight p b -1` is a weight out of range, not an unknown option "-1".

@@ -9,6 +9,7 @@ kind of data plane has (the exporters and the status document dispatch on it).
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from typing import Protocol
 
 from pointsman.config.model import ListenerConfig
@@ -34,8 +35,9 @@ class DataPlane(Protocol):
     @property
     def accepting(self) -> bool: ...
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Start serving on `sock` (bound by the node), or bind/program what it needs itself."""
+    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None) -> None:
+        """Start serving on `sock` (bound by the node: one socket per address of the listener's
+        `bind`), or bind/program what it needs itself."""
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
         """Reload: new settings for new connections; established ones are untouched."""

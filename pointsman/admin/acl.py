@@ -58,6 +58,7 @@ def add_acl_routes(app: web.Application, node: NodeView) -> None:
             raise _http(web.HTTPBadRequest, 'expected a JSON list of prefixes, e.g. ["192.0.2.0/24"]')
         lists = listener.acl_lists.replaced(kind, body)  # ValueError: 400 naming the prefix
         listener.set_acl(lists)  # with workers: the control's view sends it to every worker
+        node.changes.changed()  # the state file (if any) keeps it across restarts
         return web.json_response(list(lists.get(kind)))
 
     app.router.add_get(ROUTE, get)

@@ -77,9 +77,19 @@ class AdminClient:
     def status(self) -> Any:
         return self.request("GET", "/api/v1/status")
 
-    def backend_action(self, pool: str, backend: str, action: str) -> Any:
+    def backend_action(self, pool: str, backend: str, action: str,
+                       options: dict[str, Any] | None = None) -> Any:
+        """drain ({"timeout": "60s"}), maintenance ({"close": true}) or enable."""
         path = f"/api/v1/pools/{_seg(pool)}/backends/{_seg(backend)}/{action}"
-        return self.request("POST", path)
+        return self.request("POST", path, options or None)
+
+    def add_backend(self, pool: str, entry: dict[str, Any]) -> Any:
+        """Add a backend ({address, name, weight, backup}) to a running pool."""
+        return self.request("POST", f"/api/v1/pools/{_seg(pool)}/backends", entry)
+
+    def remove_backend(self, pool: str, backend: str) -> Any:
+        """Drain a backend and remove it once its connections end ("removed": false until)."""
+        return self.request("DELETE", f"/api/v1/pools/{_seg(pool)}/backends/{_seg(backend)}")
 
     def set_weight(self, pool: str, backend: str, weight: int) -> Any:
         path = f"/api/v1/pools/{_seg(pool)}/backends/{_seg(backend)}/weight"

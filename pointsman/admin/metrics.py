@@ -390,7 +390,8 @@ class RuntimeCollector(Collector):
     def _accept_queues(self) -> Iterator[Metric]:
         """Per TCP listener: its accept queue now and the queue's bound, from sock_diag, so the
         control process sees the workers' sockets too. With several sockets (workers, with
-        SO_REUSEPORT) the fullest one is shown: that is the one that overflows first."""
+        SO_REUSEPORT; several addresses or a port range) the fullest one is shown: that is the
+        one that overflows first."""
         lbl = ["listener", "pool"]
         depth = GaugeMetricFamily(P + "accept_queue_depth", "Handshaken connections waiting for "
                                   "accept() (the fullest listening socket)", labels=lbl)
@@ -402,11 +403,11 @@ class RuntimeCollector(Collector):
         wanted = {}
         for listener in list(self.runtime.listeners.values()):
             if listener.config.protocol == "tcp" and listener.config.dataplane == "proxy":
-                bind = listener.config.bind
-                try:
-                    wanted[(ipaddress.ip_address(bind.host), bind.port)] = listener
-                except ValueError:
-                    continue
+                for bind in listener.config.addresses:  # each its own socket (lists, ranges)
+                    try:
+                        wanted[(ipaddress.ip_address(bind.host), bind.port)] = listener
+                    except ValueError:
+                        continue
         if wanted:
             try:
                 found = sockdiag.listen_sockets(sorted({_family(a) for a, _ in wanted}))
@@ -416,8 +417,11 @@ class RuntimeCollector(Collector):
             by_address: dict[tuple[Any, int], list[sockdiag.ListenSocket]] = {}
             for sock in found:
                 by_address.setdefault((sock.address, sock.port), []).append(sock)
-            for key, listener in wanted.items():
-                socks = by_address.get(key)
+            per_listener: dict[str, list[sockdiag.ListenSocket]] = {}
+            for key, listener in wanted.items():  # a listener with several addresses: all of them
+                per_listener.setdefault(listener.name, []).extend(by_address.get(key, []))
+            for listener in {lst.name: lst for lst in wanted.values()}.values():
+                socks = per_listener.get(listener.name)
                 if not socks:
                     continue
                 fullest = max(socks, key=lambda s: (s.queued / max(s.bound, 1), s.queued))

@@ -32,6 +32,16 @@ _EVENT_FILTERS = [
 ]
 _OPEN = ("/healthz", "/readyz")
 _LISTENER_PARAM = [{"name": "listener", "in": "path", "required": True, "schema": {"type": "string"}}]
+_BACKEND_ENTRY = {
+    "type": "object", "required": ["address"], "additionalProperties": False,
+    "properties": {
+        "address": {"type": "string", "example": "10.0.1.12:443", "description": "host:port"},
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+        "weight": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "backup": {"type": "boolean"},
+        "health_check_address": {"type": "string", "description": "probe this host:port instead"},
+    },
+}
 _PREFIXES = {"type": "array", "items": {"type": "string"},
              "description": 'addresses or prefixes, e.g. ["192.0.2.0/24", "2001:db8::/32"]'}
 
@@ -52,6 +62,17 @@ def _with_200(op: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     """`op` answering 200 with a body of `schema` (instead of an object)."""
     ok = {"description": "done", "content": {"application/json": {"schema": schema}}}
     return {**op, "responses": {**op["responses"], "200": ok}}
+
+
+def _with_status(op: dict[str, Any], status: str) -> dict[str, Any]:
+    """`op` that also answers `status` (201 created, 202 accepted) with a JSON object."""
+    return {**op, "responses": {**op["responses"], status: {"description": "done",
+                                                            "content": _JSON}}}
+
+
+def _optional_body(op: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    return {**op, "requestBody": {"required": False,
+                                  "content": {"application/json": {"schema": schema}}}}
 
 
 def _read(summary: str, content_type: str = "application/json") -> dict[str, Any]:
@@ -75,12 +96,30 @@ OPENAPI: dict[str, Any] = {
             "summary": "recent events (backend states, admin actions, reloads, BGP), oldest first",
             "parameters": _EVENT_FILTERS,
             "responses": {"200": {"description": "ok", "content": _JSON}, "400": _ERROR}}},
+        "/api/v1/pools/{pool}/backends": {
+            "parameters": _PATH_PARAMS[:1],
+            "post": _with_status(_mutating("add a backend (kept across reloads; with state_file, "
+                                           "restarts)", _BACKEND_ENTRY), "201")},
+        "/api/v1/pools/{pool}/backends/{backend}": {
+            "parameters": _PATH_PARAMS,
+            "delete": _with_status(_mutating("drain the backend, remove it once its connections "
+                                             "end (202 until then)"), "202")},
         "/api/v1/pools/{pool}/backends/{backend}/drain": {
-            "parameters": _PATH_PARAMS, "post": _mutating("no new connections; existing finish")},
+            "parameters": _PATH_PARAMS,
+            "post": _optional_body(_mutating(
+                "no new connections; existing finish (or are closed after the timeout)"), {
+                "type": "object", "additionalProperties": False, "properties": {"timeout": {
+                    "oneOf": [{"type": "string", "example": "60s"},
+                              {"type": "number", "minimum": 0}],
+                    "description": "close what is left this long from now (60s, 5m); default "
+                                   "the pool's drain_timeout"}}})},
         "/api/v1/pools/{pool}/backends/{backend}/enable": {
             "parameters": _PATH_PARAMS, "post": _mutating("back into service")},
         "/api/v1/pools/{pool}/backends/{backend}/maintenance": {
-            "parameters": _PATH_PARAMS, "post": _mutating("no new connections (maintenance)")},
+            "parameters": _PATH_PARAMS,
+            "post": _optional_body(_mutating("no new connections (maintenance)"), {
+                "type": "object", "additionalProperties": False, "properties": {"close": {
+                    "type": "boolean", "description": "close its connections now"}}})},
         "/api/v1/pools/{pool}/backends/{backend}/weight": {
             "parameters": _PATH_PARAMS,
             "put": _mutating("set the weight (0-1000)", {

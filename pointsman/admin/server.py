@@ -1,5 +1,7 @@
 """The admin listener (aiohttp): health, readiness, metrics, the status API and page, the event
-log, and the operator calls (drain, enable, maintenance, weight, reload, node drain/resume).
+log, and the operator calls (drain, enable, maintenance, weight, add and remove backends,
+reload, node drain/resume). Calls on backends go to the node's `changes` (`node.changes`), which
+keeps them across reloads and, with a state file, restarts.
 
 One middleware guards every route, so routes added later inherit it: it decides from the method
 and path alone whether a call is open, a read or a write (`auth.access_for`), checks the bearer
@@ -15,7 +17,7 @@ import json
 import logging
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from pointsman.admin.acl import add_acl_routes
 from pointsman.admin.auth import Access, Credential, Tokens, access_for, check_secret, token_sources
@@ -30,8 +33,11 @@ from pointsman.admin.body import MAX_BODY_BYTES, BodyError, decode_json
 from pointsman.admin.metrics import registry_for
 from pointsman.admin.openapi import openapi_document
 from pointsman.admin.status import status
-from pointsman.config.model import AdminConfig, AdminTlsConfig
-from pointsman.pool.pool import UnknownBackend
+from pointsman.config.addresses import resolve
+from pointsman.config.durations import parse_duration
+from pointsman.config.model import MAX_DRAIN_TIMEOUT, AdminConfig, AdminTlsConfig, BackendConfig
+from pointsman.node.changes import BackendExists
+from pointsman.pool.pool import Member, UnknownBackend, UnknownPool
 from pointsman.pool.state import IllegalTransition
 from pointsman.telemetry.eventlog import EVENTS, record_admin
 from pointsman.telemetry.events import AdminEvent, dicts, parse_filter
@@ -78,6 +84,8 @@ class AdminServer:
         app.router.add_post("/api/v1/pools/{pool}/backends/{backend}/{action:drain|enable|maintenance}",
                             self.action)
         app.router.add_put("/api/v1/pools/{pool}/backends/{backend}/weight", self.weight)
+        app.router.add_post("/api/v1/pools/{pool}/backends", self.add_backend)
+        app.router.add_delete("/api/v1/pools/{pool}/backends/{backend}", self.remove_backend)
         app.router.add_post("/api/v1/reload", self.reload)
         app.router.add_get("/api/v1/node", self.node)
         app.router.add_post("/api/v1/node/{action:drain|resume}", self.node_action)
@@ -130,9 +138,9 @@ class AdminServer:
             return _error(exc.status, exc.reason, headers)
         except BodyError as exc:
             return _error(exc.status, exc.reason)
-        except UnknownBackend as exc:
-            return _error(404, str(exc))  # names the pool's backends
-        except IllegalTransition as exc:
+        except (UnknownBackend, UnknownPool) as exc:
+            return _error(404, str(exc))  # names the pool's backends (or the node's pools)
+        except (IllegalTransition, BackendExists) as exc:
             return _error(409, str(exc))
         except ValueError as exc:
             return _error(400, str(exc))
@@ -191,25 +199,40 @@ class AdminServer:
     # --- operator calls ------------------------------------------------------------------------------
 
     async def action(self, request: web.Request) -> web.Response:
+        """drain (body, optional: {"timeout": "60s"}: close what is left then), maintenance
+        (optional: {"close": true}: close its connections now) and enable."""
         action = request.match_info["action"]
         if action not in ACTIONS:
             return _error(404, f"unknown action {action!r}; expected one of {ACTIONS}")
-        pool = self.runtime.pools.get(request.match_info["pool"])
-        if pool is None:
-            return _error(404, _no_pool(request.match_info["pool"], self.runtime.pools))
-        backend = pool.find(request.match_info["backend"]).id  # a name or a host:port
-        getattr(pool, action)(backend, f"operator {action} via admin api")
-        member = pool.member(backend)
+        pool, backend = request.match_info["pool"], request.match_info["backend"]
+        options = await _options(request, _ACTION_OPTIONS[action])
+        changes = self.runtime.changes
+        answer: dict[str, Any] = {}
+        if action == "drain":
+            timeout = _duration(options.get("timeout"), "timeout")
+            member = changes.drain(pool, backend, timeout)
+            if timeout is not None:
+                answer["timeout"] = timeout
+        elif action == "maintenance":
+            close = options.get("close", False)
+            if not isinstance(close, bool):
+                return _error(400, 'close must be true or false, e.g. {"close": true}')
+            member, closed = changes.maintenance(pool, backend, close)
+            if closed is not None:
+                answer["closed"] = closed
+        else:
+            member = changes.enable(pool, backend)
+        return web.json_response({**self._backend_answer(pool, member), **answer})
+
+    def _backend_answer(self, pool_name: str, member: Member) -> dict[str, Any]:
+        pool = self.runtime.pools[pool_name]
         stats = dict(zip((m.id for m in pool.members()), self.runtime.backend_stats(pool),
                          strict=True))
-        return web.json_response({"pool": pool.name, "backend": backend,
-                                  "state": member.machine.state.value,
-                                  "active": stats[backend].active})
+        found = stats.get(member.id)
+        return {"pool": pool.name, "backend": member.id, "state": member.machine.state.value,
+                "active": found.active if found is not None else 0}
 
     async def weight(self, request: web.Request) -> web.Response:
-        pool = self.runtime.pools.get(request.match_info["pool"])
-        if pool is None:
-            return _error(404, _no_pool(request.match_info["pool"], self.runtime.pools))
         try:
             body = await read_json(request)
         except BodyError as exc:
@@ -219,9 +242,48 @@ class AdminServer:
         weight = body.get("weight") if isinstance(body, dict) else None
         if not isinstance(weight, int) or isinstance(weight, bool):
             return _error(400, 'expected a JSON body such as {"weight": 3}')
-        backend = pool.find(request.match_info["backend"]).id
-        pool.set_weight(backend, weight)
-        return web.json_response({"pool": pool.name, "backend": backend, "weight": weight})
+        member = self.runtime.changes.set_weight(request.match_info["pool"],
+                                                 request.match_info["backend"], weight)
+        return web.json_response({"pool": request.match_info["pool"], "backend": member.id,
+                                  "weight": weight})
+
+    async def add_backend(self, request: web.Request) -> web.Response:
+        """{address, name, weight, backup, health_check_address}: validated as a config entry
+        is, the address resolved once (as the loader does), then applied as config: with
+        workers, they receive it as one."""
+        pool = request.match_info["pool"]
+        if pool not in self.runtime.pools:
+            raise UnknownPool(pool, tuple(self.runtime.pools))
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            return _error(400, 'expected a JSON object such as {"address": "10.0.0.9:8080", '
+                               '"name": "app-9", "weight": 1}')
+        try:
+            entry = BackendConfig.model_validate(body)
+        except ValidationError as exc:
+            return _error(400, "; ".join(_field_error(err) for err in exc.errors()))
+        try:
+            entry = await asyncio.to_thread(_resolved, entry)
+        except ValueError as exc:
+            return _error(400, f"address: {exc}")
+        member, errors = await self.runtime.changes.add(pool, entry)
+        answer = {**self._backend_answer(pool, member), "address": str(member.config.address),
+                  "backup": member.config.backup}
+        if errors:
+            return web.json_response({**answer, "errors": errors,
+                                      "error": f"added, but a worker did not apply it: {errors[0]}"},
+                                     status=500)
+        return web.json_response(answer, status=201)
+
+    async def remove_backend(self, request: web.Request) -> web.Response:
+        """Drain the backend, then remove it once its connections end (or its pool's
+        drain_timeout closes them): 200 when it is gone, 202 while it drains."""
+        pool = request.match_info["pool"]
+        member, removed = await self.runtime.changes.remove(pool, request.match_info["backend"])
+        if removed:
+            return web.json_response({"pool": pool, "backend": member.id, "removed": True})
+        answer = self._backend_answer(pool, member)
+        return web.json_response({**answer, "removed": False}, status=202)
 
     async def reload(self, request: web.Request) -> web.Response:
         errors = await self.runtime.reload()
@@ -247,8 +309,53 @@ class AdminServer:
                                   "bgp": bgp.statistics()})
 
 
-def _no_pool(name: str, pools: Mapping[str, object]) -> str:
-    return f"no pool {name!r}; pools: {', '.join(pools) or 'none'}"
+_ACTION_OPTIONS = {"drain": ("timeout",), "maintenance": ("close",), "enable": ()}
+
+
+async def _options(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """An action's optional JSON object body ({} without a body)."""
+    if not request.can_read_body:
+        return {}
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BodyError(400, f"expected a JSON object with {' or '.join(allowed) or 'nothing'}")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise BodyError(400, f"unknown key {unknown[0]!r}; this call takes "
+                             f"{', '.join(allowed) or 'no keys'}")
+    return body
+
+
+def _duration(value: object, key: str) -> float | None:
+    """A duration as the config writes it ("60s", "2m", 90), or None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f'{key}: expected a duration such as "60s"')
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+    if not seconds <= MAX_DRAIN_TIMEOUT:  # NaN too
+        raise ValueError(f"{key}: at most {MAX_DRAIN_TIMEOUT / 86400:g} days, got {value!r}")
+    return seconds
+
+
+def _resolved(entry: BackendConfig) -> BackendConfig:
+    update: dict[str, Any] = {"address": resolve(entry.address)}
+    if entry.health_check_address is not None:
+        update["health_check_address"] = resolve(entry.health_check_address)
+    return entry.model_copy(update=update)
+
+
+def _field_error(err: Any) -> str:
+    where = ".".join(str(part) for part in err["loc"])
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif err["type"] == "missing":
+        message = "required"
+    return f"{where}: {message}" if where else message
 
 
 # --- helpers -------------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ def status(node: NodeView) -> dict[str, Any]:
         # Copies of the tables: the document may be built in a thread while a reload runs.
         "listeners": [_listener(listener) for listener in list(node.listeners.values())],
         "pools": [_pool(pool, node) for pool in list(node.pools.values())],
+        # Runtime changes (API weights, drains, added/removed backends) and the state file.
+        "runtime": node.changes.statistics(),
+        "passed_sockets": node.passed_sockets(),
         "transitions": [
             {"at": at, "pool": pool, "backend": t.backend, "old": t.old.value,
              "new": t.new.value, "event": t.event.value, "reason": t.reason}
@@ -49,6 +52,7 @@ def _listener(listener: DataPlane) -> dict[str, Any]:
         "protocol": config.protocol,
         "dataplane": config.dataplane,
         "bind": str(config.bind),
+        "binds": [str(entry) for entry in config.bind],  # each entry: host:port or host:first-last
         "pool": listener.pool.name,
         "accepting": listener.accepting,
     }
@@ -83,7 +87,8 @@ def _pool(pool: Pool, node: NodeView) -> dict[str, Any]:
         "algorithm": pool.config.algorithm,
         "available": snapshot.available,
         "total": len(snapshot.backends),
-        "backends": [_backend(m, view.effective_weight, stats)
+        "backends": [{**_backend(m, view.effective_weight, stats),
+                      **node.changes.backend_status(pool.name, m.id)}
                      for m, view, stats in zip(members, snapshot.backends, node.backend_stats(pool),
                                                strict=True)],
     }

@@ -7,11 +7,26 @@ rules (unique names, references to pools) live in `semantics.py` so each error c
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    model_validator,
+)
 
-from pointsman.config.addresses import HostPort, parse_host_port
+from pointsman.config.addresses import (
+    BindRange,
+    Binds,
+    HostPort,
+    parse_bind_range,
+    parse_host_port,
+)
 from pointsman.config.durations import parse_duration, parse_fraction
 from pointsman.protect.acl import canonical as _acl_prefix
 
@@ -41,6 +56,16 @@ def _host_prefix(value: object) -> str:
     return str(network)
 
 
+def _bind_entries(value: object) -> object:
+    """A string is one entry (its error is the field's); a list is validated entry by entry, so
+    an error names the entry (`bind[1]`) and its line."""
+    if isinstance(value, str):
+        return (parse_bind_range(value),)
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected host:port, host:first-last or a list of them, got {value!r}")
+    return value
+
+
 def _acl_network(value: object) -> str:
     """An allow/deny entry: host bits cleared, an IPv4-mapped prefix stored as IPv4."""
     return _acl_prefix(value)
@@ -66,6 +91,14 @@ IPAddress = Annotated[str, BeforeValidator(_ip_address)]
 Network = Annotated[str, BeforeValidator(_ip_network)]
 HostPrefix = Annotated[str, BeforeValidator(_host_prefix)]
 AclNetwork = Annotated[str, BeforeValidator(_acl_network)]
+BindEntry = Annotated[BindRange, PlainValidator(parse_bind_range), PlainSerializer(str)]
+# `bind`: "host:port", "host:first-last", or a list of them (see config.addresses.Binds).
+# Validated as a tuple (so an error names the entry, `bind[1]`), then made a `Binds`.
+if TYPE_CHECKING:
+    Bind = Binds
+else:
+    Bind = Annotated[tuple[BindEntry, ...], BeforeValidator(_bind_entries), Field(min_length=1),
+                     AfterValidator(Binds), PlainSerializer(Binds.as_written)]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 # Kept equal to pointsman.balance.ALGORITHMS by tests/unit/test_config.py.
@@ -178,6 +211,10 @@ class DiscoveryConfig(Strict):
     etcd_members: bool = False  # backends registered under <prefix>members/<pool>/
 
 
+# Past this a drain timeout means "never" anyway (and a timer that far out overflows some loops).
+MAX_DRAIN_TIMEOUT = 30 * 86400.0
+
+
 class PoolConfig(Strict):
     name: Name
     algorithm: Algorithm = "round_robin"
@@ -209,6 +246,9 @@ class PoolConfig(Strict):
     # Envoy's panic mode: below this fraction of available primaries, balance over every primary
     # not drained or in maintenance, whatever its health. 0 (default) is off: see docs/config.md.
     panic_threshold: Fraction = 0.0
+    # After a drain, the backend's remaining connections are closed this long after it began
+    # (`drain_timeout`); None waits for them to end. `pointsman drain --timeout` overrides it.
+    drain_timeout: Annotated[Duration, Field(le=MAX_DRAIN_TIMEOUT)] | None = None
 
 
 class UdpConfig(Strict):
@@ -267,7 +307,7 @@ class KernelListenerConfig(Strict):
 
 class ListenerConfig(Strict):
     name: Name
-    bind: Address
+    bind: Bind
     protocol: Literal["tcp", "udp"] = "tcp"
     pool: Name | None = None
     max_connections: int = Field(default=10_000, ge=1)
@@ -286,6 +326,11 @@ class ListenerConfig(Strict):
     allow: list[AclNetwork] = Field(default_factory=list)
     deny: list[AclNetwork] = Field(default_factory=list)
     acl_on: Literal["peer", "proxy_header"] = "peer"
+
+    @property
+    def addresses(self) -> tuple[HostPort, ...]:
+        """Every address this listener listens on (each port of a range is one)."""
+        return self.bind.addresses
 
     @property
     def fallback_pool(self) -> str:
@@ -446,6 +491,9 @@ class Config(Strict):
     flow_log: FlowLogConfig | None = None  # absent: no flow log
     bgp: BgpConfig | None = None  # absent: no VIP announcement
     node: NodeConfig | None = None  # absent: the fleet node name, else the host name
+    # Runtime changes (API weights, drains, added/removed backends, allow/deny lists) are written
+    # here and read back at start, like HAProxy's server-state-file. Absent: kept in memory only.
+    state_file: str | None = None
 
     def pool(self, name: str) -> PoolConfig:
         return next(p for p in self.pools if p.name == name)

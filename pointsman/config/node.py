@@ -37,7 +37,7 @@ from pointsman.config.loader import (
     format_loc,
     read_text,
 )
-from pointsman.config.model import Address, Config, Duration, Name, Strict
+from pointsman.config.model import Bind, Config, Duration, Name, Strict
 
 NODE_KEYS = ("node", "config_source")
 CLUSTER_KEYS = ("listeners", "pools")  # only ever from the cluster config
@@ -55,7 +55,7 @@ class NodeSection(Strict):
     name: Name
     # Per-node listener addresses, by listener name: nodes that do not share one VIP (DNS round
     # robin over node addresses, or several nodes on one test host) run the same cluster config.
-    binds: dict[Name, Address] = Field(default_factory=dict)
+    binds: dict[Name, Bind] = Field(default_factory=dict)
     # The node's registration lease: a crashed node leaves `fleet status` after this long.
     lease_ttl: Annotated[Duration, Field(ge=2.0, le=3600.0)] = 10.0
 
@@ -98,7 +98,7 @@ class NodeFile:
     lease_ttl: float
     etcd: EtcdSourceConfig
     local: Mapping[str, Any] = field(default_factory=dict)  # raw node-local keys, as written
-    binds: Mapping[str, str] = field(default_factory=dict)  # listener name -> host:port
+    binds: Mapping[str, str | list[str]] = field(default_factory=dict)  # listener -> its bind
     source: str = "<node>"
 
 
@@ -145,7 +145,7 @@ def load_node_text(text: str, source: str = "<node>") -> NodeFile:
         lease_ttl=model.node.lease_ttl,
         etcd=model.config_source.etcd,
         local=local,
-        binds={name: str(address) for name, address in model.node.binds.items()},
+        binds={name: bind.as_written() for name, bind in model.node.binds.items()},
         source=source,
     )
 
@@ -173,7 +173,7 @@ def _local_issues(local: dict[str, Any], lines: dict[Loc, int], source: str) -> 
 
 
 def overlay_local(cluster: Mapping[str, Any], local: Mapping[str, Any],
-                  binds: Mapping[str, str] | None = None) -> dict[str, Any]:
+                  binds: Mapping[str, str | list[str]] | None = None) -> dict[str, Any]:
     """The cluster config's data with the node-local keys put over it (each replaces the whole
     key) and this node's listener addresses (a listener the config lacks is left alone)."""
     data = {**cluster, **local}

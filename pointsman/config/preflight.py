@@ -43,10 +43,13 @@ class ReadFile:
 
 @dataclass(frozen=True, slots=True)
 class WriteFile:
-    """A file we append to: writable if it exists, else its directory must let us create it."""
+    """A file we append to: writable if it exists, else its directory must let us create it.
+    `replaced`: the file is replaced whole (write a temporary file, rename it over): its
+    directory must be writable, and an existing file readable (it is read back at start)."""
 
     loc: Loc
     path: str
+    replaced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,18 +67,26 @@ Need = ReadFile | WriteFile | Bind
 
 # --- what to check (pure) ------------------------------------------------------------------------
 
+# `*_file` keys that name files pointsman writes, not reads (see `needs`).
+WRITTEN_FILES = frozenset({"state_file"})
+
 
 def needs(config: Config, *, bind: bool = True) -> list[Need]:
     """Everything `run` needs from this host for `config`, in file order of the fields."""
     out: list[Need] = list(file_needs(config, ()))
     if config.flow_log is not None and config.flow_log.enabled and config.flow_log.path != "-":
         out.append(WriteFile(("flow_log", "path"), config.flow_log.path))
+    if config.state_file is not None:
+        out.append(WriteFile(("state_file",), config.state_file, replaced=True))
     if bind:
         for i, listener in enumerate(config.listeners):
             if listener.dataplane == "kernel":
                 continue  # nftables DNAT: no socket is bound (the VIP need not be local)
-            out.append(Bind(("listeners", i, "bind"), listener.bind, listener.protocol,
-                            listener.backlog))
+            listed = len(listener.bind) > 1
+            for j, entry in enumerate(listener.bind):
+                loc: Loc = ("listeners", i, "bind", j) if listed else ("listeners", i, "bind")
+                out.extend(Bind(loc, address, listener.protocol, listener.backlog)
+                           for address in entry.addresses)
         if config.admin is not None:
             out.append(Bind(("admin", "bind"), config.admin.bind, "tcp"))
     return out
@@ -92,7 +103,7 @@ def file_needs(model: BaseModel, loc: Loc) -> Iterator[ReadFile]:
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
                     yield from file_needs(item, (*here, i))
-        elif isinstance(value, str) and name.endswith("_file"):
+        elif isinstance(value, str) and name.endswith("_file") and name not in WRITTEN_FILES:
             yield ReadFile(here, value, non_empty="token" in name)
 
 
@@ -109,7 +120,7 @@ def problems(wanted: list[Need], held: Collection[Held] = ()) -> Iterator[tuple[
             if isinstance(need, ReadFile):
                 message = _read_problem(need)
             elif isinstance(need, WriteFile):
-                message = _write_problem(need.path)
+                message = _replace_problem(need.path) if need.replaced else _write_problem(need.path)
             elif (need.address, need.protocol) in first:
                 message = f"same address as {format_loc(first[need.address, need.protocol])}"
             elif (need.address, need.protocol) in held:
@@ -146,6 +157,21 @@ def _write_problem(path: str) -> str | None:
         return f"cannot create {path}: no directory {parent}"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot create {path}: directory {parent} is not writable"
+    return None
+
+
+def _replace_problem(path: str) -> str | None:
+    """A file written to a temporary name in its directory and renamed over (atomic)."""
+    target = Path(path)
+    if target.is_dir():
+        return f"{path} is a directory"
+    parent = target.parent
+    if not parent.is_dir():
+        return f"cannot write {path}: no directory {parent}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write {path}: directory {parent} is not writable"
+    if target.exists() and not os.access(target, os.R_OK):
+        return f"cannot read {path}: permission denied"
     return None
 
 

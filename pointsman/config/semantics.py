@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from pointsman.balance.maglev import is_prime
+from pointsman.config.addresses import MAX_BIND_PORTS, HostPort, binds_of
 from pointsman.config.model import Config, HealthCheckConfig, PoolConfig
 from pointsman.discovery.rules import discovery_problems
 
@@ -63,7 +64,7 @@ def reference_problems(data: Any, places: Places | None = None) -> Iterator[Prob
     yield from _duplicates(("listeners",), [str(item.get("name")) for item in listeners], places)
     yield from _duplicates(("pools",), [str(item.get("name")) for item in pools], places)
     pool_names = {item.get("name") for item in pools}
-    binds: dict[tuple[str, str], int] = {}
+    yield from _bind_overlaps(listeners, places)
     for i, listener in enumerate(listeners):
         for field in ("pool", "default_pool"):
             if field in listener and listener[field] not in pool_names:
@@ -73,15 +74,33 @@ def reference_problems(data: Any, places: Places | None = None) -> Iterator[Prob
         for j, route in enumerate(_items(listener, "tls_routes")):
             if "pool" in route and route["pool"] not in pool_names:
                 yield ("listeners", i, "tls_routes", j, "pool"), f"no pool named {route['pool']!r}"
-        key = (str(listener.get("bind")), str(listener.get("protocol", "tcp")))
-        if key in binds:
-            other: Loc = ("listeners", binds[key])
-            yield ("listeners", i, "bind"), f"same address as {places.named(('listeners', i), other)}"
-        binds.setdefault(key, i)
     for i, pool in enumerate(pools):
         ids = [str(b.get("name") or b.get("address")) for b in _items(pool, "backends")]
         yield from _duplicates(("pools", i, "backends"), ids, places, "backend")
     yield from _fallback_problems(pools, pool_names)
+
+
+def _bind_overlaps(listeners: list[dict[str, Any]], places: Places) -> Iterator[Problem]:
+    """No address (and protocol) is bound by two listeners, or twice by one (a list or ranges
+    that overlap). Reported once per entry, at the entry (`bind[1]` when written as a list)."""
+    held: dict[tuple[HostPort, str], Loc] = {}
+    for i, listener in enumerate(listeners):
+        raw = listener.get("bind")
+        entries = raw if isinstance(raw, list) else [raw]
+        protocol = str(listener.get("protocol", "tcp"))
+        for j, entry in enumerate(entries):
+            try:
+                addresses = binds_of(entry).addresses
+            except ValueError:
+                continue  # the model reports it
+            loc: Loc = ("listeners", i, "bind", j) if isinstance(raw, list) else ("listeners", i, "bind")
+            for address in addresses:
+                other = held.setdefault((address, protocol), loc)
+                if other != loc:
+                    where = "an earlier entry" if other[:2] == loc[:2] else places.named(loc[:2], other[:2])
+                    yield loc, (f"same address as {where}" if len(addresses) == 1
+                                else f"{address} is also bound by {where}")
+                    break
 
 
 def _fallback_problems(pools: list[dict[str, Any]], names: set[Any]) -> Iterator[Problem]:
@@ -167,6 +186,14 @@ def _listener_problems(config: Config, i: int, known: set[str]) -> Iterator[Prob
             yield ("listeners", i, "pool"), (f"pool {chain[0].name!r} has a fallback_pool, which "
                                              "the kernel data plane does not follow (use dataplane: "
                                              "proxy)")
+    if len(listener.addresses) > MAX_BIND_PORTS:
+        yield ("listeners", i, "bind"), (f"{len(listener.addresses)} addresses; at most "
+                                         f"{MAX_BIND_PORTS} per listener (each port is a socket "
+                                         "per worker)")
+    if listener.dataplane == "kernel" and len(listener.addresses) != 1:
+        yield ("listeners", i, "bind"), ("the kernel data plane takes one address and one port "
+                                         f"(got {listener.bind}); use a listener per address, or "
+                                         "dataplane: proxy for lists and port ranges")
     for j, route in enumerate(listener.tls_routes):
         if not route.server_names and not route.alpn:
             yield ("listeners", i, "tls_routes", j), "needs server_names or alpn"

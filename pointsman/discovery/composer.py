@@ -56,7 +56,7 @@ class _Runner:
 
 class Composer:
     def __init__(self, *, local: Mapping[str, Any] | None = None,
-                 binds: Mapping[str, str] | None = None, etcd: EtcdScope | None = None,
+                 binds: Mapping[str, str | list[str]] | None = None, etcd: EtcdScope | None = None,
                  kubernetes_api: KubernetesApi | None = None,
                  make_source: MakeSource | None = None) -> None:
         self.local = dict(local or {})  # node-local keys over every cluster config

@@ -34,7 +34,7 @@ import functools
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -125,7 +125,8 @@ class KernelListener:
 
     # --- start ---------------------------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
+    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
+                    reuse_port: bool = False) -> None:
         """Write the listener's rules and slot map (no socket: `sock` and `reuse_port` are unused)."""
         del sock, reuse_port
         await self._table.acquire(self.name, self)

@@ -90,7 +90,8 @@ def family_of(address: str) -> Family:
 def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
     """Validate and translate; raises `KernelConfigError` listing every problem at once."""
     issues: list[str] = []
-    host = listener.bind.host
+    bind = listener.bind.single  # the config refuses lists and ranges on the kernel data plane
+    host = bind.host
     try:
         vip = ipaddress.ip_address(host)
     except ValueError:
@@ -139,7 +140,7 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
         name=listener.name,
         family=family_of(host),
         vip=str(ipaddress.ip_address(host)),
-        port=listener.bind.port,
+        port=bind.port,
         protocol=listener.protocol,
         slots=listener.kernel.slots,
         algorithm=pool.algorithm,

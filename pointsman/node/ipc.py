@@ -12,7 +12,9 @@ Handshake: the control process sends `Start` first; the worker answers `Ready` (
 worker left over from an upgrade must not run a newer control's messages).
 
 Control -> worker: Start, PoolEvent/WeightSet/AgentScaleSet (the owner's decisions, in order),
-ListenerAcl (an allow/deny list set through the admin API), ApplyConfig, Stop.
+ListenerAcl (an allow/deny list set through the admin API), CloseConnections (a drain timed out,
+or maintenance with close: the owner decides when, each worker closes its own), ApplyConfig
+(also how backends added or removed at run time reach the workers), Stop.
 Worker -> control: Ready/StartFailed, Signal (passive connect outcomes), StatsReport (every
 half second), ConfigApplied, Stopped.
 """
@@ -32,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from pointsman.config.model import Config
+from pointsman.node.activation import PassedSocket
 from pointsman.pool.events import AgentScale, BackendEvent, PassiveSignal, PoolState, WeightChange
+from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.process import ProcessFigures
 from pointsman.telemetry.stats import BackendStats, ListenerStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
@@ -69,6 +73,18 @@ class Start:
     config: Config
     pools: tuple[PoolState, ...]  # the owner's decisions so far
     acls: tuple[ListenerAcl, ...] = ()  # lists set at run time so far
+    # Sockets systemd passed to the control process; the worker has them under the same numbers
+    # (pass_fds) and accepts on them instead of binding those addresses.
+    sockets: tuple[PassedSocket, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnections:
+    """Close this worker's connections (and UDP sessions) to one backend of one pool now."""
+
+    pool: str
+    backend: str
+    reason: EndReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +165,13 @@ class Stopped:
     index: int
 
 
-ToWorker = Start | PoolEvent | WeightSet | AgentScaleSet | ListenerAcl | ApplyConfig | Stop
+ToWorker = (Start | PoolEvent | WeightSet | AgentScaleSet | ListenerAcl | CloseConnections
+            | ApplyConfig | Stop)
 ToControl = Ready | StartFailed | Signal | StatsReport | ConfigApplied | Stopped
 Message = ToWorker | ToControl
-MESSAGES: tuple[type, ...] = (Start, PoolEvent, WeightSet, AgentScaleSet, ListenerAcl, ApplyConfig,
-                              Stop, Ready, StartFailed, Signal, StatsReport, ConfigApplied, Stopped)
+MESSAGES: tuple[type, ...] = (Start, PoolEvent, WeightSet, AgentScaleSet, ListenerAcl,
+                              CloseConnections, ApplyConfig, Stop, Ready, StartFailed, Signal,
+                              StatsReport, ConfigApplied, Stopped)
 
 # --- codec ----------------------------------------------------------------------------------------
 

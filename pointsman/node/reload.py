@@ -5,7 +5,9 @@ reload that cannot bind is refused whole), then pools, then listeners. A listene
 sockets and connections when its address, protocol and data plane stay; anything else about it
 (limits, pool, PROXY settings) is reconfigured in place. A listener that moves is retired (stops
 accepting, its connections finish within `shutdown_grace`) and a new one starts; when the new one
-wants an address an old listener holds, it binds after that listener has let go.
+wants an address an old listener holds, it binds after that listener has let go. A listener's
+`bind` is compared whole: adding an address to its list, or widening its port range, restarts it
+(the addresses it keeps are bound again once the old listener has let go of them).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class ReloadPlan:
 
 
 def same_socket(old: ListenerConfig, new: ListenerConfig) -> bool:
-    """Whether a reloaded listener can keep its socket (and its connections)."""
+    """Whether a reloaded listener can keep its sockets (and its connections)."""
     return (old.bind, old.protocol, old.dataplane) == (new.bind, new.protocol, new.dataplane)
 
 
@@ -89,8 +91,9 @@ def reload_plan(old: Config, new: Config) -> ReloadPlan:
             start.append(listener)
     kept = {listener.name for listener in keep}
     retire = tuple(name for name in old_listeners if name not in kept)
-    held = {(lst.bind, lst.protocol) for lst in old.listeners}
-    bind_first = tuple(lst.name for lst in start if (lst.bind, lst.protocol) not in held)
+    held = {(address, lst.protocol) for lst in old.listeners for address in lst.addresses}
+    bind_first = tuple(lst.name for lst in start
+                       if not any((address, lst.protocol) in held for address in lst.addresses))
     changed = tuple(lst.name for lst in keep if old_listeners[lst.name] != lst)
     return ReloadPlan(add, change, remove, tuple(keep), retire, tuple(start), bind_first,
                       tuple(_pool_change(old_pools[p.name], p) for p in change), changed)

@@ -9,7 +9,7 @@ accepts while at least one live worker does.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, TypeVar
 
 from pointsman.config.model import ListenerConfig
@@ -124,7 +124,7 @@ class RemoteListener:
     def accepting(self) -> bool:
         return not self._stopped and self._reports.accepting(self.name)
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None) -> None:
         """The workers bind; nothing to do here."""
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:

@@ -6,6 +6,10 @@
   listeners are served by worker processes it supervises, and it sees them through their reports.
 - `WorkerRole`: mirror pools that apply the control's decisions in order, and the TCP and UDP
   listeners (SO_REUSEPORT, steered by client address where per-client state needs it).
+
+A listener binds one socket per address of its `bind` (each port of a range is one). A socket
+passed by systemd (`node.activation`) is used instead of binding its address; with workers each
+worker accepts on the same passed socket (no SO_REUSEPORT group, so no steering there).
 """
 
 from __future__ import annotations
@@ -18,12 +22,23 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
+from pointsman.config.addresses import HostPort
 from pointsman.config.model import Config, ListenerConfig, PoolConfig
 from pointsman.dataplane import DataPlane
 from pointsman.kernel.listener import KernelListener
 from pointsman.node import steering
-from pointsman.node.ipc import AgentScaleSet, Channel, PoolEvent, Signal, WeightSet
+from pointsman.node.activation import Inherited
+from pointsman.node.closing import close_connections
+from pointsman.node.ipc import (
+    AgentScaleSet,
+    Channel,
+    CloseConnections,
+    PoolEvent,
+    Signal,
+    WeightSet,
+)
 from pointsman.node.remote import RemoteListener, WorkerReports
+from pointsman.node.runtime import BindError
 from pointsman.node.view import RoleName, WorkerStatus
 from pointsman.pool.events import (
     AgentScale,
@@ -37,6 +52,7 @@ from pointsman.pool.pool import Pool
 from pointsman.proxy.listener import TcpListener
 from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.udp import UdpListener
+from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.process import ProcessFigures, measure
 from pointsman.telemetry.stats import BackendStats, ListenerStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
@@ -48,6 +64,35 @@ if TYPE_CHECKING:
 
 def _socket_kind(config: ListenerConfig) -> socket.SocketKind:
     return socket.SOCK_DGRAM if config.protocol == "udp" else socket.SOCK_STREAM
+
+
+def _bind_error(config: ListenerConfig, address: HostPort, exc: OSError) -> BindError:
+    written = "" if str(config.bind) == str(address) else f" (of {config.bind})"
+    return BindError(exc.errno, f"listener {config.name}: cannot bind {config.protocol} "
+                                f"{address}{written}: {exc.strerror or exc}")
+
+
+def bind_all(config: ListenerConfig, inherited: Inherited, *, reuse_port: bool = False,
+             backlog: int | None = None) -> list[socket.socket]:
+    """One listening socket per address of `config` (a passed one where systemd gave it);
+    BindError naming the address when one cannot be bound (the others are closed)."""
+    socks: list[socket.socket] = []
+    try:
+        for address in config.addresses:
+            sock = inherited.take(config.name, address)
+            if sock is None:
+                try:
+                    sock = listen_socket(address, _socket_kind(config),
+                                         backlog=config.backlog if backlog is None else backlog,
+                                         reuse_port=reuse_port)
+                except OSError as exc:
+                    raise _bind_error(config, address, exc) from exc
+            socks.append(sock)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def local_listener(node: Node, config: ListenerConfig, pool: Pool) -> DataPlane:
@@ -73,17 +118,19 @@ class SingleRole:
     name: RoleName = "single"
     owns_state = True
     serves = True
+    stats_lag = 0.0  # the counters are this process's own
 
-    def __init__(self) -> None:
+    def __init__(self, inherited: Inherited | None = None) -> None:
         self.started_at = time.time()
+        self.inherited = inherited if inherited is not None else Inherited()
 
     def new_pool(self, config: PoolConfig) -> Pool:
         return Pool(config)
 
-    def bind(self, config: ListenerConfig, node_config: Config) -> socket.socket | None:
+    def bind(self, config: ListenerConfig, node_config: Config) -> list[socket.socket] | None:
         if config.dataplane == "kernel":
             return None
-        return listen_socket(config.bind, _socket_kind(config), backlog=config.backlog)
+        return bind_all(config, self.inherited)
 
     def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
         if config.dataplane == "kernel":
@@ -92,6 +139,9 @@ class SingleRole:
 
     def listener_reconfigured(self, listener: DataPlane, node_config: Config) -> None:
         pass
+
+    def close_connections(self, node: Node, pool: str, backend: str, reason: EndReason) -> int:
+        return close_connections(node.listeners.values(), pool, backend, reason)
 
     async def start(self, node: Node) -> None:
         pass
@@ -134,9 +184,13 @@ class SingleRole:
 class ControlRole(SingleRole):
     name: RoleName = "control"
     serves = False
+    # Workers report every STATS_INTERVAL (0.5 s): a count read this long after a change has
+    # seen it (a backend's removal waits for that before it trusts "no connection left").
+    stats_lag = 1.0
 
-    def __init__(self, processes: WorkerProcesses, reports: WorkerReports) -> None:
-        super().__init__()
+    def __init__(self, processes: WorkerProcesses, reports: WorkerReports,
+                 inherited: Inherited | None = None) -> None:
+        super().__init__(inherited)
         self.worker_processes = processes
         self.reports = reports
 
@@ -151,17 +205,35 @@ class ControlRole(SingleRole):
         elif isinstance(message, AgentScale):
             self.worker_processes.broadcast(AgentScaleSet(message))
 
-    def bind(self, config: ListenerConfig, node_config: Config) -> socket.socket | None:
+    def bind(self, config: ListenerConfig, node_config: Config) -> list[socket.socket] | None:
         """The workers bind; here only check that they can (a reload that cannot bind is refused
-        before any worker changes anything)."""
-        if config.dataplane != "kernel":
-            listen_socket(config.bind, _socket_kind(config), backlog=1, reuse_port=True).close()
+        before any worker changes anything). Passed sockets go to the workers as they are."""
+        if config.dataplane == "kernel":
+            return None
+        checked: list[socket.socket] = []
+        try:
+            for address in config.addresses:
+                if self.inherited.covers(config.name, address):
+                    continue
+                try:
+                    checked.append(listen_socket(address, _socket_kind(config), backlog=1,
+                                                 reuse_port=True))
+                except OSError as exc:
+                    raise _bind_error(config, address, exc) from exc
+        finally:
+            for sock in checked:
+                sock.close()
         return None
 
     def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
         if config.dataplane == "kernel":  # nftables is programmed once, here
             return KernelListener(config, pool, node.loop)
         return RemoteListener(config, pool, self.reports, self.worker_processes.broadcast)
+
+    def close_connections(self, node: Node, pool: str, backend: str, reason: EndReason) -> int:
+        """The workers close theirs (a message to each); the kernel's flows are cut here."""
+        self.worker_processes.broadcast(CloseConnections(pool, backend, reason))
+        return close_connections(node.listeners.values(), pool, backend, reason)
 
     async def start(self, node: Node) -> None:
         await self.worker_processes.start(node)
@@ -193,13 +265,13 @@ class WorkerRole(SingleRole):
     owns_state = False
 
     def __init__(self, index: int, workers: int, channel: Channel,
-                 pools: tuple[PoolState, ...] = ()) -> None:
-        super().__init__()
+                 pools: tuple[PoolState, ...] = (), inherited: Inherited | None = None) -> None:
+        super().__init__(inherited)
         self.index = index
         self.count = workers
         self.channel = channel
         self._initial = pools
-        self._sockets: dict[str, socket.socket] = {}
+        self._sockets: dict[str, list[socket.socket]] = {}  # its own (reuseport) sockets
 
     def new_pool(self, config: PoolConfig) -> Pool:
         return Pool(config, mirror=True, sink=self._signal)
@@ -209,24 +281,31 @@ class WorkerRole(SingleRole):
             with contextlib.suppress(ConnectionError):  # the control is gone: we are stopping
                 self.channel.send(Signal(message))
 
-    def bind(self, config: ListenerConfig, node_config: Config) -> socket.socket | None:
+    def bind(self, config: ListenerConfig, node_config: Config) -> list[socket.socket] | None:
         if config.dataplane == "kernel":
             return None
-        sock = listen_socket(config.bind, _socket_kind(config), backlog=config.backlog,
-                             reuse_port=True)
+        socks = bind_all(config, self.inherited, reuse_port=True)
+        own = [sock for sock, address in zip(socks, config.addresses, strict=True)
+               if not self.inherited.covers(config.name, address)]
         try:
-            self._steer(sock, config, node_config)
+            self._steer(own, config, node_config)
         except OSError:
-            sock.close()
+            for sock in socks:
+                sock.close()
             raise
-        return sock
+        return socks
 
-    def _steer(self, sock: socket.socket, config: ListenerConfig, node_config: Config) -> None:
-        self._sockets[config.name] = sock
-        if steering.needs_steering(config, node_config):
-            steering.attach(sock, config, self.count)
-        else:
-            steering.detach(sock)
+    def _steer(self, socks: list[socket.socket], config: ListenerConfig,
+               node_config: Config) -> None:
+        """Steering is a program on a reuseport group: only this worker's own sockets have one
+        (a passed socket is shared by every worker as it is)."""
+        self._sockets[config.name] = socks
+        steer = steering.needs_steering(config, node_config)
+        for sock in socks:
+            if steer:
+                steering.attach(sock, config, self.count)
+            else:
+                steering.detach(sock)
 
     def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
         if config.dataplane == "kernel":
@@ -234,9 +313,9 @@ class WorkerRole(SingleRole):
         return local_listener(node, config, pool)
 
     def listener_reconfigured(self, listener: DataPlane, node_config: Config) -> None:
-        sock = self._sockets.get(listener.name)
-        if sock is not None and sock.fileno() >= 0:
-            self._steer(sock, listener.config, node_config)
+        socks = [sock for sock in self._sockets.get(listener.name, []) if sock.fileno() >= 0]
+        if socks:
+            self._steer(socks, listener.config, node_config)
 
     async def start(self, node: Node) -> None:
         for state in self._initial:

@@ -5,14 +5,18 @@ who binds sockets, where counters come from) is the `Role`'s business; the admin
 discovery and the fleet agent are `Service`s that `pointsman.app` attaches. The node keeps the
 order of things:
 
-start:    pools -> role.start (control: workers bind; worker: take the owner's decisions)
-          -> listeners -> health checks -> services -> the periodic tick.
-apply:    plan (pure) -> bind new addresses (or refuse the whole reload) -> tell the workers
-          -> pools -> listeners (retire, reconfigure, start) -> health checks -> services.
+start:    the state file's runtime changes over the config -> pools (and their restored drains)
+          -> role.start (control: workers bind; worker: take the owner's decisions)
+          -> listeners (and their restored allow/deny lists) -> health checks -> services
+          -> the periodic tick.
+apply:    runtime changes over the config -> plan (pure) -> bind new addresses (or refuse the
+          whole reload) -> tell the workers -> pools -> listeners (retire, reconfigure, start)
+          -> health checks -> services. One apply at a time.
 shutdown: services that announce or change config (BGP first: routers stop sending before we
           stop accepting) -> the workers drain (control) -> stop accepting -> health checks stop
-          -> open connections finish within `shutdown_grace`, the rest are cut -> late services
-          (the admin API: it answers until the end) -> tasks -> flow log.
+          -> open connections finish within `shutdown_grace`, the rest are cut -> the state file
+          is written -> late services (the admin API: it answers until the end) -> tasks
+          -> flow log.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from pointsman.health.checker import HealthChecker
 from pointsman.health.probes import ProbeResult
 from pointsman.health.targets import targets_for
 from pointsman.node import systemd
+from pointsman.node.activation import Inherited
+from pointsman.node.changes import Change, RuntimeChanges
 from pointsman.node.reload import ReloadPlan, reload_plan
 from pointsman.node.tasks import Tasks
 from pointsman.node.view import (
@@ -69,17 +75,24 @@ class Role(Protocol):
     name: RoleName
     owns_state: bool  # owner pools, health checks and services live here
     serves: bool  # binds TCP/UDP listeners and writes the flow log
+    inherited: Inherited  # sockets systemd passed (socket activation)
+    stats_lag: float  # seconds the backends' counters may lag (workers report periodically)
 
     def new_pool(self, config: PoolConfig) -> Pool: ...
 
-    def bind(self, config: ListenerConfig, node_config: Config) -> socket.socket | None:
-        """The listening socket for `config` (None: the data plane needs none from us). Raises
-        OSError when the address cannot be bound; a control process only checks that it can."""
+    def bind(self, config: ListenerConfig, node_config: Config) -> list[socket.socket] | None:
+        """The listening sockets for `config`, one per address (None: the data plane needs none
+        from us). Raises OSError when an address cannot be bound; a control process only checks
+        that it can."""
 
     def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
         """The data plane serving `config` in this process (None: not served here)."""
 
     def listener_reconfigured(self, listener: DataPlane, node_config: Config) -> None: ...
+
+    def close_connections(self, node: Node, pool: str, backend: str, reason: EndReason) -> int:
+        """Close every connection to `backend` of `pool` now, wherever it is served (workers:
+        told to); how many were closed here."""
 
     async def start(self, node: Node) -> None:
         """After the pools exist, before any listener starts."""
@@ -126,7 +139,7 @@ class BindError(OSError):
     """A listener's address cannot be bound; the message names the listener and the address."""
 
 
-def bind(role: Role, listener: ListenerConfig, config: Config) -> socket.socket | None:
+def bind(role: Role, listener: ListenerConfig, config: Config) -> list[socket.socket] | None:
     try:
         return role.bind(listener, config)
     except BindError:
@@ -139,7 +152,8 @@ def bind(role: Role, listener: ListenerConfig, config: Config) -> socket.socket 
 class Node:
     def __init__(self, config: Config, role: Role, *, config_path: str | Path | None = None,
                  announce: Callable[[str], None] = print) -> None:
-        self.config = config
+        self.config = config  # as applied: the file's config with the runtime changes
+        self.file_config = config  # as given (file, discovery), before the runtime changes
         self.role_object = role
         self.config_path = config_path
         self.announce = announce if role.name != "worker" else (lambda line: None)
@@ -162,6 +176,8 @@ class Node:
         self.reload_history = ReloadHistory()
         self._reloads = 0
         self._reload_lock = asyncio.Lock()
+        self._apply_lock = asyncio.Lock()
+        self.changes = RuntimeChanges(self, owner=role.owns_state, stats_lag=role.stats_lag)
         self._stopping = asyncio.Event()
         self._retiring: set[asyncio.Task[None]] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -199,6 +215,17 @@ class Node:
     def connection_ages(self) -> dict[tuple[str, str], float]:
         return self.role_object.connection_ages(self)
 
+    def close_connections(self, pool: str, backend: str, reason: EndReason) -> int:
+        """Close the connections to `backend` of `pool` now (with workers: they are told to)."""
+        return self.role_object.close_connections(self, pool, backend, reason)
+
+    def passed_sockets(self) -> list[dict[str, object]]:
+        inherited = self.role_object.inherited
+        served = {fd: f"{name}" for (name, _), fd in inherited.assignment.fds.items()}
+        return [{"fd": s.fd, "name": s.name, "protocol": s.protocol,
+                 "address": None if s.address is None else str(s.address),
+                 "listener": served.get(s.fd)} for s in inherited.sockets]
+
     def task_crashes(self) -> Mapping[str, int]:
         return dict(self.tasks.crashes)
 
@@ -222,11 +249,15 @@ class Node:
         role = self.role_object
         if role.serves:
             self.flow_log = FlowLog.open(self.config.flow_log, self.tasks)
+        self.config = await self.changes.load(self.file_config)
+        role.inherited.prepare(self.config)
         for pool_config in self.config.pools:
             self.pools[pool_config.name] = self._new_pool(pool_config)
+        self.changes.restore_pools()
         await role.start(self)
         for listener_config in self.config.listeners:
             await self._start_listener(listener_config, bind(role, listener_config, self.config))
+        self.changes.restore_acls()
         self._sync_health_checks()
         for service in self.services:
             await service.start(self)
@@ -252,17 +283,18 @@ class Node:
             pool.subscribe(record_transition)
         return pool
 
-    async def _start_listener(self, config: ListenerConfig, sock: socket.socket | None) -> None:
+    async def _start_listener(self, config: ListenerConfig,
+                              socks: list[socket.socket] | None) -> None:
         pool = self.pools[config.fallback_pool]
         listener = self.role_object.new_listener(self, config, pool)
         if listener is None:
-            if sock is not None:
+            for sock in socks or ():
                 sock.close()
             return
         try:
-            await listener.start(sock)
+            await listener.start(socks)
         except BaseException:
-            if sock is not None:
+            for sock in socks or ():
                 sock.close()
             raise
         self.listeners[config.name] = listener
@@ -289,12 +321,14 @@ class Node:
         self.shedder.lag = self.loop_lag
         for pool in self.pools.values():
             pool.tick()
+        self.changes.tick()
         self._tick_at = now + TICK_SECONDS
         self._tick_handle = self.loop.call_at(self._tick_at, self._tick)
 
     def _on_transition(self, pool_name: str, backend_id: str, transition: Transition) -> None:
         """Keep recent transitions; on_down: close_sessions cuts the backend's connections."""
         self.transitions.append((time.time(), pool_name, transition))
+        self.changes.on_transition(pool_name, backend_id, transition)
         pool = self.pools.get(pool_name)
         if pool is None or pool.config.on_down != "close_sessions":
             return
@@ -367,9 +401,31 @@ class Node:
         return errors
 
     async def apply(self, config: Config) -> list[str]:
-        """Apply a validated config without closing sockets or connections that still fit.
-        Raises OSError (then nothing has changed) when a new address cannot be bound; returns
-        the workers' problems, if any, once they have applied it too."""
+        """Apply a validated config (with the runtime changes that still hold over it) without
+        closing sockets or connections that still fit. Raises OSError (then nothing has
+        changed) when a new address cannot be bound; returns the workers' problems, if any,
+        once they have applied it too."""
+        async with self._apply_lock:
+            effective = self.changes.effective(config)
+            errors = await self._apply(effective)
+            self.file_config = config
+            self.changes.commit(config, effective)
+            return errors
+
+    async def apply_overlay(self, change: Change,
+                            check: Callable[[Config], None] | None = None) -> list[str]:
+        """Apply a runtime change: the current config (file, discovery) with the runtime changes
+        and `change` over it, which `check` may refuse (ValueError) before anything changes."""
+        async with self._apply_lock:
+            effective = self.changes.effective(self.file_config, change)
+            if check is not None:
+                check(effective)
+            errors = await self._apply(effective)
+            self.changes.commit(self.file_config, effective, change)
+            return errors
+
+    async def _apply(self, config: Config) -> list[str]:
+        self.role_object.inherited.prepare(config)
         plan = reload_plan(self.config, config)
         socks = self._bind_first(config, plan)
         workers_done = self.role_object.config_sent(config)
@@ -381,10 +437,10 @@ class Node:
             listener.reconfigure(listener_config, self.pools[listener_config.fallback_pool])
             self.role_object.listener_reconfigured(listener, config)
         for listener_config in plan.start_listeners:
-            sock = socks.pop(listener_config.name, None)
-            if sock is None:
-                sock = bind(self.role_object, listener_config, config)
-            await self._start_listener(listener_config, sock)
+            bound = socks.pop(listener_config.name, None)
+            if bound is None:
+                bound = bind(self.role_object, listener_config, config)
+            await self._start_listener(listener_config, bound)
         for name in plan.remove_pools:
             del self.pools[name]
         self.shedder.max_connections = config.shedding.max_connections
@@ -398,19 +454,20 @@ class Node:
             log.info("config applied: %s", plan.describe())
         return errors
 
-    def _bind_first(self, config: Config, plan: ReloadPlan) -> dict[str, socket.socket]:
+    def _bind_first(self, config: Config, plan: ReloadPlan) -> dict[str, list[socket.socket]]:
         """Bind the addresses the plan adds before anything changes, so a reload that cannot
         bind is refused whole instead of half applied."""
-        socks: dict[str, socket.socket] = {}
+        socks: dict[str, list[socket.socket]] = {}
         wanted = {listener.name: listener for listener in config.listeners}
         try:
             for name in plan.bind_first:
-                sock = bind(self.role_object, wanted[name], config)
-                if sock is not None:
-                    socks[name] = sock
+                bound = bind(self.role_object, wanted[name], config)
+                if bound is not None:
+                    socks[name] = bound
         except OSError:
-            for sock in socks.values():
-                sock.close()
+            for bound in socks.values():
+                for sock in bound:
+                    sock.close()
             raise
         return socks
 
@@ -459,6 +516,7 @@ class Node:
                   for lst, drained in zip(listeners, results, strict=True) if not drained)
         if cut:
             log.warning("shutdown: cut %d connections still open after %gs", cut, grace)
+        await self.changes.close()
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)

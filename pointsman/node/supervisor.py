@@ -137,6 +137,10 @@ class WorkerProcesses:
                     await slot.ready
         except TimeoutError:
             raise WorkerStartError(f"workers not ready after {READY_TIMEOUT:.0f}s") from None
+        finally:
+            for slot in self.slots:  # several failed alike: the first one is the one raised
+                if slot.ready is not None and slot.ready.done() and not slot.ready.cancelled():
+                    slot.ready.exception()
 
     async def _run(self, slot: Slot) -> None:
         """Keep worker `slot` running until the node stops."""
@@ -184,12 +188,14 @@ class WorkerProcesses:
         slot.pid = None
 
     async def _spawn(self, slot: Slot) -> Channel:
+        assert self._node is not None
+        inherited = self._node.role_object.inherited  # passed sockets: the same fds in the worker
         ours, theirs = socket.socketpair()
         try:
             slot.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pointsman.node.worker", "--fd", str(theirs.fileno()),
                 "--index", str(slot.index), "--log-level", self.log_level,
-                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(), *inherited.fds), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, env=systemd.child_environment())
         finally:
             theirs.close()
@@ -203,7 +209,8 @@ class WorkerProcesses:
                      if isinstance(listener, RemoteListener) for acl in listener.runtime_acls())
         # No await between reading the decisions and joining the broadcast: the worker gets
         # every later decision, and none twice.
-        channel.send(StartMessage(IPC_VERSION, slot.index, self.count, self._config, pools, acls))
+        channel.send(StartMessage(IPC_VERSION, slot.index, self.count, self._config, pools, acls,
+                                  inherited.sockets))
         slot.channel = channel
         return channel
 

@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pointsman.config.model import Config
+from pointsman.config.model import BackendConfig, Config
 from pointsman.dataplane import DataPlane
-from pointsman.pool.pool import Pool
+from pointsman.pool.pool import Member, Pool
 from pointsman.pool.state import Transition
 from pointsman.telemetry.process import ProcessFigures
 from pointsman.telemetry.reloads import ReloadHistory
@@ -98,6 +98,32 @@ class Readiness:
 TransitionRecord = tuple[float, str, Transition]  # (wall time, pool, transition)
 
 
+class OperatorView(Protocol):
+    """The operator's commands on backends (the admin API's), kept across reloads and, with a
+    state file, restarts (see `node.changes`). Pools and backends are named as operators write
+    them (a backend by its name or host:port); unknown ones raise UnknownPool/UnknownBackend."""
+
+    def drain(self, pool: str, backend: str, timeout: float | None = None) -> Member: ...
+
+    def maintenance(self, pool: str, backend: str, close: bool = False) -> tuple[Member, int | None]:
+        ...
+
+    def enable(self, pool: str, backend: str) -> Member: ...
+
+    def set_weight(self, pool: str, backend: str, weight: int) -> Member: ...
+
+    async def add(self, pool: str, entry: BackendConfig) -> tuple[Member, list[str]]: ...
+
+    async def remove(self, pool: str, backend: str) -> tuple[Member, bool]: ...
+
+    def changed(self) -> None:
+        """Something the state file holds changed elsewhere (an allow/deny list)."""
+
+    def backend_status(self, pool: str, backend: str) -> dict[str, Any]: ...
+
+    def statistics(self) -> dict[str, Any]: ...
+
+
 class NodeView(Protocol):
     @property
     def name(self) -> str:
@@ -150,6 +176,12 @@ class NodeView(Protocol):
 
     @property
     def reload_history(self) -> ReloadHistory: ...
+
+    @property
+    def changes(self) -> OperatorView: ...
+
+    def passed_sockets(self) -> list[dict[str, Any]]:
+        """The sockets systemd passed (socket activation), and the listener each serves."""
 
     def task_crashes(self) -> Mapping[str, int]: ...
 

@@ -1,6 +1,7 @@
 """A worker process: `python -m pointsman.node.worker --fd N --index I`.
 
-It serves the TCP and UDP listeners (SO_REUSEPORT) with mirror pools, applies the control
+It serves the TCP and UDP listeners (SO_REUSEPORT, or the sockets systemd passed to the control
+process, which it inherits under the same descriptor numbers) with mirror pools, applies the control
 process's messages in the order they come (a config is applied whole before the next message is
 read, so the decisions that follow it find its backends), reports its counters every
 `STATS_INTERVAL` seconds, and stops on `Stop`, on SIGTERM, or as soon as the control process is
@@ -20,11 +21,14 @@ import sys
 import time
 
 from pointsman.loop import run as run_loop
+from pointsman.node.activation import Inherited
+from pointsman.node.closing import close_connections
 from pointsman.node.ipc import (
     IPC_VERSION,
     AgentScaleSet,
     ApplyConfig,
     Channel,
+    CloseConnections,
     ConfigApplied,
     IpcError,
     ListenerAcl,
@@ -86,7 +90,8 @@ class WorkerLoop:
         if not isinstance(start, Start):
             raise IpcError(f"expected Start first, got {type(start).__name__}")
         check_version(start.version)
-        role = self.role = WorkerRole(start.index, start.workers, self.channel, start.pools)
+        role = self.role = WorkerRole(start.index, start.workers, self.channel, start.pools,
+                                      Inherited(start.sockets))
         node = self.node = Node(share_of(start.config, start.workers), role)
         try:
             await node.start()
@@ -149,6 +154,9 @@ class WorkerLoop:
                 pool.set_agent_scale(scale.backend, scale.scale)
         elif isinstance(message, ListenerAcl):
             apply_acl(node, message)
+        elif isinstance(message, CloseConnections):
+            close_connections(node.listeners.values(), message.pool, message.backend,
+                              message.reason)
         elif isinstance(message, ApplyConfig):
             try:
                 errors = await node.apply(share_of(message.config, role.count))

@@ -117,6 +117,17 @@ class UnknownBackend(KeyError):
         return f"no backend {self.query!r} in pool {self.pool!r}; its backends: {names}"
 
 
+class UnknownPool(KeyError):
+    """No pool of that name; the message lists the node's pools."""
+
+    def __init__(self, query: str, known: tuple[str, ...] = ()) -> None:
+        super().__init__(query)
+        self.query, self.known = query, known
+
+    def __str__(self) -> str:
+        return f"no pool {self.query!r}; pools: {', '.join(self.known) or 'none'}"
+
+
 class Pool:
     def __init__(
         self,

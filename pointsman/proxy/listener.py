@@ -7,7 +7,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from pointsman.balance.hashing import client_ip
 from pointsman.config.model import ListenerConfig
@@ -30,7 +30,7 @@ Socket = socket.socket  # the class has a `socket` property
 
 
 class TcpListener:
-    """Accepts connections on one address and proxies them to one pool.
+    """Accepts connections on its addresses (one socket each) and proxies them to one pool.
 
     The connection table holds the connections being served, bounded by `max_connections`; a
     connection past the bound is closed at once and counted as `table_full`. Connections still
@@ -61,7 +61,8 @@ class TcpListener:
         self.pending: dict[ClientConnection, None] = {}  # in the preamble, oldest first
         self.flow_sink = flow_sink
         self.accepting = False
-        self.acceptor: Acceptor | None = None
+        self.acceptors: list[Acceptor] = []  # one per listening socket (address)
+        self._socks: list[socket.socket] = []
         self._sock: socket.socket | None = None
         self._trimmer: MemoryTrimmer | None = None
         # uvloop sets TCP_NODELAY on accepted sockets; plain asyncio does not when we made the
@@ -70,14 +71,21 @@ class TcpListener:
         self._idle: asyncio.Event | None = None
         self._setup(config)
 
-    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
-        self._sock = sock or listen_socket(self.config.bind, backlog=self.config.backlog,
-                                           reuse_port=reuse_port)
-        self._sock.setblocking(False)
+    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
+                    reuse_port: bool = False) -> None:
+        """Serve on the given sockets (one per address), else bind the config's addresses."""
+        socks = [sock] if isinstance(sock, socket.socket) else list(sock or ())
+        if not socks:
+            socks = [listen_socket(address, backlog=self.config.backlog, reuse_port=reuse_port)
+                     for address in self.config.addresses]
+        self._sock = socks[0]
+        self._socks = socks
         BUDGET.measure()
-        self.acceptor = Acceptor(self.loop, self._sock, self._accepted, self._accept_failed,
-                                 BUDGET.room)
-        self.acceptor.start()
+        for each in socks:
+            each.setblocking(False)
+            acceptor = Acceptor(self.loop, each, self._accepted, self._accept_failed, BUDGET.room)
+            acceptor.start()
+            self.acceptors.append(acceptor)
         self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
         self.accepting = True
 
@@ -103,9 +111,9 @@ class TcpListener:
         only to fail at socket() for their backend."""
         BUDGET.used += 2  # its socket and its backend's; given back by the connection's teardown
         attach(self.loop, self._protocol, sock)
-        if not BUDGET.room() and self.acceptor is not None and not self.acceptor.paused:
+        if not BUDGET.room() and any(not a.paused for a in self.acceptors):
             self._count_local("accept", FD_RESERVE)
-            self.acceptor.back_off()
+            self._back_off()
 
     def _accept_failed(self, exc: OSError) -> None:
         """accept() itself failed (EMFILE, ENFILE, ENOBUFS, ENOMEM...); the acceptor backs off."""
@@ -117,8 +125,13 @@ class TcpListener:
         """A shortage of ours while serving a connection: counted, logged (rate-limited), and,
         when descriptors ran out, no more accepting for a moment."""
         self._count_local(op, errno_name(exc.errno))
-        if exc.errno in FD_ERRNOS and self.acceptor is not None:
-            self.acceptor.back_off()
+        if exc.errno in FD_ERRNOS:
+            self._back_off()
+
+    def _back_off(self) -> None:
+        for acceptor in self.acceptors:
+            if not acceptor.paused:
+                acceptor.back_off()
 
     def _count_local(self, op: str, name: str) -> None:
         self.stats.local_resource[f"{op}:{name}"] += 1
@@ -235,8 +248,9 @@ class TcpListener:
         self.connections.discard(conn)
         if conn.source_key is not None and self.admission is not None:
             self.admission.closed(conn.source_key)
-        if self.acceptor is not None and self.acceptor.paused:
-            self.acceptor.freed()  # its descriptors are back
+        for acceptor in self.acceptors:
+            if acceptor.paused:
+                acceptor.freed()  # its descriptors are back
 
     def flow_ended(self, conn: ClientConnection) -> None:
         if self.flow_sink is not None:
@@ -253,11 +267,12 @@ class TcpListener:
 
     def stop_accepting(self) -> None:
         self.accepting = False
-        if self.acceptor is not None:
-            self.acceptor.close()
-            self.acceptor = None
-            if self._sock is not None:
-                self._sock.close()
+        for acceptor in self.acceptors:
+            acceptor.close()
+        self.acceptors.clear()
+        for each in self._socks:
+            each.close()
+        self._socks.clear()
         if self._trimmer is not None:
             self._trimmer.release(self._open_count)
             self._trimmer = None

@@ -22,10 +22,11 @@ into the descriptor reserve) is not a backend failure: its datagram is dropped a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pointsman.balance.hashing import source_key
@@ -53,7 +54,9 @@ MAX_DATAGRAM = 65535
 READ_BATCH = 64
 
 ClientAddr = tuple[str, int]
-SessionKey = tuple[str, int] | tuple[str, int, int]
+# (client ip, port); per_packet adds the backend index; a listener with several sockets adds the
+# socket's index too (one client talking to two of its ports has two sessions).
+SessionKey = tuple[str, int] | tuple[str, int, int] | tuple[str, int, int, int]
 SessionSink = Callable[["UdpSession"], None]
 
 
@@ -79,6 +82,8 @@ class UdpSession:
         "key",
         "last_activity",
         "listener",
+        "local",
+        "out",
         "pool",
         "prefix",
         "reason",
@@ -87,11 +92,14 @@ class UdpSession:
         "version",
     )
 
-    def __init__(self, listener: UdpListener, key: SessionKey, client: ClientAddr) -> None:
+    def __init__(self, listener: UdpListener, key: SessionKey, client: ClientAddr,
+                 out: socket.socket | None = None) -> None:
         self.listener = listener
         self.pool = listener.pool  # the pool its backend is in (the listener's, or a fallback)
         self.key = key
         self.client = client
+        self.out = out or listener.sock  # the listening socket it came in on: replies leave by it
+        self.local = listener.locals.get(self.out.fileno(), listener.local)
         self.sock: socket.socket | None = None
         self.backend_id = ""
         self.backend_index = -1
@@ -171,7 +179,7 @@ class UdpSession:
         if sock is None:
             return
         listener = self.listener
-        out = listener.sock
+        out = self.out
         client = self.client
         for _ in range(READ_BATCH):
             try:
@@ -208,7 +216,7 @@ class UdpSession:
 
 
 class UdpListener:
-    """Receives datagrams on one address and balances sessions over one pool."""
+    """Receives datagrams on its addresses (one socket each) and balances sessions over one pool."""
 
     def __init__(
         self,
@@ -228,19 +236,32 @@ class UdpListener:
         self.stats.capacity = config.udp.max_sessions
         self.sessions: OrderedDict[SessionKey, UdpSession] = OrderedDict()
         self.session_sink = session_sink
-        self.sock: socket.socket
+        self.sock: socket.socket  # the first socket
+        self.socks: list[socket.socket] = []
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.accepting = False
         self._bound = False
         self.local: tuple[str, int] = ("", 0)  # our bound address: the PROXY destination
+        self.locals: dict[int, tuple[str, int]] = {}  # by socket descriptor
+        self._socket_index: dict[int, int] = {}  # socket descriptor -> index in `socks`
         self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on))
 
-    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
-        self.sock = sock or listen_socket(self.config.bind, socket.SOCK_DGRAM, reuse_port=reuse_port)
+    async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
+                    reuse_port: bool = False) -> None:
+        """Serve on the given sockets (one per address), else bind the config's addresses."""
+        socks = [sock] if isinstance(sock, socket.socket) else list(sock or ())
+        if not socks:
+            socks = [listen_socket(address, socket.SOCK_DGRAM, reuse_port=reuse_port)
+                     for address in self.config.addresses]
+        self.sock, self.socks = socks[0], socks
         BUDGET.measure()
-        self.loop.add_reader(self.sock.fileno(), self._readable)
-        name = self.sock.getsockname()
-        self.local = (str(name[0]), int(name[1]))
+        for i, each in enumerate(socks):
+            name = each.getsockname()
+            self.locals[each.fileno()] = (str(name[0]), int(name[1]))
+            self._socket_index[each.fileno()] = i
+            reader = self._readable if len(socks) == 1 else functools.partial(self._read_from, each)
+            self.loop.add_reader(each.fileno(), reader)
+        self.local = self.locals[self.sock.fileno()]
         self.accepting = True
         self._bound = True
         self._arm_sweep()
@@ -258,7 +279,10 @@ class UdpListener:
     # --- client datagrams ------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        sock = self.sock
+        self._read_from(self.sock)
+
+    def _read_from(self, sock: socket.socket) -> None:
+        several = len(self.socks) > 1
         for _ in range(READ_BATCH):
             try:
                 data, addr = sock.recvfrom(MAX_DATAGRAM)
@@ -267,16 +291,20 @@ class UdpListener:
             except OSError as exc:
                 log.debug("udp listener %s: recvfrom failed: %r", self.name, exc)
                 return
-            self.datagram(data, (addr[0], addr[1]))
+            self.datagram(data, (addr[0], addr[1]), sock if several else None)
 
-    def datagram(self, data: bytes, client: ClientAddr) -> None:
+    def datagram(self, data: bytes, client: ClientAddr, via: socket.socket | None = None) -> None:
+        """One client datagram; `via`: the listening socket it came in on, when there are
+        several (its sessions are its own)."""
         stats = self.stats
         # issue 15: allow/deny lists on a new client; fallback_pool while this pool is empty.
         if self.acl is not None and client not in self.sessions and self.acl.refuses(client[0]):
             stats.drops[DropReason.DENIED] += 1
             return
         per_packet = self.config.udp.per_packet
-        pool = self._route(None if per_packet else self.sessions.get(client))
+        where = -1 if via is None else self._socket_index[via.fileno()]
+        key: SessionKey = client if via is None else (client[0], client[1], -1, where)
+        pool = self._route(None if per_packet else self.sessions.get(key))
         snapshot = pool.snapshot
         index = -1
         if per_packet:
@@ -285,15 +313,14 @@ class UdpListener:
                 stats.drops[DropReason.NO_BACKEND] += 1
                 return
             index = picked
-            key: SessionKey = (client[0], client[1], index)
-        else:
-            key = client
+            key = (client[0], client[1], index) if via is None else (client[0], client[1], index,
+                                                                      where)
         session = self.sessions.get(key)
         if session is None:
             if len(self.sessions) >= self.config.udp.max_sessions:
                 stats.drops[DropReason.TABLE_FULL] += 1
                 return
-            session = UdpSession(self, key, client)
+            session = UdpSession(self, key, client, via)
             session.pool = pool
         elif (session.version != snapshot.version or session.pool is not pool) and \
                 not self._still_available(session, pool):
@@ -349,7 +376,7 @@ class UdpListener:
             index = picked
         backend = snapshot.backends[index]
         try:
-            prefix = outgoing_header(snapshot.config, session.client, self.local, None, None,
+            prefix = outgoing_header(snapshot.config, session.client, session.local, None, None,
                                      Transport.DGRAM)
             session.attach(index, backend.id, backend.host, backend.port, snapshot.stats[index],
                            snapshot.version, prefix)
@@ -444,8 +471,9 @@ class UdpListener:
         self.close_all()
         if self.accepting and self._bound:
             self._bound = False
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+            for sock in self.socks:
+                self.loop.remove_reader(sock.fileno())
+                sock.close()
         self.accepting = False
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()

@@ -16,6 +16,7 @@ class EndReason(enum.StrEnum):
     SHUTDOWN = "shutdown"
     CLOSED_BY_OPERATOR = "closed_by_operator"
     BACKEND_DOWN = "backend_down"  # on_down: close_sessions cut it when its backend left service
+    DRAIN_TIMEOUT = "drain_timeout"  # its backend was still draining drain_timeout after the drain
 
 
 class RejectReason(enum.StrEnum):
@@ -60,3 +61,5 @@ class UdpEndReason(enum.StrEnum):
     BACKEND_REFUSED = "backend_refused"
     SHUTDOWN = "shutdown"
     DENIED = "denied"  # its source was denied (allow/deny lists changed) while it was open
+    DRAIN_TIMEOUT = "drain_timeout"  # its backend was still draining drain_timeout after the drain
+    CLOSED_BY_OPERATOR = "closed_by_operator"  # maintenance with close

@@ -251,7 +251,7 @@ async def test_status_document_describes_listeners_pools_and_backends(
 
     assert set(doc) == {"version", "node", "role", "started_at", "generated_at",
                         "loop_lag_seconds", "readiness", "processes", "workers", "listeners",
-                        "pools", "transitions"}
+                        "pools", "transitions", "runtime", "passed_sockets"}
     assert doc["readiness"]["ready"]
     assert doc["node"] == socket.gethostname()  # no `node.name` in the config, no fleet
     assert doc["started_at"] <= doc["generated_at"] <= time.time()

@@ -238,7 +238,7 @@ def listener_addr(runtime: Node, name: str = "u") -> Addr:
 def bound_addr(runtime: Node, name: str = "u") -> Addr:
     """Where listener `name` listens, from its config: also for a control process, whose workers
     hold the sockets (`listener_addr` reads the socket of a listener served in this process)."""
-    bind = runtime.listeners[name].config.bind
+    bind = runtime.listeners[name].config.bind.single
     return (bind.host, bind.port)
 
 

@@ -49,7 +49,7 @@ def test_valid_config_loads_with_defaults() -> None:
     config = load_text(yaml_text(VALID), SOURCE)
     assert isinstance(config, Config)
     (listener,) = config.listeners
-    assert listener.bind == HostPort("127.0.0.1", 6432)
+    assert listener.bind.single == HostPort("127.0.0.1", 6432)
     assert listener.protocol == "tcp"
     pool = config.pool("pg")
     assert [b.id for b in pool.backends] == ["127.0.0.1:5432", "replica"]
@@ -218,7 +218,8 @@ def test_bad_listener_address() -> None:
             backends:
               - address: "127.0.0.1:5432"
         """
-    ) == [f"{SOURCE}:3: listeners[0].bind: expected host:port, got 6432"]
+    ) == [f"{SOURCE}:3: listeners[0].bind: expected host:port, host:first-last or a list of them, "
+          "got 6432"]
 
 
 def test_negative_duration() -> None:
@@ -407,7 +408,7 @@ def test_hostname_backend_resolves_and_keeps_its_written_id() -> None:
     assert backend.address.is_ip
     assert str(backend.address) == "localhost:80"
     assert backend.id == "localhost:80"
-    assert config.listeners[0].bind == HostPort("::1", 8080)
+    assert config.listeners[0].bind.single == HostPort("::1", 8080)
 
 
 def test_unresolvable_hostname_is_a_config_error() -> None:

@@ -20,14 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from pointsman.config.addresses import HostPort
 from pointsman.config.loader import load_text
 from pointsman.config.model import Config
 from pointsman.node import ipc
+from pointsman.node.activation import PassedSocket
 from pointsman.node.ipc import (
     IPC_VERSION,
     AgentScaleSet,
     ApplyConfig,
     Channel,
+    CloseConnections,
     ConfigApplied,
     IpcError,
     ListenerAcl,
@@ -192,11 +195,14 @@ def samples() -> dict[type, object]:
     )
     return {
         Start: Start(IPC_VERSION, 1, 2, cfg, decisions,
-                     (ListenerAcl("web", "deny", ("192.0.2.0/24", "2001:db8::/32")),)),
+                     (ListenerAcl("web", "deny", ("192.0.2.0/24", "2001:db8::/32")),),
+                     (PassedSocket(3, "web", "tcp", HostPort("127.0.0.1", 8080)),
+                      PassedSocket(4, "pointsman.socket", None, None))),
         PoolEvent: PoolEvent(BackendEvent("web", "b", Event.HEALTH_DOWN, "health check failed: 503")),
         WeightSet: WeightSet(WeightChange("web", "a", 7)),
         AgentScaleSet: AgentScaleSet(AgentScale("web", "a", 0.75)),
         ListenerAcl: ListenerAcl("web", "allow", ("127.0.0.0/8",)),
+        CloseConnections: CloseConnections("web", "a", EndReason.DRAIN_TIMEOUT),
         ApplyConfig: ApplyConfig(3, cfg),
         Stop: Stop(12.0),
         Ready: Ready(IPC_VERSION, 1, 4242),

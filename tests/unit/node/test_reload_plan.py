@@ -313,3 +313,22 @@ def test_plan_partitions_listeners_and_pools(pair: tuple[Config, Config]) -> Non
                  or plan.remove_pools)
     assert (plan.describe() == "no change") == empty
     assert_nothing_to_do(reload_plan(new, new))
+
+
+def test_bind_lists_are_compared_whole_and_held_addresses_wait() -> None:
+    """A listener whose bind list changes restarts; it binds first only when none of its
+    addresses is held by a running listener (else after that one lets go)."""
+    old = build([listener("web", 8080, "web", bind=["127.0.0.1:8080", "127.0.0.1:8090-8091"]),
+                 listener("db", 6432, "db")], BASE_POOLS)
+    same = build([listener("web", 8080, "web", bind=["127.0.0.1:8080", "127.0.0.1:8090-8091"]),
+                  listener("db", 6432, "db")], BASE_POOLS)
+    assert_nothing_to_do(reload_plan(old, same))
+    wider = build([listener("web", 8080, "web", bind=["127.0.0.1:8080", "127.0.0.1:8090-8092"]),
+                   listener("db", 6432, "db")], BASE_POOLS)
+    plan = reload_plan(old, wider)
+    assert names(plan.retire_listeners) == names(plan.start_listeners) == ["web"]
+    assert plan.moved == ("web",) and plan.bind_first == ()  # 8080, 8090, 8091 are held
+    elsewhere = build([listener("web", 8080, "web", bind=["127.0.0.2:8080", "127.0.0.2:8090"]),
+                       listener("db", 6432, "db")], BASE_POOLS)
+    assert reload_plan(old, elsewhere).bind_first == ("web",)  # nothing held: bound first
+    assert not same_socket(old.listeners[0], wider.listeners[0])
