@@ -24,8 +24,9 @@ from pointsman.kernel.nft import KernelTable, Nft, NftError
 from pointsman.kernel.plan import KernelConfigError
 from pointsman.pool.pool import Pool
 from pointsman.telemetry.flow import EndReason
+from tests.support import scheduled_first
 
-from .helpers import listener, pool, scheduled_first
+from .helpers import listener, pool
 
 
 class Recorder(Nft):
