@@ -6,6 +6,7 @@ status document, `check` and the accept-queue metrics see every socket."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import subprocess
 import sys
@@ -25,16 +26,19 @@ STEP = 5.0
 
 
 def free_range(count: int, host: str = LOOPBACK) -> int:
-    """The first of `count` consecutive ports free on `host` now (tried, released)."""
-    for _ in range(50):
-        first = free_port(host)
+    """The first of `count` consecutive ports free on `host` now (tried, released). Searched below
+    the ephemeral range (net.ipv4.ip_local_port_range), where no outgoing connection of this or
+    any other process takes a port: a random ephemeral port's neighbours often are in use."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(10_000, low - count)
         socks = []
         try:
             for port in range(first, first + count):
                 sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
                 socks.append(sock)
-                # As the listener binds: ports in TIME_WAIT (left by earlier tests) are free to it.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener
                 sock.bind((host, port))
             return first
         except OSError:
@@ -43,6 +47,14 @@ def free_range(count: int, host: str = LOOPBACK) -> int:
             for sock in socks:
                 sock.close()
     raise AssertionError("no free port range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 async def test_a_list_and_a_range_serve_on_every_address(tmp_path: Path, workers: int) -> None:
