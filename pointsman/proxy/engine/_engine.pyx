@@ -267,6 +267,7 @@ cdef class Listener:
     cdef object on_preamble
     cdef object on_connect
     cdef object on_ended
+    cdef object on_accept_error  # optional: policy.accept_error(errno)
     cdef bint nodelay
     cdef bint paused
     cdef bint stopped
@@ -437,6 +438,7 @@ cdef class CEngine:
         lst.on_preamble = policy.preamble
         lst.on_connect = policy.connect_result
         lst.on_ended = policy.ended
+        lst.on_accept_error = getattr(policy, "accept_error", None)
         lst.nodelay = nodelay
         ev.events = EPOLLIN
         ev.data.u64 = <uint64_t>lst.fd | (<uint64_t>1 << 32)
@@ -454,6 +456,13 @@ cdef class CEngine:
         if not lst.paused:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, lst.fd, NULL)
         self.lfds.pop(lst.fd, None)
+
+    def pause_listener(self, int lid):
+        """Accept nothing for ACCEPT_BACKOFF or until a connection closes (pyengine)."""
+        cdef Listener lst = self.listeners[lid]
+        if not lst.stopped:
+            self._pause(lst)
+            self._after_call()
 
     def close(self, uint64_t conn_id, int code):
         cdef Conn conn = self.conns.get(conn_id)
@@ -734,6 +743,11 @@ cdef class CEngine:
                     continue
                 lst.accept_errors += 1
                 self.accept_errs[err if err < ERRNO_SLOTS else 0] += 1
+                if lst.on_accept_error is not None:
+                    try:
+                        lst.on_accept_error(err)
+                    except Exception:
+                        log.exception("engine: policy.accept_error raised")
                 if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
                     self._pause(lst)
                     return 0
@@ -742,6 +756,8 @@ cdef class CEngine:
                 close(fd)
                 return 0
             self._new_conn(lst, fd, &peer)
+            if lst.paused:  # the policy asked for a pause (pause_listener)
+                return 0
         return 0
 
     cdef int _pause(self, Listener lst) except -1:
@@ -840,7 +856,7 @@ cdef class CEngine:
             return self._connect(conn, <CTarget>target, decision.send_first, decision.consume,
                                  decision.source)
         if kind is Refuse:
-            return self._end(conn, E_REFUSED, decision.code, True, True)
+            return self._end(conn, E_REFUSED, decision.code, False, True)
         if kind is ReadPreamble and conn.state == S_PREAMBLE and conn.preamble is None:
             conn.preamble = decision
             conn.preamble_max = decision.max_bytes
@@ -854,7 +870,7 @@ cdef class CEngine:
 
     cdef int _policy_error(self, Conn conn, object decision) except -1:
         log.error("engine: policy returned %r; connection %d refused", decision, conn.id)
-        return self._end(conn, E_REFUSED, POLICY_ERROR, True, True)
+        return self._end(conn, E_REFUSED, POLICY_ERROR, False, True)
 
     cdef int _read_preamble(self, Conn conn) except -1:
         if not self._hold(conn, conn.preamble_max):
@@ -867,7 +883,7 @@ cdef class CEngine:
             return 0
         if decision is None:
             if conn.up.len >= conn.preamble_max:
-                self._end(conn, E_REFUSED, conn.preamble.overflow_code, True, False)
+                self._end(conn, E_REFUSED, conn.preamble.overflow_code, False, False)
             elif conn.up.eof:
                 self._end(conn, E_CLIENT_FIN, 0, False, False)
             return 0
@@ -1386,13 +1402,14 @@ cdef class CEngine:
         if due > self.now:
             return self._arm(conn)
         if state == S_RELAY:
-            return self._end(conn, E_HALF_CLOSE_TIMEOUT if conn.halfclosed else E_IDLE_TIMEOUT,
-                             0, True, True)
+            if conn.halfclosed and conn.target.half_close_ns:  # pyengine._expire says why
+                return self._end(conn, E_HALF_CLOSE_TIMEOUT, 0, True, True)
+            return self._end(conn, E_IDLE_TIMEOUT, 0, False, False)
         if state == S_CONNECTING:
             self._drop_backend(conn, True)
             return self._failed(conn, OP_CONNECT, ETIMEDOUT)
         if state == S_PREAMBLE:
-            return self._end(conn, E_REFUSED, conn.preamble.timeout_code, True, False)
+            return self._end(conn, E_REFUSED, conn.preamble.timeout_code, False, False)
         if state == S_DRAIN:
             return self._end(conn, conn.reason, 0, True, True)
         return 0

@@ -12,7 +12,9 @@ Engine -> policy (one policy object per listener; see `Policy`):
   returns None (need more) or a decision;
 - `connect_result(conn_id, backend, status, err, elapsed)` reports one connect attempt; after a
   failure its return value is the next decision (another target: a retry; None: give up);
-- `ended(records)` gets the packed records (`RECORD`) of connections that ended.
+- `ended(records)` gets the packed records (`RECORD`) of connections that ended;
+- `accept_error(errno)`, when the policy has it (optional): accept() failed on its listener
+  (rare, and worth a log line: one call each).
 
 Decisions: a target made by `engine.target(...)` (connect there, nothing to send first),
 `Connect(target, send_first, consume, source)`, `ReadPreamble(...)`, or `Refuse(code)`.
