@@ -14,6 +14,12 @@ success, as a TCP connect does, so only consecutive refusals add up to an ejecti
 Sockets are read with `add_reader` callbacks, not Tasks: a session costs one socket and one small
 object. Idle sessions are swept by one timer per listener over a table kept in last-use order.
 
+Datagrams move in batches through the connection engine's batch functions
+(`pointsman.proxy.engine.batch_functions`: recvmmsg/sendmmsg in the compiled engine, a
+recvfrom/sendto loop in the pure-Python one): one call reads up to READ_BATCH datagrams from the
+listening socket or from a session's socket, and one call sends a session's replies back to
+their client. Sessions stay in Python: one call per new session, not per datagram.
+
 A session that cannot get its socket because we ran out of descriptors or buffers (or it would eat
 into the descriptor reserve) is not a backend failure: its datagram is dropped as
 `local_resource`, the error counted by op and errno, and the pool hears nothing.
@@ -33,6 +39,7 @@ from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import Pool
 from pointsman.protect.acl import AclLists
 from pointsman.protocols.proxy_protocol import Transport
+from pointsman.proxy.engine import batch_functions
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, errno_name, is_local
 from pointsman.proxy.sockets import family_of, listen_socket
 from pointsman.proxy.upstream import outgoing_header
@@ -167,44 +174,43 @@ class UdpSession:
         return True
 
     def _readable(self) -> None:
+        """Replies: one batch read from the backend, one batch sent back to the client."""
         sock = self.sock
         if sock is None:
             return
         listener = self.listener
-        out = listener.sock
+        try:
+            batch = listener.recv_batch(sock.fileno(), READ_BATCH)
+        except ConnectionRefusedError:
+            listener.backend_refused(self)
+            return
+        except OSError as exc:
+            log.debug("udp session %s: recv failed: %r", self.client, exc)
+            return
+        if not batch:
+            return
+        if not self.answered:
+            self.answered = True
+            self.pool.report_connect_success(self.backend_id)
+        limit = listener.config.udp.responses
+        if limit:  # no reply past the session's last one
+            batch = batch[:max(limit - self.datagrams_out, 0)]
         client = self.client
-        for _ in range(READ_BATCH):
-            try:
-                data = sock.recv(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:
-                listener.backend_refused(self)
-                return
-            except OSError as exc:
-                log.debug("udp session %s: recv failed: %r", client, exc)
-                break
-            if not self.answered:
-                self.answered = True
-                self.pool.report_connect_success(self.backend_id)
-            try:
-                out.sendto(data, client)
-            except OSError:
-                listener.stats.drops[DropReason.SEND_FAILED] += 1
-                continue
-            n = len(data)
-            self.datagrams_out += 1
-            self.bytes_out += n
-            listener.stats.datagrams_out += 1
-            listener.stats.bytes_out += n
+        replies = [(data, client) for data, _ in batch]
+        sent, size = listener.reply(replies)
+        stats = listener.stats
+        self.datagrams_out += sent
+        self.bytes_out += size
+        stats.datagrams_out += sent
+        stats.bytes_out += size
+        if sent:
             self.last_activity = listener.loop.time()
-            # Traffic either way keeps a session alive, so it also moves the session to the end of
-            # the table: the sweeper stops at the first live session and must find idle ones first.
+            # Traffic either way keeps a session alive, so it also moves the session to the end
+            # of the table: the sweeper stops at the first live session and must find idle ones
+            # first.
             listener.sessions.move_to_end(self.key)
-            limit = listener.config.udp.responses
-            if limit and self.datagrams_out >= limit:
-                listener.end_session(self, UdpEndReason.RESPONSES)
-                return
+        if limit and self.datagrams_out >= limit:
+            listener.end_session(self, UdpEndReason.RESPONSES)
 
 
 class UdpListener:
@@ -233,6 +239,7 @@ class UdpListener:
         self.accepting = False
         self._bound = False
         self.local: tuple[str, int] = ("", 0)  # our bound address: the PROXY destination
+        self.recv_batch, self.send_batch = batch_functions()
         self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on))
 
     async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
@@ -258,16 +265,33 @@ class UdpListener:
     # --- client datagrams ------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        sock = self.sock
-        for _ in range(READ_BATCH):
-            try:
-                data, addr = sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("udp listener %s: recvfrom failed: %r", self.name, exc)
-                return
+        try:
+            batch = self.recv_batch(self.sock.fileno(), READ_BATCH)
+        except OSError as exc:
+            log.debug("udp listener %s: recvfrom failed: %r", self.name, exc)
+            return
+        for data, addr in batch:
             self.datagram(data, (addr[0], addr[1]))
+
+    def reply(self, replies: list[tuple[bytes, ClientAddr]]) -> tuple[int, int]:
+        """Send replies from the listening socket, in batches: (datagrams sent, their bytes).
+        One that the socket refuses (full, or an error) is a drop; the rest are still tried."""
+        sent = size = 0
+        fd = self.sock.fileno()
+        start = 0
+        while start < len(replies):
+            try:
+                n = self.send_batch(fd, replies[start:])
+            except OSError:
+                n = 0
+            for data, _ in replies[start:start + n]:
+                size += len(data)
+            sent += n
+            start += n
+            if start < len(replies):  # this one could not go
+                self.stats.drops[DropReason.SEND_FAILED] += 1
+                start += 1
+        return sent, size
 
     def datagram(self, data: bytes, client: ClientAddr) -> None:
         stats = self.stats

@@ -16,7 +16,7 @@ import pytest
 from tests.hostile import never_reading_clients, raw_backend, rss_bytes, stream_forever
 from tests.support import LOOPBACK, free_port, one_pool_config, pointsman_process_async, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("engine")]
 
 CLIENTS = 100
 WITHIN = 0.10

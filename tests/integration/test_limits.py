@@ -42,7 +42,7 @@ from tests.support import (
     wait_for,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("engine")]
 
 IO_TIMEOUT = 2.0
 ABUSER = "127.0.0.50"
