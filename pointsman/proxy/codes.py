@@ -33,6 +33,10 @@ _PLAIN: dict[int, EndReason] = {
 }
 
 
+# The same, as a table indexed by the End value (None: ask `outcome`): the hot path's lookup.
+PLAIN_END: tuple[EndReason | None, ...] = tuple(_PLAIN.get(i) for i in range(max(End) + 1))
+
+
 def code_reason(code: int) -> Outcome:
     """The reason behind a code we gave the engine. POLICY_ERROR (our policy raised) and
     ENGINE_ERROR (the engine hit a bug on this connection) are ours: `internal_error`."""
@@ -65,5 +69,5 @@ def outcome(reason: int, detail: int, backend_failed: bool) -> Outcome:
     return EndReason.INTERNAL_ERROR
 
 
-__all__ = ["END_CODE", "ENGINE_ERROR", "POLICY_ERROR", "REJECT_CODE", "Outcome", "code_reason",
-           "outcome"]
+__all__ = ["END_CODE", "ENGINE_ERROR", "PLAIN_END", "POLICY_ERROR", "REJECT_CODE", "Outcome",
+           "code_reason", "outcome"]

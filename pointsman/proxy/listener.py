@@ -7,8 +7,7 @@ half-close, resets, splice, the idle and FIN timers. This listener decides and c
 - `accepted`: admission (shutting down, table full, load shedding, the allow/deny lists on the
   peer, the descriptor budget), then a preamble to read (PROXY header, ClientHello) or a backend;
 - `preamble`: the sans-I/O `Preamble` fed with every byte so far, until it decides;
-- `connect_result`: passive signals (only a backend's own failure counts against it, never a
-  shortage of ours), retries over the pool's picker, affinity;
+- `connect_result` (connect.py): passive signals, retries, affinity;
 - `ended`: one pass over the records of the connections that ended: counters, histograms,
   backend load and totals, per-source counts, the flow log.
 
@@ -27,35 +26,25 @@ import ipaddress
 import logging
 import socket
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 
-from pointsman.balance.hashing import client_ip, source_key
-from pointsman.config.model import ListenerConfig, PoolConfig
+from pointsman.balance.hashing import client_ip
+from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import Pool
-from pointsman.pool.snapshot import PoolSnapshot
 from pointsman.protect.acl import AclLists
 from pointsman.protect.limits import Admission, Limits
 from pointsman.protect.shedding import Shedder
 from pointsman.protocols.errors import ProtocolError
-from pointsman.protocols.proxy_protocol import ProxyHeader
 from pointsman.proxy import engines
-from pointsman.proxy.codes import END_CODE, REJECT_CODE, outcome
+from pointsman.proxy.codes import END_CODE, PLAIN_END, REJECT_CODE, outcome
+from pointsman.proxy.connect import REFUSE, ConnectPolicy
 from pointsman.proxy.engine import Engine
-from pointsman.proxy.engine.api import EARLY_DATA_MAX, RECORD, Connect, Decision, ReadPreamble, Refuse, Status
+from pointsman.proxy.engine.api import EARLY_DATA_MAX, POLICY_ERROR, RECORD, Decision, ReadPreamble, Refuse
+from pointsman.proxy.flows import Flow
 from pointsman.proxy.preamble import Preamble, Refused, Route
-from pointsman.proxy.resources import (
-    BUDGET,
-    ERRORS,
-    FD_ERRNOS,
-    FD_RESERVE,
-    MEMORY_ERRNOS,
-    PORT_ERRNOS,
-    MemoryTrimmer,
-    errno_name,
-)
+from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
 from pointsman.proxy.sockets import listen_socket
-from pointsman.proxy.targets import PoolTargets, Slot
-from pointsman.proxy.upstream import outgoing_header
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.stats import ListenerStats
 
@@ -65,48 +54,16 @@ log = logging.getLogger("pointsman.listener")
 # connected), bytes in and out, duration and time to first byte (seconds; None: no byte), end.
 FlowSink = Callable[[float, str, tuple[str, int], str | None, int, int, float, float | None, str],
                     None]
-# Accept errors that are the peer's doing (it left before we accepted): not counted (the old
-# accept loop's rule; the engine counts them in its own statistics).
+# Accept errors that are the peer's doing (it left before we accepted): not counted (the engine
+# counts them in its own statistics).
 _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                         errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
                         errno.EOPNOTSUPP, errno.ENETUNREACH})
-_NO_SOURCE_PORT = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
-_GIVE_UP = FD_ERRNOS | MEMORY_ERRNOS  # every other backend needs the same descriptor or buffer
 LIVE_INTERVAL = 0.1  # seconds between refreshes of the live byte totals while connections run
-_NOTHING: frozenset[int] = frozenset()
-REFUSE = {reason: Refuse(code) for reason, code in REJECT_CODE.items()}
+_perf_counter = time.perf_counter
 
 
-class Flow:
-    """What the policy keeps of one connection in the table, from accept to its record."""
-
-    __slots__ = ("addr_step", "addr_turn", "attempts", "backend_failed", "backend_id", "consume",
-                 "header", "index", "key", "peer", "pool", "preamble", "server_name", "slot",
-                 "snapshot", "source_checked", "source_key", "started", "tried")
-
-    def __init__(self, peer: tuple[str, int], pool: Pool, started: float) -> None:
-        self.peer = peer
-        self.pool = pool
-        self.started = started  # time.perf_counter() at accept: connection ages
-        self.preamble: Preamble | None = None
-        self.header: ProxyHeader | None = None
-        self.server_name: str | None = None
-        self.consume = 0
-        self.source_checked = False
-        self.source_key: bytes | None = None
-        self.snapshot: PoolSnapshot | None = None  # while connecting: retries pick from it
-        self.key = b""
-        self.index = -1
-        self.tried: set[int] | None = None
-        self.attempts = 0
-        self.addr_turn = 0
-        self.addr_step = 0
-        self.slot: Slot | None = None  # the backend it holds load on (BackendStats.active)
-        self.backend_failed = False
-        self.backend_id: str | None = None  # once connected
-
-
-class TcpListener:
+class TcpListener(ConnectPolicy):
     """Accepts connections on one address and proxies them to one pool (see the module doc)."""
 
     def __init__(
@@ -119,6 +76,7 @@ class TcpListener:
         pools: Mapping[str, Pool] | None = None,
         shedder: Shedder | None = None,
     ) -> None:
+        super().__init__()
         self.config = config
         self.name = config.name
         self.pool = pool
@@ -135,7 +93,6 @@ class TcpListener:
         self.lid = -1
         self._sock: socket.socket | None = None
         self._trimmer: MemoryTrimmer | None = None
-        self._targets: dict[Pool, PoolTargets] = {}
         self._idle: asyncio.Event | None = None
         self._live: asyncio.TimerHandle | None = None
         self._seen = (0, 0, 0)  # the engine's bytes in, out and splices already in `stats`
@@ -200,8 +157,6 @@ class TcpListener:
                                           REJECT_CODE[RejectReason.INSPECT_TIMEOUT],
                                           REJECT_CODE[RejectReason.BAD_PROXY_HEADER])
         self.reads_preamble = self.proxy_accept != "off" or bool(self.routes)
-        self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on,
-                                        getattr(self, "acl_lists", None)))
         self.max_pending = config.preamble_max_pending
         self.max_connections = config.max_connections
         limits = config.limits
@@ -214,6 +169,8 @@ class TcpListener:
             self.admission: Admission | None = None
         elif old is None or old.limits != settings:
             self.admission = Admission(settings, self.loop.time())
+        self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on,
+                                        getattr(self, "acl_lists", None)))
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
         """Reload: new limits and pool for new connections; established ones are untouched."""
@@ -225,28 +182,36 @@ class TcpListener:
     def set_acl(self, lists: AclLists) -> None:
         """Put lists in force (config load, reload, admin API); new connections see them."""
         self.acl_lists = lists
-        self.acl = lists.compile()
+        self.acl = acl = lists.compile()
+        self.screens_peer = acl is not None and acl.on == "peer"
+        self.checks_source = self.admission is not None or (
+            acl is not None and acl.on == "proxy_header")
 
     # --- engine -> policy: accept --------------------------------------------------------------------
 
     def accepted(self, conn_id: int, host: str, port: int) -> Decision:
         stats = self.stats
         stats.accepted += 1
-        reason = self._admit(host)
-        if reason is not None:
-            return self._refuse_now(reason, host, port)
-        flow = Flow((host, port), self.pool, time.perf_counter())
+        shedder = self.shedder
+        if (not self.accepting or stats.active - stats.pending >= self.max_connections
+                or self.screens_peer or shedder.max_connections is not None
+                or shedder.max_loop_lag is not None):
+            reason = self._admit(host)
+            if reason is not None:
+                return self._refuse_now(reason, host, port)
+        flow = Flow((host, port), self.pool, _perf_counter())
         self.connections[conn_id] = flow
         stats.active += 1
-        self.shedder.active += 1
-        BUDGET.used += 2  # its socket and its backend's; given back with its record
-        if not BUDGET.room():
+        shedder.active += 1
+        budget = BUDGET
+        budget.used += 2  # its socket and its backend's; given back with its record
+        if budget.used + 2 > budget.cap:
             self._budget_spent()
         if self._live is None:
             self._live = self.loop.call_later(LIVE_INTERVAL, self._tick_live)
         if self.reads_preamble:
             return self._start_preamble(conn_id, flow)
-        return self._route(conn_id, flow)
+        return self.route(conn_id, flow)
 
     def _admit(self, host: str) -> RejectReason | None:
         """Before the table: shutting down, table full, load shedding, the lists on the peer."""
@@ -287,14 +252,30 @@ class TcpListener:
         self.stats.accept_errors[name] += 1
         ERRORS.note(self.name, "accept", name)
 
+    def admit_source(self, flow: Flow) -> Refuse | None:
+        """Rate limits and per-source caps on the client address (after any PROXY header); with
+        acl_on: proxy_header the allow/deny lists too, on that same address."""
+        flow.more().source_checked = True
+        ip = flow.peer[0]
+        acl = self.acl
+        if acl is not None and acl.on == "proxy_header" and acl.refuses(ip):
+            return REFUSE[RejectReason.DENIED]
+        if self.admission is None:
+            return None
+        reason, key = self.admission.admit(ip, self.loop.time())
+        if reason is not None:
+            return REFUSE[RejectReason(reason.value)]
+        flow.source_key = key
+        return None
+
     # --- the preamble --------------------------------------------------------------------------------
 
     def _start_preamble(self, conn_id: int, flow: Flow) -> Decision:
         preamble = Preamble(self.proxy_accept, self._is_trusted(flow.peer[0]), self.routes,
                             self.config.fallback_pool)
         # Per-source limits during the preamble, on the TCP peer when no header can replace it.
-        if not preamble.may_replace_peer:
-            refusal = self._admit_source(flow)
+        if not preamble.may_replace_peer and self.checks_source:
+            refusal = self.admit_source(flow)
             if refusal is not None:
                 return refusal
         if len(self.pending) >= self.max_pending:
@@ -302,20 +283,22 @@ class TcpListener:
             self._preamble_done(oldest_id, oldest)
             assert self.engine is not None
             self.engine.close(oldest_id, REJECT_CODE[RejectReason.PREAMBLE_EVICTED])
-        flow.preamble = preamble
+        flow.more().preamble = preamble
         self.pending[conn_id] = flow
         self.stats.pending += 1
         return self.read_preamble
 
     def _preamble_done(self, conn_id: int, flow: Flow) -> None:
-        if flow.preamble is not None:
-            flow.preamble = None
+        detour = flow.detour
+        if detour is not None and detour.preamble is not None:
+            detour.preamble = None
             del self.pending[conn_id]
             self.stats.pending -= 1
 
     def preamble(self, conn_id: int, data: bytes) -> Decision | None:
         flow = self.connections[conn_id]
-        preamble = flow.preamble
+        detour = flow.more()
+        preamble = detour.preamble
         if preamble is None:  # evicted meanwhile: the engine cuts it after this call
             return REFUSE[RejectReason.PREAMBLE_EVICTED]
         in_header = preamble.in_header
@@ -336,14 +319,14 @@ class TcpListener:
         if stats.active - stats.pending >= self.max_connections:  # now it counts in the table
             return REFUSE[RejectReason.TABLE_FULL]
         self._preamble_done(conn_id, flow)
-        flow.consume = decision.consumed
+        detour.consume = decision.consumed
         if decision.client is not None:
             flow.peer = decision.client
-        flow.header = decision.header
-        flow.server_name = decision.server_name
+        detour.header = decision.header
+        detour.server_name = decision.server_name
         stats.tls_unrouted += decision.unrouted
         flow.pool = self.pools.get(decision.pool, self.pool)
-        return self._route(conn_id, flow)
+        return self.route(conn_id, flow)
 
     def _is_trusted(self, ip: str) -> bool:
         if self.trusted is None:
@@ -351,169 +334,7 @@ class TcpListener:
         address = client_ip(ip)
         return any(address in network for network in self.trusted)
 
-    # --- the pick ------------------------------------------------------------------------------------
-
-    def _admit_source(self, flow: Flow) -> Refuse | None:
-        """Rate limits and per-source caps on the client address (after any PROXY header); with
-        acl_on: proxy_header the allow/deny lists too, on that same address."""
-        flow.source_checked = True
-        ip = flow.peer[0]
-        acl = self.acl
-        if acl is not None and acl.on == "proxy_header" and acl.refuses(ip):
-            return REFUSE[RejectReason.DENIED]
-        if self.admission is None:
-            return None
-        reason, key = self.admission.admit(ip, self.loop.time())
-        if reason is not None:
-            return REFUSE[RejectReason(reason.value)]
-        flow.source_key = key
-        return None
-
-    def _route(self, conn_id: int, flow: Flow) -> Decision:
-        """Per-source limits, then the pool (this one or its fallback), then a backend."""
-        if not flow.source_checked and (self.admission is not None or self.acl is not None):
-            refusal = self._admit_source(flow)
-            if refusal is not None:
-                return refusal
-        pool = flow.pool.route(self.pools)
-        if pool is None:
-            return REFUSE[RejectReason.NO_BACKEND]
-        flow.pool = pool
-        snapshot = pool.snapshot
-        config = snapshot.config
-        if snapshot.needs_key:
-            flow.key = source_key(flow.peer[0], flow.peer[1], config.hash_key)
-        index = self._sticky_index(snapshot, flow)
-        if index is None:
-            index = snapshot.picker.pick(flow.key, _NOTHING)
-        if index is None:
-            return REFUSE[RejectReason.NO_BACKEND]
-        flow.snapshot = snapshot
-        return self._attempt(conn_id, flow, index, first=True)
-
-    def _sticky_index(self, snapshot: PoolSnapshot, flow: Flow) -> int | None:
-        affinity = snapshot.affinity
-        if affinity is None or snapshot.config.affinity is None:
-            return None
-        sticky = source_key(flow.peer[0], flow.peer[1], snapshot.config.affinity.key)
-        backend_id = affinity.lookup(sticky, self.loop.time())
-        if backend_id is None:
-            return None
-        for i, backend in enumerate(snapshot.backends):
-            if backend.id == backend_id and backend.effective_weight > 0:
-                return i
-        return None
-
-    def _slots(self, pool: Pool, snapshot: PoolSnapshot) -> list[Slot | None]:
-        targets = self._targets.get(pool)
-        if targets is None:
-            assert self.engine is not None
-            targets = self._targets[pool] = PoolTargets(self.engine)
-        return targets.of(snapshot)
-
-    def _attempt(self, conn_id: int, flow: Flow, index: int, first: bool = False) -> Decision:
-        """Connect to backend `index` of the flow's snapshot (counted as load now: a connect in
-        progress is load for least-connections)."""
-        snapshot = flow.snapshot
-        assert snapshot is not None
-        slot = self._slots(flow.pool, snapshot)[index]
-        while slot is None:  # an address that cannot be used: as if it had failed, unblamed
-            flow.tried = (flow.tried or set()) | {index}
-            picked = snapshot.picker.pick(flow.key, flow.tried)
-            if picked is None:
-                return REFUSE[RejectReason.NO_BACKEND]
-            index = picked
-            slot = self._slots(flow.pool, snapshot)[index]
-        flow.index = index
-        flow.slot = slot
-        slot.stats.active += 1
-        config = snapshot.config
-        if first:
-            flow.addr_turn = slot.stats.total
-            flow.addr_step = 0
-        header = b""
-        if config.proxy_protocol.send != "off":
-            header = outgoing_header(config, flow.peer, self._local(conn_id), flow.header,
-                                     flow.server_name)
-        source = self._source(flow, config)
-        consume, flow.consume = flow.consume, 0  # the engine drops these bytes once
-        if header or consume or source is not None:
-            return Connect(slot.target, header, consume, source)
-        target: Decision = slot.target
-        return target
-
-    def _local(self, conn_id: int) -> tuple[str, int] | None:
-        assert self.engine is not None
-        return self.engine.sockname(conn_id)
-
-    @staticmethod
-    def _source(flow: Flow, config: PoolConfig) -> str | None:
-        """The source address of this attempt: the client's own (transparent; after a PROXY
-        header, the client it names), or one of several local addresses in turn, so one backend
-        can take more than one address's worth of ephemeral ports."""
-        source = config.source
-        if source.mode == "transparent":
-            return flow.peer[0]
-        if source.addresses:
-            addresses = source.addresses
-            return str(addresses[(flow.addr_turn + flow.addr_step) % len(addresses)])
-        return None
-
-    # --- engine -> policy: connect outcome -----------------------------------------------------------
-
-    def connect_result(self, conn_id: int, backend: int, status: int, err: int,
-                       elapsed: float) -> Decision | None:
-        flow = self.connections[conn_id]
-        slot = flow.slot
-        assert slot is not None
-        if status == Status.OK:
-            flow.pool.report_connect_success(slot.id)
-            stats = slot.stats
-            stats.total += 1
-            stats.connect_time.observe(elapsed)
-            flow.backend_id = slot.id
-            snapshot = flow.snapshot
-            if snapshot is not None and snapshot.affinity is not None \
-                    and snapshot.config.affinity is not None:
-                sticky = source_key(flow.peer[0], flow.peer[1], snapshot.config.affinity.key)
-                snapshot.affinity.remember(sticky, slot.id, self.loop.time())
-            flow.snapshot = None  # the pick is done: the flow keeps no snapshot alive
-            flow.tried = None
-            return None
-        return self._retry(conn_id, flow, slot, status, err)
-
-    def _retry(self, conn_id: int, flow: Flow, slot: Slot, status: int, err: int) -> Decision | None:
-        """After a failed attempt: another source address, another backend, or give up."""
-        slot.stats.active -= 1
-        flow.slot = None
-        snapshot = flow.snapshot
-        assert snapshot is not None
-        config = snapshot.config
-        if err in _NO_SOURCE_PORT:
-            self.stats.source_port_failures += 1
-        if status == Status.BACKEND:
-            flow.backend_failed = True
-            log.debug("connect to %s failed: %s", slot.id, errno_name(err))
-            flow.pool.report_connect_failure(slot.id)
-        else:
-            self.local_error(_operation(err, config), err)
-            if err in _GIVE_UP:
-                return None
-            if err in _NO_SOURCE_PORT and flow.addr_step + 1 < len(config.source.addresses):
-                flow.addr_step += 1  # the same backend from the next address
-                return self._attempt(conn_id, flow, flow.index)
-        flow.attempts += 1
-        if flow.attempts > config.retries:
-            return None
-        tried = flow.tried
-        if tried is None:
-            tried = flow.tried = set()
-        tried.add(flow.index)
-        index = snapshot.picker.pick(flow.key, tried)
-        if index is None:
-            return None
-        self.stats.retried += 1
-        return self._attempt(conn_id, flow, index, first=True)
+    # --- shortages of ours ---------------------------------------------------------------------------
 
     def local_error(self, op: str, err: int) -> None:
         """A shortage of ours while serving a connection: counted, logged (rate-limited), and,
@@ -532,34 +353,44 @@ class TcpListener:
         """One pass over the connections that ended in one engine wake-up."""
         connections = self.connections
         stats = self.stats
+        ended, rejected = stats.ended, stats.rejected
+        durations, ttfbs = stats.duration, stats.ttfb
         sink = self.flow_sink
         wall = time.time() if sink is not None else 0.0
-        admission = self.admission
         gone = 0
         for (conn_id, _backend, reason, _flags, detail, bytes_in, bytes_out, started, _connected,
              first_byte, finished, _lid) in RECORD.iter_unpack(records):
             flow = connections.pop(conn_id, None)
             if flow is None:  # refused at accept: counted then (unless our policy raised)
-                if detail == 0xFFFF:
-                    stats.rejected[RejectReason.INTERNAL_ERROR] += 1
+                if detail == POLICY_ERROR:
+                    rejected[RejectReason.INTERNAL_ERROR] += 1
                 continue
             gone += 1
-            if flow.preamble is not None:
-                self._preamble_done(conn_id, flow)
-            how = outcome(reason, detail, flow.backend_failed)
-            duration = (finished - started) / 1e9
-            ttfb = (first_byte - started) / 1e9 if first_byte else None
-            if isinstance(how, RejectReason):
-                stats.rejected[how] += 1
-                end = f"rejected:{how.value}" if sink is not None else ""
-            else:
-                stats.ended[how] += 1
-                stats.duration.observe(duration)
+            detour = flow.detour
+            how = PLAIN_END[reason]
+            if detour is not None:
+                if detour.preamble is not None:
+                    self._preamble_done(conn_id, flow)
+                how = outcome(reason, detail, detour.backend_failed)
+            elif how is None:
+                how = outcome(reason, detail, False)
+            duration = (finished - started) * 1e-9
+            if type(how) is EndReason:
+                ended[how] += 1
+                # Histogram.observe, inline: once or twice per connection
+                durations.counts[bisect_left(durations.bounds, duration)] += 1
+                durations.sum += duration
+                durations.count += 1
                 if how is EndReason.CONNECT_FAILED:
                     stats.connect_failed += 1
-                end = how.value
-            if ttfb is not None:
-                stats.ttfb.observe(ttfb)
+            else:
+                rejected[how] += 1
+            ttfb = None
+            if first_byte:
+                ttfb = (first_byte - started) * 1e-9
+                ttfbs.counts[bisect_left(ttfbs.bounds, ttfb)] += 1
+                ttfbs.sum += ttfb
+                ttfbs.count += 1
             slot = flow.slot
             if slot is not None:
                 backend = slot.stats
@@ -567,16 +398,17 @@ class TcpListener:
                 if flow.backend_id is not None:
                     backend.bytes_in += bytes_in
                     backend.bytes_out += bytes_out
-            if flow.source_key is not None and admission is not None:
-                admission.closed(flow.source_key)
+            if flow.source_key is not None and self.admission is not None:
+                self.admission.closed(flow.source_key)
             if sink is not None:
+                end = how.value if type(how) is EndReason else f"rejected:{how.value}"
                 sink(wall, self.name, flow.peer, flow.backend_id, bytes_in, bytes_out, duration,
                      ttfb, end)
         stats.active -= gone
         self.shedder.active -= gone
         BUDGET.used -= 2 * gone
-        self._refresh()
         if not connections:
+            self._refresh()  # exact totals whenever nothing is open
             if self._idle is not None:
                 self._idle.set()
             if not self.accepting:
@@ -626,7 +458,7 @@ class TcpListener:
 
     def close_backend(self, backend_id: str, reason: EndReason) -> int:
         """Cut the connections to one backend (on_down: close_sessions, maintenance)."""
-        if self.engine is None:
+        if self.engine is None or self._released:
             return 0
         victims = [cid for cid, flow in self.connections.items() if flow.backend_id == backend_id]
         code = END_CODE[reason]
@@ -635,20 +467,10 @@ class TcpListener:
     def oldest(self) -> dict[str, float]:
         """The accept time (time.perf_counter()) of the oldest open connection, by the pool it
         went to (the listener's pool present even with none open)."""
-        now = time.perf_counter()
+        now = _perf_counter()
         oldest = {self.pool.name: now}
         for flow in list(self.connections.values()):
             name = flow.pool.name
             if flow.started < oldest.get(name, now):
                 oldest[name] = flow.started
         return oldest
-
-
-def _operation(err: int, config: PoolConfig) -> str:
-    """Which call most likely failed, for the metric label: descriptors run out at socket(); a
-    port or address at bind() when we chose the source, else at connect()."""
-    if err in FD_ERRNOS:
-        return "socket"
-    if err in PORT_ERRNOS and (config.source.mode == "transparent" or config.source.addresses):
-        return "bind"
-    return "connect"

@@ -72,7 +72,7 @@ def numeric(host: str, port: int) -> str:
 class PoolTargets:
     """The slots of one pool's current snapshot (one per backend, by snapshot index)."""
 
-    __slots__ = ("by_key", "config", "engine", "slots", "snapshot")
+    __slots__ = ("by_key", "config", "engine", "plain", "slots", "snapshot")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -80,6 +80,7 @@ class PoolTargets:
         self.config: PoolConfig | None = None
         self.by_key: dict[tuple[str, str, int], Slot] = {}
         self.slots: list[Slot | None] = []
+        self.plain = False  # a pick needs no key, no affinity, no header, no source address
 
     def of(self, snapshot: PoolSnapshot) -> list[Slot | None]:
         """The slots for `snapshot` (None where a backend's address cannot be used)."""
@@ -102,6 +103,10 @@ class PoolTargets:
         self.by_key = by_key
         self.slots = slots
         self.snapshot = snapshot
+        config = snapshot.config
+        self.plain = (not snapshot.needs_key and snapshot.affinity is None
+                      and config.proxy_protocol.send == "off"
+                      and config.source.mode == "default" and not config.source.addresses)
         return slots
 
     def _make(self, backend_id: str, host: str, port: int, stats: BackendStats,
