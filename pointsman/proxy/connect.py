@@ -10,8 +10,8 @@ PROXY header, and what to do when the connect fails.
   as `local_resource` and blames nobody. A failed attempt moves to another backend, at most
   `retries` times; an unusable source address moves to the next address first.
 
-A plain connection (no affinity, no hash key, no PROXY header, no source address, no
-per-source limit) takes one fast path: snapshot -> pick -> the backend's target.
+A plain connection (no preamble, no affinity, no hash key, no PROXY header, no source address,
+no per-source limit) takes one fast path: snapshot -> pick -> the backend's target.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class ConnectPolicy:
         """Per-source limits, then the pool (this one or its fallback), then a backend."""
         pool = flow.pool
         snapshot = pool.snapshot
-        if not self.checks_source and snapshot.available:
+        if flow.detour is None and not self.checks_source and snapshot.available:
             targets = self._targets.get(pool)
             if targets is not None and targets.snapshot is snapshot and targets.plain:
                 index = snapshot.picker.pick(b"", _NOTHING)
