@@ -241,8 +241,9 @@ def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None
                         "info"], cpu, env=env, cwd=str(tree), stderr=log)
     proxy.pid = proc.pid
     wait_port(proxy.http)
-    first = (tmp / f"pointsman-{name}.log").read_text().splitlines()[:1]
-    proxy.note = first[0].split("starting: ", 1)[-1] if first else ""
+    lines = [line for line in (tmp / f"pointsman-{name}.log").read_text().splitlines()
+             if "starting: " in line]
+    proxy.note = lines[0].split("starting: ", 1)[-1] if lines else ""
     return proxy
 
 
