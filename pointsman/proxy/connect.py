@@ -41,7 +41,7 @@ log = logging.getLogger("pointsman.proxy")
 REFUSE = {reason: Refuse(code) for reason, code in REJECT_CODE.items()}
 _NO_SOURCE_PORT = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
 _GIVE_UP = FD_ERRNOS | MEMORY_ERRNOS  # every other backend needs the same descriptor or buffer
-_NOTHING: frozenset[int] = frozenset()
+NOTHING: frozenset[int] = frozenset()  # no backend tried yet
 
 
 class ConnectPolicy:
@@ -80,7 +80,7 @@ class ConnectPolicy:
         if flow.detour is None and not self.checks_source and snapshot.available:
             targets = self._targets.get(pool)
             if targets is not None and targets.snapshot is snapshot and targets.plain:
-                index = snapshot.picker.pick(b"", _NOTHING)
+                index = snapshot.picker.pick(b"", NOTHING)
                 if index is not None:
                     slot = targets.slots[index]
                     if slot is not None:
@@ -105,7 +105,7 @@ class ConnectPolicy:
         self._targets_of(pool).of(snapshot)
         index = self._sticky_index(snapshot, flow)
         if index is None:
-            index = snapshot.picker.pick(self._key(flow, snapshot), _NOTHING)
+            index = snapshot.picker.pick(self._key(flow, snapshot), NOTHING)
         if index is None:
             return REFUSE[RejectReason.NO_BACKEND]
         flow.snapshot = snapshot
