@@ -180,7 +180,7 @@ class UdpSession:
             return
         listener = self.listener
         try:
-            batch = listener.recv_batch(sock.fileno(), READ_BATCH)
+            batch = listener.recv_batch(sock, READ_BATCH)
         except ConnectionRefusedError:
             listener.backend_refused(self)
             return
@@ -266,7 +266,7 @@ class UdpListener:
 
     def _readable(self) -> None:
         try:
-            batch = self.recv_batch(self.sock.fileno(), READ_BATCH)
+            batch = self.recv_batch(self.sock, READ_BATCH)
         except OSError as exc:
             log.debug("udp listener %s: recvfrom failed: %r", self.name, exc)
             return
@@ -277,11 +277,10 @@ class UdpListener:
         """Send replies from the listening socket, in batches: (datagrams sent, their bytes).
         One that the socket refuses (full, or an error) is a drop; the rest are still tried."""
         sent = size = 0
-        fd = self.sock.fileno()
         start = 0
         while start < len(replies):
             try:
-                n = self.send_batch(fd, replies[start:])
+                n = self.send_batch(self.sock, replies[start:])
             except OSError:
                 n = 0
             for data, _ in replies[start:start + n]:

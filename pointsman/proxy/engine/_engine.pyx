@@ -10,6 +10,7 @@ decision, the preamble bytes, the connect outcome, and one packed record buffer 
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.object cimport PyObject_AsFileDescriptor
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -1508,10 +1509,12 @@ cdef int _rx_ensure(int count, Py_ssize_t size) except -1:
     return 0
 
 
-def recv_batch(int fd, int max_messages, Py_ssize_t size=65535):
-    """Up to `max_messages` datagrams waiting on the non-blocking socket `fd`, with one
-    recvmmsg(2): a list of (payload, address), addresses as the socket module gives them."""
+def recv_batch(sock, int max_messages, Py_ssize_t size=65535):
+    """Up to `max_messages` datagrams waiting on the non-blocking socket `sock` (a descriptor or
+    a socket), with one recvmmsg(2): a list of (payload, address), addresses as the socket
+    module gives them."""
     cdef int i, n
+    cdef int fd = PyObject_AsFileDescriptor(sock)
     if max_messages <= 0:
         return []
     if max_messages > BATCH_MAX:
@@ -1537,10 +1540,12 @@ def recv_batch(int fd, int max_messages, Py_ssize_t size=65535):
     return out
 
 
-def send_batch(int fd, messages):
+def send_batch(sock, messages):
     """Send (payload, address) pairs in order with sendmmsg(2) (address None: a connected
-    socket); how many went. Stops where the socket would block; an error on the first
-    message raises, on a later one the count so far is returned (pybatch.send_batch)."""
+    socket) on `sock` (a descriptor or a socket); how many went. Stops where the socket would
+    block; an error on the first message raises, on a later one the count so far is returned
+    (pybatch.send_batch)."""
+    cdef int fd = PyObject_AsFileDescriptor(sock)
     cdef Py_ssize_t count = len(messages), i, done = 0
     cdef int n, chunk
     cdef mmsghdr* msgs
