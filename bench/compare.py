@@ -359,8 +359,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="skip the 10,000-connection memory run")
     parser.add_argument("--engine", action="store_true",
-                        help="run bench/engine_bench.py instead: the connection engines against "
-                             "HAProxy, with paired CPU per connection")
+                        help="run bench/engine_bench.py instead: `pointsman run` on the compiled "
+                             "and the pure-Python engine (admin and flow log on and off; "
+                             "--before DIR adds an older tree) against HAProxy, with paired CPU "
+                             "per connection and redis-benchmark; its options follow")
     args, rest = parser.parse_known_args()
     if args.engine:
         os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("engine_bench.py")),

@@ -1,10 +1,18 @@
-"""The connection engines against HAProxy 2.6 (nbthread 1), loaded side by side in one run.
+"""pointsman against HAProxy 2.6 (nbthread 1), loaded side by side in one run.
 
     python bench/engine_bench.py [--seconds 5] [--rounds 3] [--idle 8000] [--skip-idle]
+                                 [--skip-redis] [--before DIR] [--raw] [--only NAME,...]
 
-Proxies: the compiled engine and the pure-Python engine, each in its own process on uvloop with
-a minimal round-robin policy (pointsman/proxy/engine/simple.py: the engine's cost plus a policy
-that only picks), and HAProxy with one thread. All in front of one nginx serving a small body.
+Proxies, each one process pinned to the same CPU:
+- `cython` / `python`: the REAL `pointsman run` (one process, `workers: 1`) on the compiled and
+  on the pure-Python connection engine (POINTSMAN_ENGINE), with the admin API and the flow log
+  on (to a file), as operators run it; `cython-bare` / `python-bare`: the same without admin
+  API and flow log;
+- `before` / `before-bare` (with `--before DIR`): `pointsman run` from another source tree, e.g.
+  `git archive <commit> | tar -x -C DIR` of main before the engine (the uvloop-transport path);
+- `engine-cython` / `engine-python` (with `--raw`): the bare engines with the minimal round-robin
+  policy of pointsman/proxy/engine/simple.py (the engine's own cost);
+- `haproxy`: HAProxy with one thread. All in front of one nginx (and iperf3, redis-server).
 
 Measured:
 - CPU per new connection, paired: wrk (`Connection: close`, one connection per request) loads
@@ -15,8 +23,10 @@ Measured:
 - CPU per keep-alive request, paired the same way (wrk without `Connection: close`);
 - keep-alive requests/s (wrk -c64, one proxy at a time, rotating order, median) and the ratio
   to HAProxy: unpaired, so it moves with whatever the neighbours do;
-- bulk Gbit/s (iperf3, one stream; the engines splice after 1 MiB like pointsman's default);
-- memory per idle connection: RSS growth of the proxy process with `--idle` open connections.
+- bulk Gbit/s (iperf3, one stream; pointsman splices after 1 MiB, its default);
+- memory per idle connection: RSS growth of the proxy process with `--idle` open connections;
+- redis-benchmark (SET and GET, 50 keep-alive clients) through each proxy, one at a time:
+  requests/s and the proxy's CPU per request.
 
 Pinning: with two or more CPUs the proxies share CPU 1, and the load generators and backends
 CPU 0 (taskset). Loopback only; every process started here is stopped at the end.
@@ -70,6 +80,19 @@ backends = [int(p) for p in sys.argv[3].split(",")]
 uvloop.run(main(sys.argv[1], ports, backends, sys.argv[4] == "1"))
 """
 
+POINTSMAN = """\
+workers: 1
+shutdown_grace: 1s
+{extra}listeners:
+  - {{name: http, bind: "{host}:{http}", pool: http, max_connections: 50000, backlog: 4096}}
+  - {{name: bulk, bind: "{host}:{bulk}", pool: bulk}}
+  - {{name: redis, bind: "{host}:{redis}", pool: redis, max_connections: 50000}}
+pools:
+  - {{name: http, idle_timeout: 10m, backends: [{{address: "{host}:{backend_http}"}}]}}
+  - {{name: bulk, backends: [{{address: "{host}:{backend_bulk}"}}]}}
+  - {{name: redis, idle_timeout: 10m, backends: [{{address: "{host}:{backend_redis}"}}]}}
+"""
+
 NGINX = """
 worker_processes 1;
 daemon off;
@@ -107,6 +130,11 @@ frontend bulk
   default_backend bulk
 backend bulk
   server s1 {host}:{backend_bulk}
+frontend redis
+  bind {host}:{redis}
+  default_backend redis
+backend redis
+  server s1 {host}:{backend_redis}
 """
 
 
@@ -116,7 +144,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.2):
@@ -139,11 +167,20 @@ def rss_kib(pid: int) -> int:
 
 
 @dataclass
+class Backends:
+    http: int = field(default_factory=free_port)
+    bulk: int = field(default_factory=free_port)
+    redis: int = field(default_factory=free_port)
+
+
+@dataclass
 class Proxy:
     name: str
-    http: int
-    bulk: int
+    http: int = field(default_factory=free_port)
+    bulk: int = field(default_factory=free_port)
+    redis: int = field(default_factory=free_port)
     pid: int = 0
+    note: str = ""
 
 
 @dataclass
@@ -153,8 +190,9 @@ class Procs:
     def start(self, args: list[str], cpu: str | None, **kw: object) -> subprocess.Popen[bytes]:
         if cpu is not None:
             args = ["taskset", "-c", cpu, *args]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                start_new_session=True, **kw)  # type: ignore[call-overload]
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            args, stdout=subprocess.PIPE, start_new_session=True, **kw)
         self.procs.append(proc)
         return proc
 
@@ -168,6 +206,61 @@ class Procs:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --- the proxies --------------------------------------------------------------------------------
+
+
+def start_haproxy(procs: Procs, backends: Backends, tmp: Path, cpu: str | None) -> Proxy:
+    proxy = Proxy("haproxy")
+    cfg = tmp / "haproxy.cfg"
+    cfg.write_text(HAPROXY.format(host=HOST, http=proxy.http, bulk=proxy.bulk, redis=proxy.redis,
+                                  backend_http=backends.http, backend_bulk=backends.bulk,
+                                  backend_redis=backends.redis))
+    proxy.pid = procs.start(["haproxy", "-f", str(cfg), "-db"], cpu).pid
+    return proxy
+
+
+def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None, name: str,
+                    engine: str | None, full: bool, tree: Path) -> Proxy:
+    """`pointsman run` from `tree` (this checkout, or --before's), one process."""
+    proxy = Proxy(name)
+    extra = ""
+    if full:
+        extra = (f'admin: {{bind: "{HOST}:{free_port()}"}}\n'
+                 f'flow_log: {{path: "{tmp}/flows-{name}.jsonl"}}\n')
+    conf = tmp / f"pointsman-{name}.yaml"
+    conf.write_text(POINTSMAN.format(extra=extra, host=HOST, http=proxy.http, bulk=proxy.bulk,
+                                     redis=proxy.redis, backend_http=backends.http,
+                                     backend_bulk=backends.bulk, backend_redis=backends.redis))
+    env = {**os.environ, "PYTHONPATH": str(tree), "POINTSMAN_WORKERS": "1"}
+    if engine is not None:
+        env["POINTSMAN_ENGINE"] = engine
+    log = (tmp / f"pointsman-{name}.log").open("wb")
+    proc = procs.start([sys.executable, "-m", "pointsman", "run", str(conf), "--log-level",
+                        "info"], cpu, env=env, cwd=str(tree), stderr=log)
+    proxy.pid = proc.pid
+    wait_port(proxy.http)
+    lines = [line for line in (tmp / f"pointsman-{name}.log").read_text().splitlines()
+             if "starting: " in line]
+    proxy.note = lines[0].split("starting: ", 1)[-1] if lines else ""
+    return proxy
+
+
+def start_raw(procs: Procs, backends: Backends, cpu: str | None, engine: str,
+              nodelay: bool) -> Proxy:
+    proxy = Proxy(f"engine-{engine}")
+    proc = procs.start([sys.executable, "-c", SERVER, engine,
+                        f"{proxy.http},{proxy.bulk},{proxy.redis}",
+                        f"{backends.http},{backends.bulk},{backends.redis}",
+                        "1" if nodelay else "0"], cpu, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None
+    proxy.note = f"simple policy, engine {proc.stdout.readline().decode().strip()}"
+    proxy.pid = proc.pid
+    return proxy
+
+
+# --- load -----------------------------------------------------------------------------------------
 
 
 def wrk(port: int, seconds: float, close: bool, cpu: str | None,
@@ -223,6 +316,20 @@ def bulk(proxy: Proxy, seconds: float, load_cpu: str | None) -> float:
     return float(match.group(1)) / 1e9 if match else float("nan")
 
 
+def redis(proxy: Proxy, requests: int, load_cpu: str | None) -> tuple[float, float, float]:
+    """(SET/s, GET/s, proxy CPU microseconds per request) of one redis-benchmark run."""
+    args = ["redis-benchmark", "-h", HOST, "-p", str(proxy.redis), "-t", "set,get", "-n",
+            str(requests), "-c", "50", "-q", "--csv"]
+    if load_cpu is not None:
+        args = ["taskset", "-c", load_cpu, *args]
+    before = cpu_seconds(proxy.pid)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300).stdout
+    after = cpu_seconds(proxy.pid)
+    rates = dict(re.findall(r'"(SET|GET)","([\d.]+)"', out))
+    cpu = 1e6 * (sum(after) - sum(before)) / (2 * requests)
+    return float(rates.get("SET", "nan")), float(rates.get("GET", "nan")), cpu
+
+
 async def _open_idle(port: int, count: int) -> list[socket.socket]:
     loop = asyncio.get_running_loop()
     socks: list[socket.socket] = []
@@ -252,8 +359,11 @@ def idle_memory(proxy: Proxy, count: int) -> float:
     finally:
         for sock in socks:
             sock.close()
-    time.sleep(1.0)
+    time.sleep(2.0)
     return (after - before) / count
+
+
+# --- the run --------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -262,51 +372,67 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle", type=int, default=8000)
     parser.add_argument("--skip-idle", action="store_true")
+    parser.add_argument("--skip-redis", action="store_true")
+    parser.add_argument("--redis-requests", type=int, default=100_000)
+    parser.add_argument("--before", type=Path, default=None,
+                        help="a source tree of pointsman before the engine (git archive of a "
+                             "commit): adds the rows `before` and `before-bare`")
+    parser.add_argument("--raw", action="store_true",
+                        help="add the bare engines with the minimal policy (engine-cython/python)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated rows to run (haproxy is always there)")
     parser.add_argument("--no-nodelay", action="store_true",
-                        help="leave Nagle on in the engines (HAProxy's default; pointsman sets "
-                             "TCP_NODELAY like uvloop does)")
+                        help="the raw engines only: leave Nagle on (HAProxy's default)")
     args = parser.parse_args()
-    for tool in ("haproxy", "nginx", "wrk", "iperf3"):
+    for tool in ("haproxy", "nginx", "wrk", "iperf3", "redis-server", "redis-benchmark"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing: run scripts/setup.sh")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     two = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
     proxy_cpu, load_cpu = ("1", "0") if two else (None, None)
+    only = {name for name in args.only.split(",") if name}
     procs = Procs()
-    with tempfile.TemporaryDirectory(prefix="engine-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="engine-bench-") as tmp_name:
+        tmp = Path(tmp_name)
         try:
-            backend_http, backend_bulk = free_port(), free_port()
-            conf = Path(tmp) / "nginx.conf"
-            conf.write_text(NGINX.format(tmp=tmp, host=HOST, port=backend_http))
-            procs.start(["nginx", "-c", str(conf), "-p", tmp], load_cpu)
-            procs.start(["iperf3", "-s", "-B", HOST, "-p", str(backend_bulk)], load_cpu)
-            wait_port(backend_http)
-            wait_port(backend_bulk)
-            proxies = []
-            for name in ("cython", "python"):
-                proxy = Proxy(f"engine-{name}", free_port(), free_port())
-                proc = procs.start([sys.executable, "-c", SERVER, name, f"{proxy.http},{proxy.bulk}",
-                                    f"{backend_http},{backend_bulk}",
-                                    "0" if args.no_nodelay else "1"], proxy_cpu,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
-                assert proc.stdout is not None
-                print(f"{proxy.name}: engine {proc.stdout.readline().decode().strip()}",
-                      file=sys.stderr)
-                proxy.pid = proc.pid
-                proxies.append(proxy)
-            ha = Proxy("haproxy", free_port(), free_port())
-            cfg = Path(tmp) / "haproxy.cfg"
-            cfg.write_text(HAPROXY.format(host=HOST, http=ha.http, bulk=ha.bulk,
-                                          backend_http=backend_http, backend_bulk=backend_bulk))
-            ha.pid = procs.start(["haproxy", "-f", str(cfg), "-db"], proxy_cpu).pid
-            proxies.append(ha)
+            backends = Backends()
+            conf = tmp / "nginx.conf"
+            conf.write_text(NGINX.format(tmp=tmp, host=HOST, port=backends.http))
+            procs.start(["nginx", "-c", str(conf), "-p", str(tmp)], load_cpu)
+            procs.start(["iperf3", "-s", "-B", HOST, "-p", str(backends.bulk)], load_cpu)
+            procs.start(["redis-server", "--bind", HOST, "--port", str(backends.redis), "--save",
+                         "", "--appendonly", "no", "--maxclients", "20000"], load_cpu)
+            for port in (backends.http, backends.bulk, backends.redis):
+                wait_port(port)
+            proxies = start_all(procs, backends, tmp, proxy_cpu, args, only)
             for proxy in proxies:
                 wait_port(proxy.http)
+                print(f"{proxy.name}: {proxy.note or 'HAProxy, nbthread 1'}", file=sys.stderr)
             results = measure(proxies, args, load_cpu)
         finally:
             procs.stop_all()
     report(results, args)
+
+
+def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
+              args: argparse.Namespace, only: set[str]) -> list[Proxy]:
+    proxies = []
+    rows: list[tuple[str, str | None, bool, Path]] = [
+        ("cython", "cython", True, ROOT), ("cython-bare", "cython", False, ROOT),
+        ("python", "python", True, ROOT), ("python-bare", "python", False, ROOT)]
+    if args.before is not None:
+        rows += [("before", None, True, args.before.resolve()),
+                 ("before-bare", None, False, args.before.resolve())]
+    for name, engine, full, tree in rows:
+        if not only or name in only:
+            proxies.append(start_pointsman(procs, backends, tmp, cpu, name, engine, full, tree))
+    if args.raw:
+        for engine in ("cython", "python"):
+            if not only or f"engine-{engine}" in only:
+                proxies.append(start_raw(procs, backends, cpu, engine, not args.no_nodelay))
+    proxies.append(start_haproxy(procs, backends, tmp, cpu))
+    return proxies
 
 
 def measure(proxies: list[Proxy], args: argparse.Namespace,
@@ -331,6 +457,13 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
     print("bulk ...", file=sys.stderr)
     for proxy in proxies:
         results[proxy.name]["bulk_gbps"] = [bulk(proxy, args.seconds, load_cpu)]
+    if not args.skip_redis:
+        print("redis-benchmark ...", file=sys.stderr)
+        for proxy in proxies:
+            sets, gets, cpu = redis(proxy, args.redis_requests, load_cpu)
+            results[proxy.name]["redis_set_rps"] = [sets]
+            results[proxy.name]["redis_get_rps"] = [gets]
+            results[proxy.name]["redis_cpu_us_per_req"] = [cpu]
     if not args.skip_idle:
         for proxy in proxies:
             print(f"idle memory {proxy.name} ...", file=sys.stderr)
@@ -338,30 +471,49 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
     return results
 
 
+COLUMNS = ["cpu_us_per_conn", "ka_cpu_us_per_req", "keepalive_rps", "bulk_gbps",
+           "redis_set_rps", "redis_get_rps", "redis_cpu_us_per_req", "kib_per_idle_conn"]
+# Ratios read "as good as HAProxy" at 1.0 and better above, whichever way a column runs.
+LOWER_IS_BETTER = {"cpu_us_per_conn", "ka_cpu_us_per_req", "kib_per_idle_conn",
+                   "redis_cpu_us_per_req"}
+# Measured on every proxy at once, round by round: the ratio is the median of the rounds' ratios.
+PAIRED = {"cpu_us_per_conn", "ka_cpu_us_per_req"}
+
+
+def ratio(column: str, ours: list[float], haproxy: list[float]) -> float:
+    if column in PAIRED:
+        return statistics.median(h / v for h, v in zip(haproxy, ours, strict=True) if v)
+    v, ref = statistics.median(ours), statistics.median(haproxy)
+    if not ref or not v:
+        return float("nan")
+    return ref / v if column in LOWER_IS_BETTER else v / ref
+
+
 def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
-    base = {key: statistics.median(v) for key, v in results["haproxy"].items()}
-    columns = ["cpu_us_per_conn", "ka_cpu_us_per_req", "keepalive_rps", "bulk_gbps",
-               "kib_per_idle_conn"]
-    # Ratios read "as good as HAProxy" at 1.0 and better above, whichever way a column runs.
-    lower_is_better = {"cpu_us_per_conn", "ka_cpu_us_per_req", "kib_per_idle_conn"}
-    print(f"\n{'':16}" + "".join(f"{c:>26}" for c in columns))
+    base = results["haproxy"]
+    print("\n| | " + " | ".join(COLUMNS) + " |")
+    print("|---" * (len(COLUMNS) + 1) + "|")
     for name, r in results.items():
         cells = []
-        for c in columns:
+        for c in COLUMNS:
             if c not in r:
-                cells.append(f"{'-':>26}")
+                cells.append("-")
                 continue
             v = statistics.median(r[c])
-            ref = base.get(c)
-            ratio = (ref / v if c in lower_is_better else v / ref) if ref and v else float("nan")
-            cells.append(f"{v:>16.2f} ({ratio:5.2f}x)")
-        print(f"{name:16}" + "".join(cells))
-    print(f"medians of {args.rounds} rounds; ratios vs HAProxy 2.6 nbthread 1, higher is better "
+            if name == "haproxy" or c not in base:
+                cells.append(f"{v:.2f}")
+            else:
+                cells.append(f"{v:.2f} ({ratio(c, r[c], base[c]):.2f}x)")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\nmedians of {args.rounds} rounds; ratios vs HAProxy 2.6 nbthread 1, higher is better "
           "(CPU and memory: HAProxy's / ours). Paired CPU rounds (per round, us/conn):")
     for name, r in results.items():
         print(f"  {name:14} " + ", ".join(f"{v:.1f}" for v in r["cpu_us_per_conn"])
               + f"   (median user {statistics.median(r['user_us']):.1f}, "
-              f"system {statistics.median(r['sys_us']):.1f})")
+              f"system {statistics.median(r['sys_us']):.1f}; ratio per round "
+              + ", ".join(f"{h / v:.2f}" for h, v in zip(results["haproxy"]["cpu_us_per_conn"],
+                                                          r["cpu_us_per_conn"], strict=True))
+              + ")")
 
 
 if __name__ == "__main__":

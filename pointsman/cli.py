@@ -213,11 +213,18 @@ async def _serve(cfg: Config, path: str | None, log_level: str = "info",
     def announce(line: str) -> None:
         print(line, flush=True)
 
+    from pointsman.proxy.engines import engine_in_use
+
     workers = worker_count(cfg)
     log = logging.getLogger("pointsman")
-    log.info("pointsman %s starting: %s, %d listener%s", __version__,
+    try:
+        engine = engine_in_use()
+    except (ValueError, RuntimeError) as exc:  # POINTSMAN_ENGINE names no engine, or one not built
+        log.error("cannot start: %s", exc)
+        sys.exit(1)
+    log.info("pointsman %s starting: %s, %d listener%s, connection engine %s", __version__,
              f"a control process and {workers} workers" if workers > 1 else "one process",
-             len(cfg.listeners), "" if len(cfg.listeners) == 1 else "s")
+             len(cfg.listeners), "" if len(cfg.listeners) == 1 else "s", engine)
     node = build_node(cfg, config_path=path, announce=announce, workers=workers,
                       log_level=log_level, agent=agent, inherited=inherited)
     # Before the "listening" lines: a SIGTERM right after them must stop us cleanly, not kill us.

@@ -8,6 +8,13 @@ effect, how a half-close is reported. A test picks one with
 Process models: a test that takes the `workers` fixture runs with one process (`w1`) and with a
 control process and two workers (`w2`, what operators run by default on 2 cores). Workers always
 run uvloop, so the `w2` case runs once, in the test's uvloop loop.
+
+Connection engines: a test that takes the `engine` fixture (or a module that says
+`pytestmark = pytest.mark.usefixtures("engine")`) runs on the compiled engine (`cython`) and on
+the pure-Python one (`python`, the reference), chosen through POINTSMAN_ENGINE, which nodes in the
+test's loop, `pointsman run` subprocesses and their workers all read. The engine's own I/O does
+not depend on the event loop (one add_reader, timers), so the pure-Python engine runs in the
+uvloop loop only, as `pointsman run` does; the compiled one on both loops.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
+
+from pointsman.proxy.engine import ENV as ENGINE_ENV
+from pointsman.proxy.engine import compiled_available
 
 try:
     import uvloop
@@ -37,15 +47,30 @@ def workers(request: pytest.FixtureRequest) -> int:
     return int(request.param)
 
 
+@pytest.fixture(params=["cython", "python"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The connection engine of the nodes this test starts (in its loop or as subprocesses)."""
+    name = str(request.param)
+    if name == "cython" and not compiled_available():
+        pytest.skip("the compiled engine is not built (pip install -e . with a C compiler)")
+    monkeypatch.setenv(ENGINE_ENV, name)
+    return name
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop the plain-asyncio run of `w2` cases: the workers run uvloop whatever the test's loop."""
-    items[:] = [item for item in items if not _asyncio_with_workers(item)]
+    """Drop the plain-asyncio run of `w2` cases (the workers run uvloop whatever the test's
+    loop) and of the pure-Python engine (see the module docstring)."""
+    items[:] = [item for item in items if not _asyncio_only_repeats(item)]
 
 
-def _asyncio_with_workers(item: pytest.Item) -> bool:
+def _asyncio_only_repeats(item: pytest.Item) -> bool:
     params = getattr(getattr(item, "callspec", None), "params", {})
-    factory = params.get("_asyncio_loop_factory")
-    return params.get("workers", 1) > 1 and factory is asyncio.new_event_loop
+    if params.get("_asyncio_loop_factory") is not asyncio.new_event_loop:
+        return False
+    if params.get("workers", 1) > 1:
+        return True
+    # The engines' own tests (test_engine_*.py) keep every combination.
+    return params.get("engine") == "python" and not item.path.name.startswith("test_engine_")
 
 
 def pytest_asyncio_loop_factories(

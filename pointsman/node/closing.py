@@ -27,11 +27,7 @@ def close_connections(listeners: Iterable[DataPlane], pool: str, backend: str,
     closed = 0
     for listener in list(listeners):
         if isinstance(listener, TcpListener):
-            victims = [conn for conn in list(listener.connections)
-                       if conn.backend_id == backend and conn.pool.name == pool]
-            for conn in victims:
-                conn.close(reason)
-            closed += len(victims)
+            closed += listener.close_backend(backend, reason, pool)
         elif isinstance(listener, UdpListener):
             sessions = [s for s in list(listener.sessions.values())
                         if s.backend_id == backend and s.pool.name == pool]

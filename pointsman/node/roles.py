@@ -169,15 +169,9 @@ class SingleRole:
         now = time.perf_counter()
         ages: dict[tuple[str, str], float] = {}
         for listener in list(node.listeners.values()):
-            if not isinstance(listener, TcpListener):
-                continue
-            oldest = {listener.pool.name: now}
-            for conn in list(listener.connections):
-                started, pool = conn.started, conn.pool.name
-                if 0 < started < oldest.get(pool, now):
-                    oldest[pool] = started
-            for pool, started in oldest.items():
-                ages[listener.name, pool] = max(now - started, 0.0)
+            if isinstance(listener, TcpListener):
+                for pool, started in listener.oldest().items():
+                    ages[listener.name, pool] = max(now - started, 0.0)
         return ages
 
 

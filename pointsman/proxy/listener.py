@@ -1,12 +1,32 @@
-"""A TCP listener: its socket and accept loop, its connection table, its preamble budget and its
-counters."""
+"""A TCP listener: the policy of its connections on the process's connection engine.
+
+The engine (pointsman/proxy/engine, docs/engine.md) owns every byte and descriptor: accept,
+the read right after accept, the connect and its timeout, the relay with its watermarks,
+half-close, resets, splice, the idle and FIN timers. This listener decides and counts:
+
+- `accepted`: admission (shutting down, table full, load shedding, the allow/deny lists on the
+  peer, the descriptor budget), then a preamble to read (PROXY header, ClientHello) or a backend;
+- `preamble`: the sans-I/O `Preamble` fed with every byte so far, until it decides;
+- `connect_result` (connect.py): passive signals, retries, affinity;
+- `ended`: one pass over the records of the connections that ended: counters, histograms,
+  backend load and totals, per-source counts, the flow log.
+
+Every connection the engine accepts ends exactly once: refused (counted in `rejected`, one
+reason) or ended (`ended`, one reason), so accepted = rejected + ended + active holds whenever
+the loop runs something else. The table holds the connections being served, bounded by
+`max_connections`; connections still reading a preamble wait apart, in the preamble budget
+(`preamble.max_pending`), the oldest closed (`preamble_evicted`) when it is full.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 
 from pointsman.balance.hashing import client_ip
@@ -15,29 +35,37 @@ from pointsman.pool.pool import Pool
 from pointsman.protect.acl import AclLists
 from pointsman.protect.limits import Admission, Limits
 from pointsman.protect.shedding import Shedder
-from pointsman.proxy.accept import Acceptor, attach
-from pointsman.proxy.preamble import Preamble, Route
+from pointsman.protocols.errors import ProtocolError
+from pointsman.proxy import engines
+from pointsman.proxy.codes import END_CODE, PLAIN_END, REJECT_CODE, outcome
+from pointsman.proxy.connect import REFUSE, ConnectPolicy
+from pointsman.proxy.engine import Engine
+from pointsman.proxy.engine.api import EARLY_DATA_MAX, POLICY_ERROR, RECORD, Decision, ReadPreamble, Refuse
+from pointsman.proxy.flows import Flow
+from pointsman.proxy.preamble import Preamble, Refused, Route
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
 from pointsman.proxy.sockets import listen_socket
-from pointsman.proxy.tcp import ClientConnection
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.stats import ListenerStats
 
 log = logging.getLogger("pointsman.listener")
 
-FlowSink = Callable[[ClientConnection], None]
-Socket = socket.socket  # the class has a `socket` property
+# A finished connection for the flow log: wall time, listener, client, backend id (None: never
+# connected), bytes in and out, duration and time to first byte (seconds; None: no byte), end.
+FlowSink = Callable[[float, str, tuple[str, int], str | None, int, int, float, float | None, str],
+                    None]
+# Accept errors that are the peer's doing (it left before we accepted): not counted (the engine
+# counts them in its own statistics).
+_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+                        errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
+                        errno.EOPNOTSUPP, errno.ENETUNREACH})
+LIVE_INTERVAL = 0.1  # seconds between refreshes of the live byte totals while connections run
+_perf_counter = time.perf_counter
 
 
-class TcpListener:
-    """Accepts connections on its addresses (one socket each) and proxies them to one pool.
-
-    The connection table holds the connections being served, bounded by `max_connections`; a
-    connection past the bound is closed at once and counted as `table_full`. Connections still
-    reading a PROXY header or ClientHello wait apart, in the preamble budget
-    (`preamble.max_pending`): when it is full the oldest of them is closed (`preamble_evicted`),
-    so clients that stall after one byte cannot fill the table.
-    """
+class TcpListener(ConnectPolicy):
+    """Accepts connections on its addresses (one socket each) and proxies them to one pool (see
+    the module doc)."""
 
     def __init__(
         self,
@@ -49,6 +77,7 @@ class TcpListener:
         pools: Mapping[str, Pool] | None = None,
         shedder: Shedder | None = None,
     ) -> None:
+        super().__init__()
         self.config = config
         self.name = config.name
         self.pool = pool
@@ -57,18 +86,19 @@ class TcpListener:
         self.loop = loop
         self.stats = stats or ListenerStats(config.max_connections)
         self.stats.capacity = config.max_connections
-        self.connections: set[ClientConnection] = set()
-        self.pending: dict[ClientConnection, None] = {}  # in the preamble, oldest first
+        self.connections: dict[int, Flow] = {}  # conn_id -> its flow, while in the table
+        self.pending: dict[int, Flow] = {}  # in the preamble, oldest first
         self.flow_sink = flow_sink
         self.accepting = False
-        self.acceptors: list[Acceptor] = []  # one per listening socket (address)
+        self.engine: Engine | None = None
+        self.lids: list[int] = []  # the engine's listener per socket (address)
         self._socks: list[socket.socket] = []
         self._sock: socket.socket | None = None
         self._trimmer: MemoryTrimmer | None = None
-        # uvloop sets TCP_NODELAY on accepted sockets; plain asyncio does not when we made the
-        # listening socket ourselves, and setting it twice costs new-connection rate.
-        self.set_nodelay = "uvloop" not in type(loop).__module__
         self._idle: asyncio.Event | None = None
+        self._live: asyncio.TimerHandle | None = None
+        self._seen = (0, 0, 0)  # the engine's bytes in, out and splices already in `stats`
+        self._released = False
         self._setup(config)
 
     async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
@@ -81,11 +111,8 @@ class TcpListener:
         self._sock = socks[0]
         self._socks = socks
         BUDGET.measure()
-        for each in socks:
-            each.setblocking(False)
-            acceptor = Acceptor(self.loop, each, self._accepted, self._accept_failed, BUDGET.room)
-            acceptor.start()
-            self.acceptors.append(acceptor)
+        self.engine = engine = engines.acquire(self.loop)
+        self.lids = [engine.add_listener(each, self) for each in socks]
         self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
         self.accepting = True
 
@@ -97,45 +124,36 @@ class TcpListener:
         return self._sock
 
     def statistics(self) -> ListenerStats:
+        self._refresh()
         return self.stats
 
-    def _protocol(self) -> ClientConnection:
-        return ClientConnection(self)
+    def _refresh(self) -> None:
+        """Live totals from the engine: bytes (connections still open included) and splices."""
+        if self.engine is None or self._released:
+            return
+        bytes_in = bytes_out = spliced = 0
+        for lid in self.lids:
+            live = self.engine.listener_stats(lid)
+            bytes_in += live.bytes_in
+            bytes_out += live.bytes_out
+            spliced += live.spliced
+        seen_in, seen_out, seen_spliced = self._seen
+        if bytes_in != seen_in or bytes_out != seen_out or spliced != seen_spliced:
+            # Added as deltas: a listener retiring under a reload shares `stats` with the new
+            # one of the same name.
+            stats = self.stats
+            stats.bytes_in += bytes_in - seen_in
+            stats.bytes_out += bytes_out - seen_out
+            stats.spliced += spliced - seen_spliced
+            self._seen = (bytes_in, bytes_out, spliced)
 
-    # --- accept ------------------------------------------------------------------------------------
+    def _tick_live(self) -> None:
+        self._live = None
+        self._refresh()
+        if self.connections:
+            self._live = self.loop.call_later(LIVE_INTERVAL, self._tick_live)
 
-    def _accepted(self, sock: Socket, address: object) -> None:
-        """A socket from the kernel. Once the descriptor budget is spent (a reserve stays for the
-        admin listener and health checks) this one is still served, but accepting pauses until
-        connections end: the next ones wait in the kernel's backlog rather than being accepted
-        only to fail at socket() for their backend."""
-        BUDGET.used += 2  # its socket and its backend's; given back by the connection's teardown
-        attach(self.loop, self._protocol, sock)
-        if not BUDGET.room() and any(not a.paused for a in self.acceptors):
-            self._count_local("accept", FD_RESERVE)
-            self._back_off()
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """accept() itself failed (EMFILE, ENFILE, ENOBUFS, ENOMEM...); the acceptor backs off."""
-        name = errno_name(exc.errno)
-        self.stats.accept_errors[name] += 1
-        ERRORS.note(self.name, "accept", name)
-
-    def local_error(self, op: str, exc: OSError) -> None:
-        """A shortage of ours while serving a connection: counted, logged (rate-limited), and,
-        when descriptors ran out, no more accepting for a moment."""
-        self._count_local(op, errno_name(exc.errno))
-        if exc.errno in FD_ERRNOS:
-            self._back_off()
-
-    def _back_off(self) -> None:
-        for acceptor in self.acceptors:
-            if not acceptor.paused:
-                acceptor.back_off()
-
-    def _count_local(self, op: str, name: str) -> None:
-        self.stats.local_resource[f"{op}:{name}"] += 1
-        ERRORS.note(self.name, op, name)
+    # --- settings ----------------------------------------------------------------------------------
 
     def _setup(self, config: ListenerConfig) -> None:
         """Derive what the data path reads from the listener config (at start and on reload)."""
@@ -147,9 +165,12 @@ class TcpListener:
                             for r in config.tls_routes)
         self.inspect_timeout = max(pp.timeout if pp.accept != "off" else 0.0,
                                    config.inspect_timeout if self.routes else 0.0)
-        self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on,
-                                        getattr(self, "acl_lists", None)))
+        self.read_preamble = ReadPreamble(EARLY_DATA_MAX, self.inspect_timeout,
+                                          REJECT_CODE[RejectReason.INSPECT_TIMEOUT],
+                                          REJECT_CODE[RejectReason.BAD_PROXY_HEADER])
+        self.reads_preamble = self.proxy_accept != "off" or bool(self.routes)
         self.max_pending = config.preamble_max_pending
+        self.max_connections = config.max_connections
         limits = config.limits
         settings = Limits(limits.max_connections_per_source, limits.new_connections_per_second,
                           limits.new_connections_per_second_per_source, limits.source_prefix_v4,
@@ -160,103 +181,8 @@ class TcpListener:
             self.admission: Admission | None = None
         elif old is None or old.limits != settings:
             self.admission = Admission(settings, self.loop.time())
-
-    def admit(self) -> RejectReason | None:
-        """Decide at accept time whether a new connection may enter the table."""
-        if not self.accepting:
-            return RejectReason.SHUTTING_DOWN
-        if self.table_full():
-            return RejectReason.TABLE_FULL
-        shed = self.shedder.reason()
-        if shed is not None:
-            return RejectReason(shed)
-        return None
-
-    # --- allow/deny lists (issue 15) ------------------------------------------------------------
-
-    def set_acl(self, lists: AclLists) -> None:
-        """Put lists in force (config load, reload, admin API); new connections see them."""
-        self.acl_lists = lists
-        self.acl = lists.compile()
-
-    def screen(self, conn: ClientConnection, transport: asyncio.BaseTransport) -> RejectReason | None:
-        """At accept, before anything is read: the lists on the TCP peer (acl_on: peer). A denied
-        connection keeps its peer address for the flow log."""
-        acl = self.acl
-        if acl is None or acl.on != "peer":
-            return None
-        peer = transport.get_extra_info("peername")
-        if not peer or not acl.refuses(peer[0]):
-            return None
-        conn.peer = (peer[0], peer[1])
-        return RejectReason.DENIED
-
-    def table_full(self) -> bool:
-        """No room for one more served connection (the pending ones do not count)."""
-        stats = self.stats
-        return stats.active - stats.pending >= self.config.max_connections
-
-    def preamble_started(self, conn: ClientConnection) -> None:
-        """`conn` reads its preamble now; the oldest pending one goes if the budget is full."""
-        if len(self.pending) >= self.max_pending:
-            oldest = next(iter(self.pending))
-            oldest.refuse(RejectReason.PREAMBLE_EVICTED)
-        self.pending[conn] = None
-        self.stats.pending += 1
-
-    def preamble_done(self, conn: ClientConnection) -> None:
-        if conn in self.pending:
-            del self.pending[conn]
-            self.stats.pending -= 1
-
-    def admit_source(self, ip: str) -> tuple[RejectReason | None, bytes | None]:
-        """Rate limits and per-source caps, on the client address (after any PROXY header); with
-        acl_on: proxy_header the allow/deny lists too, on that same address."""
-        acl = self.acl
-        if acl is not None and acl.on == "proxy_header" and acl.refuses(ip):
-            return RejectReason.DENIED, None
-        if self.admission is None:
-            return None, None
-        reason, key = self.admission.admit(ip, self.loop.time())
-        return (RejectReason(reason.value) if reason is not None else None), key
-
-    def new_preamble(self, peer_ip: str) -> Preamble | None:
-        """A preamble reader when this listener reads a PROXY header or routes by SNI."""
-        if self.proxy_accept == "off" and not self.routes:
-            return None
-        return Preamble(self.proxy_accept, self._is_trusted(peer_ip), self.routes,
-                        self.config.fallback_pool)
-
-    def _is_trusted(self, ip: str) -> bool:
-        if self.trusted is None:
-            return True
-        address = client_ip(ip)
-        return any(address in network for network in self.trusted)
-
-    def pool_named(self, name: str) -> Pool:
-        return self.pools.get(name, self.pool)
-
-    def enter(self, conn: ClientConnection) -> None:
-        self.stats.active += 1
-        self.shedder.active += 1
-        self.connections.add(conn)
-
-    def leave(self, conn: ClientConnection) -> None:
-        self.preamble_done(conn)
-        self.stats.active -= 1
-        self.shedder.active -= 1
-        self.connections.discard(conn)
-        if conn.source_key is not None and self.admission is not None:
-            self.admission.closed(conn.source_key)
-        for acceptor in self.acceptors:
-            if acceptor.paused:
-                acceptor.freed()  # its descriptors are back
-
-    def flow_ended(self, conn: ClientConnection) -> None:
-        if self.flow_sink is not None:
-            self.flow_sink(conn)
-        if self._idle is not None and not self.connections:
-            self._idle.set()
+        self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on,
+                                        getattr(self, "acl_lists", None)))
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
         """Reload: new limits and pool for new connections; established ones are untouched."""
@@ -265,17 +191,272 @@ class TcpListener:
         self.pool = pool
         self._setup(config)
 
+    def set_acl(self, lists: AclLists) -> None:
+        """Put lists in force (config load, reload, admin API); new connections see them."""
+        self.acl_lists = lists
+        self.acl = acl = lists.compile()
+        self.screens_peer = acl is not None and acl.on == "peer"
+        self.checks_source = self.admission is not None or (
+            acl is not None and acl.on == "proxy_header")
+
+    # --- engine -> policy: accept --------------------------------------------------------------------
+
+    def accepted(self, conn_id: int, host: str, port: int) -> Decision:
+        stats = self.stats
+        stats.accepted += 1
+        shedder = self.shedder
+        if (not self.accepting or stats.active - stats.pending >= self.max_connections
+                or self.screens_peer or shedder.max_connections is not None
+                or shedder.max_loop_lag is not None):
+            reason = self._admit(host)
+            if reason is not None:
+                return self._refuse_now(reason, host, port)
+        flow = Flow((host, port), self.pool, _perf_counter())
+        self.connections[conn_id] = flow
+        stats.active += 1
+        shedder.active += 1
+        budget = BUDGET
+        budget.used += 2  # its socket and its backend's; given back with its record
+        if budget.used + 2 > budget.cap:
+            self._budget_spent()
+        if self._live is None:
+            self._live = self.loop.call_later(LIVE_INTERVAL, self._tick_live)
+        if self.reads_preamble:
+            return self._start_preamble(conn_id, flow)
+        return self.route(conn_id, flow)
+
+    def _admit(self, host: str) -> RejectReason | None:
+        """Before the table: shutting down, table full, load shedding, the lists on the peer."""
+        if not self.accepting:
+            return RejectReason.SHUTTING_DOWN
+        stats = self.stats
+        if stats.active - stats.pending >= self.max_connections:
+            return RejectReason.TABLE_FULL
+        shed = self.shedder.reason()
+        if shed is not None:
+            return RejectReason(shed)
+        acl = self.acl
+        if acl is not None and acl.on == "peer" and acl.refuses(host):
+            return RejectReason.DENIED
+        return None
+
+    def _refuse_now(self, reason: RejectReason, host: str, port: int) -> Refuse:
+        """Refused before entering the table: counted now (its record is not looked at)."""
+        self.stats.rejected[reason] += 1
+        if self.flow_sink is not None:
+            self.flow_sink(time.time(), self.name, (host, port), None, 0, 0, 0.0, None,
+                           f"rejected:{reason.value}")
+        return REFUSE[reason]
+
+    def _budget_spent(self) -> None:
+        """The descriptor budget is spent (a reserve stays for the admin listener and health
+        checks): this connection is served, and accepting pauses until connections end, so the
+        next ones wait in the backlog rather than failing at socket() for their backend."""
+        self._count_local("accept", FD_RESERVE)
+        self._pause()
+
+    def _pause(self) -> None:
+        """Accept on none of our sockets for a moment (the engine resumes them)."""
+        if self.engine is not None and not self._released:
+            for lid in self.lids:
+                self.engine.pause_listener(lid)
+
+    def accept_error(self, err: int) -> None:
+        """accept() failed (EMFILE, ENFILE, ENOBUFS, ENOMEM...); the engine backs off."""
+        if err in _TRANSIENT:
+            return
+        name = errno_name(err)
+        self.stats.accept_errors[name] += 1
+        ERRORS.note(self.name, "accept", name)
+
+    def admit_source(self, flow: Flow) -> Refuse | None:
+        """Rate limits and per-source caps on the client address (after any PROXY header); with
+        acl_on: proxy_header the allow/deny lists too, on that same address."""
+        flow.more().source_checked = True
+        ip = flow.peer[0]
+        acl = self.acl
+        if acl is not None and acl.on == "proxy_header" and acl.refuses(ip):
+            return REFUSE[RejectReason.DENIED]
+        if self.admission is None:
+            return None
+        reason, key = self.admission.admit(ip, self.loop.time())
+        if reason is not None:
+            return REFUSE[RejectReason(reason.value)]
+        flow.source_key = key
+        return None
+
+    # --- the preamble --------------------------------------------------------------------------------
+
+    def _start_preamble(self, conn_id: int, flow: Flow) -> Decision:
+        preamble = Preamble(self.proxy_accept, self._is_trusted(flow.peer[0]), self.routes,
+                            self.config.fallback_pool)
+        # Per-source limits during the preamble, on the TCP peer when no header can replace it.
+        if not preamble.may_replace_peer and self.checks_source:
+            refusal = self.admit_source(flow)
+            if refusal is not None:
+                return refusal
+        if len(self.pending) >= self.max_pending:
+            oldest_id, oldest = next(iter(self.pending.items()))
+            self._preamble_done(oldest_id, oldest)
+            assert self.engine is not None
+            self.engine.close(oldest_id, REJECT_CODE[RejectReason.PREAMBLE_EVICTED])
+        flow.more().preamble = preamble
+        self.pending[conn_id] = flow
+        self.stats.pending += 1
+        return self.read_preamble
+
+    def _preamble_done(self, conn_id: int, flow: Flow) -> None:
+        detour = flow.detour
+        if detour is not None and detour.preamble is not None:
+            detour.preamble = None
+            del self.pending[conn_id]
+            self.stats.pending -= 1
+
+    def preamble(self, conn_id: int, data: bytes) -> Decision | None:
+        flow = self.connections[conn_id]
+        detour = flow.more()
+        preamble = detour.preamble
+        if preamble is None:  # evicted meanwhile: the engine cuts it after this call
+            return REFUSE[RejectReason.PREAMBLE_EVICTED]
+        in_header = preamble.in_header
+        try:
+            decision = preamble.feed(data)
+        except Refused as exc:
+            return REFUSE[RejectReason(exc.reason.value)]
+        except ProtocolError as exc:
+            log.debug("%s: bad preamble from %s: %s", self.name, flow.peer, exc)
+            return REFUSE[RejectReason.BAD_PROXY_HEADER if in_header
+                          else RejectReason.BAD_CLIENT_HELLO]
+        if decision is None:
+            if len(data) >= EARLY_DATA_MAX:
+                return REFUSE[RejectReason.BAD_PROXY_HEADER if preamble.in_header
+                              else RejectReason.BAD_CLIENT_HELLO]
+            return None
+        stats = self.stats
+        if stats.active - stats.pending >= self.max_connections:  # now it counts in the table
+            return REFUSE[RejectReason.TABLE_FULL]
+        self._preamble_done(conn_id, flow)
+        detour.consume = decision.consumed
+        if decision.client is not None:
+            flow.peer = decision.client
+        detour.header = decision.header
+        detour.server_name = decision.server_name
+        stats.tls_unrouted += decision.unrouted
+        flow.pool = self.pools.get(decision.pool, self.pool)
+        return self.route(conn_id, flow)
+
+    def _is_trusted(self, ip: str) -> bool:
+        if self.trusted is None:
+            return True
+        address = client_ip(ip)
+        return any(address in network for network in self.trusted)
+
+    # --- shortages of ours ---------------------------------------------------------------------------
+
+    def local_error(self, op: str, err: int) -> None:
+        """A shortage of ours while serving a connection: counted, logged (rate-limited), and,
+        when descriptors ran out, no more accepting for a moment."""
+        self._count_local(op, errno_name(err))
+        if err in FD_ERRNOS:
+            self._pause()
+
+    def _count_local(self, op: str, name: str) -> None:
+        self.stats.local_resource[f"{op}:{name}"] += 1
+        ERRORS.note(self.name, op, name)
+
+    # --- engine -> policy: records -------------------------------------------------------------------
+
+    def ended(self, records: bytes) -> None:
+        """One pass over the connections that ended in one engine wake-up."""
+        connections = self.connections
+        stats = self.stats
+        ended, rejected = stats.ended, stats.rejected
+        durations, ttfbs = stats.duration, stats.ttfb
+        sink = self.flow_sink
+        wall = time.time() if sink is not None else 0.0
+        gone = 0
+        for (conn_id, _backend, reason, _flags, detail, bytes_in, bytes_out, started, _connected,
+             first_byte, finished, _lid) in RECORD.iter_unpack(records):
+            flow = connections.pop(conn_id, None)
+            if flow is None:  # refused at accept: counted then (unless our policy raised)
+                if detail == POLICY_ERROR:
+                    rejected[RejectReason.INTERNAL_ERROR] += 1
+                continue
+            gone += 1
+            detour = flow.detour
+            how = PLAIN_END[reason]
+            if detour is not None:
+                if detour.preamble is not None:
+                    self._preamble_done(conn_id, flow)
+                how = outcome(reason, detail, detour.backend_failed)
+            elif how is None:
+                how = outcome(reason, detail, False)
+            duration = (finished - started) * 1e-9
+            if type(how) is EndReason:
+                ended[how] += 1
+                # Histogram.observe, inline: once or twice per connection
+                durations.counts[bisect_left(durations.bounds, duration)] += 1
+                durations.sum += duration
+                durations.count += 1
+                if how is EndReason.CONNECT_FAILED:
+                    stats.connect_failed += 1
+            else:
+                rejected[how] += 1
+            ttfb = None
+            if first_byte:
+                ttfb = (first_byte - started) * 1e-9
+                ttfbs.counts[bisect_left(ttfbs.bounds, ttfb)] += 1
+                ttfbs.sum += ttfb
+                ttfbs.count += 1
+            slot = flow.slot
+            if slot is not None:
+                backend = slot.stats
+                backend.active -= 1
+                if flow.backend_id is not None:
+                    backend.bytes_in += bytes_in
+                    backend.bytes_out += bytes_out
+            if flow.source_key is not None and self.admission is not None:
+                self.admission.closed(flow.source_key)
+            if sink is not None:
+                end = how.value if type(how) is EndReason else f"rejected:{how.value}"
+                sink(wall, self.name, flow.peer, flow.backend_id, bytes_in, bytes_out, duration,
+                     ttfb, end)
+        stats.active -= gone
+        self.shedder.active -= gone
+        BUDGET.used -= 2 * gone
+        if not connections:
+            self._refresh()  # exact totals whenever nothing is open
+            if self._idle is not None:
+                self._idle.set()
+            if not self.accepting:
+                self._release()
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
     def stop_accepting(self) -> None:
         self.accepting = False
-        for acceptor in self.acceptors:
-            acceptor.close()
-        self.acceptors.clear()
+        if self.engine is not None:
+            for lid in self.lids:
+                self.engine.stop_listener(lid)
         for each in self._socks:
             each.close()
         self._socks.clear()
         if self._trimmer is not None:
             self._trimmer.release(self._open_count)
             self._trimmer = None
+        if not self.connections:
+            self._release()
+
+    def _release(self) -> None:
+        """Give the engine back once nothing of ours is left on it."""
+        if self._released or self.engine is None:
+            return
+        self._refresh()
+        self._released = True
+        if self._live is not None:
+            self._live.cancel()
+            self._live = None
+        engines.release(self.loop, self.engine)
 
     async def wait_drained(self, timeout: float) -> bool:
         """Wait until no connection is left, at most `timeout` seconds; True if drained."""
@@ -290,15 +471,29 @@ class TcpListener:
         return True
 
     def close_all(self, reason: EndReason) -> int:
-        """Cut every live connection; returns how many were cut."""
-        connections = list(self.connections)
-        for conn in connections:
-            conn.close(reason)
-        return len(connections)
+        """Cut every live connection (a reset both ways); returns how many were cut."""
+        if self.engine is None or self._released:
+            return 0
+        code = END_CODE[reason]
+        return sum(self.engine.close_all(code, lid) for lid in self.lids)
 
-    def close_backend(self, backend_id: str, reason: EndReason) -> int:
-        """Cut the connections to one backend (on_down: close_sessions, maintenance)."""
-        victims = [c for c in self.connections if c.backend_id == backend_id]
-        for conn in victims:
-            conn.close(reason)
-        return len(victims)
+    def close_backend(self, backend_id: str, reason: EndReason, pool: str | None = None) -> int:
+        """Cut the connections to one backend (on_down: close_sessions, maintenance); with
+        `pool`, only those that went to it through that pool (one address can serve two)."""
+        if self.engine is None or self._released:
+            return 0
+        victims = [cid for cid, flow in self.connections.items() if flow.backend_id == backend_id
+                   and (pool is None or flow.pool.name == pool)]
+        code = END_CODE[reason]
+        return sum(self.engine.close(cid, code) for cid in victims)
+
+    def oldest(self) -> dict[str, float]:
+        """The accept time (time.perf_counter()) of the oldest open connection, by the pool it
+        went to (the listener's pool present even with none open)."""
+        now = _perf_counter()
+        oldest = {self.pool.name: now}
+        for flow in list(self.connections.values()):
+            name = flow.pool.name
+            if flow.started < oldest.get(name, now):
+                oldest[name] = flow.started
+        return oldest

@@ -14,6 +14,12 @@ success, as a TCP connect does, so only consecutive refusals add up to an ejecti
 Sockets are read with `add_reader` callbacks, not Tasks: a session costs one socket and one small
 object. Idle sessions are swept by one timer per listener over a table kept in last-use order.
 
+Datagrams move in batches through the connection engine's batch functions
+(`pointsman.proxy.engine.batch_functions`: recvmmsg/sendmmsg in the compiled engine, a
+recvfrom/sendto loop in the pure-Python one): one call reads up to READ_BATCH datagrams from the
+listening socket or from a session's socket, and one call sends a session's replies back to
+their client. Sessions stay in Python: one call per new session, not per datagram.
+
 A session that cannot get its socket because we ran out of descriptors or buffers (or it would eat
 into the descriptor reserve) is not a backend failure: its datagram is dropped as
 `local_resource`, the error counted by op and errno, and the pool hears nothing.
@@ -34,6 +40,7 @@ from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import Pool
 from pointsman.protect.acl import AclLists
 from pointsman.protocols.proxy_protocol import Transport
+from pointsman.proxy.engine import batch_functions
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, errno_name, is_local
 from pointsman.proxy.sockets import family_of, listen_socket
 from pointsman.proxy.upstream import outgoing_header
@@ -175,44 +182,43 @@ class UdpSession:
         return True
 
     def _readable(self) -> None:
+        """Replies: one batch read from the backend, one batch sent back to the client."""
         sock = self.sock
         if sock is None:
             return
         listener = self.listener
-        out = self.out
+        try:
+            batch = listener.recv_batch(sock, READ_BATCH)
+        except ConnectionRefusedError:
+            listener.backend_refused(self)
+            return
+        except OSError as exc:
+            log.debug("udp session %s: recv failed: %r", self.client, exc)
+            return
+        if not batch:
+            return
+        if not self.answered:
+            self.answered = True
+            self.pool.report_connect_success(self.backend_id)
+        limit = listener.config.udp.responses
+        if limit:  # no reply past the session's last one
+            batch = batch[:max(limit - self.datagrams_out, 0)]
         client = self.client
-        for _ in range(READ_BATCH):
-            try:
-                data = sock.recv(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:
-                listener.backend_refused(self)
-                return
-            except OSError as exc:
-                log.debug("udp session %s: recv failed: %r", client, exc)
-                break
-            if not self.answered:
-                self.answered = True
-                self.pool.report_connect_success(self.backend_id)
-            try:
-                out.sendto(data, client)
-            except OSError:
-                listener.stats.drops[DropReason.SEND_FAILED] += 1
-                continue
-            n = len(data)
-            self.datagrams_out += 1
-            self.bytes_out += n
-            listener.stats.datagrams_out += 1
-            listener.stats.bytes_out += n
+        replies = [(data, client) for data, _ in batch]
+        sent, size = listener.reply(self.out, replies)
+        stats = listener.stats
+        self.datagrams_out += sent
+        self.bytes_out += size
+        stats.datagrams_out += sent
+        stats.bytes_out += size
+        if sent:
             self.last_activity = listener.loop.time()
-            # Traffic either way keeps a session alive, so it also moves the session to the end of
-            # the table: the sweeper stops at the first live session and must find idle ones first.
+            # Traffic either way keeps a session alive, so it also moves the session to the end
+            # of the table: the sweeper stops at the first live session and must find idle ones
+            # first.
             listener.sessions.move_to_end(self.key)
-            limit = listener.config.udp.responses
-            if limit and self.datagrams_out >= limit:
-                listener.end_session(self, UdpEndReason.RESPONSES)
-                return
+        if limit and self.datagrams_out >= limit:
+            listener.end_session(self, UdpEndReason.RESPONSES)
 
 
 class UdpListener:
@@ -244,6 +250,7 @@ class UdpListener:
         self.local: tuple[str, int] = ("", 0)  # our bound address: the PROXY destination
         self.locals: dict[int, tuple[str, int]] = {}  # by socket descriptor
         self._socket_index: dict[int, int] = {}  # socket descriptor -> index in `socks`
+        self.recv_batch, self.send_batch = batch_functions()
         self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on))
 
     async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
@@ -282,16 +289,33 @@ class UdpListener:
         self._read_from(self.sock)
 
     def _read_from(self, sock: socket.socket) -> None:
-        several = len(self.socks) > 1
-        for _ in range(READ_BATCH):
+        try:
+            batch = self.recv_batch(sock, READ_BATCH)
+        except OSError as exc:
+            log.debug("udp listener %s: recvfrom failed: %r", self.name, exc)
+            return
+        via = sock if len(self.socks) > 1 else None
+        for data, addr in batch:
+            self.datagram(data, (addr[0], addr[1]), via)
+
+    def reply(self, out: socket.socket, replies: list[tuple[bytes, ClientAddr]]) -> tuple[int, int]:
+        """Send replies from a listening socket, in batches: (datagrams sent, their bytes).
+        One that the socket refuses (full, or an error) is a drop; the rest are still tried."""
+        sent = size = 0
+        start = 0
+        while start < len(replies):
             try:
-                data, addr = sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("udp listener %s: recvfrom failed: %r", self.name, exc)
-                return
-            self.datagram(data, (addr[0], addr[1]), sock if several else None)
+                n = self.send_batch(out, replies[start:])
+            except OSError:
+                n = 0
+            for data, _ in replies[start:start + n]:
+                size += len(data)
+            sent += n
+            start += n
+            if start < len(replies):  # this one could not go
+                self.stats.drops[DropReason.SEND_FAILED] += 1
+                start += 1
+        return sent, size
 
     def datagram(self, data: bytes, client: ClientAddr, via: socket.socket | None = None) -> None:
         """One client datagram; `via`: the listening socket it came in on, when there are

@@ -17,6 +17,7 @@ class EndReason(enum.StrEnum):
     CLOSED_BY_OPERATOR = "closed_by_operator"
     BACKEND_DOWN = "backend_down"  # on_down: close_sessions cut it when its backend left service
     DRAIN_TIMEOUT = "drain_timeout"  # its backend was still draining drain_timeout after the drain
+    INTERNAL_ERROR = "internal_error"  # a bug of ours cut it (logged with its traceback)
 
 
 class RejectReason(enum.StrEnum):
@@ -39,6 +40,7 @@ class RejectReason(enum.StrEnum):
     DENIED = "denied"  # the listener's allow/deny lists refuse the source
     PREAMBLE_EVICTED = "preamble_evicted"  # the oldest preamble, closed for a newer one
     LOCAL_RESOURCE = "local_resource"  # we ran out of descriptors, buffers or source ports
+    INTERNAL_ERROR = "internal_error"  # a bug of ours refused it (logged with its traceback)
 
 
 class DropReason(enum.StrEnum):

@@ -20,7 +20,6 @@ from pointsman.config.model import FlowLogConfig
 
 if TYPE_CHECKING:
     from pointsman.node.tasks import Tasks
-    from pointsman.proxy.tcp import ClientConnection
     from pointsman.proxy.udp import UdpSession
 
 Record = tuple[object, ...]
@@ -71,16 +70,15 @@ class FlowLog:
             self._wake.set()
         return True
 
-    def tcp(self, conn: ClientConnection) -> None:
+    def tcp(self, at: float, listener: str, client: tuple[str, int], backend: str | None,
+            bytes_in: int, bytes_out: int, duration: float, ttfb: float | None,
+            end: str) -> None:
+        """One finished TCP connection, in the record form the listener builds from the
+        engine's ended-connection records (`at`: wall time, read once per batch)."""
         if not self._admit():
             return
-        now = time.perf_counter()
-        end = conn.reason.value if conn.reason is not None else "client_fin"
-        if conn.reject is not None:
-            end = f"rejected:{conn.reject.value}"
-        ttfb = conn.first_byte_at - conn.started if conn.first_byte_at else None
-        self.queue.append((time.time(), "tcp", conn.listener.name, conn.peer, conn.backend_id,
-                           conn.bytes_in, conn.bytes_out, now - conn.started, ttfb, end))
+        self.queue.append((at, "tcp", listener, client, backend, bytes_in, bytes_out, duration,
+                           ttfb, end))
 
     def udp(self, session: UdpSession) -> None:
         if not self._admit():

@@ -35,7 +35,7 @@ from tests.hostile import (
 from tests.integration.udp_support import udp_clients, udp_echo
 from tests.support import LOOPBACK, echo_backend, free_port, running, wait_for
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("engine")]
 
 HEADER = build_v1(("198.51.100.7", 4000), ("192.0.2.1", 80))
 JUNK = 70 * 1024

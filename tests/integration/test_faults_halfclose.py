@@ -22,7 +22,7 @@ from tests.hostile import (
 )
 from tests.support import LOOPBACK, free_port, one_pool_config, running, wait_for
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("engine")]
 
 HALF = 0.3  # half_close_timeout in these tests; idle_timeout stays at a minute
 

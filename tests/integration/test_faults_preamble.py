@@ -17,7 +17,7 @@ from pointsman.telemetry.flow import RejectReason
 from tests.hostile import closed_by_peer, proxy_holders, raw_connect, read_to_end, send_all
 from tests.support import LOOPBACK, echo_backend, free_port, running, wait_for
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("engine")]
 
 HOLDERS = 300
 TRIES = 250

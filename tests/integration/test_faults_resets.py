@@ -32,7 +32,7 @@ from tests.hostile import (
 )
 from tests.support import LOOPBACK, free_port, one_pool_config, running, wait_for
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("engine")]
 
 SIZES = [0, 1000, 1 << 20]
 REQUEST = 4096  # what the client sends first: past `zero_copy_after` on the splice path

@@ -36,7 +36,7 @@ from tests.hostile import (
 from tests.integration.udp_support import UdpClient, udp_echo
 from tests.support import LOOPBACK, echo_backend, free_port, running, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("engine")]
 
 NOFILE = 256
 HELD = 400

@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,6 +35,8 @@ from tests.support import (
     wait_for,
     workers_caught_up,
 )
+
+pytestmark = pytest.mark.usefixtures("engine")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 LB = {"listener": "lb", "pool": "p"}

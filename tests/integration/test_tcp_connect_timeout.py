@@ -9,7 +9,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from tests.support import LOOPBACK, connect, echo_backend, free_port, one_pool_config, read_all, running
+
+pytestmark = pytest.mark.usefixtures("engine")
 
 
 @contextmanager

@@ -11,6 +11,8 @@ import asyncio
 import hashlib
 import random
 
+import pytest
+
 from pointsman.telemetry.flow import EndReason
 from tests.support import (
     LOOPBACK,
@@ -24,6 +26,8 @@ from tests.support import (
     statistics_when,
     wait_for,
 )
+
+pytestmark = pytest.mark.usefixtures("engine")
 
 REQUEST_SIZE = 1024 * 1024
 

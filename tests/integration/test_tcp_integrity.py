@@ -38,7 +38,7 @@ DEADLINE = 20.0
 HEADER = struct.Struct("!I")
 
 # The proxy runs on uvloop in its own process; the test side uses uvloop too, to keep up with it.
-pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
+pytestmark = [pytest.mark.asyncio(loop_factories=["uvloop"]), pytest.mark.usefixtures("engine")]
 
 
 def stream(seed: int) -> bytes:

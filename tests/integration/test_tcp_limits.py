@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from pointsman.telemetry.flow import EndReason, RejectReason
 from tests.support import (
     LOOPBACK,
@@ -24,6 +26,8 @@ from tests.support import (
     wait_closed,
     wait_for,
 )
+
+pytestmark = pytest.mark.usefixtures("engine")
 
 IDLE = 0.3
 TICK = 0.1  # traffic every 100 ms for 1 s: ten times inside the idle timeout

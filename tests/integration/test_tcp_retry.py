@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from pointsman.telemetry.flow import EndReason
 from tests.support import (
     LOOPBACK,
@@ -19,6 +21,8 @@ from tests.support import (
     wait_closed,
     wait_for,
 )
+
+pytestmark = pytest.mark.usefixtures("engine")
 
 CLIENTS = 20
 

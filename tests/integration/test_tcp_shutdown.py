@@ -31,6 +31,8 @@ from tests.support import (
     with_workers,
 )
 
+pytestmark = pytest.mark.usefixtures("engine")
+
 # The subprocess tests run the proxy on each loop; the test side's own loop does not matter there.
 # `workers` overrides the fixture of that name: the workers run uvloop whatever the proxy loop is.
 proxy_loops = pytest.mark.parametrize(

@@ -23,6 +23,8 @@ from tests.support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.usefixtures("engine")
+
 SIZE = 8 * 1024 * 1024  # per direction per connection
 CONNECTIONS = 4
 

@@ -28,7 +28,7 @@ from tests.integration.udp_support import (
 )
 from tests.support import LOOPBACK, free_port, hostport, running, wait_for
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("engine")]  # both batch paths
 
 CLIENTS = 8
 # A client's reply timeout before its one retry: what a DNS stub or game client does, short.

@@ -47,7 +47,7 @@ from tests.support import (
     statistics_when,
 )
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("engine")]  # both batch paths
 
 CLIENTS = 32
 ROUNDS = 24  # datagrams per client, one in flight at a time

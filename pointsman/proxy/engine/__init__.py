@@ -31,7 +31,7 @@ from pointsman.proxy.engine.api import (
     Target,
     iter_records,
 )
-from pointsman.proxy.engine.pybatch import Address
+from pointsman.proxy.engine.pybatch import Address, Sock
 
 ENV = "POINTSMAN_ENGINE"
 
@@ -49,6 +49,8 @@ class Engine(Protocol):
     def add_listener(self, sock: Any, policy: Policy, *, nodelay: bool = True) -> int: ...
 
     def stop_listener(self, lid: int) -> None: ...
+
+    def pause_listener(self, lid: int) -> None: ...
 
     def close(self, conn_id: int, code: int) -> bool: ...
 
@@ -108,8 +110,8 @@ def new_engine(loop: asyncio.AbstractEventLoop, name: str | None = None) -> Engi
 
 
 def batch_functions(name: str | None = None) -> tuple[
-        Callable[[int, int], list[tuple[bytes, Address]]],
-        Callable[[int, Sequence[tuple[bytes, Address | None]]], int]]:
+        Callable[[Sock, int], list[tuple[bytes, Address]]],
+        Callable[[Sock, Sequence[tuple[bytes, Address | None]]], int]]:
     """(recv_batch, send_batch) for UDP: recvmmsg/sendmmsg when compiled, else a loop."""
     if (name or engine_name()) == "cython":
         from pointsman.proxy.engine._engine import recv_batch, send_batch

@@ -10,6 +10,7 @@ decision, the preamble bytes, the connect outcome, and one packed record buffer 
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.object cimport PyObject_AsFileDescriptor
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -267,6 +268,7 @@ cdef class Listener:
     cdef object on_preamble
     cdef object on_connect
     cdef object on_ended
+    cdef object on_accept_error  # optional: policy.accept_error(errno)
     cdef bint nodelay
     cdef bint paused
     cdef bint stopped
@@ -437,6 +439,7 @@ cdef class CEngine:
         lst.on_preamble = policy.preamble
         lst.on_connect = policy.connect_result
         lst.on_ended = policy.ended
+        lst.on_accept_error = getattr(policy, "accept_error", None)
         lst.nodelay = nodelay
         ev.events = EPOLLIN
         ev.data.u64 = <uint64_t>lst.fd | (<uint64_t>1 << 32)
@@ -454,6 +457,13 @@ cdef class CEngine:
         if not lst.paused:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, lst.fd, NULL)
         self.lfds.pop(lst.fd, None)
+
+    def pause_listener(self, int lid):
+        """Accept nothing for ACCEPT_BACKOFF or until a connection closes (pyengine)."""
+        cdef Listener lst = self.listeners[lid]
+        if not lst.stopped:
+            self._pause(lst)
+            self._after_call()
 
     def close(self, uint64_t conn_id, int code):
         cdef Conn conn = self.conns.get(conn_id)
@@ -734,6 +744,11 @@ cdef class CEngine:
                     continue
                 lst.accept_errors += 1
                 self.accept_errs[err if err < ERRNO_SLOTS else 0] += 1
+                if lst.on_accept_error is not None:
+                    try:
+                        lst.on_accept_error(err)
+                    except Exception:
+                        log.exception("engine: policy.accept_error raised")
                 if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
                     self._pause(lst)
                     return 0
@@ -742,6 +757,8 @@ cdef class CEngine:
                 close(fd)
                 return 0
             self._new_conn(lst, fd, &peer)
+            if lst.paused:  # the policy asked for a pause (pause_listener)
+                return 0
         return 0
 
     cdef int _pause(self, Listener lst) except -1:
@@ -840,7 +857,7 @@ cdef class CEngine:
             return self._connect(conn, <CTarget>target, decision.send_first, decision.consume,
                                  decision.source)
         if kind is Refuse:
-            return self._end(conn, E_REFUSED, decision.code, True, True)
+            return self._end(conn, E_REFUSED, decision.code, False, True)
         if kind is ReadPreamble and conn.state == S_PREAMBLE and conn.preamble is None:
             conn.preamble = decision
             conn.preamble_max = decision.max_bytes
@@ -854,7 +871,7 @@ cdef class CEngine:
 
     cdef int _policy_error(self, Conn conn, object decision) except -1:
         log.error("engine: policy returned %r; connection %d refused", decision, conn.id)
-        return self._end(conn, E_REFUSED, POLICY_ERROR, True, True)
+        return self._end(conn, E_REFUSED, POLICY_ERROR, False, True)
 
     cdef int _read_preamble(self, Conn conn) except -1:
         if not self._hold(conn, conn.preamble_max):
@@ -867,7 +884,7 @@ cdef class CEngine:
             return 0
         if decision is None:
             if conn.up.len >= conn.preamble_max:
-                self._end(conn, E_REFUSED, conn.preamble.overflow_code, True, False)
+                self._end(conn, E_REFUSED, conn.preamble.overflow_code, False, False)
             elif conn.up.eof:
                 self._end(conn, E_CLIENT_FIN, 0, False, False)
             return 0
@@ -1386,13 +1403,14 @@ cdef class CEngine:
         if due > self.now:
             return self._arm(conn)
         if state == S_RELAY:
-            return self._end(conn, E_HALF_CLOSE_TIMEOUT if conn.halfclosed else E_IDLE_TIMEOUT,
-                             0, True, True)
+            if conn.halfclosed and conn.target.half_close_ns:  # pyengine._expire says why
+                return self._end(conn, E_HALF_CLOSE_TIMEOUT, 0, True, True)
+            return self._end(conn, E_IDLE_TIMEOUT, 0, False, False)
         if state == S_CONNECTING:
             self._drop_backend(conn, True)
             return self._failed(conn, OP_CONNECT, ETIMEDOUT)
         if state == S_PREAMBLE:
-            return self._end(conn, E_REFUSED, conn.preamble.timeout_code, True, False)
+            return self._end(conn, E_REFUSED, conn.preamble.timeout_code, False, False)
         if state == S_DRAIN:
             return self._end(conn, conn.reason, 0, True, True)
         return 0
@@ -1491,10 +1509,12 @@ cdef int _rx_ensure(int count, Py_ssize_t size) except -1:
     return 0
 
 
-def recv_batch(int fd, int max_messages, Py_ssize_t size=65535):
-    """Up to `max_messages` datagrams waiting on the non-blocking socket `fd`, with one
-    recvmmsg(2): a list of (payload, address), addresses as the socket module gives them."""
+def recv_batch(sock, int max_messages, Py_ssize_t size=65535):
+    """Up to `max_messages` datagrams waiting on the non-blocking socket `sock` (a descriptor or
+    a socket), with one recvmmsg(2): a list of (payload, address), addresses as the socket
+    module gives them."""
     cdef int i, n
+    cdef int fd = PyObject_AsFileDescriptor(sock)
     if max_messages <= 0:
         return []
     if max_messages > BATCH_MAX:
@@ -1520,10 +1540,12 @@ def recv_batch(int fd, int max_messages, Py_ssize_t size=65535):
     return out
 
 
-def send_batch(int fd, messages):
+def send_batch(sock, messages):
     """Send (payload, address) pairs in order with sendmmsg(2) (address None: a connected
-    socket); how many went. Stops where the socket would block; an error on the first
-    message raises, on a later one the count so far is returned (pybatch.send_batch)."""
+    socket) on `sock` (a descriptor or a socket); how many went. Stops where the socket would
+    block; an error on the first message raises, on a later one the count so far is returned
+    (pybatch.send_batch)."""
+    cdef int fd = PyObject_AsFileDescriptor(sock)
     cdef Py_ssize_t count = len(messages), i, done = 0
     cdef int n, chunk
     cdef mmsghdr* msgs

@@ -12,7 +12,9 @@ Engine -> policy (one policy object per listener; see `Policy`):
   returns None (need more) or a decision;
 - `connect_result(conn_id, backend, status, err, elapsed)` reports one connect attempt; after a
   failure its return value is the next decision (another target: a retry; None: give up);
-- `ended(records)` gets the packed records (`RECORD`) of connections that ended.
+- `ended(records)` gets the packed records (`RECORD`) of connections that ended;
+- `accept_error(errno)`, when the policy has it (optional): accept() failed on its listener
+  (rare, and worth a log line: one call each).
 
 Decisions: a target made by `engine.target(...)` (connect there, nothing to send first),
 `Connect(target, send_first, consume, source)`, `ReadPreamble(...)`, or `Refuse(code)`.
@@ -30,8 +32,8 @@ from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
 # Bytes read from a client before its backend is connected (preamble included); past this the
-# client is not read until the backend takes them. Same bound as the Python path
-# (proxy/tcp.py EARLY_DATA_MAX): a PROXY v2 header (4 KiB cap) plus a ClientHello (16 KiB) fit.
+# client is not read until the backend takes them: a PROXY v2 header (4 KiB cap) plus a
+# ClientHello (16 KiB) fit.
 EARLY_DATA_MAX = 64 * 1024
 # One read. A direction with bytes its destination has not taken is not read again until they
 # are taken (crossed watermarks with high = one read, low = empty), so a connection holds at most
@@ -46,7 +48,7 @@ ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.1
 # Timer wheel resolution: timeouts fire within one tick after they are due.
 TICK = 0.01
-# splice(2) pipe per direction once a connection moves to zero copy (proxy/splice.py PIPE_SIZE).
+# splice(2) pipe per direction once a connection moves to zero copy.
 PIPE_SIZE = 1 << 20
 NEVER = (1 << 63) - 1  # splice_after when zero copy is off
 # Record details the engine sets itself: the policy raised (or returned no decision), and an

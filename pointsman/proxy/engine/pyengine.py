@@ -114,7 +114,8 @@ class PyTarget:
 
 class _Listener:
     __slots__ = ("accept_errors", "accepted", "active", "bytes_in", "bytes_out", "ended", "family",
-                 "fd", "id", "nodelay", "on_accept", "on_connect", "on_ended", "on_preamble",
+                 "fd", "id", "nodelay", "on_accept", "on_accept_error", "on_connect", "on_ended",
+                 "on_preamble",
                  "paused", "policy", "records", "refused", "sock", "spliced", "stopped")
 
     def __init__(self, lid: int, sock: socket.socket, policy: Policy, nodelay: bool) -> None:
@@ -127,6 +128,7 @@ class _Listener:
         self.on_preamble = policy.preamble
         self.on_connect = policy.connect_result
         self.on_ended = policy.ended
+        self.on_accept_error: Callable[[int], object] | None = getattr(policy, "accept_error", None)
         self.nodelay = nodelay
         self.records = bytearray()
         self.paused = False
@@ -265,6 +267,14 @@ class PyEngine:
             with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(lst.fd)
         self._fds.pop(lst.fd, None)
+
+    def pause_listener(self, lid: int) -> None:
+        """Accept nothing for ACCEPT_BACKOFF, or until one of the engine's connections closes
+        (the policy's descriptor budget is spent: new connections wait in the backlog)."""
+        lst = self._listeners[lid]
+        if not lst.stopped:
+            self._pause(lst)
+            self._after_call()
 
     def close(self, conn_id: int, code: int) -> bool:
         """Cut one connection (reset both sides); its record says End.CLOSED, detail `code`."""
@@ -472,6 +482,7 @@ class PyEngine:
                 lst.accept_errors += 1
                 err = exc.errno or errno.EIO
                 self._accept_errors[err] = self._accept_errors.get(err, 0) + 1
+                self._tell_accept_error(lst, err)
                 if err in BACKOFF_ERRNOS:
                     self._pause(lst)
                     return
@@ -480,6 +491,16 @@ class PyEngine:
                 os.close(fd)
                 return
             self._new_conn(lst, fd, addr)
+            if lst.paused:  # the policy asked for a pause (pause_listener)
+                return
+
+    def _tell_accept_error(self, lst: _Listener, err: int) -> None:
+        """Accept errors are rare and the policy logs them: one call each."""
+        if lst.on_accept_error is not None:
+            try:
+                lst.on_accept_error(err)
+            except Exception:
+                log.exception("engine: policy.accept_error raised")
 
     def _pause(self, lst: _Listener) -> None:
         """Out of descriptors or memory: stop accepting for ACCEPT_BACKOFF or until a close."""
@@ -553,7 +574,7 @@ class PyEngine:
             self._connect(conn, target, decision.send_first, decision.consume, decision.source)
         elif kind is Refuse:
             assert isinstance(decision, Refuse)
-            self._end(conn, End.REFUSED, decision.code, rst_client=True, rst_backend=True)
+            self._end(conn, End.REFUSED, decision.code, rst_backend=True)
         elif kind is ReadPreamble and conn.state == PREAMBLE and conn.preamble is None:
             assert isinstance(decision, ReadPreamble)
             conn.preamble = decision
@@ -567,7 +588,7 @@ class PyEngine:
 
     def _policy_error(self, conn: _Conn, decision: object) -> None:
         log.error("engine: policy returned %r; connection %d refused", decision, conn.id)
-        self._end(conn, End.REFUSED, POLICY_ERROR, rst_client=True, rst_backend=True)
+        self._end(conn, End.REFUSED, POLICY_ERROR, rst_backend=True)
 
     def _read_preamble(self, conn: _Conn) -> None:
         preamble = conn.preamble
@@ -583,7 +604,7 @@ class PyEngine:
             return
         if decision is None:
             if len(pending) >= preamble.max_bytes:
-                self._end(conn, End.REFUSED, preamble.overflow_code, rst_client=True)
+                self._end(conn, End.REFUSED, preamble.overflow_code)
             elif conn.up.eof:
                 self._end(conn, End.CLIENT_FIN)
             return
@@ -1011,14 +1032,22 @@ class PyEngine:
             return
         state = conn.state
         if state == RELAY:
-            reason = End.HALF_CLOSE_TIMEOUT if conn.halfclosed else End.IDLE_TIMEOUT
-            self._end(conn, reason, rst_client=True, rst_backend=True)
+            target = conn.target
+            assert target is not None
+            # A half-close timeout only where one is in force (else idle_timeout ran out).
+            # An idle connection is closed as TCP closes (a FIN unless bytes are left unread);
+            # after a FIN timeout the side that stopped moving gets a reset, so the kernel does
+            # not keep what it could not deliver.
+            if conn.halfclosed and target.half_close_ns:
+                self._end(conn, End.HALF_CLOSE_TIMEOUT, rst_client=True, rst_backend=True)
+            else:
+                self._end(conn, End.IDLE_TIMEOUT)
         elif state == CONNECTING:
             self._drop_backend(conn, reset=True)
             self._failed(conn, Op.CONNECT, errno.ETIMEDOUT)
         elif state == PREAMBLE:
             assert conn.preamble is not None
-            self._end(conn, End.REFUSED, conn.preamble.timeout_code, rst_client=True)
+            self._end(conn, End.REFUSED, conn.preamble.timeout_code)
         elif state == DRAIN:
             self._end(conn, End(conn.reason), rst_client=True, rst_backend=True)
 

@@ -1,0 +1,255 @@
+"""The connect half of a TCP listener's policy: which backend, from which address, with which
+PROXY header, and what to do when the connect fails.
+
+- the pool: the listener's, a TLS route's, or down the `fallback_pool` chain (`Pool.route`);
+- the pick: the affinity table first, else the pool's picker (hash policies get the client key);
+- the attempt: the backend's engine target (`targets.py`), with a PROXY header when the pool
+  sends one, from the client's own address (transparent) or the next of `source.addresses`;
+- the outcome: only a backend's own failure (refused, unreachable, timed out) is reported to the
+  pool as a passive failure; a shortage of ours (descriptors, memory, source ports) is counted
+  as `local_resource` and blames nobody. A failed attempt moves to another backend, at most
+  `retries` times; an unusable source address moves to the next address first.
+
+A plain connection (no preamble, no affinity, no hash key, no PROXY header, no source address,
+no per-source limit) takes one fast path: snapshot -> pick -> the backend's target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from bisect import bisect_left
+from collections.abc import Mapping
+
+from pointsman.balance.hashing import source_key
+from pointsman.config.model import PoolConfig
+from pointsman.pool.pool import Pool
+from pointsman.pool.snapshot import PoolSnapshot
+from pointsman.proxy.codes import REJECT_CODE
+from pointsman.proxy.engine import Engine
+from pointsman.proxy.engine.api import Connect, Decision, Refuse, Status
+from pointsman.proxy.flows import Detour, Flow
+from pointsman.proxy.resources import FD_ERRNOS, MEMORY_ERRNOS, PORT_ERRNOS, errno_name
+from pointsman.proxy.targets import PoolTargets, Slot
+from pointsman.proxy.upstream import outgoing_header
+from pointsman.telemetry.flow import RejectReason
+from pointsman.telemetry.stats import ListenerStats
+
+log = logging.getLogger("pointsman.proxy")
+
+REFUSE = {reason: Refuse(code) for reason, code in REJECT_CODE.items()}
+_NO_SOURCE_PORT = (errno.EADDRNOTAVAIL, errno.EADDRINUSE)
+_GIVE_UP = FD_ERRNOS | MEMORY_ERRNOS  # every other backend needs the same descriptor or buffer
+NOTHING: frozenset[int] = frozenset()  # no backend tried yet
+
+
+class ConnectPolicy:
+    """Picks, connects and retries for the TCP listener that derives from it."""
+
+    stats: ListenerStats
+    engine: Engine | None
+    lid: int
+    loop: asyncio.AbstractEventLoop
+    pools: Mapping[str, Pool]
+    connections: dict[int, Flow]
+    checks_source: bool  # per-source limits or lists on the client address apply
+
+    def __init__(self) -> None:
+        self._targets: dict[Pool, PoolTargets] = {}
+
+    def admit_source(self, flow: Flow) -> Refuse | None:
+        raise NotImplementedError  # the listener's: per-source limits and lists
+
+    def local_error(self, op: str, err: int) -> None:
+        raise NotImplementedError  # the listener's: counted, logged, accepting paused
+
+    # --- the pick ------------------------------------------------------------------------------------
+
+    def _targets_of(self, pool: Pool) -> PoolTargets:
+        targets = self._targets.get(pool)
+        if targets is None:
+            assert self.engine is not None
+            targets = self._targets[pool] = PoolTargets(self.engine)
+        return targets
+
+    def route(self, conn_id: int, flow: Flow) -> Decision:
+        """Per-source limits, then the pool (this one or its fallback), then a backend."""
+        pool = flow.pool
+        snapshot = pool.snapshot
+        if flow.detour is None and not self.checks_source and snapshot.available:
+            targets = self._targets.get(pool)
+            if targets is not None and targets.snapshot is snapshot and targets.plain:
+                index = snapshot.picker.pick(b"", NOTHING)
+                if index is not None:
+                    slot = targets.slots[index]
+                    if slot is not None:
+                        flow.slot = slot
+                        flow.snapshot = snapshot
+                        slot.stats.active += 1
+                        target: Decision = slot.target
+                        return target
+        return self._route(conn_id, flow)
+
+    def _route(self, conn_id: int, flow: Flow) -> Decision:
+        detour = flow.detour
+        if self.checks_source and (detour is None or not detour.source_checked):
+            refusal = self.admit_source(flow)
+            if refusal is not None:
+                return refusal
+        pool = flow.pool.route(self.pools)
+        if pool is None:
+            return REFUSE[RejectReason.NO_BACKEND]
+        flow.pool = pool
+        snapshot = pool.snapshot
+        self._targets_of(pool).of(snapshot)
+        index = self._sticky_index(snapshot, flow)
+        if index is None:
+            index = snapshot.picker.pick(self._key(flow, snapshot), NOTHING)
+        if index is None:
+            return REFUSE[RejectReason.NO_BACKEND]
+        flow.snapshot = snapshot
+        return self._attempt(conn_id, flow, index, first=True)
+
+    @staticmethod
+    def _key(flow: Flow, snapshot: PoolSnapshot) -> bytes:
+        if not snapshot.needs_key:
+            return b""
+        return source_key(flow.peer[0], flow.peer[1], snapshot.config.hash_key)
+
+    def _sticky_index(self, snapshot: PoolSnapshot, flow: Flow) -> int | None:
+        affinity = snapshot.affinity
+        if affinity is None or snapshot.config.affinity is None:
+            return None
+        sticky = source_key(flow.peer[0], flow.peer[1], snapshot.config.affinity.key)
+        backend_id = affinity.lookup(sticky, self.loop.time())
+        if backend_id is None:
+            return None
+        for i, backend in enumerate(snapshot.backends):
+            if backend.id == backend_id and backend.effective_weight > 0:
+                return i
+        return None
+
+    def _attempt(self, conn_id: int, flow: Flow, index: int, first: bool = False) -> Decision:
+        """Connect to backend `index` of the flow's snapshot (load on it from now: a connect in
+        progress counts for least-connections)."""
+        snapshot = flow.snapshot
+        assert snapshot is not None
+        slots = self._targets_of(flow.pool).of(snapshot)
+        slot = slots[index]
+        while slot is None:  # an address that cannot be used: as if it had failed, unblamed
+            tried = flow.more().tried
+            tried.add(index)
+            picked = snapshot.picker.pick(self._key(flow, snapshot), tried)
+            if picked is None:
+                return REFUSE[RejectReason.NO_BACKEND]
+            index = picked
+            slot = slots[index]
+        flow.slot = slot
+        slot.stats.active += 1
+        config = snapshot.config
+        detour: Detour | None = flow.detour
+        if first and config.source.addresses:
+            detour = flow.more()
+            detour.addr_turn = slot.stats.total
+            detour.addr_step = 0
+        header = b""
+        if config.proxy_protocol.send != "off":
+            assert self.engine is not None
+            header = outgoing_header(config, flow.peer, self.engine.sockname(conn_id),
+                                     detour.header if detour is not None else None,
+                                     detour.server_name if detour is not None else None)
+        source = _source(flow, config)
+        consume = 0
+        if detour is not None:
+            consume, detour.consume = detour.consume, 0  # the engine drops these bytes once
+        if header or consume or source is not None:
+            return Connect(slot.target, header, consume, source)
+        target: Decision = slot.target
+        return target
+
+    # --- the outcome ---------------------------------------------------------------------------------
+
+    def connect_result(self, conn_id: int, backend: int, status: int, err: int,
+                       elapsed: float) -> Decision | None:
+        flow = self.connections[conn_id]
+        slot = flow.slot
+        assert slot is not None
+        if status != Status.OK:
+            return self._retry(conn_id, flow, slot, status, err)
+        flow.backend_id = backend_id = slot.id
+        flow.pool.report_connect_success(backend_id)
+        stats = slot.stats
+        stats.total += 1
+        histogram = stats.connect_time  # Histogram.observe, inline: once per connection
+        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+        histogram.sum += elapsed
+        histogram.count += 1
+        snapshot = flow.snapshot
+        flow.snapshot = None  # the pick is done: the flow keeps no snapshot alive
+        if snapshot is not None and snapshot.affinity is not None:
+            affinity = snapshot.config.affinity
+            if affinity is not None:
+                sticky = source_key(flow.peer[0], flow.peer[1], affinity.key)
+                snapshot.affinity.remember(sticky, backend_id, self.loop.time())
+        return None
+
+    def _retry(self, conn_id: int, flow: Flow, slot: Slot, status: int,
+               err: int) -> Decision | None:
+        """After a failed attempt: another source address, another backend, or give up."""
+        slot.stats.active -= 1
+        flow.slot = None
+        snapshot = flow.snapshot
+        assert snapshot is not None
+        config = snapshot.config
+        detour = flow.more()
+        if err in _NO_SOURCE_PORT:
+            self.stats.source_port_failures += 1
+        if status == Status.BACKEND:
+            detour.backend_failed = True
+            log.debug("connect to %s failed: %s", slot.id, errno_name(err))
+            flow.pool.report_connect_failure(slot.id)
+        else:
+            self.local_error(_operation(err, config), err)
+            if err in _GIVE_UP:
+                return None
+        slots = self._targets_of(flow.pool).of(snapshot)
+        index = slots.index(slot) if slot in slots else -1
+        if status != Status.BACKEND and err in _NO_SOURCE_PORT and index >= 0 \
+                and detour.addr_step + 1 < len(config.source.addresses):
+            detour.addr_step += 1  # the same backend from the next address
+            return self._attempt(conn_id, flow, index)
+        detour.attempts += 1
+        if detour.attempts > config.retries:
+            return None
+        if index >= 0:
+            detour.tried.add(index)
+        picked = snapshot.picker.pick(self._key(flow, snapshot), detour.tried)
+        if picked is None:
+            return None
+        self.stats.retried += 1
+        return self._attempt(conn_id, flow, picked, first=True)
+
+
+def _source(flow: Flow, config: PoolConfig) -> str | None:
+    """The source address of an attempt: the client's own (transparent; after a PROXY header,
+    the client it names), or one of several local addresses in turn, so one backend can take
+    more than one address's worth of ephemeral ports."""
+    source = config.source
+    if source.mode == "transparent":
+        return flow.peer[0]
+    if source.addresses:
+        detour = flow.more()
+        addresses = source.addresses
+        return str(addresses[(detour.addr_turn + detour.addr_step) % len(addresses)])
+    return None
+
+
+def _operation(err: int, config: PoolConfig) -> str:
+    """Which call most likely failed, for the metric label: descriptors run out at socket(); a
+    port or address at bind() when we chose the source, else at connect()."""
+    if err in FD_ERRNOS:
+        return "socket"
+    if err in PORT_ERRNOS and (config.source.mode == "transparent" or config.source.addresses):
+        return "bind"
+    return "connect"
