@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 import pointsman
 from pointsman.kernel.stats import KernelListenerStats
 from pointsman.pool.state import BackendState
+from pointsman.proxy.engine import engine_name
 from pointsman.telemetry import netstat, sockdiag
 from pointsman.telemetry.flow import DropReason, EndReason, RejectReason
 from pointsman.telemetry.histogram import Histogram
@@ -370,9 +371,11 @@ class RuntimeCollector(Collector):
 
     def _build_info(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(P + "build_info", "Always 1: the pointsman version, the Python "
-                                 "and the uvloop running it (none: plain asyncio)",
-                                 labels=["version", "python", "uvloop"])
-        info.add_metric([pointsman.__version__, platform.python_version(), self.uvloop], 1)
+                                 "and the uvloop running it (none: plain asyncio), the connection "
+                                 "engine (cython: compiled; python: the pure-Python one)",
+                                 labels=["version", "python", "uvloop", "engine"])
+        info.add_metric([pointsman.__version__, platform.python_version(), self.uvloop,
+                         _running_engine()], 1)
         yield info
 
     def _reloads(self) -> Iterator[Metric]:
@@ -566,3 +569,12 @@ def registry_for(runtime: NodeView) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuntimeCollector(runtime))
     return registry
+
+
+def _running_engine() -> str:
+    """The engine this process's listeners run on; "unknown" when POINTSMAN_ENGINE is wrong (the
+    start refused it already, so this is only a scrape of a process that never served)."""
+    try:
+        return engine_name()
+    except (ValueError, RuntimeError):
+        return "unknown"

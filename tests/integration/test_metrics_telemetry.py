@@ -15,6 +15,7 @@ import yaml
 import pointsman
 from pointsman.app import build_node
 from pointsman.config.loader import load_file
+from pointsman.proxy.engine import engine_name
 from pointsman.telemetry import netstat
 from tests.integration.test_metrics import LB, scrape, value
 from tests.support import (
@@ -45,6 +46,7 @@ async def test_build_info_names_version_python_and_loop() -> None:
         assert labels["uvloop"][0].isdigit(), labels  # the installed uvloop's version
     else:
         assert labels["uvloop"] == "none"
+    assert labels["engine"] == engine_name()  # the one the listener runs on
 
 
 async def test_refused_and_applied_file_reloads_are_counted(tmp_path: Path) -> None:
