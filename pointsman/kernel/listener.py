@@ -5,6 +5,9 @@ wait_drained, close_all, close_backend, reconfigure, statistics / stats, connect
 socket: `start` writes the listener's rules and slot map into `inet pointsman`, and every pool
 snapshot the control plane publishes (health, drain, weight, reload) becomes one atomic
 transaction on the map. `kernel.nat` picks conntrack DNAT or stateless rewriting (ruleset.py).
+The listener's allow/deny lists (config, reload, admin API: `set_acl`, as the proxy listeners
+have it) are two nftables interval sets its rules drop refused sources with (kernel/acl.py); a
+change is written by the same writer, in one transaction with whatever else is pending.
 
 Nothing here blocks the event loop (all of it runs on the loop that serves the proxy listeners,
 the admin API and the health checks):
@@ -40,6 +43,7 @@ from types import MappingProxyType
 
 from pointsman.config.model import ListenerConfig
 from pointsman.kernel import conntrack
+from pointsman.kernel.acl import KernelAcl, kernel_acl
 from pointsman.kernel.netlink import CounterValue, read_counters
 from pointsman.kernel.nft import KernelTable, Nft, NftError, shared_table
 from pointsman.kernel.plan import KernelConfigError, ListenerSpec, Target, spec_for, target_of
@@ -60,6 +64,7 @@ from pointsman.kernel.stats import (
 )
 from pointsman.pool.pool import Pool
 from pointsman.pool.snapshot import PoolSnapshot
+from pointsman.protect.acl import AclLists
 from pointsman.telemetry.flow import EndReason
 
 log = logging.getLogger("pointsman.kernel")
@@ -122,6 +127,8 @@ class KernelListener:
         self._watched: list[Pool] = []
         self._cuts: set[asyncio.Task[None]] = set()
         self._cut = 0  # flows cut at the drain deadline, reported by close_all
+        self.acl_lists = AclLists.from_file(config.allow, config.deny, config.acl_on)
+        self._acl: KernelAcl = self._kernel_acl()
 
     # --- start ---------------------------------------------------------------------------------------
 
@@ -198,6 +205,17 @@ class KernelListener:
             if self._record(done):
                 self.updates.latency.observe(time.perf_counter() - since)
 
+    def _kernel_acl(self) -> KernelAcl:
+        return kernel_acl(self.acl_lists, 6 if self.spec.family == "ip6" else 4)
+
+    def set_acl(self, lists: AclLists) -> None:
+        """Put allow/deny lists in force (config load, reload, admin API): the writer puts them
+        into the kernel's sets in its next transaction; established flows are not touched."""
+        self.acl_lists = lists
+        self._acl = self._kernel_acl()
+        if self._writer is not None:
+            self._on_snapshot(self.pool, self.pool.snapshot)
+
     def _programming(self, spec: ListenerSpec,
                      snapshot: PoolSnapshot) -> Callable[[Nft], Transaction | None]:
         """The work that brings the kernel to `snapshot`, for the table's thread.
@@ -209,20 +227,21 @@ class KernelListener:
         thread, where the loop at least keeps half the GIL instead of stalling for the whole
         build. The transaction itself is C (libnftables through ctypes, which releases the GIL).
         """
+        acl = self._acl
         if spec.slots <= PLAN_ON_LOOP_SLOTS:
-            ready = plan(self._state, spec, snapshot.backends)  # the writer's turn: state is current
+            ready = plan(self._state, spec, snapshot.backends, acl)  # the writer's turn: state is current
             return functools.partial(self._program, None, ready)
-        return functools.partial(self._program, (spec, snapshot), None)
+        return functools.partial(self._program, (spec, snapshot, acl), None)
 
-    def _program(self, todo: tuple[ListenerSpec, PoolSnapshot] | None, ready: Transaction | None,
-                 nft: Nft) -> Transaction | None:
+    def _program(self, todo: tuple[ListenerSpec, PoolSnapshot, KernelAcl] | None,
+                 ready: Transaction | None, nft: Nft) -> Transaction | None:
         """Plan (unless `ready`) and commit (a worker thread, in the table's order; the only
         writer of `_state`). None if the listener stopped meanwhile: nothing is written then."""
         if self._stopped:
             return None
         if ready is None:
             assert todo is not None
-            ready = plan(self._state, todo[0], todo[1].backends)
+            ready = plan(self._state, todo[0], todo[1].backends, todo[2])
         apply(nft, ready, self.name)
         self._state = ready.after
         return ready
@@ -304,6 +323,8 @@ class KernelListener:
         self.pool = pool
         self._watch(pool)
         self.spec = spec  # the writer restructures when it differs from what the kernel holds
+        # A list the file changed takes the file's value; one it left keeps the API's.
+        self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on, self.acl_lists))
         self._on_snapshot(pool, pool.snapshot)
 
     # --- stop ----------------------------------------------------------------------------------------
@@ -402,7 +423,7 @@ class KernelListener:
         if spec.stateless:
             return 0  # no record of its flows: they end when the rules go
         try:
-            return await conntrack.delete_flows(spec)
+            return await conntrack.delete_flows(spec, backends=tuple(self._state.counter_index))
         except (OSError, TimeoutError) as exc:
             log.error("kernel listener %s: cutting its flows failed: %s", self.name, exc)
             return 0

@@ -156,7 +156,7 @@ async def test_drain_deadline_cuts_flows_then_close_all_reports_them(
     async def live(spec: object) -> int:
         return 3
 
-    async def delete_flows(spec: object, backend: object = None) -> int:
+    async def delete_flows(spec: object, backend: object = None, backends: object = ()) -> int:
         cut.append(backend)
         return 4
 
@@ -174,7 +174,7 @@ async def test_close_all_without_a_drain_cuts_in_the_background(
         table: KernelTable, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel, _ = await started(table)
 
-    async def delete_flows(spec: object, backend: object = None) -> int:
+    async def delete_flows(spec: object, backend: object = None, backends: object = ()) -> int:
         return 2
 
     monkeypatch.setattr(conntrack, "delete_flows", delete_flows)
@@ -188,7 +188,7 @@ async def test_close_backend_deletes_its_flows(table: KernelTable, monkeypatch: 
     kernel, _ = await started(table)
     cut: list[object] = []
 
-    async def delete_flows(spec: object, backend: object = None) -> int:
+    async def delete_flows(spec: object, backend: object = None, backends: object = ()) -> int:
         cut.append(backend)
         return 2
 
@@ -271,7 +271,7 @@ async def test_stateless_close_backend_has_nothing_to_cut(table: KernelTable,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     kernel, _ = await started_stateless(table)
 
-    async def delete_flows(spec: object, backend: object = None) -> int:
+    async def delete_flows(spec: object, backend: object = None, backends: object = ()) -> int:
         raise AssertionError("no conntrack entries to delete in stateless mode")
 
     monkeypatch.setattr(conntrack, "delete_flows", delete_flows)

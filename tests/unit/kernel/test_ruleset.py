@@ -34,6 +34,10 @@ def rules(text: str, chain: str) -> list[str]:
 def test_jhash_dnat_rule() -> None:
     text = listener_text(spec())
     assert rules(text, "l_web_dnat") == [
+        'ip daddr 10.99.100.1 tcp dport 80 ip saddr @l_web_deny counter name "l_web_new" '
+        'counter name "l_web_denied" drop',
+        'ip daddr 10.99.100.1 tcp dport 80 ip saddr != @l_web_allow counter name "l_web_new" '
+        'counter name "l_web_denied" drop',
         'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" dnat ip addr . port to '
         "jhash ip saddr mod 13 seed 0x706d616e map @l_web_slots"]
     assert rules(text, "l_web_dnat_local") == rules(text, "l_web_dnat")
@@ -81,7 +85,7 @@ def test_structure_is_idempotent_and_carries_the_map() -> None:
 
 
 def test_empty_map_has_no_element_line() -> None:
-    assert "add element" not in listener_text(spec(), [None] * 3)
+    assert "add element inet pointsman l_web_slots" not in listener_text(spec(), [None] * 3)
 
 
 def test_removal_deletes_rules_before_what_they_use() -> None:
@@ -144,6 +148,10 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
         "ip saddr . tcp sport @l_web_backends fib daddr type != local notrack",
     ]
     assert rules(text, "l_web_sin") == [
+        'tcp flags & (syn | ack) == syn ip saddr @l_web_deny counter name "l_web_new" '
+        'counter name "l_web_denied" drop',
+        'tcp flags & (syn | ack) == syn ip saddr != @l_web_allow counter name "l_web_new" '
+        'counter name "l_web_denied" drop',
         f"ip daddr set {index} map @l_web_slot_addr tcp dport set {index} map @l_web_slot_port "
         'counter name "l_web_in" counter name ip daddr . tcp dport map @l_web_bin',
         'tcp flags & (syn | ack) == syn counter name "l_web_new" '
