@@ -115,6 +115,39 @@ async def test_reload_with_new_slots_rewrites_the_rules(table: KernelTable) -> N
     assert kernel.spec.slots == 7
 
 
+async def test_set_acl_is_one_json_transaction_of_the_changed_intervals(table: KernelTable) -> None:
+    kernel, _ = await started(table)
+    before = len(Recorder.calls)
+    kernel.set_acl(kernel.acl_lists.replaced("deny", ["192.0.2.0/24"]))
+    await settle(kernel, 2)
+    assert Recorder.calls[before:] == [("json", [{"add": {"element": {
+        "family": "inet", "table": "pointsman", "name": "l_web_deny",
+        "elem": [{"prefix": {"addr": "192.0.2.0", "len": 24}}]}}}])]
+    assert kernel.acl_lists.deny == ("192.0.2.0/24",)
+
+
+async def test_reload_keeps_an_api_list_the_file_did_not_change(table: KernelTable) -> None:
+    kernel, backends = await started(table)
+    kernel.set_acl(kernel.acl_lists.replaced("deny", ["192.0.2.0/24"]))
+    await settle(kernel, 2)
+    kernel.reconfigure(listener(allow=["10.0.0.0/8"]), backends)  # allow changed, deny did not
+    await settle(kernel, 3)
+    assert (kernel.acl_lists.allow, kernel.acl_lists.deny) == (("10.0.0.0/8",), ("192.0.2.0/24",))
+    kernel.reconfigure(listener(allow=["10.0.0.0/8"], deny=["198.51.100.0/24"]), backends)
+    await settle(kernel, 4)
+    assert kernel.acl_lists.deny == ("198.51.100.0/24",)  # the file changed it: the file wins
+    elements = [c["add"]["element"] for c in jsons()[-1] if "element" in c.get("add", {})]
+    assert {"prefix": {"addr": "198.51.100.0", "len": 24}} in elements[-1]["elem"]
+
+
+async def test_lists_from_the_file_are_in_the_first_transaction(table: KernelTable) -> None:
+    backends = Pool(pool())
+    kernel = KernelListener(listener(deny=["192.0.2.7"]), backends, asyncio.get_running_loop(),
+                            table=table)
+    await kernel.start()
+    assert "add element inet pointsman l_web_deny { 192.0.2.7 }" in texts()[1]
+
+
 async def test_reload_the_kernel_cannot_serve_keeps_the_rules(
         table: KernelTable, caplog: pytest.LogCaptureFixture) -> None:
     kernel, _ = await started(table)

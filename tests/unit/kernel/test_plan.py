@@ -14,6 +14,7 @@ from pointsman.kernel.plan import (
     KernelConfigError,
     SlotDiff,
     Target,
+    VipPorts,
     slot_diff,
     slot_indices,
     slot_targets,
@@ -54,12 +55,28 @@ def test_spec_for_ipv6() -> None:
     ({"proxy_protocol": {"accept": "required"}}, {}, "proxy_protocol.accept"),
     ({"limits": {"max_connections_per_source": 3}}, {}, "limits"),
     ({"bind": "[fd00::1]:80"}, {}, "IPv4 behind an IPv6 VIP"),
+    ({"acl_on": "proxy_header"}, {}, "acl_on: proxy_header needs the proxy data plane"),
+    ({"bind": ["10.99.100.1:80", "[fd00::1]:80"]}, {}, "mixes IPv4 and IPv6"),
+    ({"bind": "10.99.100.1:80-81", "kernel": {"slots": 13, "nat": "stateless", "snat": "none"}}, {},
+     "nat: stateless needs one address and one port"),
+    ({"bind": ["10.99.100.1:80", "10.99.100.2:80"],
+      "kernel": {"slots": 13, "nat": "stateless", "snat": "none"}}, {},
+     "nat: stateless needs one address and one port"),
 ])
 def test_refuses_what_the_kernel_cannot_do(listener_overrides: dict[str, object],
                                            pool_overrides: dict[str, object], message: str) -> None:
     with pytest.raises(KernelConfigError, match=message) as info:
         spec_for(listener(**listener_overrides), pool(**pool_overrides))
     assert "listener web (dataplane: kernel)" in str(info.value)
+
+
+def test_spec_for_a_port_range_and_an_address_list() -> None:
+    spec = spec_for(listener(bind=["10.99.100.1:30000-30100", "10.99.100.2:80"]), pool())
+    assert (spec.vip, spec.port) == ("10.99.100.1", 30000)
+    assert spec.entries == (VipPorts("10.99.100.1", 30000, 30100), VipPorts("10.99.100.2", 80, 80))
+    assert [e.ports for e in spec.entries] == ["30000-30100", "80"]
+    single = spec_for(listener(), pool())
+    assert single.binds == () and single.entries == (VipPorts("10.99.100.1", 80, 80),)
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -3,7 +3,7 @@ tests/netns/test_kernel_dataplane.py)."""
 
 from __future__ import annotations
 
-from pointsman.kernel.plan import ListenerSpec, SlotDiff
+from pointsman.kernel.plan import ListenerSpec, SlotDiff, VipPorts
 from pointsman.kernel.ruleset import (
     Names,
     add_backend_commands,
@@ -131,6 +131,27 @@ def test_names() -> None:
     assert names.slots == "l_web-1.a_slots"
     assert names.backend_counter(3, "in") == "l_web-1.a_b3_in"
     assert names.owns("l_web-1.a_new") and not names.owns("l_web-1.ab_new")
+
+
+def test_a_port_range_is_one_rule_and_each_address_its_own() -> None:
+    text = listener_text(spec(binds=(VipPorts("10.99.100.1", 30000, 30100),
+                                     VipPorts("10.99.100.2", 80, 80))))
+    dnat = [r for r in rules(text, "l_web_dnat") if " dnat " in r]
+    assert [r.split(" counter")[0] for r in dnat] == ["ip daddr 10.99.100.1 tcp dport 30000-30100",
+                                                       "ip daddr 10.99.100.2 tcp dport 80"]
+    assert all(r.endswith("map @l_web_slots") for r in dnat)  # to the backend's own port
+    assert len(rules(text, "l_web_dnat")) == 6  # deny, allow, dnat per entry
+    assert [r.split(" counter")[0] for r in rules(text, "l_web_guard")] == [
+        "ip daddr 10.99.100.1 tcp dport 30000-30100", "ip daddr 10.99.100.2 tcp dport 80"]
+    assert "ct original ip daddr 10.99.100.1 ct original proto-dst 30000-30100 jump l_web_count" in text
+    assert "ct original ip daddr 10.99.100.2 ct original proto-dst 80 masquerade" in text
+
+
+def test_removal_deletes_the_acl_sets_after_the_rules() -> None:
+    lines = remove_listener_text(spec()).splitlines()
+    assert lines.index("delete set inet pointsman l_web_deny") > lines.index(
+        "delete chain inet pointsman l_web_dnat")
+    assert "delete counter inet pointsman l_web_denied" in lines
 
 
 # --- nat: stateless ----------------------------------------------------------------------------------
