@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from pointsman.balance.base import Candidate
 from pointsman.balance.maglev import Maglev
+from pointsman.config.loader import load_text
 from pointsman.kernel.plan import (
     KernelConfigError,
     SlotDiff,
@@ -167,3 +170,15 @@ def test_stateless_needs_a_hash_of_the_flow(algorithm: str) -> None:
     with pytest.raises(KernelConfigError, match="nat: stateless needs algorithm maglev"):
         spec_for(listener(kernel={"slots": 13, "nat": "stateless", "snat": "none"}),
                  pool(algorithm=algorithm))
+
+
+def test_every_kernel_example_in_the_docs_is_one_the_kernel_takes() -> None:
+    page = Path(__file__).resolve().parents[3] / "docs" / "kernel.md"
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", page.read_text(), re.S)
+              if "listeners:" in b and "pools:" in b]
+    assert len(blocks) >= 3
+    for block in blocks:
+        config = load_text(block, "kernel.md")
+        pools = {p.name: p for p in config.pools}
+        for item in config.listeners:
+            spec_for(item, pools[item.fallback_pool])
