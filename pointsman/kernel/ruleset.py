@@ -2,12 +2,20 @@
 
 Everything lives in one table, `inet pointsman`; pointsman never reads or writes another. Each
 listener owns its objects, all named `l_<listener>_...`, so listeners come and go independently.
-Both NAT modes share the counters, the per-backend counter maps and the local guard:
+Both NAT modes share the counters, the per-backend counter maps, the allow/deny sets and the
+local guard:
 
-    counter l_web_new, l_web_rejected, l_web_in, l_web_out         per listener
+    counter l_web_new, l_web_rejected, l_web_in, l_web_out, l_web_denied   per listener
     counter l_web_b<k>_new, _in, _out                               per backend (k: a stable index)
     map     l_web_bnew, l_web_bin, l_web_bout  { ipv4_addr . inet_service : counter }
+    set     l_web_allow, l_web_deny  { ipv4_addr; flags interval }  the lists (kernel/acl.py)
     chain   l_web_guard_local filter output      -90   local clients no slot took: reset / ICMP
+
+The lists drop what they refuse before anything else of the listener looks at a packet: in the
+DNAT chains (conntrack: only a flow's first packet ever gets there, so established flows are
+never judged again) or, stateless, for TCP SYNs at the top of l_web_sin. Each `bind` entry (an
+address and a port or a port range, `spec.entries`) gets its own match in every rule that names
+the VIP; a range is one match (`tcp dport 30000-30100`), DNATed to the backend's port.
 
 `nat: conntrack` (DNAT; the binding lives in each flow's conntrack entry):
 
