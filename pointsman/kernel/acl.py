@@ -25,6 +25,7 @@ written as a diff of intervals (a one-prefix change to a list of 100 000 is one 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -37,14 +38,32 @@ Interval = tuple[int, int]
 _BITS = {4: 32, 6: 128}
 
 
+def _span(prefix: str) -> tuple[int, Interval]:
+    """(IP version, interval) of one prefix. IPv4 in canonical form ("10.0.0.0/8", what
+    `AclLists` holds) takes a fast path (inet_pton: a 100 000-prefix list converts in a tenth of
+    the time `ipaddress` takes); anything else goes through `normalise`."""
+    address, _, length = prefix.partition("/")
+    if ":" not in address and length.isdigit() and int(length) <= 32:
+        try:
+            number = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+        except OSError:
+            pass
+        else:
+            host = (1 << (32 - int(length))) - 1
+            if not number & host:
+                return 4, (number, number | host)
+    network = normalise(prefix)
+    return network.version, (int(network.network_address), int(network.broadcast_address))
+
+
 def merged(prefixes: Iterable[str], version: int) -> tuple[Interval, ...]:
     """The prefixes of IP `version` (others are left out) as sorted, disjoint, non-adjacent
     intervals covering exactly the same addresses."""
     spans = []
     for prefix in prefixes:
-        network = normalise(prefix)
-        if network.version == version:
-            spans.append((int(network.network_address), int(network.broadcast_address)))
+        found, span = _span(prefix)
+        if found == version:
+            spans.append(span)
     spans.sort()
     out: list[Interval] = []
     for first, last in spans:

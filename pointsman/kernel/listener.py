@@ -43,7 +43,6 @@ from types import MappingProxyType
 
 from pointsman.config.model import ListenerConfig
 from pointsman.kernel import conntrack
-from pointsman.kernel.acl import KernelAcl, kernel_acl
 from pointsman.kernel.netlink import CounterValue, read_counters
 from pointsman.kernel.nft import KernelTable, Nft, NftError, shared_table
 from pointsman.kernel.plan import KernelConfigError, ListenerSpec, Target, spec_for, target_of
@@ -75,6 +74,11 @@ RETRY_SECONDS = 1.0
 PLAN_ON_LOOP_SLOTS = 8191
 """Slot tables up to this size are planned on the loop, larger ones in the table's thread (see
 `KernelListener._programming`). 8191 slots plan in about 25 ms on the 2-core test VM."""
+
+PLAN_ON_LOOP_PREFIXES = 5000
+"""Changed allow/deny lists up to this many prefixes (both lists) are merged on the loop, longer
+ones in the table's thread: 100 000 prefixes take 0.3-0.6 s of CPU to merge and diff on the
+2-core test VM, 5000 about 20 ms, the slot table's own budget."""
 
 DRAIN_POLL_SECONDS = 0.25
 """How often `wait_drained` looks at the listener's flows (conntrack entries, or counters when
@@ -128,7 +132,6 @@ class KernelListener:
         self._cuts: set[asyncio.Task[None]] = set()
         self._cut = 0  # flows cut at the drain deadline, reported by close_all
         self.acl_lists = AclLists.from_file(config.allow, config.deny, config.acl_on)
-        self._acl: KernelAcl = self._kernel_acl()
 
     # --- start ---------------------------------------------------------------------------------------
 
@@ -205,14 +208,10 @@ class KernelListener:
             if self._record(done):
                 self.updates.latency.observe(time.perf_counter() - since)
 
-    def _kernel_acl(self) -> KernelAcl:
-        return kernel_acl(self.acl_lists, 6 if self.spec.family == "ip6" else 4)
-
     def set_acl(self, lists: AclLists) -> None:
         """Put allow/deny lists in force (config load, reload, admin API): the writer puts them
         into the kernel's sets in its next transaction; established flows are not touched."""
         self.acl_lists = lists
-        self._acl = self._kernel_acl()
         if self._writer is not None:
             self._on_snapshot(self.pool, self.pool.snapshot)
 
@@ -227,13 +226,15 @@ class KernelListener:
         thread, where the loop at least keeps half the GIL instead of stalling for the whole
         build. The transaction itself is C (libnftables through ctypes, which releases the GIL).
         """
-        acl = self._acl
-        if spec.slots <= PLAN_ON_LOOP_SLOTS:
-            ready = plan(self._state, spec, snapshot.backends, acl)  # the writer's turn: state is current
+        lists = self.acl_lists
+        unchanged = self._state.acl_lists == (lists.allow, lists.deny)
+        if spec.slots <= PLAN_ON_LOOP_SLOTS and (
+                unchanged or len(lists.allow) + len(lists.deny) <= PLAN_ON_LOOP_PREFIXES):
+            ready = plan(self._state, spec, snapshot.backends, lists)  # the writer's turn: state is current
             return functools.partial(self._program, None, ready)
-        return functools.partial(self._program, (spec, snapshot, acl), None)
+        return functools.partial(self._program, (spec, snapshot, lists), None)
 
-    def _program(self, todo: tuple[ListenerSpec, PoolSnapshot, KernelAcl] | None,
+    def _program(self, todo: tuple[ListenerSpec, PoolSnapshot, AclLists] | None,
                  ready: Transaction | None, nft: Nft) -> Transaction | None:
         """Plan (unless `ready`) and commit (a worker thread, in the table's order; the only
         writer of `_state`). None if the listener stopped meanwhile: nothing is written then."""

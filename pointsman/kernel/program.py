@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from pointsman.kernel.acl import KernelAcl
+from pointsman.kernel.acl import KernelAcl, kernel_acl
 from pointsman.kernel.nft import Nft, NftError
 from pointsman.kernel.plan import ListenerSpec, Target, slot_diff, slot_targets, target_of
 from pointsman.kernel.ruleset import (
@@ -34,6 +34,7 @@ from pointsman.kernel.ruleset import (
     slot_commands,
 )
 from pointsman.pool.snapshot import BackendView
+from pointsman.protect.acl import AclLists
 
 log = logging.getLogger("pointsman.kernel")
 
@@ -48,6 +49,7 @@ class Programmed:
     next_index: int = 0  # per-backend counter names are never reused while the listener lives
     slot_counts: Mapping[Target, int] = field(default_factory=lambda: MappingProxyType({}))
     acl: KernelAcl | None = None  # the allow/deny sets (None: unknown or not written)
+    acl_lists: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # what `acl` was made from
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +63,10 @@ class Transaction:
 
 
 def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView],
-         acl: KernelAcl | None = None) -> Transaction:
-    """The transaction that brings the kernel from `state` to `backends` and `acl` (None: no
-    lists) under `spec`."""
-    if acl is None:
-        acl = open_acl(spec)
+         lists: AclLists | None = None) -> Transaction:
+    """The transaction that brings the kernel from `state` to `backends` and the allow/deny
+    `lists` (None: none) under `spec`."""
+    acl, acl_lists = _acl(state, spec, lists)
     targets = tuple(slot_targets(spec.algorithm, backends, spec.slots))
     wanted = {target_of(b) for b in backends}
     index = dict(state.counter_index)
@@ -79,7 +80,7 @@ def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView],
     for target in sorted(index.keys() - wanted):
         leaving += remove_backend_commands(spec, index.pop(target), target)
     after = Programmed(spec, targets, MappingProxyType(index), next_index,
-                       MappingProxyType(Counter(t for t in targets if t is not None)), acl)
+                       MappingProxyType(Counter(t for t in targets if t is not None)), acl, acl_lists)
     old = state.slots
     comparable = old is not None and len(old) == len(targets)
     changed = sum(a != b for a, b in zip(old, targets, strict=True)) if comparable and old else 0
@@ -93,6 +94,19 @@ def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView],
     sets = acl_commands(spec, state.acl, acl) if state.acl != acl else []
     return Transaction(None, joining + slot_commands(spec, diff) + leaving + sets, joining + leaving,
                        after, len(diff), changed)
+
+
+def _acl(state: Programmed, spec: ListenerSpec,
+         lists: AclLists | None) -> tuple[KernelAcl, tuple[tuple[str, ...], tuple[str, ...]] | None]:
+    """The sets for `lists`, reusing what `state` holds when the lists did not change (merging a
+    100 000-prefix list costs a few hundred milliseconds of CPU: not on every pool snapshot)."""
+    if lists is None:
+        return open_acl(spec), None
+    key = (lists.allow, lists.deny)
+    version = 6 if spec.family == "ip6" else 4
+    if state.acl is not None and state.acl_lists == key and state.acl.version == version:
+        return state.acl, key
+    return kernel_acl(lists, version), key
 
 
 def fallback(transaction: Transaction) -> list[list[JsonCommand]]:

@@ -151,10 +151,12 @@ def test_plan_writes_a_list_change_with_the_slot_diff_and_the_fallback_replaces_
     backends = [view(i) for i in range(3)]
     first = plan(Programmed(), listener_spec, backends)
     assert first.text is not None and "l_web_allow { 0.0.0.0/0 }" in first.text
-    acl = kernel_acl(AclLists(deny=("192.0.2.0/24",)), 4)
-    second = plan(first.after, listener_spec, backends, acl)
+    lists = AclLists(deny=("192.0.2.0/24",))
+    acl = kernel_acl(lists, 4)
+    second = plan(first.after, listener_spec, backends, lists)
     assert second.text is None and second.after.acl == acl
     assert second.commands == acl_commands(listener_spec, first.after.acl, acl)
     replace = fallback(second)[0]
     assert {"flush": {"set": {"family": "inet", "table": "pointsman", "name": "l_web_deny"}}} in replace
-    assert plan(second.after, listener_spec, backends, acl).commands == []  # nothing changed
+    again = plan(second.after, listener_spec, backends, AclLists(deny=("192.0.2.0/24",)))
+    assert again.commands == [] and again.after.acl is second.after.acl  # not merged again

@@ -126,6 +126,16 @@ async def test_set_acl_is_one_json_transaction_of_the_changed_intervals(table: K
     assert kernel.acl_lists.deny == ("192.0.2.0/24",)
 
 
+async def test_a_long_list_is_planned_in_the_tables_thread(table: KernelTable,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener_module, "PLAN_ON_LOOP_PREFIXES", 1)
+    kernel, _ = await started(table)
+    kernel.set_acl(kernel.acl_lists.replaced("deny", ["192.0.2.0/24", "198.51.100.0/24"]))
+    await settle(kernel, 2)
+    assert [c["add"]["element"]["name"] for c in jsons()[-1]] == ["l_web_deny"]
+    assert kernel._state.acl_lists == ((), ("192.0.2.0/24", "198.51.100.0/24"))
+
+
 async def test_reload_keeps_an_api_list_the_file_did_not_change(table: KernelTable) -> None:
     kernel, backends = await started(table)
     kernel.set_acl(kernel.acl_lists.replaced("deny", ["192.0.2.0/24"]))
