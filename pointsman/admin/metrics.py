@@ -220,6 +220,7 @@ class RuntimeCollector(Collector):
         for v, s in self._listeners(KernelListenerStats):
             new.add_metric(v, s.new_connections)
             refused.add_metric([*v, "no_backend"], s.rejected)
+            refused.add_metric([*v, "denied"], s.denied)
             packets.add_metric([*v, "in"], s.packets_in)
             packets.add_metric([*v, "out"], s.packets_out)
             nbytes.add_metric([*v, "in"], s.bytes_in)

@@ -74,7 +74,7 @@ def _counters(s: Statistics) -> dict[str, Any]:
                 "drops": {str(k): v for k, v in s.drops.items()},
                 "ended": {str(k): v for k, v in s.sessions_ended.items()}}
     if isinstance(s, KernelListenerStats):
-        return {"accepted": s.new_connections, "rejected": {"no_backend": s.rejected},
+        return {"accepted": s.new_connections, "rejected": {"no_backend": s.rejected, "denied": s.denied},
                 "bytes_in": s.bytes_in, "bytes_out": s.bytes_out}
     return {}
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from pointsman.balance.maglev import is_prime
 from pointsman.config.addresses import MAX_BIND_PORTS, HostPort, binds_of
-from pointsman.config.model import Config, HealthCheckConfig, PoolConfig
+from pointsman.config.model import Config, HealthCheckConfig, ListenerConfig, PoolConfig
 from pointsman.discovery.rules import discovery_problems
 
 Loc = tuple[str | int, ...]
@@ -190,20 +190,41 @@ def _listener_problems(config: Config, i: int, known: set[str]) -> Iterator[Prob
         yield ("listeners", i, "bind"), (f"{len(listener.addresses)} addresses; at most "
                                          f"{MAX_BIND_PORTS} per listener (each port is a socket "
                                          "per worker)")
-    if listener.dataplane == "kernel" and len(listener.addresses) != 1:
-        yield ("listeners", i, "bind"), ("the kernel data plane takes one address and one port "
-                                         f"(got {listener.bind}); use a listener per address, or "
-                                         "dataplane: proxy for lists and port ranges")
+    if listener.dataplane == "kernel":
+        yield from _kernel_bind_problems(listener, i)
     for j, route in enumerate(listener.tls_routes):
         if not route.server_names and not route.alpn:
             yield ("listeners", i, "tls_routes", j), "needs server_names or alpn"
-    if listener.dataplane == "kernel" and (listener.allow or listener.deny):
-        field = "allow" if listener.allow else "deny"
-        yield ("listeners", i, field), ("allow/deny lists are not yet applied by the kernel data "
-                                        "plane (use dataplane: proxy)")
+    if listener.dataplane == "kernel" and listener.acl_on == "proxy_header":
+        yield ("listeners", i, "acl_on"), ("the kernel data plane judges the packet's source "
+                                           "address, not a PROXY header: use acl_on: peer (or "
+                                           "dataplane: proxy)")
     if listener.acl_on == "proxy_header" and listener.proxy_protocol.accept == "off":
         yield ("listeners", i, "acl_on"), ("proxy_header needs proxy_protocol.accept (required "
                                            "or optional): there is no header to judge")
+
+
+def _kernel_bind_problems(listener: ListenerConfig, i: int) -> Iterator[Problem]:
+    """A kernel listener's binds: one address family (DNAT keeps the family, and the backends
+    have one); with nat: stateless, one address and one port (replies are rewritten to them with
+    no state that could say which of several a client used)."""
+    versions = {ipaddress.ip_address(e.host).version for e in listener.bind if _is_ip(e.host)}
+    if len(versions) > 1:
+        yield ("listeners", i, "bind"), ("the kernel data plane serves one address family per "
+                                         f"listener (got {listener.bind}): use a listener per "
+                                         "family")
+    if listener.kernel.nat == "stateless" and len(listener.addresses) != 1:
+        yield ("listeners", i, "bind"), ("kernel.nat: stateless takes one address and one port "
+                                         f"(got {listener.bind}): use nat: conntrack for address "
+                                         "lists and port ranges")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _health_problems(pool_loc: Loc, pool: PoolConfig, check: HealthCheckConfig) -> Iterator[Problem]:

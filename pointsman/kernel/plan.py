@@ -62,8 +62,27 @@ class KernelConfigError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
+class VipPorts:
+    """One `bind` entry as the rules match it: an address and a port range (first == last for
+    one port). Every port of a range is DNATed to the backend's port, as the proxy data plane
+    forwards every socket of a range to the backend's port."""
+
+    address: str
+    first: int
+    last: int
+
+    @property
+    def ports(self) -> str:
+        """The port match as nft writes it: "443" or "30000-30100"."""
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerSpec:
-    """Everything the nftables rules of one listener depend on."""
+    """Everything the nftables rules of one listener depend on.
+
+    `vip` and `port` are the first bind entry's address and first port; `binds` lists every entry
+    (empty: just `vip:port`). A stateless listener has exactly one address and one port."""
 
     name: str
     family: Family
@@ -77,10 +96,16 @@ class ListenerSpec:
     snat: bool
     seed: int = DEFAULT_SEED
     nat: Nat = "conntrack"
+    binds: tuple[VipPorts, ...] = ()
 
     @property
     def stateless(self) -> bool:
         return self.nat == "stateless"
+
+    @property
+    def entries(self) -> tuple[VipPorts, ...]:
+        """Every address and port range the listener's rules match."""
+        return self.binds or (VipPorts(self.vip, self.port, self.port),)
 
 
 def family_of(address: str) -> Family:
@@ -90,15 +115,7 @@ def family_of(address: str) -> Family:
 def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
     """Validate and translate; raises `KernelConfigError` listing every problem at once."""
     issues: list[str] = []
-    bind = listener.bind.single  # the config refuses lists and ranges on the kernel data plane
-    host = bind.host
-    try:
-        vip = ipaddress.ip_address(host)
-    except ValueError:
-        issues.append(f"bind must be an IP address, got {host!r}")
-        vip = None
-    if vip is not None and vip.is_unspecified:
-        issues.append(f"bind must be a specific address (the VIP), not {host}")
+    entries, vip = _vips(listener, issues)
     if not is_prime(listener.kernel.slots):
         issues.append(f"kernel.slots must be prime (the Maglev table size), got {listener.kernel.slots}")
     if pool.algorithm not in KERNEL_ALGORITHMS:
@@ -116,6 +133,9 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
         issues.append("tls_routes read the ClientHello: they need the proxy data plane")
     if listener.proxy_protocol.accept != "off":
         issues.append("proxy_protocol.accept needs the proxy data plane")
+    if listener.acl_on != "peer":
+        issues.append("acl_on: proxy_header needs the proxy data plane (the kernel judges the "
+                      "packet's source address: use acl_on: peer)")
     if listener.kernel.nat == "stateless" and pool.algorithm != "maglev":
         issues.append(f"pool {pool.name}: nat: stateless needs algorithm maglev ({pool.algorithm} "
                       "counts new flows; with no conntrack entry to pin a flow, every packet would "
@@ -136,11 +156,12 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
                               f"IPv{vip.version} VIP (DNAT cannot change the family)")
     if issues:
         raise KernelConfigError(listener.name, issues)
+    assert vip is not None
     return ListenerSpec(
         name=listener.name,
-        family=family_of(host),
-        vip=str(ipaddress.ip_address(host)),
-        port=bind.port,
+        family="ip6" if vip.version == 6 else "ip",
+        vip=str(vip),
+        port=entries[0].first,
         protocol=listener.protocol,
         slots=listener.kernel.slots,
         algorithm=pool.algorithm,
@@ -148,7 +169,39 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
         hash_key=pool.hash_key,
         snat=listener.kernel.snat == "masquerade",
         nat=listener.kernel.nat,
+        binds=entries if len(entries) > 1 or entries[0].first != entries[0].last else (),
     )
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _vips(listener: ListenerConfig, issues: list[str]) -> tuple[tuple[VipPorts, ...], IPAddress | None]:
+    """The bind entries as VIPs and port ranges, and the first VIP (None if it is not one);
+    problems go to `issues`."""
+    entries: list[VipPorts] = []
+    first: IPAddress | None = None
+    for entry in listener.bind:
+        try:
+            vip = ipaddress.ip_address(entry.host)
+        except ValueError:
+            issues.append(f"bind must be an IP address, got {entry.host!r}")
+            continue
+        if vip.is_unspecified:
+            issues.append(f"bind must be a specific address (the VIP), not {entry.host}")
+        if first is None:
+            first = vip
+        elif vip.version != first.version:
+            issues.append(f"bind mixes IPv{first.version} and IPv{vip.version} ({first}, {vip}): "
+                          "a kernel listener serves one family (its backends'); use a listener "
+                          "per family")
+        entries.append(VipPorts(str(vip), entry.first, entry.last))
+    if listener.kernel.nat == "stateless" and (
+            len(entries) > 1 or any(e.first != e.last for e in entries)):
+        issues.append("nat: stateless needs one address and one port (replies are rewritten to "
+                      "the VIP and port with no state that says which of several the client "
+                      "used); use nat: conntrack for address lists and port ranges")
+    return tuple(entries), first
 
 
 def slot_indices(algorithm: str, backends: Sequence[BackendView], slots: int) -> list[int]:

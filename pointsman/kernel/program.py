@@ -5,10 +5,11 @@ and its transaction take tens of milliseconds) and keeps the returned `Programme
 of the kernel. Nothing here touches the event loop or the listener.
 
 A transaction is either a restructure (first write, reload with a new spec, slot count changed:
-the listener's rules and its whole slot map as text, then backend counters as JSON) or a diff
-(only the slots that changed, plus counters for backends that joined or left, in one JSON
-transaction). If the kernel refuses a diff (someone edited our map, or an earlier failure left it
-unknown) the map is replaced whole.
+the listener's rules, its whole slot map and its allow/deny sets as text, then backend counters
+as JSON) or a diff (only the slots that changed, counters for backends that joined or left, and
+the allow/deny intervals that changed, in one JSON transaction). If the kernel refuses a diff
+(someone edited our map or sets, or an earlier failure left them unknown) the map and the sets
+are replaced whole.
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from pointsman.kernel.acl import KernelAcl, kernel_acl
 from pointsman.kernel.nft import Nft, NftError
 from pointsman.kernel.plan import ListenerSpec, Target, slot_diff, slot_targets, target_of
 from pointsman.kernel.ruleset import (
     JsonCommand,
+    acl_commands,
     add_backend_commands,
     listener_text,
+    open_acl,
     remove_backend_commands,
     replace_slots_commands,
     slot_commands,
 )
 from pointsman.pool.snapshot import BackendView
+from pointsman.protect.acl import AclLists
 
 log = logging.getLogger("pointsman.kernel")
 
@@ -43,6 +48,8 @@ class Programmed:
     counter_index: Mapping[Target, int] = field(default_factory=lambda: MappingProxyType({}))
     next_index: int = 0  # per-backend counter names are never reused while the listener lives
     slot_counts: Mapping[Target, int] = field(default_factory=lambda: MappingProxyType({}))
+    acl: KernelAcl | None = None  # the allow/deny sets (None: unknown or not written)
+    acl_lists: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # what `acl` was made from
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +62,11 @@ class Transaction:
     slots_changed: int  # slots whose backend changed (0 for the first fill)
 
 
-def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView]) -> Transaction:
-    """The transaction that brings the kernel from `state` to `backends` under `spec`."""
+def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView],
+         lists: AclLists | None = None) -> Transaction:
+    """The transaction that brings the kernel from `state` to `backends` and the allow/deny
+    `lists` (None: none) under `spec`."""
+    acl, acl_lists = _acl(state, spec, lists)
     targets = tuple(slot_targets(spec.algorithm, backends, spec.slots))
     wanted = {target_of(b) for b in backends}
     index = dict(state.counter_index)
@@ -70,7 +80,7 @@ def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView])
     for target in sorted(index.keys() - wanted):
         leaving += remove_backend_commands(spec, index.pop(target), target)
     after = Programmed(spec, targets, MappingProxyType(index), next_index,
-                       MappingProxyType(Counter(t for t in targets if t is not None)))
+                       MappingProxyType(Counter(t for t in targets if t is not None)), acl, acl_lists)
     old = state.slots
     comparable = old is not None and len(old) == len(targets)
     changed = sum(a != b for a, b in zip(old, targets, strict=True)) if comparable and old else 0
@@ -78,19 +88,35 @@ def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView])
         previous = state.spec.nat if state.spec is not None else None
         # The reply set (stateless) is refilled with every backend that has counters now; the
         # leaving ones are then deleted with their counters, the joining ones added.
-        text = listener_text(spec, targets, previous, backends=state.counter_index.keys())
+        text = listener_text(spec, targets, previous, backends=state.counter_index.keys(), acl=acl)
         return Transaction(text, joining + leaving, joining + leaving, after, len(targets), changed)
     diff = slot_diff(old, targets)
-    return Transaction(None, joining + slot_commands(spec, diff) + leaving, joining + leaving,
+    sets = acl_commands(spec, state.acl, acl) if state.acl != acl else []
+    return Transaction(None, joining + slot_commands(spec, diff) + leaving + sets, joining + leaving,
                        after, len(diff), changed)
 
 
+def _acl(state: Programmed, spec: ListenerSpec,
+         lists: AclLists | None) -> tuple[KernelAcl, tuple[tuple[str, ...], tuple[str, ...]] | None]:
+    """The sets for `lists`, reusing what `state` holds when the lists did not change (merging a
+    100 000-prefix list costs a few hundred milliseconds of CPU: not on every pool snapshot)."""
+    if lists is None:
+        return open_acl(spec), None
+    key = (lists.allow, lists.deny)
+    version = 6 if spec.family == "ip6" else 4
+    if state.acl is not None and state.acl_lists == key and state.acl.version == version:
+        return state.acl, key
+    return kernel_acl(lists, version), key
+
+
 def fallback(transaction: Transaction) -> list[list[JsonCommand]]:
-    """If the kernel refuses a diff: replace the whole map, then the backend counters. Built only
-    when needed: a 4093-slot map's commands cost as much CPU as the Maglev table."""
+    """If the kernel refuses a diff: replace the whole map and the allow/deny sets, then the
+    backend counters. Built only when needed: a 4093-slot map's commands cost as much CPU as the
+    Maglev table."""
     after = transaction.after
-    assert after.spec is not None and after.slots is not None
-    return [replace_slots_commands(after.spec, after.slots), transaction.counters]
+    assert after.spec is not None and after.slots is not None and after.acl is not None
+    return [replace_slots_commands(after.spec, after.slots) + acl_commands(after.spec, None, after.acl),
+            transaction.counters]
 
 
 def apply(nft: Nft, transaction: Transaction, listener: str) -> None:

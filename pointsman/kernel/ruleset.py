@@ -2,12 +2,20 @@
 
 Everything lives in one table, `inet pointsman`; pointsman never reads or writes another. Each
 listener owns its objects, all named `l_<listener>_...`, so listeners come and go independently.
-Both NAT modes share the counters, the per-backend counter maps and the local guard:
+Both NAT modes share the counters, the per-backend counter maps, the allow/deny sets and the
+local guard:
 
-    counter l_web_new, l_web_rejected, l_web_in, l_web_out         per listener
+    counter l_web_new, l_web_rejected, l_web_in, l_web_out, l_web_denied   per listener
     counter l_web_b<k>_new, _in, _out                               per backend (k: a stable index)
     map     l_web_bnew, l_web_bin, l_web_bout  { ipv4_addr . inet_service : counter }
+    set     l_web_allow, l_web_deny  { ipv4_addr; flags interval }  the lists (kernel/acl.py)
     chain   l_web_guard_local filter output      -90   local clients no slot took: reset / ICMP
+
+The lists drop what they refuse before anything else of the listener looks at a packet: in the
+DNAT chains (conntrack: only a flow's first packet ever gets there, so established flows are
+never judged again) or, stateless, for TCP SYNs at the top of l_web_sin. Each `bind` entry (an
+address and a port or a port range, `spec.entries`) gets its own match in every rule that names
+the VIP; a range is one match (`tcp dport 30000-30100`), DNATed to the backend's port.
 
 `nat: conntrack` (DNAT; the binding lives in each flow's conntrack entry):
 
@@ -51,7 +59,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pointsman.kernel.acl import Interval, KernelAcl, element_json, element_text, kernel_acl, set_diff
 from pointsman.kernel.plan import ListenerSpec, Nat, SlotDiff, Target
+from pointsman.protect.acl import AclLists
 
 TABLE = "pointsman"
 FAMILY = "inet"
@@ -59,7 +69,8 @@ TABLE_REF = f"{FAMILY} {TABLE}"
 
 JsonCommand = dict[str, Any]
 
-_LISTENER_COUNTERS = ("new", "rejected", "in", "out")
+_LISTENER_COUNTERS = ("new", "rejected", "in", "out", "denied")
+ACL_SETS = ("allow", "deny")
 _BACKEND_MAPS = ("bnew", "bin", "bout")
 BACKEND_COUNTER_KINDS = ("new", "in", "out")
 
@@ -121,6 +132,10 @@ class Names:
     def backends(self) -> str:
         return f"{self.prefix}_backends"
 
+    def acl(self, kind: str) -> str:
+        """The allow or deny set (kernel/acl.py)."""
+        return f"{self.prefix}_{kind}"
+
     def backend_map(self, kind: str) -> str:
         return f"{self.prefix}_b{kind}"
 
@@ -136,14 +151,31 @@ def _addr_type(spec: ListenerSpec) -> str:
     return "ipv6_addr" if spec.family == "ip6" else "ipv4_addr"
 
 
+def _vip_matches(spec: ListenerSpec) -> list[str]:
+    """Packets to the listener: one match per bind entry (a port range is one match)."""
+    return [f"{spec.family} daddr {e.address} {spec.protocol} dport {e.ports}" for e in spec.entries]
+
+
 def _vip_match(spec: ListenerSpec) -> str:
+    """The one VIP and port of a stateless listener (plan.spec_for allows no more)."""
     return f"{spec.family} daddr {spec.vip} {spec.protocol} dport {spec.port}"
 
 
-def _ct_match(spec: ListenerSpec) -> str:
-    """Packets of flows whose original destination is the VIP (either direction, after DNAT)."""
-    return (f"meta l4proto {spec.protocol} ct original {spec.family} daddr {spec.vip} "
-            f"ct original proto-dst {spec.port}")
+def _ct_matches(spec: ListenerSpec) -> list[str]:
+    """Packets of flows whose original destination is the listener's (either direction, after
+    DNAT): one match per bind entry."""
+    return [f"meta l4proto {spec.protocol} ct original {spec.family} daddr {e.address} "
+            f"ct original proto-dst {e.ports}" for e in spec.entries]
+
+
+def _acl_drops(spec: ListenerSpec, n: Names) -> list[str]:
+    """Drop what the lists refuse (deny first: deny wins). Counted as denied, and as new where
+    the listener counts new flows (the proxy counts a denied connection as accepted and
+    rejected); stateless UDP counts no new flows."""
+    saddr = f"{spec.family} saddr"
+    new = "" if spec.stateless and spec.protocol == "udp" else f"counter name \"{n.counter('new')}\" "
+    counted = f"{new}counter name \"{n.counter('denied')}\" drop"
+    return [f"{saddr} @{n.acl('deny')} {counted}", f"{saddr} != @{n.acl('allow')} {counted}"]
 
 
 def _index_expr(spec: ListenerSpec) -> str:
@@ -163,9 +195,10 @@ _SYN = "tcp flags & (syn | ack) == syn"
 """A TCP packet opening a flow (SYN without ACK): the stateless mode's "new flow"."""
 
 
-def _refuse(spec: ListenerSpec, n: Names) -> str:
-    """The guard's rule: a packet still addressed to the VIP found no backend."""
-    return f"{_vip_match(spec)} counter name \"{n.counter('rejected')}\" {_reject(spec)}"
+def _refuses(spec: ListenerSpec, n: Names) -> list[str]:
+    """The guard's rules: a packet still addressed to the VIP found no backend."""
+    return [f"{match} counter name \"{n.counter('rejected')}\" {_reject(spec)}"
+            for match in _vip_matches(spec)]
 
 
 def _target_text(target: Target) -> str:
@@ -173,21 +206,24 @@ def _target_text(target: Target) -> str:
 
 
 def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
-    dnat = (f"{_vip_match(spec)} counter name \"{n.counter('new')}\" "
-            f"dnat {spec.family} addr . port to {_index_expr(spec)} map @{n.slots}")
-    ct = _ct_match(spec)
-    proto = spec.protocol
-    fam = spec.family
-    rules = [
-        ("dnat", dnat),
-        ("dnat_local", dnat),
-        # A flow to an address with no element here breaks this rule only: keep masquerade apart.
-        ("snat", f"{ct} counter name {fam} daddr . {proto} dport map @{n.backend_map('new')}"),
-    ]
+    """Per bind entry: the ACL drops, then DNAT through the slot map (a NAT chain sees only a
+    flow's first packet, so established flows never meet the ACL rules)."""
+    fam, proto = spec.family, spec.protocol
+    rules: list[tuple[str, str]] = []
+    for match in _vip_matches(spec):
+        dnat = (f"{match} counter name \"{n.counter('new')}\" "
+                f"dnat {fam} addr . port to {_index_expr(spec)} map @{n.slots}")
+        for chain in ("dnat", "dnat_local"):
+            rules += [(chain, f"{match} {drop}") for drop in _acl_drops(spec, n)]
+            rules.append((chain, dnat))
+    cts = _ct_matches(spec)
+    # A flow to an address with no element here breaks this rule only: keep masquerade apart.
+    rules += [("snat", f"{ct} counter name {fam} daddr . {proto} dport map @{n.backend_map('new')}")
+              for ct in cts]
     if spec.snat:
-        rules.append(("snat", f"{ct} masquerade"))
+        rules += [("snat", f"{ct} masquerade") for ct in cts]
+    rules += [("fwd", f"{ct} jump {n.chain('count')}") for ct in cts]
     rules += [
-        ("fwd", f"{ct} jump {n.chain('count')}"),
         ("count", f"ct direction original counter name \"{n.counter('in')}\""),
         ("count", f"ct direction reply counter name \"{n.counter('out')}\""),
         ("count", f"ct direction original counter name {fam} daddr . {proto} dport "
@@ -207,10 +243,14 @@ def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
     rewrite = (f"{fam} daddr set {index} map @{n.slot_addr} "
                f"{proto} dport set {index} map @{n.slot_port} "
                f"counter name \"{n.counter('in')}\" counter name {backend_in} map @{n.backend_map('in')}")
+    # The ACL drops only what opens a flow (a TCP SYN), so established flows go on; UDP has no
+    # such packet, so a denied source's datagrams are all dropped.
+    opening = f"{_SYN} " if proto == "tcp" else ""
     rules = [
         # goto: a packet to the VIP is done with this chain when l_web_sin is (no reply lookup).
         ("raw", f"{_vip_match(spec)} notrack goto {n.chain('sin')}"),
         ("raw", f"{backend_out} @{n.backends} fib daddr type != local notrack"),
+        *(("sin", f"{opening}{drop}") for drop in _acl_drops(spec, n)),
         # An empty slot fails the map lookups: nothing is rewritten and the guard refuses the packet.
         ("sin", rewrite),
     ]
@@ -218,7 +258,7 @@ def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
         # Every SYN counts as new; only a rewritten one finds its backend's counter.
         rules.append(("sin", f"{_SYN} counter name \"{n.counter('new')}\" "
                              f"counter name {backend_in} map @{n.backend_map('new')}"))
-    rules.append(("sin", _refuse(spec, n)))
+    rules += [("sin", refuse) for refuse in _refuses(spec, n)]
     # The counter-map lookup is also the match: it fails for any source that is not a backend.
     rules.append(("rev", f"counter name {backend_out} map @{n.backend_map('out')} "
                          f"counter name \"{n.counter('out')}\" "
@@ -258,15 +298,38 @@ def _remove_chains_lines(n: Names, chains: Iterable[str]) -> list[str]:
             + [f"delete chain {TABLE_REF} {n.chain(kind)}" for kind in chains])
 
 
+def _version(spec: ListenerSpec) -> int:
+    return 6 if spec.family == "ip6" else 4
+
+
+def open_acl(spec: ListenerSpec) -> KernelAcl:
+    """The sets of a listener with no lists: everyone passes."""
+    return kernel_acl(AclLists(), _version(spec))
+
+
+def _acl_text(spec: ListenerSpec, n: Names, acl: KernelAcl) -> list[str]:
+    """Both sets' contents, replaced (flush and add: part of the caller's transaction)."""
+    lines = []
+    for kind, intervals in (("allow", acl.allow), ("deny", acl.deny)):
+        lines.append(f"flush set {TABLE_REF} {n.acl(kind)}")
+        if intervals:
+            elements = ", ".join(element_text(i, acl.version) for i in intervals)
+            lines.append(f"add element {TABLE_REF} {n.acl(kind)} {{ {elements} }}")
+    return lines
+
+
 def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = None,
-                  previous: Nat | None = None, backends: Iterable[Target] = ()) -> str:
+                  previous: Nat | None = None, backends: Iterable[Target] = (),
+                  acl: KernelAcl | None = None) -> str:
     """Create (or re-create the rules of) one listener, with its slot map's full contents.
 
     Idempotent: `add` of an existing table, chain, map or counter is a no-op, chains are flushed
     and refilled, so a reload that changes slots, hash key or SNAT keeps the counters. `previous`
     is the NAT mode the kernel holds now: if it differs, that mode's own chains and maps go first.
     `backends` (stateless) refills the reply set: the backends that already have counters
-    (`add_backend_commands` adds the ones joining).
+    (`add_backend_commands` adds the ones joining). `acl` refills the allow and deny sets (None:
+    no lists), in the same transaction that creates them: an allow set left empty would refuse
+    everyone.
     """
     n = Names(spec.name)
     t = TABLE_REF
@@ -279,14 +342,17 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
     lines += _mode_maps_text(spec, n)
     lines += [f"add map {t} {n.backend_map(kind)} {{ type {_addr_type(spec)} . inet_service : counter ; }}"
               for kind in BACKEND_COUNTER_KINDS]
+    lines += [f"add set {t} {n.acl(kind)} {{ type {_addr_type(spec)} ; flags interval ; }}"
+              for kind in ACL_SETS]
+    lines += _acl_text(spec, n, acl if acl is not None else open_acl(spec))
     chains = _CHAINS[spec.nat]
     for kind in chains:
         hook = _HOOKS.get(kind)
         lines.append(f"add chain {t} {n.chain(kind)}" + (f" {{ {hook} ; policy accept ; }}" if hook else ""))
     lines += [f"flush chain {t} {n.chain(kind)}" for kind in chains]
-    rules = [("guard_local", _refuse(spec, n))]
+    rules = [("guard_local", refuse) for refuse in _refuses(spec, n)]
     if spec.nat == "conntrack":
-        rules.append(("guard", _refuse(spec, n)))
+        rules += [("guard", refuse) for refuse in _refuses(spec, n)]
     rules += _conntrack_rules(spec, n) if spec.nat == "conntrack" else _stateless_rules(spec, n)
     lines += [f"add rule {t} {n.chain(kind)} {rule}" for kind, rule in rules]
     if targets is not None:
@@ -310,6 +376,7 @@ def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = (
     lines = _remove_chains_lines(n, _CHAINS[spec.nat])
     lines += [f"delete {'set' if name == n.backends else 'map'} {t} {name}" for name in n.mode_maps(spec.nat)]
     lines += [f"delete map {t} {n.backend_map(kind)}" for kind in BACKEND_COUNTER_KINDS]
+    lines += [f"delete set {t} {n.acl(kind)}" for kind in ACL_SETS]
     lines += [f"delete counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
     lines += [f"delete counter {t} {name}" for name in backend_counters]
     return "\n".join(lines) + "\n"
@@ -329,7 +396,7 @@ def stop_new_flows_text(spec: ListenerSpec) -> str:
     sin = n.chain("sin")
     if spec.protocol == "tcp":
         return f"insert rule {t} {sin} {_SYN} counter name \"{n.counter('rejected')}\" {_reject(spec)}\n"
-    return f"flush chain {t} {sin}\nadd rule {t} {sin} {_refuse(spec, n)}\n"
+    return f"flush chain {t} {sin}\n" + "".join(f"add rule {t} {sin} {r}\n" for r in _refuses(spec, n))
 
 
 # --- JSON: elements and counters ---------------------------------------------------------------------
@@ -399,4 +466,29 @@ def remove_backend_commands(spec: ListenerSpec, index: int, target: Target) -> l
                  for kind in BACKEND_COUNTER_KINDS]
     commands += [{"delete": {"counter": _ref(n.backend_counter(index, kind))}}
                  for kind in BACKEND_COUNTER_KINDS]
+    return commands
+
+
+def acl_commands(spec: ListenerSpec, old: KernelAcl | None, new: KernelAcl) -> list[JsonCommand]:
+    """Bring the allow and deny sets from `old` to `new`: only the intervals that changed, or
+    (old None: unknown) the whole sets replaced. Part of one transaction with whatever else the
+    caller sends, so no packet sees a half-changed list."""
+    n = Names(spec.name)
+    commands: list[JsonCommand] = []
+    for kind in ACL_SETS:
+        ref = _ref(n.acl(kind))
+        wanted = new.allow if kind == "allow" else new.deny
+        delete: tuple[Interval, ...]
+        if old is None:
+            commands.append({"flush": {"set": ref}})
+            delete, add = (), wanted
+        else:
+            diff = set_diff(old.allow if kind == "allow" else old.deny, wanted)
+            delete, add = diff.delete, diff.add
+        if delete:
+            commands.append({"delete": {"element": {**ref, "elem": [element_json(i, new.version)
+                                                                    for i in delete]}}})
+        if add:
+            commands.append({"add": {"element": {**ref, "elem": [element_json(i, new.version)
+                                                                 for i in add]}}})
     return commands

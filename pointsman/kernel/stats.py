@@ -89,6 +89,7 @@ class KernelListenerStats:
         "bytes_out",
         "conntrack_entries",
         "conntrack_max",
+        "denied",
         "map_updates",
         "nat",
         "new_connections",
@@ -105,6 +106,9 @@ class KernelListenerStats:
         self.slots = slots
         self.new_connections = 0  # first packets DNATed or refused (NAT chains see one per flow)
         self.rejected = 0  # refused: no backend in the slot
+        # Dropped by the allow/deny lists: packets that would open a flow (TCP SYNs, a UDP
+        # flow's first datagram; stateless UDP: every datagram), retransmissions included.
+        self.denied = 0
         self.packets_in = 0
         self.bytes_in = 0
         self.packets_out = 0
@@ -131,6 +135,7 @@ class KernelListenerStats:
         stats = cls(slots, updates, conntrack, nat, age)
         stats.new_connections = counters.get(n.counter("new"), _ZERO).packets
         stats.rejected = counters.get(n.counter("rejected"), _ZERO).packets
+        stats.denied = counters.get(n.counter("denied"), _ZERO).packets
         inbound = counters.get(n.counter("in"), _ZERO)
         outbound = counters.get(n.counter("out"), _ZERO)
         stats.packets_in, stats.bytes_in = inbound.packets, inbound.bytes
@@ -171,7 +176,7 @@ class KernelListenerStats:
 
     @property
     def drops(self) -> Counter[DropReason]:
-        return Counter({DropReason.NO_BACKEND: self.rejected})
+        return Counter({DropReason.NO_BACKEND: self.rejected, DropReason.DENIED: self.denied})
 
     @property
     def sessions_ended(self) -> Counter[str]:

@@ -133,13 +133,22 @@ def test_overlaps_within_and_between_listeners() -> None:
     ]
 
 
-def test_the_kernel_data_plane_takes_one_address_and_one_port() -> None:
-    [problem] = problems("""
+def test_the_kernel_data_plane_takes_ranges_and_lists_of_one_family() -> None:
+    load("""
     listeners:
-      - {name: a, bind: "10.0.0.1:80-81", pool: p, dataplane: kernel}
+      - {name: a, bind: ["10.0.0.1:80-81", "10.0.0.2:443"], pool: p, dataplane: kernel}
     """)
-    assert problem.startswith("binds.yaml:3: listeners[0].bind: the kernel data plane takes one "
-                              "address and one port (got 10.0.0.1:80-81)")
+    assert problems("""
+    listeners:
+      - {name: a, bind: ["10.0.0.1:80", "[fd00::1]:80"], pool: p, dataplane: kernel}
+      - {name: b, bind: "10.0.0.1:90-91", pool: p, dataplane: kernel,
+         kernel: {nat: stateless, snat: none}}
+    """) == [
+        "binds.yaml:3: listeners[0].bind: the kernel data plane serves one address family per "
+        "listener (got 10.0.0.1:80, [fd00::1]:80): use a listener per family",
+        "binds.yaml:4: listeners[1].bind: kernel.nat: stateless takes one address and one port "
+        "(got 10.0.0.1:90-91): use nat: conntrack for address lists and port ranges",
+    ]
 
 
 def test_round_trips_through_json_yaml_and_pickle() -> None:

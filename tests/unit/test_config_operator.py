@@ -123,13 +123,14 @@ def test_acl_mistakes() -> None:
     assert errors("""
         listeners:
           - {name: a, bind: "127.0.0.1:1", pool: p, acl_on: proxy_header}
-          - {name: k, bind: "127.0.0.1:2", pool: p, dataplane: kernel, deny: [192.0.2.0/24]}
+          - {name: k, bind: "127.0.0.1:2", pool: p, dataplane: kernel, deny: [192.0.2.0/24],
+             acl_on: proxy_header, proxy_protocol: {accept: required}}
         pools: [{name: p, backends: [{address: "127.0.0.1:9"}]}]
     """) == [
         f"{SOURCE}:2: listeners[0].acl_on: proxy_header needs proxy_protocol.accept (required "
         "or optional): there is no header to judge",
-        f"{SOURCE}:3: listeners[1].deny: allow/deny lists are not yet applied by the kernel data "
-        "plane (use dataplane: proxy)",
+        f"{SOURCE}:4: listeners[1].acl_on: the kernel data plane judges the packet's source "
+        "address, not a PROXY header: use acl_on: peer (or dataplane: proxy)",
     ]
 
 

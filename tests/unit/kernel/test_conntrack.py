@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pointsman.kernel.conntrack import ConntrackUsage, flow_filter, live_lines, parse_count, usage
+from pointsman.kernel.conntrack import ConntrackUsage, flow_filter, in_range, live_lines, parse_count, usage
 from pointsman.kernel.plan import spec_for
 
 from .helpers import listener, pool
@@ -40,3 +40,13 @@ def test_usage(tmp_path: Path) -> None:
     (tmp_path / "nf_conntrack_count").write_text("42\n")
     (tmp_path / "nf_conntrack_max").write_text("262144\n")
     assert usage(tmp_path) == ConntrackUsage(42, 262144)
+
+
+def test_a_port_range_is_filtered_by_address_then_by_the_listing() -> None:
+    spec = spec_for(listener(bind=["10.99.100.1:30000-30002", "10.99.100.2:80"]), pool())
+    ranged, single = spec.entries
+    assert flow_filter(spec, entry=ranged) == ["-p", "tcp", "-f", "ipv4", "--orig-dst", "10.99.100.1"]
+    assert flow_filter(spec, entry=single)[-2:] == ["--orig-port-dst", "80"]
+    line = "tcp      6 431999 ESTABLISHED src=10.99.1.2 dst=10.99.100.1 sport=40000 dport={} src=..."
+    assert in_range(line.format(30002), ranged) and not in_range(line.format(30003), ranged)
+    assert not in_range("garbage", ranged)

@@ -115,6 +115,49 @@ async def test_reload_with_new_slots_rewrites_the_rules(table: KernelTable) -> N
     assert kernel.spec.slots == 7
 
 
+async def test_set_acl_is_one_json_transaction_of_the_changed_intervals(table: KernelTable) -> None:
+    kernel, _ = await started(table)
+    before = len(Recorder.calls)
+    kernel.set_acl(kernel.acl_lists.replaced("deny", ["192.0.2.0/24"]))
+    await settle(kernel, 2)
+    assert Recorder.calls[before:] == [("json", [{"add": {"element": {
+        "family": "inet", "table": "pointsman", "name": "l_web_deny",
+        "elem": [{"prefix": {"addr": "192.0.2.0", "len": 24}}]}}}])]
+    assert kernel.acl_lists.deny == ("192.0.2.0/24",)
+
+
+async def test_a_long_list_is_planned_in_the_tables_thread(table: KernelTable,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener_module, "PLAN_ON_LOOP_PREFIXES", 1)
+    kernel, _ = await started(table)
+    kernel.set_acl(kernel.acl_lists.replaced("deny", ["192.0.2.0/24", "198.51.100.0/24"]))
+    await settle(kernel, 2)
+    assert [c["add"]["element"]["name"] for c in jsons()[-1]] == ["l_web_deny"]
+    assert kernel._state.acl_lists == ((), ("192.0.2.0/24", "198.51.100.0/24"))
+
+
+async def test_reload_keeps_an_api_list_the_file_did_not_change(table: KernelTable) -> None:
+    kernel, backends = await started(table)
+    kernel.set_acl(kernel.acl_lists.replaced("deny", ["192.0.2.0/24"]))
+    await settle(kernel, 2)
+    kernel.reconfigure(listener(allow=["10.0.0.0/8"]), backends)  # allow changed, deny did not
+    await settle(kernel, 3)
+    assert (kernel.acl_lists.allow, kernel.acl_lists.deny) == (("10.0.0.0/8",), ("192.0.2.0/24",))
+    kernel.reconfigure(listener(allow=["10.0.0.0/8"], deny=["198.51.100.0/24"]), backends)
+    await settle(kernel, 4)
+    assert kernel.acl_lists.deny == ("198.51.100.0/24",)  # the file changed it: the file wins
+    elements = [c["add"]["element"] for c in jsons()[-1] if "element" in c.get("add", {})]
+    assert {"prefix": {"addr": "198.51.100.0", "len": 24}} in elements[-1]["elem"]
+
+
+async def test_lists_from_the_file_are_in_the_first_transaction(table: KernelTable) -> None:
+    backends = Pool(pool())
+    kernel = KernelListener(listener(deny=["192.0.2.7"]), backends, asyncio.get_running_loop(),
+                            table=table)
+    await kernel.start()
+    assert "add element inet pointsman l_web_deny { 192.0.2.7 }" in texts()[1]
+
+
 async def test_reload_the_kernel_cannot_serve_keeps_the_rules(
         table: KernelTable, caplog: pytest.LogCaptureFixture) -> None:
     kernel, _ = await started(table)
@@ -156,7 +199,7 @@ async def test_drain_deadline_cuts_flows_then_close_all_reports_them(
     async def live(spec: object) -> int:
         return 3
 
-    async def delete_flows(spec: object, backend: object = None) -> int:
+    async def delete_flows(spec: object, backend: object = None, backends: object = ()) -> int:
         cut.append(backend)
         return 4
 
@@ -174,7 +217,7 @@ async def test_close_all_without_a_drain_cuts_in_the_background(
         table: KernelTable, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel, _ = await started(table)
 
-    async def delete_flows(spec: object, backend: object = None) -> int:
+    async def delete_flows(spec: object, backend: object = None, backends: object = ()) -> int:
         return 2
 
     monkeypatch.setattr(conntrack, "delete_flows", delete_flows)
@@ -188,7 +231,7 @@ async def test_close_backend_deletes_its_flows(table: KernelTable, monkeypatch: 
     kernel, _ = await started(table)
     cut: list[object] = []
 
-    async def delete_flows(spec: object, backend: object = None) -> int:
+    async def delete_flows(spec: object, backend: object = None, backends: object = ()) -> int:
         cut.append(backend)
         return 2
 
@@ -271,7 +314,7 @@ async def test_stateless_close_backend_has_nothing_to_cut(table: KernelTable,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     kernel, _ = await started_stateless(table)
 
-    async def delete_flows(spec: object, backend: object = None) -> int:
+    async def delete_flows(spec: object, backend: object = None, backends: object = ()) -> int:
         raise AssertionError("no conntrack entries to delete in stateless mode")
 
     monkeypatch.setattr(conntrack, "delete_flows", delete_flows)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -10,10 +12,12 @@ from hypothesis import strategies as st
 
 from pointsman.balance.base import Candidate
 from pointsman.balance.maglev import Maglev
+from pointsman.config.loader import load_text
 from pointsman.kernel.plan import (
     KernelConfigError,
     SlotDiff,
     Target,
+    VipPorts,
     slot_diff,
     slot_indices,
     slot_targets,
@@ -54,12 +58,28 @@ def test_spec_for_ipv6() -> None:
     ({"proxy_protocol": {"accept": "required"}}, {}, "proxy_protocol.accept"),
     ({"limits": {"max_connections_per_source": 3}}, {}, "limits"),
     ({"bind": "[fd00::1]:80"}, {}, "IPv4 behind an IPv6 VIP"),
+    ({"acl_on": "proxy_header"}, {}, "acl_on: proxy_header needs the proxy data plane"),
+    ({"bind": ["10.99.100.1:80", "[fd00::1]:80"]}, {}, "mixes IPv4 and IPv6"),
+    ({"bind": "10.99.100.1:80-81", "kernel": {"slots": 13, "nat": "stateless", "snat": "none"}}, {},
+     "nat: stateless needs one address and one port"),
+    ({"bind": ["10.99.100.1:80", "10.99.100.2:80"],
+      "kernel": {"slots": 13, "nat": "stateless", "snat": "none"}}, {},
+     "nat: stateless needs one address and one port"),
 ])
 def test_refuses_what_the_kernel_cannot_do(listener_overrides: dict[str, object],
                                            pool_overrides: dict[str, object], message: str) -> None:
     with pytest.raises(KernelConfigError, match=message) as info:
         spec_for(listener(**listener_overrides), pool(**pool_overrides))
     assert "listener web (dataplane: kernel)" in str(info.value)
+
+
+def test_spec_for_a_port_range_and_an_address_list() -> None:
+    spec = spec_for(listener(bind=["10.99.100.1:30000-30100", "10.99.100.2:80"]), pool())
+    assert (spec.vip, spec.port) == ("10.99.100.1", 30000)
+    assert spec.entries == (VipPorts("10.99.100.1", 30000, 30100), VipPorts("10.99.100.2", 80, 80))
+    assert [e.ports for e in spec.entries] == ["30000-30100", "80"]
+    single = spec_for(listener(), pool())
+    assert single.binds == () and single.entries == (VipPorts("10.99.100.1", 80, 80),)
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -150,3 +170,15 @@ def test_stateless_needs_a_hash_of_the_flow(algorithm: str) -> None:
     with pytest.raises(KernelConfigError, match="nat: stateless needs algorithm maglev"):
         spec_for(listener(kernel={"slots": 13, "nat": "stateless", "snat": "none"}),
                  pool(algorithm=algorithm))
+
+
+def test_every_kernel_example_in_the_docs_is_one_the_kernel_takes() -> None:
+    page = Path(__file__).resolve().parents[3] / "docs" / "kernel.md"
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", page.read_text(), re.S)
+              if "listeners:" in b and "pools:" in b]
+    assert len(blocks) >= 3
+    for block in blocks:
+        config = load_text(block, "kernel.md")
+        pools = {p.name: p for p in config.pools}
+        for item in config.listeners:
+            spec_for(item, pools[item.fallback_pool])

@@ -3,7 +3,7 @@ tests/netns/test_kernel_dataplane.py)."""
 
 from __future__ import annotations
 
-from pointsman.kernel.plan import ListenerSpec, SlotDiff
+from pointsman.kernel.plan import ListenerSpec, SlotDiff, VipPorts
 from pointsman.kernel.ruleset import (
     Names,
     add_backend_commands,
@@ -34,6 +34,10 @@ def rules(text: str, chain: str) -> list[str]:
 def test_jhash_dnat_rule() -> None:
     text = listener_text(spec())
     assert rules(text, "l_web_dnat") == [
+        'ip daddr 10.99.100.1 tcp dport 80 ip saddr @l_web_deny counter name "l_web_new" '
+        'counter name "l_web_denied" drop',
+        'ip daddr 10.99.100.1 tcp dport 80 ip saddr != @l_web_allow counter name "l_web_new" '
+        'counter name "l_web_denied" drop',
         'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" dnat ip addr . port to '
         "jhash ip saddr mod 13 seed 0x706d616e map @l_web_slots"]
     assert rules(text, "l_web_dnat_local") == rules(text, "l_web_dnat")
@@ -81,7 +85,7 @@ def test_structure_is_idempotent_and_carries_the_map() -> None:
 
 
 def test_empty_map_has_no_element_line() -> None:
-    assert "add element" not in listener_text(spec(), [None] * 3)
+    assert "add element inet pointsman l_web_slots" not in listener_text(spec(), [None] * 3)
 
 
 def test_removal_deletes_rules_before_what_they_use() -> None:
@@ -129,6 +133,27 @@ def test_names() -> None:
     assert names.owns("l_web-1.a_new") and not names.owns("l_web-1.ab_new")
 
 
+def test_a_port_range_is_one_rule_and_each_address_its_own() -> None:
+    text = listener_text(spec(binds=(VipPorts("10.99.100.1", 30000, 30100),
+                                     VipPorts("10.99.100.2", 80, 80))))
+    dnat = [r for r in rules(text, "l_web_dnat") if " dnat " in r]
+    assert [r.split(" counter")[0] for r in dnat] == ["ip daddr 10.99.100.1 tcp dport 30000-30100",
+                                                       "ip daddr 10.99.100.2 tcp dport 80"]
+    assert all(r.endswith("map @l_web_slots") for r in dnat)  # to the backend's own port
+    assert len(rules(text, "l_web_dnat")) == 6  # deny, allow, dnat per entry
+    assert [r.split(" counter")[0] for r in rules(text, "l_web_guard")] == [
+        "ip daddr 10.99.100.1 tcp dport 30000-30100", "ip daddr 10.99.100.2 tcp dport 80"]
+    assert "ct original ip daddr 10.99.100.1 ct original proto-dst 30000-30100 jump l_web_count" in text
+    assert "ct original ip daddr 10.99.100.2 ct original proto-dst 80 masquerade" in text
+
+
+def test_removal_deletes_the_acl_sets_after_the_rules() -> None:
+    lines = remove_listener_text(spec()).splitlines()
+    assert lines.index("delete set inet pointsman l_web_deny") > lines.index(
+        "delete chain inet pointsman l_web_dnat")
+    assert "delete counter inet pointsman l_web_denied" in lines
+
+
 # --- nat: stateless ----------------------------------------------------------------------------------
 
 
@@ -144,6 +169,10 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
         "ip saddr . tcp sport @l_web_backends fib daddr type != local notrack",
     ]
     assert rules(text, "l_web_sin") == [
+        'tcp flags & (syn | ack) == syn ip saddr @l_web_deny counter name "l_web_new" '
+        'counter name "l_web_denied" drop',
+        'tcp flags & (syn | ack) == syn ip saddr != @l_web_allow counter name "l_web_new" '
+        'counter name "l_web_denied" drop',
         f"ip daddr set {index} map @l_web_slot_addr tcp dport set {index} map @l_web_slot_port "
         'counter name "l_web_in" counter name ip daddr . tcp dport map @l_web_bin',
         'tcp flags & (syn | ack) == syn counter name "l_web_new" '
