@@ -38,8 +38,7 @@ def add_acl_routes(app: web.Application, node: NodeView) -> None:
         if listener is None:
             raise _http(web.HTTPNotFound, f"no listener {name!r}")
         if not hasattr(listener, "set_acl"):
-            raise _http(web.HTTPConflict, f"listener {name!r} runs on the kernel data plane, "
-                                          "which does not apply allow/deny lists yet")
+            raise _http(web.HTTPConflict, f"listener {name!r} takes no allow/deny lists")
         return cast(HasAcl, listener)
 
     async def get(request: web.Request) -> web.Response:
