@@ -17,6 +17,7 @@ from pathlib import Path
 from pointsman.app import build_node
 from pointsman.config.loader import load_text
 from pointsman.config.preflight import preflight
+from pointsman.proxy.engine import engine_name
 
 DEFAULT_ADMIN_PORT = 9900
 NAMES = ("backend-1", "backend-2", "backend-3")
@@ -85,7 +86,7 @@ def _shown(path: str, cwd: str) -> str:
 
 
 def hints(port: int, admin_port: int, backend_ports: list[int], command: str,
-          has_socat: bool) -> str:
+          has_socat: bool, engine: str = "cython") -> str:
     """The text printed once the demo is ready (pure, so its commands are tested as printed)."""
     if has_socat:
         connect = f"echo hi | socat - TCP:127.0.0.1:{port}"
@@ -94,7 +95,9 @@ def hints(port: int, admin_port: int, backend_ports: list[int], command: str,
     lines = [
         "",
         f"pointsman demo: backends {', '.join(NAMES)} on ports "
-        f"{', '.join(map(str, backend_ports))}, behind 127.0.0.1:{port}.",
+        f"{', '.join(map(str, backend_ports))}, behind 127.0.0.1:{port}; connection engine "
+        f"{engine}" + ("." if engine == "cython" else
+                       " (bash scripts/setup.sh --engine builds the compiled one)."),
         f"Try:  {connect}    (a few times: round robin)",
     ]
     if admin_port:
@@ -128,7 +131,8 @@ async def run_demo(port: int, admin_port: int = 0, command: str = "pointsman") -
         except OSError as exc:  # taken between the preflight and now
             await runtime.shutdown()
             raise DemoError(f"pointsman demo: cannot start: {exc.strerror or exc}") from None
-        print(hints(port, admin_port, ports, command, shutil.which("socat") is not None), flush=True)
+        print(hints(port, admin_port, ports, command, shutil.which("socat") is not None,
+                    engine_name()), flush=True)
         await runtime.run()
     finally:
         for server in servers:

@@ -396,8 +396,28 @@ def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (VmRSS from /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """Resident set size of a process and its descendants (VmRSS from /proc): pointsman's
+    control process and its workers, which hold the connections by default."""
+    return sum(_own_rss(each) for each in _tree(pid))
+
+
+def _tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        each = todo.pop()
+        found.append(each)
+        for task in Path(f"/proc/{each}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(child) for child in task.read_text().split())
+    return found
+
+
+def _own_rss(pid: int) -> int:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:  # gone meanwhile
+        return 0
+    for line in lines:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    return 0  # a zombie

@@ -41,13 +41,19 @@ def test_hints_with_the_default_admin_port_and_socat() -> None:
     assert text.splitlines() == [
         "",
         "pointsman demo: backends backend-1, backend-2, backend-3 on ports 4001, 4002, 4003, "
-        "behind 127.0.0.1:8800.",
+        "behind 127.0.0.1:8800; connection engine cython.",
         "Try:  echo hi | socat - TCP:127.0.0.1:8800    (a few times: round robin)",
         "      open http://127.0.0.1:9900/    (status page)",
         "      .venv/bin/pointsman status",
         "      .venv/bin/pointsman drain demo backend-1    (then: enable, the same way)",
         "Stop with Ctrl-C.",
     ]
+
+
+def test_hints_say_how_to_build_the_compiled_engine_when_it_is_not_in_use() -> None:
+    text = hints(8800, 9900, [1, 2, 3], "pointsman", has_socat=True, engine="python")
+    assert text.splitlines()[1].endswith(
+        "; connection engine python (bash scripts/setup.sh --engine builds the compiled one).")
 
 
 def test_hints_name_a_non_default_admin_port_and_need_no_socat() -> None:
