@@ -92,7 +92,7 @@ class WorkerLoop:
         check_version(start.version)
         role = self.role = WorkerRole(start.index, start.workers, self.channel, start.pools,
                                       Inherited(start.sockets))
-        node = self.node = Node(share_of(start.config, start.workers), role)
+        node = self.node = Node(share_of(start.config, start.workers, start.index), role)
         try:
             await node.start()
         except OSError as exc:
@@ -159,7 +159,7 @@ class WorkerLoop:
                               message.reason)
         elif isinstance(message, ApplyConfig):
             try:
-                errors = await node.apply(share_of(message.config, role.count))
+                errors = await node.apply(share_of(message.config, role.count, role.index))
             except OSError as exc:
                 errors = [f"cannot apply: {exc}"]
             self.channel.send(ConfigApplied(message.seq, role.index, tuple(errors)))
