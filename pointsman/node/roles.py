@@ -54,7 +54,7 @@ from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.udp import UdpListener
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.process import ProcessFigures, measure
-from pointsman.telemetry.stats import BackendStats, ListenerStats
+from pointsman.telemetry.stats import BackendStats, ListenerStats, PoolStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
 
 if TYPE_CHECKING:
@@ -155,6 +155,9 @@ class SingleRole:
     def backend_stats(self, pool: Pool) -> list[BackendStats]:
         return [member.stats for member in pool.members()]
 
+    def pool_stats(self, pool: Pool) -> PoolStats:
+        return pool.queue_stats
+
     def processes(self, node: Node) -> list[ProcessFigures]:
         return [measure(self.name, self.started_at, node.loop_lag)]
 
@@ -240,6 +243,9 @@ class ControlRole(SingleRole):
 
     def backend_stats(self, pool: Pool) -> list[BackendStats]:
         return [self.reports.backend(pool.name, member.id) for member in pool.members()]
+
+    def pool_stats(self, pool: Pool) -> PoolStats:
+        return self.reports.pool(pool.name)
 
     def processes(self, node: Node) -> list[ProcessFigures]:
         return [*super().processes(node), *self.reports.processes()]

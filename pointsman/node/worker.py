@@ -64,6 +64,7 @@ def report(node: Node, role: WorkerRole) -> StatsReport:
         flow_log_dropped=node.flow_log.dropped if node.flow_log is not None else 0,
         ages=role.connection_ages(node),
         at=time.monotonic(),
+        pools={pool.name: pool.queue_stats for pool in node.pools.values()},
     )
 
 

@@ -227,3 +227,52 @@ async def test_a_full_backend_is_not_picked(algorithm: str) -> None:
             held_gate.release.set()
             for each in opened:
                 assert (await answer(*each)).startswith(b"ok")
+
+
+# --- with workers: each enforces its share of the cap; figures summed in the control process ---
+
+
+async def test_workers_share_the_cap_and_report_the_queue(workers: int) -> None:
+    """Cap 2 over the node: with two workers each holds at most 1 (its share), so the backend
+    never sees more than 2; the queue's figures reach the control process's sums."""
+    async with gated(hold=0.1) as (gate, info), \
+            running(config(info.port), workers=workers) as node:
+        port = port_of_config(node)
+        clients = await asyncio.gather(*(client(port, b"%d" % i) for i in range(8)))
+        answers = await asyncio.gather(*(answer(r, w) for r, w in clients))
+        stats = await statistics_when(node, lambda s: sum(s.ended.values()) == 8)
+        pool = node.pools["p"]
+        await wait_for(lambda: node.pool_stats(pool).queue_wait.count >= 6
+                       and node.pool_stats(pool).queued == 0, 5.0, what="queue figures reported")
+        figures = node.pool_stats(pool)
+    assert sorted(answers) == sorted(b"ok %d\n" % i for i in range(8))
+    assert 1 <= gate.peak <= 2 and info.accepted == 8
+    assert figures.queued_total == figures.queue_wait.count
+    adds_up(stats)
+
+
+async def test_workers_queue_timeout_counted_once(workers: int) -> None:
+    """Every connection that did not get one of the node's 2 slots times out; the refusals and
+    the wait times add up across workers."""
+    async with gated() as (gate, info), running(
+            config(info.port, queue={"max": 10, "timeout": "0.4s"}), workers=workers) as node:
+        port = port_of_config(node)
+        clients = await asyncio.gather(*(client(port, b"%d" % i) for i in range(5)))
+        stats = await statistics_when(
+            node, lambda s: s.rejected[RejectReason.QUEUE_TIMEOUT] + s.active == 5
+            and s.rejected[RejectReason.QUEUE_TIMEOUT] >= 3, what="the rest timed out")
+        timed_out = stats.rejected[RejectReason.QUEUE_TIMEOUT]
+        assert info.accepted == 5 - timed_out <= 2
+        pool = node.pools["p"]
+        await wait_for(lambda: node.pool_stats(pool).queue_wait.count == timed_out, 5.0,
+                       what="wait times reported")
+        gate.release.set()
+        answers = await asyncio.gather(*(answer(r, w) for r, w in clients))
+        stats = await statistics_when(node, lambda s: sum(s.ended.values()) == 5 - timed_out)
+    assert sorted(answers)[:timed_out] == [b""] * timed_out
+    assert gate.peak <= 2
+    adds_up(stats)
+
+
+def port_of_config(node: Any) -> int:
+    return int(node.config.listeners[0].bind[0].first)
