@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
+from pointsman.admin.metrics import registry_for
+from pointsman.admin.status import status
 from pointsman.config.loader import load_text
 from pointsman.telemetry.flow import EndReason, RejectReason
 from tests.support import (
@@ -245,7 +248,18 @@ async def test_workers_share_the_cap_and_report_the_queue(workers: int) -> None:
         await wait_for(lambda: node.pool_stats(pool).queue_wait.count >= 6
                        and node.pool_stats(pool).queued == 0, 5.0, what="queue figures reported")
         figures = node.pool_stats(pool)
+        document = status(node)
+        metrics = generate_latest(registry_for(node)).decode()
     assert sorted(answers) == sorted(b"ok %d\n" % i for i in range(8))
+    (shown,) = document["pools"]
+    assert shown["queue"] == {"length": 0, "max": 100, "timeout": 10.0,
+                              "queued_total": figures.queued_total}
+    assert [b["max_connections"] for b in shown["backends"]] == [2]  # the node's cap
+    assert 'pointsman_pool_queue_length{pool="p"} 0.0' in metrics
+    assert f'pointsman_pool_queue_wait_seconds_count{{pool="p"}} {figures.queue_wait.count}.0' \
+        in metrics
+    assert f'pointsman_pool_queued_connections_total{{pool="p"}} {figures.queued_total}.0' \
+        in metrics
     assert 1 <= gate.peak <= 2 and info.accepted == 8
     assert figures.queued_total == figures.queue_wait.count
     adds_up(stats)
@@ -276,3 +290,22 @@ async def test_workers_queue_timeout_counted_once(workers: int) -> None:
 
 def port_of_config(node: Any) -> int:
     return int(node.config.listeners[0].bind[0].first)
+
+
+async def test_workers_reload_raising_the_cap_serves_every_queue(workers: int) -> None:
+    async with gated() as (gate, info), running(config(info.port), workers=workers) as node:
+        port = port_of_config(node)
+        pool = node.pools["p"]
+        clients = await asyncio.gather(*(client(port, b"%d" % i) for i in range(4)))
+        await wait_for(lambda: node.pool_stats(pool).queued + info.accepted == 4
+                       and node.pool_stats(pool).queued >= 2, 5.0, what="the rest queued")
+        assert info.accepted <= 2
+        new = load_text(config(info.port, cap=10), "<reload>")
+        assert await node.apply(new.model_copy(update={"listeners": node.config.listeners})) == []
+        await wait_for(lambda: info.accepted == 4, 5.0, what="every queued one served")
+        gate.release.set()
+        answers = await asyncio.gather(*(answer(r, w) for r, w in clients))
+        stats = await statistics_when(node, lambda s: sum(s.ended.values()) == 4)
+    assert sorted(answers) == sorted(b"ok %d\n" % i for i in range(4))
+    assert gate.peak == 4
+    adds_up(stats)
