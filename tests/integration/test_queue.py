@@ -309,3 +309,27 @@ async def test_workers_reload_raising_the_cap_serves_every_queue(workers: int) -
     assert sorted(answers) == sorted(b"ok %d\n" % i for i in range(4))
     assert gate.peak == 4
     adds_up(stats)
+
+
+async def test_queued_after_a_proxy_header_keeps_its_client(engine: str) -> None:
+    """A connection that read a PROXY header first waits the same way (Hold after the preamble);
+    once served, the header it came with is consumed and the pool's own header names the client
+    it carried."""
+    async with gated() as (gate, info):
+        config_text = config(info.port, cap=1, proxy_protocol={"send": "v1"}).replace(
+            "pool: p\n", "pool: p\n  proxy_protocol:\n    accept: required\n", 1)
+        async with running(config_text) as node:
+            port = port_of(node)
+            pool = node.pools["p"]
+            first = await client(port, b"PROXY TCP4 203.0.113.1 127.0.0.1 1111 80\r\nfirst")
+            await wait_for(lambda: info.accepted == 1, 5.0, what="first at the backend")
+            second = await client(port, b"PROXY TCP4 203.0.113.2 127.0.0.1 2222 80\r\nsecond")
+            await wait_for(lambda: pool.queue_stats.queued == 1, 5.0, what="second queued")
+            gate.release.set()
+            assert await answer(*first) == b"ok PROXY TCP4 203.0.113.1 127.0.0.1 1111 80\r\n"
+            assert await answer(*second) == b"ok PROXY TCP4 203.0.113.2 127.0.0.1 2222 80\r\n"
+            stats = await statistics_when(node, lambda s: sum(s.ended.values()) == 2)
+    assert gate.order == [b"PROXY TCP4 203.0.113.1 127.0.0.1 1111 80",
+                          b"PROXY TCP4 203.0.113.2 127.0.0.1 2222 80"]
+    assert stats.pending == 0
+    adds_up(stats)
