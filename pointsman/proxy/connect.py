@@ -11,7 +11,8 @@ PROXY header, and what to do when the connect fails.
   `retries` times; an unusable source address moves to the next address first.
 
 A plain connection (no preamble, no affinity, no hash key, no PROXY header, no source address,
-no per-source limit, no backend cap) takes one fast path: snapshot -> pick -> the backend's target.
+no per-source limit) takes one fast path: snapshot -> pick -> the backend's target (below its
+cap, with nobody queued, where it has one).
 
 Backend caps (`max_connections`): a backend at its cap in this process is not picked (excluded
 like a backend already tried, so hash policies fall back to their next choice). When every
@@ -102,7 +103,7 @@ class ConnectPolicy:
                 index = snapshot.picker.pick(b"", NOTHING)
                 if index is not None:
                     slot = targets.slots[index]
-                    if slot is not None:
+                    if slot is not None and (not slot.cap or _room(slot, pool)):
                         flow.slot = slot
                         flow.snapshot = snapshot
                         slot.stats.active += 1
@@ -301,6 +302,13 @@ class ConnectPolicy:
             return None
         self.stats.retried += 1
         return self._attempt(conn_id, flow, picked, first=True)
+
+
+def _room(slot: Slot, pool: Pool) -> bool:
+    """A capped backend the fast path picked takes this connection: below its cap, and nobody
+    waits in the pool's queue (else the slow path queues it behind them)."""
+    line = pool.waiting
+    return slot.stats.active < slot.cap and (line is None or not len(line))
 
 
 def _full(snapshot: PoolSnapshot) -> frozenset[int]:

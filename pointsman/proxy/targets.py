@@ -109,8 +109,7 @@ class PoolTargets:
         config = snapshot.config
         self.plain = (not snapshot.needs_key and snapshot.affinity is None
                       and config.proxy_protocol.send == "off"
-                      and config.source.mode == "default" and not config.source.addresses
-                      and not snapshot.caps)
+                      and config.source.mode == "default" and not config.source.addresses)
         return slots
 
     def _make(self, backend_id: str, host: str, port: int, stats: BackendStats,
