@@ -111,6 +111,9 @@ async def test_cap_two_ten_slow_clients_served_in_arrival_order(engine: str) -> 
             await wait_for(lambda n=i + 1: lb.statistics().accepted == n, 5.0, what="accepted")
         pool = node.pools["p"]
         assert 1 <= pool.queue_stats.queued <= 8
+        waiting = lb.statistics()  # the queued ones are open connections, not pending ones
+        assert waiting.pending == 0 and waiting.active >= pool.queue_stats.queued
+        adds_up(waiting)
         answers = await asyncio.gather(*(answer(r, w) for r, w in clients))
         stats = await statistics_when(node, lambda s: sum(s.ended.values()) == 10)
     assert answers == [b"ok %d\n" % i for i in range(10)]
