@@ -89,6 +89,7 @@ class RuntimeCollector(Collector):
         yield from self._connection_ages()
         yield from self._pool_limits()
         yield from self._health_durations()
+        yield from self._queues()
         yield from self._bgp()
 
     def _tcp(self, local: CounterMetricFamily) -> Iterator[Metric]:
@@ -505,6 +506,28 @@ class RuntimeCollector(Collector):
         for pool in list(self.runtime.pools.values()):
             _add(duration, [pool.name], pool.check_duration)
         yield duration
+
+    def _queues(self) -> Iterator[Metric]:
+        """Per-backend caps and each pool's queue (with workers: summed over them; the caps are
+        the node's, as configured). Refusals are the listeners' `queue_full`/`queue_timeout`."""
+        length = GaugeMetricFamily(P + "pool_queue_length", "Connections waiting in the pool's "
+                                   "queue for a backend slot", labels=["pool"])
+        queued = CounterMetricFamily(P + "pool_queued_connections", "Connections that entered "
+                                     "the pool's queue", labels=["pool"])
+        wait = _histogram("pool_queue_wait_seconds", "Time connections waited in the pool's "
+                          "queue (served, timed out or left)", ["pool"])
+        cap = GaugeMetricFamily(P + "backend_max_connections", "The backend's max_connections "
+                                "(absent: no cap)", labels=["pool", "backend"])
+        for pool in list(self.runtime.pools.values()):
+            stats = self.runtime.pool_stats(pool)
+            length.add_metric([pool.name], stats.queued)
+            queued.add_metric([pool.name], stats.queued_total)
+            _add(wait, [pool.name], stats.queue_wait)
+            config = pool.config
+            for backend in config.backends:
+                if (limit := config.backend_cap(backend)) is not None:
+                    cap.add_metric([pool.name, backend.id], limit)
+        yield from (length, queued, wait, cap)
 
     def _bgp(self) -> Iterator[Metric]:
         """Sessions, VIP announcements and ExaBGP restarts, from the announcer's statistics."""

@@ -82,12 +82,18 @@ def _counters(s: Statistics) -> dict[str, Any]:
 def _pool(pool: Pool, node: NodeView) -> dict[str, Any]:
     snapshot = pool.snapshot
     members = pool.members()
+    config = pool.config
+    queue = node.pool_stats(pool)
     return {
         "name": pool.name,
-        "algorithm": pool.config.algorithm,
+        "algorithm": config.algorithm,
         "available": snapshot.available,
         "total": len(snapshot.backends),
+        # Connections waiting for a slot (every worker's), and the queue's settings.
+        "queue": {"length": queue.queued, "max": config.queue.max,
+                  "timeout": config.queue.timeout, "queued_total": queue.queued_total},
         "backends": [{**_backend(m, view.effective_weight, stats),
+                      "max_connections": config.backend_cap(m.config),
                       **node.changes.backend_status(pool.name, m.id)}
                      for m, view, stats in zip(members, snapshot.backends, node.backend_stats(pool),
                                                strict=True)],

@@ -128,6 +128,9 @@ class BackendConfig(Strict):
     # Probe this host:port instead of the backend (a sidecar, an agent); wins over the pool's
     # health_check.address and health_check.port for this backend.
     health_check_address: Address | None = None
+    # Concurrent connections this backend takes (HAProxy `maxconn` on a server); None: the
+    # pool's backend_max_connections. Past it the backend is not picked; see the pool's queue.
+    max_connections: int | None = Field(default=None, ge=1)
 
     @property
     def id(self) -> str:
@@ -215,6 +218,14 @@ class DiscoveryConfig(Strict):
 MAX_DRAIN_TIMEOUT = 30 * 86400.0
 
 
+class QueueConfig(Strict):
+    # Connections waiting for a slot when every eligible backend is at its max_connections
+    # (0: none wait, a full pool refuses at once as queue_full), and how long one waits before
+    # it is refused as queue_timeout. Only pools with capped backends ever queue.
+    max: int = Field(default=1000, ge=0, le=1_000_000)
+    timeout: Annotated[Duration, Field(gt=0)] = 5.0
+
+
 class PoolConfig(Strict):
     name: Name
     algorithm: Algorithm = "round_robin"
@@ -249,6 +260,16 @@ class PoolConfig(Strict):
     # After a drain, the backend's remaining connections are closed this long after it began
     # (`drain_timeout`); None waits for them to end. `pointsman drain --timeout` overrides it.
     drain_timeout: Annotated[Duration, Field(le=MAX_DRAIN_TIMEOUT)] | None = None
+    # The default max_connections of this pool's backends (None: no cap), and the queue where
+    # new connections wait while every eligible backend is at its cap.
+    backend_max_connections: int | None = Field(default=None, ge=1)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+
+    def backend_cap(self, backend: BackendConfig) -> int | None:
+        """The cap in force for one of this pool's backends (its own, else the pool's)."""
+        if backend.max_connections is not None:
+            return backend.max_connections
+        return self.backend_max_connections
 
 
 class UdpConfig(Strict):

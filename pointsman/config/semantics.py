@@ -199,6 +199,14 @@ def _listener_problems(config: Config, i: int, known: set[str]) -> Iterator[Prob
         yield ("listeners", i, "acl_on"), ("the kernel data plane judges the packet's source "
                                            "address, not a PROXY header: use acl_on: peer (or "
                                            "dataplane: proxy)")
+    pool = next((p for p in config.pools if p.name == listener.pool), None)
+    if pool is not None and (listener.protocol == "udp" or listener.dataplane == "kernel") and (
+            pool.backend_max_connections is not None
+            or any(b.max_connections is not None for b in pool.backends)):
+        what = "UDP sessions" if listener.protocol == "udp" else "the kernel data plane"
+        yield ("listeners", i, "pool"), (f"pool {pool.name!r} caps its backends' connections "
+                                         f"(max_connections), which {what} cannot enforce: "
+                                         "caps and the queue are for TCP on dataplane: proxy")
     if listener.acl_on == "proxy_header" and listener.proxy_protocol.accept == "off":
         yield ("listeners", i, "acl_on"), ("proxy_header needs proxy_protocol.accept (required "
                                            "or optional): there is no header to judge")

@@ -38,7 +38,7 @@ from pointsman.node.activation import PassedSocket
 from pointsman.pool.events import AgentScale, BackendEvent, PassiveSignal, PoolState, WeightChange
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.process import ProcessFigures
-from pointsman.telemetry.stats import BackendStats, ListenerStats
+from pointsman.telemetry.stats import BackendStats, ListenerStats, PoolStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
 
 IPC_VERSION = 1
@@ -151,6 +151,7 @@ class StatsReport:
     # clock for every process of the host).
     ages: Mapping[tuple[str, str], float] = field(default_factory=dict)
     at: float = 0.0
+    pools: Mapping[str, PoolStats] = field(default_factory=dict)  # each pool's queue figures
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from pointsman.protect.acl import AclLists
 from pointsman.telemetry.aggregate import add, counters_of, total
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.process import ProcessFigures
-from pointsman.telemetry.stats import BackendStats, ListenerStats
+from pointsman.telemetry.stats import BackendStats, ListenerStats, PoolStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
 
 T = TypeVar("T")
@@ -32,6 +32,7 @@ class WorkerReports:
         # By name and type: a reload may turn a listener from TCP into UDP under the same name.
         self._retired_listeners: dict[tuple[str, type], ListenerStatistics] = {}
         self._retired_backends: dict[tuple[str, str], BackendStats] = {}
+        self._retired_pools: dict[str, PoolStats] = {}
         self._retired_dropped = 0
 
     def update(self, report: StatsReport) -> None:
@@ -47,6 +48,8 @@ class WorkerReports:
             self._retired_listeners[kind] = _fold(self._retired_listeners.get(kind), stats)
         for key, backend in report.backends.items():
             self._retired_backends[key] = _fold(self._retired_backends.get(key), backend)
+        for name, pool in report.pools.items():
+            self._retired_pools[name] = _fold(self._retired_pools.get(name), pool)
         self._retired_dropped += report.flow_log_dropped
 
     def listener(self, name: str, kind: type | None = None) -> ListenerStatistics | None:
@@ -63,6 +66,11 @@ class WorkerReports:
         key = (pool, backend)
         live = [r.backends[key] for r in list(self.latest.values()) if key in r.backends]
         return total(live, self._retired_backends.get(key)) or BackendStats()
+
+    def pool(self, name: str) -> PoolStats:
+        """A pool's queue figures: the workers' gauges and counters, and exited workers' counters."""
+        live = [r.pools[name] for r in list(self.latest.values()) if name in r.pools]
+        return total(live, self._retired_pools.get(name)) or PoolStats()
 
     def accepting(self, name: str) -> bool:
         return any(name in r.accepting for r in list(self.latest.values()))

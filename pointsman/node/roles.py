@@ -54,7 +54,7 @@ from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.udp import UdpListener
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.process import ProcessFigures, measure
-from pointsman.telemetry.stats import BackendStats, ListenerStats
+from pointsman.telemetry.stats import BackendStats, ListenerStats, PoolStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
 
 if TYPE_CHECKING:
@@ -155,6 +155,9 @@ class SingleRole:
     def backend_stats(self, pool: Pool) -> list[BackendStats]:
         return [member.stats for member in pool.members()]
 
+    def pool_stats(self, pool: Pool) -> PoolStats:
+        return pool.queue_stats
+
     def processes(self, node: Node) -> list[ProcessFigures]:
         return [measure(self.name, self.started_at, node.loop_lag)]
 
@@ -241,6 +244,9 @@ class ControlRole(SingleRole):
     def backend_stats(self, pool: Pool) -> list[BackendStats]:
         return [self.reports.backend(pool.name, member.id) for member in pool.members()]
 
+    def pool_stats(self, pool: Pool) -> PoolStats:
+        return self.reports.pool(pool.name)
+
     def processes(self, node: Node) -> list[ProcessFigures]:
         return [*super().processes(node), *self.reports.processes()]
 
@@ -320,10 +326,11 @@ class WorkerRole(SingleRole):
         return [measure(f"worker-{self.index}", self.started_at, node.loop_lag)]
 
 
-def share_of(config: Config, workers: int) -> Config:
-    """What one of `workers` workers enforces: its share of every bound meant for the whole node
-    (the kernel spreads connections evenly, or by client address where steered): listener
-    tables, the listener-wide new-connection rate and the load-shedding connection bound.
+def share_of(config: Config, workers: int, index: int = 0) -> Config:
+    """What worker `index` of `workers` enforces: its share of every bound meant for the whole
+    node (the kernel spreads connections evenly, or by client address where steered): listener
+    tables, the listener-wide new-connection rate and the load-shedding connection bound, and
+    the pools' backend caps and queue bounds (`cap_share`: exact sums, at least 1 each).
     Per-source limits stay whole: with steering, every source is counted by one worker."""
     listeners = []
     for listener in config.listeners:
@@ -338,7 +345,33 @@ def share_of(config: Config, workers: int) -> Config:
     shed = config.shedding.max_connections
     shedding = config.shedding.model_copy(update={
         "max_connections": None if shed is None else math.ceil(shed / workers)})
-    return config.model_copy(update={"listeners": listeners, "shedding": shedding})
+    pools = [_pool_share(pool, workers, index) for pool in config.pools] if workers > 1 \
+        else config.pools
+    return config.model_copy(update={"listeners": listeners, "shedding": shedding,
+                                     "pools": pools})
+
+
+def cap_share(total: int, workers: int, index: int) -> int:
+    """Worker `index`'s part of a per-backend cap or a queue bound: the parts add up to `total`
+    exactly (the first `total % workers` workers take one more), and none is below 1 (a cap
+    smaller than the worker count lets each worker one connection: the node may then hold
+    `workers` connections on that backend; docs/config.md says so)."""
+    return max(1, total // workers + (1 if index % workers < total % workers else 0))
+
+
+def _pool_share(pool: PoolConfig, workers: int, index: int) -> PoolConfig:
+    if pool.backend_max_connections is None and all(
+            b.max_connections is None for b in pool.backends):
+        return pool
+    default = pool.backend_max_connections
+    backends = [b if b.max_connections is None else b.model_copy(update={
+        "max_connections": cap_share(b.max_connections, workers, index)}) for b in pool.backends]
+    queue = pool.queue
+    if queue.max:
+        queue = queue.model_copy(update={"max": cap_share(queue.max, workers, index)})
+    return pool.model_copy(update={
+        "backends": backends, "queue": queue,
+        "backend_max_connections": None if default is None else cap_share(default, workers, index)})
 
 
 def worker_count(config: Config) -> int:

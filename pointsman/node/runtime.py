@@ -60,7 +60,7 @@ from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.flowlog import FlowLog
 from pointsman.telemetry.process import ProcessFigures
 from pointsman.telemetry.reloads import ReloadHistory
-from pointsman.telemetry.stats import BackendStats
+from pointsman.telemetry.stats import BackendStats, PoolStats
 
 log = logging.getLogger("pointsman")
 
@@ -105,6 +105,8 @@ class Role(Protocol):
         """Control: stop the workers (each drains within `grace`)."""
 
     def backend_stats(self, pool: Pool) -> list[BackendStats]: ...
+
+    def pool_stats(self, pool: Pool) -> PoolStats: ...
 
     def processes(self, node: Node) -> list[ProcessFigures]: ...
 
@@ -202,6 +204,9 @@ class Node:
 
     def backend_stats(self, pool: Pool) -> Sequence[BackendStats]:
         return self.role_object.backend_stats(pool)
+
+    def pool_stats(self, pool: Pool) -> PoolStats:
+        return self.role_object.pool_stats(pool)
 
     def processes(self) -> Sequence[ProcessFigures]:
         return self.role_object.processes(self)

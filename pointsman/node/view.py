@@ -18,7 +18,7 @@ from pointsman.pool.pool import Member, Pool
 from pointsman.pool.state import Transition
 from pointsman.telemetry.process import ProcessFigures
 from pointsman.telemetry.reloads import ReloadHistory
-from pointsman.telemetry.stats import BackendStats
+from pointsman.telemetry.stats import BackendStats, PoolStats
 
 RoleName = Literal["single", "control", "worker"]
 
@@ -162,6 +162,9 @@ class NodeView(Protocol):
 
     def backend_stats(self, pool: Pool) -> Sequence[BackendStats]:
         """Counters of the pool's backends (in `pool.members()` order), summed over workers."""
+
+    def pool_stats(self, pool: Pool) -> PoolStats:
+        """The pool's queue figures (length, wait times), summed over workers."""
 
     def processes(self) -> Sequence[ProcessFigures]:
         """CPU, memory, descriptors and loop lag of every process of the node."""

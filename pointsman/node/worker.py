@@ -64,6 +64,7 @@ def report(node: Node, role: WorkerRole) -> StatsReport:
         flow_log_dropped=node.flow_log.dropped if node.flow_log is not None else 0,
         ages=role.connection_ages(node),
         at=time.monotonic(),
+        pools={pool.name: pool.queue_stats for pool in node.pools.values()},
     )
 
 
@@ -92,7 +93,7 @@ class WorkerLoop:
         check_version(start.version)
         role = self.role = WorkerRole(start.index, start.workers, self.channel, start.pools,
                                       Inherited(start.sockets))
-        node = self.node = Node(share_of(start.config, start.workers), role)
+        node = self.node = Node(share_of(start.config, start.workers, start.index), role)
         try:
             await node.start()
         except OSError as exc:
@@ -159,7 +160,7 @@ class WorkerLoop:
                               message.reason)
         elif isinstance(message, ApplyConfig):
             try:
-                errors = await node.apply(share_of(message.config, role.count))
+                errors = await node.apply(share_of(message.config, role.count, role.index))
             except OSError as exc:
                 errors = [f"cannot apply: {exc}"]
             self.channel.send(ConfigApplied(message.seq, role.index, tuple(errors)))

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
+from typing import Any
 
 from pointsman.balance import build_picker
 from pointsman.balance.affinity import AffinityTable
@@ -45,7 +46,7 @@ from pointsman.pool.state import (
     Transition,
 )
 from pointsman.telemetry.histogram import Histogram
-from pointsman.telemetry.stats import BackendStats
+from pointsman.telemetry.stats import BackendStats, PoolStats
 
 log = logging.getLogger("pointsman.pool")
 
@@ -157,6 +158,10 @@ class Pool:
         self.affinity: AffinityTable | None = None
         self.check_duration = Histogram()  # probe latencies, for /metrics (health_check_duration)
         self.fallbacks = 0  # new connections this pool handed to its fallback_pool (`route`)
+        self.queue_stats = PoolStats()  # its queue in this process (the data plane counts)
+        # The data plane's waiting line for this pool in this process (proxy/waiting.py), made
+        # at the first queued connection; the pool only carries it.
+        self.waiting: Any = None
         self.snapshot: PoolSnapshot
         self.reconfigure(config)
 
@@ -484,9 +489,14 @@ class Pool:
             or self.config.algorithm in ("source_hash", "maglev"),
             available=sum(1 for w in weights if w > 0),
             mode=plan.mode,
+            caps=self._caps(members),
         )
         for callback in list(self._watchers):
             callback(self.snapshot)
+
+    def _caps(self, members: list[Member]) -> tuple[int, ...]:
+        caps = tuple(self.config.backend_cap(m.config) or 0 for m in members)
+        return caps if any(caps) else ()
 
     def _picker(self, candidates: list[Candidate], stats: tuple[BackendStats, ...],
                 homes: list[float]) -> Picker:

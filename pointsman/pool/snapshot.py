@@ -41,6 +41,8 @@ class PoolSnapshot:
     # Who serves: "primary", "backup" (no primary available), "panic" (below panic_threshold:
     # health ignored), "none". See pointsman.pool.serving.
     mode: str = "primary"
+    # Each backend's max_connections in this process (0: no cap); empty when none is capped.
+    caps: tuple[int, ...] = ()
 
     @property
     def panic(self) -> bool:

@@ -11,7 +11,15 @@ PROXY header, and what to do when the connect fails.
   `retries` times; an unusable source address moves to the next address first.
 
 A plain connection (no preamble, no affinity, no hash key, no PROXY header, no source address,
-no per-source limit) takes one fast path: snapshot -> pick -> the backend's target.
+no per-source limit) takes one fast path: snapshot -> pick -> the backend's target (below its
+cap, with nobody queued, where it has one).
+
+Backend caps (`max_connections`): a backend at its cap in this process is not picked (excluded
+like a backend already tried, so hash policies fall back to their next choice). When every
+eligible backend is at its cap, or others already wait, the connection waits in the pool's queue
+(`waiting.py`), held by the engine: `Hold`. It is picked again when it reaches the head and a
+slot frees (`dequeued`), refused as `queue_full` when the queue is full, and as `queue_timeout`
+when it waited `queue.timeout`.
 """
 
 from __future__ import annotations
@@ -28,11 +36,12 @@ from pointsman.pool.pool import Pool
 from pointsman.pool.snapshot import PoolSnapshot
 from pointsman.proxy.codes import REJECT_CODE
 from pointsman.proxy.engine import Engine
-from pointsman.proxy.engine.api import Connect, Decision, Refuse, Status
+from pointsman.proxy.engine.api import HOLD, Connect, Decision, Refuse, Status
 from pointsman.proxy.flows import Detour, Flow
 from pointsman.proxy.resources import FD_ERRNOS, MEMORY_ERRNOS, PORT_ERRNOS, errno_name
 from pointsman.proxy.targets import PoolTargets, Slot
 from pointsman.proxy.upstream import outgoing_header
+from pointsman.proxy.waiting import existing_line, line_for
 from pointsman.telemetry.flow import RejectReason
 from pointsman.telemetry.stats import ListenerStats
 
@@ -64,6 +73,17 @@ class ConnectPolicy:
     def local_error(self, op: str, err: int) -> None:
         raise NotImplementedError  # the listener's: counted, logged, accepting paused
 
+    def left_queue(self, conn_id: int, pool: Pool) -> None:
+        line = existing_line(pool)
+        if line is not None:
+            line.leave(conn_id)
+
+    def slot_freed(self, pool: Pool) -> None:
+        """A connection let go of a capped backend of `pool`: its queue may move."""
+        line = existing_line(pool)
+        if line is not None and len(line):
+            line.serve()
+
     # --- the pick ------------------------------------------------------------------------------------
 
     def _targets_of(self, pool: Pool) -> PoolTargets:
@@ -83,7 +103,7 @@ class ConnectPolicy:
                 index = snapshot.picker.pick(b"", NOTHING)
                 if index is not None:
                     slot = targets.slots[index]
-                    if slot is not None:
+                    if slot is not None and (not slot.cap or _room(slot, pool)):
                         flow.slot = slot
                         flow.snapshot = snapshot
                         slot.stats.active += 1
@@ -102,14 +122,63 @@ class ConnectPolicy:
             return REFUSE[RejectReason.NO_BACKEND]
         flow.pool = pool
         snapshot = pool.snapshot
-        self._targets_of(pool).of(snapshot)
+        if snapshot.caps:
+            line = existing_line(pool)
+            if line is not None and len(line):  # others wait: first come, first served
+                return self._queue(conn_id, flow)
+        return self._pick(conn_id, flow, queued=False) or REFUSE[RejectReason.NO_BACKEND]
+
+    def _pick(self, conn_id: int, flow: Flow, queued: bool) -> Decision | None:
+        """A backend of the flow's pool for it, or its place in the queue when every eligible
+        backend is full (`queued`: it is the head of that queue; None leaves it there)."""
+        snapshot = flow.pool.snapshot
+        self._targets_of(flow.pool).of(snapshot)
+        full = _full(snapshot)
+        key = self._key(flow, snapshot)
         index = self._sticky_index(snapshot, flow)
+        if index is not None and index in full:
+            index = None  # its sticky backend is full: another one, as when it is down
         if index is None:
-            index = snapshot.picker.pick(self._key(flow, snapshot), NOTHING)
+            index = snapshot.picker.pick(key, full)
         if index is None:
+            if full and snapshot.picker.pick(key, NOTHING) is not None:  # all eligible full
+                return None if queued else self._queue(conn_id, flow)
             return REFUSE[RejectReason.NO_BACKEND]
         flow.snapshot = snapshot
         return self._attempt(conn_id, flow, index, first=True)
+
+    def _queue(self, conn_id: int, flow: Flow) -> Decision:
+        """Wait in the pool's queue, unread (the engine holds it), or queue_full."""
+        if not line_for(flow.pool, self.loop).push(conn_id, self):
+            return REFUSE[RejectReason.QUEUE_FULL]
+        flow.more().queued = True
+        return HOLD
+
+    # --- the queue's side (waiting.Owner) ------------------------------------------------------------
+
+    def dequeued(self, conn_id: int) -> Decision | None:
+        """At the head of its pool's queue with a slot maybe free: a backend, a refusal (its
+        pool has no backend any more), or None (still full)."""
+        flow = self.connections.get(conn_id)
+        if flow is None:  # ended meanwhile; its record came first
+            return REFUSE[RejectReason.NO_BACKEND]
+        pool = flow.pool.route(self.pools)
+        if pool is None:
+            return REFUSE[RejectReason.NO_BACKEND]
+        queued_in, flow.pool = flow.pool, pool
+        decision = self._pick(conn_id, flow, queued=True)
+        if decision is None:
+            flow.pool = queued_in  # it waits on where it queued
+        return decision
+
+    def resume(self, conn_id: int, decision: Decision) -> bool:
+        flow = self.connections.get(conn_id)
+        if flow is not None and flow.detour is not None:
+            flow.detour.queued = False
+        return self.engine is not None and self.engine.resume(conn_id, decision)
+
+    def expired(self, conn_id: int) -> None:
+        self.resume(conn_id, REFUSE[RejectReason.QUEUE_TIMEOUT])
 
     @staticmethod
     def _key(flow: Flow, snapshot: PoolSnapshot) -> bytes:
@@ -199,6 +268,8 @@ class ConnectPolicy:
         """After a failed attempt: another source address, another backend, or give up."""
         slot.stats.active -= 1
         flow.slot = None
+        if slot.cap:  # served after this callback: the engine is in the middle of an event
+            self.loop.call_soon(self.slot_freed, flow.pool)
         snapshot = flow.snapshot
         assert snapshot is not None
         config = snapshot.config
@@ -224,11 +295,29 @@ class ConnectPolicy:
             return None
         if index >= 0:
             detour.tried.add(index)
-        picked = snapshot.picker.pick(self._key(flow, snapshot), detour.tried)
+        full = _full(snapshot)
+        picked = snapshot.picker.pick(self._key(flow, snapshot),
+                                      detour.tried | full if full else detour.tried)
         if picked is None:
             return None
         self.stats.retried += 1
         return self._attempt(conn_id, flow, picked, first=True)
+
+
+def _room(slot: Slot, pool: Pool) -> bool:
+    """A capped backend the fast path picked takes this connection: below its cap, and nobody
+    waits in the pool's queue (else the slow path queues it behind them)."""
+    line = pool.waiting
+    return slot.stats.active < slot.cap and (line is None or not len(line))
+
+
+def _full(snapshot: PoolSnapshot) -> frozenset[int]:
+    """Indices of the backends at their cap in this process (not to be picked now)."""
+    caps = snapshot.caps
+    if not caps:
+        return NOTHING
+    return frozenset(i for i, (cap, stats) in enumerate(zip(caps, snapshot.stats, strict=True))
+                     if cap and stats.active >= cap)
 
 
 def _source(flow: Flow, config: PoolConfig) -> str | None:

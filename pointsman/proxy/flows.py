@@ -22,7 +22,7 @@ class Detour:
     """The state of a connection that reads a preamble, retries, or checks its source."""
 
     __slots__ = ("addr_step", "addr_turn", "attempts", "backend_failed", "consume", "header",
-                 "preamble", "server_name", "source_checked", "tried")
+                 "preamble", "queued", "server_name", "source_checked", "tried")
 
     def __init__(self) -> None:
         self.preamble: Preamble | None = None  # while reading a PROXY header or ClientHello
@@ -35,6 +35,7 @@ class Detour:
         self.backend_failed = False  # one of them was the backend's fault (not a shortage)
         self.addr_turn = 0  # source.addresses: where this connection's turn starts
         self.addr_step = 0  # ... and how many addresses it moved on from
+        self.queued = False  # waiting in its pool's queue (held by the engine, unread)
 
 
 class Flow:

@@ -375,6 +375,7 @@ class TcpListener(ConnectPolicy):
         sink = self.flow_sink
         wall = time.time() if sink is not None else 0.0
         gone = 0
+        freed: set[Pool] | None = None  # pools with a capped backend that a connection let go
         for (conn_id, _backend, reason, _flags, detail, bytes_in, bytes_out, started, _connected,
              first_byte, finished, _lid) in RECORD.iter_unpack(records):
             flow = connections.pop(conn_id, None)
@@ -388,6 +389,9 @@ class TcpListener(ConnectPolicy):
             if detour is not None:
                 if detour.preamble is not None:
                     self._preamble_done(conn_id, flow)
+                if detour.queued:  # its client left (or a cut) while it waited
+                    detour.queued = False
+                    self.left_queue(conn_id, flow.pool)
                 how = outcome(reason, detail, detour.backend_failed)
             elif how is None:
                 how = outcome(reason, detail, False)
@@ -412,6 +416,10 @@ class TcpListener(ConnectPolicy):
             if slot is not None:
                 backend = slot.stats
                 backend.active -= 1
+                if slot.cap:
+                    if freed is None:
+                        freed = set()
+                    freed.add(flow.pool)
                 if flow.backend_id is not None:
                     backend.bytes_in += bytes_in
                     backend.bytes_out += bytes_out
@@ -424,6 +432,9 @@ class TcpListener(ConnectPolicy):
         stats.active -= gone
         self.shedder.active -= gone
         BUDGET.used -= 2 * gone
+        if freed is not None:  # hand the freed slots to the queues' heads
+            for pool in freed:
+                self.slot_freed(pool)
         if not connections:
             self._refresh()  # exact totals whenever nothing is open
             if self._idle is not None:

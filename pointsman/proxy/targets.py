@@ -29,12 +29,13 @@ _IDS = itertools.count(1)  # engine backend ids: process-wide, never reused
 class Slot:
     """One backend of one snapshot: the engine target and the policy's view of it."""
 
-    __slots__ = ("id", "stats", "target")
+    __slots__ = ("cap", "id", "stats", "target")
 
     def __init__(self, backend_id: str, stats: BackendStats, target: Any) -> None:
         self.id = backend_id
         self.stats = stats
         self.target = target
+        self.cap = 0  # max_connections in this process (0: none): a slot freed here may serve the queue
 
 
 def settings(config: PoolConfig) -> dict[str, Any]:
@@ -92,13 +93,15 @@ class PoolTargets:
         options = settings(snapshot.config)
         by_key: dict[tuple[str, str, int], Slot] = {}
         slots: list[Slot | None] = []
-        for backend, stats in zip(snapshot.backends, snapshot.stats, strict=True):
+        caps = snapshot.caps
+        for i, (backend, stats) in enumerate(zip(snapshot.backends, snapshot.stats, strict=True)):
             key = (backend.id, backend.host, backend.port)
             slot = self.by_key.get(key)
             if slot is None or slot.stats is not stats:
                 slot = self._make(backend.id, backend.host, backend.port, stats, options)
             if slot is not None:
                 by_key[key] = slot
+                slot.cap = caps[i] if caps else 0
             slots.append(slot)
         self.by_key = by_key
         self.slots = slots

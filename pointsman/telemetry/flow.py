@@ -41,6 +41,9 @@ class RejectReason(enum.StrEnum):
     PREAMBLE_EVICTED = "preamble_evicted"  # the oldest preamble, closed for a newer one
     LOCAL_RESOURCE = "local_resource"  # we ran out of descriptors, buffers or source ports
     INTERNAL_ERROR = "internal_error"  # a bug of ours refused it (logged with its traceback)
+    # Appended at the end: proxy/codes.py numbers refusal codes by this order.
+    QUEUE_FULL = "queue_full"  # every eligible backend at its cap and the pool's queue full
+    QUEUE_TIMEOUT = "queue_timeout"  # waited queue.timeout in the pool's queue for a slot
 
 
 class DropReason(enum.StrEnum):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 from pointsman.telemetry.flow import EndReason, RejectReason
-from pointsman.telemetry.histogram import DURATION_BUCKETS, Histogram
+from pointsman.telemetry.histogram import DURATION_BUCKETS, QUEUE_BUCKETS, Histogram
 
 
 class ListenerStats:
@@ -56,6 +56,20 @@ class ListenerStats:
         self.accept_errors: Counter[str] = Counter()  # by errno name
         self.ttfb = Histogram()  # accept -> first byte from the backend
         self.duration = Histogram(DURATION_BUCKETS)
+
+
+class PoolStats:
+    """A pool's queue in one process: how many wait now (`queued`, a gauge) and how long the
+    ones that left waited (served, timed out or gone). Refusals (queue_full, queue_timeout)
+    are the listeners' `rejected` counts."""
+
+    GAUGES = frozenset({"queued"})
+    __slots__ = ("queue_wait", "queued", "queued_total")
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.queued_total = 0  # connections that entered the queue
+        self.queue_wait = Histogram(QUEUE_BUCKETS)
 
 
 class BackendStats:

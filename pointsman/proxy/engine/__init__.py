@@ -22,6 +22,7 @@ from pointsman.proxy.engine.api import (
     Ended,
     EngineStatistics,
     Flag,
+    Hold,
     ListenerCounters,
     Op,
     Policy,
@@ -53,6 +54,8 @@ class Engine(Protocol):
     def pause_listener(self, lid: int) -> None: ...
 
     def close(self, conn_id: int, code: int) -> bool: ...
+
+    def resume(self, conn_id: int, decision: Decision) -> bool: ...
 
     def close_backend(self, backend: int, code: int) -> int: ...
 
@@ -122,5 +125,5 @@ def batch_functions(name: str | None = None) -> tuple[
 
 
 __all__ = ["ENV", "Connect", "Decision", "End", "Ended", "Engine", "EngineStatistics", "Flag",
-           "ListenerCounters", "Op", "Policy", "ReadPreamble", "Refuse", "Status", "Target",
+           "Hold", "ListenerCounters", "Op", "Policy", "ReadPreamble", "Refuse", "Status", "Target",
            "batch_functions", "compiled_available", "engine_name", "iter_records", "new_engine"]

@@ -36,6 +36,7 @@ from pointsman.proxy.engine.api import (
     Connect,
     End,
     EngineStatistics,
+    Hold,
     ListenerCounters,
     ReadPreamble,
     Refuse,
@@ -53,6 +54,7 @@ cdef enum:
     S_RELAY = 2
     S_DRAIN = 3
     S_DONE = 4
+    S_HELD = 5  # Hold: nothing read, nothing connected, until resume()
     R_OK = 0
     R_SRC = 1
     R_DST = 2
@@ -473,6 +475,24 @@ cdef class CEngine:
         self._after_call()
         return True
 
+    def resume(self, uint64_t conn_id, object decision):
+        """Continue a held connection (pyengine.resume)."""
+        cdef Conn conn = self.conns.get(conn_id)
+        if conn is None or conn.state != S_HELD:
+            return False
+        conn.state = S_PREAMBLE
+        self.busy += 1
+        try:
+            self._apply(conn, decision)
+        except Exception:
+            log.exception("engine: internal error on connection %d; it is cut", conn_id)
+            if conn.state != S_DONE:
+                self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
+        finally:
+            self.busy -= 1
+        self._after_call()
+        return True
+
     def close_backend(self, int backend, int code):
         cdef Conn conn
         victims = [c for c in self.conns.values()
@@ -864,6 +884,10 @@ cdef class CEngine:
             conn.preamble_deadline = conn.t_start + <int64_t>(decision.timeout * 1e9)
             self._arm(conn)
             return self._read_preamble(conn)
+        if kind is Hold and conn.state == S_PREAMBLE and conn.preamble is None:
+            conn.state = S_HELD
+            self._wheel_remove(conn)
+            return self._check_held(conn)
         if decision is None and conn.last_err:
             return self._end(conn, E_LOCAL_RESOURCE if conn.last_status == ST_LOCAL
                              else E_CONNECT_FAILED, conn.last_err, False, False)
@@ -1081,7 +1105,21 @@ cdef class CEngine:
                 self._read_preamble(conn)
         elif state == S_DRAIN:
             self._drain(conn)
+        elif state == S_HELD:
+            self._check_held(conn)
         return 0
+
+    cdef int _check_held(self, Conn conn) except -1:
+        """A held client that hung up (FIN or reset) has given up: it ends now (pyengine)."""
+        cdef int err = 0
+        cdef socklen_t n = sizeof(err)
+        if not (conn.c_hup or conn.up.eof):
+            return 0
+        getsockopt(conn.cfd, SOL_SOCKET, SO_ERROR, &err, &n)
+        if err:
+            return self._reset(conn, True)
+        self._fin(conn, F_CLIENT_FIN)
+        return self._end(conn, E_CLIENT_FIN, 0, False, False)
 
     cdef int _relay(self, Conn conn) except -1:
         cdef int result = self._pump(conn, &conn.up, conn.cfd, conn.bfd, &conn.c_rd, &conn.c_hup,

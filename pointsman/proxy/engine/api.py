@@ -17,7 +17,9 @@ Engine -> policy (one policy object per listener; see `Policy`):
   (rare, and worth a log line: one call each).
 
 Decisions: a target made by `engine.target(...)` (connect there, nothing to send first),
-`Connect(target, send_first, consume, source)`, `ReadPreamble(...)`, or `Refuse(code)`.
+`Connect(target, send_first, consume, source)`, `ReadPreamble(...)`, `Refuse(code)`, or `Hold()`
+(keep the connection, read nothing, connect nothing: a queued connection), continued later with
+`engine.resume(conn_id, decision)`.
 
 Codes the policy passes (refusal codes, operator close codes) are small integers the engine
 stores and hands back untouched: the engine has no vocabulary of reasons of its own beyond `End`.
@@ -171,7 +173,23 @@ class Connect:
         self.source = source
 
 
-Decision = Target | Connect | Refuse | ReadPreamble
+class Hold:
+    """Keep the connection as it is: read nothing more from the client, connect nothing, no
+    timer (the policy owns the wait: a queue with its own deadline). `engine.resume(conn_id,
+    decision)` continues it with a target, `Connect` or `Refuse`. A held client that sends FIN
+    or resets is ended at once (`CLIENT_FIN` / `CLIENT_RESET`): without reading it, that is the
+    only sign it gave up (HAProxy's `option abortonclose`). Allowed from `accepted` and
+    `preamble` only."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Hold()"
+
+
+HOLD = Hold()  # stateless: one instance serves every connection
+
+Decision = Target | Connect | Refuse | ReadPreamble | Hold
 
 
 class Policy(Protocol):

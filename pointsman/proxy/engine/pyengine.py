@@ -55,6 +55,7 @@ from pointsman.proxy.engine.api import (
     End,
     EngineStatistics,
     Flag,
+    Hold,
     ListenerCounters,
     Op,
     Policy,
@@ -80,7 +81,7 @@ _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _MAX_EVENTS = 256
 _TICK_NS = int(TICK * 1e9)
 
-PREAMBLE, CONNECTING, RELAY, DRAIN, DONE = range(5)
+PREAMBLE, CONNECTING, RELAY, DRAIN, DONE, HELD = range(6)
 _OK, _SRC_RESET, _DST_RESET = range(3)
 
 
@@ -282,6 +283,25 @@ class PyEngine:
         if conn is None:
             return False
         self._cut(conn, code)
+        self._after_call()
+        return True
+
+    def resume(self, conn_id: int, decision: Decision) -> bool:
+        """Continue a held connection (`Hold`) with a target, `Connect` or `Refuse`. False when
+        it is not held (ended meanwhile, or never held)."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.state != HELD:
+            return False
+        conn.state = PREAMBLE  # the state a decision after accept starts from
+        self._busy += 1
+        try:
+            self._apply(conn, decision)
+        except Exception:
+            log.exception("engine: internal error on connection %d; it is cut", conn_id)
+            if conn.state != DONE:
+                self._end(conn, End.CLOSED, ENGINE_ERROR, rst_client=True, rst_backend=True)
+        finally:
+            self._busy -= 1
         self._after_call()
         return True
 
@@ -580,11 +600,27 @@ class PyEngine:
             conn.preamble = decision
             self._arm(conn)
             self._read_preamble(conn)
+        elif kind is Hold and conn.state == PREAMBLE and conn.preamble is None:
+            conn.state = HELD
+            self._wheel.remove(conn)
+            self._check_held(conn)
         elif decision is None and conn.last_err:
             reason = End.LOCAL_RESOURCE if conn.last_status == Status.LOCAL else End.CONNECT_FAILED
             self._end(conn, reason, conn.last_err)
         else:
             self._policy_error(conn, decision)
+
+    def _check_held(self, conn: _Conn) -> None:
+        """A held client that hung up (FIN or reset) has given up: it ends now."""
+        client = conn.client
+        assert client is not None
+        if not (client.hup or conn.up.eof):
+            return
+        if client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self._reset(conn, client=True)
+        else:
+            self._fin(conn, Flag.CLIENT_FIN)
+            self._end(conn, End.CLIENT_FIN)
 
     def _policy_error(self, conn: _Conn, decision: object) -> None:
         log.error("engine: policy returned %r; connection %d refused", decision, conn.id)
@@ -764,6 +800,8 @@ class PyEngine:
                 self._read_preamble(conn)
         elif state == DRAIN:
             self._drain(conn)
+        elif state == HELD:
+            self._check_held(conn)
 
     def _relay(self, conn: _Conn) -> None:
         client, backend = conn.client, conn.backend

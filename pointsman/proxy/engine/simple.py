@@ -48,6 +48,8 @@ class RoundRobinPolicy:
         self.records: list[Ended] = []
         self.ended_count = 0
         self.refuse_all: int | None = None  # a refusal code to answer every accept with
+        # Tests: answer accepts with this instead (e.g. Hold, to resume later).
+        self.on_accept: Callable[[int, str, int], Decision] | None = None
 
     def _next(self) -> Target:
         target = self.targets[self.turn % len(self.targets)]
@@ -55,6 +57,8 @@ class RoundRobinPolicy:
         return target
 
     def accepted(self, conn_id: int, host: str, port: int) -> Decision:
+        if self.on_accept is not None:
+            return self.on_accept(conn_id, host, port)
         if self.refuse_all is not None:
             return Refuse(self.refuse_all)
         if self.read_preamble is not None:

@@ -69,3 +69,15 @@ def test_engine_choice_follows_the_environment(monkeypatch: pytest.MonkeyPatch) 
     else:
         with pytest.raises(RuntimeError, match="not built"):
             engines.engine_name()
+
+
+def test_hold_is_a_decision_both_engines_offer_resume_for() -> None:
+    from pointsman.proxy.engine.api import HOLD, Hold
+    from pointsman.proxy.engine.pyengine import PyEngine
+
+    assert isinstance(HOLD, Hold) and repr(HOLD) == "Hold()"
+    assert engines.Hold is Hold
+    assert callable(PyEngine.resume)
+    if engines.compiled_available():
+        from pointsman.proxy.engine._engine import CEngine
+        assert callable(CEngine.resume)

@@ -17,11 +17,11 @@ from pointsman.telemetry.aggregate import add, blank, counters_of, total
 from pointsman.telemetry.flow import DropReason, EndReason, RejectReason
 from pointsman.telemetry.histogram import DURATION_BUCKETS, LATENCY_BUCKETS, Histogram
 from pointsman.telemetry.process import ProcessFigures
-from pointsman.telemetry.stats import BackendStats, ListenerStats
+from pointsman.telemetry.stats import BackendStats, ListenerStats, PoolStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
 
 T = TypeVar("T")
-Stats = ListenerStats | UdpListenerStats | BackendStats
+Stats = ListenerStats | UdpListenerStats | BackendStats | PoolStats
 KEYS: dict[tuple[type, str], list[Any]] = {
     (ListenerStats, "rejected"): list(RejectReason),
     (ListenerStats, "ended"): list(EndReason),
@@ -40,7 +40,7 @@ def slots(obj: object) -> tuple[str, ...]:
 def make(cls: type[T], rng: random.Random, scale: int = 1000) -> T:
     """A statistics object with every field non-zero: counts, counters by key, histograms."""
     factory: Any = cls
-    obj: Any = factory(rng.randint(1, scale)) if cls is not BackendStats else factory()
+    obj: Any = factory() if cls in (BackendStats, PoolStats) else factory(rng.randint(1, scale))
     for name in slots(obj):
         value = getattr(obj, name)
         if isinstance(value, Histogram):
@@ -97,7 +97,7 @@ def fieldwise(live: list[Any], retired: Any | None) -> dict[str, Any]:
 # --- telemetry.aggregate ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [ListenerStats, UdpListenerStats, BackendStats])
+@pytest.mark.parametrize("cls", [ListenerStats, UdpListenerStats, BackendStats, PoolStats])
 def test_total_sums_every_field(cls: type[Any]) -> None:
     rng = random.Random(cls.__name__)
     live = [make(cls, rng) for _ in range(3)]
@@ -183,12 +183,12 @@ def test_add_without_gauges() -> None:
 
 
 def test_every_statistics_class_names_real_gauges() -> None:
-    for cls in (ListenerStats, UdpListenerStats, BackendStats):
+    for cls in (ListenerStats, UdpListenerStats, BackendStats, PoolStats):
         assert set(cls.__slots__) >= cls.GAUGES, cls.__name__
 
 
 @settings(max_examples=60, deadline=None)
-@given(cls=st.sampled_from([ListenerStats, UdpListenerStats, BackendStats]),
+@given(cls=st.sampled_from([ListenerStats, UdpListenerStats, BackendStats, PoolStats]),
        seed=st.integers(0, 2**32), live=st.integers(0, 4), with_retired=st.booleans())
 def test_total_is_the_fieldwise_sum(cls: type[Any], seed: int, live: int, with_retired: bool) -> None:
     rng = random.Random(seed)
@@ -378,3 +378,25 @@ def test_counters_never_go_backwards(steps: list[Step]) -> None:
         assert reports.backend("pool", "a").active == web.active
         assert web.capacity == 100 * len(current)
         last_accepted, last_dropped = total_accepted, total_dropped
+
+
+def queue_report(index: int, queued: int, entered: int, waits: list[float]) -> StatsReport:
+    pool = PoolStats()
+    pool.queued, pool.queued_total = queued, entered
+    for wait in waits:
+        pool.queue_wait.observe(wait)
+    return StatsReport(index, {}, frozenset(), {}, figures(index), 0, pools={"pg": pool})
+
+
+def test_worker_reports_sum_the_pools_queues_and_keep_an_exited_workers_counters() -> None:
+    reports = WorkerReports()
+    assert reports.pool("pg").queued == 0 and reports.pool("pg").queue_wait.count == 0
+    reports.update(queue_report(0, queued=3, entered=10, waits=[0.1, 0.2]))
+    reports.update(queue_report(1, queued=4, entered=5, waits=[1.0]))
+    pg = reports.pool("pg")
+    assert (pg.queued, pg.queued_total, pg.queue_wait.count) == (7, 15, 3)
+    assert pg.queue_wait.sum == pytest.approx(1.3)
+    reports.retire(1)  # its waiting connections went with it; what it counted stays
+    pg = reports.pool("pg")
+    assert (pg.queued, pg.queued_total, pg.queue_wait.count) == (3, 15, 3)
+    assert reports.pool("other").queued_total == 0

@@ -58,7 +58,7 @@ from pointsman.pool.events import (
 from pointsman.pool.state import BackendState, Event
 from pointsman.telemetry.flow import DropReason, EndReason, RejectReason
 from pointsman.telemetry.process import ProcessFigures
-from pointsman.telemetry.stats import BackendStats, ListenerStats
+from pointsman.telemetry.stats import BackendStats, ListenerStats, PoolStats
 from pointsman.telemetry.udp_stats import UdpListenerStats
 
 CONFIG = textwrap.dedent("""
@@ -217,10 +217,18 @@ def samples() -> dict[type, object]:
             flow_log_dropped=17,
             ages={("web", "web"): 12.5, ("tls", "db"): 0.0},
             at=123.25,
+            pools={"web": pool_stats(4)},
         ),
         ConfigApplied: ConfigApplied(3, 1, ("cannot bind 127.0.0.1:8081: in use", "second")),
         Stopped: Stopped(1),
     }
+
+
+def pool_stats(seed: int) -> PoolStats:
+    stats = PoolStats()
+    stats.queued, stats.queued_total = seed, seed * 10
+    stats.queue_wait.observe(seed / 10)
+    return stats
 
 
 def plain(value: object) -> object:
