@@ -24,9 +24,27 @@ def render_status(first: dict[str, Any], second: dict[str, Any], seconds: float)
             check = b["last_check"]
             table.add_row(pool["name"], b["id"],
                           f"[{STATE_STYLE.get(b['state'], 'white')}]{b['state']}[/]",
-                          str(b["weight"]), str(b["active"]), f"{rate:.1f}",
+                          str(b["weight"]), _active(b), f"{rate:.1f}",
                           "-" if check is None else
                           f"{'ok' if check['ok'] else 'fail'}: {check['detail']}")
     out = StringIO()
-    Console(file=out, width=120, force_terminal=False).print(table)
+    console = Console(file=out, width=120, force_terminal=False)
+    console.print(table)
+    for line in filter(None, map(_queue_line, second["pools"])):
+        console.print(line, highlight=False)
     return out.getvalue()
+
+
+def _active(backend: dict[str, Any]) -> str:
+    """Open connections, against the backend's cap when it has one ("3/4")."""
+    cap = backend.get("max_connections")
+    return str(backend["active"]) if cap is None else f"{backend['active']}/{cap}"
+
+
+def _queue_line(pool: dict[str, Any]) -> str:
+    """A pool whose backends have caps: who waits in its queue (else nothing to say)."""
+    queue = pool.get("queue")
+    if not queue or not any(b.get("max_connections") is not None for b in pool["backends"]):
+        return ""
+    return (f"pool {pool['name']}: {queue['length']} waiting in the queue (max {queue['max']}, "
+            f"timeout {queue['timeout']:g}s, {queue['queued_total']} queued so far)")
