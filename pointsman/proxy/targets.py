@@ -15,6 +15,8 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
+from pointsman.proxy.lifetime import engine_keepalive
+
 if TYPE_CHECKING:
     from pointsman.config.model import PoolConfig
     from pointsman.pool.snapshot import PoolSnapshot
@@ -49,6 +51,7 @@ def settings(config: PoolConfig) -> dict[str, Any]:
         "idle_timeout": idle,
         "half_close_timeout": half,
         "splice_after": config.zero_copy_after if config.zero_copy == "auto" else None,
+        "keepalive": engine_keepalive(config.tcp_keepalive),
     }
 
 

@@ -22,6 +22,7 @@ from pointsman.proxy.engine.api import (
     Ended,
     EngineStatistics,
     Flag,
+    Keepalive,
     ListenerCounters,
     Op,
     Policy,
@@ -44,9 +45,12 @@ class Engine(Protocol):
     def target(self, backend: int, host: str, port: int, *, source: str | None = None,
                transparent: bool = False, connect_timeout: float = 5.0, idle_timeout: float = 300.0,
                half_close_timeout: float = 30.0, splice_after: int | None = None,
-               nodelay: bool = True) -> Any: ...
+               nodelay: bool = True, keepalive: Keepalive | None = None) -> Any: ...
 
-    def add_listener(self, sock: Any, policy: Policy, *, nodelay: bool = True) -> int: ...
+    def add_listener(self, sock: Any, policy: Policy, *, nodelay: bool = True,
+                     keepalive: Keepalive | None = None) -> int: ...
+
+    def set_listener_keepalive(self, lid: int, keepalive: Keepalive | None) -> None: ...
 
     def stop_listener(self, lid: int) -> None: ...
 
@@ -122,5 +126,5 @@ def batch_functions(name: str | None = None) -> tuple[
 
 
 __all__ = ["ENV", "Connect", "Decision", "End", "Ended", "Engine", "EngineStatistics", "Flag",
-           "ListenerCounters", "Op", "Policy", "ReadPreamble", "Refuse", "Status", "Target",
+           "Keepalive", "ListenerCounters", "Op", "Policy", "ReadPreamble", "Refuse", "Status", "Target",
            "batch_functions", "compiled_available", "engine_name", "iter_records", "new_engine"]
