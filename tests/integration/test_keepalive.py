@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import socket
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +30,7 @@ import pytest
 
 from pointsman.node.runtime import Node
 from pointsman.telemetry.flow import EndReason
+from tests.integration.operator_support import run_node
 from tests.netns.netns_support import Netns, namespace, unavailable_reason
 from tests.support import LOOPBACK, free_port, running, wait_for
 
@@ -64,9 +67,11 @@ class Backend:
 
     def __init__(self) -> None:
         self.ends: list[str] = []
+        self.peers: list[tuple[str, int]] = []  # the proxy's address of each connection
         self.port = free_port()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.peers.append(writer.get_extra_info("peername")[:2])
         end = "eof"
         try:
             while data := await reader.read(65536):
@@ -194,4 +199,84 @@ async def test_without_keepalive_a_silent_client_goes_unnoticed(tmp_path: Path,
             await asyncio.sleep(4.0)  # past when keepalive would have ended it (~3 s)
             stats = node.listeners["lb"].statistics()
             assert stats.active == 1 and sum(stats.ended.values()) == 0
+            writer.close()
+
+
+# --- the options on the sockets, on the test's own loopback -----------------------------------
+
+
+def _options(fd: int) -> tuple[tuple[str, int], tuple[str, int], tuple[int, int, int, int]]:
+    """(local, peer, (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT)) of a descriptor
+    of this process, read through a duplicate (closing it leaves the original alone)."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        options = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+        return sock.getsockname()[:2], sock.getpeername()[:2], options
+
+
+def tcp_sockets() -> list[tuple[tuple[str, int], tuple[str, int], tuple[int, int, int, int]]]:
+    """Every connected IPv4 TCP socket this process holds (the proxy runs in the test's loop)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as probe:
+                if probe.family != socket.AF_INET or probe.type != socket.SOCK_STREAM:
+                    continue
+            found.append(_options(fd))
+        except OSError:  # gone meanwhile, or not connected (a listening socket)
+            continue
+    return found
+
+
+def proxy_sides(listen: int, client: asyncio.StreamWriter, backend: Backend, index: int
+                ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """The keepalive options of the proxy's socket to `client` and of its socket to `backend`
+    for the backend's connection `index`."""
+    sockets = tcp_sockets()
+    address = client.get_extra_info("sockname")[:2]
+    [client_side] = [opts for local, peer, opts in sockets
+                     if local[1] == listen and peer == address]
+    [backend_side] = [opts for local, peer, opts in sockets
+                      if peer == (LOOPBACK, backend.port) and local == backend.peers[index]]
+    return client_side, backend_side
+
+
+OFF = 0
+
+
+async def test_the_options_are_on_the_proxys_sockets_and_a_reload_changes_new_ones(
+        tmp_path: Path, engine: str) -> None:
+    """Listener keepalive on the accepted client socket, pool keepalive on the backend socket,
+    exactly as configured; a reload changes both for new connections only; off means off."""
+    backend = Backend()
+    listen = free_port()
+    path = tmp_path / "pointsman.yaml"
+    path.write_text(config(listen, backend.port, tmp_path / "flows.log",
+                           "{idle: 7s, interval: 3s, count: 4}", "{idle: 11s, interval: 5s, count: 2}"))
+    async with serving(backend), run_node(path) as node:
+        _, first = await one_connection(listen)
+        client_side, backend_side = proxy_sides(listen, first, backend, 0)
+        assert client_side == (1, 7, 3, 4)
+        assert backend_side == (1, 11, 5, 2)
+        path.write_text(config(listen, backend.port, tmp_path / "flows.log",
+                               "{idle: 2m, interval: 20s, count: 9}", None))
+        assert await node.reload() == []
+        _, second = await one_connection(listen)
+        client_side, backend_side = proxy_sides(listen, second, backend, 1)
+        assert client_side == (1, 120, 20, 9)
+        assert backend_side[0] == OFF
+        # the first connection keeps what it had
+        old_client, old_backend = proxy_sides(listen, first, backend, 0)
+        assert (old_client, old_backend) == ((1, 7, 3, 4), (1, 11, 5, 2))
+        path.write_text(config(listen, backend.port, tmp_path / "flows.log", None, None))
+        assert await node.reload() == []
+        _, third = await one_connection(listen)
+        client_side, _ = proxy_sides(listen, third, backend, 2)
+        assert client_side[0] == OFF
+        for writer in (first, second, third):
             writer.close()
