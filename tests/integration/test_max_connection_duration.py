@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
+from pointsman.admin.status import status
 from pointsman.config.loader import load_text
+from pointsman.node.runtime import Node
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.stats import ListenerStats
 from tests.support import (
@@ -60,6 +63,12 @@ async def talk_until_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     raise AssertionError(f"still open after {CUT_WITHIN}s")
 
 
+def pool_status(node: Node, name: str) -> dict[str, Any]:
+    """The pool's entry of /api/v1/status."""
+    found: dict[str, Any] = next(p for p in status(node)["pools"] if p["name"] == name)
+    return found
+
+
 def identity(stats: ListenerStats) -> bool:
     """accepted = rejected + ended + active."""
     return stats.accepted == sum(stats.rejected.values()) + sum(stats.ended.values()) + stats.active
@@ -99,8 +108,12 @@ async def test_a_reload_bounds_the_connections_already_open(tmp_path: Path, engi
             began = time.monotonic()
             reader, writer = await connect(f"{LOOPBACK}:{lb}")
             await roundtrip(reader, writer, b"hello\n")
+            assert "max_connection_duration" not in pool_status(node, "bounded")
             assert await node.apply(load_text(config(lb, lb2, peer.port, "1500ms",
                                                      tmp_path / "flows.log"), "<test>")) == []
+            shown = pool_status(node, "bounded")
+            assert shown["max_connection_duration"] == 1.5
+            assert 0.0 < shown["oldest_connection_seconds"] < 1.5
             assert await talk_until_cut(reader, writer) == "reset"
             assert time.monotonic() - began >= 1.5  # its age counts from its accept
             await statistics_when(node, lambda s: s.ended[EndReason.MAX_CONNECTION_DURATION] == 1,
