@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import socket
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +29,7 @@ import pytest
 from pointsman.node.runtime import Node
 from pointsman.telemetry.flow import EndReason
 from tests.integration.operator_support import run_node
+from tests.integration.test_engine_keepalive import own_socket
 from tests.netns.netns_support import Netns, namespace, unavailable_reason
 from tests.support import LOOPBACK, free_port, running, wait_for
 
@@ -205,44 +204,12 @@ async def test_without_keepalive_a_silent_client_goes_unnoticed(tmp_path: Path,
 # --- the options on the sockets, on the test's own loopback -----------------------------------
 
 
-def _options(fd: int) -> tuple[tuple[str, int], tuple[str, int], tuple[int, int, int, int]]:
-    """(local, peer, (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT)) of a descriptor
-    of this process, read through a duplicate (closing it leaves the original alone)."""
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        options = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
-        return sock.getsockname()[:2], sock.getpeername()[:2], options
-
-
-def tcp_sockets() -> list[tuple[tuple[str, int], tuple[str, int], tuple[int, int, int, int]]]:
-    """Every connected IPv4 TCP socket this process holds (the proxy runs in the test's loop)."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                continue
-            with socket.socket(fileno=os.dup(fd)) as probe:
-                if probe.family != socket.AF_INET or probe.type != socket.SOCK_STREAM:
-                    continue
-            found.append(_options(fd))
-        except OSError:  # gone meanwhile, or not connected (a listening socket)
-            continue
-    return found
-
-
 def proxy_sides(listen: int, client: asyncio.StreamWriter, backend: Backend, index: int
                 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """The keepalive options of the proxy's socket to `client` and of its socket to `backend`
-    for the backend's connection `index`."""
-    sockets = tcp_sockets()
-    address = client.get_extra_info("sockname")[:2]
-    [client_side] = [opts for local, peer, opts in sockets
-                     if local[1] == listen and peer == address]
-    [backend_side] = [opts for local, peer, opts in sockets
-                      if peer == (LOOPBACK, backend.port) and local == backend.peers[index]]
+    for the backend's connection `index` (the proxy runs in this process)."""
+    client_side = own_socket((LOOPBACK, listen), client.get_extra_info("sockname")[:2])
+    backend_side = own_socket(backend.peers[index], (LOOPBACK, backend.port))
     return client_side, backend_side
 
 
