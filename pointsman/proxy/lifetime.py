@@ -1,10 +1,11 @@
-"""How long a TCP connection may live: keepalive settings for the engine, and the
-`max_connection_duration` sweep (pure: no I/O, time is an argument).
+"""How long a TCP connection may live: the `max_connection_duration` sweep (pure: no I/O, time
+is an argument).
 
-Keepalive is the kernel's: the listener's `tcp_keepalive` is set on its listening sockets (the
-accepted sockets inherit it) and the pool's on every backend socket (the engine target carries
-it). A peer that stops answering makes its socket fail with ETIMEDOUT; the engine ends the
-connection as that side's timeout and resets the other side (`keepalive_timeout`).
+(Keepalive, the other bound on a connection's life, is the kernel's: the listener's
+`tcp_keepalive` is set on its listening sockets, which accepted sockets inherit, and the pool's
+on every backend socket through the engine target: `targets.engine_keepalive`. A peer that stops
+answering makes its socket fail with ETIMEDOUT; the engine ends the connection as that side's
+timeout and resets the other side: `keepalive_timeout`.)
 
 `max_connection_duration` is the policy's: the listener's live tick (every LIVE_INTERVAL while
 connections are open) asks `Lifetimes.due` whether a sweep is due, and a sweep returns the
@@ -21,21 +22,11 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from pointsman.proxy.engine.api import Keepalive
-
 if TYPE_CHECKING:
-    from pointsman.config.model import TcpKeepaliveConfig
     from pointsman.pool.pool import Pool
     from pointsman.proxy.flows import Flow
 
 NEVER = math.inf
-
-
-def engine_keepalive(config: TcpKeepaliveConfig | None) -> Keepalive | None:
-    """The engine's keepalive for a `tcp_keepalive` config (None: off)."""
-    if config is None:
-        return None
-    return Keepalive(config.idle, config.interval, config.count)
 
 
 def _bound(pool: Pool) -> float | None:

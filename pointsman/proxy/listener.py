@@ -42,10 +42,11 @@ from pointsman.proxy.connect import REFUSE, ConnectPolicy
 from pointsman.proxy.engine import Engine
 from pointsman.proxy.engine.api import EARLY_DATA_MAX, POLICY_ERROR, RECORD, Decision, ReadPreamble, Refuse
 from pointsman.proxy.flows import Flow
-from pointsman.proxy.lifetime import Lifetimes, engine_keepalive
+from pointsman.proxy.lifetime import Lifetimes
 from pointsman.proxy.preamble import Preamble, Refused, Route
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
 from pointsman.proxy.sockets import listen_socket
+from pointsman.proxy.targets import engine_keepalive
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.stats import ListenerStats
 

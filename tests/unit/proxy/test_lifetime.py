@@ -1,5 +1,5 @@
-"""max_connection_duration's sweep and the keepalive conversion (pointsman/proxy/lifetime.py):
-pure, time given as an argument."""
+"""max_connection_duration's sweep (pointsman/proxy/lifetime.py), pure, time given as an
+argument; and the config -> engine keepalive conversion (targets.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from pointsman.config.model import TcpKeepaliveConfig
 from pointsman.proxy.engine.api import Keepalive
 from pointsman.proxy.flows import Flow
-from pointsman.proxy.lifetime import NEVER, Lifetimes, engine_keepalive, smallest_bound
+from pointsman.proxy.lifetime import NEVER, Lifetimes, smallest_bound
+from pointsman.proxy.targets import engine_keepalive
 
 
 @dataclass
