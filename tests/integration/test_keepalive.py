@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import subprocess
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -92,7 +93,7 @@ async def serving(backend: Backend) -> AsyncIterator[None]:
         server.close()
 
 
-def config(listen: int, backend: int, log: Path, listener_keepalive: str | None,
+def config(listen: int, backend: int, log: Path | None, listener_keepalive: str | None,
            pool_keepalive: str | None) -> str:
     listener_key = f"tcp_keepalive: {listener_keepalive}" if listener_keepalive else ""
     pool_key = f"tcp_keepalive: {pool_keepalive}" if pool_keepalive else ""
@@ -107,8 +108,7 @@ def config(listen: int, backend: int, log: Path, listener_keepalive: str | None,
             idle_timeout: 60s
             {pool_key}
             backends: [{{address: "{LOOPBACK}:{backend}"}}]
-        flow_log: {{path: "{log}"}}
-    """)
+    """) + (f'flow_log: {{path: "{log}"}}\n' if log is not None else "")
 
 
 def identity_holds(node: Node) -> bool:
@@ -247,3 +247,30 @@ async def test_the_options_are_on_the_proxys_sockets_and_a_reload_changes_new_on
         assert client_side[0] == OFF
         for writer in (first, second, third):
             writer.close()
+
+
+def timers(port_filter: str) -> list[str]:
+    """`ss -tno` timer fields of the established loopback sockets matching the filter."""
+    out = subprocess.run(["ss", "-tnoH", "state", "established", port_filter],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    return [line.split("timer:", 1)[1] if "timer:" in line else "" for line in out.splitlines()]
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="ss (iproute2) is not installed")
+async def test_the_kernel_runs_the_keepalive_timers_with_workers(workers: int) -> None:
+    """What an operator sees with `ss -o`: a keepalive timer on the proxy's client socket and
+    on its backend socket, whichever process (worker) holds them."""
+    backend = Backend()
+    listen = free_port()
+    text = config(listen, backend.port, None, "{idle: 50s, interval: 5s, count: 3}",
+                  "{idle: 40s, interval: 5s, count: 3}")
+    async with serving(backend), running(text, workers=workers):
+        _, writer = await one_connection(listen)
+        client = writer.get_extra_info("sockname")[1]
+        proxy_client = timers(f"( sport = :{listen} and dport = :{client} )")
+        proxy_backend = timers(f"( dport = :{backend.port} )")
+        assert len(proxy_client) == 1 and proxy_client[0].startswith("(keepalive,"), proxy_client
+        assert len(proxy_backend) == 1 and proxy_backend[0].startswith("(keepalive,"), proxy_backend
+        # the test's own sockets (no keepalive) show no keepalive timer: the check discriminates
+        assert not timers(f"( sport = :{client} )")[0].startswith("(keepalive,")
+        writer.close()
