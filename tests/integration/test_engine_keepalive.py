@@ -81,3 +81,19 @@ async def test_backend_and_listener_sockets_get_the_options(name: str) -> None:
                     assert own_socket(second.getpeername(), second.getsockname())[0] == 0
                     # the first connection keeps what it had
                     assert own_socket(client.getpeername(), client.getsockname()) == (1, 21, 2, 5)
+
+
+@pytest.mark.parametrize("name", ENGINES)
+async def test_a_handed_over_socket_loses_a_stale_keepalive(name: str) -> None:
+    """A listening socket that comes with keepalive on (systemd's KeepAlive=, an earlier run)
+    follows the config: none configured is off."""
+    engine = new_engine(asyncio.get_running_loop(), name)
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        sock.listen()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        try:
+            engine.add_listener(sock, object())  # type: ignore[arg-type]
+            assert keepalive_of(sock)[0] == 0
+        finally:
+            engine.shutdown(0)

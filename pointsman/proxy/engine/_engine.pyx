@@ -441,8 +441,8 @@ cdef class CEngine:
     def add_listener(self, sock, policy, *, bint nodelay=True, keepalive=None):
         cdef Listener lst = Listener()
         cdef epoll_event ev
-        if keepalive is not None:  # on the listening socket: accepted sockets inherit it
-            set_keepalive(sock, Keepalive(*keepalive).check())
+        # On the listening socket (accepted sockets inherit it); None turns it off (pyengine).
+        set_keepalive(sock, None if keepalive is None else Keepalive(*keepalive).check())
         sock.setblocking(False)
         lst.id = self.next_lid
         self.next_lid += 1

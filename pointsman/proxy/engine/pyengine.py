@@ -255,9 +255,9 @@ class PyEngine:
     def add_listener(self, sock: socket.socket, policy: Policy, *, nodelay: bool = True,
                      keepalive: Keepalive | None = None) -> int:
         """Accept on `sock` (listening; stays the caller's to close after `stop_listener`).
-        `keepalive` is set on `sock` itself: the sockets accepted from it inherit it."""
-        if keepalive is not None:
-            set_keepalive(sock, Keepalive(*keepalive).check())
+        `keepalive` is set on `sock` itself (None: off, so a socket handed over by systemd or
+        an earlier run keeps no stale setting): the sockets accepted from it inherit it."""
+        set_keepalive(sock, None if keepalive is None else Keepalive(*keepalive).check())
         sock.setblocking(False)
         lst = _Listener(next(self._lids), sock, policy, nodelay)
         self._listeners[lst.id] = lst
