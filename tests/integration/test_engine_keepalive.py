@@ -13,6 +13,7 @@ import pytest
 
 from pointsman.proxy.engine import new_engine
 from pointsman.proxy.engine.api import Keepalive
+from pointsman.proxy.engine.simple import RoundRobinPolicy
 from tests.integration.engine_support import ENGINES, open_raw, proxy
 from tests.support import LOOPBACK, wait_for
 
@@ -93,7 +94,7 @@ async def test_a_handed_over_socket_loses_a_stale_keepalive(name: str) -> None:
         sock.listen()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         try:
-            engine.add_listener(sock, object())  # type: ignore[arg-type]
+            engine.add_listener(sock, RoundRobinPolicy([]))
             assert keepalive_of(sock)[0] == 0
         finally:
             engine.shutdown(0)
