@@ -15,6 +15,7 @@ from pointsman.config.loader import load_text
 from pointsman.node.runtime import Node
 from pointsman.telemetry.flow import EndReason
 from pointsman.telemetry.stats import ListenerStats
+from tests.integration.test_proxy_protocol import client_hello
 from tests.support import (
     LOOPBACK,
     connect,
@@ -119,3 +120,39 @@ async def test_a_reload_bounds_the_connections_already_open(tmp_path: Path, engi
             await statistics_when(node, lambda s: s.ended[EndReason.MAX_CONNECTION_DURATION] == 1,
                                   what="counted as max_connection_duration")
             writer.close()
+
+
+async def test_each_pool_of_one_listener_keeps_its_own_bound(engine: str) -> None:
+    """One listener, two pools through TLS routes: the routed pool's bound cuts its connection,
+    the default pool's connection (no bound) on the same listener lives on."""
+    lb = free_port()
+    async with echo_backend() as peer:
+        text = f"""
+listeners:
+  - name: lb
+    bind: "{LOOPBACK}:{lb}"
+    tls_routes: [{{server_names: [bounded.example], pool: bounded}}]
+    default_pool: free
+pools:
+  - {{name: bounded, max_connection_duration: 1s, backends: [{{address: "{LOOPBACK}:{peer.port}"}}]}}
+  - {{name: free, backends: [{{address: "{LOOPBACK}:{peer.port}"}}]}}
+"""
+        async with running(text) as node:
+            streams = {}
+            for name in ("bounded.example", "other.example"):
+                reader, writer = await connect(f"{LOOPBACK}:{lb}")
+                hello = client_hello(name)
+                writer.write(hello)
+                async with asyncio.timeout(5.0):
+                    assert await reader.readexactly(len(hello)) == hello  # echoed: connected
+                streams[name] = (reader, writer)
+            began = time.monotonic()
+            assert await talk_until_cut(*streams["bounded.example"]) == "reset"
+            assert time.monotonic() - began < CUT_WITHIN
+            await roundtrip(*streams["other.example"], b"still here\n")
+            stats = await statistics_when(
+                node, lambda s: s.ended[EndReason.MAX_CONNECTION_DURATION] == 1,
+                what="one connection cut")
+            assert stats.active == 1 and identity(stats)
+            for _, writer in streams.values():
+                writer.close()
