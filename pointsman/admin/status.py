@@ -97,7 +97,18 @@ def _pool(pool: Pool, node: NodeView) -> dict[str, Any]:
                       **node.changes.backend_status(pool.name, m.id)}
                      for m, view, stats in zip(members, snapshot.backends, node.backend_stats(pool),
                                                strict=True)],
+        **_lifetime(pool, node),
     }
+
+
+def _lifetime(pool: Pool, node: NodeView) -> dict[str, Any]:
+    """With max_connection_duration: the bound and the oldest open connection through the pool
+    (seconds; with workers, as of their last report), so one can see how close it runs."""
+    bound = pool.config.max_connection_duration
+    if bound is None:
+        return {}
+    ages = [age for (_, name), age in node.connection_ages().items() if name == pool.name]
+    return {"max_connection_duration": bound, "oldest_connection_seconds": max(ages, default=0.0)}
 
 
 def _backend(member: Member, effective_weight: float, stats: BackendStats) -> dict[str, Any]:

@@ -216,6 +216,44 @@ class DiscoveryConfig(Strict):
 
 # Past this a drain timeout means "never" anyway (and a timer that far out overflows some loops).
 MAX_DRAIN_TIMEOUT = 30 * 86400.0
+# The same bound for max_connection_duration.
+MAX_CONNECTION_DURATION = MAX_DRAIN_TIMEOUT
+# The kernel's bounds on TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT (include/net/tcp.h).
+MAX_KEEPALIVE_SECONDS = 32767
+MAX_KEEPALIVE_COUNT = 127
+
+
+def _keepalive_seconds(value: object) -> int:
+    """TCP_KEEPIDLE and TCP_KEEPINTVL take whole seconds, 1 to 32767: say so rather than round."""
+    seconds = parse_duration(value)
+    if seconds != int(seconds) or not 1 <= seconds <= MAX_KEEPALIVE_SECONDS:
+        raise ValueError(f"must be whole seconds from 1s to {MAX_KEEPALIVE_SECONDS}s (the kernel "
+                         f"counts keepalive time in seconds), got {seconds:g}s")
+    return int(seconds)
+
+
+def _keepalive_switch(value: object) -> object:
+    """`tcp_keepalive: off` (or false) is the default, no keepalive; `on` (or true) the defaults."""
+    if value is False or value == "off":
+        return None
+    if value is True or value == "on":
+        return {}
+    return value
+
+
+KeepaliveSeconds = Annotated[int, BeforeValidator(_keepalive_seconds)]
+
+
+class TcpKeepaliveConfig(Strict):
+    """SO_KEEPALIVE: after `idle` without a byte, a probe every `interval`; `count` unanswered
+    probes and the connection ends as `keepalive_timeout` (the other side gets a reset)."""
+
+    idle: KeepaliveSeconds = 60
+    interval: KeepaliveSeconds = 10
+    count: int = Field(default=6, ge=1, le=MAX_KEEPALIVE_COUNT)
+
+
+TcpKeepalive = Annotated[TcpKeepaliveConfig | None, BeforeValidator(_keepalive_switch)]
 
 
 class QueueConfig(Strict):
@@ -270,6 +308,12 @@ class PoolConfig(Strict):
         if backend.max_connections is not None:
             return backend.max_connections
         return self.backend_max_connections
+
+    # Keepalive on the sockets to this pool's backends (new connections; off by default).
+    tcp_keepalive: TcpKeepalive = None
+    # Connections through this pool older than this are cut, a reset both ways (Envoy's
+    # max_connection_duration); None: no bound. A reload applies a new value to open ones too.
+    max_connection_duration: Annotated[Duration, Field(gt=0, le=MAX_CONNECTION_DURATION)] | None = None
 
 
 class UdpConfig(Strict):
@@ -347,6 +391,8 @@ class ListenerConfig(Strict):
     allow: list[AclNetwork] = Field(default_factory=list)
     deny: list[AclNetwork] = Field(default_factory=list)
     acl_on: Literal["peer", "proxy_header"] = "peer"
+    # Keepalive on accepted client sockets (new connections; off by default).
+    tcp_keepalive: TcpKeepalive = None
 
     @property
     def addresses(self) -> tuple[HostPort, ...]:

@@ -207,6 +207,7 @@ def _listener_problems(config: Config, i: int, known: set[str]) -> Iterator[Prob
         yield ("listeners", i, "pool"), (f"pool {pool.name!r} caps its backends' connections "
                                          f"(max_connections), which {what} cannot enforce: "
                                          "caps and the queue are for TCP on dataplane: proxy")
+    yield from _lifetime_problems(config, i, known)
     if listener.acl_on == "proxy_header" and listener.proxy_protocol.accept == "off":
         yield ("listeners", i, "acl_on"), ("proxy_header needs proxy_protocol.accept (required "
                                            "or optional): there is no header to judge")
@@ -233,6 +234,25 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _lifetime_problems(config: Config, i: int, known: set[str]) -> Iterator[Problem]:
+    """tcp_keepalive and max_connection_duration live in the proxy's TCP engine: a UDP listener
+    has no TCP socket to keep alive, and the kernel data plane holds no socket at all."""
+    listener = config.listeners[i]
+    if listener.tcp_keepalive is not None and listener.protocol == "udp":
+        yield ("listeners", i, "tcp_keepalive"), "UDP has no keepalive (sessions end by session_timeout)"
+    if listener.dataplane != "kernel":
+        return
+    if listener.tcp_keepalive is not None:
+        yield ("listeners", i, "tcp_keepalive"), ("the kernel data plane holds no client socket to "
+                                                  "keep alive (use dataplane: proxy)")
+    if listener.fallback_pool in known:
+        pool = config.pool(listener.fallback_pool)
+        for key in ("tcp_keepalive", "max_connection_duration"):
+            if getattr(pool, key) is not None:
+                yield ("listeners", i, "pool"), (f"pool {pool.name!r} sets {key}, which the kernel "
+                                                 "data plane does not apply (use dataplane: proxy)")
 
 
 def _health_problems(pool_loc: Loc, pool: PoolConfig, check: HealthCheckConfig) -> Iterator[Problem]:

@@ -42,9 +42,11 @@ from pointsman.proxy.connect import REFUSE, ConnectPolicy
 from pointsman.proxy.engine import Engine
 from pointsman.proxy.engine.api import EARLY_DATA_MAX, POLICY_ERROR, RECORD, Decision, ReadPreamble, Refuse
 from pointsman.proxy.flows import Flow
+from pointsman.proxy.lifetime import Lifetimes
 from pointsman.proxy.preamble import Preamble, Refused, Route
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
 from pointsman.proxy.sockets import listen_socket
+from pointsman.proxy.targets import engine_keepalive
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.stats import ListenerStats
 
@@ -99,6 +101,7 @@ class TcpListener(ConnectPolicy):
         self._live: asyncio.TimerHandle | None = None
         self._seen = (0, 0, 0)  # the engine's bytes in, out and splices already in `stats`
         self._released = False
+        self.lifetimes = Lifetimes()  # max_connection_duration (proxy/lifetime.py)
         self._setup(config)
 
     async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
@@ -112,7 +115,8 @@ class TcpListener(ConnectPolicy):
         self._socks = socks
         BUDGET.measure()
         self.engine = engine = engines.acquire(self.loop)
-        self.lids = [engine.add_listener(each, self) for each in socks]
+        keepalive = engine_keepalive(self.config.tcp_keepalive)
+        self.lids = [engine.add_listener(each, self, keepalive=keepalive) for each in socks]
         self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
         self.accepting = True
 
@@ -150,8 +154,19 @@ class TcpListener(ConnectPolicy):
     def _tick_live(self) -> None:
         self._live = None
         self._refresh()
+        now = _perf_counter()
+        if self.lifetimes.due <= now:
+            self._cut_old(now)
         if self.connections:
             self._live = self.loop.call_later(LIVE_INTERVAL, self._tick_live)
+
+    def _cut_old(self, now: float) -> None:
+        """Cut the connections older than their pool's max_connection_duration."""
+        victims = self.lifetimes.sweep(self.connections, self.pools, now)
+        if victims and self.engine is not None and not self._released:
+            code = END_CODE[EndReason.MAX_CONNECTION_DURATION]
+            for conn_id in victims:
+                self.engine.close(conn_id, code)
 
     # --- settings ----------------------------------------------------------------------------------
 
@@ -185,11 +200,18 @@ class TcpListener(ConnectPolicy):
                                         getattr(self, "acl_lists", None)))
 
     def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
-        """Reload: new limits and pool for new connections; established ones are untouched."""
+        """Reload: new limits, pool and keepalive for new connections; established ones keep
+        theirs (but their pools' max_connection_duration is looked at again)."""
+        old = self.config.tcp_keepalive
         self.config = config
         self.stats.capacity = config.max_connections
         self.pool = pool
         self._setup(config)
+        self.lifetimes.changed()
+        if config.tcp_keepalive != old and self.engine is not None and self._socks:
+            keepalive = engine_keepalive(config.tcp_keepalive)
+            for lid in self.lids:
+                self.engine.set_listener_keepalive(lid, keepalive)
 
     def set_acl(self, lists: AclLists) -> None:
         """Put lists in force (config load, reload, admin API); new connections see them."""

@@ -15,8 +15,10 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
+from pointsman.proxy.engine.api import Keepalive
+
 if TYPE_CHECKING:
-    from pointsman.config.model import PoolConfig
+    from pointsman.config.model import PoolConfig, TcpKeepaliveConfig
     from pointsman.pool.snapshot import PoolSnapshot
     from pointsman.proxy.engine import Engine
     from pointsman.telemetry.stats import BackendStats
@@ -50,7 +52,16 @@ def settings(config: PoolConfig) -> dict[str, Any]:
         "idle_timeout": idle,
         "half_close_timeout": half,
         "splice_after": config.zero_copy_after if config.zero_copy == "auto" else None,
+        "keepalive": engine_keepalive(config.tcp_keepalive),
     }
+
+
+def engine_keepalive(config: TcpKeepaliveConfig | None) -> Keepalive | None:
+    """The engine's keepalive for a `tcp_keepalive` config (None: off); the listener's goes to
+    `add_listener`, a pool's into its targets."""
+    if config is None:
+        return None
+    return Keepalive(config.idle, config.interval, config.count)
 
 
 def numeric(host: str, port: int) -> str:

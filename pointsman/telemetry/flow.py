@@ -18,6 +18,10 @@ class EndReason(enum.StrEnum):
     BACKEND_DOWN = "backend_down"  # on_down: close_sessions cut it when its backend left service
     DRAIN_TIMEOUT = "drain_timeout"  # its backend was still draining drain_timeout after the drain
     INTERNAL_ERROR = "internal_error"  # a bug of ours cut it (logged with its traceback)
+    # One side's socket failed with ETIMEDOUT: tcp_keepalive probes went unanswered (or the
+    # kernel gave up retransmitting); the other side got a reset.
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"
+    MAX_CONNECTION_DURATION = "max_connection_duration"  # open longer than its pool allows
 
 
 class RejectReason(enum.StrEnum):

@@ -23,6 +23,7 @@ from pointsman.proxy.engine.api import (
     EngineStatistics,
     Flag,
     Hold,
+    Keepalive,
     ListenerCounters,
     Op,
     Policy,
@@ -45,9 +46,12 @@ class Engine(Protocol):
     def target(self, backend: int, host: str, port: int, *, source: str | None = None,
                transparent: bool = False, connect_timeout: float = 5.0, idle_timeout: float = 300.0,
                half_close_timeout: float = 30.0, splice_after: int | None = None,
-               nodelay: bool = True) -> Any: ...
+               nodelay: bool = True, keepalive: Keepalive | None = None) -> Any: ...
 
-    def add_listener(self, sock: Any, policy: Policy, *, nodelay: bool = True) -> int: ...
+    def add_listener(self, sock: Any, policy: Policy, *, nodelay: bool = True,
+                     keepalive: Keepalive | None = None) -> int: ...
+
+    def set_listener_keepalive(self, lid: int, keepalive: Keepalive | None) -> None: ...
 
     def stop_listener(self, lid: int) -> None: ...
 
@@ -125,5 +129,5 @@ def batch_functions(name: str | None = None) -> tuple[
 
 
 __all__ = ["ENV", "Connect", "Decision", "End", "Ended", "Engine", "EngineStatistics", "Flag",
-           "Hold", "ListenerCounters", "Op", "Policy", "ReadPreamble", "Refuse", "Status", "Target",
-           "batch_functions", "compiled_available", "engine_name", "iter_records", "new_engine"]
+           "Hold", "Keepalive", "ListenerCounters", "Op", "Policy", "ReadPreamble", "Refuse",
+           "Status", "Target", "batch_functions", "compiled_available", "engine_name", "iter_records", "new_engine"]

@@ -37,9 +37,11 @@ from pointsman.proxy.engine.api import (
     End,
     EngineStatistics,
     Hold,
+    Keepalive,
     ListenerCounters,
     ReadPreamble,
     Refuse,
+    set_keepalive,
 )
 
 log = logging.getLogger("pointsman.engine")
@@ -69,6 +71,8 @@ cdef enum:
     E_LOCAL_RESOURCE = 8
     E_REFUSED = 9
     E_CLOSED = 10
+    E_CLIENT_TIMEOUT = 11
+    E_BACKEND_TIMEOUT = 12
     # Flag (api.py)
     F_CLIENT_FIN = 1
     F_BACKEND_FIN = 2
@@ -233,6 +237,9 @@ cdef class CTarget:
     cdef bint has_src
     cdef bint transparent
     cdef bint nodelay
+    cdef int ka_idle  # 0: no keepalive; else TCP_KEEPIDLE, with ka_interval and ka_count
+    cdef int ka_interval
+    cdef int ka_count
     cdef int64_t connect_ns
     cdef int64_t idle_ns
     cdef int64_t half_close_ns
@@ -240,8 +247,11 @@ cdef class CTarget:
 
     def __init__(self, int backend, str host, int port, source, bint transparent,
                  double connect_timeout, double idle_timeout, double half_close_timeout,
-                 splice_after, bint nodelay):
+                 splice_after, bint nodelay, keepalive):
         parse_addr(host, port, &self.addr)
+        if keepalive is not None:
+            keepalive = Keepalive(*keepalive).check()
+            self.ka_idle, self.ka_interval, self.ka_count = keepalive
         self.has_src = source is not None
         if self.has_src:
             parse_addr(source, 0, &self.src)
@@ -425,13 +435,16 @@ cdef class CEngine:
 
     def target(self, int backend, str host, int port, *, source=None, bint transparent=False,
                double connect_timeout=5.0, double idle_timeout=300.0,
-               double half_close_timeout=30.0, splice_after=None, bint nodelay=True):
+               double half_close_timeout=30.0, splice_after=None, bint nodelay=True,
+               keepalive=None):
         return CTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
-                       half_close_timeout, splice_after, nodelay)
+                       half_close_timeout, splice_after, nodelay, keepalive)
 
-    def add_listener(self, sock, policy, *, bint nodelay=True):
+    def add_listener(self, sock, policy, *, bint nodelay=True, keepalive=None):
         cdef Listener lst = Listener()
         cdef epoll_event ev
+        # On the listening socket (accepted sockets inherit it); None turns it off (pyengine).
+        set_keepalive(sock, None if keepalive is None else Keepalive(*keepalive).check())
         sock.setblocking(False)
         lst.id = self.next_lid
         self.next_lid += 1
@@ -450,6 +463,10 @@ cdef class CEngine:
         self.listeners[lst.id] = lst
         self.lfds[lst.fd] = lst
         return lst.id
+
+    def set_listener_keepalive(self, int lid, keepalive):
+        cdef Listener lst = self.listeners[lid]
+        set_keepalive(lst.sock, None if keepalive is None else Keepalive(*keepalive).check())
 
     def stop_listener(self, int lid):
         cdef Listener lst = self.listeners[lid]
@@ -945,7 +962,7 @@ cdef class CEngine:
                     break
                 if errno == EINTR:
                     continue
-                self._reset(conn, True)
+                self._reset(conn, True, errno)
                 return False
             if n == 0:
                 up.eof = 1
@@ -992,6 +1009,11 @@ cdef class CEngine:
             return errno or EIO
         if target.nodelay:
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        if target.ka_idle:
+            setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &target.ka_idle, sizeof(int))
+            setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &target.ka_interval, sizeof(int))
+            setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &target.ka_count, sizeof(int))
+            setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one))
         op[0] = OP_BIND
         if source is not None:
             try:
@@ -1117,19 +1139,20 @@ cdef class CEngine:
             return 0
         getsockopt(conn.cfd, SOL_SOCKET, SO_ERROR, &err, &n)
         if err:
-            return self._reset(conn, True)
+            return self._reset(conn, True, err)
         self._fin(conn, F_CLIENT_FIN)
         return self._end(conn, E_CLIENT_FIN, 0, False, False)
 
     cdef int _relay(self, Conn conn) except -1:
         cdef int result = self._pump(conn, &conn.up, conn.cfd, conn.bfd, &conn.c_rd, &conn.c_hup,
                                      &conn.b_wr, True)
+        # A reset result comes straight from the failed call: errno is still its error.
         if result != R_OK:
-            return self._reset(conn, result == R_SRC)
+            return self._reset(conn, result == R_SRC, errno)
         result = self._pump(conn, &conn.down, conn.bfd, conn.cfd, &conn.b_rd, &conn.b_hup,
                             &conn.c_wr, False)
         if result != R_OK:
-            return self._reset(conn, result == R_DST)
+            return self._reset(conn, result == R_DST, errno)
         if conn.up.fin_sent and conn.down.fin_sent:
             return self._end(conn, E_CLIENT_FIN if conn.first_fin == F_CLIENT_FIN else E_BACKEND_FIN,
                              0, False, False)
@@ -1307,10 +1330,12 @@ cdef class CEngine:
 
     # --- resets -----------------------------------------------------------------------------------
 
-    cdef int _reset(self, Conn conn, bint client) except -1:
+    cdef int _reset(self, Conn conn, bint client, int err) except -1:
         """One side reset (pyengine._reset): drain what it sent to the other, then reset that."""
         conn.flags |= F_CLIENT_RESET if client else F_BACKEND_RESET
         cdef uint8_t reason = E_CLIENT_RESET if client else E_BACKEND_RESET
+        if err == ETIMEDOUT:
+            reason = E_CLIENT_TIMEOUT if client else E_BACKEND_TIMEOUT
         if conn.state != S_RELAY:
             return self._end(conn, reason, 0, not client, client)
         conn.state = S_DRAIN

@@ -95,6 +95,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOCK_CLOEXEC
         SOL_SOCKET
         SO_ERROR
+        SO_KEEPALIVE
         SO_LINGER
         SHUT_WR
         MSG_NOSIGNAL
@@ -128,6 +129,9 @@ cdef extern from "<netinet/in.h>" nogil:
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
         TCP_NODELAY
+        TCP_KEEPIDLE
+        TCP_KEEPINTVL
+        TCP_KEEPCNT
 
 
 cdef extern from "<arpa/inet.h>" nogil:

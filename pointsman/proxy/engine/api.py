@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import socket
 import struct
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
@@ -89,6 +90,10 @@ class End(enum.IntEnum):
     LOCAL_RESOURCE = 8  # the policy gave up after a local resource error (detail: errno)
     REFUSED = 9  # the policy refused it, or its preamble timed out / overflowed (detail: code)
     CLOSED = 10  # an operator call cut it (detail: the caller's code)
+    # A side's socket failed with ETIMEDOUT once connected (keepalive probes or retransmissions
+    # unanswered: the peer is gone); handled as that side's reset, so the other side gets one.
+    CLIENT_TIMEOUT = 11
+    BACKEND_TIMEOUT = 12
 
 
 class Flag(enum.IntFlag):
@@ -117,6 +122,43 @@ def classify(op: Op, err: int) -> Status:
     if op is Op.PIPE:
         return Status.LOCAL
     return Status.BACKEND
+
+
+# --- TCP keepalive ----------------------------------------------------------------------------
+
+# The kernel's bounds (include/net/tcp.h: MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT).
+KEEPIDLE_MAX = 32767
+KEEPINTVL_MAX = 32767
+KEEPCNT_MAX = 127
+
+
+class Keepalive(NamedTuple):
+    """SO_KEEPALIVE with TCP_KEEPIDLE / TCP_KEEPINTVL (whole seconds) and TCP_KEEPCNT: after
+    `idle` seconds without a byte, a probe every `interval` seconds; `probes` unanswered ones
+    and the socket fails with ETIMEDOUT (the connection then ends as End.*_TIMEOUT)."""
+
+    idle: int
+    interval: int
+    probes: int  # the config's `count` (a tuple has a count() already)
+
+    def check(self) -> Keepalive:
+        if not (0 < self.idle <= KEEPIDLE_MAX and 0 < self.interval <= KEEPINTVL_MAX
+                and 0 < self.probes <= KEEPCNT_MAX):
+            raise ValueError(f"keepalive out of the kernel's range: {self}")
+        return self
+
+
+def set_keepalive(sock: socket.socket, keepalive: Keepalive | None) -> None:
+    """Put `keepalive` in force on `sock` (None: SO_KEEPALIVE off). On a listening socket it is
+    what every socket accepted from then on inherits (Linux copies the options at accept), so a
+    listener's keepalive costs no system call per connection."""
+    if keepalive is None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.probes)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 # --- decisions --------------------------------------------------------------------------------

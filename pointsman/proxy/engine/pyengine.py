@@ -56,6 +56,7 @@ from pointsman.proxy.engine.api import (
     EngineStatistics,
     Flag,
     Hold,
+    Keepalive,
     ListenerCounters,
     Op,
     Policy,
@@ -63,6 +64,7 @@ from pointsman.proxy.engine.api import (
     Refuse,
     Status,
     classify,
+    set_keepalive,
 )
 from pointsman.proxy.engine.wheel import Wheel
 
@@ -93,11 +95,11 @@ class PyTarget:
     """A backend address and the per-pool settings a connection to it uses; made once."""
 
     __slots__ = ("address", "backend", "connect_ns", "family", "half_close_ns", "idle_ns",
-                 "nodelay", "source", "splice_after", "transparent")
+                 "keepalive", "nodelay", "source", "splice_after", "transparent")
 
     def __init__(self, backend: int, host: str, port: int, source: str | None, transparent: bool,
                  connect_timeout: float, idle_timeout: float, half_close_timeout: float,
-                 splice_after: int | None, nodelay: bool) -> None:
+                 splice_after: int | None, nodelay: bool, keepalive: Keepalive | None) -> None:
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
         socket.inet_pton(self.family, host)  # numeric only: the policy resolves names
         if source is not None:
@@ -111,6 +113,7 @@ class PyTarget:
         self.half_close_ns = _ns(half_close_timeout)
         self.splice_after = NEVER if splice_after is None or not hasattr(os, "splice") else splice_after
         self.nodelay = nodelay
+        self.keepalive = None if keepalive is None else Keepalive(*keepalive).check()
 
 
 class _Listener:
@@ -237,6 +240,7 @@ class PyEngine:
         self._accept_errors: dict[int, int] = {}
         self._local_errors: dict[tuple[int, int], int] = {}
         self._closing: list[socket.socket] = []  # closed after the poll round (see _close)
+        self._errno = 0  # the error of the last failed send/recv/splice/shutdown (see _reset)
         self._closed = False
         loop.add_reader(self._epfd, self._on_ready)
 
@@ -245,18 +249,27 @@ class PyEngine:
     def target(self, backend: int, host: str, port: int, *, source: str | None = None,
                transparent: bool = False, connect_timeout: float = 5.0, idle_timeout: float = 300.0,
                half_close_timeout: float = 30.0, splice_after: int | None = None,
-               nodelay: bool = True) -> PyTarget:
+               nodelay: bool = True, keepalive: Keepalive | None = None) -> PyTarget:
         return PyTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
-                        half_close_timeout, splice_after, nodelay)
+                        half_close_timeout, splice_after, nodelay, keepalive)
 
-    def add_listener(self, sock: socket.socket, policy: Policy, *, nodelay: bool = True) -> int:
-        """Accept on `sock` (listening; stays the caller's to close after `stop_listener`)."""
+    def add_listener(self, sock: socket.socket, policy: Policy, *, nodelay: bool = True,
+                     keepalive: Keepalive | None = None) -> int:
+        """Accept on `sock` (listening; stays the caller's to close after `stop_listener`).
+        `keepalive` is set on `sock` itself (None: off, so a socket handed over by systemd or
+        an earlier run keeps no stale setting): the sockets accepted from it inherit it."""
+        set_keepalive(sock, None if keepalive is None else Keepalive(*keepalive).check())
         sock.setblocking(False)
         lst = _Listener(next(self._lids), sock, policy, nodelay)
         self._listeners[lst.id] = lst
         self._fds[lst.fd] = lst
         self._ep.register(lst.fd, select.EPOLLIN)
         return lst.id
+
+    def set_listener_keepalive(self, lid: int, keepalive: Keepalive | None) -> None:
+        """Keepalive for the connections this listener accepts from now on (None: off)."""
+        set_keepalive(self._listeners[lid].sock,
+                      None if keepalive is None else Keepalive(*keepalive).check())
 
     def stop_listener(self, lid: int) -> None:
         """Accept no more on this listener; its connections go on."""
@@ -616,8 +629,9 @@ class PyEngine:
         assert client is not None
         if not (client.hup or conn.up.eof):
             return
-        if client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            self._reset(conn, client=True)
+        err = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._reset(conn, True, err)
         else:
             self._fin(conn, Flag.CLIENT_FIN)
             self._end(conn, End.CLIENT_FIN)
@@ -668,8 +682,8 @@ class PyEngine:
                 break
             except InterruptedError:
                 continue
-            except OSError:
-                self._reset(conn, client=True)
+            except OSError as exc:
+                self._reset(conn, True, exc.errno or errno.EIO)
                 return False
             if n == 0:
                 up.eof = True
@@ -710,6 +724,8 @@ class PyEngine:
         try:
             if target.nodelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if target.keepalive is not None:
+                set_keepalive(sock, target.keepalive)
             local = source or target.source
             if target.transparent:
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
@@ -808,11 +824,11 @@ class PyEngine:
         assert client is not None and backend is not None
         result = self._pump(conn, conn.up, client, backend, True)
         if result != _OK:
-            self._reset(conn, client=result == _SRC_RESET)
+            self._reset(conn, result == _SRC_RESET, self._errno)
             return
         result = self._pump(conn, conn.down, backend, client, False)
         if result != _OK:
-            self._reset(conn, client=result == _DST_RESET)
+            self._reset(conn, result == _DST_RESET, self._errno)
             return
         if conn.up.fin_sent and conn.down.fin_sent:
             self._end(conn, End.CLIENT_FIN if conn.first_fin == Flag.CLIENT_FIN else End.BACKEND_FIN)
@@ -838,7 +854,8 @@ class PyEngine:
                     return _OK
                 except InterruptedError:
                     continue
-                except OSError:
+                except OSError as exc:
+                    self._errno = exc.errno or errno.EIO
                     return _DST_RESET
                 conn.last = self.now
                 if n < len(pending):
@@ -860,7 +877,8 @@ class PyEngine:
                 return _OK
             except InterruptedError:
                 continue
-            except OSError:
+            except OSError as exc:
+                self._errno = exc.errno or errno.EIO
                 return _SRC_RESET
             if n == 0:
                 d.eof = True
@@ -883,7 +901,8 @@ class PyEngine:
                 return _OK
             try:
                 dst.sock.shutdown(socket.SHUT_WR)
-            except OSError:
+            except OSError as exc:
+                self._errno = exc.errno or errno.EIO
                 return _DST_RESET
             d.fin_sent = True
             if not conn.halfclosed:
@@ -904,7 +923,8 @@ class PyEngine:
                     return _OK
                 except InterruptedError:
                     continue
-                except OSError:
+                except OSError as exc:
+                    self._errno = exc.errno or errno.EIO
                     return _DST_RESET
                 conn.last = self.now
                 d.pipe_len -= n
@@ -924,7 +944,8 @@ class PyEngine:
                 return _OK
             except InterruptedError:
                 continue
-            except OSError:
+            except OSError as exc:
+                self._errno = exc.errno or errno.EIO
                 return _SRC_RESET
             if n == 0:
                 d.eof = True
@@ -982,10 +1003,15 @@ class PyEngine:
 
     # --- resets -----------------------------------------------------------------------------------
 
-    def _reset(self, conn: _Conn, client: bool) -> None:
-        """One side reset. Before the backend is connected there is nothing to forward."""
+    def _reset(self, conn: _Conn, client: bool, err: int) -> None:
+        """One side reset (`err`: the errno that said so). Before the backend is connected
+        there is nothing to forward. ETIMEDOUT is a peer gone silent (keepalive probes or
+        retransmissions unanswered): the same handling, its own reason."""
         conn.flags |= Flag.CLIENT_RESET if client else Flag.BACKEND_RESET
-        reason = End.CLIENT_RESET if client else End.BACKEND_RESET
+        if err == errno.ETIMEDOUT:
+            reason = End.CLIENT_TIMEOUT if client else End.BACKEND_TIMEOUT
+        else:
+            reason = End.CLIENT_RESET if client else End.BACKEND_RESET
         if conn.state != RELAY:
             self._end(conn, reason, rst_client=not client, rst_backend=client)
             return

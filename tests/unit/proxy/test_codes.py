@@ -29,7 +29,9 @@ def test_our_own_bugs_are_internal_errors() -> None:
     (End.CLIENT_FIN, EndReason.CLIENT_FIN), (End.BACKEND_FIN, EndReason.BACKEND_FIN),
     (End.CLIENT_RESET, EndReason.CLIENT_RESET), (End.BACKEND_RESET, EndReason.BACKEND_RESET),
     (End.IDLE_TIMEOUT, EndReason.IDLE_TIMEOUT),
-    (End.HALF_CLOSE_TIMEOUT, EndReason.HALF_CLOSE_TIMEOUT)])
+    (End.HALF_CLOSE_TIMEOUT, EndReason.HALF_CLOSE_TIMEOUT),
+    (End.CLIENT_TIMEOUT, EndReason.KEEPALIVE_TIMEOUT),
+    (End.BACKEND_TIMEOUT, EndReason.KEEPALIVE_TIMEOUT)])
 def test_what_the_engine_decides_alone(end: End, reason: EndReason) -> None:
     assert outcome(end, 0, False) is reason
     assert PLAIN_END[end] is reason
@@ -51,6 +53,8 @@ def test_refusals_and_cuts_carry_their_reason() -> None:
         is RejectReason.PREAMBLE_EVICTED
     assert outcome(End.CLOSED, END_CODE[EndReason.SHUTDOWN], True) is EndReason.SHUTDOWN
     assert outcome(End.CLOSED, END_CODE[EndReason.BACKEND_DOWN], False) is EndReason.BACKEND_DOWN
+    assert outcome(End.CLOSED, END_CODE[EndReason.MAX_CONNECTION_DURATION], False) \
+        is EndReason.MAX_CONNECTION_DURATION
 
 
 @given(st.sampled_from(list(End)), st.integers(0, 0xFFFF), st.booleans())
