@@ -130,4 +130,5 @@ def batch_functions(name: str | None = None) -> tuple[
 
 __all__ = ["ENV", "Connect", "Decision", "End", "Ended", "Engine", "EngineStatistics", "Flag",
            "Hold", "Keepalive", "ListenerCounters", "Op", "Policy", "ReadPreamble", "Refuse",
-           "Status", "Target", "batch_functions", "compiled_available", "engine_name", "iter_records", "new_engine"]
+           "Status", "Target", "batch_functions", "compiled_available", "engine_name",
+           "iter_records", "new_engine"]
