@@ -3,24 +3,10 @@ with its file, line and field."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
-from pointsman.config.loader import ConfigError, load_text
 from pointsman.config.model import TcpKeepaliveConfig
-
-SOURCE = "pointsman.yaml"
-
-
-def load(text: str):  # type: ignore[no-untyped-def]
-    return load_text(textwrap.dedent(text).lstrip("\n"), SOURCE, environ={})
-
-
-def errors(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        load(text)
-    return [str(issue) for issue in caught.value.issues]
+from tests.unit.config_support import SOURCE, errors, load
 
 
 def test_the_keys_load_as_written_in_the_issue() -> None:

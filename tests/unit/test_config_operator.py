@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-import textwrap
-
-import pytest
-
-from pointsman.config.loader import ConfigError, load_text
-
-SOURCE = "pointsman.yaml"
-
-
-def load(text: str):  # type: ignore[no-untyped-def]
-    return load_text(textwrap.dedent(text).lstrip("\n"), SOURCE, environ={})
-
-
-def errors(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        load(text)
-    return [str(issue) for issue in caught.value.issues]
+from tests.unit.config_support import SOURCE, errors, load
 
 
 def test_the_new_keys_load() -> None:
