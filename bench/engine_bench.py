@@ -2,6 +2,7 @@
 
     python bench/engine_bench.py [--seconds 5] [--rounds 3] [--idle 8000] [--skip-idle]
                                  [--skip-redis] [--before DIR] [--raw] [--only NAME,...]
+                                 [--cpu-only]
 
 Proxies, each one process pinned to the same CPU:
 - `cython` / `python`: the REAL `pointsman run` (one process, `workers: 1`) on the compiled and
@@ -381,6 +382,9 @@ def main() -> None:
                         help="add the bare engines with the minimal policy (engine-cython/python)")
     parser.add_argument("--only", default="",
                         help="comma-separated rows to run (haproxy is always there)")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="only the paired CPU per new connection (no keep-alive, bulk, "
+                             "redis or memory runs)")
     parser.add_argument("--no-nodelay", action="store_true",
                         help="the raw engines only: leave Nagle on (HAProxy's default)")
     args = parser.parse_args()
@@ -445,6 +449,8 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
             results[name].setdefault("cpu_us_per_conn", []).append(user + system)
             results[name].setdefault("user_us", []).append(user)
             results[name].setdefault("sys_us", []).append(system)
+        if args.cpu_only:
+            continue
         print(f"round {round_ + 1}: CPU per keep-alive request (paired) ...", file=sys.stderr)
         for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu, round_,
                                                        close=False).items():
@@ -454,6 +460,8 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
         for proxy in turn:
             results[proxy.name].setdefault("keepalive_rps", []).append(
                 keepalive(proxy, args.seconds, load_cpu))
+    if args.cpu_only:
+        return results
     print("bulk ...", file=sys.stderr)
     for proxy in proxies:
         results[proxy.name]["bulk_gbps"] = [bulk(proxy, args.seconds, load_cpu)]
@@ -491,11 +499,12 @@ def ratio(column: str, ours: list[float], haproxy: list[float]) -> float:
 
 def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
     base = results["haproxy"]
-    print("\n| | " + " | ".join(COLUMNS) + " |")
-    print("|---" * (len(COLUMNS) + 1) + "|")
+    columns = [c for c in COLUMNS if c in base]
+    print("\n| | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for name, r in results.items():
         cells = []
-        for c in COLUMNS:
+        for c in columns:
             if c not in r:
                 cells.append("-")
                 continue
