@@ -223,13 +223,15 @@ def start_haproxy(procs: Procs, backends: Backends, tmp: Path, cpu: str | None) 
 
 
 def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None, name: str,
-                    engine: str | None, full: bool, tree: Path) -> Proxy:
-    """`pointsman run` from `tree` (this checkout, or --before's), one process."""
+                    engine: str | None, extras: str, tree: Path) -> Proxy:
+    """`pointsman run` from `tree` (this checkout, or --before's), one process; `extras`: the
+    admin API ("a") and the flow log ("f") on."""
     proxy = Proxy(name)
     extra = ""
-    if full:
-        extra = (f'admin: {{bind: "{HOST}:{free_port()}"}}\n'
-                 f'flow_log: {{path: "{tmp}/flows-{name}.jsonl"}}\n')
+    if "a" in extras:
+        extra += f'admin: {{bind: "{HOST}:{free_port()}"}}\n'
+    if "f" in extras:
+        extra += f'flow_log: {{path: "{tmp}/flows-{name}.jsonl"}}\n'
     conf = tmp / f"pointsman-{name}.yaml"
     conf.write_text(POINTSMAN.format(extra=extra, host=HOST, http=proxy.http, bulk=proxy.bulk,
                                      redis=proxy.redis, backend_http=backends.http,
@@ -381,7 +383,9 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true",
                         help="add the bare engines with the minimal policy (engine-cython/python)")
     parser.add_argument("--only", default="",
-                        help="comma-separated rows to run (haproxy is always there)")
+                        help="comma-separated rows to run (haproxy is always there); "
+                             "cython-flowlog, cython-admin and before-flowlog (one extra on) "
+                             "run only when named here")
     parser.add_argument("--cpu-only", action="store_true",
                         help="only the paired CPU per new connection (no keep-alive, bulk, "
                              "redis or memory runs)")
@@ -422,15 +426,20 @@ def main() -> None:
 def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
               args: argparse.Namespace, only: set[str]) -> list[Proxy]:
     proxies = []
-    rows: list[tuple[str, str | None, bool, Path]] = [
-        ("cython", "cython", True, ROOT), ("cython-bare", "cython", False, ROOT),
-        ("python", "python", True, ROOT), ("python-bare", "python", False, ROOT)]
+    rows: list[tuple[str, str | None, str, Path]] = [
+        ("cython", "cython", "af", ROOT), ("cython-bare", "cython", "", ROOT),
+        ("python", "python", "af", ROOT), ("python-bare", "python", "", ROOT)]
     if args.before is not None:
-        rows += [("before", None, True, args.before.resolve()),
-                 ("before-bare", None, False, args.before.resolve())]
-    for name, engine, full, tree in rows:
+        rows += [("before", None, "af", args.before.resolve()),
+                 ("before-bare", None, "", args.before.resolve())]
+    # Only when asked for by name: one of the two extras at a time.
+    opt_in = [("cython-flowlog", "cython", "f", ROOT), ("cython-admin", "cython", "a", ROOT)]
+    if args.before is not None:
+        opt_in += [("before-flowlog", None, "f", args.before.resolve())]
+    rows += [row for row in opt_in if row[0] in only]
+    for name, engine, extras, tree in rows:
         if not only or name in only:
-            proxies.append(start_pointsman(procs, backends, tmp, cpu, name, engine, full, tree))
+            proxies.append(start_pointsman(procs, backends, tmp, cpu, name, engine, extras, tree))
     if args.raw:
         for engine in ("cython", "python"):
             if not only or f"engine-{engine}" in only:
