@@ -63,6 +63,7 @@ _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENE
                         errno.EOPNOTSUPP, errno.ENETUNREACH})
 LIVE_INTERVAL = 0.1  # seconds between refreshes of the live byte totals while connections run
 _perf_counter = time.perf_counter
+_CONNECT_FAILED = EndReason.CONNECT_FAILED  # looked up once, not on the enum per record
 
 
 class TcpListener(ConnectPolicy):
@@ -424,7 +425,7 @@ class TcpListener(ConnectPolicy):
                 durations.counts[bisect_left(durations.bounds, duration)] += 1
                 durations.sum += duration
                 durations.count += 1
-                if how is EndReason.CONNECT_FAILED:
+                if how is _CONNECT_FAILED:
                     stats.connect_failed += 1
             else:
                 rejected[how] += 1
