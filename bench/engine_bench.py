@@ -232,6 +232,8 @@ def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None
         extra += f'admin: {{bind: "{HOST}:{free_port()}"}}\n'
     if "f" in extras:
         extra += f'flow_log: {{path: "{tmp}/flows-{name}.jsonl"}}\n'
+    if "n" in extras:  # the flow log's own cost without the file's (page cache) cost
+        extra += 'flow_log: {path: "/dev/null"}\n'
     conf = tmp / f"pointsman-{name}.yaml"
     conf.write_text(POINTSMAN.format(extra=extra, host=HOST, http=proxy.http, bulk=proxy.bulk,
                                      redis=proxy.redis, backend_http=backends.http,
@@ -384,8 +386,8 @@ def main() -> None:
                         help="add the bare engines with the minimal policy (engine-cython/python)")
     parser.add_argument("--only", default="",
                         help="comma-separated rows to run (haproxy is always there); "
-                             "cython-flowlog, cython-admin and before-flowlog (one extra on) "
-                             "run only when named here")
+                             "cython-flowlog, cython-admin, before-flowlog (one extra on) and "
+                             "cython-flowlog-null (to /dev/null) run only when named here")
     parser.add_argument("--cpu-only", action="store_true",
                         help="only the paired CPU per new connection (no keep-alive, bulk, "
                              "redis or memory runs)")
@@ -433,7 +435,8 @@ def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
         rows += [("before", None, "af", args.before.resolve()),
                  ("before-bare", None, "", args.before.resolve())]
     # Only when asked for by name: one of the two extras at a time.
-    opt_in = [("cython-flowlog", "cython", "f", ROOT), ("cython-admin", "cython", "a", ROOT)]
+    opt_in = [("cython-flowlog", "cython", "f", ROOT), ("cython-admin", "cython", "a", ROOT),
+              ("cython-flowlog-null", "cython", "n", ROOT)]
     if args.before is not None:
         opt_in += [("before-flowlog", None, "f", args.before.resolve())]
     rows += [row for row in opt_in if row[0] in only]
