@@ -1,5 +1,5 @@
-"""The flow log's formatting and its writer: the batch formatter says what the record formatter
-says, a full queue drops and counts, a writer stuck on a full pipe holds neither the loop nor
+"""The flow log's formatting and its writer: the TCP line says what the record formatter says,
+a full queue drops and counts, a writer stuck on a full pipe holds neither the loop nor
 the records already queued, and shutdown writes what is left."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pointsman.telemetry.flowlog import CHUNK, FIELDS, FlowLog, Record, format_batch, format_record
+from pointsman.telemetry.flowlog import CHUNK, FIELDS, FlowLog, Record, format_record, tcp_line
 from tests.support import wait_for
 
 NAMES = st.sampled_from(["web", "b1", "client_fin", "rejected:table_full", 'odd "name"\\', "é"])
@@ -24,14 +24,14 @@ CLIENT = st.one_of(
     st.just("unix"))
 RECORD = st.tuples(
     st.one_of(st.floats(min_value=1e9, max_value=4e9), st.just("2026-01-01T00:00:00.000Z")),
-    st.sampled_from(["tcp", "udp"]), NAMES, CLIENT, st.one_of(st.none(), NAMES),
+    st.just("tcp"), NAMES, CLIENT, st.one_of(st.none(), NAMES),
     st.integers(0, 1 << 40), st.integers(0, 1 << 40), st.one_of(SECONDS, st.integers(0, 10)),
     st.one_of(st.none(), SECONDS), NAMES)
 
 
 @given(st.lists(RECORD, max_size=20))
-def test_a_batch_is_its_records_one_json_line_each(records: list[Record]) -> None:
-    text = format_batch(records)
+def test_a_tcp_line_is_its_record_as_one_json_line(records: list[Record]) -> None:
+    text = "".join(tcp_line(r[0], *r[2:]) for r in records)  # type: ignore[arg-type]
     assert text == "".join(format_record(r) for r in records)
     lines = text.split("\n")
     assert lines[-1] == ""
@@ -46,8 +46,7 @@ def test_a_batch_is_its_records_one_json_line_each(records: list[Record]) -> Non
 
 def test_times_of_one_batch_share_their_text() -> None:
     at = time.time()
-    lines = format_batch([(at, "tcp", "l", ("127.0.0.1", p), None, 0, 0, 0.5, None, "e")
-                          for p in range(3)]).splitlines()
+    lines = [tcp_line(at, "l", ("127.0.0.1", p), None, 0, 0, 0.5, None, "e") for p in range(3)]
     assert len({json.loads(line)["time"] for line in lines}) == 1
     assert [json.loads(line)["client"] for line in lines] == [f"127.0.0.1:{p}" for p in range(3)]
 
