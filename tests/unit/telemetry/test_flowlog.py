@@ -117,3 +117,44 @@ async def test_a_stuck_pipe_holds_the_writer_not_the_loop_and_loses_nothing_queu
     written = [json.loads(line)["bytes_in"] for line in lines]
     assert written == list(range(3 * CHUNK))
     assert (log.written, log.dropped) == (3 * CHUNK, 2 * CHUNK)
+
+
+class WhereWritten(FlowLog):
+    """Notes the thread of every write."""
+
+    threads: list[int]
+
+    def _emit(self, text: str, count: int) -> None:
+        self.threads.append(threading.get_ident())
+        super()._emit(text, count)
+
+
+async def test_a_file_is_written_in_the_loop_until_a_write_is_slow_then_in_the_thread(
+        tmp_path: Path) -> None:
+    """To a regular file the writer writes in the loop; a write slower than `slow_write` (here
+    every write: 0 s) sends the following ones to the thread, which writes them all."""
+    path = tmp_path / "flows.jsonl"
+    with path.open("w") as stream:
+        log = WhereWritten(stream, queue_size=10 * CHUNK, flush_interval=0.01, slow_write=0.0)
+        log.threads = []
+        assert log.loop_writes_after == 0.0
+        writer = asyncio.create_task(log.run())
+        add(log, 3)
+        await wait_for(lambda: log.written == 3, 5.0, what="the first write, in the loop")
+        assert log.loop_writes_after > asyncio.get_running_loop().time()  # slow: the thread
+        add(log, 3, start=3)
+        await wait_for(lambda: log.written == 6, 5.0, what="the second write")
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        await log.close()
+    assert [json.loads(line)["bytes_in"] for line in path.read_text().splitlines()] == list(
+        range(6))
+    main = threading.get_ident()
+    assert log.threads[0] == main and log.threads[1] != main and len(log.threads) == 2
+
+
+def test_a_pipe_is_always_written_in_the_thread() -> None:
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(write_fd, "w") as stream:
+        assert FlowLog(stream).loop_writes_after == float("inf")
+    os.close(read_fd)
