@@ -113,8 +113,8 @@ class FlowLog:
 
     async def run(self) -> None:
         """Write until cancelled: wait for a record, let the records of `flush_interval` gather
-        (less when the queue is half full), then write them a chunk at a time, one write in the
-        thread at a time."""
+        (less when the queue is half full), then write them a chunk at a time: the loop runs
+        its other callbacks between two chunks, and the thread has one write at a time."""
         while True:
             if not self.queue:
                 self._wake.clear()
@@ -129,6 +129,8 @@ class FlowLog:
                 if self._writing is not None:
                     await asyncio.shield(self._writing)
                     self._writing = None
+                elif self.queue:
+                    await asyncio.sleep(0)  # a big queue: not all its writes in one callback
 
     def _take(self, most: int) -> list[str]:
         queue = self.queue
