@@ -63,7 +63,7 @@ class FlowLog:
         self._owns_stream = False
         self._writing: asyncio.Future[None] | None = None  # the text in the writer thread
         self.slow_write = slow_write
-        # In the loop until this time (loop.time()): only a regular file, whose writes land in
+        # In the loop until this time (time.monotonic()): only a regular file, whose writes land in
         # the page cache; a pipe, terminal or socket can block for as long as its reader likes.
         self.loop_writes_after = 0.0 if _regular(self.stream) else float("inf")
 
@@ -143,14 +143,15 @@ class FlowLog:
         in a thread, so a slow disk or pipe holds the writer task (the queue fills, and what
         does not fit is dropped and counted), not the loop."""
         text = "".join(batch)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if now >= self.loop_writes_after:
+        start = time.monotonic()  # not loop.time(): uvloop's is read once per loop iteration
+        if start >= self.loop_writes_after:
             self._emit(text, len(batch))
-            if loop.time() - now > self.slow_write:  # the disk is slow: the thread, a while
-                self.loop_writes_after = loop.time() + SLOW_BACKOFF
+            end = time.monotonic()
+            if end - start > self.slow_write:  # the disk is slow: the thread, a while
+                self.loop_writes_after = end + SLOW_BACKOFF
             return
-        self._writing = loop.run_in_executor(None, self._emit, text, len(batch))
+        self._writing = asyncio.get_running_loop().run_in_executor(
+            None, self._emit, text, len(batch))
 
     def _emit(self, text: str, count: int) -> None:
         try:
