@@ -66,6 +66,7 @@ class FlowLog:
         # In the loop until this time (time.monotonic()): only a regular file, whose writes land in
         # the page cache; a pipe, terminal or socket can block for as long as its reader likes.
         self.loop_writes_after = 0.0 if _regular(self.stream) else float("inf")
+        self._clock = _RunQueue()
 
     @classmethod
     def open(cls, config: FlowLogConfig | None, tasks: Tasks) -> FlowLog | None:
@@ -145,10 +146,13 @@ class FlowLog:
         text = "".join(batch)
         start = time.monotonic()  # not loop.time(): uvloop's is read once per loop iteration
         if start >= self.loop_writes_after:
+            queued = self._clock.queued()
             self._emit(text, len(batch))
             end = time.monotonic()
-            if end - start > self.slow_write:  # the disk is slow: the thread, a while
-                self.loop_writes_after = end + SLOW_BACKOFF
+            # Slow: blocked in the write (a slow disk), not waiting for a CPU (a busy machine).
+            if (end - start > self.slow_write
+                    and end - start - (self._clock.queued() - queued) > self.slow_write):
+                self.loop_writes_after = end + SLOW_BACKOFF  # the thread, a while
             return
         self._writing = asyncio.get_running_loop().run_in_executor(
             None, self._emit, text, len(batch))
@@ -170,6 +174,7 @@ class FlowLog:
         while self.queue:
             batch = self._take(CHUNK)
             self._emit("".join(batch), len(batch))
+        self._clock.close()
         if self._owns_stream:
             self.stream.close()
 
@@ -199,6 +204,32 @@ class _Second:
 
 
 _SECOND = _Second()
+
+
+class _RunQueue:
+    """The time the calling thread has spent waiting for a CPU (Linux: the second figure of
+    /proc/thread-self/schedstat; 0 where there is none), so that a write the scheduler held up
+    is not taken for a slow disk. The file is opened at the first call, by the loop's thread."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+
+    def queued(self) -> float:
+        try:
+            if self.fd is None:
+                self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            return int(os.pread(self.fd, 128, 0).split()[1]) * 1e-9
+        except (OSError, IndexError, ValueError):
+            if self.fd is None:
+                self.fd = -1  # not there: never asked again
+            return 0.0
+
+    def close(self) -> None:
+        if self.fd is not None and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = None
 
 
 def _regular(stream: IO[str]) -> bool:

@@ -158,3 +158,15 @@ def test_a_pipe_is_always_written_in_the_thread() -> None:
     with os.fdopen(write_fd, "w") as stream:
         assert FlowLog(stream).loop_writes_after == float("inf")
     os.close(read_fd)
+
+
+def test_the_run_queue_clock_reads_this_threads_wait_for_a_cpu() -> None:
+    from pointsman.telemetry.flowlog import _RunQueue
+
+    clock = _RunQueue()
+    first = clock.queued()
+    sum(range(100_000))  # some work, perhaps preempted
+    second = clock.queued()
+    clock.close()
+    assert 0.0 <= first <= second
+    assert clock.fd is None
