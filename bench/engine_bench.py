@@ -2,6 +2,7 @@
 
     python bench/engine_bench.py [--seconds 5] [--rounds 3] [--idle 8000] [--skip-idle]
                                  [--skip-redis] [--before DIR] [--raw] [--only NAME,...]
+                                 [--cpu-only]
 
 Proxies, each one process pinned to the same CPU:
 - `cython` / `python`: the REAL `pointsman run` (one process, `workers: 1`) on the compiled and
@@ -222,13 +223,17 @@ def start_haproxy(procs: Procs, backends: Backends, tmp: Path, cpu: str | None) 
 
 
 def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None, name: str,
-                    engine: str | None, full: bool, tree: Path) -> Proxy:
-    """`pointsman run` from `tree` (this checkout, or --before's), one process."""
+                    engine: str | None, extras: str, tree: Path) -> Proxy:
+    """`pointsman run` from `tree` (this checkout, or --before's), one process; `extras`: the
+    admin API ("a") and the flow log ("f") on."""
     proxy = Proxy(name)
     extra = ""
-    if full:
-        extra = (f'admin: {{bind: "{HOST}:{free_port()}"}}\n'
-                 f'flow_log: {{path: "{tmp}/flows-{name}.jsonl"}}\n')
+    if "a" in extras:
+        extra += f'admin: {{bind: "{HOST}:{free_port()}"}}\n'
+    if "f" in extras:
+        extra += f'flow_log: {{path: "{tmp}/flows-{name}.jsonl"}}\n'
+    if "n" in extras:  # the flow log's own cost without the file's (page cache) cost
+        extra += 'flow_log: {path: "/dev/null"}\n'
     conf = tmp / f"pointsman-{name}.yaml"
     conf.write_text(POINTSMAN.format(extra=extra, host=HOST, http=proxy.http, bulk=proxy.bulk,
                                      redis=proxy.redis, backend_http=backends.http,
@@ -380,7 +385,12 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true",
                         help="add the bare engines with the minimal policy (engine-cython/python)")
     parser.add_argument("--only", default="",
-                        help="comma-separated rows to run (haproxy is always there)")
+                        help="comma-separated rows to run (haproxy is always there); "
+                             "cython-flowlog, cython-admin, before-flowlog (one extra on) and "
+                             "cython-flowlog-null (to /dev/null) run only when named here")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="only the paired CPU per new connection (no keep-alive, bulk, "
+                             "redis or memory runs)")
     parser.add_argument("--no-nodelay", action="store_true",
                         help="the raw engines only: leave Nagle on (HAProxy's default)")
     args = parser.parse_args()
@@ -418,15 +428,21 @@ def main() -> None:
 def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
               args: argparse.Namespace, only: set[str]) -> list[Proxy]:
     proxies = []
-    rows: list[tuple[str, str | None, bool, Path]] = [
-        ("cython", "cython", True, ROOT), ("cython-bare", "cython", False, ROOT),
-        ("python", "python", True, ROOT), ("python-bare", "python", False, ROOT)]
+    rows: list[tuple[str, str | None, str, Path]] = [
+        ("cython", "cython", "af", ROOT), ("cython-bare", "cython", "", ROOT),
+        ("python", "python", "af", ROOT), ("python-bare", "python", "", ROOT)]
     if args.before is not None:
-        rows += [("before", None, True, args.before.resolve()),
-                 ("before-bare", None, False, args.before.resolve())]
-    for name, engine, full, tree in rows:
+        rows += [("before", None, "af", args.before.resolve()),
+                 ("before-bare", None, "", args.before.resolve())]
+    # Only when asked for by name: one of the two extras at a time.
+    opt_in = [("cython-flowlog", "cython", "f", ROOT), ("cython-admin", "cython", "a", ROOT),
+              ("cython-flowlog-null", "cython", "n", ROOT)]
+    if args.before is not None:
+        opt_in += [("before-flowlog", None, "f", args.before.resolve())]
+    rows += [row for row in opt_in if row[0] in only]
+    for name, engine, extras, tree in rows:
         if not only or name in only:
-            proxies.append(start_pointsman(procs, backends, tmp, cpu, name, engine, full, tree))
+            proxies.append(start_pointsman(procs, backends, tmp, cpu, name, engine, extras, tree))
     if args.raw:
         for engine in ("cython", "python"):
             if not only or f"engine-{engine}" in only:
@@ -445,6 +461,8 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
             results[name].setdefault("cpu_us_per_conn", []).append(user + system)
             results[name].setdefault("user_us", []).append(user)
             results[name].setdefault("sys_us", []).append(system)
+        if args.cpu_only:
+            continue
         print(f"round {round_ + 1}: CPU per keep-alive request (paired) ...", file=sys.stderr)
         for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu, round_,
                                                        close=False).items():
@@ -454,6 +472,8 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
         for proxy in turn:
             results[proxy.name].setdefault("keepalive_rps", []).append(
                 keepalive(proxy, args.seconds, load_cpu))
+    if args.cpu_only:
+        return results
     print("bulk ...", file=sys.stderr)
     for proxy in proxies:
         results[proxy.name]["bulk_gbps"] = [bulk(proxy, args.seconds, load_cpu)]
@@ -491,11 +511,12 @@ def ratio(column: str, ours: list[float], haproxy: list[float]) -> float:
 
 def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
     base = results["haproxy"]
-    print("\n| | " + " | ".join(COLUMNS) + " |")
-    print("|---" * (len(COLUMNS) + 1) + "|")
+    columns = [c for c in COLUMNS if c in base]
+    print("\n| | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for name, r in results.items():
         cells = []
-        for c in COLUMNS:
+        for c in columns:
             if c not in r:
                 cells.append("-")
                 continue

@@ -63,6 +63,11 @@ _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENE
                         errno.EOPNOTSUPP, errno.ENETUNREACH})
 LIVE_INTERVAL = 0.1  # seconds between refreshes of the live byte totals while connections run
 _perf_counter = time.perf_counter
+_CONNECT_FAILED = EndReason.CONNECT_FAILED  # looked up once, not on the enum per record
+# The flow log's `end` of each outcome (an enum member's .value is a Python-level descriptor).
+_END_TEXT: dict[EndReason | RejectReason, str] = {
+    **{reason: reason.value for reason in EndReason},
+    **{reason: f"rejected:{reason.value}" for reason in RejectReason}}
 
 
 class TcpListener(ConnectPolicy):
@@ -424,7 +429,7 @@ class TcpListener(ConnectPolicy):
                 durations.counts[bisect_left(durations.bounds, duration)] += 1
                 durations.sum += duration
                 durations.count += 1
-                if how is EndReason.CONNECT_FAILED:
+                if how is _CONNECT_FAILED:
                     stats.connect_failed += 1
             else:
                 rejected[how] += 1
@@ -448,9 +453,8 @@ class TcpListener(ConnectPolicy):
             if flow.source_key is not None and self.admission is not None:
                 self.admission.closed(flow.source_key)
             if sink is not None:
-                end = how.value if type(how) is EndReason else f"rejected:{how.value}"
                 sink(wall, self.name, flow.peer, flow.backend_id, bytes_in, bytes_out, duration,
-                     ttfb, end)
+                     ttfb, _END_TEXT[how])
         stats.active -= gone
         self.shedder.active -= gone
         BUDGET.used -= 2 * gone

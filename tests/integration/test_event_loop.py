@@ -1,8 +1,8 @@
 """Nothing blocks the event loop: reloads (file parsing and name resolution in a thread),
 discovery changes (validation in a thread), scrapes and status reads (rendered in a thread), and
-the flow log (written in a thread) run with asyncio's debug mode watching for any callback slower
-than 50 ms. Name resolution is made slow on purpose (a DNS server that takes 200 ms): done on the
-loop, every reload would show as a slow callback.
+the flow log (a file written on the loop, a chunk at a time) run with asyncio's debug mode
+watching for any callback slower than 50 ms. Name resolution is made slow on purpose (a DNS
+server that takes 200 ms): done on the loop, every reload would show as a slow callback.
 """
 
 from __future__ import annotations

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pointsman.telemetry.flowlog import FIELDS
+from tests.integration.udp_support import udp_clients, udp_echo
 from tests.support import (
     LOOPBACK,
     backend,
@@ -267,3 +269,24 @@ async def test_every_connection_is_one_whole_line_when_workers_share_the_file(
     assert {r["client"]: r["bytes_in"] for r in parsed} == sent
     assert all(r["bytes_out"] == r["bytes_in"] and r["end"] == "client_fin" for r in parsed)
     assert sum(r["bytes_in"] for r in parsed) == stats.bytes_in == MANY * (MANY + 1) // 2
+
+
+async def test_a_udp_session_is_one_record(tmp_path: Path) -> None:
+    """A UDP session's record: its listener, client, backend, bytes and end, the same fields."""
+    log = tmp_path / "flows.jsonl"
+    async with udp_echo() as peer:
+        port = free_port(kind=socket.SOCK_DGRAM)
+        text = yaml.safe_dump({
+            "listeners": [{"name": "u", "bind": f"{LOOPBACK}:{port}", "protocol": "udp",
+                           "pool": "p", "udp": {"session_timeout": "200ms"}}],
+            "pools": [{"name": "p", "backends": [{"address": peer.address, "name": "b0"}]}],
+            "flow_log": {"path": str(log)},
+        })
+        async with running(text), udp_clients((LOOPBACK, port), 1) as clients:
+            await clients[0].request(b"ping")
+            await wait_for(lambda: len(records(log)) == 1, 5.0, what="the session's record")
+    (record,) = records(log)
+    assert list(record) == list(FIELDS) and ISO_TIME.match(record["time"])
+    assert (record["protocol"], record["listener"], record["backend"]) == ("udp", "u", "b0")
+    assert (record["bytes_in"], record["bytes_out"]) == (4, 4)
+    assert record["end"] == "idle_timeout" and record["ttfb"] is None and record["duration"] > 0
