@@ -69,7 +69,11 @@ TABLE_REF = f"{FAMILY} {TABLE}"
 
 JsonCommand = dict[str, Any]
 
-_LISTENER_COUNTERS = ("new", "rejected", "in", "out", "denied")
+# No listener counter sits on the path of a forwarded packet: a listener's packets, bytes and
+# new flows are the sums of its backends' (stats.py), and `new` counts only the first packets no
+# backend took (refused or denied). A counter is a lookup and an atomic add per packet, and the
+# per-backend one is counted anyway.
+_LISTENER_COUNTERS = ("new", "rejected", "denied")
 ACL_SETS = ("allow", "deny")
 _BACKEND_MAPS = ("bnew", "bin", "bout")
 BACKEND_COUNTER_KINDS = ("new", "in", "out")
@@ -95,7 +99,7 @@ _HOOKS = {
 # Chains per mode in deletion order: base chains (which jump) before the chains they jump to.
 _CHAINS: dict[Nat, tuple[str, ...]] = {
     "conntrack": ("dnat", "dnat_local", "guard", "guard_local", "snat", "fwd", "count"),
-    "stateless": ("raw", "guard_local", "rev", "sin"),
+    "stateless": ("raw", "guard_local", "rev", "sin", "syn"),
 }
 
 
@@ -195,10 +199,12 @@ _SYN = "tcp flags & (syn | ack) == syn"
 """A TCP packet opening a flow (SYN without ACK): the stateless mode's "new flow"."""
 
 
-def _refuses(spec: ListenerSpec, n: Names) -> list[str]:
-    """The guard's rules: a packet still addressed to the VIP found no backend."""
-    return [f"{match} counter name \"{n.counter('rejected')}\" {_reject(spec)}"
-            for match in _vip_matches(spec)]
+def _refuses(spec: ListenerSpec, n: Names, new: bool = False) -> list[str]:
+    """The guard's rules: a packet still addressed to the VIP found no backend. `new`: it opens a
+    flow, so it counts as a new one too (a DNATed flow counts in its backend's `new` instead)."""
+    counted = (f"counter name \"{n.counter('new')}\" " if new else "") + \
+        f"counter name \"{n.counter('rejected')}\" {_reject(spec)}"
+    return [f"{match} {counted}" for match in _vip_matches(spec)]
 
 
 def _target_text(target: Target) -> str:
@@ -211,8 +217,7 @@ def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
     fam, proto = spec.family, spec.protocol
     rules: list[tuple[str, str]] = []
     for match in _vip_matches(spec):
-        dnat = (f"{match} counter name \"{n.counter('new')}\" "
-                f"dnat {fam} addr . port to {_index_expr(spec)} map @{n.slots}")
+        dnat = f"{match} dnat {fam} addr . port to {_index_expr(spec)} map @{n.slots}"
         for chain in ("dnat", "dnat_local"):
             rules += [(chain, f"{match} {drop}") for drop in _acl_drops(spec, n)]
             rules.append((chain, dnat))
@@ -224,8 +229,6 @@ def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
         rules += [("snat", f"{ct} masquerade") for ct in cts]
     rules += [("fwd", f"{ct} jump {n.chain('count')}") for ct in cts]
     rules += [
-        ("count", f"ct direction original counter name \"{n.counter('in')}\""),
-        ("count", f"ct direction reply counter name \"{n.counter('out')}\""),
         ("count", f"ct direction original counter name {fam} daddr . {proto} dport "
                   f"map @{n.backend_map('in')}"),
         ("count", f"ct direction reply counter name {fam} saddr . {proto} sport "
@@ -235,33 +238,36 @@ def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
 
 
 def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
+    """The per-packet path is short on purpose (docs/kernel.md, Measurements): a packet to the
+    VIP is rewritten and counted once, in its backend's counter, and accepted there; a TCP SYN
+    takes a chain of its own (l_web_syn: the lists, the backend's `new`), so the other packets
+    pass one flag test for it. What no slot took falls through to the refusals."""
     fam, proto = spec.family, spec.protocol
     index = _index_expr(spec)
     backend_in = f"{fam} daddr . {proto} dport"
     backend_out = f"{fam} saddr . {proto} sport"
-    # `in` counts only what was rewritten: refused packets count in `rejected`.
-    rewrite = (f"{fam} daddr set {index} map @{n.slot_addr} "
-               f"{proto} dport set {index} map @{n.slot_port} "
-               f"counter name \"{n.counter('in')}\" counter name {backend_in} map @{n.backend_map('in')}")
-    # The ACL drops only what opens a flow (a TCP SYN), so established flows go on; UDP has no
-    # such packet, so a denied source's datagrams are all dropped.
-    opening = f"{_SYN} " if proto == "tcp" else ""
+    # An empty slot fails the map lookups: nothing is rewritten and the refusal below takes it.
+    rewrite = f"{fam} daddr set {index} map @{n.slot_addr} {proto} dport set {index} map @{n.slot_port}"
+    count_in = f"counter name {backend_in} map @{n.backend_map('in')}"
     rules = [
         # goto: a packet to the VIP is done with this chain when l_web_sin is (no reply lookup).
         ("raw", f"{_vip_match(spec)} notrack goto {n.chain('sin')}"),
         ("raw", f"{backend_out} @{n.backends} fib daddr type != local notrack"),
-        *(("sin", f"{opening}{drop}") for drop in _acl_drops(spec, n)),
-        # An empty slot fails the map lookups: nothing is rewritten and the guard refuses the packet.
-        ("sin", rewrite),
     ]
     if proto == "tcp":
-        # Every SYN counts as new; only a rewritten one finds its backend's counter.
-        rules.append(("sin", f"{_SYN} counter name \"{n.counter('new')}\" "
-                             f"counter name {backend_in} map @{n.backend_map('new')}"))
+        # The lists judge only what opens a flow (a SYN), so established flows go on.
+        rules.append(("sin", f"{_SYN} goto {n.chain('syn')}"))
+        rules += [("syn", drop) for drop in _acl_drops(spec, n)]
+        rules.append(("syn", f"{rewrite} counter name {backend_in} map @{n.backend_map('new')} "
+                             f"{count_in} accept"))
+        rules += [("syn", refuse) for refuse in _refuses(spec, n, new=True)]
+    else:
+        # UDP has no packet that opens a flow: a denied source's datagrams are all dropped.
+        rules += [("sin", drop) for drop in _acl_drops(spec, n)]
+    rules.append(("sin", f"{rewrite} {count_in} accept"))
     rules += [("sin", refuse) for refuse in _refuses(spec, n)]
     # The counter-map lookup is also the match: it fails for any source that is not a backend.
     rules.append(("rev", f"counter name {backend_out} map @{n.backend_map('out')} "
-                         f"counter name \"{n.counter('out')}\" "
                          f"{fam} saddr set {spec.vip} {proto} sport set {spec.port}"))
     return rules
 
@@ -350,9 +356,12 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
         hook = _HOOKS.get(kind)
         lines.append(f"add chain {t} {n.chain(kind)}" + (f" {{ {hook} ; policy accept ; }}" if hook else ""))
     lines += [f"flush chain {t} {n.chain(kind)}" for kind in chains]
-    rules = [("guard_local", refuse) for refuse in _refuses(spec, n)]
-    if spec.nat == "conntrack":
-        rules += [("guard", refuse) for refuse in _refuses(spec, n)]
+    # conntrack: a refused first packet counts as new (its DNAT rule counts nothing: a DNATed
+    # flow counts in its backend's `new`). Stateless: local clients never reach l_web_sin.
+    conntrack = spec.nat == "conntrack"
+    rules = [("guard_local", refuse) for refuse in _refuses(spec, n, new=conntrack)]
+    if conntrack:
+        rules += [("guard", refuse) for refuse in _refuses(spec, n, new=True)]
     rules += _conntrack_rules(spec, n) if spec.nat == "conntrack" else _stateless_rules(spec, n)
     lines += [f"add rule {t} {n.chain(kind)} {rule}" for kind, rule in rules]
     if targets is not None:
@@ -395,7 +404,8 @@ def stop_new_flows_text(spec: ListenerSpec) -> str:
         return "".join(f"flush chain {t} {n.chain(kind)}\n" for kind in ("dnat", "dnat_local"))
     sin = n.chain("sin")
     if spec.protocol == "tcp":
-        return f"insert rule {t} {sin} {_SYN} counter name \"{n.counter('rejected')}\" {_reject(spec)}\n"
+        return (f"insert rule {t} {sin} {_SYN} counter name \"{n.counter('new')}\" "
+                f"counter name \"{n.counter('rejected')}\" {_reject(spec)}\n")
     return f"flush chain {t} {sin}\n" + "".join(f"add rule {t} {sin} {r}\n" for r in _refuses(spec, n))
 
 

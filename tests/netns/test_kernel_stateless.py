@@ -257,7 +257,7 @@ def test_shutdown_refuses_new_flows_and_lets_running_ones_finish(
     with pointsman(topo, tmp_path, stateless(topo, grace=8.0)) as proc:
         stream = Stream(topo, 2_000_000, 2.0, (topo.client_source(3), 56000))
         proc.popen.send_signal(15)
-        refusing = 'syn / syn,ack counter name "l_web_rejected"'
+        refusing = 'syn / syn,ack counter name "l_web_new" counter name "l_web_rejected"'
         wait_until(lambda: refusing in topo.lb.run("nft", "list", "chain", "inet", "pointsman", "l_web_sin",
                                                    check=False), 5.0, what="SYNs refused")
         with pytest.raises(ConnectionRefusedError):  # the guard's reset

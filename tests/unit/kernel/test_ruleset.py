@@ -38,9 +38,18 @@ def test_jhash_dnat_rule() -> None:
         'counter name "l_web_denied" drop',
         'ip daddr 10.99.100.1 tcp dport 80 ip saddr != @l_web_allow counter name "l_web_new" '
         'counter name "l_web_denied" drop',
-        'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" dnat ip addr . port to '
+        "ip daddr 10.99.100.1 tcp dport 80 dnat ip addr . port to "
         "jhash ip saddr mod 13 seed 0x706d616e map @l_web_slots"]
     assert rules(text, "l_web_dnat_local") == rules(text, "l_web_dnat")
+    # A DNATed flow counts in its backend's `new`; a refused one in the listener's.
+    refuse = ('ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" counter name "l_web_rejected" '
+              "reject with tcp reset")
+    assert rules(text, "l_web_guard") == rules(text, "l_web_guard_local") == [refuse]
+    # No listener counter on the forwarding path: its totals are the backends' sums.
+    assert rules(text, "l_web_count") == [
+        "ct direction original counter name ip daddr . tcp dport map @l_web_bin",
+        "ct direction reply counter name ip saddr . tcp sport map @l_web_bout"]
+    assert "l_web_in" not in text and "l_web_out" not in text
 
 
 def test_hash_key_with_port() -> None:
@@ -137,7 +146,7 @@ def test_a_port_range_is_one_rule_and_each_address_its_own() -> None:
     text = listener_text(spec(binds=(VipPorts("10.99.100.1", 30000, 30100),
                                      VipPorts("10.99.100.2", 80, 80))))
     dnat = [r for r in rules(text, "l_web_dnat") if " dnat " in r]
-    assert [r.split(" counter")[0] for r in dnat] == ["ip daddr 10.99.100.1 tcp dport 30000-30100",
+    assert [r.split(" dnat")[0] for r in dnat] == ["ip daddr 10.99.100.1 tcp dport 30000-30100",
                                                        "ip daddr 10.99.100.2 tcp dport 80"]
     assert all(r.endswith("map @l_web_slots") for r in dnat)  # to the backend's own port
     assert len(rules(text, "l_web_dnat")) == 6  # deny, allow, dnat per entry
@@ -168,20 +177,24 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
         "ip daddr 10.99.100.1 tcp dport 80 notrack goto l_web_sin",
         "ip saddr . tcp sport @l_web_backends fib daddr type != local notrack",
     ]
+    rewrite = f"ip daddr set {index} map @l_web_slot_addr tcp dport set {index} map @l_web_slot_port"
+    # A SYN takes its own chain; every other packet is rewritten, counted once and accepted.
     assert rules(text, "l_web_sin") == [
-        'tcp flags & (syn | ack) == syn ip saddr @l_web_deny counter name "l_web_new" '
-        'counter name "l_web_denied" drop',
-        'tcp flags & (syn | ack) == syn ip saddr != @l_web_allow counter name "l_web_new" '
-        'counter name "l_web_denied" drop',
-        f"ip daddr set {index} map @l_web_slot_addr tcp dport set {index} map @l_web_slot_port "
-        'counter name "l_web_in" counter name ip daddr . tcp dport map @l_web_bin',
-        'tcp flags & (syn | ack) == syn counter name "l_web_new" '
-        "counter name ip daddr . tcp dport map @l_web_bnew",
+        "tcp flags & (syn | ack) == syn goto l_web_syn",
+        f"{rewrite} counter name ip daddr . tcp dport map @l_web_bin accept",
         'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_rejected" reject with tcp reset',
     ]
+    assert rules(text, "l_web_syn") == [
+        'ip saddr @l_web_deny counter name "l_web_new" counter name "l_web_denied" drop',
+        'ip saddr != @l_web_allow counter name "l_web_new" counter name "l_web_denied" drop',
+        f"{rewrite} counter name ip daddr . tcp dport map @l_web_bnew "
+        "counter name ip daddr . tcp dport map @l_web_bin accept",
+        'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" counter name "l_web_rejected" '
+        "reject with tcp reset",
+    ]
     assert rules(text, "l_web_rev") == [
-        'counter name ip saddr . tcp sport map @l_web_bout counter name "l_web_out" '
-        "ip saddr set 10.99.100.1 tcp sport set 80"]
+        "counter name ip saddr . tcp sport map @l_web_bout ip saddr set 10.99.100.1 tcp sport set 80"]
+    assert "l_web_in" not in text and "l_web_out" not in text
     assert rules(text, "l_web_guard") == []  # the guard is l_web_sin's last rule
     assert rules(text, "l_web_guard_local")[0].endswith("reject with tcp reset")
     # raw before conntrack; replies rewritten after routing
@@ -252,7 +265,7 @@ def test_stateless_backends_join_the_reply_set() -> None:
 def test_stateless_stop_refuses_syns_only_for_tcp() -> None:
     assert stop_new_flows_text(stateless()) == (
         "insert rule inet pointsman l_web_sin tcp flags & (syn | ack) == syn "
-        'counter name "l_web_rejected" reject with tcp reset\n')
+        'counter name "l_web_new" counter name "l_web_rejected" reject with tcp reset\n')
     assert stop_new_flows_text(stateless(protocol="udp")) == (
         "flush chain inet pointsman l_web_sin\n"
         'add rule inet pointsman l_web_sin ip daddr 10.99.100.1 udp dport 80 counter name "l_web_rejected" '
@@ -262,7 +275,7 @@ def test_stateless_stop_refuses_syns_only_for_tcp() -> None:
 def test_stateless_removal() -> None:
     lines = remove_listener_text(stateless(), ["l_web_b0_in"]).splitlines()
     deleted = [line.split()[-1] for line in lines if line.startswith("delete chain")]
-    assert deleted == ["l_web_raw", "l_web_guard_local", "l_web_rev", "l_web_sin"]
+    assert deleted == ["l_web_raw", "l_web_guard_local", "l_web_rev", "l_web_sin", "l_web_syn"]
     assert "delete set inet pointsman l_web_backends" in lines
     assert "delete map inet pointsman l_web_slot_port" in lines
     assert not any("l_web_slots" in line or "l_web_dnat" in line for line in lines)
@@ -275,8 +288,8 @@ def test_switching_nat_mode_removes_only_the_other_modes_objects() -> None:
                     "l_web_count", "l_web_slots"]
     back = listener_text(spec(), previous="stateless").splitlines()
     gone = [line.split()[-1] for line in back if line.startswith("delete ")]
-    assert gone == ["l_web_raw", "l_web_rev", "l_web_sin", "l_web_slot_addr", "l_web_slot_port",
-                    "l_web_backends"]
+    assert gone == ["l_web_raw", "l_web_rev", "l_web_sin", "l_web_syn", "l_web_slot_addr",
+                    "l_web_slot_port", "l_web_backends"]
     assert "delete set inet pointsman l_web_backends" in back
     same = listener_text(spec(), previous="conntrack").splitlines()
     assert not any(line.startswith("delete") for line in same)
