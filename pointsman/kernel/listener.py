@@ -507,4 +507,5 @@ class KernelListener:
         await self._refresh()  # the final counts stay readable after the objects are gone
         spec = self._state.spec or self.spec
         await self._table.release(self.name, self,
-                                  remove_listener_text(spec, self.backend_counter_names()))
+                                  remove_listener_text(spec, self.backend_counter_names(),
+                                                       self._state.counter_index.keys()))

@@ -97,7 +97,8 @@ def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView],
         previous = state.spec.nat if state.spec is not None else None
         # The reply set (stateless) is refilled with every backend that has counters now; the
         # leaving ones are then deleted with their counters, the joining ones added.
-        text = listener_text(spec, targets, previous, backends=state.counter_index.keys(), acl=acl)
+        text = listener_text(spec, targets, previous, backends=state.counter_index.keys(), acl=acl,
+                             was=state.spec)
         return Transaction(text, joining + leaving, joining + leaving, after, len(targets), changed)
     diff = slot_diff(old, targets)
     sets = acl_commands(spec, state.acl, acl) if state.acl != acl else []

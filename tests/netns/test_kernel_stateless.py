@@ -275,7 +275,7 @@ def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
         assert stream.backend == maglev_choice(topo, SLOTS, *source, "source_ip_port")
         proc.path.write_text(stateless(topo))
         proc.reload()
-        wait_until(lambda: "l_web_raw" in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
+        wait_until(lambda: "l_web_syn" in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
                    5.0, what="the stateless rules")
         rules = json.loads(topo.lb.run("nft", "-j", "list", "table", "inet", "pointsman"))["nftables"]
         assert not any(item.get("chain", {}).get("name") == "l_web_dnat" for item in rules)

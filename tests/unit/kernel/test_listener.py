@@ -322,10 +322,13 @@ async def started_stateless(table: KernelTable, protocol: str = "tcp") -> tuple[
 async def test_stateless_start_writes_the_stateless_objects(table: KernelTable) -> None:
     kernel, backends = await started_stateless(table)
     structure = texts()[1]
-    assert "add chain inet pointsman l_web_raw" in structure and "dnat" not in structure
-    members = [c["add"]["element"]["elem"] for c in jsons()[0]
-               if c.get("add", {}).get("element", {}).get("name") == "l_web_backends"]
-    assert len(members) == 3
+    assert "add chain inet pointsman l_web_sin" in structure and "dnat" not in structure
+    vip = "add element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 : goto l_web_sin }"
+    assert vip in structure
+    for name in ("stateless_replies4", "stateless_rev4"):
+        members = [c["add"]["element"]["elem"] for c in jsons()[0]
+                   if c.get("add", {}).get("element", {}).get("name") == name]
+        assert len(members) == 3
     backends.health_verdict("b2", False, "test")
     await settle(kernel, 2)
     names = {c[verb]["element"]["name"] for c in jsons()[-1] for verb in c}
@@ -376,9 +379,18 @@ async def test_reload_switches_the_nat_mode(table: KernelTable) -> None:
     assert kernel.spec.nat == "stateless"
     switched = texts()[-1]
     assert switched.index("delete chain inet pointsman l_web_dnat\n") < switched.index(
-        "add chain inet pointsman l_web_raw")
-    assert "add element inet pointsman l_web_backends { 10.99.11.2 . 8080, 10.99.12.2 . 8080, " \
-           "10.99.13.2 . 8080 }" in switched
+        "add chain inet pointsman l_web_sin")
+    for i in (11, 12, 13):
+        assert f"add element inet pointsman stateless_rev4 {{ 10.99.{i}.2 . tcp . 8080 : goto l_web_rev }}" \
+            in switched
+    # and back: the shared dispatch's entries go before the chains they name
+    kernel.reconfigure(listener(), Pool(pool(hash_key="source_ip_port")))
+    await settle(kernel, 3)
+    back = texts()[-1]
+    assert back.index("delete element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 }") < \
+        back.index("delete chain inet pointsman l_web_sin")
+    assert "delete element inet pointsman stateless_rev4 { 10.99.13.2 . tcp . 8080 }" in back
+    assert "stateless_in" not in back.split("delete chain inet pointsman l_web_sin")[1]
 
 
 # --- nothing blocks the loop -------------------------------------------------------------------------
