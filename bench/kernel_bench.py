@@ -487,7 +487,7 @@ def main() -> None:
     parser.add_argument("--perf", action="store_true",
                         help="profile each measurement (perf record -a): netfilter's share of the CPU")
     parser.add_argument("--tests", default=",".join(TESTS), help=f"comma-separated, from {', '.join(TESTS)}")
-    parser.add_argument("--ways", default=",".join(WAYS),
+    parser.add_argument("--ways", default=",".join(w for w in WAYS if not w.endswith("_base")),
                         help=f"comma-separated, from {', '.join(WAYS)}")
     parser.add_argument("--base-tree", type=Path,
                         help="a directory holding another version's pointsman package, for the *_base ways")
