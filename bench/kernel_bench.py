@@ -17,7 +17,10 @@ through the lb namespace:
   pointsman's counting chains;
 - nft_stateless_bare: the stateless floor, not pointsman: notrack and a constant rewrite each way
   (no slot map, no counters, no guard);
-- haproxy: HAProxy 2.6 in `mode tcp` (two threads) on the lb's own address, the same two ports.
+- haproxy: HAProxy 2.6 in `mode tcp` (two threads) on the lb's own address, the same two ports;
+- conntrack_base, stateless_base (with `--base-tree DIR`): conntrack and stateless with the
+  pointsman package of another tree (say `git archive <commit> pointsman | tar -x -C DIR`), to
+  compare two versions of the ruleset in the same run, round by round.
 
 Both pointsman ways use `snat: none` (the backend routes replies through the lb), so they differ
 only in the NAT mode. Per way: keep-alive requests/s (wrk, 64 connections), new connections/s (wrk,
@@ -67,7 +70,10 @@ from tests.netns.netns_support import (  # noqa: E402
 HTTP_PORT = 80
 BULK_PORT = 5201
 READY_DEADLINE = 10.0
-WAYS = ("direct", "conntrack", "stateless", "nft_bare", "nft_stateless_bare", "haproxy")
+WAYS = ("direct", "conntrack", "stateless", "nft_bare", "nft_stateless_bare", "haproxy",
+        "conntrack_base", "stateless_base")
+BASE_TREE: Path | None = None
+"""--base-tree: where the *_base ways import pointsman from."""
 TESTS = ("keepalive_rps", "newconn_rps", "bulk_gbps")
 UNITS = {"keepalive_rps": "request", "newconn_rps": "request", "bulk_gbps": "MB"}
 
@@ -270,6 +276,27 @@ def iperf(topo: LbTopology, host: str, seconds: int) -> tuple[float, int]:
 
 
 @contextlib.contextmanager
+def base_tree(wanted: bool) -> Iterator[None]:
+    """Start processes (`python -m pointsman`) that import pointsman from BASE_TREE: `-m` puts
+    the working directory first on the path, ahead of this tree's editable install."""
+    if not wanted:
+        yield
+        return
+    assert BASE_TREE is not None
+    home, path = os.getcwd(), os.environ.get("PYTHONPATH")
+    os.chdir(BASE_TREE)
+    os.environ["PYTHONPATH"] = str(BASE_TREE)
+    try:
+        yield
+    finally:
+        os.chdir(home)
+        if path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = path
+
+
+@contextlib.contextmanager
 def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[int]]]:
     """Set up one way through the lb; yields the address the client connects to and the processes
     that carry its traffic besides the servers (HAProxy)."""
@@ -290,8 +317,10 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[
             yield VIP, []
         finally:
             topo.lb.run("nft", "delete table ip sbare")
-    elif name in ("conntrack", "stateless"):
-        proc = PointsmanInNetns(topo.lb, pointsman_config(backend, name), workdir, listeners=2)
+    elif name in ("conntrack", "stateless", "conntrack_base", "stateless_base"):
+        nat = name.removesuffix("_base")
+        with base_tree(name.endswith("_base")):
+            proc = PointsmanInNetns(topo.lb, pointsman_config(backend, nat), workdir, listeners=2)
         try:
             yield VIP, []
         finally:
@@ -412,6 +441,8 @@ def run(seconds: int, rounds: int, ways: tuple[str, ...], profile: bool, tests: 
 
 
 RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "conntrack"),
+          ("conntrack_base", "direct"), ("stateless_base", "direct"), ("stateless", "stateless_base"),
+          ("conntrack", "conntrack_base"),
           ("nft_stateless_bare", "direct"), ("stateless", "nft_stateless_bare"),
           ("nft_bare", "direct"), ("conntrack", "nft_bare"), ("haproxy", "direct"),
           ("stateless", "haproxy"))
@@ -456,10 +487,17 @@ def main() -> None:
     parser.add_argument("--perf", action="store_true",
                         help="profile each measurement (perf record -a): netfilter's share of the CPU")
     parser.add_argument("--tests", default=",".join(TESTS), help=f"comma-separated, from {', '.join(TESTS)}")
-    parser.add_argument("--ways", default=",".join(WAYS),
+    parser.add_argument("--ways", default=",".join(w for w in WAYS if not w.endswith("_base")),
                         help=f"comma-separated, from {', '.join(WAYS)}")
+    parser.add_argument("--base-tree", type=Path,
+                        help="a directory holding another version's pointsman package, for the *_base ways")
     args = parser.parse_args()
     ways = tuple(w for w in args.ways.split(",") if w)
+    global BASE_TREE
+    BASE_TREE = args.base_tree.resolve() if args.base_tree is not None else None
+    based = BASE_TREE is not None and (BASE_TREE / "pointsman").is_dir()
+    if any(w.endswith("_base") for w in ways) and not based:
+        sys.exit("kernel_bench: the *_base ways need --base-tree DIR with DIR/pointsman")
     tests = tuple(t for t in args.tests.split(",") if t)
     unknown = (set(ways) - set(WAYS)) | (set(tests) - set(TESTS))
     if unknown:

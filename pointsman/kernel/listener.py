@@ -37,7 +37,8 @@ import functools
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -243,9 +244,20 @@ class KernelListener:
         if ready is None:
             assert todo is not None
             ready = plan(self._state, todo[0], todo[1].backends, todo[2])
+        after, leaving = ready.after, self._state.leaving(ready.after)
+        if leaving:  # their counts stay in the listener's totals (read just before they go)
+            after = replace(after, retired=after.retired.plus(self.name, self._counters_now(), leaving))
         apply(nft, ready, self.name)
-        self._state = ready.after
+        self._state = after
         return ready
+
+    def _counters_now(self) -> Mapping[str, CounterValue]:
+        """The table's counters read now (the table's thread), else the last reading."""
+        try:
+            return read_counters(TABLE)
+        except OSError as exc:
+            log.warning("kernel listener %s: reading counters failed: %s", self.name, exc)
+            return self._reading.counters
 
     def _record(self, done: Transaction | None) -> bool:
         if done is None:
@@ -295,7 +307,8 @@ class KernelListener:
                     for target, index in state.counter_index.items()}
         age = time.monotonic() - reading.at if reading.at else 0.0
         return KernelListenerStats.read(self.name, reading.counters, backends, self.spec.slots,
-                                        self.updates.copy(), reading.conntrack, self.spec.nat, age)
+                                        self.updates.copy(), reading.conntrack, self.spec.nat, age,
+                                        state.retired)
 
     @property
     def stats(self) -> KernelListenerStats:
@@ -416,8 +429,11 @@ class KernelListener:
         except OSError:
             return (-1, -1)
         zero = CounterValue(0, 0)
-        return (counters.get(self._names.counter("in"), zero).packets,
-                counters.get(self._names.counter("out"), zero).packets)
+        indices = self._state.counter_index.values()
+        packets_in, packets_out = (
+            sum(counters.get(self._names.backend_counter(i, kind), zero).packets for i in indices)
+            for kind in ("in", "out"))
+        return packets_in, packets_out
 
     async def _cut_all(self) -> int:
         spec = self._state.spec or self.spec
@@ -491,4 +507,5 @@ class KernelListener:
         await self._refresh()  # the final counts stay readable after the objects are gone
         spec = self._state.spec or self.spec
         await self._table.release(self.name, self,
-                                  remove_listener_text(spec, self.backend_counter_names()))
+                                  remove_listener_text(spec, self.backend_counter_names(),
+                                                       self._state.counter_index.keys()))

@@ -33,6 +33,7 @@ from pointsman.kernel.ruleset import (
     replace_slots_commands,
     slot_commands,
 )
+from pointsman.kernel.stats import NO_RETIRED, Retired
 from pointsman.pool.snapshot import BackendView
 from pointsman.protect.acl import AclLists
 
@@ -50,6 +51,13 @@ class Programmed:
     slot_counts: Mapping[Target, int] = field(default_factory=lambda: MappingProxyType({}))
     acl: KernelAcl | None = None  # the allow/deny sets (None: unknown or not written)
     acl_lists: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # what `acl` was made from
+    # What the counters of backends already removed had counted (the listener's totals are sums
+    # over its backends): the writer adds to it when a transaction removes counters.
+    retired: Retired = NO_RETIRED
+
+    def leaving(self, after: Programmed) -> list[int]:
+        """Counter indices of backends that have counters here and none in `after`."""
+        return [i for t, i in self.counter_index.items() if t not in after.counter_index]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +88,8 @@ def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView],
     for target in sorted(index.keys() - wanted):
         leaving += remove_backend_commands(spec, index.pop(target), target)
     after = Programmed(spec, targets, MappingProxyType(index), next_index,
-                       MappingProxyType(Counter(t for t in targets if t is not None)), acl, acl_lists)
+                       MappingProxyType(Counter(t for t in targets if t is not None)), acl, acl_lists,
+                       state.retired)
     old = state.slots
     comparable = old is not None and len(old) == len(targets)
     changed = sum(a != b for a, b in zip(old, targets, strict=True)) if comparable and old else 0
@@ -88,7 +97,8 @@ def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView],
         previous = state.spec.nat if state.spec is not None else None
         # The reply set (stateless) is refilled with every backend that has counters now; the
         # leaving ones are then deleted with their counters, the joining ones added.
-        text = listener_text(spec, targets, previous, backends=state.counter_index.keys(), acl=acl)
+        text = listener_text(spec, targets, previous, backends=state.counter_index.keys(), acl=acl,
+                             was=state.spec)
         return Transaction(text, joining + leaving, joining + leaving, after, len(targets), changed)
     diff = slot_diff(old, targets)
     sets = acl_commands(spec, state.acl, acl) if state.acl != acl else []

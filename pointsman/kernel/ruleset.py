@@ -5,24 +5,29 @@ listener owns its objects, all named `l_<listener>_...`, so listeners come and g
 Both NAT modes share the counters, the per-backend counter maps, the allow/deny sets and the
 local guard:
 
-    counter l_web_new, l_web_rejected, l_web_in, l_web_out, l_web_denied   per listener
+    counter l_web_new, l_web_rejected, l_web_denied                 per listener (never on the
+                                                                    forwarding path: first packets
+                                                                    no backend took)
     counter l_web_b<k>_new, _in, _out                               per backend (k: a stable index)
     map     l_web_bnew, l_web_bin, l_web_bout  { ipv4_addr . inet_service : counter }
     set     l_web_allow, l_web_deny  { ipv4_addr; flags interval }  the lists (kernel/acl.py)
     chain   l_web_guard_local filter output      -90   local clients no slot took: reset / ICMP
 
-The lists drop what they refuse before anything else of the listener looks at a packet: in the
-DNAT chains (conntrack: only a flow's first packet ever gets there, so established flows are
-never judged again) or, stateless, for TCP SYNs at the top of l_web_sin. Each `bind` entry (an
-address and a port or a port range, `spec.entries`) gets its own match in every rule that names
-the VIP; a range is one match (`tcp dport 30000-30100`), DNATed to the backend's port.
+A forwarded packet is counted once, in its backend's counter; the listener's totals are the sums
+(stats.py), so a listener costs no counter of its own per packet. The lists drop what they
+refuse before anything else of the listener looks at a packet: in the DNAT chains (conntrack:
+only a flow's first packet ever gets there, so established flows are never judged again) or,
+stateless, for TCP SYNs in l_web_syn. Each `bind` entry (an address and a port or a port range,
+`spec.entries`) gets its own match in every rule that names the VIP; a range is one match
+(`tcp dport 30000-30100`), DNATed to the backend's port.
 
 `nat: conntrack` (DNAT; the binding lives in each flow's conntrack entry):
 
     map     l_web_slots  { typeof numgen inc mod 2 : ip daddr . tcp dport }   slot -> backend
-    chain   l_web_dnat        nat    prerouting  -100  count new, DNAT through the slot map
-    chain   l_web_guard       filter prerouting  -90   no slot matched: reset / ICMP (only packets
-                                                       still addressed to the VIP reach it)
+    chain   l_web_dnat        nat    prerouting  -100  DNAT through the slot map
+    chain   l_web_guard       filter prerouting  -90   no slot matched: reset / ICMP, counted new
+                                                       (only packets still addressed to the VIP
+                                                       reach it)
     chain   l_web_dnat_local  nat    output      -100  the same for clients on this host
     chain   l_web_snat        nat    postrouting 100   per-backend new flows; masquerade
     chain   l_web_fwd         filter forward     10    -> l_web_count: bytes both ways
@@ -31,23 +36,33 @@ A NAT chain only sees a flow's first packet, so new-flow counters live there and
 live in the forward chain (after DNAT, before SNAT: the backend is `daddr` going in, `saddr`
 coming back).
 
-`nat: stateless` (notrack; every packet rewritten, no state anywhere):
+`nat: stateless` (notrack; every packet rewritten, no state anywhere). Every stateless listener
+of the table shares two base chains, which dispatch by verdict maps, so a packet crosses one
+chain per hook however many listeners there are:
+
+    map     stateless_vips4   { ipv4_addr . inet_proto . inet_service : verdict }  VIP -> goto l_web_sin
+    set     stateless_replies4 { ipv4_addr . inet_proto . inet_service }  backends: replies, notrack
+    map     stateless_rev4    { ipv4_addr . inet_proto . inet_service : verdict }  backend -> goto l_web_rev
+    chain   stateless_in   filter prerouting  -300  VIP packets -> their listener; replies notrack
+    chain   stateless_out  filter postrouting  100  replies -> their listener's l_web_rev
+    (and the same three for IPv6, ..6)
+
+and each listener has:
 
     map     l_web_slot_addr  { typeof numgen inc mod 2 : ip daddr }   slot -> backend address
     map     l_web_slot_port  { typeof numgen inc mod 2 : tcp dport }  slot -> backend port
-    set     l_web_backends   { ipv4_addr . inet_service }             replies come from these
-    chain   l_web_raw   filter prerouting  -300  notrack both ways; VIP packets -> l_web_sin
-    chain   l_web_sin   (regular)                rewrite the destination from the slot, count,
-                                             refuse what no slot took (the guard lives here:
-                                             one prerouting hook fewer for every packet)
-    chain   l_web_rev   filter postrouting  100  replies: count, rewrite the source to the VIP
+    chain   l_web_sin   (regular)  notrack; rewrite the destination from the slot, count in the
+                                   backend's counter, accept; refuse what no slot took
+    chain   l_web_syn   (regular)  TCP SYNs: the lists, then the same with the backend's `new`
+    chain   l_web_rev   (regular)  replies: count, rewrite the source to the VIP
 
 -300 is the raw priority: notrack must come before conntrack (-200) sees the packet. The two slot
 maps are indexed by the same jhash expression (computed twice, over the source, which the rewrite
 does not touch) and always change in the same transaction, so they act as one map of the slots the
 conntrack mode uses. Replies are rewritten after routing (postrouting): a VIP source before
 routing would fail the reverse-path and martian checks. Replies to addresses of this host (health
-checks) stay tracked. New-flow counts are TCP SYNs (retransmissions included); UDP has none.
+checks) stay tracked. New-flow counts are TCP SYNs (retransmissions included); UDP has none. The
+shared chains and maps stay while the table does (the last listener's removal deletes it).
 
 Structure is written as text (nft 1.0.6 cannot read its own JSON for `typeof` and concatenated
 maps); element changes are JSON. Each is one transaction, so the kernel never sees a half-written
@@ -69,7 +84,11 @@ TABLE_REF = f"{FAMILY} {TABLE}"
 
 JsonCommand = dict[str, Any]
 
-_LISTENER_COUNTERS = ("new", "rejected", "in", "out", "denied")
+# No listener counter sits on the path of a forwarded packet: a listener's packets, bytes and
+# new flows are the sums of its backends' (stats.py), and `new` counts only the first packets no
+# backend took (refused or denied). A counter is a lookup and an atomic add per packet, and the
+# per-backend one is counted anyway.
+_LISTENER_COUNTERS = ("new", "rejected", "denied")
 ACL_SETS = ("allow", "deny")
 _BACKEND_MAPS = ("bnew", "bin", "bout")
 BACKEND_COUNTER_KINDS = ("new", "in", "out")
@@ -88,15 +107,89 @@ _HOOKS = {
     "guard_local": f"type filter hook output priority {PRIORITY_GUARD}",
     "snat": f"type nat hook postrouting priority {PRIORITY_SRCNAT}",
     "fwd": f"type filter hook forward priority {PRIORITY_COUNT}",
-    "raw": f"type filter hook prerouting priority {PRIORITY_RAW}",
-    "rev": f"type filter hook postrouting priority {PRIORITY_SRCNAT}",
 }
 
 # Chains per mode in deletion order: base chains (which jump) before the chains they jump to.
 _CHAINS: dict[Nat, tuple[str, ...]] = {
     "conntrack": ("dnat", "dnat_local", "guard", "guard_local", "snat", "fwd", "count"),
-    "stateless": ("raw", "guard_local", "rev", "sin"),
+    "stateless": ("guard_local", "rev", "sin", "syn"),
 }
+
+# Shared by every stateless listener of the table: one base chain per hook, dispatching by a
+# verdict map on (address, protocol, port), so a packet crosses one chain whatever the number
+# of listeners, and a packet of no listener costs one lookup per family and hook.
+SHARED_IN = "stateless_in"  # filter prerouting -300: VIP packets -> l_<name>_sin; replies notrack
+SHARED_OUT = "stateless_out"  # filter postrouting 100: replies -> l_<name>_rev
+_SHARED_HOOKS = {
+    SHARED_IN: f"type filter hook prerouting priority {PRIORITY_RAW}",
+    SHARED_OUT: f"type filter hook postrouting priority {PRIORITY_SRCNAT}",
+}
+_FAMILIES = (("ip", "4", "ipv4_addr"), ("ip6", "6", "ipv6_addr"))
+
+
+def shared_vips(family: str) -> str:
+    """VIP . protocol . port -> goto the listener's l_<name>_sin."""
+    return f"stateless_vips{'6' if family == 'ip6' else '4'}"
+
+
+def shared_replies(family: str) -> str:
+    """Backend address . protocol . port of every stateless listener: replies, not tracked."""
+    return f"stateless_replies{'6' if family == 'ip6' else '4'}"
+
+
+def shared_rev(family: str) -> str:
+    """Backend address . protocol . port -> goto the listener's l_<name>_rev."""
+    return f"stateless_rev{'6' if family == 'ip6' else '4'}"
+
+
+def _shared_text() -> list[str]:
+    """The shared dispatch (idempotent: re-created by every stateless listener's structure)."""
+    t = TABLE_REF
+    lines = []
+    for fam, _, addr in _FAMILIES:
+        key = f"{addr} . inet_proto . inet_service"
+        lines += [f"add map {t} {shared_vips(fam)} {{ type {key} : verdict ; }}",
+                  f"add set {t} {shared_replies(fam)} {{ type {key} ; }}",
+                  f"add map {t} {shared_rev(fam)} {{ type {key} : verdict ; }}"]
+    for chain, hook in _SHARED_HOOKS.items():
+        lines += [f"add chain {t} {chain} {{ {hook} ; policy accept ; }}", f"flush chain {t} {chain}"]
+    for fam, _, _ in _FAMILIES:
+        lines.append(f"add rule {t} {SHARED_IN} {fam} daddr . meta l4proto . th dport "
+                     f"vmap @{shared_vips(fam)}")
+    for fam, _, _ in _FAMILIES:
+        # Replies to this host's own addresses (health checks) stay tracked.
+        lines.append(f"add rule {t} {SHARED_IN} {fam} saddr . meta l4proto . th sport "
+                     f"@{shared_replies(fam)} fib daddr type != local notrack")
+    for fam, _, _ in _FAMILIES:
+        lines.append(f"add rule {t} {SHARED_OUT} {fam} saddr . meta l4proto . th sport "
+                     f"vmap @{shared_rev(fam)}")
+    return lines
+
+
+def _key_text(spec: ListenerSpec, address: str, port: int) -> str:
+    return f"{address} . {spec.protocol} . {port}"
+
+
+def _dispatch_elements(spec: ListenerSpec, backends: Iterable[Target]) -> list[tuple[str, str]]:
+    """(shared set or map, element text) of one stateless listener: its VIP and its backends."""
+    n = Names(spec.name)
+    elements = [(shared_vips(spec.family), f"{_key_text(spec, spec.vip, spec.port)} : goto {n.chain('sin')}")]
+    for address, port in sorted(set(backends)):
+        key = _key_text(spec, address, port)
+        elements += [(shared_replies(spec.family), key),
+                     (shared_rev(spec.family), f"{key} : goto {n.chain('rev')}")]
+    return elements
+
+
+def _dispatch_removal(spec: ListenerSpec, backends: Iterable[Target]) -> list[str]:
+    """Delete the listener's dispatch elements, whether or not they are there: nft 1.0.6 has no
+    `destroy`, and `add` of an element that exists is a no-op, so add, then delete."""
+    t = TABLE_REF
+    lines = []
+    for name, element in _dispatch_elements(spec, backends):
+        key = element.split(" : ")[0]
+        lines += [f"add element {t} {name} {{ {element} }}", f"delete element {t} {name} {{ {key} }}"]
+    return lines
 
 
 class Names:
@@ -128,10 +221,6 @@ class Names:
     def slot_port(self) -> str:
         return f"{self.prefix}_slot_port"
 
-    @property
-    def backends(self) -> str:
-        return f"{self.prefix}_backends"
-
     def acl(self, kind: str) -> str:
         """The allow or deny set (kernel/acl.py)."""
         return f"{self.prefix}_{kind}"
@@ -143,8 +232,8 @@ class Names:
         return name.startswith(self.prefix + "_")
 
     def mode_maps(self, nat: Nat) -> tuple[str, ...]:
-        """Maps and sets only one NAT mode uses (deleted when a reload switches modes)."""
-        return (self.slots,) if nat == "conntrack" else (self.slot_addr, self.slot_port, self.backends)
+        """Maps only one NAT mode uses (deleted when a reload switches modes)."""
+        return (self.slots,) if nat == "conntrack" else (self.slot_addr, self.slot_port)
 
 
 def _addr_type(spec: ListenerSpec) -> str:
@@ -154,11 +243,6 @@ def _addr_type(spec: ListenerSpec) -> str:
 def _vip_matches(spec: ListenerSpec) -> list[str]:
     """Packets to the listener: one match per bind entry (a port range is one match)."""
     return [f"{spec.family} daddr {e.address} {spec.protocol} dport {e.ports}" for e in spec.entries]
-
-
-def _vip_match(spec: ListenerSpec) -> str:
-    """The one VIP and port of a stateless listener (plan.spec_for allows no more)."""
-    return f"{spec.family} daddr {spec.vip} {spec.protocol} dport {spec.port}"
 
 
 def _ct_matches(spec: ListenerSpec) -> list[str]:
@@ -195,10 +279,12 @@ _SYN = "tcp flags & (syn | ack) == syn"
 """A TCP packet opening a flow (SYN without ACK): the stateless mode's "new flow"."""
 
 
-def _refuses(spec: ListenerSpec, n: Names) -> list[str]:
-    """The guard's rules: a packet still addressed to the VIP found no backend."""
-    return [f"{match} counter name \"{n.counter('rejected')}\" {_reject(spec)}"
-            for match in _vip_matches(spec)]
+def _refuses(spec: ListenerSpec, n: Names, new: bool = False) -> list[str]:
+    """The guard's rules: a packet still addressed to the VIP found no backend. `new`: it opens a
+    flow, so it counts as a new one too (a DNATed flow counts in its backend's `new` instead)."""
+    counted = (f"counter name \"{n.counter('new')}\" " if new else "") + \
+        f"counter name \"{n.counter('rejected')}\" {_reject(spec)}"
+    return [f"{match} {counted}" for match in _vip_matches(spec)]
 
 
 def _target_text(target: Target) -> str:
@@ -211,8 +297,7 @@ def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
     fam, proto = spec.family, spec.protocol
     rules: list[tuple[str, str]] = []
     for match in _vip_matches(spec):
-        dnat = (f"{match} counter name \"{n.counter('new')}\" "
-                f"dnat {fam} addr . port to {_index_expr(spec)} map @{n.slots}")
+        dnat = f"{match} dnat {fam} addr . port to {_index_expr(spec)} map @{n.slots}"
         for chain in ("dnat", "dnat_local"):
             rules += [(chain, f"{match} {drop}") for drop in _acl_drops(spec, n)]
             rules.append((chain, dnat))
@@ -224,8 +309,6 @@ def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
         rules += [("snat", f"{ct} masquerade") for ct in cts]
     rules += [("fwd", f"{ct} jump {n.chain('count')}") for ct in cts]
     rules += [
-        ("count", f"ct direction original counter name \"{n.counter('in')}\""),
-        ("count", f"ct direction reply counter name \"{n.counter('out')}\""),
         ("count", f"ct direction original counter name {fam} daddr . {proto} dport "
                   f"map @{n.backend_map('in')}"),
         ("count", f"ct direction reply counter name {fam} saddr . {proto} sport "
@@ -235,33 +318,33 @@ def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
 
 
 def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
+    """The per-packet path is short on purpose (docs/kernel.md, Measurements): a packet to the
+    VIP is rewritten and counted once, in its backend's counter, and accepted there; a TCP SYN
+    takes a chain of its own (l_web_syn: the lists, the backend's `new`), so the other packets
+    pass one flag test for it. What no slot took falls through to the refusals."""
     fam, proto = spec.family, spec.protocol
     index = _index_expr(spec)
     backend_in = f"{fam} daddr . {proto} dport"
     backend_out = f"{fam} saddr . {proto} sport"
-    # `in` counts only what was rewritten: refused packets count in `rejected`.
-    rewrite = (f"{fam} daddr set {index} map @{n.slot_addr} "
-               f"{proto} dport set {index} map @{n.slot_port} "
-               f"counter name \"{n.counter('in')}\" counter name {backend_in} map @{n.backend_map('in')}")
-    # The ACL drops only what opens a flow (a TCP SYN), so established flows go on; UDP has no
-    # such packet, so a denied source's datagrams are all dropped.
-    opening = f"{_SYN} " if proto == "tcp" else ""
-    rules = [
-        # goto: a packet to the VIP is done with this chain when l_web_sin is (no reply lookup).
-        ("raw", f"{_vip_match(spec)} notrack goto {n.chain('sin')}"),
-        ("raw", f"{backend_out} @{n.backends} fib daddr type != local notrack"),
-        *(("sin", f"{opening}{drop}") for drop in _acl_drops(spec, n)),
-        # An empty slot fails the map lookups: nothing is rewritten and the guard refuses the packet.
-        ("sin", rewrite),
-    ]
+    # An empty slot fails the map lookups: nothing is rewritten and the refusal below takes it.
+    rewrite = f"{fam} daddr set {index} map @{n.slot_addr} {proto} dport set {index} map @{n.slot_port}"
+    count_in = f"counter name {backend_in} map @{n.backend_map('in')}"
+    # The shared prerouting chain sends the VIP's packets here (its verdict map).
+    rules = [("sin", "notrack")]
     if proto == "tcp":
-        # Every SYN counts as new; only a rewritten one finds its backend's counter.
-        rules.append(("sin", f"{_SYN} counter name \"{n.counter('new')}\" "
-                             f"counter name {backend_in} map @{n.backend_map('new')}"))
+        # The lists judge only what opens a flow (a SYN), so established flows go on.
+        rules.append(("sin", f"{_SYN} goto {n.chain('syn')}"))
+        rules += [("syn", drop) for drop in _acl_drops(spec, n)]
+        rules.append(("syn", f"{rewrite} counter name {backend_in} map @{n.backend_map('new')} "
+                             f"{count_in} accept"))
+        rules += [("syn", refuse) for refuse in _refuses(spec, n, new=True)]
+    else:
+        # UDP has no packet that opens a flow: a denied source's datagrams are all dropped.
+        rules += [("sin", drop) for drop in _acl_drops(spec, n)]
+    rules.append(("sin", f"{rewrite} {count_in} accept"))
     rules += [("sin", refuse) for refuse in _refuses(spec, n)]
     # The counter-map lookup is also the match: it fails for any source that is not a backend.
     rules.append(("rev", f"counter name {backend_out} map @{n.backend_map('out')} "
-                         f"counter name \"{n.counter('out')}\" "
                          f"{fam} saddr set {spec.vip} {proto} sport set {spec.port}"))
     return rules
 
@@ -272,8 +355,7 @@ def _mode_maps_text(spec: ListenerSpec, n: Names) -> list[str]:
     if spec.nat == "conntrack":
         return [f"add map {t} {n.slots} {{ typeof numgen inc mod 2 : {fam} daddr . {proto} dport ; }}"]
     return [f"add map {t} {n.slot_addr} {{ typeof numgen inc mod 2 : {fam} daddr ; }}",
-            f"add map {t} {n.slot_port} {{ typeof numgen inc mod 2 : {proto} dport ; }}",
-            f"add set {t} {n.backends} {{ type {_addr_type(spec)} . inet_service ; }}"]
+            f"add map {t} {n.slot_port} {{ typeof numgen inc mod 2 : {proto} dport ; }}"]
 
 
 def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target | None]) -> list[str]:
@@ -320,24 +402,29 @@ def _acl_text(spec: ListenerSpec, n: Names, acl: KernelAcl) -> list[str]:
 
 def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = None,
                   previous: Nat | None = None, backends: Iterable[Target] = (),
-                  acl: KernelAcl | None = None) -> str:
+                  acl: KernelAcl | None = None, was: ListenerSpec | None = None) -> str:
     """Create (or re-create the rules of) one listener, with its slot map's full contents.
 
     Idempotent: `add` of an existing table, chain, map or counter is a no-op, chains are flushed
     and refilled, so a reload that changes slots, hash key or SNAT keeps the counters. `previous`
     is the NAT mode the kernel holds now: if it differs, that mode's own chains and maps go first.
-    `backends` (stateless) refills the reply set: the backends that already have counters
-    (`add_backend_commands` adds the ones joining). `acl` refills the allow and deny sets (None:
-    no lists), in the same transaction that creates them: an allow set left empty would refuse
-    everyone.
+    `was` is the whole spec the kernel holds (it gives `previous`): a stateless one's entries in
+    the shared dispatch go first. `backends` are the backends that already have counters
+    (`add_backend_commands` adds the ones joining): with stateless, their entries in the shared
+    dispatch are written again. `acl` refills the allow and deny sets (None: no lists), in the
+    same transaction that creates them: an allow set left empty would refuse everyone.
     """
     n = Names(spec.name)
     t = TABLE_REF
+    backends = sorted(set(backends))
     lines = [f"add table {t}"]
+    if was is not None:
+        previous = was.nat
+        if was.stateless:  # before its chains change: the entries name them
+            lines += _dispatch_removal(was, backends)
     if previous is not None and previous != spec.nat:
         lines += _remove_chains_lines(n, (c for c in _CHAINS[previous] if c not in _CHAINS[spec.nat]))
-        lines += [f"delete {'set' if name == n.backends else 'map'} {t} {name}"
-                  for name in n.mode_maps(previous)]
+        lines += [f"delete map {t} {name}" for name in n.mode_maps(previous)]
     lines += [f"add counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
     lines += _mode_maps_text(spec, n)
     lines += [f"add map {t} {n.backend_map(kind)} {{ type {_addr_type(spec)} . inet_service : counter ; }}"
@@ -350,22 +437,25 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
         hook = _HOOKS.get(kind)
         lines.append(f"add chain {t} {n.chain(kind)}" + (f" {{ {hook} ; policy accept ; }}" if hook else ""))
     lines += [f"flush chain {t} {n.chain(kind)}" for kind in chains]
-    rules = [("guard_local", refuse) for refuse in _refuses(spec, n)]
-    if spec.nat == "conntrack":
-        rules += [("guard", refuse) for refuse in _refuses(spec, n)]
+    # conntrack: a refused first packet counts as new (its DNAT rule counts nothing: a DNATed
+    # flow counts in its backend's `new`). Stateless: local clients never reach l_web_sin.
+    conntrack = spec.nat == "conntrack"
+    rules = [("guard_local", refuse) for refuse in _refuses(spec, n, new=conntrack)]
+    if conntrack:
+        rules += [("guard", refuse) for refuse in _refuses(spec, n, new=True)]
     rules += _conntrack_rules(spec, n) if spec.nat == "conntrack" else _stateless_rules(spec, n)
     lines += [f"add rule {t} {n.chain(kind)} {rule}" for kind, rule in rules]
     if targets is not None:
         lines += _slot_elements_text(spec, n, targets)
-    if spec.nat == "stateless":
-        lines.append(f"flush set {t} {n.backends}")
-        members = sorted(set(backends))
-        if members:
-            lines.append(f"add element {t} {n.backends} {{ {', '.join(map(_target_text, members))} }}")
+    if spec.stateless:
+        lines += _shared_text()
+        lines += [f"add element {t} {name} {{ {element} }}"
+                  for name, element in _dispatch_elements(spec, backends)]
     return "\n".join(lines) + "\n"
 
 
-def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = ()) -> str:
+def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = (),
+                         backends: Iterable[Target] = ()) -> str:
     """Delete one listener's objects in one transaction (rules first, then what they used).
 
     With conntrack, established flows keep working: their NAT lives in conntrack entries, not in
@@ -373,8 +463,10 @@ def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = (
     """
     n = Names(spec.name)
     t = TABLE_REF
-    lines = _remove_chains_lines(n, _CHAINS[spec.nat])
-    lines += [f"delete {'set' if name == n.backends else 'map'} {t} {name}" for name in n.mode_maps(spec.nat)]
+    # The shared dispatch's entries name the chains: they go first (`backends`: stateless).
+    lines = _dispatch_removal(spec, backends) if spec.stateless else []
+    lines += _remove_chains_lines(n, _CHAINS[spec.nat])
+    lines += [f"delete map {t} {name}" for name in n.mode_maps(spec.nat)]
     lines += [f"delete map {t} {n.backend_map(kind)}" for kind in BACKEND_COUNTER_KINDS]
     lines += [f"delete set {t} {n.acl(kind)}" for kind in ACL_SETS]
     lines += [f"delete counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
@@ -395,8 +487,10 @@ def stop_new_flows_text(spec: ListenerSpec) -> str:
         return "".join(f"flush chain {t} {n.chain(kind)}\n" for kind in ("dnat", "dnat_local"))
     sin = n.chain("sin")
     if spec.protocol == "tcp":
-        return f"insert rule {t} {sin} {_SYN} counter name \"{n.counter('rejected')}\" {_reject(spec)}\n"
-    return f"flush chain {t} {sin}\n" + "".join(f"add rule {t} {sin} {r}\n" for r in _refuses(spec, n))
+        return (f"insert rule {t} {sin} {_SYN} counter name \"{n.counter('new')}\" "
+                f"counter name \"{n.counter('rejected')}\" {_reject(spec)}\n")
+    return (f"flush chain {t} {sin}\nadd rule {t} {sin} notrack\n"
+            + "".join(f"add rule {t} {sin} {r}\n" for r in _refuses(spec, n)))
 
 
 # --- JSON: elements and counters ---------------------------------------------------------------------
@@ -408,6 +502,10 @@ def _ref(name: str) -> dict[str, str]:
 
 def _concat(target: Target) -> dict[str, list[str | int]]:
     return {"concat": [target[0], target[1]]}
+
+
+def _dispatch_key(spec: ListenerSpec, target: Target) -> dict[str, list[str | int]]:
+    return {"concat": [target[0], spec.protocol, target[1]]}
 
 
 def slot_commands(spec: ListenerSpec, diff: SlotDiff) -> list[JsonCommand]:
@@ -451,8 +549,11 @@ def add_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list
         commands.append({"add": {"counter": _ref(name)}})
         commands.append({"add": {"element": {**_ref(n.backend_map(kind)),
                                              "elem": [[_concat(target), name]]}}})
-    if spec.nat == "stateless":
-        commands.append({"add": {"element": {**_ref(n.backends), "elem": [_concat(target)]}}})
+    if spec.stateless:
+        key = _dispatch_key(spec, target)
+        commands.append({"add": {"element": {**_ref(shared_replies(spec.family)), "elem": [key]}}})
+        commands.append({"add": {"element": {**_ref(shared_rev(spec.family)),
+                                             "elem": [[key, {"goto": {"target": n.chain("rev")}}]]}}})
     return commands
 
 
@@ -460,8 +561,10 @@ def remove_backend_commands(spec: ListenerSpec, index: int, target: Target) -> l
     """The reverse of `add_backend_commands`: elements first, then the counters they name."""
     n = Names(spec.name)
     commands: list[JsonCommand] = []
-    if spec.nat == "stateless":
-        commands.append({"delete": {"element": {**_ref(n.backends), "elem": [_concat(target)]}}})
+    if spec.stateless:
+        key = _dispatch_key(spec, target)
+        commands += [{"delete": {"element": {**_ref(name), "elem": [key]}}}
+                     for name in (shared_rev(spec.family), shared_replies(spec.family))]
     commands += [{"delete": {"element": {**_ref(n.backend_map(kind)), "elem": [_concat(target)]}}}
                  for kind in BACKEND_COUNTER_KINDS]
     commands += [{"delete": {"counter": _ref(n.backend_counter(index, kind))}}

@@ -12,7 +12,7 @@ snapshot carries copies, current at the time of the call.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -59,6 +59,35 @@ class MapUpdates:
         latency = Histogram(self.latency.bounds)
         latency.merge(self.latency)
         return MapUpdates(self.applied, self.failed, self.elements, self.slots_changed, latency)
+
+
+@dataclass(frozen=True, slots=True)
+class Retired:
+    """What the counters of backends that left the listener had counted when they were removed,
+    so the listener's totals (sums over its backends) never go back. Read just before the
+    transaction that deletes them: what they count after that read is lost (milliseconds)."""
+
+    new: int = 0
+    packets_in: int = 0
+    bytes_in: int = 0
+    packets_out: int = 0
+    bytes_out: int = 0
+
+    def plus(self, listener: str, counters: Mapping[str, CounterValue], indices: Iterable[int]) -> Retired:
+        """These totals and the counters of the backends with these counter indices."""
+        n = Names(listener)
+        new, p_in, b_in, p_out, b_out = (self.new, self.packets_in, self.bytes_in, self.packets_out,
+                                         self.bytes_out)
+        for index in indices:
+            new += counters.get(n.backend_counter(index, "new"), _ZERO).packets
+            inbound = counters.get(n.backend_counter(index, "in"), _ZERO)
+            outbound = counters.get(n.backend_counter(index, "out"), _ZERO)
+            p_in, b_in = p_in + inbound.packets, b_in + inbound.bytes
+            p_out, b_out = p_out + outbound.packets, b_out + outbound.bytes
+        return Retired(new, p_in, b_in, p_out, b_out)
+
+
+NO_RETIRED = Retired()
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,17 +158,17 @@ class KernelListenerStats:
         conntrack: ConntrackUsage | None,
         nat: str = "conntrack",
         age: float = 0.0,
+        retired: Retired = NO_RETIRED,
     ) -> KernelListenerStats:
-        """Build from a counter dump; `backends` maps address -> (id, counter index, slots held)."""
+        """Build from a counter dump; `backends` maps address -> (id, counter index, slots held).
+
+        The listener's totals are its backends' sums plus what `retired` backends had counted:
+        no listener counter sits on the forwarding path (ruleset.py). The `new` counter holds
+        the first packets no backend took (refused or denied)."""
         n = Names(listener)
         stats = cls(slots, updates, conntrack, nat, age)
-        stats.new_connections = counters.get(n.counter("new"), _ZERO).packets
         stats.rejected = counters.get(n.counter("rejected"), _ZERO).packets
         stats.denied = counters.get(n.counter("denied"), _ZERO).packets
-        inbound = counters.get(n.counter("in"), _ZERO)
-        outbound = counters.get(n.counter("out"), _ZERO)
-        stats.packets_in, stats.bytes_in = inbound.packets, inbound.bytes
-        stats.packets_out, stats.bytes_out = outbound.packets, outbound.bytes
         rows = []
         for address, (backend_id, index, held) in backends.items():
             new = counters.get(n.backend_counter(index, "new"), _ZERO)
@@ -148,6 +177,12 @@ class KernelListenerStats:
             rows.append(KernelBackendStats(backend_id, address, held, new.packets, b_in.packets,
                                            b_in.bytes, b_out.packets, b_out.bytes))
         stats.backends = tuple(rows)
+        stats.new_connections = (counters.get(n.counter("new"), _ZERO).packets + retired.new
+                                 + sum(r.new_connections for r in rows))
+        stats.packets_in = retired.packets_in + sum(r.packets_in for r in rows)
+        stats.bytes_in = retired.bytes_in + sum(r.bytes_in for r in rows)
+        stats.packets_out = retired.packets_out + sum(r.packets_out for r in rows)
+        stats.bytes_out = retired.bytes_out + sum(r.bytes_out for r in rows)
         return stats
 
     # The status document (admin/status.py) shows non-TCP listeners with the UDP listener's

@@ -275,8 +275,8 @@ def test_port_range_is_one_rule_and_a_bind_list_serves_every_address(
     text = config(topo, algorithm="round_robin", bind=[f"{VIP}:30000-30100", f"{VIP2}:80"])  # type: ignore[arg-type]
     with pointsman(topo, tmp_path, text):
         dnat = topo.lb.run("nft", "list", "chain", "inet", "pointsman", "l_web_dnat")
-        assert dnat.count("tcp dport 30000-30100 counter") == 1  # one DNAT rule for the range
-        assert f"ip daddr {VIP2} tcp dport 80 counter" in dnat
+        assert dnat.count("tcp dport 30000-30100 dnat") == 1  # one DNAT rule for the range
+        assert f"ip daddr {VIP2} tcp dport 80 dnat" in dnat
         # Three ports of the range, round robin across them: one rule, one counter, so every
         # backend takes an equal share whichever port a client picked.
         seen = Counter(get(topo, VIP, port) for _ in range(4) for port in (30000, 30050, 30100))

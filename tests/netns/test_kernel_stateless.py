@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pointsman.balance.hashing import source_key
 from pointsman.kernel.jhash import slot_of
@@ -257,7 +258,7 @@ def test_shutdown_refuses_new_flows_and_lets_running_ones_finish(
     with pointsman(topo, tmp_path, stateless(topo, grace=8.0)) as proc:
         stream = Stream(topo, 2_000_000, 2.0, (topo.client_source(3), 56000))
         proc.popen.send_signal(15)
-        refusing = 'syn / syn,ack counter name "l_web_rejected"'
+        refusing = 'syn / syn,ack counter name "l_web_new" counter name "l_web_rejected"'
         wait_until(lambda: refusing in topo.lb.run("nft", "list", "chain", "inet", "pointsman", "l_web_sin",
                                                    check=False), 5.0, what="SYNs refused")
         with pytest.raises(ConnectionRefusedError):  # the guard's reset
@@ -275,7 +276,7 @@ def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
         assert stream.backend == maglev_choice(topo, SLOTS, *source, "source_ip_port")
         proc.path.write_text(stateless(topo))
         proc.reload()
-        wait_until(lambda: "l_web_raw" in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
+        wait_until(lambda: "l_web_syn" in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
                    5.0, what="the stateless rules")
         rules = json.loads(topo.lb.run("nft", "-j", "list", "table", "inet", "pointsman"))["nftables"]
         assert not any(item.get("chain", {}).get("name") == "l_web_dnat" for item in rules)
@@ -284,3 +285,55 @@ def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
         name = http_get(topo, new_source).split()[0]
         assert name == maglev_choice(topo, SLOTS, *new_source, "source_ip_port")
         assert conntrack_entries(topo, "-p", "tcp", "--orig-src", new_source[0]) == 0
+
+
+# --- the shared dispatch -----------------------------------------------------------------------------
+
+
+def udp_who(topo: LbTopology, i: int) -> str | None:
+    """The backend a UDP datagram from client source i reached (None: no answer in time)."""
+    with topo.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        sock.bind((topo.client_source(i), 51000 + i))
+        sock.sendto(b"who", (VIP, UDP_PORT))
+        try:
+            data, sender = sock.recvfrom(2048)
+        except TimeoutError:
+            return None
+    assert sender == (VIP, UDP_PORT)
+    return data.decode().split()[0]
+
+
+def test_two_listeners_share_the_dispatch_and_one_leaves_it_alone(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    web = yaml.safe_load(stateless(topo))
+    both = yaml.safe_load(stateless(topo))
+    dns = yaml.safe_load(stateless(topo, protocol="udp", bind=f"{VIP}:{UDP_PORT}", port=UDP_PORT, slots=13))
+    dns["listeners"][0].update(name="dns", pool="dns")
+    dns["pools"][0]["name"] = "dns"
+    both["listeners"] += dns["listeners"]
+    both["pools"] += dns["pools"]
+
+    def dispatch() -> str:
+        return "".join(topo.lb.run("nft", "list", "map", "inet", "pointsman", name)
+                       for name in ("stateless_vips4", "stateless_rev4"))
+
+    with pointsman(topo, tmp_path, yaml.safe_dump(both)) as proc:
+        wait_until(lambda: udp_who(topo, 0) is not None, 5.0, what="the UDP listener answering")
+        assert {udp_who(topo, i) for i in range(12)} == set(topo.names)
+        assert {http_get(topo, (topo.client_source(i), 44000 + i)).split()[0] for i in range(12)} == \
+            set(topo.names)
+        entries = dispatch()
+        assert "goto l_web_sin" in entries and "goto l_dns_sin" in entries
+        assert entries.count("goto l_web_rev") == entries.count("goto l_dns_rev") == len(topo.names)
+        proc.path.write_text(yaml.safe_dump(web))
+        proc.reload()
+        wait_until(lambda: "l_dns" not in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
+                   5.0 + HEALTH_BOUND, what="the UDP listener's objects and entries removed")
+        entries = dispatch()
+        assert "goto l_web_sin" in entries and entries.count("goto l_web_rev") == len(topo.names)
+        assert " udp " not in entries
+        assert udp_who(topo, 0) is None  # nothing forwards it now
+        for i in range(12):
+            source = (topo.client_source(i), 45000 + i)
+            assert http_get(topo, source).split()[0] == maglev_choice(topo, SLOTS, *source, "source_ip_port")

@@ -245,20 +245,44 @@ async def test_close_backend_deletes_its_flows(table: KernelTable, monkeypatch: 
 
 
 async def test_stats_map_counters_to_backends(table: KernelTable, monkeypatch: pytest.MonkeyPatch) -> None:
-    counters = {"l_web_new": CounterValue(5, 300), "l_web_in": CounterValue(50, 5000),
+    # The listener's totals are its backends' sums; its own `new` holds the refused first packets.
+    counters = {"l_web_new": CounterValue(5, 300), "l_web_in": CounterValue(999, 99999),
+                "l_web_b0_in": CounterValue(20, 2000), "l_web_b1_in": CounterValue(30, 3000),
                 "l_web_b1_new": CounterValue(2, 120), "l_web_b1_out": CounterValue(7, 9000)}
     monkeypatch.setattr(listener_module, "read_counters", lambda table: counters)
     kernel, _ = await started(table)  # start takes the first reading
     stats = kernel.statistics()
-    assert (stats.new_connections, stats.packets_in, stats.bytes_in) == (5, 50, 5000)
+    assert (stats.new_connections, stats.packets_in, stats.bytes_in) == (7, 50, 5000)
+    assert (stats.packets_out, stats.bytes_out) == (7, 9000)
     by_id = {b.backend: b for b in stats.backends}
     assert (by_id["b2"].new_connections, by_id["b2"].bytes_out) == (2, 9000)
     assert sum(b.slots for b in stats.backends) == 13
-    assert stats.sessions_created == 5 and stats.capacity == stats.conntrack_max
+    assert stats.sessions_created == 7 and stats.capacity == stats.conntrack_max
     assert stats.nat == "conntrack" and 0 <= stats.age < 5
     # each call is a new object: zeroing one (the supervisor's aggregation does) loses nothing
     stats.new_connections = 0
-    assert kernel.stats.new_connections == 5
+    assert kernel.stats.new_connections == 7
+
+
+async def test_a_removed_backends_counts_stay_in_the_totals(table: KernelTable,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    counters = {"l_web_b0_in": CounterValue(1, 100), "l_web_b2_in": CounterValue(40, 4000),
+                "l_web_b2_new": CounterValue(4, 240), "l_web_b2_out": CounterValue(30, 9000)}
+    monkeypatch.setattr(listener_module, "read_counters", lambda table: counters)
+    kernel, _ = await started(table)
+    before = kernel.statistics()
+    assert (before.new_connections, before.packets_in, before.packets_out) == (4, 41, 30)
+    smaller = pool(backends=[{"address": f"10.99.{11 + i}.2:8080", "name": f"b{i + 1}"} for i in range(2)])
+    kernel.reconfigure(listener(), Pool(smaller))
+    await settle(kernel, 2)
+    removed = [c["delete"]["counter"]["name"] for c in jsons()[-1] if "counter" in c.get("delete", {})]
+    assert removed == ["l_web_b2_new", "l_web_b2_in", "l_web_b2_out"]
+    del counters["l_web_b2_in"], counters["l_web_b2_new"], counters["l_web_b2_out"]
+    await kernel._refresh()  # a reading without the removed counters
+    after = kernel.statistics()
+    assert [b.backend for b in after.backends] == ["b1", "b2"]
+    assert (after.new_connections, after.packets_in, after.bytes_in, after.packets_out,
+            after.bytes_out) == (4, 41, 4100, 30, 9000)
 
 
 async def test_a_refused_transaction_is_counted_and_retried(table: KernelTable,
@@ -298,10 +322,13 @@ async def started_stateless(table: KernelTable, protocol: str = "tcp") -> tuple[
 async def test_stateless_start_writes_the_stateless_objects(table: KernelTable) -> None:
     kernel, backends = await started_stateless(table)
     structure = texts()[1]
-    assert "add chain inet pointsman l_web_raw" in structure and "dnat" not in structure
-    members = [c["add"]["element"]["elem"] for c in jsons()[0]
-               if c.get("add", {}).get("element", {}).get("name") == "l_web_backends"]
-    assert len(members) == 3
+    assert "add chain inet pointsman l_web_sin" in structure and "dnat" not in structure
+    vip = "add element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 : goto l_web_sin }"
+    assert vip in structure
+    for name in ("stateless_replies4", "stateless_rev4"):
+        members = [c["add"]["element"]["elem"] for c in jsons()[0]
+                   if c.get("add", {}).get("element", {}).get("name") == name]
+        assert len(members) == 3
     backends.health_verdict("b2", False, "test")
     await settle(kernel, 2)
     names = {c[verb]["element"]["name"] for c in jsons()[-1] for verb in c}
@@ -329,7 +356,7 @@ async def test_stateless_tcp_drains_when_quiet(table: KernelTable, monkeypatch: 
     monkeypatch.setattr(listener_module, "DRAIN_QUIET_SECONDS", 0.05)
 
     def read(table_name: str) -> dict[str, CounterValue]:
-        return {"l_web_in": CounterValue(next(packets, 3), 0)}
+        return {"l_web_b0_in": CounterValue(next(packets, 3), 0)}
 
     monkeypatch.setattr(listener_module, "read_counters", read)
     kernel.stop_accepting()
@@ -352,9 +379,18 @@ async def test_reload_switches_the_nat_mode(table: KernelTable) -> None:
     assert kernel.spec.nat == "stateless"
     switched = texts()[-1]
     assert switched.index("delete chain inet pointsman l_web_dnat\n") < switched.index(
-        "add chain inet pointsman l_web_raw")
-    assert "add element inet pointsman l_web_backends { 10.99.11.2 . 8080, 10.99.12.2 . 8080, " \
-           "10.99.13.2 . 8080 }" in switched
+        "add chain inet pointsman l_web_sin")
+    for i in (11, 12, 13):
+        assert f"add element inet pointsman stateless_rev4 {{ 10.99.{i}.2 . tcp . 8080 : goto l_web_rev }}" \
+            in switched
+    # and back: the shared dispatch's entries go before the chains they name
+    kernel.reconfigure(listener(), Pool(pool(hash_key="source_ip_port")))
+    await settle(kernel, 3)
+    back = texts()[-1]
+    assert back.index("delete element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 }") < \
+        back.index("delete chain inet pointsman l_web_sin")
+    assert "delete element inet pointsman stateless_rev4 { 10.99.13.2 . tcp . 8080 }" in back
+    assert "stateless_in" not in back.split("delete chain inet pointsman l_web_sin")[1]
 
 
 # --- nothing blocks the loop -------------------------------------------------------------------------

@@ -38,9 +38,18 @@ def test_jhash_dnat_rule() -> None:
         'counter name "l_web_denied" drop',
         'ip daddr 10.99.100.1 tcp dport 80 ip saddr != @l_web_allow counter name "l_web_new" '
         'counter name "l_web_denied" drop',
-        'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" dnat ip addr . port to '
+        "ip daddr 10.99.100.1 tcp dport 80 dnat ip addr . port to "
         "jhash ip saddr mod 13 seed 0x706d616e map @l_web_slots"]
     assert rules(text, "l_web_dnat_local") == rules(text, "l_web_dnat")
+    # A DNATed flow counts in its backend's `new`; a refused one in the listener's.
+    refuse = ('ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" counter name "l_web_rejected" '
+              "reject with tcp reset")
+    assert rules(text, "l_web_guard") == rules(text, "l_web_guard_local") == [refuse]
+    # No listener counter on the forwarding path: its totals are the backends' sums.
+    assert rules(text, "l_web_count") == [
+        "ct direction original counter name ip daddr . tcp dport map @l_web_bin",
+        "ct direction reply counter name ip saddr . tcp sport map @l_web_bout"]
+    assert "l_web_in" not in text and "l_web_out" not in text
 
 
 def test_hash_key_with_port() -> None:
@@ -137,7 +146,7 @@ def test_a_port_range_is_one_rule_and_each_address_its_own() -> None:
     text = listener_text(spec(binds=(VipPorts("10.99.100.1", 30000, 30100),
                                      VipPorts("10.99.100.2", 80, 80))))
     dnat = [r for r in rules(text, "l_web_dnat") if " dnat " in r]
-    assert [r.split(" counter")[0] for r in dnat] == ["ip daddr 10.99.100.1 tcp dport 30000-30100",
+    assert [r.split(" dnat")[0] for r in dnat] == ["ip daddr 10.99.100.1 tcp dport 30000-30100",
                                                        "ip daddr 10.99.100.2 tcp dport 80"]
     assert all(r.endswith("map @l_web_slots") for r in dnat)  # to the backend's own port
     assert len(rules(text, "l_web_dnat")) == 6  # deny, allow, dnat per entry
@@ -164,29 +173,42 @@ def stateless(**overrides: object) -> ListenerSpec:
 def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
     text = listener_text(stateless())
     index = "jhash ip saddr . tcp sport mod 13 seed 0x706d616e"
-    assert rules(text, "l_web_raw") == [
-        "ip daddr 10.99.100.1 tcp dport 80 notrack goto l_web_sin",
-        "ip saddr . tcp sport @l_web_backends fib daddr type != local notrack",
+    # One base chain per hook for every stateless listener: verdict maps dispatch to the listener.
+    assert rules(text, "stateless_in") == [
+        "ip daddr . meta l4proto . th dport vmap @stateless_vips4",
+        "ip6 daddr . meta l4proto . th dport vmap @stateless_vips6",
+        "ip saddr . meta l4proto . th sport @stateless_replies4 fib daddr type != local notrack",
+        "ip6 saddr . meta l4proto . th sport @stateless_replies6 fib daddr type != local notrack",
     ]
+    assert rules(text, "stateless_out") == [
+        "ip saddr . meta l4proto . th sport vmap @stateless_rev4",
+        "ip6 saddr . meta l4proto . th sport vmap @stateless_rev6"]
+    assert "add element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 : goto l_web_sin }" in text
+    rewrite = f"ip daddr set {index} map @l_web_slot_addr tcp dport set {index} map @l_web_slot_port"
+    # A SYN takes its own chain; every other packet is rewritten, counted once and accepted.
     assert rules(text, "l_web_sin") == [
-        'tcp flags & (syn | ack) == syn ip saddr @l_web_deny counter name "l_web_new" '
-        'counter name "l_web_denied" drop',
-        'tcp flags & (syn | ack) == syn ip saddr != @l_web_allow counter name "l_web_new" '
-        'counter name "l_web_denied" drop',
-        f"ip daddr set {index} map @l_web_slot_addr tcp dport set {index} map @l_web_slot_port "
-        'counter name "l_web_in" counter name ip daddr . tcp dport map @l_web_bin',
-        'tcp flags & (syn | ack) == syn counter name "l_web_new" '
-        "counter name ip daddr . tcp dport map @l_web_bnew",
+        "notrack",
+        "tcp flags & (syn | ack) == syn goto l_web_syn",
+        f"{rewrite} counter name ip daddr . tcp dport map @l_web_bin accept",
         'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_rejected" reject with tcp reset',
     ]
+    assert rules(text, "l_web_syn") == [
+        'ip saddr @l_web_deny counter name "l_web_new" counter name "l_web_denied" drop',
+        'ip saddr != @l_web_allow counter name "l_web_new" counter name "l_web_denied" drop',
+        f"{rewrite} counter name ip daddr . tcp dport map @l_web_bnew "
+        "counter name ip daddr . tcp dport map @l_web_bin accept",
+        'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" counter name "l_web_rejected" '
+        "reject with tcp reset",
+    ]
     assert rules(text, "l_web_rev") == [
-        'counter name ip saddr . tcp sport map @l_web_bout counter name "l_web_out" '
-        "ip saddr set 10.99.100.1 tcp sport set 80"]
+        "counter name ip saddr . tcp sport map @l_web_bout ip saddr set 10.99.100.1 tcp sport set 80"]
+    assert "l_web_in" not in text and "l_web_out" not in text
     assert rules(text, "l_web_guard") == []  # the guard is l_web_sin's last rule
     assert rules(text, "l_web_guard_local")[0].endswith("reject with tcp reset")
     # raw before conntrack; replies rewritten after routing
-    assert "l_web_raw { type filter hook prerouting priority -300 ;" in text
-    assert "l_web_rev { type filter hook postrouting priority 100 ;" in text
+    assert "stateless_in { type filter hook prerouting priority -300 ;" in text
+    assert "stateless_out { type filter hook postrouting priority 100 ;" in text
+    assert "add chain inet pointsman l_web_rev\n" in text  # a regular chain: the dispatch jumps
 
 
 def test_stateless_uses_no_conntrack_and_no_nat_chain() -> None:
@@ -208,7 +230,9 @@ def test_stateless_ipv6() -> None:
     text = listener_text(stateless(family="ip6", vip="fd00::1"), [("fd00::11", 8080)])
     assert "ip6 daddr set jhash ip6 saddr . tcp sport mod 13" in text
     assert "ip6 saddr set fd00::1 tcp sport set 80" in text
-    assert "add set inet pointsman l_web_backends { type ipv6_addr . inet_service ; }" in text
+    assert ("add map inet pointsman stateless_vips6 "
+            "{ type ipv6_addr . inet_proto . inet_service : verdict ; }") in text
+    assert "add element inet pointsman stateless_vips6 { fd00::1 . tcp . 80 : goto l_web_sin }" in text
 
 
 def test_stateless_slot_maps_are_filled_together() -> None:
@@ -217,8 +241,11 @@ def test_stateless_slot_maps_are_filled_together() -> None:
     lines = text.splitlines()
     assert "add element inet pointsman l_web_slot_addr { 0 : 10.0.0.1, 2 : 10.0.0.2 }" in lines
     assert "add element inet pointsman l_web_slot_port { 0 : 80, 2 : 81 }" in lines
-    assert lines[-2:] == ["flush set inet pointsman l_web_backends",
-                          "add element inet pointsman l_web_backends { 10.0.0.1 . 80, 10.0.0.2 . 81 }"]
+    add = "add element inet pointsman"
+    assert lines[-4:] == [f"{add} stateless_replies4 {{ 10.0.0.1 . tcp . 80 }}",
+                          f"{add} stateless_rev4 {{ 10.0.0.1 . tcp . 80 : goto l_web_rev }}",
+                          f"{add} stateless_replies4 {{ 10.0.0.2 . tcp . 81 }}",
+                          f"{add} stateless_rev4 {{ 10.0.0.2 . tcp . 81 : goto l_web_rev }}"]
 
 
 def test_stateless_slot_commands_touch_both_maps_alike() -> None:
@@ -241,29 +268,43 @@ def test_stateless_slot_commands_touch_both_maps_alike() -> None:
 def test_stateless_backends_join_the_reply_set() -> None:
     target = ("10.0.0.1", 80)
     add = add_backend_commands(stateless(), 4, target)
-    assert add[-1] == {"add": {"element": {"family": "inet", "table": "pointsman",
-                                           "name": "l_web_backends", "elem": [{"concat": ["10.0.0.1", 80]}]}}}
+    ref = {"family": "inet", "table": "pointsman"}
+    key = {"concat": ["10.0.0.1", "tcp", 80]}
+    assert add[-2:] == [
+        {"add": {"element": {**ref, "name": "stateless_replies4", "elem": [key]}}},
+        {"add": {"element": {**ref, "name": "stateless_rev4",
+                             "elem": [[key, {"goto": {"target": "l_web_rev"}}]]}}}]
     remove = remove_backend_commands(stateless(), 4, target)
-    assert remove[0]["delete"]["element"]["name"] == "l_web_backends"
-    assert not any(c.get("add", {}).get("element", {}).get("name") == "l_web_backends"
+    # the entry that jumps to l_web_rev goes first
+    assert [c["delete"]["element"]["name"] for c in remove[:2]] == ["stateless_rev4", "stateless_replies4"]
+    assert not any(c.get("add", {}).get("element", {}).get("name", "").startswith("stateless")
                    for c in add_backend_commands(spec(), 4, target))
 
 
 def test_stateless_stop_refuses_syns_only_for_tcp() -> None:
     assert stop_new_flows_text(stateless()) == (
         "insert rule inet pointsman l_web_sin tcp flags & (syn | ack) == syn "
-        'counter name "l_web_rejected" reject with tcp reset\n')
+        'counter name "l_web_new" counter name "l_web_rejected" reject with tcp reset\n')
     assert stop_new_flows_text(stateless(protocol="udp")) == (
         "flush chain inet pointsman l_web_sin\n"
+        "add rule inet pointsman l_web_sin notrack\n"
         'add rule inet pointsman l_web_sin ip daddr 10.99.100.1 udp dport 80 counter name "l_web_rejected" '
         "reject with icmpx port-unreachable\n")
 
 
 def test_stateless_removal() -> None:
-    lines = remove_listener_text(stateless(), ["l_web_b0_in"]).splitlines()
+    lines = remove_listener_text(stateless(), ["l_web_b0_in"], [("10.0.0.1", 80)]).splitlines()
     deleted = [line.split()[-1] for line in lines if line.startswith("delete chain")]
-    assert deleted == ["l_web_raw", "l_web_guard_local", "l_web_rev", "l_web_sin"]
-    assert "delete set inet pointsman l_web_backends" in lines
+    assert deleted == ["l_web_guard_local", "l_web_rev", "l_web_sin", "l_web_syn"]
+    # its entries in the shared dispatch go first (added first: nft 1.0.6 has no `destroy`)
+    assert lines[:6] == [
+        "add element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 : goto l_web_sin }",
+        "delete element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 }",
+        "add element inet pointsman stateless_replies4 { 10.0.0.1 . tcp . 80 }",
+        "delete element inet pointsman stateless_replies4 { 10.0.0.1 . tcp . 80 }",
+        "add element inet pointsman stateless_rev4 { 10.0.0.1 . tcp . 80 : goto l_web_rev }",
+        "delete element inet pointsman stateless_rev4 { 10.0.0.1 . tcp . 80 }"]
+    assert not any("stateless_in" in line or "stateless_out" in line for line in lines)  # shared
     assert "delete map inet pointsman l_web_slot_port" in lines
     assert not any("l_web_slots" in line or "l_web_dnat" in line for line in lines)
 
@@ -273,10 +314,10 @@ def test_switching_nat_mode_removes_only_the_other_modes_objects() -> None:
     gone = [line.split()[-1] for line in to_stateless if line.startswith("delete ")]
     assert gone == ["l_web_dnat", "l_web_dnat_local", "l_web_guard", "l_web_snat", "l_web_fwd",
                     "l_web_count", "l_web_slots"]
-    back = listener_text(spec(), previous="stateless").splitlines()
-    gone = [line.split()[-1] for line in back if line.startswith("delete ")]
-    assert gone == ["l_web_raw", "l_web_rev", "l_web_sin", "l_web_slot_addr", "l_web_slot_port",
-                    "l_web_backends"]
-    assert "delete set inet pointsman l_web_backends" in back
+    back = listener_text(spec(), was=stateless()).splitlines()
+    gone = [line.split()[-1] for line in back if line.startswith("delete ") and "element" not in line]
+    assert gone == ["l_web_rev", "l_web_sin", "l_web_syn", "l_web_slot_addr", "l_web_slot_port"]
+    assert back.index("delete element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 }") < \
+        back.index("delete chain inet pointsman l_web_sin")
     same = listener_text(spec(), previous="conntrack").splitlines()
     assert not any(line.startswith("delete") for line in same)
