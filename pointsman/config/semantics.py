@@ -157,6 +157,7 @@ def model_problems(config: Config) -> Iterator[Problem]:
     known = {pool.name for pool in config.pools}
     for i in range(len(config.listeners)):
         yield from _listener_problems(config, i, known)
+    yield from _stateless_shared_backends(config, known)
     admin = config.admin
     if admin is not None and not admin.has_tokens and not _is_loopback(admin.bind.host):
         yield ("admin", "token_file"), "required when admin.bind is not a loopback address"
@@ -211,6 +212,26 @@ def _listener_problems(config: Config, i: int, known: set[str]) -> Iterator[Prob
     if listener.acl_on == "proxy_header" and listener.proxy_protocol.accept == "off":
         yield ("listeners", i, "acl_on"), ("proxy_header needs proxy_protocol.accept (required "
                                            "or optional): there is no header to judge")
+
+
+def _stateless_shared_backends(config: Config, known: set[str]) -> Iterator[Problem]:
+    """Stateless kernel listeners tell replies apart by their source (the backend's address and
+    port): two of them (same protocol) cannot share a backend."""
+    owner: dict[tuple[str, str], str] = {}
+    for i, listener in enumerate(config.listeners):
+        if listener.dataplane != "kernel" or listener.kernel.nat != "stateless":
+            continue
+        if listener.fallback_pool not in known:
+            continue
+        for backend in config.pool(listener.fallback_pool).backends:
+            key = (str(backend.address), listener.protocol)
+            other = owner.setdefault(key, listener.name)
+            if other != listener.name:
+                yield ("listeners", i, "pool"), (
+                    f"backend {backend.address} is also a backend of stateless listener "
+                    f"{other!r}: stateless listeners know replies by their source address and "
+                    "port, so they cannot share a backend (use kernel.nat: conntrack for one)")
+                break
 
 
 def _kernel_bind_problems(listener: ListenerConfig, i: int) -> Iterator[Problem]:

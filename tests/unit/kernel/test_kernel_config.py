@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 from pointsman.config.loader import ConfigError, load_text
+from tests.unit.config_support import SOURCE, errors
 
 CONFIG = """
 listeners:
@@ -51,3 +52,19 @@ def test_stateless_with_masquerade_is_refused_with_the_reason() -> None:
 def test_unknown_nat_mode() -> None:
     with pytest.raises(ConfigError, match=r"kernel\.nat"):
         load_text(CONFIG.format(nat="ipvs", snat="none"), "k.yaml")
+
+
+def test_two_stateless_listeners_cannot_share_a_backend() -> None:
+    found = errors("""
+        listeners:
+          - {name: a, bind: "10.0.0.100:80", pool: p, dataplane: kernel, kernel: {nat: stateless, snat: none}}
+          - {name: b, bind: "10.0.0.101:80", pool: q, dataplane: kernel, kernel: {nat: stateless, snat: none}}
+          - {name: c, bind: "10.0.0.102:80", pool: q, dataplane: kernel}
+        pools:
+          - {name: p, algorithm: maglev, backends: [{address: "10.0.1.1:80"}, {address: "10.0.1.2:80"}]}
+          - {name: q, algorithm: maglev, backends: [{address: "10.0.1.2:80"}]}
+    """)
+    assert found == [
+        f"{SOURCE}:3: listeners[1].pool: backend 10.0.1.2:80 is also a backend of stateless "
+        "listener 'a': stateless listeners know replies by their source address and port, so "
+        "they cannot share a backend (use kernel.nat: conntrack for one)"]
