@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pointsman.config.model import AdminConfig, Config
+from pointsman.config.workers import worker_count
 from pointsman.discovery.composer import Composer
 from pointsman.node.activation import Inherited
 from pointsman.node.remote import WorkerReports
-from pointsman.node.roles import ControlRole, SingleRole, worker_count
+from pointsman.node.roles import ControlRole, SingleRole
 from pointsman.node.runtime import Node
 from pointsman.node.supervisor import WorkerProcesses
 from pointsman.pool.events import PassiveSignal

@@ -132,6 +132,7 @@ def run(config: str, log_level: str, no_uvloop: bool) -> None:
     _setup_logging(log_level)
     from pointsman.config.node import is_node_file
     from pointsman.config.preflight import preflight_file, preflight_node
+    from pointsman.config.workers import worker_count
     from pointsman.proxy.resources import prepare_process
 
     if is_node_file(config):
@@ -147,6 +148,11 @@ def run(config: str, log_level: str, no_uvloop: bool) -> None:
     # systemd passed sockets for are not tried (they are bound: by systemd).
     _exit_on_issues(preflight_file(config, cfg, held=inherited.held(cfg)), config,
                     "cannot start: ")
+    try:
+        worker_count(cfg)
+    except ValueError as exc:  # POINTSMAN_WORKERS is not a number of workers
+        click.echo(f"cannot start: {exc}", err=True)
+        sys.exit(1)
     prepare_process(cfg)  # RLIMIT_NOFILE raised, and a warning if the tables do not fit
     run_loop(_serve(cfg, config, log_level, inherited=inherited), use_uvloop=not no_uvloop)
 
@@ -208,7 +214,7 @@ async def _serve(cfg: Config, path: str | None, log_level: str = "info",
                  agent: NodeAgent | None = None, inherited: Inherited | None = None) -> None:
     from pointsman import __version__
     from pointsman.app import build_node
-    from pointsman.node.roles import worker_count
+    from pointsman.config.workers import worker_count
 
     def announce(line: str) -> None:
         print(line, flush=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import socket
 import time
 from collections.abc import Awaitable
@@ -374,6 +373,3 @@ def _pool_share(pool: PoolConfig, workers: int, index: int) -> PoolConfig:
         "backend_max_connections": None if default is None else cap_share(default, workers, index)})
 
 
-def worker_count(config: Config) -> int:
-    """`workers` from the config, else POINTSMAN_WORKERS, else one per CPU."""
-    return config.workers or int(os.environ.get("POINTSMAN_WORKERS", "0")) or os.cpu_count() or 1

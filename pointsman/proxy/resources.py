@@ -24,6 +24,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pointsman.config.workers import worker_count
+
 if TYPE_CHECKING:
     from pointsman.config.model import Config
 
@@ -150,11 +152,6 @@ def raise_nofile() -> tuple[int, int]:
     return soft, hard
 
 
-def workers_of(config: Config) -> int:
-    """Data-plane processes: the same rule `pointsman run` applies."""
-    return config.workers or int(os.environ.get("POINTSMAN_WORKERS", "0")) or os.cpu_count() or 1
-
-
 def descriptors_needed(config: Config, workers: int) -> int:
     """What one data-plane process may hold at once: two per TCP connection of its share of each
     table, one per UDP session, plus the margin."""
@@ -180,7 +177,7 @@ def prepare_process(config: Config | None) -> None:
         log.info("open-file limit is %d", limit)
     if config is None:
         return
-    workers = workers_of(config)
+    workers = worker_count(config)
     need = descriptors_needed(config, workers)
     if limit != resource.RLIM_INFINITY and need > limit:
         log.warning(
