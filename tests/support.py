@@ -43,12 +43,23 @@ STOP_TIMEOUT = 10.0
 # --- ports ---------------------------------------------------------------------------------------
 
 
+_HANDED_OUT: set[tuple[str, int, int]] = set()
+
+
 def free_port(host: str = LOOPBACK, kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    """A port the kernel just handed out on `host` (free now; tests use it at once)."""
+    """A port the kernel just handed out on `host` (free now; tests use it at once), and not
+    one handed out before in this test run: two calls in a row (a listener and its admin API)
+    could otherwise get the same port back from the kernel."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    port = 0
+    for _ in range(100):
+        with socket.socket(family, kind) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if (host, int(kind), port) not in _HANDED_OUT:
+            break
+    _HANDED_OUT.add((host, int(kind), port))
+    return port
 
 
 @contextlib.contextmanager
