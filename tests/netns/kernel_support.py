@@ -268,12 +268,19 @@ asyncio.run(main())
 def echo_servers(topo: LbTopology) -> Iterator[None]:
     """A TCP echo server on ECHO_PORT in every backend namespace (health checks still go to the
     BackendServer's HEALTH_PORT)."""
-    procs = [ns.popen(sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT), stdout=subprocess.PIPE,
-                      stderr=subprocess.DEVNULL) for ns in topo.backends]
+    with ready_servers([ns.popen(sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT),
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                        for ns in topo.backends], "echo server"):
+        yield
+
+
+@contextlib.contextmanager
+def ready_servers(procs: list[subprocess.Popen[bytes]], what: str) -> Iterator[None]:
+    """Servers that print "ready" once listening: wait for each, and kill them all at the end."""
     try:
-        for proc, ns in zip(procs, topo.backends, strict=True):
+        for i, proc in enumerate(procs):
             assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == b"ready", f"echo server in {ns.name} did not start"
+            assert proc.stdout.readline().strip() == b"ready", f"{what} {i} did not start"
         yield
     finally:
         for proc in procs:

@@ -33,6 +33,7 @@ from .kernel_support import (
     http_get,
     metrics_when,
     pointsman,
+    ready_servers,
 )
 from .netns_support import (
     VIP,
@@ -209,19 +210,10 @@ def ipv6(topo: LbTopology) -> Iterator[None]:
         topo.lb.run("ip", "-6", "addr", "add", f"fd99:{11 + i}::1/64", "dev", f"b{i + 1}", "nodad")
         node.run("ip", "-6", "addr", "add", f"{backend6(i)}/64", "dev", "eth0", "nodad")
         node.run("ip", "-6", "route", "add", "default", "via", f"fd99:{11 + i}::1")
-    procs = [node.popen(sys.executable, "-c", V6_SERVER, name, str(V6_PORT), stdout=subprocess.PIPE,
-                        stderr=subprocess.DEVNULL)
-             for node, name in zip(topo.backends, topo.names, strict=True)]
-    try:
-        for proc in procs:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    with ready_servers([node.popen(sys.executable, "-c", V6_SERVER, name, str(V6_PORT),
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                        for node, name in zip(topo.backends, topo.names, strict=True)], "v6 server"):
         yield
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(timeout=10)
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
 def answer6(topo: LbTopology, source: str) -> str:
