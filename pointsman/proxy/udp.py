@@ -28,11 +28,13 @@ into the descriptor reserve) is not a backend failure: its datagram is dropped a
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from pointsman.balance.hashing import source_key
@@ -43,6 +45,7 @@ from pointsman.protocols.proxy_protocol import Transport
 from pointsman.proxy.engine import batch_functions
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, errno_name, is_local
 from pointsman.proxy.sockets import family_of, listen_socket
+from pointsman.proxy.udpfast import FIRST_REPLY, new_plane
 from pointsman.proxy.upstream import outgoing_header
 from pointsman.telemetry.flow import DropReason, UdpEndReason
 from pointsman.telemetry.stats import BackendStats
@@ -94,6 +97,7 @@ class UdpSession:
         "pool",
         "prefix",
         "reason",
+        "slot",
         "sock",
         "started",
         "version",
@@ -122,6 +126,7 @@ class UdpSession:
         self.reason: UdpEndReason | None = None
         self.answered = False  # the current backend replied at least once
         self.avoid = ""  # a backend that just refused: the next pick skips it
+        self.slot = -1  # registered in the listener's forwarding plane (udpfast) under this slot
 
     def attach(self, index: int, backend_id: str, host: str, port: int, stats: BackendStats,
                version: int, prefix: bytes = b"") -> None:
@@ -150,6 +155,8 @@ class UdpSession:
         self.listener.loop.add_reader(sock.fileno(), self._readable)
 
     def detach(self) -> None:
+        if self.slot >= 0:
+            self.listener.unregister(self)
         if self.sock is not None:
             self.listener.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -187,6 +194,9 @@ class UdpSession:
         if sock is None:
             return
         listener = self.listener
+        if self.slot >= 0:
+            listener.fast_replies(self)
+            return
         try:
             batch = listener.recv_batch(sock, READ_BATCH)
         except ConnectionRefusedError:
@@ -251,6 +261,12 @@ class UdpListener:
         self.locals: dict[int, tuple[str, int]] = {}  # by socket descriptor
         self._socket_index: dict[int, int] = {}  # socket descriptor -> index in `socks`
         self.recv_batch, self.send_batch = batch_functions()
+        # Known sessions' datagrams move through the plane without the code below (udpfast.py).
+        self.plane = new_plane()
+        self._by_slot: dict[int, UdpSession] = {}
+        self._gen = 1  # bumped when a pool's snapshot changes: sessions pass the policy again
+        self._gen_snaps: tuple[PoolSnapshot, ...] = ()
+        self._fast_ok = self._fast_eligible(config)
         self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on))
 
     async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
@@ -266,8 +282,9 @@ class UdpListener:
             name = each.getsockname()
             self.locals[each.fileno()] = (str(name[0]), int(name[1]))
             self._socket_index[each.fileno()] = i
-            reader = self._readable if len(socks) == 1 else functools.partial(self._read_from, each)
-            self.loop.add_reader(each.fileno(), reader)
+            lid = self.plane.listen(each)
+            assert lid == i
+            self.loop.add_reader(each.fileno(), functools.partial(self._read_from, each, lid))
         self.local = self.locals[self.sock.fileno()]
         self.accepting = True
         self._bound = True
@@ -281,22 +298,112 @@ class UdpListener:
         self.config = config
         self.stats.capacity = config.udp.max_sessions
         self.pool = pool
+        self._fast_ok = self._fast_eligible(config)
+        self._gen += 1
         self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on, self.acl_lists))
 
     # --- client datagrams ------------------------------------------------------------------------
 
-    def _readable(self) -> None:
-        self._read_from(self.sock)
-
-    def _read_from(self, sock: socket.socket) -> None:
+    def _read_from(self, sock: socket.socket, lid: int) -> None:
+        """One batch: the plane forwards known sessions' datagrams; the rest come here."""
         try:
-            batch = self.recv_batch(sock, READ_BATCH)
+            slow, refused, sent, size, failed = self.plane.forward(lid, self._generation())
         except OSError as exc:
-            log.debug("udp listener %s: recvfrom failed: %r", self.name, exc)
+            log.debug("udp listener %s: recvmmsg failed: %r", self.name, exc)
             return
+        stats = self.stats
+        if sent:
+            stats.datagrams_in += sent
+            stats.bytes_in += size
+        if failed:
+            stats.drops[DropReason.SEND_FAILED] += failed
+        for slot in refused:
+            session = self._by_slot.get(slot)
+            if session is not None:
+                self.backend_refused(session)
         via = sock if len(self.socks) > 1 else None
-        for data, addr in batch:
+        for data, addr in slow:
             self.datagram(data, (addr[0], addr[1]), via)
+
+    @staticmethod
+    def _fast_eligible(config: ListenerConfig) -> bool:
+        """per_packet sessions and response limits stay on the Python path (udp.py)."""
+        return not config.udp.per_packet and not config.udp.responses
+
+    def _generation(self) -> int:
+        """The plane's generation: a new one whenever any pool's snapshot changed."""
+        snaps = (self.pool.snapshot, *[pool.snapshot for pool in self.pools.values()])
+        last = self._gen_snaps
+        if len(snaps) != len(last) or any(a is not b for a, b in zip(snaps, last, strict=True)):
+            self._gen_snaps = snaps
+            self._gen += 1
+        return self._gen
+
+    def _fast_sync(self, session: UdpSession) -> None:
+        """After the policy handled a datagram: hand the session (back) to the plane, or take
+        it out when it can no longer go there (a reload turned on per_packet or a limit)."""
+        if self._fast_ok and not session.prefix and session.sock is not None:
+            if session.slot >= 0:
+                self.plane.validate(session.slot, self._gen)
+            else:
+                lid = self._socket_index[session.out.fileno()]
+                slot = self.plane.add(lid, session.client[0], session.client[1], session.sock,
+                                      self._gen)
+                session.slot = slot
+                self._by_slot[slot] = session
+        elif session.slot >= 0:
+            self.unregister(session)
+
+    def unregister(self, session: UdpSession) -> None:
+        """Take a session out of the plane (before its socket closes), with its last counts."""
+        slot = session.slot
+        session.slot = -1
+        self._by_slot.pop(slot, None)
+        d_in, d_out, b_in, b_out = self.plane.remove(slot)
+        session.datagrams_in += d_in
+        session.datagrams_out += d_out
+        session.bytes_in += b_in
+        session.bytes_out += b_out
+
+    def fast_replies(self, session: UdpSession) -> None:
+        """Replies of a session in the plane: one compiled batch, counted here."""
+        sent, size, failed, status = self.plane.replies(session.slot)
+        if status < 0:
+            if -status == errno.ECONNREFUSED:
+                self.backend_refused(session)
+            else:
+                log.debug("udp session %s: recv failed: errno %d", session.client, -status)
+            return
+        stats = self.stats
+        if status == FIRST_REPLY and not session.answered:
+            session.answered = True
+            session.pool.report_connect_success(session.backend_id)
+        if sent:
+            stats.datagrams_out += sent
+            stats.bytes_out += size
+        if failed:
+            stats.drops[DropReason.SEND_FAILED] += failed
+
+    def sync(self) -> None:
+        """Take the plane's per-session counts and last activity into the sessions (per sweep,
+        and before anything reads them); touched sessions move to the end of the table."""
+        touched = self.plane.touched()
+        if not touched:
+            return
+        touched.sort(key=itemgetter(1))
+        sessions, by_slot = self.sessions, self._by_slot
+        for slot, last, d_in, d_out, b_in, b_out in touched:
+            session = by_slot.get(slot)
+            if session is None:
+                continue
+            session.datagrams_in += d_in
+            session.datagrams_out += d_out
+            session.bytes_in += b_in
+            session.bytes_out += b_out
+            if last > session.last_activity:
+                session.last_activity = last
+                if session.key in sessions:
+                    sessions.move_to_end(session.key)
 
     def reply(self, out: socket.socket, replies: list[tuple[bytes, ClientAddr]]) -> tuple[int, int]:
         """Send replies from a listening socket, in batches: (datagrams sent, their bytes).
@@ -363,6 +470,10 @@ class UdpListener:
         session.last_activity = self.loop.time()
         if not session.send(data):
             self.backend_refused(session)
+        elif self._fast_ok:
+            self._fast_sync(session)
+        elif session.slot >= 0:
+            self.unregister(session)
 
     def _pick(self, snapshot: PoolSnapshot, client: ClientAddr, avoid: str = "") -> int | None:
         """Pick a backend; skip `avoid` (one that just refused) unless it is the only one left."""
@@ -458,6 +569,7 @@ class UdpListener:
 
     def _sweep(self) -> None:
         """Expire idle sessions; the table is in last-use order, so stop at the first live one."""
+        self.sync()
         deadline = self.loop.time() - self.config.udp.session_timeout
         while self.sessions:
             session = next(iter(self.sessions.values()))
