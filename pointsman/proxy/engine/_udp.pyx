@@ -1,0 +1,433 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The compiled UDP forwarding plane: udpfast.PyUdpPlane's contract with the per-datagram work in C.
+
+Read pointsman/proxy/udpfast.py first (the contract and the reference). Here a session is a C
+struct in one array (its slot), found from (listening socket, client address) through an
+open-addressing hash table of slots; a batch is one recvmmsg(2) on the listening socket, and
+each known session's datagrams of the batch leave in one sendmmsg(2) on its connected socket.
+Replies: one recvmmsg on the session's socket, one sendmmsg to the client from the listening
+socket. Python sees one call per batch and one tuple back.
+"""
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.object cimport PyObject_AsFileDescriptor
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memset
+
+from pointsman.proxy.engine._sys cimport *
+
+
+cdef extern from "<errno.h>" nogil:
+    enum:
+        ECONNREFUSED
+
+FIRST_REPLY = 1
+
+cdef enum:
+    BATCH = 64
+    SIZE = 65535
+
+# One receive area per process: forward() and replies() never nest.
+cdef char* _buf = NULL
+cdef mmsghdr _msgs[BATCH]
+cdef iovec _iov[BATCH]
+cdef SockAddr _addrs[BATCH]
+cdef mmsghdr _tx[BATCH]
+cdef int _slot_of[BATCH]
+
+
+cdef struct Sess:
+    int used
+    int lid
+    int fd  # the session's connected socket (Python owns it)
+    int dirty  # traffic since the last touched()
+    int listed  # in the dirty list (until touched() empties it, even across remove/add)
+    int answered
+    uint32_t gen
+    uint32_t hash
+    double last
+    uint64_t din
+    uint64_t dout
+    uint64_t bin
+    uint64_t bout
+    SockAddr client
+    socklen_t clen
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline uint64_t mix(uint64_t x) noexcept nogil:
+    x ^= x >> 33
+    x *= <uint64_t>0xff51afd7ed558ccd
+    x ^= x >> 33
+    x *= <uint64_t>0xc4ceb9fe1a85ec53
+    x ^= x >> 33
+    return x
+
+
+cdef inline uint32_t key_hash(int lid, SockAddr* a) noexcept nogil:
+    cdef const uint32_t* w
+    if a.sa.sa_family == AF_INET6:
+        w = <const uint32_t*>&a.v6.sin6_addr
+        return <uint32_t>mix((<uint64_t>(w[0] ^ w[1] ^ w[2] ^ w[3]) << 32)
+                             | (<uint64_t>a.v6.sin6_port << 16) | <uint64_t>(lid & 0xffff) | 1)
+    return <uint32_t>mix((<uint64_t>a.v4.sin_addr.s_addr << 32) | (<uint64_t>a.v4.sin_port << 16)
+                         | <uint64_t>(lid & 0xffff))
+
+
+cdef inline bint same(Sess* s, int lid, SockAddr* a) noexcept nogil:
+    if s.lid != lid or s.client.sa.sa_family != a.sa.sa_family:
+        return False
+    if a.sa.sa_family == AF_INET6:
+        return s.client.v6.sin6_port == a.v6.sin6_port and \
+            memcmp(&s.client.v6.sin6_addr, &a.v6.sin6_addr, 16) == 0
+    return s.client.v4.sin_port == a.v4.sin_port and \
+        s.client.v4.sin_addr.s_addr == a.v4.sin_addr.s_addr
+
+
+cdef int _ensure_buf() except -1:
+    global _buf
+    if _buf == NULL:
+        _buf = <char*>malloc(<size_t>BATCH * SIZE)
+        if _buf == NULL:
+            raise MemoryError()
+    return 0
+
+
+cdef int parse_host(str host, int port, SockAddr* out) except -1:
+    cdef bytes raw = host.encode("ascii")
+    memset(out, 0, sizeof(SockAddr))
+    if b":" in raw:
+        out.v6.sin6_family = AF_INET6
+        out.v6.sin6_port = htons(<unsigned short>port)
+        if inet_pton(AF_INET6, raw, &out.v6.sin6_addr) != 1:
+            raise ValueError(f"not a numeric IPv6 address: {host!r}")
+    else:
+        out.v4.sin_family = AF_INET
+        out.v4.sin_port = htons(<unsigned short>port)
+        if inet_pton(AF_INET, raw, &out.v4.sin_addr) != 1:
+            raise ValueError(f"not a numeric IPv4 address: {host!r}")
+    return 0
+
+
+cdef object addr_tuple(SockAddr* a):
+    cdef char text[48]
+    if a.sa.sa_family == AF_INET6:
+        inet_ntop(AF_INET6, &a.v6.sin6_addr, text, 48)
+        return (text.decode("ascii"), ntohs(a.v6.sin6_port), ntohl(a.v6.sin6_flowinfo),
+                a.v6.sin6_scope_id)
+    inet_ntop(AF_INET, &a.v4.sin_addr, text, 48)
+    return (text.decode("ascii"), ntohs(a.v4.sin_port))
+
+
+cdef inline void prepare_rx(int count) noexcept nogil:
+    cdef int i
+    for i in range(count):
+        _iov[i].iov_base = _buf + <size_t>i * SIZE
+        _iov[i].iov_len = SIZE
+        memset(&_msgs[i], 0, sizeof(mmsghdr))
+        _msgs[i].msg_hdr.msg_name = &_addrs[i]
+        _msgs[i].msg_hdr.msg_namelen = sizeof(SockAddr)
+        _msgs[i].msg_hdr.msg_iov = &_iov[i]
+        _msgs[i].msg_hdr.msg_iovlen = 1
+
+
+cdef class UdpPlane:
+    """See udpfast.PyUdpPlane: same methods, same results."""
+
+    cdef Sess* sess
+    cdef int nsess  # slots allocated
+    cdef int count  # slots in use
+    cdef int* free_slots
+    cdef int nfree
+    cdef int* table  # slot or -1
+    cdef uint32_t mask
+    cdef int* dirty
+    cdef int ndirty
+    cdef int* lfds
+    cdef int nlisten
+
+    def __cinit__(self):
+        _ensure_buf()
+        self.sess = NULL
+        self.nsess = self.count = self.nfree = self.ndirty = self.nlisten = 0
+        self.free_slots = self.dirty = self.lfds = NULL
+        self.table = <int*>malloc(64 * sizeof(int))
+        if self.table == NULL:
+            raise MemoryError()
+        memset(self.table, 0xff, 64 * sizeof(int))
+        self.mask = 63
+
+    def __dealloc__(self):
+        free(self.sess)
+        free(self.free_slots)
+        free(self.table)
+        free(self.dirty)
+        free(self.lfds)
+
+    def __len__(self):
+        return self.count
+
+    def listen(self, sock):
+        cdef int* grown = <int*>realloc(self.lfds, (self.nlisten + 1) * sizeof(int))
+        if grown == NULL:
+            raise MemoryError()
+        self.lfds = grown
+        self.lfds[self.nlisten] = PyObject_AsFileDescriptor(sock)
+        self.nlisten += 1
+        return self.nlisten - 1
+
+    cdef int _grow_slots(self) except -1:
+        cdef int n = self.nsess * 2 if self.nsess else 64
+        cdef Sess* s = <Sess*>realloc(self.sess, n * sizeof(Sess))
+        if s == NULL:
+            raise MemoryError()
+        self.sess = s
+        cdef int* f = <int*>realloc(self.free_slots, n * sizeof(int))
+        if f == NULL:
+            raise MemoryError()
+        self.free_slots = f
+        cdef int* d = <int*>realloc(self.dirty, n * sizeof(int))
+        if d == NULL:
+            raise MemoryError()
+        self.dirty = d
+        memset(&self.sess[self.nsess], 0, (n - self.nsess) * sizeof(Sess))
+        cdef int i
+        for i in range(n - 1, self.nsess - 1, -1):
+            self.free_slots[self.nfree] = i
+            self.nfree += 1
+        self.nsess = n
+        return 0
+
+    cdef int _rehash(self, uint32_t size) except -1:
+        cdef int* t = <int*>malloc(size * sizeof(int))
+        cdef int i
+        cdef uint32_t j
+        if t == NULL:
+            raise MemoryError()
+        memset(t, 0xff, size * sizeof(int))
+        for i in range(self.nsess):
+            if self.sess[i].used:
+                j = self.sess[i].hash & (size - 1)
+                while t[j] >= 0:
+                    j = (j + 1) & (size - 1)
+                t[j] = i
+        free(self.table)
+        self.table = t
+        self.mask = size - 1
+        return 0
+
+    cdef inline int _find(self, int lid, SockAddr* a) noexcept nogil:
+        cdef uint32_t j = key_hash(lid, a) & self.mask
+        cdef int s
+        while True:
+            s = self.table[j]
+            if s < 0:
+                return -1
+            if same(&self.sess[s], lid, a):
+                return s
+            j = (j + 1) & self.mask
+
+    def add(self, int lid, str host, int port, sock, unsigned int gen):
+        cdef SockAddr a
+        cdef int slot
+        cdef uint32_t j
+        cdef Sess* s
+        if lid < 0 or lid >= self.nlisten:
+            raise KeyError(lid)
+        parse_host(host, port, &a)
+        if self._find(lid, &a) >= 0:
+            raise ValueError(f"session {host}:{port} is already registered")
+        cdef int fd = PyObject_AsFileDescriptor(sock)
+        if self.nfree == 0:
+            self._grow_slots()
+        if <uint32_t>(self.count + 1) * 2 > self.mask + 1:
+            self._rehash((self.mask + 1) * 2)
+        self.nfree -= 1
+        slot = self.free_slots[self.nfree]
+        s = &self.sess[slot]
+        cdef int listed = s.listed
+        memset(s, 0, sizeof(Sess))
+        s.listed = listed
+        s.used = 1
+        s.lid = lid
+        s.fd = fd
+        s.gen = gen
+        s.client = a
+        s.clen = sizeof(sockaddr_in6) if a.sa.sa_family == AF_INET6 else sizeof(sockaddr_in)
+        s.hash = key_hash(lid, &a)
+        j = s.hash & self.mask
+        while self.table[j] >= 0:
+            j = (j + 1) & self.mask
+        self.table[j] = slot
+        self.count += 1
+        return slot
+
+    cdef Sess* _get(self, int slot) except NULL:
+        if slot < 0 or slot >= self.nsess or not self.sess[slot].used:
+            raise KeyError(slot)
+        return &self.sess[slot]
+
+    def validate(self, int slot, unsigned int gen):
+        self._get(slot).gen = gen
+
+    def remove(self, int slot):
+        cdef Sess* s = self._get(slot)
+        cdef uint32_t i = s.hash & self.mask, j, k
+        while self.table[i] != slot:
+            i = (i + 1) & self.mask
+        # Backward-shift deletion keeps every probe chain unbroken without tombstones.
+        j = i
+        while True:
+            j = (j + 1) & self.mask
+            if self.table[j] < 0:
+                break
+            k = self.sess[self.table[j]].hash & self.mask
+            if (i <= j and i < k and k <= j) or (i > j and (i < k or k <= j)):
+                continue
+            self.table[i] = self.table[j]
+            i = j
+        self.table[i] = -1
+        totals = (s.din, s.dout, s.bin, s.bout)
+        s.used = 0
+        s.dirty = 0
+        self.free_slots[self.nfree] = slot
+        self.nfree += 1
+        self.count -= 1
+        return totals
+
+    cdef inline void _touch(self, int slot, Sess* s, double now) noexcept:
+        s.last = now
+        s.dirty = 1
+        if not s.listed:
+            s.listed = 1
+            self.dirty[self.ndirty] = slot
+            self.ndirty += 1
+
+    def forward(self, int lid, unsigned int gen):
+        cdef int n, i, j, k, m, r, slot, done
+        cdef int sent = 0, failed = 0
+        cdef uint64_t size = 0, b
+        cdef Sess* s
+        cdef double now
+        slow = []
+        refused = []
+        if lid < 0 or lid >= self.nlisten:
+            raise KeyError(lid)
+        prepare_rx(BATCH)
+        n = recvmmsg(self.lfds[lid], _msgs, BATCH, MSG_DONTWAIT, NULL)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return slow, refused, 0, 0, 0
+            raise OSError(errno, "recvmmsg")
+        for i in range(n):
+            slot = self._find(lid, &_addrs[i])
+            if slot >= 0 and self.sess[slot].gen != gen:
+                slot = -1
+            _slot_of[i] = slot
+        now = monotonic()
+        for i in range(n):
+            slot = _slot_of[i]
+            if slot == -1:
+                slow.append((PyBytes_FromStringAndSize(<char*>_iov[i].iov_base, _msgs[i].msg_len),
+                             addr_tuple(&_addrs[i])))
+                continue
+            if slot < 0:  # taken by an earlier group
+                continue
+            s = &self.sess[slot]
+            # This session's datagrams of the batch, in order, in one sendmmsg.
+            m = 0
+            for j in range(i, n):
+                if _slot_of[j] == slot:
+                    _iov[j].iov_len = _msgs[j].msg_len
+                    memset(&_tx[m], 0, sizeof(mmsghdr))
+                    _tx[m].msg_hdr.msg_iov = &_iov[j]
+                    _tx[m].msg_hdr.msg_iovlen = 1
+                    _slot_of[j] = -2 - j  # remembers its index for a refusal
+                    m += 1
+            done = 0
+            while done < m:
+                r = sendmmsg(s.fd, &_tx[done], m - done, MSG_DONTWAIT)
+                if r < 0:
+                    if errno == ECONNREFUSED:
+                        # Dropped, and the rest of its datagrams go to the policy, which moves
+                        # the session (udp.py backend_refused) before it sees them.
+                        s.gen = 0
+                        refused.append(slot)
+                        for j in range(done + 1, m):
+                            k = <int>(<iovec*>_tx[j].msg_hdr.msg_iov - _iov)
+                            slow.append((PyBytes_FromStringAndSize(<char*>_iov[k].iov_base,
+                                                                   _iov[k].iov_len),
+                                         addr_tuple(&_addrs[k])))
+                        break
+                    failed += 1  # full or another error: this one is a drop
+                    done += 1
+                    continue
+                for j in range(done, done + r):
+                    b = _tx[j].msg_hdr.msg_iov.iov_len
+                    size += b
+                    s.bin += b
+                s.din += r
+                sent += r
+                done += r
+            self._touch(slot, s, now)
+        return slow, refused, sent, size, failed
+
+    def replies(self, int slot):
+        cdef Sess* s = self._get(slot)
+        cdef int n, i, r, done = 0, sent = 0, failed = 0, status = 0
+        cdef uint64_t size = 0
+        prepare_rx(BATCH)
+        for i in range(BATCH):
+            _msgs[i].msg_hdr.msg_name = NULL
+            _msgs[i].msg_hdr.msg_namelen = 0
+        n = recvmmsg(s.fd, _msgs, BATCH, MSG_DONTWAIT, NULL)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return 0, 0, 0, 0
+            return 0, 0, 0, -errno
+        if n == 0:
+            return 0, 0, 0, 0
+        if not s.answered:
+            s.answered = 1
+            status = FIRST_REPLY
+        for i in range(n):
+            _iov[i].iov_len = _msgs[i].msg_len
+            _msgs[i].msg_hdr.msg_name = &s.client
+            _msgs[i].msg_hdr.msg_namelen = s.clen
+        while done < n:
+            r = sendmmsg(self.lfds[s.lid], &_msgs[done], n - done, MSG_DONTWAIT)
+            if r < 0:
+                failed += 1
+                done += 1
+                continue
+            for i in range(done, done + r):
+                size += _iov[i].iov_len
+            sent += r
+            done += r
+        if sent:
+            s.dout += sent
+            s.bout += size
+            self._touch(slot, s, monotonic())
+        return sent, size, failed, status
+
+    def touched(self):
+        cdef int i, slot
+        cdef Sess* s
+        out = []
+        for i in range(self.ndirty):
+            slot = self.dirty[i]
+            s = &self.sess[slot]
+            s.listed = 0
+            if not s.used or not s.dirty:
+                continue
+            s.dirty = 0
+            out.append((slot, s.last, s.din, s.dout, s.bin, s.bout))
+            s.din = s.dout = s.bin = s.bout = 0
+        self.ndirty = 0
+        return out
