@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import socket
 from collections import OrderedDict
@@ -45,7 +44,7 @@ from pointsman.protocols.proxy_protocol import Transport
 from pointsman.proxy.engine import batch_functions
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, errno_name, is_local
 from pointsman.proxy.sockets import family_of, listen_socket
-from pointsman.proxy.udpfast import FIRST_REPLY, new_plane
+from pointsman.proxy.udpfast import new_plane
 from pointsman.proxy.upstream import outgoing_header
 from pointsman.telemetry.flow import DropReason, UdpEndReason
 from pointsman.telemetry.stats import BackendStats
@@ -156,7 +155,7 @@ class UdpSession:
 
     def detach(self) -> None:
         if self.slot >= 0:
-            self.listener.unregister(self)
+            self.listener.unregister(self, rewatch=False)
         if self.sock is not None:
             self.listener.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -194,9 +193,6 @@ class UdpSession:
         if sock is None:
             return
         listener = self.listener
-        if self.slot >= 0:
-            listener.fast_replies(self)
-            return
         try:
             batch = listener.recv_batch(sock, READ_BATCH)
         except ConnectionRefusedError:
@@ -284,7 +280,7 @@ class UdpListener:
             self._socket_index[each.fileno()] = i
             lid = self.plane.listen(each)
             assert lid == i
-            self.loop.add_reader(each.fileno(), functools.partial(self._read_from, each, lid))
+        self.loop.add_reader(self.plane.fileno(), self._wake)
         self.local = self.locals[self.sock.fileno()]
         self.accepting = True
         self._bound = True
@@ -304,26 +300,41 @@ class UdpListener:
 
     # --- client datagrams ------------------------------------------------------------------------
 
-    def _read_from(self, sock: socket.socket, lid: int) -> None:
-        """One batch: the plane forwards known sessions' datagrams; the rest come here."""
-        try:
-            slow, refused, sent, size, failed = self.plane.forward(lid, self._generation())
-        except OSError as exc:
-            log.debug("udp listener %s: recvmmsg failed: %r", self.name, exc)
-            return
+    def _wake(self) -> None:
+        """One wake-up of the plane: it moved known sessions' datagrams both ways; what needs
+        the policy comes here, with the totals."""
+        slow, refused, answered, errors, d_in, b_in, d_out, b_out, failed = \
+            self.plane.run(self._generation())
         stats = self.stats
-        if sent:
-            stats.datagrams_in += sent
-            stats.bytes_in += size
+        if d_in:
+            stats.datagrams_in += d_in
+            stats.bytes_in += b_in
+        if d_out:
+            stats.datagrams_out += d_out
+            stats.bytes_out += b_out
         if failed:
             stats.drops[DropReason.SEND_FAILED] += failed
+        by_slot = self._by_slot
+        for slot in answered:
+            session = by_slot.get(slot)
+            if session is not None and not session.answered:
+                session.answered = True
+                session.pool.report_connect_success(session.backend_id)
+        for slot, code in errors:
+            session = by_slot.get(slot)
+            if session is None:
+                continue
+            if code == errno.ECONNREFUSED:
+                self.backend_refused(session)
+            else:
+                log.debug("udp session %s: recv failed: errno %d", session.client, code)
         for slot in refused:
-            session = self._by_slot.get(slot)
+            session = by_slot.get(slot)
             if session is not None:
                 self.backend_refused(session)
-        via = sock if len(self.socks) > 1 else None
-        for data, addr in slow:
-            self.datagram(data, (addr[0], addr[1]), via)
+        several = len(self.socks) > 1
+        for data, addr, lid in slow:
+            self.datagram(data, (addr[0], addr[1]), self.socks[lid] if several else None)
 
     @staticmethod
     def _fast_eligible(config: ListenerConfig) -> bool:
@@ -347,42 +358,31 @@ class UdpListener:
                 self.plane.validate(session.slot, self._gen)
             else:
                 lid = self._socket_index[session.out.fileno()]
-                slot = self.plane.add(lid, session.client[0], session.client[1], session.sock,
-                                      self._gen)
+                try:
+                    slot = self.plane.add(lid, session.client[0], session.client[1],
+                                          session.sock, self._gen)
+                except ValueError:  # an address the plane cannot key (a scoped IPv6 one)
+                    return
+                # The plane's epoll watches its socket from now on, not the loop.
+                self.loop.remove_reader(session.sock.fileno())
                 session.slot = slot
                 self._by_slot[slot] = session
         elif session.slot >= 0:
             self.unregister(session)
 
-    def unregister(self, session: UdpSession) -> None:
-        """Take a session out of the plane (before its socket closes), with its last counts."""
+    def unregister(self, session: UdpSession, rewatch: bool = True) -> None:
+        """Take a session out of the plane (before its socket closes), with its last counts;
+        `rewatch`: its socket stays open, and the loop watches it again (the Python path)."""
         slot = session.slot
         session.slot = -1
         self._by_slot.pop(slot, None)
         d_in, d_out, b_in, b_out = self.plane.remove(slot)
+        if rewatch and session.sock is not None:
+            self.loop.add_reader(session.sock.fileno(), session._readable)
         session.datagrams_in += d_in
         session.datagrams_out += d_out
         session.bytes_in += b_in
         session.bytes_out += b_out
-
-    def fast_replies(self, session: UdpSession) -> None:
-        """Replies of a session in the plane: one compiled batch, counted here."""
-        sent, size, failed, status = self.plane.replies(session.slot)
-        if status < 0:
-            if -status == errno.ECONNREFUSED:
-                self.backend_refused(session)
-            else:
-                log.debug("udp session %s: recv failed: errno %d", session.client, -status)
-            return
-        stats = self.stats
-        if status == FIRST_REPLY and not session.answered:
-            session.answered = True
-            session.pool.report_connect_success(session.backend_id)
-        if sent:
-            stats.datagrams_out += sent
-            stats.bytes_out += size
-        if failed:
-            stats.drops[DropReason.SEND_FAILED] += failed
 
     def sync(self) -> None:
         """Take the plane's per-session counts and last activity into the sessions (per sweep,
@@ -607,8 +607,9 @@ class UdpListener:
         self.close_all()
         if self.accepting and self._bound:
             self._bound = False
+            self.loop.remove_reader(self.plane.fileno())
+            self.plane.close()
             for sock in self.socks:
-                self.loop.remove_reader(sock.fileno())
                 sock.close()
         self.accepting = False
         if self._sweep_handle is not None:

@@ -3,15 +3,17 @@
 
 Read pointsman/proxy/udpfast.py first (the contract and the reference). Here a session is a C
 struct in one array (its slot), found from (listening socket, client address) through an
-open-addressing hash table of slots; a batch is one recvmmsg(2) on the listening socket, and
-each known session's datagrams of the batch leave in one sendmmsg(2) on its connected socket.
-Replies: one recvmmsg on the session's socket, one sendmmsg to the client from the listening
-socket. Python sees one call per batch and one tuple back.
+open-addressing hash table of slots; the listening sockets and the sessions' sockets are in the
+plane's own epoll set (level-triggered; the listener watches its descriptor with one add_reader).
+A wake-up reads a batch from each ready socket: from a listening socket with one recvmmsg(2),
+each known session's datagrams of the batch leaving in one sendmmsg(2) on its connected socket;
+from a session's socket with one recvmmsg, its replies leaving in one sendmmsg to the client
+from the listening socket. Python sees one call per wake-up and one tuple back.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.object cimport PyObject_AsFileDescriptor
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memset
 
@@ -22,11 +24,10 @@ cdef extern from "<errno.h>" nogil:
     enum:
         ECONNREFUSED
 
-FIRST_REPLY = 1
-
 cdef enum:
     BATCH = 64
     SIZE = 65535
+    EVENTS = 256
 
 # One receive area per process: forward() and replies() never nest.
 cdef char* _buf = NULL
@@ -35,6 +36,7 @@ cdef iovec _iov[BATCH]
 cdef SockAddr _addrs[BATCH]
 cdef mmsghdr _tx[BATCH]
 cdef int _slot_of[BATCH]
+cdef epoll_event _events[EVENTS]
 
 
 cdef struct Sess:
@@ -151,9 +153,14 @@ cdef class UdpPlane:
     cdef int ndirty
     cdef int* lfds
     cdef int nlisten
+    cdef int epfd
+    cdef uint64_t totals[5]  # in, bytes in, out, bytes out, failed: of the current run()
 
     def __cinit__(self):
         _ensure_buf()
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1")
         self.sess = NULL
         self.nsess = self.count = self.nfree = self.ndirty = self.nlisten = 0
         self.free_slots = self.dirty = self.lfds = NULL
@@ -164,6 +171,8 @@ cdef class UdpPlane:
         self.mask = 63
 
     def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
         free(self.sess)
         free(self.free_slots)
         free(self.table)
@@ -173,12 +182,30 @@ cdef class UdpPlane:
     def __len__(self):
         return self.count
 
+    def fileno(self):
+        return self.epfd
+
+    def close(self):
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+
+    cdef int _watch(self, int fd, int64_t data) except -1:
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = <uint64_t>data
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl")
+        return 0
+
     def listen(self, sock):
+        cdef int fd = PyObject_AsFileDescriptor(sock)
         cdef int* grown = <int*>realloc(self.lfds, (self.nlisten + 1) * sizeof(int))
         if grown == NULL:
             raise MemoryError()
         self.lfds = grown
-        self.lfds[self.nlisten] = PyObject_AsFileDescriptor(sock)
+        self._watch(fd, -1 - <int64_t>self.nlisten)
+        self.lfds[self.nlisten] = fd
         self.nlisten += 1
         return self.nlisten - 1
 
@@ -248,6 +275,7 @@ cdef class UdpPlane:
             self._grow_slots()
         if <uint32_t>(self.count + 1) * 2 > self.mask + 1:
             self._rehash((self.mask + 1) * 2)
+        self._watch(fd, self.free_slots[self.nfree - 1])
         self.nfree -= 1
         slot = self.free_slots[self.nfree]
         s = &self.sess[slot]
@@ -279,6 +307,8 @@ cdef class UdpPlane:
     def remove(self, int slot):
         cdef Sess* s = self._get(slot)
         cdef uint32_t i = s.hash & self.mask, j, k
+        cdef epoll_event ev
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, s.fd, &ev)  # fails only if it was closed first
         while self.table[i] != slot:
             i = (i + 1) & self.mask
         # Backward-shift deletion keeps every probe chain unbroken without tombstones.
@@ -309,22 +339,35 @@ cdef class UdpPlane:
             self.dirty[self.ndirty] = slot
             self.ndirty += 1
 
-    def forward(self, int lid, unsigned int gen):
+    def run(self, unsigned int gen):
+        """One wake-up (udpfast.PyUdpPlane.run)."""
+        cdef int n, i
+        cdef int64_t which
+        slow = []
+        refused = []
+        answered = []
+        errors = []
+        memset(self.totals, 0, sizeof(self.totals))
+        n = epoll_wait(self.epfd, _events, EVENTS, 0)
+        for i in range(n):
+            which = <int64_t>_events[i].data.u64
+            if which < 0:
+                self._forward(<int>(-1 - which), gen, slow, refused)
+            elif self._replies(<int>which, errors):
+                answered.append(which)
+        return (slow, refused, answered, errors, self.totals[0], self.totals[1], self.totals[2],
+                self.totals[3], self.totals[4])
+
+    cdef int _forward(self, int lid, unsigned int gen, list slow, list refused) except -1:
         cdef int n, i, j, k, m, r, slot, done
         cdef int sent = 0, failed = 0
         cdef uint64_t size = 0, b
         cdef Sess* s
         cdef double now
-        slow = []
-        refused = []
-        if lid < 0 or lid >= self.nlisten:
-            raise KeyError(lid)
         prepare_rx(BATCH)
         n = recvmmsg(self.lfds[lid], _msgs, BATCH, MSG_DONTWAIT, NULL)
-        if n < 0:
-            if errno == EAGAIN or errno == EINTR:
-                return slow, refused, 0, 0, 0
-            raise OSError(errno, "recvmmsg")
+        if n <= 0:
+            return 0  # nothing after all, or an error: nothing to forward this time
         for i in range(n):
             slot = self._find(lid, &_addrs[i])
             if slot >= 0 and self.sess[slot].gen != gen:
@@ -335,7 +378,7 @@ cdef class UdpPlane:
             slot = _slot_of[i]
             if slot == -1:
                 slow.append((PyBytes_FromStringAndSize(<char*>_iov[i].iov_base, _msgs[i].msg_len),
-                             addr_tuple(&_addrs[i])))
+                             addr_tuple(&_addrs[i]), lid))
                 continue
             if slot < 0:  # taken by an earlier group
                 continue
@@ -363,7 +406,7 @@ cdef class UdpPlane:
                             k = <int>(<iovec*>_tx[j].msg_hdr.msg_iov - _iov)
                             slow.append((PyBytes_FromStringAndSize(<char*>_iov[k].iov_base,
                                                                    _iov[k].iov_len),
-                                         addr_tuple(&_addrs[k])))
+                                         addr_tuple(&_addrs[k]), lid))
                         break
                     failed += 1  # full or another error: this one is a drop
                     done += 1
@@ -376,26 +419,33 @@ cdef class UdpPlane:
                 sent += r
                 done += r
             self._touch(slot, s, now)
-        return slow, refused, sent, size, failed
+        self.totals[0] += sent
+        self.totals[1] += size
+        self.totals[4] += failed
+        return 0
 
-    def replies(self, int slot):
-        cdef Sess* s = self._get(slot)
-        cdef int n, i, r, done = 0, sent = 0, failed = 0, status = 0
+    cdef bint _replies(self, int slot, list errors) except -1:
+        """A batch of a session's replies to its client; True when they are its first."""
+        cdef Sess* s = &self.sess[slot]
+        cdef int n, i, r, done = 0, sent = 0, failed = 0
+        cdef bint first = False
         cdef uint64_t size = 0
+        if slot < 0 or slot >= self.nsess or not s.used:
+            return False
         prepare_rx(BATCH)
         for i in range(BATCH):
             _msgs[i].msg_hdr.msg_name = NULL
             _msgs[i].msg_hdr.msg_namelen = 0
         n = recvmmsg(s.fd, _msgs, BATCH, MSG_DONTWAIT, NULL)
         if n < 0:
-            if errno == EAGAIN or errno == EINTR:
-                return 0, 0, 0, 0
-            return 0, 0, 0, -errno
+            if errno != EAGAIN and errno != EINTR:
+                errors.append((slot, errno))
+            return False
         if n == 0:
-            return 0, 0, 0, 0
+            return False
         if not s.answered:
             s.answered = 1
-            status = FIRST_REPLY
+            first = True
         for i in range(n):
             _iov[i].iov_len = _msgs[i].msg_len
             _msgs[i].msg_hdr.msg_name = &s.client
@@ -414,7 +464,10 @@ cdef class UdpPlane:
             s.dout += sent
             s.bout += size
             self._touch(slot, s, monotonic())
-        return sent, size, failed, status
+        self.totals[2] += sent
+        self.totals[3] += size
+        self.totals[4] += failed
+        return first
 
     def touched(self):
         cdef int i, slot
