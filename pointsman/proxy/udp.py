@@ -11,14 +11,18 @@ to another backend on its next datagram (the client's retry), so no client waits
 even before passive ejection takes the backend out. A session's first reply counts as a passive
 success, as a TCP connect does, so only consecutive refusals add up to an ejection.
 
-Sockets are read with `add_reader` callbacks, not Tasks: a session costs one socket and one small
-object. Idle sessions are swept by one timer per listener over a table kept in last-use order.
+This listener is the policy of a UDP forwarding plane (proxy/udpfast.py, compiled in
+engine/_udp.pyx; docs/engine.md): the plane owns an epoll set of the listening sockets and its
+sessions' sockets, watched with one `add_reader`, and moves a known session's datagrams both ways
+in recvmmsg/sendmmsg batches without calling in here. Datagrams of new clients, and of sessions
+whose pools changed since (a new generation), come here in one list per wake-up; a session is
+handed to the plane after its datagram went through the policy. Counters come back once per
+wake-up (totals) and once per sweep (per-session counts and last activity): one call per new
+session, not per datagram. Sessions the plane cannot carry (per_packet, a responses limit, a
+PROXY header prefix) stay here: their socket has its own `add_reader`, and datagrams move through
+the connection engine's batch functions (`pointsman.proxy.engine.batch_functions`).
 
-Datagrams move in batches through the connection engine's batch functions
-(`pointsman.proxy.engine.batch_functions`: recvmmsg/sendmmsg in the compiled engine, a
-recvfrom/sendto loop in the pure-Python one): one call reads up to READ_BATCH datagrams from the
-listening socket or from a session's socket, and one call sends a session's replies back to
-their client. Sessions stay in Python: one call per new session, not per datagram.
+Idle sessions are swept by one timer per listener over a table kept in last-use order.
 
 A session that cannot get its socket because we ran out of descriptors or buffers (or it would eat
 into the descriptor reserve) is not a backend failure: its datagram is dropped as
