@@ -134,6 +134,32 @@ def test_known_sessions_go_both_ways_unknown_ones_come_back(plane: Plane) -> Non
             sock.close()
 
 
+def test_runs_of_equal_datagrams_keep_their_boundaries(plane: Plane) -> None:
+    """The compiled plane sends a run of equal-size datagrams as one UDP GSO message: the
+    receivers still get every datagram, exactly, in order (both ways)."""
+    backend, listening = udp_socket(), udp_socket()
+    client = udp_socket(addr(listening))
+    upstream = udp_socket(addr(backend))
+    lid = plane.listen(listening)
+    plane.add(lid, *addr(client), upstream, 1)
+    payloads = ([b"a" * 100] * 8 + [b"b" * 30] + [b"c" * 100] * 2 + [b"d" * 50, b"e" * 100]
+                + [b""] + [b"f" * 1400] * 3)
+    try:
+        for data in payloads:
+            client.send(data)
+        results = run_until(plane, 1, len(payloads))
+        assert totals(results)[:2] == (len(payloads), sum(map(len, payloads)))
+        assert recv_all(backend, len(payloads)) == payloads
+        for data in payloads:
+            backend.sendto(data, addr(upstream))
+        results = run_until(plane, 1, len(payloads))
+        assert totals(results)[2:] == (len(payloads), sum(map(len, payloads)), 0)
+        assert recv_all(client, len(payloads)) == payloads
+    finally:
+        for sock in (backend, listening, client, upstream):
+            sock.close()
+
+
 def test_a_stale_generation_sends_a_session_to_the_policy(plane: Plane) -> None:
     backend, listening = udp_socket(), udp_socket()
     client = udp_socket(addr(listening))

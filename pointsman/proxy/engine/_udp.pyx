@@ -13,7 +13,7 @@ from the listening socket. Python sees one call per wake-up and one tuple back.
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.object cimport PyObject_AsFileDescriptor
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memset
 
@@ -23,11 +23,33 @@ from pointsman.proxy.engine._sys cimport *
 cdef extern from "<errno.h>" nogil:
     enum:
         ECONNREFUSED
+        EOPNOTSUPP
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    unsigned char* CMSG_DATA(cmsghdr*)
+    size_t CMSG_SPACE(size_t)
+    size_t CMSG_LEN(size_t)
+
+
+cdef extern from "<netinet/udp.h>" nogil:
+    enum:
+        SOL_UDP
+        UDP_SEGMENT
 
 cdef enum:
     BATCH = 64
     SIZE = 65535
     EVENTS = 256
+    # UDP GSO: datagrams of one run (same size, the last may be shorter) leave as one buffer
+    # that the kernel cuts back into the same datagrams. At most this many per run, and this
+    # many payload bytes (an IPv4 datagram's largest payload).
+    GSO_SEGMENTS = 64
+    GSO_BYTES = 65507
 
 # One receive area per process: forward() and replies() never nest.
 cdef char* _buf = NULL
@@ -35,6 +57,11 @@ cdef mmsghdr _msgs[BATCH]
 cdef iovec _iov[BATCH]
 cdef SockAddr _addrs[BATCH]
 cdef mmsghdr _tx[BATCH]
+cdef int _tx_count[BATCH]  # datagrams in each message of _tx
+cdef uint64_t _tx_bytes[BATCH]
+cdef char _cmsg[BATCH][32]  # room for CMSG_SPACE(sizeof(uint16_t)) each
+cdef iovec _giov[BATCH]  # one session's datagrams of a batch, in order
+cdef int _gidx[BATCH]  # their index in the batch
 cdef int _slot_of[BATCH]
 cdef epoll_event _events[EVENTS]
 
@@ -154,10 +181,12 @@ cdef class UdpPlane:
     cdef int* lfds
     cdef int nlisten
     cdef int epfd
+    cdef bint gso  # UDP_SEGMENT works here (off for good after the first refusal of it)
     cdef uint64_t totals[5]  # in, bytes in, out, bytes out, failed: of the current run()
 
     def __cinit__(self):
         _ensure_buf()
+        self.gso = True
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1")
@@ -359,7 +388,7 @@ cdef class UdpPlane:
                 self.totals[3], self.totals[4])
 
     cdef int _forward(self, int lid, unsigned int gen, list slow, list refused) except -1:
-        cdef int n, i, j, k, m, r, slot, done
+        cdef int n, i, j, k, m, r, slot, count, dropped
         cdef int sent = 0, failed = 0
         cdef uint64_t size = 0, b
         cdef Sess* s
@@ -387,47 +416,107 @@ cdef class UdpPlane:
             m = 0
             for j in range(i, n):
                 if _slot_of[j] == slot:
-                    _iov[j].iov_len = _msgs[j].msg_len
-                    memset(&_tx[m], 0, sizeof(mmsghdr))
-                    _tx[m].msg_hdr.msg_iov = &_iov[j]
-                    _tx[m].msg_hdr.msg_iovlen = 1
-                    _slot_of[j] = -2 - j  # remembers its index for a refusal
+                    _giov[m].iov_base = _iov[j].iov_base
+                    _giov[m].iov_len = _msgs[j].msg_len
+                    _gidx[m] = j
+                    _slot_of[j] = -2
                     m += 1
-            done = 0
-            while done < m:
-                r = sendmmsg(s.fd, &_tx[done], m - done, MSG_DONTWAIT)
-                if r < 0:
-                    if errno == ECONNREFUSED:
-                        # Dropped, and the rest of its datagrams go to the policy, which moves
-                        # the session (udp.py backend_refused) before it sees them.
-                        s.gen = 0
-                        refused.append(slot)
-                        for j in range(done + 1, m):
-                            k = <int>(<iovec*>_tx[j].msg_hdr.msg_iov - _iov)
-                            slow.append((PyBytes_FromStringAndSize(<char*>_iov[k].iov_base,
-                                                                   _iov[k].iov_len),
-                                         addr_tuple(&_addrs[k]), lid))
-                        break
-                    failed += 1  # full or another error: this one is a drop
-                    done += 1
-                    continue
-                for j in range(done, done + r):
-                    b = _tx[j].msg_hdr.msg_iov.iov_len
-                    size += b
-                    s.bin += b
-                s.din += r
-                sent += r
-                done += r
-            self._touch(slot, s, now)
+            r = self._send_all(s.fd, _giov, m, NULL, 0, &count, &b, &dropped)
+            sent += count
+            size += b
+            failed += dropped
+            s.din += count
+            s.bin += b
+            if r >= 0:
+                # Refused: that one is dropped, and the rest of its datagrams go to the policy,
+                # which moves the session (udp.py backend_refused) before it sees them.
+                s.gen = 0
+                refused.append(slot)
+                for j in range(r + 1, m):
+                    k = _gidx[j]
+                    slow.append((PyBytes_FromStringAndSize(<char*>_giov[j].iov_base,
+                                                           _giov[j].iov_len),
+                                 addr_tuple(&_addrs[k]), lid))
+            if count:
+                self._touch(slot, s, now)
         self.totals[0] += sent
         self.totals[1] += size
         self.totals[4] += failed
         return 0
 
+    cdef int _send_all(self, int fd, iovec* iov, int count, void* name, socklen_t namelen,
+                       int* sent, uint64_t* size, int* failed) noexcept:
+        """Send `count` datagrams (one iovec each) in order, runs of equal size as one UDP GSO
+        message, all in one sendmmsg where the socket takes them. A message the socket refuses
+        (full, an error) is dropped and the rest still tried. Returns -1, or the index of the
+        datagram a connected socket's ECONNREFUSED stopped at (not sent; the rest not tried)."""
+        cdef int m = 0, i = 0, k, done = 0, pos = 0, r, q, e
+        cdef size_t first, each, total
+        cdef uint64_t more
+        cdef cmsghdr* cm
+        sent[0] = 0
+        size[0] = 0
+        failed[0] = 0
+        while i < count:
+            k = 1
+            first = total = iov[i].iov_len
+            if self.gso and first > 0:
+                while i + k < count and k < GSO_SEGMENTS:
+                    each = iov[i + k].iov_len
+                    if each == 0 or each > first or total + each > GSO_BYTES:
+                        break
+                    total += each
+                    k += 1
+                    if each < first:  # only the last of a run may be shorter
+                        break
+            memset(&_tx[m], 0, sizeof(mmsghdr))
+            _tx[m].msg_hdr.msg_name = name
+            _tx[m].msg_hdr.msg_namelen = namelen
+            _tx[m].msg_hdr.msg_iov = &iov[i]
+            _tx[m].msg_hdr.msg_iovlen = k
+            if k > 1:
+                cm = <cmsghdr*>_cmsg[m]
+                cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+                cm.cmsg_level = SOL_UDP
+                cm.cmsg_type = UDP_SEGMENT
+                (<uint16_t*>CMSG_DATA(cm))[0] = <uint16_t>first
+                _tx[m].msg_hdr.msg_control = cm
+                _tx[m].msg_hdr.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+            _tx_count[m] = k
+            _tx_bytes[m] = total
+            m += 1
+            i += k
+        while done < m:
+            r = sendmmsg(fd, &_tx[done], m - done, MSG_DONTWAIT)
+            if r < 0:
+                e = errno
+                if e == ECONNREFUSED and name == NULL:
+                    return pos
+                if _tx_count[done] > 1 and (e == EINVAL or e == EIO or e == EOPNOTSUPP):
+                    # No GSO here (an old kernel, a device or path that refuses it): off for
+                    # good, and the rest goes one datagram per message.
+                    self.gso = False
+                    r = self._send_all(fd, &iov[pos], count - pos, name, namelen, &q, &more,
+                                       &k)
+                    sent[0] += q
+                    size[0] += more
+                    failed[0] += k
+                    return r if r < 0 else pos + r
+                failed[0] += _tx_count[done]  # full or another error: dropped
+                pos += _tx_count[done]
+                done += 1
+                continue
+            for q in range(done, done + r):
+                sent[0] += _tx_count[q]
+                size[0] += _tx_bytes[q]
+                pos += _tx_count[q]
+            done += r
+        return -1
+
     cdef bint _replies(self, int slot, list errors) except -1:
         """A batch of a session's replies to its client; True when they are its first."""
         cdef Sess* s = &self.sess[slot]
-        cdef int n, i, r, done = 0, sent = 0, failed = 0
+        cdef int n, i, sent = 0, failed = 0
         cdef bint first = False
         cdef uint64_t size = 0
         if slot < 0 or slot >= self.nsess or not s.used:
@@ -448,18 +537,7 @@ cdef class UdpPlane:
             first = True
         for i in range(n):
             _iov[i].iov_len = _msgs[i].msg_len
-            _msgs[i].msg_hdr.msg_name = &s.client
-            _msgs[i].msg_hdr.msg_namelen = s.clen
-        while done < n:
-            r = sendmmsg(self.lfds[s.lid], &_msgs[done], n - done, MSG_DONTWAIT)
-            if r < 0:
-                failed += 1
-                done += 1
-                continue
-            for i in range(done, done + r):
-                size += _iov[i].iov_len
-            sent += r
-            done += r
+        self._send_all(self.lfds[s.lid], _iov, n, &s.client, s.clen, &sent, &size, &failed)
         if sent:
             s.dout += sent
             s.bout += size
