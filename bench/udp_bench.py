@@ -17,7 +17,9 @@ a second pointsman from another tree, e.g. the commit before a change) loaded at
 each by its own load generator process in front of its own echo backend. For every proxy the
 user + system CPU of its whole process tree (from /proc) is divided by the datagrams it echoed
 in the same window; rounds are repeated and the median reported, next to the datagrams/s each
-proxy carried in that window. On a shared machine only these paired ratios mean much.
+proxy carried in that window. Then each proxy alone, in turn (as bench/compare.py measures
+throughput): datagrams/s and the ratio to nginx. On a shared machine only the paired ratios
+mean much.
 
 Bounded: every case runs for `--seconds` (plus a short warm-up), every wait has a deadline, and
 all the processes started here are stopped at the end. Loopback only.
@@ -294,6 +296,12 @@ def start_pointsman(procs: list[subprocess.Popen[bytes]], work: Path, workers: i
     return Proxy(name, port, proc)
 
 
+def alone_rates(proxies: list[Proxy], sockets: int, window: int, size: int,
+                seconds: float) -> dict[str, float]:
+    """Datagrams/s of each proxy loaded on its own, one after the other."""
+    return {p.name: paired_round([p], sockets, window, size, seconds)[p.name][0] for p in proxies}
+
+
 def paired_round(proxies: list[Proxy], sockets: int, window: int, size: int,
                  seconds: float) -> dict[str, tuple[float, float]]:
     """Load every proxy at once; per proxy (datagrams/s, CPU us per datagram)."""
@@ -344,6 +352,13 @@ def paired(args: argparse.Namespace) -> None:
                         text += f" (CPU ratio {cpu_ratio:.2f}x, rate {rate_ratio:.2f}x)"
                     parts.append(text)
                 print(f"{sockets}x{window} {size:>4} B: " + "; ".join(parts), flush=True)
+                alone = [alone_rates(proxies, sockets, window, size, args.seconds)
+                         for _ in range(args.repeat)]
+                parts = [f"{p.name} {median([a[p.name] for a in alone]):,.0f}/s"
+                         + ("" if p.name == "nginx" else
+                            f" ({median([a[p.name] / a['nginx'] for a in alone]):.2f}x)")
+                         for p in proxies]
+                print(f"{sockets}x{window} {size:>4} B alone: " + "; ".join(parts), flush=True)
         finally:
             for proc in reversed(procs):
                 stop(proc)
