@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,11 +150,53 @@ class Result:
         return self.datagrams * self.size * 8 / self.seconds / 1e6
 
 
+def receive_each(sock: socket.socket, size: int) -> int:
+    """Read until the socket would block; how many datagrams had the right length."""
+    got = 0
+    while True:
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return got
+        if len(data) == size:
+            got += 1
+
+
+def send_each(sock: socket.socket, payload: bytes, count: int) -> None:
+    for _ in range(count):
+        sock.send(payload)
+
+
+def batch_io() -> tuple[Callable[[socket.socket, int], int],
+                        Callable[[socket.socket, bytes, int], None]]:
+    """recvmmsg/sendmmsg from the compiled engine when it is built (a cheaper load generator
+    leaves more of the machine to the proxies), else a recv/send loop."""
+    try:
+        from pointsman.proxy.engine._engine import recv_batch, send_batch
+    except ImportError:
+        return receive_each, send_each
+
+    def receive(sock: socket.socket, size: int) -> int:
+        got = 0
+        while batch := recv_batch(sock, 64, RECV_SIZE):
+            got += sum(1 for data, _ in batch if len(data) == size)
+            if len(batch) < 64:
+                break
+        return got
+
+    def send(sock: socket.socket, payload: bytes, count: int) -> None:
+        if count:
+            send_batch(sock, [(payload, None)] * count)
+
+    return receive, send
+
+
 def load(target: tuple[str, int], sockets: int, window: int, size: int, seconds: float,
          proxy_pid: int | None = None) -> Result:
     """Keep `window` datagrams in flight on each of `sockets` sockets for `seconds`; count replies
     whose length is right (the echo returns exactly what was sent)."""
     payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    receive, send = batch_io()
     socks = []
     for _ in range(sockets):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -181,19 +224,12 @@ def load(target: tuple[str, int], sockets: int, window: int, size: int, seconds:
             while (now := time.monotonic()) < end:
                 for fd, _ in poller.poll(min(end - now, STALL)):
                     sock = by_fd[fd]
-                    got = 0
-                    while True:
-                        try:
-                            data = sock.recv(RECV_SIZE)
-                        except BlockingIOError:
-                            break
-                        except ConnectionRefusedError:
-                            raise SystemExit(f"{target} refused: is the backend up?") from None
-                        if len(data) == size:
-                            got += 1
+                    try:
+                        got = receive(sock, size)
+                    except ConnectionRefusedError:
+                        raise SystemExit(f"{target} refused: is the backend up?") from None
                     received += got
-                    for _ in range(got):  # closed loop: one new datagram per reply
-                        sock.send(payload)
+                    send(sock, payload, got)  # closed loop: one new datagram per reply
                     if got:
                         last_reply[fd] = now
                 if now >= next_stall_check:
