@@ -24,6 +24,7 @@ cdef extern from "<errno.h>" nogil:
     enum:
         ECONNREFUSED
         EOPNOTSUPP
+        EMSGSIZE
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -492,7 +493,8 @@ cdef class UdpPlane:
                 e = errno
                 if e == ECONNREFUSED and name == NULL:
                     return pos
-                if _tx_count[done] > 1 and (e == EINVAL or e == EIO or e == EOPNOTSUPP):
+                if _tx_count[done] > 1 and (e == EINVAL or e == EIO or e == EOPNOTSUPP or
+                                            e == EMSGSIZE):
                     # No GSO here (an old kernel, a device or path that refuses it): off for
                     # good, and the rest goes one datagram per message.
                     self.gso = False
