@@ -60,7 +60,7 @@ cdef SockAddr _addrs[BATCH]
 cdef mmsghdr _tx[BATCH]
 cdef int _tx_count[BATCH]  # datagrams in each message of _tx
 cdef uint64_t _tx_bytes[BATCH]
-cdef char _cmsg[BATCH][32]  # room for CMSG_SPACE(sizeof(uint16_t)) each
+cdef uint64_t _cmsg[BATCH][4]  # room for CMSG_SPACE(sizeof(uint16_t)) each, aligned
 cdef iovec _giov[BATCH]  # one session's datagrams of a batch, in order
 cdef int _gidx[BATCH]  # their index in the batch
 cdef int _slot_of[BATCH]
