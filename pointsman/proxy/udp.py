@@ -348,10 +348,11 @@ class UdpListener:
     def _generation(self) -> int:
         """The plane's generation: a new one whenever any pool's snapshot changed."""
         last = self._gen_snaps
-        if len(last) == 1 and len(self.pools) == 1 and self.pool.snapshot is last[0] and \
-                self.pool in self.pools.values():
+        pool = self.pool
+        if len(last) == 1 and pool.snapshot is last[0] and len(self.pools) == 1 and \
+                next(iter(self.pools.values())) is pool:
             return self._gen  # the common case: one pool, unchanged
-        snaps = tuple({id(s): s for s in (self.pool.snapshot,
+        snaps = tuple({id(s): s for s in (pool.snapshot,
                                           *[pool.snapshot for pool in self.pools.values()])}
                       .values())
         if len(snaps) != len(last) or any(a is not b for a, b in zip(snaps, last, strict=True)):
