@@ -1,4 +1,5 @@
-"""The optional compiled connection engine (pointsman/proxy/engine/_engine.pyx); everything else
+"""The optional compiled connection engine (pointsman/proxy/engine/_engine.pyx) and UDP plane
+(_udp.pyx); everything else
 about the package is in pyproject.toml.
 
 The extension is optional: without Linux, Cython or a C compiler the build says why and goes on,
@@ -15,7 +16,8 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCE = "pointsman/proxy/engine/_engine.pyx"
+SOURCES = {"pointsman.proxy.engine._engine": "pointsman/proxy/engine/_engine.pyx",
+           "pointsman.proxy.engine._udp": "pointsman/proxy/engine/_udp.pyx"}
 
 
 def _warn(why: object) -> None:
@@ -52,10 +54,10 @@ def extensions() -> list[Extension]:
         return []
     cflags = os.environ.get("POINTSMAN_ENGINE_CFLAGS", "-O2").split()
     ldflags = os.environ.get("POINTSMAN_ENGINE_LDFLAGS", "").split()
-    ext = Extension("pointsman.proxy.engine._engine", [SOURCE], extra_compile_args=cflags,
-                    extra_link_args=ldflags)
+    exts = [Extension(name, [source], extra_compile_args=cflags, extra_link_args=ldflags)
+            for name, source in SOURCES.items()]
     try:
-        return list(cythonize([ext], quiet=True, compiler_directives={"language_level": 3}))
+        return list(cythonize(exts, quiet=True, compiler_directives={"language_level": 3}))
     except Exception as exc:  # a Cython error must not fail the install
         _warn(exc)
         return []

@@ -363,7 +363,14 @@ def main() -> None:
                              "and the pure-Python engine (admin and flow log on and off; "
                              "--before DIR adds an older tree) against HAProxy, with paired CPU "
                              "per connection and redis-benchmark; its options follow")
+    parser.add_argument("--udp", action="store_true",
+                        help="run bench/udp_bench.py --paired instead: CPU per datagram of "
+                             "`pointsman run` against nginx stream UDP, loaded at the same time "
+                             "(--workers N, --before DIR, --repeat N follow)")
     args, rest = parser.parse_known_args()
+    if args.udp:
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("udp_bench.py")),
+                                  "--paired", "--seconds", str(args.seconds), *rest])
     if args.engine:
         os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("engine_bench.py")),
                                   "--seconds", str(args.seconds), *rest])

@@ -11,14 +11,18 @@ to another backend on its next datagram (the client's retry), so no client waits
 even before passive ejection takes the backend out. A session's first reply counts as a passive
 success, as a TCP connect does, so only consecutive refusals add up to an ejection.
 
-Sockets are read with `add_reader` callbacks, not Tasks: a session costs one socket and one small
-object. Idle sessions are swept by one timer per listener over a table kept in last-use order.
+This listener is the policy of a UDP forwarding plane (proxy/udpfast.py, compiled in
+engine/_udp.pyx; docs/engine.md): the plane owns an epoll set of the listening sockets and its
+sessions' sockets, watched with one `add_reader`, and moves a known session's datagrams both ways
+in recvmmsg/sendmmsg batches without calling in here. Datagrams of new clients, and of sessions
+whose pools changed since (a new generation), come here in one list per wake-up; a session is
+handed to the plane after its datagram went through the policy. Counters come back once per
+wake-up (totals) and once per sweep (per-session counts and last activity): one call per new
+session, not per datagram. Sessions the plane cannot carry (per_packet, a responses limit, a
+PROXY header prefix) stay here: their socket has its own `add_reader`, and datagrams move through
+the connection engine's batch functions (`pointsman.proxy.engine.batch_functions`).
 
-Datagrams move in batches through the connection engine's batch functions
-(`pointsman.proxy.engine.batch_functions`: recvmmsg/sendmmsg in the compiled engine, a
-recvfrom/sendto loop in the pure-Python one): one call reads up to READ_BATCH datagrams from the
-listening socket or from a session's socket, and one call sends a session's replies back to
-their client. Sessions stay in Python: one call per new session, not per datagram.
+Idle sessions are swept by one timer per listener over a table kept in last-use order.
 
 A session that cannot get its socket because we ran out of descriptors or buffers (or it would eat
 into the descriptor reserve) is not a backend failure: its datagram is dropped as
@@ -28,11 +32,12 @@ into the descriptor reserve) is not a backend failure: its datagram is dropped a
 from __future__ import annotations
 
 import asyncio
-import functools
+import errno
 import logging
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from pointsman.balance.hashing import source_key
@@ -43,6 +48,7 @@ from pointsman.protocols.proxy_protocol import Transport
 from pointsman.proxy.engine import batch_functions
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, errno_name, is_local
 from pointsman.proxy.sockets import family_of, listen_socket
+from pointsman.proxy.udpfast import new_plane
 from pointsman.proxy.upstream import outgoing_header
 from pointsman.telemetry.flow import DropReason, UdpEndReason
 from pointsman.telemetry.stats import BackendStats
@@ -94,6 +100,7 @@ class UdpSession:
         "pool",
         "prefix",
         "reason",
+        "slot",
         "sock",
         "started",
         "version",
@@ -122,6 +129,7 @@ class UdpSession:
         self.reason: UdpEndReason | None = None
         self.answered = False  # the current backend replied at least once
         self.avoid = ""  # a backend that just refused: the next pick skips it
+        self.slot = -1  # registered in the listener's forwarding plane (udpfast) under this slot
 
     def attach(self, index: int, backend_id: str, host: str, port: int, stats: BackendStats,
                version: int, prefix: bytes = b"") -> None:
@@ -150,6 +158,8 @@ class UdpSession:
         self.listener.loop.add_reader(sock.fileno(), self._readable)
 
     def detach(self) -> None:
+        if self.slot >= 0:
+            self.listener.unregister(self, rewatch=False)
         if self.sock is not None:
             self.listener.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -251,6 +261,12 @@ class UdpListener:
         self.locals: dict[int, tuple[str, int]] = {}  # by socket descriptor
         self._socket_index: dict[int, int] = {}  # socket descriptor -> index in `socks`
         self.recv_batch, self.send_batch = batch_functions()
+        # Known sessions' datagrams move through the plane without the code below (udpfast.py).
+        self.plane = new_plane()
+        self._by_slot: dict[int, UdpSession] = {}
+        self._gen = 1  # bumped when a pool's snapshot changes: sessions pass the policy again
+        self._gen_snaps: tuple[PoolSnapshot, ...] = ()
+        self._fast_ok = self._fast_eligible(config)
         self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on))
 
     async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
@@ -266,8 +282,9 @@ class UdpListener:
             name = each.getsockname()
             self.locals[each.fileno()] = (str(name[0]), int(name[1]))
             self._socket_index[each.fileno()] = i
-            reader = self._readable if len(socks) == 1 else functools.partial(self._read_from, each)
-            self.loop.add_reader(each.fileno(), reader)
+            lid = self.plane.listen(each)
+            assert lid == i
+        self.loop.add_reader(self.plane.fileno(), self._wake)
         self.local = self.locals[self.sock.fileno()]
         self.accepting = True
         self._bound = True
@@ -281,22 +298,122 @@ class UdpListener:
         self.config = config
         self.stats.capacity = config.udp.max_sessions
         self.pool = pool
+        self._fast_ok = self._fast_eligible(config)
+        self._gen += 1
         self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on, self.acl_lists))
 
     # --- client datagrams ------------------------------------------------------------------------
 
-    def _readable(self) -> None:
-        self._read_from(self.sock)
+    def _wake(self) -> None:
+        """One wake-up of the plane: it moved known sessions' datagrams both ways; what needs
+        the policy comes here, with the totals."""
+        slow, refused, answered, errors, d_in, b_in, d_out, b_out, failed = \
+            self.plane.run(self._generation())
+        stats = self.stats
+        if d_in:
+            stats.datagrams_in += d_in
+            stats.bytes_in += b_in
+        if d_out:
+            stats.datagrams_out += d_out
+            stats.bytes_out += b_out
+        if failed:
+            stats.drops[DropReason.SEND_FAILED] += failed
+        by_slot = self._by_slot
+        for slot in answered:
+            session = by_slot.get(slot)
+            if session is not None and not session.answered:
+                session.answered = True
+                session.pool.report_connect_success(session.backend_id)
+        for slot, code in errors:
+            session = by_slot.get(slot)
+            if session is None:
+                continue
+            if code == errno.ECONNREFUSED:
+                self.backend_refused(session)
+            else:
+                log.debug("udp session %s: recv failed: errno %d", session.client, code)
+        for slot in refused:
+            session = by_slot.get(slot)
+            if session is not None:
+                self.backend_refused(session)
+        several = len(self.socks) > 1
+        for data, addr, lid in slow:
+            self.datagram(data, (addr[0], addr[1]), self.socks[lid] if several else None)
 
-    def _read_from(self, sock: socket.socket) -> None:
-        try:
-            batch = self.recv_batch(sock, READ_BATCH)
-        except OSError as exc:
-            log.debug("udp listener %s: recvfrom failed: %r", self.name, exc)
+    @staticmethod
+    def _fast_eligible(config: ListenerConfig) -> bool:
+        """per_packet sessions and response limits stay on the Python path (udp.py)."""
+        return not config.udp.per_packet and not config.udp.responses
+
+    def _generation(self) -> int:
+        """The plane's generation: a new one whenever any pool's snapshot changed."""
+        last = self._gen_snaps
+        pool = self.pool
+        if len(last) == 1 and pool.snapshot is last[0] and len(self.pools) == 1 and \
+                next(iter(self.pools.values())) is pool:
+            return self._gen  # the common case: one pool, unchanged
+        snaps = tuple({id(s): s for s in (pool.snapshot,
+                                          *[pool.snapshot for pool in self.pools.values()])}
+                      .values())
+        if len(snaps) != len(last) or any(a is not b for a, b in zip(snaps, last, strict=True)):
+            self._gen_snaps = snaps
+            self._gen += 1
+        return self._gen
+
+    def _fast_sync(self, session: UdpSession) -> None:
+        """After the policy handled a datagram: hand the session (back) to the plane, or take
+        it out when it can no longer go there (a reload turned on per_packet or a limit)."""
+        if self._fast_ok and not session.prefix and session.sock is not None:
+            if session.slot >= 0:
+                self.plane.validate(session.slot, self._gen)
+            else:
+                lid = self._socket_index[session.out.fileno()]
+                try:
+                    slot = self.plane.add(lid, session.client[0], session.client[1],
+                                          session.sock, self._gen)
+                except ValueError:  # an address the plane cannot key (a scoped IPv6 one)
+                    return
+                # The plane's epoll watches its socket from now on, not the loop.
+                self.loop.remove_reader(session.sock.fileno())
+                session.slot = slot
+                self._by_slot[slot] = session
+        elif session.slot >= 0:
+            self.unregister(session)
+
+    def unregister(self, session: UdpSession, rewatch: bool = True) -> None:
+        """Take a session out of the plane (before its socket closes), with its last counts;
+        `rewatch`: its socket stays open, and the loop watches it again (the Python path)."""
+        slot = session.slot
+        session.slot = -1
+        self._by_slot.pop(slot, None)
+        d_in, d_out, b_in, b_out = self.plane.remove(slot)
+        if rewatch and session.sock is not None:
+            self.loop.add_reader(session.sock.fileno(), session._readable)
+        session.datagrams_in += d_in
+        session.datagrams_out += d_out
+        session.bytes_in += b_in
+        session.bytes_out += b_out
+
+    def sync(self) -> None:
+        """Take the plane's per-session counts and last activity into the sessions (per sweep,
+        and before anything reads them); touched sessions move to the end of the table."""
+        touched = self.plane.touched()
+        if not touched:
             return
-        via = sock if len(self.socks) > 1 else None
-        for data, addr in batch:
-            self.datagram(data, (addr[0], addr[1]), via)
+        touched.sort(key=itemgetter(1))
+        sessions, by_slot = self.sessions, self._by_slot
+        for slot, last, d_in, d_out, b_in, b_out in touched:
+            session = by_slot.get(slot)
+            if session is None:
+                continue
+            session.datagrams_in += d_in
+            session.datagrams_out += d_out
+            session.bytes_in += b_in
+            session.bytes_out += b_out
+            if last > session.last_activity:
+                session.last_activity = last
+                if session.key in sessions:
+                    sessions.move_to_end(session.key)
 
     def reply(self, out: socket.socket, replies: list[tuple[bytes, ClientAddr]]) -> tuple[int, int]:
         """Send replies from a listening socket, in batches: (datagrams sent, their bytes).
@@ -363,6 +480,10 @@ class UdpListener:
         session.last_activity = self.loop.time()
         if not session.send(data):
             self.backend_refused(session)
+        elif self._fast_ok:
+            self._fast_sync(session)
+        elif session.slot >= 0:
+            self.unregister(session)
 
     def _pick(self, snapshot: PoolSnapshot, client: ClientAddr, avoid: str = "") -> int | None:
         """Pick a backend; skip `avoid` (one that just refused) unless it is the only one left."""
@@ -458,6 +579,7 @@ class UdpListener:
 
     def _sweep(self) -> None:
         """Expire idle sessions; the table is in last-use order, so stop at the first live one."""
+        self.sync()
         deadline = self.loop.time() - self.config.udp.session_timeout
         while self.sessions:
             session = next(iter(self.sessions.values()))
@@ -495,8 +617,9 @@ class UdpListener:
         self.close_all()
         if self.accepting and self._bound:
             self._bound = False
+            self.loop.remove_reader(self.plane.fileno())
+            self.plane.close()
             for sock in self.socks:
-                self.loop.remove_reader(sock.fileno())
                 sock.close()
         self.accepting = False
         if self._sweep_handle is not None:

@@ -24,7 +24,7 @@ from tests.integration.udp_support import (
 )
 from tests.support import LOOPBACK, free_port, hostport, running, wait_for
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("engine")]  # both UDP planes
 
 SESSION_TIMEOUT = 0.3
 # The sweeper runs every timeout/4, so a session ends between 1x and 1.25x the timeout after its

@@ -31,7 +31,8 @@ from pointsman.telemetry.flow import DropReason, UdpEndReason
 from tests.integration.udp_support import udp_config, udp_listener
 from tests.support import LOOPBACK, free_port, running, wait_for
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.peer("dnsmasq")]
+pytestmark = [pytest.mark.timeout(60), pytest.mark.peer("dnsmasq"),
+              pytest.mark.usefixtures("engine")]  # both UDP planes
 
 PEER_START_DEADLINE = 10.0
 QUERY_TIMEOUT = 2.0
