@@ -16,6 +16,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCE = "pointsman/proxy/engine/_engine.pyx"
+FOLD = "pointsman/proxy/_fold.pyx"  # the TCP policy's record pass, compiled (proxy/fold.py)
 
 
 def _warn(why: object) -> None:
@@ -54,8 +55,11 @@ def extensions() -> list[Extension]:
     ldflags = os.environ.get("POINTSMAN_ENGINE_LDFLAGS", "").split()
     ext = Extension("pointsman.proxy.engine._engine", [SOURCE], extra_compile_args=cflags,
                     extra_link_args=ldflags)
+    fold = Extension("pointsman.proxy._fold", [FOLD], extra_compile_args=cflags,
+                     extra_link_args=ldflags)
     try:
-        return list(cythonize([ext], quiet=True, compiler_directives={"language_level": 3}))
+        return list(cythonize([ext, fold], quiet=True,
+                              compiler_directives={"language_level": 3}))
     except Exception as exc:  # a Cython error must not fail the install
         _warn(exc)
         return []

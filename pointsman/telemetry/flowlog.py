@@ -112,6 +112,29 @@ class FlowLog:
                                          session.client, session.backend_id, session.bytes_in,
                                          session.bytes_out, now - session.started, None, end)))
 
+    def tcp_lines(self, lines: list[str]) -> None:
+        """The JSON lines of the finished TCP connections of one engine wake-up, made by the
+        listener (proxy/fold.py: `tcp_head` and the record's fields, the same text as
+        `tcp_line`): the same admissions, samples and counts as one `tcp` call per line."""
+        if self.sample < 1.0:
+            rng = self._rng
+            lines = [line for line in lines if rng.random() < self.sample]
+        queue = self.queue
+        queued = len(queue)
+        room = self.queue_size - queued
+        if room < len(lines):
+            self.dropped += len(lines) - max(room, 0)
+            lines = lines[:max(room, 0)]
+        if not lines:
+            return
+        # As one `_admit` per line: the first record into an empty queue wakes the writer; one
+        # queued when it is half full urges it.
+        if not queued and not self._wake.is_set():
+            self._wake.set()
+        if queued + len(lines) - 1 >= self.soon and not self._urge.is_set():
+            self._urge.set()
+        queue.extend(lines)
+
     async def run(self) -> None:
         """Write until cancelled: wait for a record, let the records of `flush_interval` gather
         (less when the queue is half full), then write them a chunk at a time: the loop runs
@@ -240,7 +263,8 @@ def _regular(stream: IO[str]) -> bool:
         return False
 
 
-def _client(client: object) -> str:
+def client_text(client: object) -> str:
+    """A client address as the flow log writes it: host:port, [host]:port for IPv6."""
     if isinstance(client, tuple):
         host, port = client[0], client[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
@@ -251,7 +275,7 @@ _QUOTED: dict[object, str] = {}
 _QUOTED_MAX = 4096  # names repeat (listeners, backends, end reasons): a small table holds them
 
 
-def _quoted(value: object) -> str:
+def quoted(value: object) -> str:
     """JSON for a name, escaped once and then remembered."""
     found = _QUOTED.get(value)
     if found is None:
@@ -276,10 +300,17 @@ def format_record(record: Record) -> str:
     ts, protocol, listener, client, backend, bytes_in, bytes_out, duration, ttfb, end = record
     # A client address is digits, dots, colons and brackets: nothing JSON must escape.
     return (f'{{"time":"{_SECOND.iso(ts) if isinstance(ts, float) else ts}",'
-            f'"protocol":{_quoted(protocol)},"listener":{_quoted(listener)},'
-            f'"client":"{_client(client)}","backend":{_quoted(backend)},'
+            f'"protocol":{quoted(protocol)},"listener":{quoted(listener)},'
+            f'"client":"{client_text(client)}","backend":{quoted(backend)},'
             f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration":{_number(duration)},'
-            f'"ttfb":{_number(ttfb)},"end":{_quoted(end)}}}\n')
+            f'"ttfb":{_number(ttfb)},"end":{quoted(end)}}}\n')
+
+
+def tcp_head(at: float, listener: str) -> str:
+    """What every TCP line of one batch (one wall time, one listener) starts with, up to the
+    client's address (proxy/fold.py adds the rest)."""
+    return (f'{{"time":"{_SECOND.iso(at) if isinstance(at, float) else at}","protocol":"tcp",'
+            f'"listener":{quoted(listener)},"client":"')
 
 
 def tcp_line(at: float, listener: str, client: tuple[str, int], backend: str | None,
