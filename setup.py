@@ -16,7 +16,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCE = "pointsman/proxy/engine/_engine.pyx"
-FOLD = "pointsman/proxy/_fold.pyx"  # the TCP policy's record pass, compiled (proxy/fold.py)
+POLICY = "pointsman/proxy/_policy.pyx"  # the TCP policy's hot path, compiled (proxy/fold.py)
 
 
 def _warn(why: object) -> None:
@@ -55,10 +55,10 @@ def extensions() -> list[Extension]:
     ldflags = os.environ.get("POINTSMAN_ENGINE_LDFLAGS", "").split()
     ext = Extension("pointsman.proxy.engine._engine", [SOURCE], extra_compile_args=cflags,
                     extra_link_args=ldflags)
-    fold = Extension("pointsman.proxy._fold", [FOLD], extra_compile_args=cflags,
+    policy = Extension("pointsman.proxy._policy", [POLICY], extra_compile_args=cflags,
                      extra_link_args=ldflags)
     try:
-        return list(cythonize([ext, fold], quiet=True,
+        return list(cythonize([ext, policy], quiet=True,
                               compiler_directives={"language_level": 3}))
     except Exception as exc:  # a Cython error must not fail the install
         _warn(exc)

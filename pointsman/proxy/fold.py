@@ -7,7 +7,7 @@ backend's load and byte totals, the per-source count, and, when a flow log is on
 JSON line (the same text as flowlog.tcp_line). What the whole batch shares (active counts, the
 descriptor budget, the flow log's queue, freed queue slots) is the caller's, once per batch.
 
-This is the reference; `_fold.pyx` is the same pass compiled (records read in place, no tuple
+This is the reference; `_policy.pyx` is the same pass compiled (records read in place, no tuple
 per record, the line printed in C), used with the compiled engine. Both give the same counts,
 histogram sums to the last bit (the same additions in the same order) and the same lines
 (tests/unit/proxy/test_fold.py).
@@ -139,7 +139,7 @@ def folder(engine: str) -> Fold:
     compiled engine when it is built, else this module's."""
     if engine == "cython":
         try:
-            from pointsman.proxy._fold import fold as compiled
+            from pointsman.proxy._policy import fold as compiled
         except ImportError:
             return fold
         return compiled

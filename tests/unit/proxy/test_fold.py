@@ -1,5 +1,5 @@
 """The TCP policy's pass over a batch of ended records (proxy/fold.py) and its compiled twin
-(proxy/_fold.pyx): every record counted once with its outcome, histograms and backend totals
+(proxy/_policy.pyx): every record counted once with its outcome, histograms and backend totals
 exact, per-source counts given back, detours handed to the listener, and each flow-log line the
 same text as flowlog.tcp_line. The twins must agree to the byte and to the last bit of a sum."""
 
@@ -23,7 +23,7 @@ from pointsman.telemetry.flowlog import tcp_head, tcp_line
 from pointsman.telemetry.stats import BackendStats, ListenerStats
 
 try:
-    from pointsman.proxy._fold import fold as compiled
+    from pointsman.proxy._policy import fold as compiled
 except ImportError:  # no compiler: only the reference runs
     compiled = None
 

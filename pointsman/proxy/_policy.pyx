@@ -1,9 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""fold.py's pass over a batch of ended-connection records, compiled (used with the compiled
-engine; fold.py is the reference and the fallback).
+"""The TCP policy's per-connection hot path, compiled, for listeners on the compiled engine:
+`fold`, fold.py's pass over a batch of ended-connection records (fold.py is the reference).
 
 The same steps in the same order, with the records read in place (no tuple and no integers per
-record), the histogram buckets found in C arrays, and the flow-log line printed with snprintf.
+record), the histogram buckets found in C arrays, and the flow-log line printed in C (integers and
+the six-decimal durations by hand; a duration near a rounding tie takes Python's formatting).
 Everything that is not the plain case (a detour: preamble, queue, retries; an end that needs
 codes.outcome; a client address or name the fast line cannot print) takes fold.py's own code
 for that record or that field, so the two cannot drift apart in what they count.
@@ -14,7 +15,6 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
-from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
 from libc.math cimport floor
 
@@ -136,7 +136,7 @@ cdef object _line(str head, object peer, object backend_json, uint64_t bytes_in,
                   uint64_t bytes_out, double duration, bint has_ttfb, double ttfb,
                   object end_json):
     """The rest of the line after `head`, as fold.py writes it."""
-    cdef char buf[512]
+    cdef char buf[640]  # the longest line the checks below let through is under 512 bytes
     cdef const char* host_c = NULL
     cdef const char* backend_c
     cdef const char* end_c
@@ -154,7 +154,8 @@ cdef object _line(str head, object peer, object backend_json, uint64_t bytes_in,
         if host_size > 100:
             client = client_text(peer)
         v6 = memchr(host_c, 58, host_size) != NULL  # ':'
-
+        if not 0 <= port <= 65535:
+            client = client_text(peer)
     else:
         client = client_text(peer)
     if client is not None or type(backend_json) is not str or not PyUnicode_IS_ASCII(backend_json) \
@@ -316,3 +317,4 @@ def fold(object listener, bytes records, object head, object lines):
     ttfbs.sum = t_sum
     ttfbs.count += t_count
     return gone, freed
+

@@ -1,4 +1,4 @@
-# Types of the compiled record pass (_fold.pyx); the same function as fold.fold.
+# Types of the compiled TCP policy hot path (_policy.pyx): fold is the same function as fold.fold.
 from pointsman.pool.pool import Pool
 from pointsman.proxy.fold import Folding
 
