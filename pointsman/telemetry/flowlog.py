@@ -309,11 +309,25 @@ def format_record(record: Record) -> str:
             f'"ttfb":{_number(ttfb)},"end":{quoted(end)}}}\n')
 
 
+_HEADS: dict[str, tuple[int, int, str]] = {}  # listener -> (second, millisecond, its head)
+
+
 def tcp_head(at: float, listener: str) -> str:
     """What every TCP line of one batch (one wall time, one listener) starts with, up to the
-    client's address (proxy/fold.py adds the rest)."""
-    return (f'{{"time":"{_SECOND.iso(at) if isinstance(at, float) else at}","protocol":"tcp",'
-            f'"listener":{quoted(listener)},"client":"')
+    client's address (proxy/fold.py adds the rest); made again only when the time text moves
+    on (it shows milliseconds: _Second.iso), as batches of one millisecond share it."""
+    if type(at) is not float:
+        return f'{{"time":"{at}","protocol":"tcp","listener":{quoted(listener)},"client":"'
+    whole = int(at)
+    milli = int((at - whole) * 1000)  # as _Second.iso makes it
+    made = _HEADS.get(listener)
+    if made is not None and made[0] == whole and made[1] == milli:
+        return made[2]
+    head = f'{{"time":"{_SECOND.iso(at)}","protocol":"tcp","listener":{quoted(listener)},"client":"'
+    if len(_HEADS) >= _QUOTED_MAX:
+        _HEADS.clear()
+    _HEADS[listener] = (whole, milli, head)
+    return head
 
 
 def tcp_line(at: float, listener: str, client: tuple[str, int], backend: str | None,

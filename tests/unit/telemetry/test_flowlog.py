@@ -14,7 +14,15 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pointsman.telemetry.flowlog import CHUNK, FIELDS, FlowLog, Record, format_record, tcp_line
+from pointsman.telemetry.flowlog import (
+    CHUNK,
+    FIELDS,
+    FlowLog,
+    Record,
+    format_record,
+    tcp_head,
+    tcp_line,
+)
 from tests.support import wait_for
 
 NAMES = st.sampled_from(["web", "b1", "client_fin", "rejected:table_full", 'odd "name"\\', "é"])
@@ -201,3 +209,14 @@ def test_a_batch_of_lines_admits_as_one_call_per_line(queue_size: int, sample: f
                 log._urge.clear()
     one.stream.close()
     batch.stream.close()
+
+
+@given(st.lists(st.tuples(st.one_of(st.floats(min_value=1e9, max_value=4e9),
+                                    st.sampled_from([1.7e9 + 0.0005, 1.7e9 + 0.0009, 1.7e9 + 0.001]),
+                                    st.just("2026-01-01T00:00:00.000Z")),
+                          NAMES), max_size=30))
+def test_a_batch_head_is_the_start_of_each_line_of_that_time(batches: list[tuple[object, str]]
+                                                             ) -> None:
+    for at, listener in batches:  # in turn: a head made for one time is never reused for another
+        line = tcp_line(at, listener, ("127.0.0.1", 1), None, 0, 0, 0.5, None, "e")  # type: ignore[arg-type]
+        assert line.startswith(tcp_head(at, listener))  # type: ignore[arg-type]
