@@ -17,7 +17,9 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCES = {"pointsman.proxy.engine._engine": "pointsman/proxy/engine/_engine.pyx",
-           "pointsman.proxy.engine._udp": "pointsman/proxy/engine/_udp.pyx"}
+           "pointsman.proxy.engine._udp": "pointsman/proxy/engine/_udp.pyx",
+           # the TCP policy's hot path, compiled (proxy/fold.py)
+           "pointsman.proxy._policy": "pointsman/proxy/_policy.pyx"}
 
 
 def _warn(why: object) -> None:

@@ -17,6 +17,7 @@ cd "$WORK"
 find . -name '__pycache__' -prune -exec rm -rf {} +
 rm -f pointsman/proxy/engine/_engine*.so pointsman/proxy/engine/_engine.c
 rm -f pointsman/proxy/engine/_udp*.so pointsman/proxy/engine/_udp.c
+rm -f pointsman/proxy/_policy*.so pointsman/proxy/_policy.c
 POINTSMAN_ENGINE_CFLAGS="-O1 -g -fsanitize=address -fno-omit-frame-pointer" \
 POINTSMAN_ENGINE_LDFLAGS="-fsanitize=address" \
     "$PY" setup.py -q build_ext --inplace 2>&1 | grep -v -E "^(running|copying|creating)" || true
@@ -33,4 +34,5 @@ print('engine_asan: testing', e.__file__)"
 LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" -k "cython" \
     tests/unit/engine tests/integration/test_engine_relay.py tests/integration/test_engine_resets.py \
     tests/integration/test_engine_connect.py tests/integration/test_engine_lifecycle.py \
-    tests/integration/test_engine_udp.py tests/integration/test_udp_plane.py "$@"
+    tests/integration/test_engine_udp.py tests/integration/test_udp_plane.py \
+    tests/unit/proxy/test_fold.py "$@"

@@ -109,7 +109,7 @@ def local_listener(node: Node, config: ListenerConfig, pool: Pool) -> DataPlane:
     if not isinstance(tcp_stats, ListenerStats):
         tcp_stats = node.listener_stats[config.name] = ListenerStats(config.max_connections)
     return TcpListener(config, pool, node.loop, stats=tcp_stats,
-                       flow_sink=flow_log.tcp if flow_log is not None else None,
+                       flow_sink=flow_log,
                        pools=node.pools, shedder=node.shedder)
 
 

@@ -26,8 +26,8 @@ import ipaddress
 import logging
 import socket
 import time
-from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from pointsman.balance.hashing import client_ip
 from pointsman.config.model import ListenerConfig
@@ -37,25 +37,32 @@ from pointsman.protect.limits import Admission, Limits
 from pointsman.protect.shedding import Shedder
 from pointsman.protocols.errors import ProtocolError
 from pointsman.proxy import engines
-from pointsman.proxy.codes import END_CODE, PLAIN_END, REJECT_CODE, outcome
-from pointsman.proxy.connect import REFUSE, ConnectPolicy
+from pointsman.proxy.codes import END_CODE, REJECT_CODE
+from pointsman.proxy.connect import NOTHING, REFUSE, ConnectPolicy, room
 from pointsman.proxy.engine import Engine
-from pointsman.proxy.engine.api import EARLY_DATA_MAX, POLICY_ERROR, RECORD, Decision, ReadPreamble, Refuse
+from pointsman.proxy.engine.api import EARLY_DATA_MAX, Decision, ReadPreamble, Refuse
 from pointsman.proxy.flows import Flow
+from pointsman.proxy.fold import Fold, fold, folder
 from pointsman.proxy.lifetime import Lifetimes
 from pointsman.proxy.preamble import Preamble, Refused, Route
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
 from pointsman.proxy.sockets import listen_socket
 from pointsman.proxy.targets import engine_keepalive
 from pointsman.telemetry.flow import EndReason, RejectReason
+from pointsman.telemetry.flowlog import tcp_head, tcp_line
 from pointsman.telemetry.stats import ListenerStats
 
 log = logging.getLogger("pointsman.listener")
 
-# A finished connection for the flow log: wall time, listener, client, backend id (None: never
-# connected), bytes in and out, duration and time to first byte (seconds; None: no byte), end.
-FlowSink = Callable[[float, str, tuple[str, int], str | None, int, int, float, float | None, str],
-                    None]
+
+
+class FlowSink(Protocol):
+    """The flow log's side (telemetry/flowlog.py FlowLog): the lines of a batch of finished
+    connections, each begun with `tcp_head(wall time, listener)` (proxy/fold.py)."""
+
+    def tcp_lines(self, lines: list[str]) -> None: ...
+
+
 # Accept errors that are the peer's doing (it left before we accepted): not counted (the engine
 # counts them in its own statistics).
 _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
@@ -63,11 +70,6 @@ _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENE
                         errno.EOPNOTSUPP, errno.ENETUNREACH})
 LIVE_INTERVAL = 0.1  # seconds between refreshes of the live byte totals while connections run
 _perf_counter = time.perf_counter
-_CONNECT_FAILED = EndReason.CONNECT_FAILED  # looked up once, not on the enum per record
-# The flow log's `end` of each outcome (an enum member's .value is a Python-level descriptor).
-_END_TEXT: dict[EndReason | RejectReason, str] = {
-    **{reason: reason.value for reason in EndReason},
-    **{reason: f"rejected:{reason.value}" for reason in RejectReason}}
 
 
 class TcpListener(ConnectPolicy):
@@ -107,6 +109,7 @@ class TcpListener(ConnectPolicy):
         self._seen = (0, 0, 0)  # the engine's bytes in, out and splices already in `stats`
         self._released = False
         self.lifetimes = Lifetimes()  # max_connection_duration (proxy/lifetime.py)
+        self._fold: Fold = fold  # the compiled twin once on the compiled engine (start)
         self._setup(config)
 
     async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
@@ -120,6 +123,7 @@ class TcpListener(ConnectPolicy):
         self._socks = socks
         BUDGET.measure()
         self.engine = engine = engines.acquire(self.loop)
+        self._fold = folder(engine.name)
         keepalive = engine_keepalive(self.config.tcp_keepalive)
         self.lids = [engine.add_listener(each, self, keepalive=keepalive) for each in socks]
         self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
@@ -250,7 +254,22 @@ class TcpListener(ConnectPolicy):
             self._live = self.loop.call_later(LIVE_INTERVAL, self._tick_live)
         if self.reads_preamble:
             return self._start_preamble(conn_id, flow)
-        return self.route(conn_id, flow)
+        # ConnectPolicy.route's fast path, inline (once per connection): a plain pool's pick.
+        pool = flow.pool
+        snapshot = pool.snapshot
+        if not self.checks_source and snapshot.available:
+            targets = self._targets.get(pool)
+            if targets is not None and targets.snapshot is snapshot and targets.plain:
+                index = snapshot.picker.pick(b"", NOTHING)
+                if index is not None:
+                    slot = targets.slots[index]
+                    if slot is not None and (not slot.cap or room(slot, pool)):
+                        flow.slot = slot
+                        flow.snapshot = snapshot
+                        slot.stats.active += 1
+                        target: Decision = slot.target
+                        return target
+        return self._route(conn_id, flow)
 
     def _admit(self, host: str) -> RejectReason | None:
         """Before the table: shutting down, table full, load shedding, the lists on the peer."""
@@ -271,8 +290,8 @@ class TcpListener(ConnectPolicy):
         """Refused before entering the table: counted now (its record is not looked at)."""
         self.stats.rejected[reason] += 1
         if self.flow_sink is not None:
-            self.flow_sink(time.time(), self.name, (host, port), None, 0, 0, 0.0, None,
-                           f"rejected:{reason.value}")
+            self.flow_sink.tcp_lines([tcp_line(time.time(), self.name, (host, port), None, 0, 0,
+                                               0.0, None, f"rejected:{reason.value}")])
         return REFUSE[reason]
 
     def _budget_spent(self) -> None:
@@ -394,74 +413,23 @@ class TcpListener(ConnectPolicy):
     # --- engine -> policy: records -------------------------------------------------------------------
 
     def ended(self, records: bytes) -> None:
-        """One pass over the connections that ended in one engine wake-up."""
-        connections = self.connections
-        stats = self.stats
-        ended, rejected = stats.ended, stats.rejected
-        durations, ttfbs = stats.duration, stats.ttfb
+        """One pass over the connections that ended in one engine wake-up (fold.py)."""
         sink = self.flow_sink
-        wall = time.time() if sink is not None else 0.0
-        gone = 0
-        freed: set[Pool] | None = None  # pools with a capped backend that a connection let go
-        for (conn_id, _backend, reason, _flags, detail, bytes_in, bytes_out, started, _connected,
-             first_byte, finished, _lid) in RECORD.iter_unpack(records):
-            flow = connections.pop(conn_id, None)
-            if flow is None:  # refused at accept: counted then (unless our policy raised)
-                if detail == POLICY_ERROR:
-                    rejected[RejectReason.INTERNAL_ERROR] += 1
-                continue
-            gone += 1
-            detour = flow.detour
-            how = PLAIN_END[reason]
-            if detour is not None:
-                if detour.preamble is not None:
-                    self._preamble_done(conn_id, flow)
-                if detour.queued:  # its client left (or a cut) while it waited
-                    detour.queued = False
-                    self.left_queue(conn_id, flow.pool)
-                how = outcome(reason, detail, detour.backend_failed)
-            elif how is None:
-                how = outcome(reason, detail, False)
-            duration = (finished - started) * 1e-9
-            if type(how) is EndReason:
-                ended[how] += 1
-                # Histogram.observe, inline: once or twice per connection
-                durations.counts[bisect_left(durations.bounds, duration)] += 1
-                durations.sum += duration
-                durations.count += 1
-                if how is _CONNECT_FAILED:
-                    stats.connect_failed += 1
-            else:
-                rejected[how] += 1
-            ttfb = None
-            if first_byte:
-                ttfb = (first_byte - started) * 1e-9
-                ttfbs.counts[bisect_left(ttfbs.bounds, ttfb)] += 1
-                ttfbs.sum += ttfb
-                ttfbs.count += 1
-            slot = flow.slot
-            if slot is not None:
-                backend = slot.stats
-                backend.active -= 1
-                if slot.cap:
-                    if freed is None:
-                        freed = set()
-                    freed.add(flow.pool)
-                if flow.backend_id is not None:
-                    backend.bytes_in += bytes_in
-                    backend.bytes_out += bytes_out
-            if flow.source_key is not None and self.admission is not None:
-                self.admission.closed(flow.source_key)
-            if sink is not None:
-                sink(wall, self.name, flow.peer, flow.backend_id, bytes_in, bytes_out, duration,
-                     ttfb, _END_TEXT[how])
-        stats.active -= gone
-        self.shedder.active -= gone
-        BUDGET.used -= 2 * gone
+        if sink is None:
+            gone, freed = self._fold(self, records, None, None)
+        else:
+            lines: list[str] = []
+            gone, freed = self._fold(self, records, tcp_head(time.time(), self.name), lines)
+            if lines:
+                sink.tcp_lines(lines)
+        if gone:
+            self.stats.active -= gone
+            self.shedder.active -= gone
+            BUDGET.used -= 2 * gone
         if freed is not None:  # hand the freed slots to the queues' heads
             for pool in freed:
                 self.slot_freed(pool)
-        if not connections:
+        if not self.connections:
             self._refresh()  # exact totals whenever nothing is open
             if self._idle is not None:
                 self._idle.set()

@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from pointsman.telemetry.flowlog import FIELDS
@@ -38,6 +39,10 @@ from tests.support import (
     wait_closed,
     wait_for,
 )
+
+# Both engines: the compiled one passes the records through the compiled pass (proxy/_policy.pyx),
+# the pure-Python one through proxy/fold.py; the lines must be the same either way.
+pytestmark = pytest.mark.usefixtures("engine")
 
 ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FLUSH_TIMEOUT = 2.0  # the log flushes every 250 ms

@@ -14,7 +14,15 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pointsman.telemetry.flowlog import CHUNK, FIELDS, FlowLog, Record, format_record, tcp_line
+from pointsman.telemetry.flowlog import (
+    CHUNK,
+    FIELDS,
+    FlowLog,
+    Record,
+    format_record,
+    tcp_head,
+    tcp_line,
+)
 from tests.support import wait_for
 
 NAMES = st.sampled_from(["web", "b1", "client_fin", "rejected:table_full", 'odd "name"\\', "é"])
@@ -170,3 +178,45 @@ def test_the_run_queue_clock_reads_this_threads_wait_for_a_cpu() -> None:
     clock.close()
     assert 0.0 <= first <= second
     assert clock.fd is None
+
+
+@given(st.integers(1, 12), st.sampled_from([1.0, 0.5]), st.lists(st.integers(0, 9), max_size=6),
+       st.integers(0, 2**32))
+def test_a_batch_of_lines_admits_as_one_call_per_line(queue_size: int, sample: float,
+                                                      batches: list[int], seed: int) -> None:
+    import random
+
+    def fresh() -> FlowLog:
+        return FlowLog(open(os.devnull, "w"), sample=sample,
+                       queue_size=queue_size, rng=random.Random(seed))
+
+    one, batch = fresh(), fresh()
+    port = 0
+    for size in batches:
+        rows = [(time.time(), "lb", ("127.0.0.1", port + i), "b", i, 0, 0.25, None, "client_fin")
+                for i in range(size)]
+        port += size
+        for row in rows:
+            one.tcp(*row)  # type: ignore[arg-type]
+        batch.tcp_lines([tcp_line(*row) for row in rows])  # type: ignore[arg-type]
+        assert list(batch.queue) == list(one.queue)
+        assert (batch.dropped, batch._wake.is_set(), batch._urge.is_set()) == (
+            one.dropped, one._wake.is_set(), one._urge.is_set())
+        if len(one.queue) > queue_size // 2:  # the writer took some: both the same
+            for log in (one, batch):
+                log._take(2)
+                log._wake.clear()
+                log._urge.clear()
+    one.stream.close()
+    batch.stream.close()
+
+
+@given(st.lists(st.tuples(st.one_of(st.floats(min_value=1e9, max_value=4e9),
+                                    st.sampled_from([1.7e9 + 0.0005, 1.7e9 + 0.0009, 1.7e9 + 0.001]),
+                                    st.just("2026-01-01T00:00:00.000Z")),
+                          NAMES), max_size=30))
+def test_a_batch_head_is_the_start_of_each_line_of_that_time(batches: list[tuple[object, str]]
+                                                             ) -> None:
+    for at, listener in batches:  # in turn: a head made for one time is never reused for another
+        line = tcp_line(at, listener, ("127.0.0.1", 1), None, 0, 0, 0.5, None, "e")  # type: ignore[arg-type]
+        assert line.startswith(tcp_head(at, listener))  # type: ignore[arg-type]
