@@ -258,7 +258,8 @@ def start_raw(procs: Procs, backends: Backends, cpu: str | None, engine: str,
     proc = procs.start([sys.executable, "-c", SERVER, engine,
                         f"{proxy.http},{proxy.bulk},{proxy.redis}",
                         f"{backends.http},{backends.bulk},{backends.redis}",
-                        "1" if nodelay else "0"], cpu, env={**os.environ, "PYTHONPATH": str(tree)})
+                        "1" if nodelay else "0"], cpu, env={**os.environ, "PYTHONPATH": str(tree)},
+                        cwd=str(tree))  # `-c` puts the working directory first on sys.path
     assert proc.stdout is not None
     proxy.note = f"simple policy, engine {proc.stdout.readline().decode().strip()}"
     proxy.pid = proc.pid

@@ -598,7 +598,7 @@ cdef class CEngine:
                     except Exception:  # one connection's bug must not stall the batch
                         self._contain(self.events[i].data.u64)
                 self._close_now()
-                if n < MAX_EVENTS:
+                if n == 0:
                     break
             self._sweep()
         finally:
