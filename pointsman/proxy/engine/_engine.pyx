@@ -42,6 +42,7 @@ from pointsman.proxy.engine.api import (
     ReadPreamble,
     Refuse,
     set_keepalive,
+    set_nodelay,
 )
 
 log = logging.getLogger("pointsman.engine")
@@ -445,6 +446,7 @@ cdef class CEngine:
         cdef epoll_event ev
         # On the listening socket (accepted sockets inherit it); None turns it off (pyengine).
         set_keepalive(sock, None if keepalive is None else Keepalive(*keepalive).check())
+        inherited = set_nodelay(sock, nodelay)  # accepted sockets inherit it (pyengine)
         sock.setblocking(False)
         lst.id = self.next_lid
         self.next_lid += 1
@@ -455,7 +457,7 @@ cdef class CEngine:
         lst.on_connect = policy.connect_result
         lst.on_ended = policy.ended
         lst.on_accept_error = getattr(policy, "accept_error", None)
-        lst.nodelay = nodelay
+        lst.nodelay = nodelay and not inherited
         ev.events = EPOLLIN
         ev.data.u64 = <uint64_t>lst.fd | (<uint64_t>1 << 32)
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:

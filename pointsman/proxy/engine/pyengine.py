@@ -65,6 +65,7 @@ from pointsman.proxy.engine.api import (
     Status,
     classify,
     set_keepalive,
+    set_nodelay,
 )
 from pointsman.proxy.engine.wheel import Wheel
 
@@ -259,8 +260,10 @@ class PyEngine:
         `keepalive` is set on `sock` itself (None: off, so a socket handed over by systemd or
         an earlier run keeps no stale setting): the sockets accepted from it inherit it."""
         set_keepalive(sock, None if keepalive is None else Keepalive(*keepalive).check())
+        # TCP_NODELAY too: Linux copies it to every accepted socket (no system call each).
+        inherited = set_nodelay(sock, nodelay)
         sock.setblocking(False)
-        lst = _Listener(next(self._lids), sock, policy, nodelay)
+        lst = _Listener(next(self._lids), sock, policy, nodelay and not inherited)
         self._listeners[lst.id] = lst
         self._fds[lst.fd] = lst
         self._ep.register(lst.fd, select.EPOLLIN)
@@ -394,7 +397,7 @@ class PyEngine:
                     except Exception:  # one connection's bug must not stall the batch
                         self._contain(fd)
                 self._close_now()
-                if len(events) < _MAX_EVENTS:
+                if not events:  # more came while these were handled: take them now (docs)
                     break
             self._sweep()
         finally:
