@@ -29,6 +29,7 @@ import errno
 import fcntl
 import itertools
 import logging
+import mmap
 import os
 import select
 import socket
@@ -75,6 +76,19 @@ NAME = "python"
 IP_TRANSPARENT = 19  # linux/in.h
 SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in the send queue not yet sent
 F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+
+
+def _pipe_slots(fd: int) -> int:
+    """Make the pipe PIPE_SIZE when allowed; its capacity in buffers either way (0: unknown)."""
+    try:
+        size = fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        try:
+            size = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        except OSError:
+            return 0
+    return size // mmap.PAGESIZE
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _CONN_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -163,7 +177,7 @@ class _Side:
 class _Dir:
     """One direction: bytes read from `src` not yet taken by `dst`, and its FIN."""
 
-    __slots__ = ("eof", "fin_sent", "pending", "pipe_len", "pipe_r", "pipe_w")
+    __slots__ = ("eof", "fin_sent", "pending", "pipe_len", "pipe_r", "pipe_slots", "pipe_w")
 
     def __init__(self) -> None:
         self.pending: bytes | bytearray | memoryview | None = None
@@ -172,6 +186,7 @@ class _Dir:
         self.pipe_r = -1
         self.pipe_w = -1
         self.pipe_len = 0
+        self.pipe_slots = 0  # the pipe's capacity in buffers (pages): see _pump_splice
 
 
 class _Conn:
@@ -960,6 +975,11 @@ class PyEngine:
                 self._count_in(conn, n)
             else:
                 self._count_out(conn, n)
+            # The pipe was empty and each of its buffers holds at least one byte: fewer bytes
+            # than buffers means the pipe did not fill, so the socket had no more (a short read
+            # drains, as on the copy path): no splice that would only say EAGAIN.
+            if n < d.pipe_slots and not src.hup:
+                src.rd = False
 
     def _to_splice(self, conn: _Conn) -> bool:
         """Move to splice(2) once nothing is buffered and neither side has finished."""
@@ -979,10 +999,9 @@ class PyEngine:
             key = (int(Op.PIPE), exc.errno or errno.EIO)
             self._local_errors[key] = self._local_errors.get(key, 0) + 1
             return False
-        for fd in (pipes[1], pipes[3]):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
         up.pipe_r, up.pipe_w, down.pipe_r, down.pipe_w = pipes
+        up.pipe_slots = _pipe_slots(up.pipe_w)  # best effort: the default 64 KiB works, slower
+        down.pipe_slots = _pipe_slots(down.pipe_w)
         conn.flags |= Flag.SPLICED
         conn.lst.spliced += 1
         return True
