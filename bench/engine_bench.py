@@ -2,7 +2,7 @@
 
     python bench/engine_bench.py [--seconds 5] [--rounds 3] [--idle 8000] [--skip-idle]
                                  [--skip-redis] [--before DIR] [--raw] [--only NAME,...]
-                                 [--cpu-only]
+                                 [--cpu-only | --ka-only]
 
 Proxies, each one process pinned to the same CPU:
 - `cython` / `python`: the REAL `pointsman run` (one process, `workers: 1`) on the compiled and
@@ -12,7 +12,9 @@ Proxies, each one process pinned to the same CPU:
 - `before` / `before-bare` (with `--before DIR`): `pointsman run` from another source tree, e.g.
   `git archive <commit> | tar -x -C DIR` of main before the engine (the uvloop-transport path);
 - `engine-cython` / `engine-python` (with `--raw`): the bare engines with the minimal round-robin
-  policy of pointsman/proxy/engine/simple.py (the engine's own cost);
+  policy of pointsman/proxy/engine/simple.py (the engine's own cost); `engine-before` (with
+  `--raw --before DIR`): the compiled engine of DIR (build it there first:
+  `python setup.py build_ext --inplace`), for an engine change paired against its base;
 - `haproxy`: HAProxy with one thread. All in front of one nginx (and iperf3, redis-server).
 
 Measured:
