@@ -856,8 +856,7 @@ cdef class CEngine:
             return 0
         try:
             if type(decision) is not Refuse:
-                self._register(fd, conn)
-                conn.c_rd = 1  # a speculative read right after accept
+                self._register(fd, conn)  # no read yet: see pyengine._new_conn
             self._apply(conn, decision)
         except Exception:  # the listener's event cannot name this connection: contain it here
             log.exception("engine: internal error on connection %d; it is cut", conn.id)

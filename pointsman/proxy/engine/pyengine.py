@@ -586,8 +586,8 @@ class PyEngine:
         try:
             if type(decision) is not Refuse:
                 self._fds[conn.client.fd] = conn.client
+                # No read yet: registering reports what is already there (docs/engine.md).
                 self._ep.register(conn.client.fd, _CONN_EVENTS)
-                conn.client.rd = True  # a speculative read right after accept
             self._apply(conn, decision)
         except Exception:  # the listener's event cannot name this connection: contain it here
             log.exception("engine: internal error on connection %d; it is cut", cid)
