@@ -2,7 +2,7 @@
 
     python bench/engine_bench.py [--seconds 5] [--rounds 3] [--idle 8000] [--skip-idle]
                                  [--skip-redis] [--before DIR] [--raw] [--only NAME,...]
-                                 [--cpu-only]
+                                 [--cpu-only | --ka-only]
 
 Proxies, each one process pinned to the same CPU:
 - `cython` / `python`: the REAL `pointsman run` (one process, `workers: 1`) on the compiled and
@@ -12,7 +12,9 @@ Proxies, each one process pinned to the same CPU:
 - `before` / `before-bare` (with `--before DIR`): `pointsman run` from another source tree, e.g.
   `git archive <commit> | tar -x -C DIR` of main before the engine (the uvloop-transport path);
 - `engine-cython` / `engine-python` (with `--raw`): the bare engines with the minimal round-robin
-  policy of pointsman/proxy/engine/simple.py (the engine's own cost);
+  policy of pointsman/proxy/engine/simple.py (the engine's own cost); `engine-before` (with
+  `--raw --before DIR`): the compiled engine of DIR (build it there first:
+  `python setup.py build_ext --inplace`), for an engine change paired against its base;
 - `haproxy`: HAProxy with one thread. All in front of one nginx (and iperf3, redis-server).
 
 Measured:
@@ -253,12 +255,13 @@ def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None
 
 
 def start_raw(procs: Procs, backends: Backends, cpu: str | None, engine: str,
-              nodelay: bool) -> Proxy:
-    proxy = Proxy(f"engine-{engine}")
+              nodelay: bool, tree: Path = ROOT, name: str = "") -> Proxy:
+    proxy = Proxy(name or f"engine-{engine}")
     proc = procs.start([sys.executable, "-c", SERVER, engine,
                         f"{proxy.http},{proxy.bulk},{proxy.redis}",
                         f"{backends.http},{backends.bulk},{backends.redis}",
-                        "1" if nodelay else "0"], cpu, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                        "1" if nodelay else "0"], cpu, env={**os.environ, "PYTHONPATH": str(tree)},
+                        cwd=str(tree))  # `-c` puts the working directory first on sys.path
     assert proc.stdout is not None
     proxy.note = f"simple policy, engine {proc.stdout.readline().decode().strip()}"
     proxy.pid = proc.pid
@@ -391,6 +394,8 @@ def main() -> None:
     parser.add_argument("--cpu-only", action="store_true",
                         help="only the paired CPU per new connection (no keep-alive, bulk, "
                              "redis or memory runs)")
+    parser.add_argument("--ka-only", action="store_true",
+                        help="only the paired CPU per keep-alive request")
     parser.add_argument("--no-nodelay", action="store_true",
                         help="the raw engines only: leave Nagle on (HAProxy's default)")
     args = parser.parse_args()
@@ -447,6 +452,10 @@ def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
         for engine in ("cython", "python"):
             if not only or f"engine-{engine}" in only:
                 proxies.append(start_raw(procs, backends, cpu, engine, not args.no_nodelay))
+        if args.before is not None and (not only or "engine-before" in only):
+            # The compiled engine of --before's tree (built there with build_ext --inplace).
+            proxies.append(start_raw(procs, backends, cpu, "cython", not args.no_nodelay,
+                                     args.before.resolve(), "engine-before"))
     proxies.append(start_haproxy(procs, backends, tmp, cpu))
     return proxies
 
@@ -455,6 +464,14 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
             load_cpu: str | None) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {p.name: {} for p in proxies}
     for round_ in range(args.rounds):
+        if args.ka_only:
+            print(f"round {round_ + 1}: CPU per keep-alive request (paired) ...", file=sys.stderr)
+            for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu,
+                                                           round_, close=False).items():
+                results[name].setdefault("ka_cpu_us_per_req", []).append(user + system)
+                results[name].setdefault("user_us", []).append(user)
+                results[name].setdefault("sys_us", []).append(system)
+            continue
         print(f"round {round_ + 1}: CPU per connection (paired) ...", file=sys.stderr)
         for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu,
                                                        round_).items():
@@ -472,7 +489,7 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
         for proxy in turn:
             results[proxy.name].setdefault("keepalive_rps", []).append(
                 keepalive(proxy, args.seconds, load_cpu))
-    if args.cpu_only:
+    if args.cpu_only or args.ka_only:
         return results
     print("bulk ...", file=sys.stderr)
     for proxy in proxies:
@@ -526,14 +543,15 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace)
             else:
                 cells.append(f"{v:.2f} ({ratio(c, r[c], base[c]):.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    paired = "ka_cpu_us_per_req" if args.ka_only else "cpu_us_per_conn"
     print(f"\nmedians of {args.rounds} rounds; ratios vs HAProxy 2.6 nbthread 1, higher is better "
-          "(CPU and memory: HAProxy's / ours). Paired CPU rounds (per round, us/conn):")
+          f"(CPU and memory: HAProxy's / ours). Paired CPU rounds (per round, {paired}):")
     for name, r in results.items():
-        print(f"  {name:14} " + ", ".join(f"{v:.1f}" for v in r["cpu_us_per_conn"])
+        print(f"  {name:14} " + ", ".join(f"{v:.1f}" for v in r[paired])
               + f"   (median user {statistics.median(r['user_us']):.1f}, "
               f"system {statistics.median(r['sys_us']):.1f}; ratio per round "
-              + ", ".join(f"{h / v:.2f}" for h, v in zip(results["haproxy"]["cpu_us_per_conn"],
-                                                          r["cpu_us_per_conn"], strict=True))
+              + ", ".join(f"{h / v:.2f}" for h, v in zip(results["haproxy"][paired],
+                                                          r[paired], strict=True))
               + ")")
 
 

@@ -200,3 +200,62 @@ async def test_ipv6_listener_and_backend(engine: str) -> None:
         lsock.close()
         server.close()
     assert policy.records[0].reason == End.CLIENT_FIN
+
+
+async def recv_exactly(sock: socket.socket, size: int, timeout: float = 5.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    async with asyncio.timeout(timeout):
+        while len(got) < size:
+            data = await loop.sock_recv(sock, size - len(got))
+            assert data, f"stream ended after {len(got)} of {size} bytes"
+            got += data
+    return bytes(got)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_small_exchanges_on_the_splice_path(engine: str) -> None:
+    """Request/response rounds smaller than a page on a spliced connection (a keep-alive client
+    past zero_copy_after): each round trips, none waits for the next arrival to move."""
+    loop = asyncio.get_running_loop()
+    async with raw_backend(echo) as backend, proxy(engine, [backend.port], splice_after=0) as p:
+        sock = await open_raw(p.address)
+        with sock:
+            for i in range(300):
+                message = f"GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                await loop.sock_sendall(sock, message)
+                assert await recv_exactly(sock, len(message)) == message
+            sock.shutdown(socket.SHUT_WR)
+            _, end = await recv_to_end(sock)
+            assert end == "eof"
+        records = await p.wait_ended(1)
+    assert records[0].flags & Flag.SPLICED
+    assert records[0].bytes_in == records[0].bytes_out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_more_segments_than_the_pipe_has_buffers_all_arrive(engine: str) -> None:
+    """Thousands of one-byte segments queued at once on spliced connections: a splice that
+    fills the pipe's buffers moves fewer bytes than asked although more are waiting, so it must
+    not be taken for a drained socket (edge-triggered: nothing else would wake it). Two
+    connections take turns byte by byte, so no two bytes of one are adjacent in the sender's
+    pages and the receiver cannot merge them into one buffer."""
+    loop = asyncio.get_running_loop()
+    async with raw_backend(echo) as backend, proxy(engine, [backend.port], splice_after=0) as p:
+        socks = [await open_raw(p.address) for _ in range(2)]
+        try:
+            for sock in socks:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_sendall(sock, b"hello")
+                assert await recv_exactly(sock, 5) == b"hello"  # spliced from here on
+            data = [random.Random(seed).randbytes(3000) for seed in range(2)]
+            for i in range(3000):  # no await: all queued before the engine runs
+                for sock, payload in zip(socks, data, strict=True):
+                    assert sock.send(payload[i:i + 1]) == 1
+            for sock, payload in zip(socks, data, strict=True):
+                assert await recv_exactly(sock, len(payload)) == payload
+        finally:
+            for sock in socks:
+                sock.close()
+        records = await p.wait_ended(2)
+    assert all(record.flags & Flag.SPLICED for record in records)

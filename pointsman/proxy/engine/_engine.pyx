@@ -19,6 +19,7 @@ from libc.string cimport memcpy, memset
 from pointsman.proxy.engine._sys cimport *
 
 import logging
+import mmap as _mmap
 import socket as _socket
 
 from pointsman.proxy.engine.api import (
@@ -42,6 +43,7 @@ from pointsman.proxy.engine.api import (
     ReadPreamble,
     Refuse,
     set_keepalive,
+    set_nodelay,
 )
 
 log = logging.getLogger("pointsman.engine")
@@ -101,6 +103,7 @@ cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
 cdef int64_t C_TICK_NS = <int64_t>(TICK * 1e9)
 cdef int64_t C_BACKOFF_NS = <int64_t>(ACCEPT_BACKOFF * 1e9)
 cdef int C_PIPE_SIZE = PIPE_SIZE
+cdef int C_PAGE_SIZE = _mmap.PAGESIZE
 cdef Py_ssize_t RECORD_SIZE = RECORD.size
 cdef unsigned int SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -131,6 +134,7 @@ cdef struct Dir:
     int pipe_r
     int pipe_w
     Py_ssize_t pipe_len
+    Py_ssize_t pipe_slots  # the pipe's capacity in buffers (pages): see _pump_splice
     uint8_t eof
     uint8_t fin_sent
 
@@ -186,6 +190,14 @@ cdef object addr_tuple(SockAddr* a):
     if a.sa.sa_family == AF_INET6:
         return (addr_host(a), ntohs(a.v6.sin6_port), ntohl(a.v6.sin6_flowinfo), a.v6.sin6_scope_id)
     return (addr_host(a), ntohs(a.v4.sin_port))
+
+
+cdef inline Py_ssize_t pipe_slots(int wfd) noexcept:
+    """Make the pipe PIPE_SIZE when allowed; its capacity in buffers either way (0: unknown)."""
+    cdef int size = fcntl(wfd, F_SETPIPE_SZ, C_PIPE_SIZE)
+    if size < 0:
+        size = fcntl(wfd, F_GETPIPE_SZ)
+    return size // C_PAGE_SIZE if size > 0 else 0
 
 
 cdef inline void dir_free(Dir* d) noexcept:
@@ -445,6 +457,7 @@ cdef class CEngine:
         cdef epoll_event ev
         # On the listening socket (accepted sockets inherit it); None turns it off (pyengine).
         set_keepalive(sock, None if keepalive is None else Keepalive(*keepalive).check())
+        inherited = set_nodelay(sock, nodelay)  # accepted sockets inherit it (pyengine)
         sock.setblocking(False)
         lst.id = self.next_lid
         self.next_lid += 1
@@ -455,7 +468,7 @@ cdef class CEngine:
         lst.on_connect = policy.connect_result
         lst.on_ended = policy.ended
         lst.on_accept_error = getattr(policy, "accept_error", None)
-        lst.nodelay = nodelay
+        lst.nodelay = nodelay and not inherited
         ev.events = EPOLLIN
         ev.data.u64 = <uint64_t>lst.fd | (<uint64_t>1 << 32)
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, lst.fd, &ev) < 0:
@@ -598,7 +611,7 @@ cdef class CEngine:
                     except Exception:  # one connection's bug must not stall the batch
                         self._contain(self.events[i].data.u64)
                 self._close_now()
-                if n < MAX_EVENTS:
+                if n == 0:
                     break
             self._sweep()
         finally:
@@ -843,8 +856,7 @@ cdef class CEngine:
             return 0
         try:
             if type(decision) is not Refuse:
-                self._register(fd, conn)
-                conn.c_rd = 1  # a speculative read right after accept
+                self._register(fd, conn)  # no read yet: see pyengine._new_conn
             self._apply(conn, decision)
         except Exception:  # the listener's event cannot name this connection: contain it here
             log.exception("engine: internal error on connection %d; it is cut", conn.id)
@@ -1279,6 +1291,8 @@ cdef class CEngine:
             moved += n
             d.pipe_len += n
             self._count(conn, n, up)
+            if n < d.pipe_slots and not src_hup[0]:  # drained (pyengine._pump_splice says why)
+                src_rd[0] = 0
 
     cdef bint _to_splice(self, Conn conn) except -1:
         cdef int fds[4]
@@ -1298,14 +1312,16 @@ cdef class CEngine:
             close(fds[1])
             self.local_errs[OP_PIPE][err if err < ERRNO_SLOTS else 0] += 1
             return False
-        fcntl(fds[1], F_SETPIPE_SZ, C_PIPE_SIZE)  # best effort: the default 64 KiB works, slower
-        fcntl(fds[3], F_SETPIPE_SZ, C_PIPE_SIZE)
+        up_slots = pipe_slots(fds[1])  # best effort: the default 64 KiB works, slower
+        down_slots = pipe_slots(fds[3])
         dir_free(&conn.up)
         dir_free(&conn.down)
         conn.up.pipe_r = fds[0]
         conn.up.pipe_w = fds[1]
         conn.down.pipe_r = fds[2]
         conn.down.pipe_w = fds[3]
+        conn.up.pipe_slots = up_slots
+        conn.down.pipe_slots = down_slots
         conn.flags |= F_SPLICED
         conn.lst.spliced += 1
         return True

@@ -44,6 +44,7 @@ cdef extern from "<fcntl.h>" nogil:
         SPLICE_F_MOVE
         SPLICE_F_NONBLOCK
         F_SETPIPE_SZ
+        F_GETPIPE_SZ
 
 
 cdef extern from "<sys/ioctl.h>" nogil:

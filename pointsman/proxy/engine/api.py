@@ -161,6 +161,17 @@ def set_keepalive(sock: socket.socket, keepalive: Keepalive | None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
+def set_nodelay(sock: socket.socket, nodelay: bool) -> bool:
+    """Put TCP_NODELAY (on or off) on the listening socket `sock`: Linux copies it to every
+    socket accepted from it, like keepalive, so a listener's connections need no system call of
+    their own for it. False when the socket refused it (then set it on each accepted socket)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
+    except OSError:
+        return False
+    return True
+
+
 # --- decisions --------------------------------------------------------------------------------
 
 

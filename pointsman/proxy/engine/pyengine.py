@@ -29,6 +29,7 @@ import errno
 import fcntl
 import itertools
 import logging
+import mmap
 import os
 import select
 import socket
@@ -65,6 +66,7 @@ from pointsman.proxy.engine.api import (
     Status,
     classify,
     set_keepalive,
+    set_nodelay,
 )
 from pointsman.proxy.engine.wheel import Wheel
 
@@ -74,6 +76,19 @@ NAME = "python"
 IP_TRANSPARENT = 19  # linux/in.h
 SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in the send queue not yet sent
 F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+
+
+def _pipe_slots(fd: int) -> int:
+    """Make the pipe PIPE_SIZE when allowed; its capacity in buffers either way (0: unknown)."""
+    try:
+        size = fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        try:
+            size = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        except OSError:
+            return 0
+    return size // mmap.PAGESIZE
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _CONN_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -162,7 +177,7 @@ class _Side:
 class _Dir:
     """One direction: bytes read from `src` not yet taken by `dst`, and its FIN."""
 
-    __slots__ = ("eof", "fin_sent", "pending", "pipe_len", "pipe_r", "pipe_w")
+    __slots__ = ("eof", "fin_sent", "pending", "pipe_len", "pipe_r", "pipe_slots", "pipe_w")
 
     def __init__(self) -> None:
         self.pending: bytes | bytearray | memoryview | None = None
@@ -171,6 +186,7 @@ class _Dir:
         self.pipe_r = -1
         self.pipe_w = -1
         self.pipe_len = 0
+        self.pipe_slots = 0  # the pipe's capacity in buffers (pages): see _pump_splice
 
 
 class _Conn:
@@ -259,8 +275,10 @@ class PyEngine:
         `keepalive` is set on `sock` itself (None: off, so a socket handed over by systemd or
         an earlier run keeps no stale setting): the sockets accepted from it inherit it."""
         set_keepalive(sock, None if keepalive is None else Keepalive(*keepalive).check())
+        # TCP_NODELAY too: Linux copies it to every accepted socket (no system call each).
+        inherited = set_nodelay(sock, nodelay)
         sock.setblocking(False)
-        lst = _Listener(next(self._lids), sock, policy, nodelay)
+        lst = _Listener(next(self._lids), sock, policy, nodelay and not inherited)
         self._listeners[lst.id] = lst
         self._fds[lst.fd] = lst
         self._ep.register(lst.fd, select.EPOLLIN)
@@ -394,7 +412,7 @@ class PyEngine:
                     except Exception:  # one connection's bug must not stall the batch
                         self._contain(fd)
                 self._close_now()
-                if len(events) < _MAX_EVENTS:
+                if not events:  # more came while these were handled: take them now (docs)
                     break
             self._sweep()
         finally:
@@ -568,8 +586,8 @@ class PyEngine:
         try:
             if type(decision) is not Refuse:
                 self._fds[conn.client.fd] = conn.client
+                # No read yet: registering reports what is already there (docs/engine.md).
                 self._ep.register(conn.client.fd, _CONN_EVENTS)
-                conn.client.rd = True  # a speculative read right after accept
             self._apply(conn, decision)
         except Exception:  # the listener's event cannot name this connection: contain it here
             log.exception("engine: internal error on connection %d; it is cut", cid)
@@ -957,6 +975,11 @@ class PyEngine:
                 self._count_in(conn, n)
             else:
                 self._count_out(conn, n)
+            # The pipe was empty and each of its buffers holds at least one byte: fewer bytes
+            # than buffers means the pipe did not fill, so the socket had no more (a short read
+            # drains, as on the copy path): no splice that would only say EAGAIN.
+            if n < d.pipe_slots and not src.hup:
+                src.rd = False
 
     def _to_splice(self, conn: _Conn) -> bool:
         """Move to splice(2) once nothing is buffered and neither side has finished."""
@@ -976,10 +999,9 @@ class PyEngine:
             key = (int(Op.PIPE), exc.errno or errno.EIO)
             self._local_errors[key] = self._local_errors.get(key, 0) + 1
             return False
-        for fd in (pipes[1], pipes[3]):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
         up.pipe_r, up.pipe_w, down.pipe_r, down.pipe_w = pipes
+        up.pipe_slots = _pipe_slots(up.pipe_w)  # best effort: the default 64 KiB works, slower
+        down.pipe_slots = _pipe_slots(down.pipe_w)
         conn.flags |= Flag.SPLICED
         conn.lst.spliced += 1
         return True

@@ -44,7 +44,10 @@ class Wheel(Generic[T]):
 
     def remove(self, item: T) -> None:
         if item.tslot >= 0:
-            del self.slots[item.tslot][id(item)]
+            slot = self.slots[item.tslot]
+            del slot[id(item)]
+            if not slot:  # a dict keeps its largest table: a fresh one gives the memory back
+                self.slots[item.tslot] = {}
             item.tslot = -1
             self.count -= 1
 
@@ -62,6 +65,8 @@ class Wheel(Generic[T]):
             for item in ready:
                 del slot[id(item)]
                 item.tslot = -1
+            if not slot:
+                self.slots[(self.tick + step) % SLOTS] = {}
             self.count -= len(ready)
             due.extend(ready)
         self.tick = now

@@ -3,6 +3,7 @@ after it, wherever it was filed and however far the clock jumps."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from hypothesis import given
@@ -68,4 +69,25 @@ def test_every_item_fires_once_at_the_first_expire_after_its_due(dues: list[int]
             assert previous < max(item.tdue, 1) <= now
             fired[item.name] = now
     assert sorted(fired) == list(range(len(items)))
+    assert wheel.count == 0
+
+
+def test_an_emptied_slot_gives_its_memory_back() -> None:
+    """A slot that once held many items does not keep its large table when it runs empty (a
+    dict never shrinks): over time every slot would otherwise hold its busiest moment's size."""
+    wheel: Wheel[Item] = Wheel(0)
+    empty = sys.getsizeof({})
+    items = [Item(i) for i in range(1000)]
+    for item in items:
+        wheel.file(item, 5)
+    for item in items[:500]:
+        wheel.remove(item)
+    assert sys.getsizeof(wheel.slots[5]) > empty  # still in use: untouched
+    for item in items[500:]:
+        wheel.remove(item)
+    assert sys.getsizeof(wheel.slots[5]) == empty
+    for item in items:
+        wheel.file(item, 7)
+    assert len(wheel.expire(7)) == 1000
+    assert sys.getsizeof(wheel.slots[7]) == empty
     assert wheel.count == 0
