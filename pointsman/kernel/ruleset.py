@@ -42,27 +42,36 @@ chain per hook however many listeners there are:
 
     map     stateless_vips4   { ipv4_addr . inet_proto . inet_service : verdict }  VIP -> goto l_web_sin
     set     stateless_replies4 { ipv4_addr . inet_proto . inet_service }  backends: replies, notrack
-    map     stateless_rev4    { ipv4_addr . inet_proto . inet_service : verdict }  backend -> goto l_web_rev
+    map     stateless_rev4    { ipv4_addr . inet_proto . inet_service : verdict }  -> goto l_web_b<k>_rev
     chain   stateless_in   filter prerouting  -300  VIP packets -> their listener; replies notrack
-    chain   stateless_out  filter postrouting  100  replies -> their listener's l_web_rev
+    chain   stateless_out  filter postrouting  100  replies -> their backend's l_web_b<k>_rev
     (and the same three for IPv6, ..6)
 
 and each listener has:
 
-    map     l_web_slot_addr  { typeof numgen inc mod 2 : ip daddr }   slot -> backend address
-    map     l_web_slot_port  { typeof numgen inc mod 2 : tcp dport }  slot -> backend port
-    chain   l_web_sin   (regular)  notrack; rewrite the destination from the slot, count in the
-                                   backend's counter, accept; refuse what no slot took
-    chain   l_web_syn   (regular)  TCP SYNs: the lists, then the same with the backend's `new`
-    chain   l_web_rev   (regular)  replies: count, rewrite the source to the VIP
+    map     l_web_slot_sin  { typeof numgen inc mod 2 : verdict }  slot -> goto l_web_b<k>_sin
+    map     l_web_slot_syn  { typeof numgen inc mod 2 : verdict }  slot -> goto l_web_b<k>_syn (TCP)
+    chain   l_web_sin   (regular)  notrack; one jhash, one lookup: goto the slot's backend chain;
+                                   refuse what no slot took
+    chain   l_web_syn   (regular)  TCP SYNs: the lists, then the same through l_web_slot_syn
 
--300 is the raw priority: notrack must come before conntrack (-200) sees the packet. The two slot
-maps are indexed by the same jhash expression (computed twice, over the source, which the rewrite
-does not touch) and always change in the same transaction, so they act as one map of the slots the
-conntrack mode uses. Replies are rewritten after routing (postrouting): a VIP source before
-routing would fail the reverse-path and martian checks. Replies to addresses of this host (health
-checks) stay tracked. New-flow counts are TCP SYNs (retransmissions included); UDP has none. The
-shared chains and maps stay while the table does (the last listener's removal deletes it).
+and per backend k (created and removed with its counters):
+
+    chain   l_web_b<k>_sin  (regular)  write its address (and port) as constants, count, accept
+    chain   l_web_b<k>_syn  (regular)  the same, counting `new` too (TCP)
+    chain   l_web_b<k>_rev  (regular)  replies: count, write the VIP (and port) back as constants
+
+-300 is the raw priority: notrack must come before conntrack (-200) sees the packet. The slot
+maps hold verdicts, not addresses: the hash (over the source, which the rewrite does not touch)
+is computed once per packet and its one lookup lands in a chain that writes the backend's
+address as a constant and counts with a named counter, so a packet pays no address, port or
+counter-map lookup; a port equal to the VIP's is not written at all. Both maps always change in
+the same transaction, so they act as one map of the slots the conntrack mode uses. The shared
+reply map sends a backend's replies straight to its own l_web_b<k>_rev. Replies are rewritten
+after routing (postrouting): a VIP source before routing would fail the reverse-path and
+martian checks. Replies to addresses of this host (health checks) stay tracked. New-flow counts
+are TCP SYNs (retransmissions included); UDP has none. The shared chains and maps stay while the
+table does (the last listener's removal deletes it).
 
 Structure is written as text (nft 1.0.6 cannot read its own JSON for `typeof` and concatenated
 maps); element changes are JSON. Each is one transaction, so the kernel never sees a half-written
@@ -71,7 +80,7 @@ listener or slot map.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pointsman.kernel.acl import Interval, KernelAcl, element_json, element_text, kernel_acl, set_diff
@@ -83,6 +92,8 @@ FAMILY = "inet"
 TABLE_REF = f"{FAMILY} {TABLE}"
 
 JsonCommand = dict[str, Any]
+Index = Mapping[Target, int]
+"""Backends and their stable indices (their counters' and, stateless, their chains' names)."""
 
 # No listener counter sits on the path of a forwarded packet: a listener's packets, bytes and
 # new flows are the sums of its backends' (stats.py), and `new` counts only the first packets no
@@ -112,14 +123,14 @@ _HOOKS = {
 # Chains per mode in deletion order: base chains (which jump) before the chains they jump to.
 _CHAINS: dict[Nat, tuple[str, ...]] = {
     "conntrack": ("dnat", "dnat_local", "guard", "guard_local", "snat", "fwd", "count"),
-    "stateless": ("guard_local", "rev", "sin", "syn"),
+    "stateless": ("guard_local", "sin", "syn"),
 }
 
 # Shared by every stateless listener of the table: one base chain per hook, dispatching by a
 # verdict map on (address, protocol, port), so a packet crosses one chain whatever the number
 # of listeners, and a packet of no listener costs one lookup per family and hook.
 SHARED_IN = "stateless_in"  # filter prerouting -300: VIP packets -> l_<name>_sin; replies notrack
-SHARED_OUT = "stateless_out"  # filter postrouting 100: replies -> l_<name>_rev
+SHARED_OUT = "stateless_out"  # filter postrouting 100: replies -> l_<name>_b<k>_rev
 _SHARED_HOOKS = {
     SHARED_IN: f"type filter hook prerouting priority {PRIORITY_RAW}",
     SHARED_OUT: f"type filter hook postrouting priority {PRIORITY_SRCNAT}",
@@ -138,7 +149,7 @@ def shared_replies(family: str) -> str:
 
 
 def shared_rev(family: str) -> str:
-    """Backend address . protocol . port -> goto the listener's l_<name>_rev."""
+    """Backend address . protocol . port -> goto its chain l_<name>_b<k>_rev."""
     return f"stateless_rev{'6' if family == 'ip6' else '4'}"
 
 
@@ -170,18 +181,18 @@ def _key_text(spec: ListenerSpec, address: str, port: int) -> str:
     return f"{address} . {spec.protocol} . {port}"
 
 
-def _dispatch_elements(spec: ListenerSpec, backends: Iterable[Target]) -> list[tuple[str, str]]:
+def _dispatch_elements(spec: ListenerSpec, backends: Index) -> list[tuple[str, str]]:
     """(shared set or map, element text) of one stateless listener: its VIP and its backends."""
     n = Names(spec.name)
     elements = [(shared_vips(spec.family), f"{_key_text(spec, spec.vip, spec.port)} : goto {n.chain('sin')}")]
-    for address, port in sorted(set(backends)):
+    for (address, port), index in sorted(backends.items()):
         key = _key_text(spec, address, port)
         elements += [(shared_replies(spec.family), key),
-                     (shared_rev(spec.family), f"{key} : goto {n.chain('rev')}")]
+                     (shared_rev(spec.family), f"{key} : goto {n.backend_chain(index, 'rev')}")]
     return elements
 
 
-def _dispatch_removal(spec: ListenerSpec, backends: Iterable[Target]) -> list[str]:
+def _dispatch_removal(spec: ListenerSpec, backends: Index) -> list[str]:
     """Delete the listener's dispatch elements, whether or not they are there: nft 1.0.6 has no
     `destroy`, and `add` of an element that exists is a no-op, so add, then delete."""
     t = TABLE_REF
@@ -209,17 +220,17 @@ class Names:
     def backend_counter(self, index: int, kind: str) -> str:
         return f"{self.prefix}_b{index}_{kind}"
 
+    def backend_chain(self, index: int, kind: str) -> str:
+        """A stateless backend's own chain: `sin`, `syn` or `rev` (BACKEND_CHAINS)."""
+        return f"{self.prefix}_b{index}_{kind}"
+
     @property
     def slots(self) -> str:
         return f"{self.prefix}_slots"
 
-    @property
-    def slot_addr(self) -> str:
-        return f"{self.prefix}_slot_addr"
-
-    @property
-    def slot_port(self) -> str:
-        return f"{self.prefix}_slot_port"
+    def slot_map(self, kind: str) -> str:
+        """A stateless slot map (verdicts): `sin` for every packet, `syn` for TCP SYNs."""
+        return f"{self.prefix}_slot_{kind}"
 
     def acl(self, kind: str) -> str:
         """The allow or deny set (kernel/acl.py)."""
@@ -233,7 +244,7 @@ class Names:
 
     def mode_maps(self, nat: Nat) -> tuple[str, ...]:
         """Maps only one NAT mode uses (deleted when a reload switches modes)."""
-        return (self.slots,) if nat == "conntrack" else (self.slot_addr, self.slot_port)
+        return (self.slots,) if nat == "conntrack" else tuple(self.slot_map(k) for k in _SLOT_MAPS)
 
 
 def _addr_type(spec: ListenerSpec) -> str:
@@ -319,34 +330,94 @@ def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
 
 def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
     """The per-packet path is short on purpose (docs/kernel.md, Measurements): a packet to the
-    VIP is rewritten and counted once, in its backend's counter, and accepted there; a TCP SYN
-    takes a chain of its own (l_web_syn: the lists, the backend's `new`), so the other packets
-    pass one flag test for it. What no slot took falls through to the refusals."""
-    fam, proto = spec.family, spec.protocol
+    VIP is hashed once and its slot's verdict sends it to its backend's chain, which writes
+    constants, counts and accepts; a TCP SYN takes a chain of its own (l_web_syn: the lists,
+    then the slot map whose chains count `new` too), so the other packets pass one flag test for
+    it. What no slot took (an empty slot: the lookup fails) falls through to the refusals."""
     index = _index_expr(spec)
-    backend_in = f"{fam} daddr . {proto} dport"
-    backend_out = f"{fam} saddr . {proto} sport"
-    # An empty slot fails the map lookups: nothing is rewritten and the refusal below takes it.
-    rewrite = f"{fam} daddr set {index} map @{n.slot_addr} {proto} dport set {index} map @{n.slot_port}"
-    count_in = f"counter name {backend_in} map @{n.backend_map('in')}"
     # The shared prerouting chain sends the VIP's packets here (its verdict map).
     rules = [("sin", "notrack")]
-    if proto == "tcp":
+    if spec.protocol == "tcp":
         # The lists judge only what opens a flow (a SYN), so established flows go on.
         rules.append(("sin", f"{_SYN} goto {n.chain('syn')}"))
         rules += [("syn", drop) for drop in _acl_drops(spec, n)]
-        rules.append(("syn", f"{rewrite} counter name {backend_in} map @{n.backend_map('new')} "
-                             f"{count_in} accept"))
+        rules.append(("syn", f"{index} vmap @{n.slot_map('syn')}"))
         rules += [("syn", refuse) for refuse in _refuses(spec, n, new=True)]
     else:
         # UDP has no packet that opens a flow: a denied source's datagrams are all dropped.
         rules += [("sin", drop) for drop in _acl_drops(spec, n)]
-    rules.append(("sin", f"{rewrite} {count_in} accept"))
+    rules.append(("sin", f"{index} vmap @{n.slot_map('sin')}"))
     rules += [("sin", refuse) for refuse in _refuses(spec, n)]
-    # The counter-map lookup is also the match: it fails for any source that is not a backend.
-    rules.append(("rev", f"counter name {backend_out} map @{n.backend_map('out')} "
-                         f"{fam} saddr set {spec.vip} {proto} sport set {spec.port}"))
     return rules
+
+
+_SLOT_MAPS = ("sin", "syn")
+BACKEND_CHAINS = ("sin", "syn", "rev")
+"""A stateless backend's chains (`syn` only for TCP, but removal takes all three: it cannot
+know which a listener of another protocol left)."""
+
+
+def _backend_chain_kinds(spec: ListenerSpec) -> tuple[str, ...]:
+    return BACKEND_CHAINS if spec.protocol == "tcp" else ("sin", "rev")
+
+
+def _backend_rules(spec: ListenerSpec, index: int, target: Target) -> list[tuple[str, list[JsonCommand]]]:
+    """A stateless backend's rules, as (chain kind, JSON expressions): the destination (or, on
+    replies, the source) written as constants, the backend's named counters. The port is left
+    alone where it equals the VIP's (a stateless listener has one port)."""
+    n = Names(spec.name)
+    fam, proto = spec.family, spec.protocol
+    address, port = target
+
+    def mangle(protocol: str, field: str, value: str | int) -> JsonCommand:
+        return {"mangle": {"key": {"payload": {"protocol": protocol, "field": field}}, "value": value}}
+
+    def counted(*kinds: str) -> list[JsonCommand]:
+        return [{"counter": n.backend_counter(index, kind)} for kind in kinds]
+
+    same_port = port == spec.port
+    to = [mangle(fam, "daddr", address)] + ([] if same_port else [mangle(proto, "dport", port)])
+    back = [mangle(fam, "saddr", spec.vip)] + ([] if same_port else [mangle(proto, "sport", spec.port)])
+    accept: list[JsonCommand] = [{"accept": None}]
+    rules = [("sin", to + counted("in") + accept)]
+    if proto == "tcp":
+        rules.append(("syn", to + counted("new", "in") + accept))
+    rules.append(("rev", counted("out") + back))
+    return rules
+
+
+def _expr_text(expr: JsonCommand) -> str:
+    """One expression of `_backend_rules` as nft text."""
+    (kind, body), = expr.items()
+    if kind == "mangle":
+        payload = body["key"]["payload"]
+        return f"{payload['protocol']} {payload['field']} set {body['value']}"
+    if kind == "counter":
+        return f'counter name "{body}"'
+    return kind
+
+
+def _backend_text(spec: ListenerSpec, index: int, target: Target) -> list[str]:
+    """Create (or rewrite) a stateless backend's counters and chains (idempotent)."""
+    n, t = Names(spec.name), TABLE_REF
+    lines = [f"add counter {t} {n.backend_counter(index, kind)}" for kind in BACKEND_COUNTER_KINDS]
+    for kind, exprs in _backend_rules(spec, index, target):
+        chain = n.backend_chain(index, kind)
+        lines += [f"add chain {t} {chain}", f"flush chain {t} {chain}",
+                  f"add rule {t} {chain} {' '.join(_expr_text(e) for e in exprs)}"]
+    return lines
+
+
+def _backend_chains_removal(spec: ListenerSpec, indices: Iterable[int]) -> list[str]:
+    """Delete stateless backends' chains whether or not they are there (add, flush, delete):
+    after whatever jumps to them, before the counters they name."""
+    n, t = Names(spec.name), TABLE_REF
+    lines = []
+    for index in sorted(set(indices)):
+        for kind in BACKEND_CHAINS:
+            chain = n.backend_chain(index, kind)
+            lines += [f"add chain {t} {chain}", f"flush chain {t} {chain}", f"delete chain {t} {chain}"]
+    return lines
 
 
 def _mode_maps_text(spec: ListenerSpec, n: Names) -> list[str]:
@@ -354,11 +425,17 @@ def _mode_maps_text(spec: ListenerSpec, n: Names) -> list[str]:
     fam, proto = spec.family, spec.protocol
     if spec.nat == "conntrack":
         return [f"add map {t} {n.slots} {{ typeof numgen inc mod 2 : {fam} daddr . {proto} dport ; }}"]
-    return [f"add map {t} {n.slot_addr} {{ typeof numgen inc mod 2 : {fam} daddr ; }}",
-            f"add map {t} {n.slot_port} {{ typeof numgen inc mod 2 : {proto} dport ; }}"]
+    return [f"add map {t} {n.slot_map(kind)} {{ typeof numgen inc mod 2 : verdict ; }}"
+            for kind in _SLOT_MAPS]
 
 
-def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target | None]) -> list[str]:
+def _stateless_slot_maps(spec: ListenerSpec) -> tuple[str, ...]:
+    """The slot maps a stateless listener fills (l_web_slot_syn only for TCP)."""
+    return _SLOT_MAPS if spec.protocol == "tcp" else ("sin",)
+
+
+def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target | None],
+                        backends: Index) -> list[str]:
     t = TABLE_REF
     filled = [(i, x) for i, x in enumerate(targets) if x is not None]
     if spec.nat == "conntrack":
@@ -367,10 +444,11 @@ def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target |
             lines.append(f"add element {t} {n.slots} {{ "
                          f"{', '.join(f'{i} : {_target_text(x)}' for i, x in filled)} }}")
         return lines
-    lines = [f"flush map {t} {n.slot_addr}", f"flush map {t} {n.slot_port}"]
+    lines = [f"flush map {t} {n.slot_map(kind)}" for kind in _SLOT_MAPS]
     if filled:
-        lines.append(f"add element {t} {n.slot_addr} {{ {', '.join(f'{i} : {x[0]}' for i, x in filled)} }}")
-        lines.append(f"add element {t} {n.slot_port} {{ {', '.join(f'{i} : {x[1]}' for i, x in filled)} }}")
+        for kind in _stateless_slot_maps(spec):
+            elements = ", ".join(f"{i} : goto {n.backend_chain(backends[x], kind)}" for i, x in filled)
+            lines.append(f"add element {t} {n.slot_map(kind)} {{ {elements} }}")
     return lines
 
 
@@ -401,7 +479,7 @@ def _acl_text(spec: ListenerSpec, n: Names, acl: KernelAcl) -> list[str]:
 
 
 def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = None,
-                  previous: Nat | None = None, backends: Iterable[Target] = (),
+                  previous: Nat | None = None, backends: Index | None = None,
                   acl: KernelAcl | None = None, was: ListenerSpec | None = None) -> str:
     """Create (or re-create the rules of) one listener, with its slot map's full contents.
 
@@ -409,14 +487,15 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
     and refilled, so a reload that changes slots, hash key or SNAT keeps the counters. `previous`
     is the NAT mode the kernel holds now: if it differs, that mode's own chains and maps go first.
     `was` is the whole spec the kernel holds (it gives `previous`): a stateless one's entries in
-    the shared dispatch go first. `backends` are the backends that already have counters
-    (`add_backend_commands` adds the ones joining): with stateless, their entries in the shared
-    dispatch are written again. `acl` refills the allow and deny sets (None: no lists), in the
+    the shared dispatch go first. `backends` are the backends that have counters, with their
+    indices: every backend the kernel holds and every one `targets` names (`add_backend_commands`
+    adds the joining ones' counters to the maps): with stateless, their chains and their entries
+    in the shared dispatch are written again. `acl` refills the allow and deny sets (None: no lists), in the
     same transaction that creates them: an allow set left empty would refuse everyone.
     """
     n = Names(spec.name)
     t = TABLE_REF
-    backends = sorted(set(backends))
+    backends = backends or {}
     lines = [f"add table {t}"]
     if was is not None:
         previous = was.nat
@@ -425,6 +504,8 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
     if previous is not None and previous != spec.nat:
         lines += _remove_chains_lines(n, (c for c in _CHAINS[previous] if c not in _CHAINS[spec.nat]))
         lines += [f"delete map {t} {name}" for name in n.mode_maps(previous)]
+        if previous == "stateless":  # after the slot maps that jump to them
+            lines += _backend_chains_removal(spec, backends.values())
     lines += [f"add counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
     lines += _mode_maps_text(spec, n)
     lines += [f"add map {t} {n.backend_map(kind)} {{ type {_addr_type(spec)} . inet_service : counter ; }}"
@@ -445,8 +526,11 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
         rules += [("guard", refuse) for refuse in _refuses(spec, n, new=True)]
     rules += _conntrack_rules(spec, n) if spec.nat == "conntrack" else _stateless_rules(spec, n)
     lines += [f"add rule {t} {n.chain(kind)} {rule}" for kind, rule in rules]
+    if spec.stateless:  # before the slot maps and the dispatch that jump to them
+        for target, index in sorted(backends.items()):
+            lines += _backend_text(spec, index, target)
     if targets is not None:
-        lines += _slot_elements_text(spec, n, targets)
+        lines += _slot_elements_text(spec, n, targets, backends)
     if spec.stateless:
         lines += _shared_text()
         lines += [f"add element {t} {name} {{ {element} }}"
@@ -455,7 +539,7 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
 
 
 def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = (),
-                         backends: Iterable[Target] = ()) -> str:
+                         backends: Index | None = None) -> str:
     """Delete one listener's objects in one transaction (rules first, then what they used).
 
     With conntrack, established flows keep working: their NAT lives in conntrack entries, not in
@@ -464,9 +548,12 @@ def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = (
     n = Names(spec.name)
     t = TABLE_REF
     # The shared dispatch's entries name the chains: they go first (`backends`: stateless).
+    backends = backends or {}
     lines = _dispatch_removal(spec, backends) if spec.stateless else []
     lines += _remove_chains_lines(n, _CHAINS[spec.nat])
     lines += [f"delete map {t} {name}" for name in n.mode_maps(spec.nat)]
+    if spec.stateless:  # after the slot maps that jump to them, before the counters they count in
+        lines += _backend_chains_removal(spec, backends.values())
     lines += [f"delete map {t} {n.backend_map(kind)}" for kind in BACKEND_COUNTER_KINDS]
     lines += [f"delete set {t} {n.acl(kind)}" for kind in ACL_SETS]
     lines += [f"delete counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
@@ -508,8 +595,9 @@ def _dispatch_key(spec: ListenerSpec, target: Target) -> dict[str, list[str | in
     return {"concat": [target[0], spec.protocol, target[1]]}
 
 
-def slot_commands(spec: ListenerSpec, diff: SlotDiff) -> list[JsonCommand]:
-    """Apply a slot diff: deletes, then adds (a changed slot is in both)."""
+def slot_commands(spec: ListenerSpec, diff: SlotDiff, backends: Index | None = None) -> list[JsonCommand]:
+    """Apply a slot diff: deletes, then adds (a changed slot is in both). Stateless: `backends`
+    gives each added target's index (its chains)."""
     n = Names(spec.name)
     commands: list[JsonCommand] = []
     if spec.nat == "conntrack":
@@ -519,29 +607,45 @@ def slot_commands(spec: ListenerSpec, diff: SlotDiff) -> list[JsonCommand]:
             elem = [[i, _concat(target)] for i, target in diff.add]
             commands.append({"add": {"element": {**_ref(n.slots), "elem": elem}}})
         return commands
-    for name in (n.slot_addr, n.slot_port):
-        if diff.delete:
-            commands.append({"delete": {"element": {**_ref(name), "elem": list(diff.delete)}}})
+    assert backends is not None or not diff.add, "stateless slots need the backends' indices"
+    kinds = _stateless_slot_maps(spec)
+    if diff.delete:
+        commands += [{"delete": {"element": {**_ref(n.slot_map(kind)), "elem": list(diff.delete)}}}
+                     for kind in kinds]
     if diff.add:
-        commands.append({"add": {"element": {**_ref(n.slot_addr),
-                                             "elem": [[i, target[0]] for i, target in diff.add]}}})
-        commands.append({"add": {"element": {**_ref(n.slot_port),
-                                             "elem": [[i, target[1]] for i, target in diff.add]}}})
+        assert backends is not None
+        for kind in kinds:
+            elem = [[i, {"goto": {"target": n.backend_chain(backends[target], kind)}}]
+                    for i, target in diff.add]
+            commands.append({"add": {"element": {**_ref(n.slot_map(kind)), "elem": elem}}})
     return commands
 
 
-def replace_slots_commands(spec: ListenerSpec, targets: Sequence[Target | None]) -> list[JsonCommand]:
+def replace_slots_commands(spec: ListenerSpec, targets: Sequence[Target | None],
+                           backends: Index | None = None) -> list[JsonCommand]:
     """Replace the whole slot map (flush and fill): the fallback when a diff cannot apply."""
     n = Names(spec.name)
     filled = tuple((i, x) for i, x in enumerate(targets) if x is not None)
-    names = (n.slots,) if spec.nat == "conntrack" else (n.slot_addr, n.slot_port)
+    kinds = _stateless_slot_maps(spec)
+    names = (n.slots,) if spec.nat == "conntrack" else tuple(n.slot_map(k) for k in kinds)
     commands: list[JsonCommand] = [{"flush": {"map": _ref(name)}} for name in names]
-    return commands + slot_commands(spec, SlotDiff((), filled))
+    return commands + slot_commands(spec, SlotDiff((), filled), backends)
+
+
+def _backend_chain_commands(spec: ListenerSpec, index: int, target: Target) -> list[JsonCommand]:
+    """A stateless backend's chains, created or rewritten (add, flush, add the rule)."""
+    n = Names(spec.name)
+    commands: list[JsonCommand] = []
+    for kind, exprs in _backend_rules(spec, index, target):
+        ref = _ref(n.backend_chain(index, kind))
+        rule = {"family": FAMILY, "table": TABLE, "chain": ref["name"], "expr": exprs}
+        commands += [{"add": {"chain": ref}}, {"flush": {"chain": ref}}, {"add": {"rule": rule}}]
+    return commands
 
 
 def add_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list[JsonCommand]:
     """Counters for a backend joining the listener, their entries in the counter maps, and (for
-    stateless) its address in the set that tells replies apart."""
+    stateless) its chains and its address in the set and map that tell replies apart."""
     n = Names(spec.name)
     commands: list[JsonCommand] = []
     for kind in BACKEND_COUNTER_KINDS:
@@ -550,21 +654,26 @@ def add_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list
         commands.append({"add": {"element": {**_ref(n.backend_map(kind)),
                                              "elem": [[_concat(target), name]]}}})
     if spec.stateless:
+        commands += _backend_chain_commands(spec, index, target)
         key = _dispatch_key(spec, target)
         commands.append({"add": {"element": {**_ref(shared_replies(spec.family)), "elem": [key]}}})
-        commands.append({"add": {"element": {**_ref(shared_rev(spec.family)),
-                                             "elem": [[key, {"goto": {"target": n.chain("rev")}}]]}}})
+        commands.append({"add": {"element": {**_ref(shared_rev(spec.family)), "elem": [
+            [key, {"goto": {"target": n.backend_chain(index, "rev")}}]]}}})
     return commands
 
 
 def remove_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list[JsonCommand]:
-    """The reverse of `add_backend_commands`: elements first, then the counters they name."""
+    """The reverse of `add_backend_commands`: what jumps to its chains first (its slots are
+    already elsewhere: the slot diff comes before this), then its chains, then the counters."""
     n = Names(spec.name)
     commands: list[JsonCommand] = []
     if spec.stateless:
         key = _dispatch_key(spec, target)
         commands += [{"delete": {"element": {**_ref(name), "elem": [key]}}}
                      for name in (shared_rev(spec.family), shared_replies(spec.family))]
+        for kind in _backend_chain_kinds(spec):
+            ref = _ref(n.backend_chain(index, kind))
+            commands += [{"flush": {"chain": ref}}, {"delete": {"chain": ref}}]
     commands += [{"delete": {"element": {**_ref(n.backend_map(kind)), "elem": [_concat(target)]}}}
                  for kind in BACKEND_COUNTER_KINDS]
     commands += [{"delete": {"counter": _ref(n.backend_counter(index, kind))}}

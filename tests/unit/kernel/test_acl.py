@@ -156,7 +156,7 @@ def test_plan_writes_a_list_change_with_the_slot_diff_and_the_fallback_replaces_
     second = plan(first.after, listener_spec, backends, lists)
     assert second.text is None and second.after.acl == acl
     assert second.commands == acl_commands(listener_spec, first.after.acl, acl)
-    replace = fallback(second)[0]
+    replace = fallback(second)[1]  # after the joining backends, before the leaving ones
     assert {"flush": {"set": {"family": "inet", "table": "pointsman", "name": "l_web_deny"}}} in replace
     again = plan(second.after, listener_spec, backends, AclLists(deny=("192.0.2.0/24",)))
     assert again.commands == [] and again.after.acl is second.after.acl  # not merged again

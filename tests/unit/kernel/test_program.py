@@ -39,10 +39,17 @@ def test_a_down_backend_is_a_diff_of_its_slots_only() -> None:
     assert tx.text is None
     held = first.slot_counts[("10.99.12.2", 8080)]
     assert tx.slots_changed == held and tx.elements == 2 * held
-    assert element_names(tx.commands) == {("delete", "l_web_slot_addr"), ("delete", "l_web_slot_port"),
-                                          ("add", "l_web_slot_addr"), ("add", "l_web_slot_port")}
-    assert fallback(tx)[0][0] == {"flush": {"map": {"family": "inet", "table": "pointsman",
-                                                    "name": "l_web_slot_addr"}}}
+    assert element_names(tx.commands) == {("delete", "l_web_slot_sin"), ("delete", "l_web_slot_syn"),
+                                          ("add", "l_web_slot_sin"), ("add", "l_web_slot_syn")}
+    # every moved slot jumps to the chain of the backend it moved to
+    targets = {c["add"]["element"]["name"]: {e[1]["goto"]["target"] for e in c["add"]["element"]["elem"]}
+               for c in tx.commands if "add" in c}
+    assert targets == {"l_web_slot_sin": {"l_web_b0_sin", "l_web_b2_sin"},
+                       "l_web_slot_syn": {"l_web_b0_syn", "l_web_b2_syn"}}
+    joining, replaced, leaving = fallback(tx)
+    assert joining == leaving == []
+    assert replaced[0] == {"flush": {"map": {"family": "inet", "table": "pointsman",
+                                             "name": "l_web_slot_sin"}}}
 
 
 def test_a_backend_leaving_the_config_loses_its_counters_and_reply_entry() -> None:
@@ -50,6 +57,13 @@ def test_a_backend_leaving_the_config_loses_its_counters_and_reply_entry() -> No
     tx = plan(first, STATELESS, [view(0), view(2)])
     assert {("delete", "stateless_replies4"), ("delete", "stateless_rev4")} <= set(element_names(tx.commands))
     assert ("10.99.12.2", 8080) not in tx.after.counter_index
+    # its chains go after its slots moved and before its counters
+    verbs = [(verb, kind, body[kind]["name"]) for c in tx.commands for verb, body in c.items()
+             for kind in body if kind in ("chain", "counter")]
+    assert [(v, name) for v, kind, name in verbs if kind == "chain" and v == "delete"] == [
+        ("delete", "l_web_b1_sin"), ("delete", "l_web_b1_syn"), ("delete", "l_web_b1_rev")]
+    assert verbs.index(("delete", "chain", "l_web_b1_rev")) < verbs.index(
+        ("delete", "counter", "l_web_b1_out"))
     again = plan(tx.after, STATELESS, [view(0), view(1), view(2)]).after
     assert again.counter_index[("10.99.12.2", 8080)] == 3  # counter names are never reused
 

@@ -170,8 +170,11 @@ def stateless(**overrides: object) -> ListenerSpec:
     return spec(nat="stateless", snat=False, hash_key="source_ip_port", **overrides)
 
 
+B0 = {("10.0.0.1", 80): 0}
+
+
 def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
-    text = listener_text(stateless())
+    text = listener_text(stateless(), backends={("10.0.0.1", 8080): 0})
     index = "jhash ip saddr . tcp sport mod 13 seed 0x706d616e"
     # One base chain per hook for every stateless listener: verdict maps dispatch to the listener.
     assert rules(text, "stateless_in") == [
@@ -184,52 +187,75 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
         "ip saddr . meta l4proto . th sport vmap @stateless_rev4",
         "ip6 saddr . meta l4proto . th sport vmap @stateless_rev6"]
     assert "add element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 : goto l_web_sin }" in text
-    rewrite = f"ip daddr set {index} map @l_web_slot_addr tcp dport set {index} map @l_web_slot_port"
-    # A SYN takes its own chain; every other packet is rewritten, counted once and accepted.
+    # One hash, one lookup: the slot's verdict is its backend's chain.
     assert rules(text, "l_web_sin") == [
         "notrack",
         "tcp flags & (syn | ack) == syn goto l_web_syn",
-        f"{rewrite} counter name ip daddr . tcp dport map @l_web_bin accept",
+        f"{index} vmap @l_web_slot_sin",
         'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_rejected" reject with tcp reset',
     ]
     assert rules(text, "l_web_syn") == [
         'ip saddr @l_web_deny counter name "l_web_new" counter name "l_web_denied" drop',
         'ip saddr != @l_web_allow counter name "l_web_new" counter name "l_web_denied" drop',
-        f"{rewrite} counter name ip daddr . tcp dport map @l_web_bnew "
-        "counter name ip daddr . tcp dport map @l_web_bin accept",
+        f"{index} vmap @l_web_slot_syn",
         'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" counter name "l_web_rejected" '
         "reject with tcp reset",
     ]
-    assert rules(text, "l_web_rev") == [
-        "counter name ip saddr . tcp sport map @l_web_bout ip saddr set 10.99.100.1 tcp sport set 80"]
-    assert "l_web_in" not in text and "l_web_out" not in text
+    # The backend's chains write constants and count with named counters: no lookups.
+    assert rules(text, "l_web_b0_sin") == [
+        'ip daddr set 10.0.0.1 tcp dport set 8080 counter name "l_web_b0_in" accept']
+    assert rules(text, "l_web_b0_syn") == [
+        'ip daddr set 10.0.0.1 tcp dport set 8080 counter name "l_web_b0_new" '
+        'counter name "l_web_b0_in" accept']
+    assert rules(text, "l_web_b0_rev") == [
+        'counter name "l_web_b0_out" ip saddr set 10.99.100.1 tcp sport set 80']
+    assert "add element inet pointsman stateless_rev4 { 10.0.0.1 . tcp . 8080 : goto l_web_b0_rev }" in text
+    assert "l_web_in" not in text and "l_web_out" not in text and "map @l_web_b" not in text
     assert rules(text, "l_web_guard") == []  # the guard is l_web_sin's last rule
     assert rules(text, "l_web_guard_local")[0].endswith("reject with tcp reset")
     # raw before conntrack; replies rewritten after routing
     assert "stateless_in { type filter hook prerouting priority -300 ;" in text
     assert "stateless_out { type filter hook postrouting priority 100 ;" in text
-    assert "add chain inet pointsman l_web_rev\n" in text  # a regular chain: the dispatch jumps
+    assert "add chain inet pointsman l_web_b0_rev\n" in text  # a regular chain: the dispatch jumps
+
+
+def test_stateless_same_port_is_not_rewritten() -> None:
+    text = listener_text(stateless(), backends=B0)
+    assert rules(text, "l_web_b0_sin") == ['ip daddr set 10.0.0.1 counter name "l_web_b0_in" accept']
+    assert rules(text, "l_web_b0_rev") == ['counter name "l_web_b0_out" ip saddr set 10.99.100.1']
+    add = add_backend_commands(stateless(), 0, ("10.0.0.1", 80))
+    exprs = [c["add"]["rule"]["expr"] for c in add if "rule" in c.get("add", {})]
+    daddr = {"payload": {"protocol": "ip", "field": "daddr"}}
+    assert exprs[0] == [{"mangle": {"key": daddr, "value": "10.0.0.1"}},
+                        {"counter": "l_web_b0_in"}, {"accept": None}]
 
 
 def test_stateless_uses_no_conntrack_and_no_nat_chain() -> None:
     for protocol in ("tcp", "udp"):
-        text = listener_text(stateless(protocol=protocol), [("10.0.0.1", 80)])
+        text = listener_text(stateless(protocol=protocol), [("10.0.0.1", 80)], backends=B0)
         assert " ct " not in text and "type nat" not in text and "dnat" not in text
         assert "masquerade" not in text
 
 
 def test_stateless_udp_counts_no_new_flows() -> None:
-    text = listener_text(stateless(protocol="udp"))
+    text = listener_text(stateless(protocol="udp"), [("10.0.0.1", 81)], backends={("10.0.0.1", 81): 0})
     assert not any("flags" in rule for rule in rules(text, "l_web_sin"))
     assert rules(text, "l_web_sin")[-1].endswith("reject with icmpx port-unreachable")
-    assert "udp dport set jhash ip saddr . udp sport mod 13" in text
+    assert "jhash ip saddr . udp sport mod 13 seed 0x706d616e vmap @l_web_slot_sin" in text
+    assert rules(text, "l_web_b0_sin") == [
+        'ip daddr set 10.0.0.1 udp dport set 81 counter name "l_web_b0_in" accept']
     assert "udp sport set 80" in text
+    assert rules(text, "l_web_b0_syn") == [] and "add element inet pointsman l_web_slot_syn" not in text
 
 
 def test_stateless_ipv6() -> None:
-    text = listener_text(stateless(family="ip6", vip="fd00::1"), [("fd00::11", 8080)])
-    assert "ip6 daddr set jhash ip6 saddr . tcp sport mod 13" in text
-    assert "ip6 saddr set fd00::1 tcp sport set 80" in text
+    text = listener_text(stateless(family="ip6", vip="fd00::1"), [("fd00::11", 8080)],
+                         backends={("fd00::11", 8080): 0})
+    assert "jhash ip6 saddr . tcp sport mod 13 seed 0x706d616e vmap @l_web_slot_sin" in text
+    assert rules(text, "l_web_b0_sin") == [
+        'ip6 daddr set fd00::11 tcp dport set 8080 counter name "l_web_b0_in" accept']
+    assert rules(text, "l_web_b0_rev") == [
+        'counter name "l_web_b0_out" ip6 saddr set fd00::1 tcp sport set 80']
     assert ("add map inet pointsman stateless_vips6 "
             "{ type ipv6_addr . inet_proto . inet_service : verdict ; }") in text
     assert "add element inet pointsman stateless_vips6 { fd00::1 . tcp . 80 : goto l_web_sin }" in text
@@ -237,48 +263,70 @@ def test_stateless_ipv6() -> None:
 
 def test_stateless_slot_maps_are_filled_together() -> None:
     text = listener_text(stateless(), [("10.0.0.1", 80), None, ("10.0.0.2", 81)],
-                         backends=[("10.0.0.2", 81), ("10.0.0.1", 80)])
+                         backends={("10.0.0.2", 81): 1, ("10.0.0.1", 80): 0})
     lines = text.splitlines()
-    assert "add element inet pointsman l_web_slot_addr { 0 : 10.0.0.1, 2 : 10.0.0.2 }" in lines
-    assert "add element inet pointsman l_web_slot_port { 0 : 80, 2 : 81 }" in lines
+    for kind in ("sin", "syn"):
+        assert (f"add element inet pointsman l_web_slot_{kind} "
+                f"{{ 0 : goto l_web_b0_{kind}, 2 : goto l_web_b1_{kind} }}") in lines
+    # the chains exist before the map elements that jump to them
+    assert lines.index("add chain inet pointsman l_web_b1_syn") < lines.index(
+        "flush map inet pointsman l_web_slot_syn")
     add = "add element inet pointsman"
     assert lines[-4:] == [f"{add} stateless_replies4 {{ 10.0.0.1 . tcp . 80 }}",
-                          f"{add} stateless_rev4 {{ 10.0.0.1 . tcp . 80 : goto l_web_rev }}",
+                          f"{add} stateless_rev4 {{ 10.0.0.1 . tcp . 80 : goto l_web_b0_rev }}",
                           f"{add} stateless_replies4 {{ 10.0.0.2 . tcp . 81 }}",
-                          f"{add} stateless_rev4 {{ 10.0.0.2 . tcp . 81 : goto l_web_rev }}"]
+                          f"{add} stateless_rev4 {{ 10.0.0.2 . tcp . 81 : goto l_web_b1_rev }}"]
 
 
 def test_stateless_slot_commands_touch_both_maps_alike() -> None:
     diff = SlotDiff(delete=(1, 2), add=((2, ("10.0.0.1", 80)), (5, ("10.0.0.2", 81))))
-    commands = slot_commands(stateless(), diff)
+    commands = slot_commands(stateless(), diff, {("10.0.0.1", 80): 0, ("10.0.0.2", 81): 7})
     by_map: dict[tuple[str, str], object] = {}
     for command in commands:
         (verb, body), = command.items()
         by_map[(verb, body["element"]["name"])] = body["element"]["elem"]
+
+    def to(kind: str, index: int) -> dict[str, dict[str, str]]:
+        return {"goto": {"target": f"l_web_b{index}_{kind}"}}
+
     assert by_map == {
-        ("delete", "l_web_slot_addr"): [1, 2], ("delete", "l_web_slot_port"): [1, 2],
-        ("add", "l_web_slot_addr"): [[2, "10.0.0.1"], [5, "10.0.0.2"]],
-        ("add", "l_web_slot_port"): [[2, 80], [5, 81]],
+        ("delete", "l_web_slot_sin"): [1, 2], ("delete", "l_web_slot_syn"): [1, 2],
+        ("add", "l_web_slot_sin"): [[2, to("sin", 0)], [5, to("sin", 7)]],
+        ("add", "l_web_slot_syn"): [[2, to("syn", 0)], [5, to("syn", 7)]],
     }
-    replaced = replace_slots_commands(stateless(), [None, ("10.0.0.1", 80)])
+    replaced = replace_slots_commands(stateless(), [None, ("10.0.0.1", 80)], B0)
     assert [c.get("flush", {}).get("map", {}).get("name") for c in replaced[:2]] == [
-        "l_web_slot_addr", "l_web_slot_port"]
+        "l_web_slot_sin", "l_web_slot_syn"]
+    udp = slot_commands(stateless(protocol="udp"), diff, {("10.0.0.1", 80): 0, ("10.0.0.2", 81): 7})
+    assert {c[verb]["element"]["name"] for c in udp for verb in c} == {"l_web_slot_sin"}
 
 
-def test_stateless_backends_join_the_reply_set() -> None:
-    target = ("10.0.0.1", 80)
+def test_stateless_backends_join_with_their_chains_and_reply_entries() -> None:
+    target = ("10.0.0.1", 81)
     add = add_backend_commands(stateless(), 4, target)
     ref = {"family": "inet", "table": "pointsman"}
-    key = {"concat": ["10.0.0.1", "tcp", 80]}
+    key = {"concat": ["10.0.0.1", "tcp", 81]}
     assert add[-2:] == [
         {"add": {"element": {**ref, "name": "stateless_replies4", "elem": [key]}}},
         {"add": {"element": {**ref, "name": "stateless_rev4",
-                             "elem": [[key, {"goto": {"target": "l_web_rev"}}]]}}}]
+                             "elem": [[key, {"goto": {"target": "l_web_b4_rev"}}]]}}}]
+    chains = [c["add"]["chain"]["name"] for c in add if "chain" in c.get("add", {})]
+    assert chains == ["l_web_b4_sin", "l_web_b4_syn", "l_web_b4_rev"]
+    rules_ = {c["add"]["rule"]["chain"]: c["add"]["rule"]["expr"] for c in add if "rule" in c.get("add", {})}
+    assert rules_["l_web_b4_syn"][-3:] == [{"counter": "l_web_b4_new"}, {"counter": "l_web_b4_in"},
+                                           {"accept": None}]
+    assert rules_["l_web_b4_rev"][0] == {"counter": "l_web_b4_out"}
+    # counters before the chains that count in them
+    first_chain = next(i for i, c in enumerate(add) if "chain" in c.get("add", {}))
+    assert all("counter" in c.get("add", {}) or "element" in c.get("add", {}) for c in add[:first_chain])
     remove = remove_backend_commands(stateless(), 4, target)
-    # the entry that jumps to l_web_rev goes first
+    # the entry that jumps to l_web_b4_rev goes first, then its chains, then the counters
     assert [c["delete"]["element"]["name"] for c in remove[:2]] == ["stateless_rev4", "stateless_replies4"]
+    deleted = [(verb, kind) for c in remove for verb, body in c.items() for kind in body]
+    assert deleted.index(("delete", "chain")) < deleted.index(("delete", "counter"))
     assert not any(c.get("add", {}).get("element", {}).get("name", "").startswith("stateless")
                    for c in add_backend_commands(spec(), 4, target))
+    assert not any("chain" in c.get("add", {}) for c in add_backend_commands(spec(), 4, target))
 
 
 def test_stateless_stop_refuses_syns_only_for_tcp() -> None:
@@ -293,19 +341,24 @@ def test_stateless_stop_refuses_syns_only_for_tcp() -> None:
 
 
 def test_stateless_removal() -> None:
-    lines = remove_listener_text(stateless(), ["l_web_b0_in"], [("10.0.0.1", 80)]).splitlines()
+    lines = remove_listener_text(stateless(), ["l_web_b0_in"], B0).splitlines()
     deleted = [line.split()[-1] for line in lines if line.startswith("delete chain")]
-    assert deleted == ["l_web_guard_local", "l_web_rev", "l_web_sin", "l_web_syn"]
+    assert deleted == ["l_web_guard_local", "l_web_sin", "l_web_syn",
+                       "l_web_b0_sin", "l_web_b0_syn", "l_web_b0_rev"]
+    assert lines.index("delete map inet pointsman l_web_slot_syn") < lines.index(
+        "delete chain inet pointsman l_web_b0_sin")
+    assert lines.index("delete chain inet pointsman l_web_b0_rev") < lines.index(
+        "delete counter inet pointsman l_web_b0_in")
     # its entries in the shared dispatch go first (added first: nft 1.0.6 has no `destroy`)
     assert lines[:6] == [
         "add element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 : goto l_web_sin }",
         "delete element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 }",
         "add element inet pointsman stateless_replies4 { 10.0.0.1 . tcp . 80 }",
         "delete element inet pointsman stateless_replies4 { 10.0.0.1 . tcp . 80 }",
-        "add element inet pointsman stateless_rev4 { 10.0.0.1 . tcp . 80 : goto l_web_rev }",
+        "add element inet pointsman stateless_rev4 { 10.0.0.1 . tcp . 80 : goto l_web_b0_rev }",
         "delete element inet pointsman stateless_rev4 { 10.0.0.1 . tcp . 80 }"]
     assert not any("stateless_in" in line or "stateless_out" in line for line in lines)  # shared
-    assert "delete map inet pointsman l_web_slot_port" in lines
+    assert "delete map inet pointsman l_web_slot_sin" in lines
     assert not any("l_web_slots" in line or "l_web_dnat" in line for line in lines)
 
 
@@ -316,7 +369,7 @@ def test_switching_nat_mode_removes_only_the_other_modes_objects() -> None:
                     "l_web_count", "l_web_slots"]
     back = listener_text(spec(), was=stateless()).splitlines()
     gone = [line.split()[-1] for line in back if line.startswith("delete ") and "element" not in line]
-    assert gone == ["l_web_rev", "l_web_sin", "l_web_syn", "l_web_slot_addr", "l_web_slot_port"]
+    assert gone == ["l_web_sin", "l_web_syn", "l_web_slot_sin", "l_web_slot_syn"]
     assert back.index("delete element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 }") < \
         back.index("delete chain inet pointsman l_web_sin")
     same = listener_text(spec(), previous="conntrack").splitlines()
