@@ -348,7 +348,7 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[
 MAP_BENCH = r'''
 import json, sys, time
 from pointsman.kernel.nft import Nft
-from pointsman.kernel.plan import ListenerSpec, slot_targets, slot_diff
+from pointsman.kernel.plan import ListenerSpec, slot_targets, slot_diff, target_of
 from pointsman.kernel import ruleset
 from pointsman.pool.snapshot import BackendView
 from pointsman.pool.state import BackendState as S
@@ -363,18 +363,19 @@ for nat in ("conntrack", "stateless"):
     spec = ListenerSpec("bench", "ip", "10.99.200.1", 80, "tcp", 4093, "maglev", "jhash", "source_ip",
                         False, nat=nat)
     current = slot_targets("maglev", views(None), 4093)
-    nft.text(ruleset.listener_text(spec, current))
+    index = {target_of(b): i for i, b in enumerate(views(None))}
+    nft.text(ruleset.listener_text(spec, current, backends=index))
     diffs, full = [], []
     for k in range(40):
         new = slot_targets("maglev", views(None if k % 2 else 1), 4093)
         diff = slot_diff(current, new)
         started = time.perf_counter()
-        nft.json(ruleset.slot_commands(spec, diff))
+        nft.json(ruleset.slot_commands(spec, diff, index))
         diffs.append((time.perf_counter() - started, len(diff)))
         current = new
     for k in range(10):
         started = time.perf_counter()
-        nft.json(ruleset.replace_slots_commands(spec, current))
+        nft.json(ruleset.replace_slots_commands(spec, current, index))
         full.append(time.perf_counter() - started)
     nft.text("delete table inet pointsman\n")
     diffs.sort()

@@ -164,10 +164,9 @@ def _shared_text() -> list[str]:
                   f"add map {t} {shared_rev(fam)} {{ type {key} : verdict ; }}"]
     for chain, hook in _SHARED_HOOKS.items():
         lines += [f"add chain {t} {chain} {{ {hook} ; policy accept ; }}", f"flush chain {t} {chain}"]
-    for fam, _, _ in _FAMILIES:
+    for fam, _, _ in _FAMILIES:  # a family's two rules together: IPv4 replies skip the IPv6 VIPs
         lines.append(f"add rule {t} {SHARED_IN} {fam} daddr . meta l4proto . th dport "
                      f"vmap @{shared_vips(fam)}")
-    for fam, _, _ in _FAMILIES:
         # Replies to this host's own addresses (health checks) stay tracked.
         lines.append(f"add rule {t} {SHARED_IN} {fam} saddr . meta l4proto . th sport "
                      f"@{shared_replies(fam)} fib daddr type != local notrack")
@@ -335,8 +334,9 @@ def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
     then the slot map whose chains count `new` too), so the other packets pass one flag test for
     it. What no slot took (an empty slot: the lookup fails) falls through to the refusals."""
     index = _index_expr(spec)
-    # The shared prerouting chain sends the VIP's packets here (its verdict map).
-    rules = [("sin", "notrack")]
+    # The shared prerouting chain sends the VIP's packets here (its verdict map). `notrack` is
+    # in the backends' chains: a packet dropped or refused here never reaches conntrack anyway.
+    rules: list[tuple[str, str]] = []
     if spec.protocol == "tcp":
         # The lists judge only what opens a flow (a SYN), so established flows go on.
         rules.append(("sin", f"{_SYN} goto {n.chain('syn')}"))
@@ -379,9 +379,10 @@ def _backend_rules(spec: ListenerSpec, index: int, target: Target) -> list[tuple
     to = [mangle(fam, "daddr", address)] + ([] if same_port else [mangle(proto, "dport", port)])
     back = [mangle(fam, "saddr", spec.vip)] + ([] if same_port else [mangle(proto, "sport", spec.port)])
     accept: list[JsonCommand] = [{"accept": None}]
-    rules = [("sin", to + counted("in") + accept)]
+    notrack: list[JsonCommand] = [{"notrack": None}]
+    rules = [("sin", notrack + to + counted("in") + accept)]
     if proto == "tcp":
-        rules.append(("syn", to + counted("new", "in") + accept))
+        rules.append(("syn", notrack + to + counted("new", "in") + accept))
     rules.append(("rev", counted("out") + back))
     return rules
 

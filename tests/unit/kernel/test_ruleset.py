@@ -177,10 +177,11 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
     text = listener_text(stateless(), backends={("10.0.0.1", 8080): 0})
     index = "jhash ip saddr . tcp sport mod 13 seed 0x706d616e"
     # One base chain per hook for every stateless listener: verdict maps dispatch to the listener.
+    # IPv4 first, a family's rules together: an IPv4 packet never meets an IPv6 rule first.
     assert rules(text, "stateless_in") == [
         "ip daddr . meta l4proto . th dport vmap @stateless_vips4",
-        "ip6 daddr . meta l4proto . th dport vmap @stateless_vips6",
         "ip saddr . meta l4proto . th sport @stateless_replies4 fib daddr type != local notrack",
+        "ip6 daddr . meta l4proto . th dport vmap @stateless_vips6",
         "ip6 saddr . meta l4proto . th sport @stateless_replies6 fib daddr type != local notrack",
     ]
     assert rules(text, "stateless_out") == [
@@ -188,8 +189,8 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
         "ip6 saddr . meta l4proto . th sport vmap @stateless_rev6"]
     assert "add element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 : goto l_web_sin }" in text
     # One hash, one lookup: the slot's verdict is its backend's chain.
+    # notrack is in the backends' chains: what is dropped or refused never reaches conntrack.
     assert rules(text, "l_web_sin") == [
-        "notrack",
         "tcp flags & (syn | ack) == syn goto l_web_syn",
         f"{index} vmap @l_web_slot_sin",
         'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_rejected" reject with tcp reset',
@@ -203,9 +204,9 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
     ]
     # The backend's chains write constants and count with named counters: no lookups.
     assert rules(text, "l_web_b0_sin") == [
-        'ip daddr set 10.0.0.1 tcp dport set 8080 counter name "l_web_b0_in" accept']
+        'notrack ip daddr set 10.0.0.1 tcp dport set 8080 counter name "l_web_b0_in" accept']
     assert rules(text, "l_web_b0_syn") == [
-        'ip daddr set 10.0.0.1 tcp dport set 8080 counter name "l_web_b0_new" '
+        'notrack ip daddr set 10.0.0.1 tcp dport set 8080 counter name "l_web_b0_new" '
         'counter name "l_web_b0_in" accept']
     assert rules(text, "l_web_b0_rev") == [
         'counter name "l_web_b0_out" ip saddr set 10.99.100.1 tcp sport set 80']
@@ -221,12 +222,12 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
 
 def test_stateless_same_port_is_not_rewritten() -> None:
     text = listener_text(stateless(), backends=B0)
-    assert rules(text, "l_web_b0_sin") == ['ip daddr set 10.0.0.1 counter name "l_web_b0_in" accept']
+    assert rules(text, "l_web_b0_sin") == ['notrack ip daddr set 10.0.0.1 counter name "l_web_b0_in" accept']
     assert rules(text, "l_web_b0_rev") == ['counter name "l_web_b0_out" ip saddr set 10.99.100.1']
     add = add_backend_commands(stateless(), 0, ("10.0.0.1", 80))
     exprs = [c["add"]["rule"]["expr"] for c in add if "rule" in c.get("add", {})]
     daddr = {"payload": {"protocol": "ip", "field": "daddr"}}
-    assert exprs[0] == [{"mangle": {"key": daddr, "value": "10.0.0.1"}},
+    assert exprs[0] == [{"notrack": None}, {"mangle": {"key": daddr, "value": "10.0.0.1"}},
                         {"counter": "l_web_b0_in"}, {"accept": None}]
 
 
@@ -243,7 +244,7 @@ def test_stateless_udp_counts_no_new_flows() -> None:
     assert rules(text, "l_web_sin")[-1].endswith("reject with icmpx port-unreachable")
     assert "jhash ip saddr . udp sport mod 13 seed 0x706d616e vmap @l_web_slot_sin" in text
     assert rules(text, "l_web_b0_sin") == [
-        'ip daddr set 10.0.0.1 udp dport set 81 counter name "l_web_b0_in" accept']
+        'notrack ip daddr set 10.0.0.1 udp dport set 81 counter name "l_web_b0_in" accept']
     assert "udp sport set 80" in text
     assert rules(text, "l_web_b0_syn") == [] and "add element inet pointsman l_web_slot_syn" not in text
 
@@ -253,7 +254,7 @@ def test_stateless_ipv6() -> None:
                          backends={("fd00::11", 8080): 0})
     assert "jhash ip6 saddr . tcp sport mod 13 seed 0x706d616e vmap @l_web_slot_sin" in text
     assert rules(text, "l_web_b0_sin") == [
-        'ip6 daddr set fd00::11 tcp dport set 8080 counter name "l_web_b0_in" accept']
+        'notrack ip6 daddr set fd00::11 tcp dport set 8080 counter name "l_web_b0_in" accept']
     assert rules(text, "l_web_b0_rev") == [
         'counter name "l_web_b0_out" ip6 saddr set fd00::1 tcp sport set 80']
     assert ("add map inet pointsman stateless_vips6 "
