@@ -464,6 +464,13 @@ def report(results: dict[str, dict[str, list[float]]], cpu: dict[str, dict[str, 
         print(f"{'':20}" + "".join(f"{t:>16}" for t in tests))
         for w in ways:
             print(f"{w:20}" + "".join(f"{statistics.median(netfilter[w][t]):16.1f}" for t in tests))
+        # The share times the round's CPU per unit: netfilter's own cost, which the other tenants
+        # of a shared VM disturb far less than the whole (the TCP stack's CPU is ~90 % of it).
+        cost = {w: {t: [share / 100 * c for share, c in zip(netfilter[w][t], cpu[w][t], strict=True)]
+                    for t in TESTS} for w in ways}
+        print(f"\nnetfilter CPU per unit (share x CPU per unit, us), medians of {rounds} rounds; "
+              "ratios are den/num")
+        table(cost, ways, tests, higher_is_better=False)
 
 
 def table(values: dict[str, dict[str, list[float]]], ways: tuple[str, ...], tests: tuple[str, ...],
@@ -476,8 +483,9 @@ def table(values: dict[str, dict[str, list[float]]], ways: tuple[str, ...], test
             cells = []
             for t in tests:
                 pairs = zip(values[num][t], values[den][t], strict=True)
-                per_round = [a / b if higher_is_better else b / a for a, b in pairs]
-                cells.append(f"{statistics.median(per_round):15.2f}x")
+                per_round = [a / b if higher_is_better else b / a for a, b in pairs
+                             if (b if higher_is_better else a)]  # none for a way with no netfilter
+                cells.append(f"{statistics.median(per_round):15.2f}x" if per_round else f"{'-':>16}")
             print(f"{num + '/' + den:20}" + "".join(cells))
 
 

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -286,6 +287,45 @@ def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
         name = http_get(topo, new_source).split()[0]
         assert name == maglev_choice(topo, SLOTS, *new_source, "source_ip_port")
         assert conntrack_entries(topo, "-p", "tcp", "--orig-src", new_source[0]) == 0
+
+
+def test_reload_adds_and_removes_backends_with_their_chains(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    """A backend joining a running stateless listener gets its chains in the slot diff's
+    transaction (JSON rules, not the listener's text), and counts exactly its connections; one
+    leaving takes its chains with it."""
+    ips = [topo.backend_ip(i) for i in range(len(topo.names))]
+    two = yaml.safe_load(stateless(topo))
+    two["pools"][0]["backends"] = two["pools"][0]["backends"][:2]
+    with pointsman(topo, tmp_path, yaml.safe_dump(two)) as proc:
+        assert set(slot_table(topo).values()) == set(ips[:2])
+        proc.path.write_text(stateless(topo))
+        proc.reload()
+        wait_until(lambda: set(slot_table(topo).values()) == set(ips), 5.0 + HEALTH_BOUND,
+                   what="b3 in the slot map")
+        seen: Counter[str] = Counter()
+        for i in range(24):
+            source = (topo.client_source(i), 46000 + i)
+            name = http_get(topo, source).split()[0]
+            assert name == maglev_choice(topo, SLOTS, *source, "source_ip_port")
+            seen[name] += 1
+        assert seen["b3"] > 0
+
+        def new(m: Any, name: str) -> float:
+            return float(m("pointsman_kernel_backend_new_connections_total", backend=name))
+
+        found = metrics_when(topo, lambda m: all(new(m, n) >= seen[n] for n in topo.names),
+                             "the SYNs counted")
+        assert {n: new(found, n) for n in topo.names} == {n: float(seen[n]) for n in topo.names}
+        one_less = yaml.safe_load(stateless(topo))
+        one_less["pools"][0]["backends"] = one_less["pools"][0]["backends"][1:]
+        proc.path.write_text(yaml.safe_dump(one_less))
+        proc.reload()
+        wait_until(lambda: "l_web_b0_" not in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
+                   5.0 + HEALTH_BOUND, what="b1's chains and counters removed")
+        assert set(slot_table(topo).values()) == set(ips[1:])
+        names = {http_get(topo, (topo.client_source(i), 47000 + i)).split()[0] for i in range(12)}
+        assert names == {"b2", "b3"}
 
 
 # --- the shared dispatch -----------------------------------------------------------------------------
