@@ -98,7 +98,8 @@ def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView],
         # The text writes (stateless) the chains and reply entries of every backend the kernel
         # holds or the slots name; the leaving ones are then deleted with their counters.
         every = {**state.counter_index, **index}
-        text = listener_text(spec, targets, previous, backends=every, acl=acl, was=state.spec)
+        text = listener_text(spec, targets, previous, backends=every, acl=acl, was=state.spec,
+                             held=state.counter_index)
         return Transaction(text, joining + leaving, (joining, leaving), after, len(targets), changed)
     diff = slot_diff(old, targets)
     sets = acl_commands(spec, state.acl, acl) if state.acl != acl else []

@@ -481,7 +481,8 @@ def _acl_text(spec: ListenerSpec, n: Names, acl: KernelAcl) -> list[str]:
 
 def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = None,
                   previous: Nat | None = None, backends: Index | None = None,
-                  acl: KernelAcl | None = None, was: ListenerSpec | None = None) -> str:
+                  acl: KernelAcl | None = None, was: ListenerSpec | None = None,
+                  held: Index | None = None) -> str:
     """Create (or re-create the rules of) one listener, with its slot map's full contents.
 
     Idempotent: `add` of an existing table, chain, map or counter is a no-op, chains are flushed
@@ -491,8 +492,11 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
     the shared dispatch go first. `backends` are the backends that have counters, with their
     indices: every backend the kernel holds and every one `targets` names (`add_backend_commands`
     adds the joining ones' counters to the maps): with stateless, their chains and their entries
-    in the shared dispatch are written again. `acl` refills the allow and deny sets (None: no lists), in the
-    same transaction that creates them: an allow set left empty would refuse everyone.
+    in the shared dispatch are written again. `held` are the backends the kernel holds now (default:
+    `backends`): only theirs are taken out of the shared dispatch first, since an entry names its
+    backend's chain, which a joining backend does not have yet. `acl` refills the allow and deny
+    sets (None: no lists), in the same transaction that creates them: an allow set left empty
+    would refuse everyone.
     """
     n = Names(spec.name)
     t = TABLE_REF
@@ -501,7 +505,7 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
     if was is not None:
         previous = was.nat
         if was.stateless:  # before its chains change: the entries name them
-            lines += _dispatch_removal(was, backends)
+            lines += _dispatch_removal(was, held if held is not None else backends)
     if previous is not None and previous != spec.nat:
         lines += _remove_chains_lines(n, (c for c in _CHAINS[previous] if c not in _CHAINS[spec.nat]))
         lines += [f"delete map {t} {name}" for name in n.mode_maps(previous)]

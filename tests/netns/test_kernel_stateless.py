@@ -289,25 +289,30 @@ def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
         assert conntrack_entries(topo, "-p", "tcp", "--orig-src", new_source[0]) == 0
 
 
+RESIZED = 2039  # prime
+
+
 def test_reload_adds_and_removes_backends_with_their_chains(
         topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
-    """A backend joining a running stateless listener gets its chains in the slot diff's
-    transaction (JSON rules, not the listener's text), and counts exactly its connections; one
-    leaving takes its chains with it."""
+    """A backend joining a running stateless listener, in a reload that also changes the slot
+    count (the listener's rules are rewritten: the shared dispatch's entries of the backends
+    held are taken out first, the joining one's written once its chains exist), counts exactly
+    its connections; one leaving later (a slot diff: its chains and counters in JSON) takes its
+    chains with it."""
     ips = [topo.backend_ip(i) for i in range(len(topo.names))]
     two = yaml.safe_load(stateless(topo))
     two["pools"][0]["backends"] = two["pools"][0]["backends"][:2]
     with pointsman(topo, tmp_path, yaml.safe_dump(two)) as proc:
         assert set(slot_table(topo).values()) == set(ips[:2])
-        proc.path.write_text(stateless(topo))
+        proc.path.write_text(stateless(topo, slots=RESIZED))
         proc.reload()
-        wait_until(lambda: set(slot_table(topo).values()) == set(ips), 5.0 + HEALTH_BOUND,
-                   what="b3 in the slot map")
+        wait_until(lambda: set(slot_table(topo).values()) == set(ips) and len(slot_table(topo)) == RESIZED,
+                   5.0 + HEALTH_BOUND, what="b3 in the resized slot map")
         seen: Counter[str] = Counter()
         for i in range(24):
             source = (topo.client_source(i), 46000 + i)
             name = http_get(topo, source).split()[0]
-            assert name == maglev_choice(topo, SLOTS, *source, "source_ip_port")
+            assert name == maglev_choice(topo, RESIZED, *source, "source_ip_port")
             seen[name] += 1
         assert seen["b3"] > 0
 
@@ -317,7 +322,7 @@ def test_reload_adds_and_removes_backends_with_their_chains(
         found = metrics_when(topo, lambda m: all(new(m, n) >= seen[n] for n in topo.names),
                              "the SYNs counted")
         assert {n: new(found, n) for n in topo.names} == {n: float(seen[n]) for n in topo.names}
-        one_less = yaml.safe_load(stateless(topo))
+        one_less = yaml.safe_load(stateless(topo, slots=RESIZED))
         one_less["pools"][0]["backends"] = one_less["pools"][0]["backends"][1:]
         proc.path.write_text(yaml.safe_dump(one_less))
         proc.reload()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given
@@ -66,6 +67,20 @@ def test_a_backend_leaving_the_config_loses_its_counters_and_reply_entry() -> No
         ("delete", "counter", "l_web_b1_out"))
     again = plan(tx.after, STATELESS, [view(0), view(1), view(2)]).after
     assert again.counter_index[("10.99.12.2", 8080)] == 3  # counter names are never reused
+
+
+def test_a_new_spec_with_a_joining_backend_takes_out_only_the_held_entries() -> None:
+    first = plan(Programmed(), STATELESS, [view(0), view(1)]).after
+    tx = plan(first, replace(STATELESS, slots=7), [view(0), view(1), view(2)])
+    assert tx.text is not None
+    lines = tx.text.splitlines()
+    created = lines.index("add chain inet pointsman l_web_b2_rev")
+    # the held backends' entries are taken out first (added, then deleted); nothing names the
+    # joining backend's chain before it exists
+    assert "delete element inet pointsman stateless_rev4 { 10.99.12.2 . tcp . 8080 }" in lines[:created]
+    assert not any("l_web_b2_rev" in line for line in lines[:created])
+    assert created < lines.index(
+        "add element inet pointsman stateless_rev4 { 10.99.13.2 . tcp . 8080 : goto l_web_b2_rev }")
 
 
 def test_a_new_spec_restructures_from_the_old_mode() -> None:
