@@ -270,7 +270,7 @@ def test_shutdown_refuses_new_flows_and_lets_running_ones_finish(
         assert proc.popen.wait(timeout=8.0) == 0
 
 
-def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
+def test_reload_from_conntrack_to_stateless_keeps_a_running_flow_and_back(
         topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
     with pointsman(topo, tmp_path, config(topo, snat="none")) as proc:
         source = (topo.client_source(6), 57000)
@@ -287,6 +287,15 @@ def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
         name = http_get(topo, new_source).split()[0]
         assert name == maglev_choice(topo, SLOTS, *new_source, "source_ip_port")
         assert conntrack_entries(topo, "-p", "tcp", "--orig-src", new_source[0]) == 0
+        # and back: the slot maps go before the backends' chains they jump to
+        proc.path.write_text(config(topo, snat="none"))
+        proc.reload()
+        wait_until(lambda: "l_web_b0_sin" not in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
+                   5.0, what="the stateless objects removed")
+        back_source = (topo.client_source(8), 57002)
+        assert http_get(topo, back_source).split()[0] == maglev_choice(topo, SLOTS, *back_source,
+                                                                        "source_ip_port")
+        assert conntrack_entries(topo, "-p", "tcp", "--orig-src", back_source[0]) == 1
 
 
 RESIZED = 2039  # prime
