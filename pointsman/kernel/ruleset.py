@@ -49,29 +49,28 @@ chain per hook however many listeners there are:
 
 and each listener has:
 
-    map     l_web_slot_sin  { typeof numgen inc mod 2 : verdict }  slot -> goto l_web_b<k>_sin
-    map     l_web_slot_syn  { typeof numgen inc mod 2 : verdict }  slot -> goto l_web_b<k>_syn (TCP)
-    chain   l_web_sin   (regular)  notrack; one jhash, one lookup: goto the slot's backend chain;
-                                   refuse what no slot took
-    chain   l_web_syn   (regular)  TCP SYNs: the lists, then the same through l_web_slot_syn
+    map     l_web_slot_to  { typeof numgen inc mod 2 : verdict }  slot -> goto l_web_b<k>_sin
+    chain   l_web_sin   (regular)  one jhash, one lookup: goto the slot's backend chain; refuse
+                                   what no slot took
+    chain   l_web_syn   (regular)  TCP SYNs: the lists (jumped to, returns what they let through)
 
 and per backend k (created and removed with its counters):
 
-    chain   l_web_b<k>_sin  (regular)  write its address (and port) as constants, count, accept
-    chain   l_web_b<k>_syn  (regular)  the same, counting `new` too (TCP)
+    chain   l_web_b<k>_sin  (regular)  a SYN -> l_web_b<k>_syn; notrack, write its address (and
+                                       port) as constants, count, accept
+    chain   l_web_b<k>_syn  (regular)  jump l_web_syn; the same, counting `new` too (TCP)
     chain   l_web_b<k>_rev  (regular)  replies: count, write the VIP (and port) back as constants
 
 -300 is the raw priority: notrack must come before conntrack (-200) sees the packet. The slot
-maps hold verdicts, not addresses: the hash (over the source, which the rewrite does not touch)
+map holds verdicts, not addresses: the hash (over the source, which the rewrite does not touch)
 is computed once per packet and its one lookup lands in a chain that writes the backend's
 address as a constant and counts with a named counter, so a packet pays no address, port or
-counter-map lookup; a port equal to the VIP's is not written at all. Both maps always change in
-the same transaction, so they act as one map of the slots the conntrack mode uses. The shared
-reply map sends a backend's replies straight to its own l_web_b<k>_rev. Replies are rewritten
-after routing (postrouting): a VIP source before routing would fail the reverse-path and
-martian checks. Replies to addresses of this host (health checks) stay tracked. New-flow counts
-are TCP SYNs (retransmissions included); UDP has none. The shared chains and maps stay while the
-table does (the last listener's removal deletes it).
+counter-map lookup; a port equal to the VIP's is not written at all. It holds the slots the
+conntrack mode's map does. The shared reply map sends a backend's replies straight to its own
+l_web_b<k>_rev. Replies are rewritten after routing (postrouting): a VIP source before routing
+would fail the reverse-path and martian checks. Replies to addresses of this host (health
+checks) stay tracked. New-flow counts are TCP SYNs (retransmissions included); UDP has none.
+The shared chains and maps stay while the table does (the last listener's removal deletes it).
 
 Structure is written as text (nft 1.0.6 cannot read its own JSON for `typeof` and concatenated
 maps); element changes are JSON. Each is one transaction, so the kernel never sees a half-written
@@ -227,9 +226,10 @@ class Names:
     def slots(self) -> str:
         return f"{self.prefix}_slots"
 
-    def slot_map(self, kind: str) -> str:
-        """A stateless slot map (verdicts): `sin` for every packet, `syn` for TCP SYNs."""
-        return f"{self.prefix}_slot_{kind}"
+    @property
+    def slot_map(self) -> str:
+        """The stateless slot map (verdicts): slot -> goto the backend's chain."""
+        return f"{self.prefix}_slot_to"
 
     def acl(self, kind: str) -> str:
         """The allow or deny set (kernel/acl.py)."""
@@ -243,7 +243,7 @@ class Names:
 
     def mode_maps(self, nat: Nat) -> tuple[str, ...]:
         """Maps only one NAT mode uses (deleted when a reload switches modes)."""
-        return (self.slots,) if nat == "conntrack" else tuple(self.slot_map(k) for k in _SLOT_MAPS)
+        return (self.slots,) if nat == "conntrack" else (self.slot_map,)
 
 
 def _addr_type(spec: ListenerSpec) -> str:
@@ -289,12 +289,12 @@ _SYN = "tcp flags & (syn | ack) == syn"
 """A TCP packet opening a flow (SYN without ACK): the stateless mode's "new flow"."""
 
 
-def _refuses(spec: ListenerSpec, n: Names, new: bool = False) -> list[str]:
+def _refuses(spec: ListenerSpec, n: Names, new: bool = False, only: str = "") -> list[str]:
     """The guard's rules: a packet still addressed to the VIP found no backend. `new`: it opens a
     flow, so it counts as a new one too (a DNATed flow counts in its backend's `new` instead)."""
     counted = (f"counter name \"{n.counter('new')}\" " if new else "") + \
         f"counter name \"{n.counter('rejected')}\" {_reject(spec)}"
-    return [f"{match} {counted}" for match in _vip_matches(spec)]
+    return [f"{match} {only}{counted}" for match in _vip_matches(spec)]
 
 
 def _target_text(target: Target) -> str:
@@ -330,82 +330,85 @@ def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
 def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
     """The per-packet path is short on purpose (docs/kernel.md, Measurements): a packet to the
     VIP is hashed once and its slot's verdict sends it to its backend's chain, which writes
-    constants, counts and accepts; a TCP SYN takes a chain of its own (l_web_syn: the lists,
-    then the slot map whose chains count `new` too), so the other packets pass one flag test for
-    it. What no slot took (an empty slot: the lookup fails) falls through to the refusals."""
+    constants, counts and accepts. A TCP SYN is told apart there (one flag test) and takes the
+    backend's `syn` chain, which jumps to l_web_syn for the lists and counts `new` too. What no
+    slot took (an empty slot: the lookup fails) falls through to the refusals."""
     index = _index_expr(spec)
     # The shared prerouting chain sends the VIP's packets here (its verdict map). `notrack` is
     # in the backends' chains: a packet dropped or refused here never reaches conntrack anyway.
     rules: list[tuple[str, str]] = []
     if spec.protocol == "tcp":
-        # The lists judge only what opens a flow (a SYN), so established flows go on.
-        rules.append(("sin", f"{_SYN} goto {n.chain('syn')}"))
+        # The lists judge only what opens a flow (a SYN), so established flows go on; l_web_syn
+        # returns to the backend's chain for what they let through.
         rules += [("syn", drop) for drop in _acl_drops(spec, n)]
-        rules.append(("syn", f"{index} vmap @{n.slot_map('syn')}"))
-        rules += [("syn", refuse) for refuse in _refuses(spec, n, new=True)]
     else:
         # UDP has no packet that opens a flow: a denied source's datagrams are all dropped.
         rules += [("sin", drop) for drop in _acl_drops(spec, n)]
-    rules.append(("sin", f"{index} vmap @{n.slot_map('sin')}"))
+    rules.append(("sin", f"{index} vmap @{n.slot_map}"))
+    if spec.protocol == "tcp":  # a SYN no slot took is a new flow refused
+        rules += [("sin", refuse) for refuse in _refuses(spec, n, new=True, only=f"{_SYN} ")]
     rules += [("sin", refuse) for refuse in _refuses(spec, n)]
     return rules
 
 
-_SLOT_MAPS = ("sin", "syn")
 BACKEND_CHAINS = ("sin", "syn", "rev")
 """A stateless backend's chains (`syn` only for TCP, but removal takes all three: it cannot
 know which a listener of another protocol left)."""
+
+BackendRule = tuple[str, str, list[JsonCommand]]
+"""(chain kind, the rule as nft text, the same as JSON expressions)."""
+
+
+def _backend_rules(spec: ListenerSpec, index: int, target: Target) -> list[BackendRule]:
+    """A stateless backend's rules, in order: the destination (or, on replies, the source)
+    written as constants, the backend's named counters. The port is left alone where it equals
+    the VIP's (a stateless listener has one port)."""
+    n = Names(spec.name)
+    fam, proto = spec.family, spec.protocol
+    address, port = target
+    same_port = port == spec.port
+
+    def mangle(protocol: str, field: str, value: str | int) -> tuple[str, JsonCommand]:
+        return (f"{protocol} {field} set {value}",
+                {"mangle": {"key": {"payload": {"protocol": protocol, "field": field}}, "value": value}})
+
+    def counted(*kinds: str) -> list[tuple[str, JsonCommand]]:
+        return [(f'counter name "{name}"', {"counter": name})
+                for name in (n.backend_counter(index, kind) for kind in kinds)]
+
+    def rule(kind: str, parts: list[tuple[str, JsonCommand]]) -> BackendRule:
+        return kind, " ".join(text for text, _ in parts), [expr for _, expr in parts]
+
+    to = [mangle(fam, "daddr", address)] + ([] if same_port else [mangle(proto, "dport", port)])
+    back = [mangle(fam, "saddr", spec.vip)] + ([] if same_port else [mangle(proto, "sport", spec.port)])
+    accept = [("accept", {"accept": None})]
+    notrack = [("notrack", {"notrack": None})]
+    rules = []
+    if proto == "tcp":
+        syn = n.backend_chain(index, "syn")
+        flags = {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}
+        rules.append(rule("sin", [(_SYN, {"match": {"op": "==", "left": flags, "right": "syn"}}),
+                                  (f"goto {syn}", {"goto": {"target": syn}})]))
+        rules.append(rule("syn", [(f"jump {n.chain('syn')}", {"jump": {"target": n.chain("syn")}})]))
+        rules.append(rule("syn", notrack + to + counted("new", "in") + accept))
+    rules.append(rule("sin", notrack + to + counted("in") + accept))
+    rules.append(rule("rev", counted("out") + back))
+    return rules
 
 
 def _backend_chain_kinds(spec: ListenerSpec) -> tuple[str, ...]:
     return BACKEND_CHAINS if spec.protocol == "tcp" else ("sin", "rev")
 
 
-def _backend_rules(spec: ListenerSpec, index: int, target: Target) -> list[tuple[str, list[JsonCommand]]]:
-    """A stateless backend's rules, as (chain kind, JSON expressions): the destination (or, on
-    replies, the source) written as constants, the backend's named counters. The port is left
-    alone where it equals the VIP's (a stateless listener has one port)."""
-    n = Names(spec.name)
-    fam, proto = spec.family, spec.protocol
-    address, port = target
-
-    def mangle(protocol: str, field: str, value: str | int) -> JsonCommand:
-        return {"mangle": {"key": {"payload": {"protocol": protocol, "field": field}}, "value": value}}
-
-    def counted(*kinds: str) -> list[JsonCommand]:
-        return [{"counter": n.backend_counter(index, kind)} for kind in kinds]
-
-    same_port = port == spec.port
-    to = [mangle(fam, "daddr", address)] + ([] if same_port else [mangle(proto, "dport", port)])
-    back = [mangle(fam, "saddr", spec.vip)] + ([] if same_port else [mangle(proto, "sport", spec.port)])
-    accept: list[JsonCommand] = [{"accept": None}]
-    notrack: list[JsonCommand] = [{"notrack": None}]
-    rules = [("sin", notrack + to + counted("in") + accept)]
-    if proto == "tcp":
-        rules.append(("syn", notrack + to + counted("new", "in") + accept))
-    rules.append(("rev", counted("out") + back))
-    return rules
-
-
-def _expr_text(expr: JsonCommand) -> str:
-    """One expression of `_backend_rules` as nft text."""
-    (kind, body), = expr.items()
-    if kind == "mangle":
-        payload = body["key"]["payload"]
-        return f"{payload['protocol']} {payload['field']} set {body['value']}"
-    if kind == "counter":
-        return f'counter name "{body}"'
-    return kind
-
-
 def _backend_text(spec: ListenerSpec, index: int, target: Target) -> list[str]:
     """Create (or rewrite) a stateless backend's counters and chains (idempotent)."""
     n, t = Names(spec.name), TABLE_REF
     lines = [f"add counter {t} {n.backend_counter(index, kind)}" for kind in BACKEND_COUNTER_KINDS]
-    for kind, exprs in _backend_rules(spec, index, target):
+    for kind in _backend_chain_kinds(spec):
         chain = n.backend_chain(index, kind)
-        lines += [f"add chain {t} {chain}", f"flush chain {t} {chain}",
-                  f"add rule {t} {chain} {' '.join(_expr_text(e) for e in exprs)}"]
+        lines += [f"add chain {t} {chain}", f"flush chain {t} {chain}"]
+    lines += [f"add rule {t} {n.backend_chain(index, kind)} {text}"
+              for kind, text, _ in _backend_rules(spec, index, target)]
     return lines
 
 
@@ -426,13 +429,7 @@ def _mode_maps_text(spec: ListenerSpec, n: Names) -> list[str]:
     fam, proto = spec.family, spec.protocol
     if spec.nat == "conntrack":
         return [f"add map {t} {n.slots} {{ typeof numgen inc mod 2 : {fam} daddr . {proto} dport ; }}"]
-    return [f"add map {t} {n.slot_map(kind)} {{ typeof numgen inc mod 2 : verdict ; }}"
-            for kind in _SLOT_MAPS]
-
-
-def _stateless_slot_maps(spec: ListenerSpec) -> tuple[str, ...]:
-    """The slot maps a stateless listener fills (l_web_slot_syn only for TCP)."""
-    return _SLOT_MAPS if spec.protocol == "tcp" else ("sin",)
+    return [f"add map {t} {n.slot_map} {{ typeof numgen inc mod 2 : verdict ; }}"]
 
 
 def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target | None],
@@ -445,18 +442,25 @@ def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target |
             lines.append(f"add element {t} {n.slots} {{ "
                          f"{', '.join(f'{i} : {_target_text(x)}' for i, x in filled)} }}")
         return lines
-    lines = [f"flush map {t} {n.slot_map(kind)}" for kind in _SLOT_MAPS]
+    lines = [f"flush map {t} {n.slot_map}"]
     if filled:
-        for kind in _stateless_slot_maps(spec):
-            elements = ", ".join(f"{i} : goto {n.backend_chain(backends[x], kind)}" for i, x in filled)
-            lines.append(f"add element {t} {n.slot_map(kind)} {{ {elements} }}")
+        elements = ", ".join(f"{i} : goto {n.backend_chain(backends[x], 'sin')}" for i, x in filled)
+        lines.append(f"add element {t} {n.slot_map} {{ {elements} }}")
     return lines
 
 
-def _remove_chains_lines(n: Names, chains: Iterable[str]) -> list[str]:
+def _teardown_lines(spec: ListenerSpec, nat: Nat, chains: Iterable[str], backends: Index) -> list[str]:
+    """Delete a mode's chains and maps in the order references allow: the listener's chains
+    emptied (their rules name the slot map), the slot maps (stateless: their elements jump to
+    the backends' chains), the backends' chains (their `syn` chains jump to l_web_syn), then
+    the listener's chains."""
+    n, t = Names(spec.name), TABLE_REF
     chains = list(chains)
-    return ([f"flush chain {TABLE_REF} {n.chain(kind)}" for kind in chains]
-            + [f"delete chain {TABLE_REF} {n.chain(kind)}" for kind in chains])
+    lines = [f"flush chain {t} {n.chain(kind)}" for kind in chains]
+    lines += [f"delete map {t} {name}" for name in n.mode_maps(nat)]
+    if nat == "stateless":
+        lines += _backend_chains_removal(spec, backends.values())
+    return lines + [f"delete chain {t} {n.chain(kind)}" for kind in chains]
 
 
 def _version(spec: ListenerSpec) -> int:
@@ -507,10 +511,8 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
         if was.stateless:  # before its chains change: the entries name them
             lines += _dispatch_removal(was, held if held is not None else backends)
     if previous is not None and previous != spec.nat:
-        lines += _remove_chains_lines(n, (c for c in _CHAINS[previous] if c not in _CHAINS[spec.nat]))
-        lines += [f"delete map {t} {name}" for name in n.mode_maps(previous)]
-        if previous == "stateless":  # after the slot maps that jump to them
-            lines += _backend_chains_removal(spec, backends.values())
+        lines += _teardown_lines(spec, previous, (c for c in _CHAINS[previous] if c not in _CHAINS[spec.nat]),
+                                 backends)
     lines += [f"add counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
     lines += _mode_maps_text(spec, n)
     lines += [f"add map {t} {n.backend_map(kind)} {{ type {_addr_type(spec)} . inet_service : counter ; }}"
@@ -555,10 +557,7 @@ def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = (
     # The shared dispatch's entries name the chains: they go first (`backends`: stateless).
     backends = backends or {}
     lines = _dispatch_removal(spec, backends) if spec.stateless else []
-    lines += _remove_chains_lines(n, _CHAINS[spec.nat])
-    lines += [f"delete map {t} {name}" for name in n.mode_maps(spec.nat)]
-    if spec.stateless:  # after the slot maps that jump to them, before the counters they count in
-        lines += _backend_chains_removal(spec, backends.values())
+    lines += _teardown_lines(spec, spec.nat, _CHAINS[spec.nat], backends)  # before the counters
     lines += [f"delete map {t} {n.backend_map(kind)}" for kind in BACKEND_COUNTER_KINDS]
     lines += [f"delete set {t} {n.acl(kind)}" for kind in ACL_SETS]
     lines += [f"delete counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
@@ -612,17 +611,12 @@ def slot_commands(spec: ListenerSpec, diff: SlotDiff, backends: Index | None = N
             elem = [[i, _concat(target)] for i, target in diff.add]
             commands.append({"add": {"element": {**_ref(n.slots), "elem": elem}}})
         return commands
-    assert backends is not None or not diff.add, "stateless slots need the backends' indices"
-    kinds = _stateless_slot_maps(spec)
     if diff.delete:
-        commands += [{"delete": {"element": {**_ref(n.slot_map(kind)), "elem": list(diff.delete)}}}
-                     for kind in kinds]
+        commands.append({"delete": {"element": {**_ref(n.slot_map), "elem": list(diff.delete)}}})
     if diff.add:
-        assert backends is not None
-        for kind in kinds:
-            elem = [[i, {"goto": {"target": n.backend_chain(backends[target], kind)}}]
-                    for i, target in diff.add]
-            commands.append({"add": {"element": {**_ref(n.slot_map(kind)), "elem": elem}}})
+        assert backends is not None, "stateless slots need the backends' indices"
+        elem = [[i, {"goto": {"target": n.backend_chain(backends[target], "sin")}}] for i, target in diff.add]
+        commands.append({"add": {"element": {**_ref(n.slot_map), "elem": elem}}})
     return commands
 
 
@@ -631,9 +625,7 @@ def replace_slots_commands(spec: ListenerSpec, targets: Sequence[Target | None],
     """Replace the whole slot map (flush and fill): the fallback when a diff cannot apply."""
     n = Names(spec.name)
     filled = tuple((i, x) for i, x in enumerate(targets) if x is not None)
-    kinds = _stateless_slot_maps(spec)
-    names = (n.slots,) if spec.nat == "conntrack" else tuple(n.slot_map(k) for k in kinds)
-    commands: list[JsonCommand] = [{"flush": {"map": _ref(name)}} for name in names]
+    commands: list[JsonCommand] = [{"flush": {"map": _ref(name)}} for name in n.mode_maps(spec.nat)]
     return commands + slot_commands(spec, SlotDiff((), filled), backends)
 
 
@@ -641,10 +633,12 @@ def _backend_chain_commands(spec: ListenerSpec, index: int, target: Target) -> l
     """A stateless backend's chains, created or rewritten (add, flush, add the rule)."""
     n = Names(spec.name)
     commands: list[JsonCommand] = []
-    for kind, exprs in _backend_rules(spec, index, target):
+    for kind in _backend_chain_kinds(spec):
         ref = _ref(n.backend_chain(index, kind))
-        rule = {"family": FAMILY, "table": TABLE, "chain": ref["name"], "expr": exprs}
-        commands += [{"add": {"chain": ref}}, {"flush": {"chain": ref}}, {"add": {"rule": rule}}]
+        commands += [{"add": {"chain": ref}}, {"flush": {"chain": ref}}]
+    for kind, _, exprs in _backend_rules(spec, index, target):
+        rule = {"family": FAMILY, "table": TABLE, "chain": n.backend_chain(index, kind), "expr": exprs}
+        commands.append({"add": {"rule": rule}})
     return commands
 
 

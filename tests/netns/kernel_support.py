@@ -221,13 +221,8 @@ def slot_table(topo: LbTopology) -> dict[int, str]:
     written = {item["rule"]["chain"]: expr["mangle"]["value"] for item in listed if "rule" in item
                for expr in item["rule"]["expr"]
                if expr.get("mangle", {}).get("key", {}).get("payload", {}).get("field") == "daddr"}
-    backend = {element[0]: element[1]["goto"]["target"].rsplit("_", 1)[0]
-               for element in maps["l_web_slot_sin"]}
-    if maps.get("l_web_slot_syn"):  # TCP: the SYNs' map sends each slot to the same backend
-        syn = {element[0]: element[1]["goto"]["target"].rsplit("_", 1)[0]
-               for element in maps["l_web_slot_syn"]}
-        assert syn == backend, "the stateless slot maps send a slot to different backends"
-    return {slot: written[f"{chain}_sin"] for slot, chain in backend.items()}
+    backend = {element[0]: element[1]["goto"]["target"] for element in maps["l_web_slot_to"]}
+    return {slot: written[chain] for slot, chain in backend.items()}
 
 
 def slot_map(topo: LbTopology) -> list[str]:

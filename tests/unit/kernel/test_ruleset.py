@@ -191,21 +191,22 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
     # One hash, one lookup: the slot's verdict is its backend's chain.
     # notrack is in the backends' chains: what is dropped or refused never reaches conntrack.
     assert rules(text, "l_web_sin") == [
-        "tcp flags & (syn | ack) == syn goto l_web_syn",
-        f"{index} vmap @l_web_slot_sin",
+        f"{index} vmap @l_web_slot_to",
+        'ip daddr 10.99.100.1 tcp dport 80 tcp flags & (syn | ack) == syn counter name "l_web_new" '
+        'counter name "l_web_rejected" reject with tcp reset',
         'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_rejected" reject with tcp reset',
     ]
+    # the lists, for SYNs only (the backends' syn chains jump here; what passes returns)
     assert rules(text, "l_web_syn") == [
         'ip saddr @l_web_deny counter name "l_web_new" counter name "l_web_denied" drop',
         'ip saddr != @l_web_allow counter name "l_web_new" counter name "l_web_denied" drop',
-        f"{index} vmap @l_web_slot_syn",
-        'ip daddr 10.99.100.1 tcp dport 80 counter name "l_web_new" counter name "l_web_rejected" '
-        "reject with tcp reset",
     ]
     # The backend's chains write constants and count with named counters: no lookups.
     assert rules(text, "l_web_b0_sin") == [
+        "tcp flags & (syn | ack) == syn goto l_web_b0_syn",
         'notrack ip daddr set 10.0.0.1 tcp dport set 8080 counter name "l_web_b0_in" accept']
     assert rules(text, "l_web_b0_syn") == [
+        "jump l_web_syn",
         'notrack ip daddr set 10.0.0.1 tcp dport set 8080 counter name "l_web_b0_new" '
         'counter name "l_web_b0_in" accept']
     assert rules(text, "l_web_b0_rev") == [
@@ -222,13 +223,21 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
 
 def test_stateless_same_port_is_not_rewritten() -> None:
     text = listener_text(stateless(), backends=B0)
-    assert rules(text, "l_web_b0_sin") == ['notrack ip daddr set 10.0.0.1 counter name "l_web_b0_in" accept']
+    assert rules(text, "l_web_b0_sin")[1] == 'notrack ip daddr set 10.0.0.1 counter name "l_web_b0_in" accept'
     assert rules(text, "l_web_b0_rev") == ['counter name "l_web_b0_out" ip saddr set 10.99.100.1']
+    # the JSON a joining backend's chains are written with says the same as the text
     add = add_backend_commands(stateless(), 0, ("10.0.0.1", 80))
-    exprs = [c["add"]["rule"]["expr"] for c in add if "rule" in c.get("add", {})]
+    exprs = {c["add"]["rule"]["chain"]: c["add"]["rule"]["expr"] for c in add if "rule" in c.get("add", {})
+             and c["add"]["rule"]["chain"] == "l_web_b0_rev"}
     daddr = {"payload": {"protocol": "ip", "field": "daddr"}}
-    assert exprs[0] == [{"notrack": None}, {"mangle": {"key": daddr, "value": "10.0.0.1"}},
-                        {"counter": "l_web_b0_in"}, {"accept": None}]
+    sin = [c["add"]["rule"]["expr"] for c in add
+           if c.get("add", {}).get("rule", {}).get("chain") == "l_web_b0_sin"]
+    assert sin[1] == [{"notrack": None}, {"mangle": {"key": daddr, "value": "10.0.0.1"}},
+                      {"counter": "l_web_b0_in"}, {"accept": None}]
+    flags = {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}
+    assert sin[0] == [{"match": {"op": "==", "left": flags, "right": "syn"}},
+                      {"goto": {"target": "l_web_b0_syn"}}]
+    assert exprs["l_web_b0_rev"][0] == {"counter": "l_web_b0_out"}
 
 
 def test_stateless_uses_no_conntrack_and_no_nat_chain() -> None:
@@ -242,18 +251,18 @@ def test_stateless_udp_counts_no_new_flows() -> None:
     text = listener_text(stateless(protocol="udp"), [("10.0.0.1", 81)], backends={("10.0.0.1", 81): 0})
     assert not any("flags" in rule for rule in rules(text, "l_web_sin"))
     assert rules(text, "l_web_sin")[-1].endswith("reject with icmpx port-unreachable")
-    assert "jhash ip saddr . udp sport mod 13 seed 0x706d616e vmap @l_web_slot_sin" in text
+    assert "jhash ip saddr . udp sport mod 13 seed 0x706d616e vmap @l_web_slot_to" in text
     assert rules(text, "l_web_b0_sin") == [
         'notrack ip daddr set 10.0.0.1 udp dport set 81 counter name "l_web_b0_in" accept']
     assert "udp sport set 80" in text
-    assert rules(text, "l_web_b0_syn") == [] and "add element inet pointsman l_web_slot_syn" not in text
+    assert rules(text, "l_web_b0_syn") == [] and "add chain inet pointsman l_web_b0_syn" not in text
 
 
 def test_stateless_ipv6() -> None:
     text = listener_text(stateless(family="ip6", vip="fd00::1"), [("fd00::11", 8080)],
                          backends={("fd00::11", 8080): 0})
-    assert "jhash ip6 saddr . tcp sport mod 13 seed 0x706d616e vmap @l_web_slot_sin" in text
-    assert rules(text, "l_web_b0_sin") == [
+    assert "jhash ip6 saddr . tcp sport mod 13 seed 0x706d616e vmap @l_web_slot_to" in text
+    assert rules(text, "l_web_b0_sin")[1:] == [
         'notrack ip6 daddr set fd00::11 tcp dport set 8080 counter name "l_web_b0_in" accept']
     assert rules(text, "l_web_b0_rev") == [
         'counter name "l_web_b0_out" ip6 saddr set fd00::1 tcp sport set 80']
@@ -266,12 +275,11 @@ def test_stateless_slot_maps_are_filled_together() -> None:
     text = listener_text(stateless(), [("10.0.0.1", 80), None, ("10.0.0.2", 81)],
                          backends={("10.0.0.2", 81): 1, ("10.0.0.1", 80): 0})
     lines = text.splitlines()
-    for kind in ("sin", "syn"):
-        assert (f"add element inet pointsman l_web_slot_{kind} "
-                f"{{ 0 : goto l_web_b0_{kind}, 2 : goto l_web_b1_{kind} }}") in lines
+    assert ("add element inet pointsman l_web_slot_to "
+            "{ 0 : goto l_web_b0_sin, 2 : goto l_web_b1_sin }") in lines
     # the chains exist before the map elements that jump to them
-    assert lines.index("add chain inet pointsman l_web_b1_syn") < lines.index(
-        "flush map inet pointsman l_web_slot_syn")
+    assert lines.index("add chain inet pointsman l_web_b1_sin") < lines.index(
+        "flush map inet pointsman l_web_slot_to")
     add = "add element inet pointsman"
     assert lines[-4:] == [f"{add} stateless_replies4 {{ 10.0.0.1 . tcp . 80 }}",
                           f"{add} stateless_rev4 {{ 10.0.0.1 . tcp . 80 : goto l_web_b0_rev }}",
@@ -279,7 +287,7 @@ def test_stateless_slot_maps_are_filled_together() -> None:
                           f"{add} stateless_rev4 {{ 10.0.0.2 . tcp . 81 : goto l_web_b1_rev }}"]
 
 
-def test_stateless_slot_commands_touch_both_maps_alike() -> None:
+def test_stateless_slot_commands_name_the_backends_chains() -> None:
     diff = SlotDiff(delete=(1, 2), add=((2, ("10.0.0.1", 80)), (5, ("10.0.0.2", 81))))
     commands = slot_commands(stateless(), diff, {("10.0.0.1", 80): 0, ("10.0.0.2", 81): 7})
     by_map: dict[tuple[str, str], object] = {}
@@ -287,19 +295,14 @@ def test_stateless_slot_commands_touch_both_maps_alike() -> None:
         (verb, body), = command.items()
         by_map[(verb, body["element"]["name"])] = body["element"]["elem"]
 
-    def to(kind: str, index: int) -> dict[str, dict[str, str]]:
-        return {"goto": {"target": f"l_web_b{index}_{kind}"}}
+    def to(index: int) -> dict[str, dict[str, str]]:
+        return {"goto": {"target": f"l_web_b{index}_sin"}}
 
-    assert by_map == {
-        ("delete", "l_web_slot_sin"): [1, 2], ("delete", "l_web_slot_syn"): [1, 2],
-        ("add", "l_web_slot_sin"): [[2, to("sin", 0)], [5, to("sin", 7)]],
-        ("add", "l_web_slot_syn"): [[2, to("syn", 0)], [5, to("syn", 7)]],
-    }
+    assert by_map == {("delete", "l_web_slot_to"): [1, 2], ("add", "l_web_slot_to"): [[2, to(0)], [5, to(7)]]}
     replaced = replace_slots_commands(stateless(), [None, ("10.0.0.1", 80)], B0)
-    assert [c.get("flush", {}).get("map", {}).get("name") for c in replaced[:2]] == [
-        "l_web_slot_sin", "l_web_slot_syn"]
-    udp = slot_commands(stateless(protocol="udp"), diff, {("10.0.0.1", 80): 0, ("10.0.0.2", 81): 7})
-    assert {c[verb]["element"]["name"] for c in udp for verb in c} == {"l_web_slot_sin"}
+    assert replaced == [{"flush": {"map": {"family": "inet", "table": "pointsman", "name": "l_web_slot_to"}}},
+                        {"add": {"element": {"family": "inet", "table": "pointsman", "name": "l_web_slot_to",
+                                             "elem": [[1, to(0)]]}}}]
 
 
 def test_stateless_backends_join_with_their_chains_and_reply_entries() -> None:
@@ -314,8 +317,12 @@ def test_stateless_backends_join_with_their_chains_and_reply_entries() -> None:
     chains = [c["add"]["chain"]["name"] for c in add if "chain" in c.get("add", {})]
     assert chains == ["l_web_b4_sin", "l_web_b4_syn", "l_web_b4_rev"]
     rules_ = {c["add"]["rule"]["chain"]: c["add"]["rule"]["expr"] for c in add if "rule" in c.get("add", {})}
+    # (the last rule of each chain: the syn chain's first jumps to the lists)
     assert rules_["l_web_b4_syn"][-3:] == [{"counter": "l_web_b4_new"}, {"counter": "l_web_b4_in"},
                                            {"accept": None}]
+    jumps = [c["add"]["rule"]["expr"] for c in add
+             if c.get("add", {}).get("rule", {}).get("chain") == "l_web_b4_syn"]
+    assert jumps[0] == [{"jump": {"target": "l_web_syn"}}]
     assert rules_["l_web_b4_rev"][0] == {"counter": "l_web_b4_out"}
     # counters before the chains that count in them
     first_chain = next(i for i, c in enumerate(add) if "chain" in c.get("add", {}))
@@ -344,9 +351,11 @@ def test_stateless_stop_refuses_syns_only_for_tcp() -> None:
 def test_stateless_removal() -> None:
     lines = remove_listener_text(stateless(), ["l_web_b0_in"], B0).splitlines()
     deleted = [line.split()[-1] for line in lines if line.startswith("delete chain")]
-    assert deleted == ["l_web_guard_local", "l_web_sin", "l_web_syn",
-                       "l_web_b0_sin", "l_web_b0_syn", "l_web_b0_rev"]
-    assert lines.index("delete map inet pointsman l_web_slot_syn") < lines.index(
+    # the slot map (it jumps to the backends' chains), then those (their syn chains jump to
+    # l_web_syn), then the listener's
+    assert deleted == ["l_web_b0_sin", "l_web_b0_syn", "l_web_b0_rev",
+                       "l_web_guard_local", "l_web_sin", "l_web_syn"]
+    assert lines.index("delete map inet pointsman l_web_slot_to") < lines.index(
         "delete chain inet pointsman l_web_b0_sin")
     assert lines.index("delete chain inet pointsman l_web_b0_rev") < lines.index(
         "delete counter inet pointsman l_web_b0_in")
@@ -359,18 +368,19 @@ def test_stateless_removal() -> None:
         "add element inet pointsman stateless_rev4 { 10.0.0.1 . tcp . 80 : goto l_web_b0_rev }",
         "delete element inet pointsman stateless_rev4 { 10.0.0.1 . tcp . 80 }"]
     assert not any("stateless_in" in line or "stateless_out" in line for line in lines)  # shared
-    assert "delete map inet pointsman l_web_slot_sin" in lines
+    assert "delete map inet pointsman l_web_slot_to" in lines
     assert not any("l_web_slots" in line or "l_web_dnat" in line for line in lines)
 
 
 def test_switching_nat_mode_removes_only_the_other_modes_objects() -> None:
     to_stateless = listener_text(stateless(), previous="conntrack").splitlines()
     gone = [line.split()[-1] for line in to_stateless if line.startswith("delete ")]
-    assert gone == ["l_web_dnat", "l_web_dnat_local", "l_web_guard", "l_web_snat", "l_web_fwd",
-                    "l_web_count", "l_web_slots"]
-    back = listener_text(spec(), was=stateless()).splitlines()
+    # (the chains are emptied first, so the map they named can go before them)
+    assert gone == ["l_web_slots", "l_web_dnat", "l_web_dnat_local", "l_web_guard", "l_web_snat", "l_web_fwd",
+                    "l_web_count"]
+    back = listener_text(spec(), was=stateless(), backends=B0).splitlines()
     gone = [line.split()[-1] for line in back if line.startswith("delete ") and "element" not in line]
-    assert gone == ["l_web_sin", "l_web_syn", "l_web_slot_sin", "l_web_slot_syn"]
+    assert gone == ["l_web_slot_to", "l_web_b0_sin", "l_web_b0_syn", "l_web_b0_rev", "l_web_sin", "l_web_syn"]
     assert back.index("delete element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 }") < \
         back.index("delete chain inet pointsman l_web_sin")
     same = listener_text(spec(), previous="conntrack").splitlines()
