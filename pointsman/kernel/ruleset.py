@@ -291,7 +291,8 @@ _SYN = "tcp flags & (syn | ack) == syn"
 
 def _refuses(spec: ListenerSpec, n: Names, new: bool = False, only: str = "") -> list[str]:
     """The guard's rules: a packet still addressed to the VIP found no backend. `new`: it opens a
-    flow, so it counts as a new one too (a DNATed flow counts in its backend's `new` instead)."""
+    flow, so it counts as a new one too (a DNATed flow counts in its backend's `new` instead).
+    `only`: a further match, before the counters (stateless TCP: the SYN test)."""
     counted = (f"counter name \"{n.counter('new')}\" " if new else "") + \
         f"counter name \"{n.counter('rejected')}\" {_reject(spec)}"
     return [f"{match} {only}{counted}" for match in _vip_matches(spec)]
@@ -352,8 +353,8 @@ def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
 
 
 BACKEND_CHAINS = ("sin", "syn", "rev")
-"""A stateless backend's chains (`syn` only for TCP, but removal takes all three: it cannot
-know which a listener of another protocol left)."""
+"""A stateless backend's chains, for either protocol (`syn` stays empty for UDP), so a reload
+that changes the protocol leaves no chain behind that still counts in the backend's counters."""
 
 BackendRule = tuple[str, str, list[JsonCommand]]
 """(chain kind, the rule as nft text, the same as JSON expressions)."""
@@ -396,15 +397,11 @@ def _backend_rules(spec: ListenerSpec, index: int, target: Target) -> list[Backe
     return rules
 
 
-def _backend_chain_kinds(spec: ListenerSpec) -> tuple[str, ...]:
-    return BACKEND_CHAINS if spec.protocol == "tcp" else ("sin", "rev")
-
-
 def _backend_text(spec: ListenerSpec, index: int, target: Target) -> list[str]:
     """Create (or rewrite) a stateless backend's counters and chains (idempotent)."""
     n, t = Names(spec.name), TABLE_REF
     lines = [f"add counter {t} {n.backend_counter(index, kind)}" for kind in BACKEND_COUNTER_KINDS]
-    for kind in _backend_chain_kinds(spec):
+    for kind in BACKEND_CHAINS:
         chain = n.backend_chain(index, kind)
         lines += [f"add chain {t} {chain}", f"flush chain {t} {chain}"]
     lines += [f"add rule {t} {n.backend_chain(index, kind)} {text}"
@@ -633,7 +630,7 @@ def _backend_chain_commands(spec: ListenerSpec, index: int, target: Target) -> l
     """A stateless backend's chains, created or rewritten (add, flush, add the rule)."""
     n = Names(spec.name)
     commands: list[JsonCommand] = []
-    for kind in _backend_chain_kinds(spec):
+    for kind in BACKEND_CHAINS:
         ref = _ref(n.backend_chain(index, kind))
         commands += [{"add": {"chain": ref}}, {"flush": {"chain": ref}}]
     for kind, _, exprs in _backend_rules(spec, index, target):
@@ -670,7 +667,7 @@ def remove_backend_commands(spec: ListenerSpec, index: int, target: Target) -> l
         key = _dispatch_key(spec, target)
         commands += [{"delete": {"element": {**_ref(name), "elem": [key]}}}
                      for name in (shared_rev(spec.family), shared_replies(spec.family))]
-        for kind in _backend_chain_kinds(spec):
+        for kind in BACKEND_CHAINS:
             ref = _ref(n.backend_chain(index, kind))
             commands += [{"flush": {"chain": ref}}, {"delete": {"chain": ref}}]
     commands += [{"delete": {"element": {**_ref(n.backend_map(kind)), "elem": [_concat(target)]}}}
