@@ -46,6 +46,8 @@ chain per hook however many listeners there are:
     chain   stateless_in   filter prerouting  -300  VIP packets -> their listener; replies notrack
     chain   stateless_out  filter postrouting  100  replies -> their backend's l_web_b<k>_rev
     (and the same three for IPv6, ..6)
+    set     stateless_vports, stateless_bports { inet_service }  the VIPs' and backends' ports:
+                                                 a bitmap test in front of each lookup above
 
 and each listener has:
 
@@ -134,7 +136,13 @@ _SHARED_HOOKS = {
     SHARED_IN: f"type filter hook prerouting priority {PRIORITY_RAW}",
     SHARED_OUT: f"type filter hook postrouting priority {PRIORITY_SRCNAT}",
 }
-_FAMILIES = (("ip", "4", "ipv4_addr"), ("ip6", "6", "ipv6_addr"))
+_FAMILIES = (("ip", "ipv4", "ipv4_addr"), ("ip6", "ipv6", "ipv6_addr"))
+VIP_PORTS = "stateless_vports"
+"""Every stateless listener's port: the bitmap in front of the VIP maps."""
+BACKEND_PORTS = "stateless_bports"
+"""Every stateless backend's port, in front of the reply set and map. Ports are added, never
+taken out (another listener may share one; nft 1.0.6 cannot count): one left behind costs only
+the hash lookup it would have saved. They go with the table."""
 
 
 def shared_vips(family: str) -> str:
@@ -161,17 +169,22 @@ def _shared_text() -> list[str]:
         lines += [f"add map {t} {shared_vips(fam)} {{ type {key} : verdict ; }}",
                   f"add set {t} {shared_replies(fam)} {{ type {key} ; }}",
                   f"add map {t} {shared_rev(fam)} {{ type {key} : verdict ; }}"]
+    lines += [f"add set {t} {name} {{ type inet_service ; }}" for name in (VIP_PORTS, BACKEND_PORTS)]
     for chain, hook in _SHARED_HOOKS.items():
         lines += [f"add chain {t} {chain} {{ {hook} ; policy accept ; }}", f"flush chain {t} {chain}"]
-    for fam, _, _ in _FAMILIES:  # a family's two rules together: IPv4 replies skip the IPv6 VIPs
-        lines.append(f"add rule {t} {SHARED_IN} {fam} daddr . meta l4proto . th dport "
-                     f"vmap @{shared_vips(fam)}")
+    # Each lookup of a shared map sits behind a test of the port alone, in a bitmap: a packet of
+    # no listener (a reply on the way in, a client's packet on the way out, other traffic) fails
+    # there, cheaply, instead of missing in the hash (docs/kernel.md, Measurements).
+    for fam, nfproto, _ in _FAMILIES:  # a family's two rules together: IPv4 replies skip the IPv6 VIPs
+        lines.append(f"add rule {t} {SHARED_IN} meta nfproto {nfproto} th dport @{VIP_PORTS} "
+                     f"{fam} daddr . meta l4proto . th dport vmap @{shared_vips(fam)}")
         # Replies to this host's own addresses (health checks) stay tracked.
-        lines.append(f"add rule {t} {SHARED_IN} {fam} saddr . meta l4proto . th sport "
-                     f"@{shared_replies(fam)} fib daddr type != local notrack")
-    for fam, _, _ in _FAMILIES:
-        lines.append(f"add rule {t} {SHARED_OUT} {fam} saddr . meta l4proto . th sport "
-                     f"vmap @{shared_rev(fam)}")
+        lines.append(f"add rule {t} {SHARED_IN} meta nfproto {nfproto} th sport @{BACKEND_PORTS} "
+                     f"{fam} saddr . meta l4proto . th sport @{shared_replies(fam)} "
+                     "fib daddr type != local notrack")
+    for fam, nfproto, _ in _FAMILIES:
+        lines.append(f"add rule {t} {SHARED_OUT} meta nfproto {nfproto} th sport @{BACKEND_PORTS} "
+                     f"{fam} saddr . meta l4proto . th sport vmap @{shared_rev(fam)}")
     return lines
 
 
@@ -539,6 +552,10 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
         lines += _shared_text()
         lines += [f"add element {t} {name} {{ {element} }}"
                   for name, element in _dispatch_elements(spec, backends)]
+        ports = sorted({port for _, port in backends})
+        lines.append(f"add element {t} {VIP_PORTS} {{ {spec.port} }}")
+        if ports:
+            lines.append(f"add element {t} {BACKEND_PORTS} {{ {', '.join(map(str, ports))} }}")
     return "\n".join(lines) + "\n"
 
 
@@ -652,6 +669,7 @@ def add_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list
     if spec.stateless:
         commands += _backend_chain_commands(spec, index, target)
         key = _dispatch_key(spec, target)
+        commands.append({"add": {"element": {**_ref(BACKEND_PORTS), "elem": [target[1]]}}})
         commands.append({"add": {"element": {**_ref(shared_replies(spec.family)), "elem": [key]}}})
         commands.append({"add": {"element": {**_ref(shared_rev(spec.family)), "elem": [
             [key, {"goto": {"target": n.backend_chain(index, "rev")}}]]}}})

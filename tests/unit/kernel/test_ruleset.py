@@ -178,15 +178,22 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
     index = "jhash ip saddr . tcp sport mod 13 seed 0x706d616e"
     # One base chain per hook for every stateless listener: verdict maps dispatch to the listener.
     # IPv4 first, a family's rules together: an IPv4 packet never meets an IPv6 rule first.
-    assert rules(text, "stateless_in") == [
-        "ip daddr . meta l4proto . th dport vmap @stateless_vips4",
-        "ip saddr . meta l4proto . th sport @stateless_replies4 fib daddr type != local notrack",
-        "ip6 daddr . meta l4proto . th dport vmap @stateless_vips6",
-        "ip6 saddr . meta l4proto . th sport @stateless_replies6 fib daddr type != local notrack",
-    ]
-    assert rules(text, "stateless_out") == [
-        "ip saddr . meta l4proto . th sport vmap @stateless_rev4",
-        "ip6 saddr . meta l4proto . th sport vmap @stateless_rev6"]
+    # Each shared lookup behind a port bitmap: what belongs to no listener fails there.
+    def shared(fam: str, v: int) -> tuple[str, str, str]:
+        key = "meta l4proto . th"
+        return (f"meta nfproto ipv{v} th dport @stateless_vports {fam} daddr . {key} dport "
+                f"vmap @stateless_vips{v}",
+                f"meta nfproto ipv{v} th sport @stateless_bports {fam} saddr . {key} sport "
+                f"@stateless_replies{v} fib daddr type != local notrack",
+                f"meta nfproto ipv{v} th sport @stateless_bports {fam} saddr . {key} sport "
+                f"vmap @stateless_rev{v}")
+
+    (vips4, replies4, rev4), (vips6, replies6, rev6) = shared("ip", 4), shared("ip6", 6)
+    assert rules(text, "stateless_in") == [vips4, replies4, vips6, replies6]
+    assert rules(text, "stateless_out") == [rev4, rev6]
+    assert "add set inet pointsman stateless_vports { type inet_service ; }" in text
+    assert "add element inet pointsman stateless_vports { 80 }" in text
+    assert "add element inet pointsman stateless_bports { 8080 }" in text
     assert "add element inet pointsman stateless_vips4 { 10.99.100.1 . tcp . 80 : goto l_web_sin }" in text
     # One hash, one lookup: the slot's verdict is its backend's chain.
     # notrack is in the backends' chains: what is dropped or refused never reaches conntrack.
@@ -281,10 +288,12 @@ def test_stateless_slot_maps_are_filled_together() -> None:
     assert lines.index("add chain inet pointsman l_web_b1_sin") < lines.index(
         "flush map inet pointsman l_web_slot_to")
     add = "add element inet pointsman"
-    assert lines[-4:] == [f"{add} stateless_replies4 {{ 10.0.0.1 . tcp . 80 }}",
+    assert lines[-6:] == [f"{add} stateless_replies4 {{ 10.0.0.1 . tcp . 80 }}",
                           f"{add} stateless_rev4 {{ 10.0.0.1 . tcp . 80 : goto l_web_b0_rev }}",
                           f"{add} stateless_replies4 {{ 10.0.0.2 . tcp . 81 }}",
-                          f"{add} stateless_rev4 {{ 10.0.0.2 . tcp . 81 : goto l_web_b1_rev }}"]
+                          f"{add} stateless_rev4 {{ 10.0.0.2 . tcp . 81 : goto l_web_b1_rev }}",
+                          f"{add} stateless_vports {{ 80 }}",
+                          f"{add} stateless_bports {{ 80, 81 }}"]
 
 
 def test_stateless_slot_commands_name_the_backends_chains() -> None:
@@ -310,7 +319,8 @@ def test_stateless_backends_join_with_their_chains_and_reply_entries() -> None:
     add = add_backend_commands(stateless(), 4, target)
     ref = {"family": "inet", "table": "pointsman"}
     key = {"concat": ["10.0.0.1", "tcp", 81]}
-    assert add[-2:] == [
+    assert add[-3:] == [
+        {"add": {"element": {**ref, "name": "stateless_bports", "elem": [81]}}},
         {"add": {"element": {**ref, "name": "stateless_replies4", "elem": [key]}}},
         {"add": {"element": {**ref, "name": "stateless_rev4",
                              "elem": [[key, {"goto": {"target": "l_web_b4_rev"}}]]}}}]
