@@ -348,7 +348,7 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[
 MAP_BENCH = r'''
 import json, sys, time
 from pointsman.kernel.nft import Nft
-from pointsman.kernel.plan import ListenerSpec, slot_targets, slot_diff
+from pointsman.kernel.plan import ListenerSpec, slot_targets, slot_diff, target_of
 from pointsman.kernel import ruleset
 from pointsman.pool.snapshot import BackendView
 from pointsman.pool.state import BackendState as S
@@ -363,18 +363,19 @@ for nat in ("conntrack", "stateless"):
     spec = ListenerSpec("bench", "ip", "10.99.200.1", 80, "tcp", 4093, "maglev", "jhash", "source_ip",
                         False, nat=nat)
     current = slot_targets("maglev", views(None), 4093)
-    nft.text(ruleset.listener_text(spec, current))
+    index = {target_of(b): i for i, b in enumerate(views(None))}
+    nft.text(ruleset.listener_text(spec, current, backends=index))
     diffs, full = [], []
     for k in range(40):
         new = slot_targets("maglev", views(None if k % 2 else 1), 4093)
         diff = slot_diff(current, new)
         started = time.perf_counter()
-        nft.json(ruleset.slot_commands(spec, diff))
+        nft.json(ruleset.slot_commands(spec, diff, index))
         diffs.append((time.perf_counter() - started, len(diff)))
         current = new
     for k in range(10):
         started = time.perf_counter()
-        nft.json(ruleset.replace_slots_commands(spec, current))
+        nft.json(ruleset.replace_slots_commands(spec, current, index))
         full.append(time.perf_counter() - started)
     nft.text("delete table inet pointsman\n")
     diffs.sort()
@@ -463,6 +464,13 @@ def report(results: dict[str, dict[str, list[float]]], cpu: dict[str, dict[str, 
         print(f"{'':20}" + "".join(f"{t:>16}" for t in tests))
         for w in ways:
             print(f"{w:20}" + "".join(f"{statistics.median(netfilter[w][t]):16.1f}" for t in tests))
+        # The share times the round's CPU per unit: netfilter's own cost, which the other tenants
+        # of a shared VM disturb far less than the whole (the TCP stack's CPU is ~90 % of it).
+        cost = {w: {t: [share / 100 * c for share, c in zip(netfilter[w][t], cpu[w][t], strict=True)]
+                    for t in TESTS} for w in ways}
+        print(f"\nnetfilter CPU per unit (share x CPU per unit, us), medians of {rounds} rounds; "
+              "ratios are den/num")
+        table(cost, ways, tests, higher_is_better=False)
 
 
 def table(values: dict[str, dict[str, list[float]]], ways: tuple[str, ...], tests: tuple[str, ...],
@@ -475,8 +483,9 @@ def table(values: dict[str, dict[str, list[float]]], ways: tuple[str, ...], test
             cells = []
             for t in tests:
                 pairs = zip(values[num][t], values[den][t], strict=True)
-                per_round = [a / b if higher_is_better else b / a for a, b in pairs]
-                cells.append(f"{statistics.median(per_round):15.2f}x")
+                per_round = [a / b if higher_is_better else b / a for a, b in pairs
+                             if (b if higher_is_better else a)]  # none for a way with no netfilter
+                cells.append(f"{statistics.median(per_round):15.2f}x" if per_round else f"{'-':>16}")
             print(f"{num + '/' + den:20}" + "".join(cells))
 
 

@@ -508,4 +508,4 @@ class KernelListener:
         spec = self._state.spec or self.spec
         await self._table.release(self.name, self,
                                   remove_listener_text(spec, self.backend_counter_names(),
-                                                       self._state.counter_index.keys()))
+                                                       self._state.counter_index))

@@ -64,7 +64,7 @@ class Programmed:
 class Transaction:
     text: str | None  # the listener's structure and slot map, for a restructure
     commands: list[JsonCommand]  # the diff (or, after `text`, the backend counters)
-    counters: list[JsonCommand]  # the backend counters alone (for the fallback)
+    counters: tuple[list[JsonCommand], list[JsonCommand]]  # backends joining, leaving (the fallback)
     after: Programmed  # what the kernel holds once this is committed
     elements: int  # element changes (the whole map for a restructure)
     slots_changed: int  # slots whose backend changed (0 for the first fill)
@@ -95,15 +95,16 @@ def plan(state: Programmed, spec: ListenerSpec, backends: Sequence[BackendView],
     changed = sum(a != b for a, b in zip(old, targets, strict=True)) if comparable and old else 0
     if state.spec != spec or not comparable or old is None:
         previous = state.spec.nat if state.spec is not None else None
-        # The reply set (stateless) is refilled with every backend that has counters now; the
-        # leaving ones are then deleted with their counters, the joining ones added.
-        text = listener_text(spec, targets, previous, backends=state.counter_index.keys(), acl=acl,
-                             was=state.spec)
-        return Transaction(text, joining + leaving, joining + leaving, after, len(targets), changed)
+        # The text writes (stateless) the chains and reply entries of every backend the kernel
+        # holds or the slots name; the leaving ones are then deleted with their counters.
+        every = {**state.counter_index, **index}
+        text = listener_text(spec, targets, previous, backends=every, acl=acl, was=state.spec,
+                             held=state.counter_index)
+        return Transaction(text, joining + leaving, (joining, leaving), after, len(targets), changed)
     diff = slot_diff(old, targets)
     sets = acl_commands(spec, state.acl, acl) if state.acl != acl else []
-    return Transaction(None, joining + slot_commands(spec, diff) + leaving + sets, joining + leaving,
-                       after, len(diff), changed)
+    return Transaction(None, joining + slot_commands(spec, diff, index) + leaving + sets,
+                       (joining, leaving), after, len(diff), changed)
 
 
 def _acl(state: Programmed, spec: ListenerSpec,
@@ -120,13 +121,17 @@ def _acl(state: Programmed, spec: ListenerSpec,
 
 
 def fallback(transaction: Transaction) -> list[list[JsonCommand]]:
-    """If the kernel refuses a diff: replace the whole map and the allow/deny sets, then the
-    backend counters. Built only when needed: a 4093-slot map's commands cost as much CPU as the
-    Maglev table."""
+    """If the kernel refuses a diff: the joining backends' counters (and stateless chains, which
+    the slots jump to), then the whole map and the allow/deny sets replaced, then the leaving
+    backends' objects. Built only when needed: a 4093-slot map's commands cost as much CPU as
+    the Maglev table."""
     after = transaction.after
     assert after.spec is not None and after.slots is not None and after.acl is not None
-    return [replace_slots_commands(after.spec, after.slots) + acl_commands(after.spec, None, after.acl),
-            transaction.counters]
+    joining, leaving = transaction.counters
+    return [joining,
+            replace_slots_commands(after.spec, after.slots, after.counter_index)
+            + acl_commands(after.spec, None, after.acl),
+            leaving]
 
 
 def apply(nft: Nft, transaction: Transaction, listener: str) -> None:

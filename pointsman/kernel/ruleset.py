@@ -42,27 +42,37 @@ chain per hook however many listeners there are:
 
     map     stateless_vips4   { ipv4_addr . inet_proto . inet_service : verdict }  VIP -> goto l_web_sin
     set     stateless_replies4 { ipv4_addr . inet_proto . inet_service }  backends: replies, notrack
-    map     stateless_rev4    { ipv4_addr . inet_proto . inet_service : verdict }  backend -> goto l_web_rev
+    map     stateless_rev4    { ipv4_addr . inet_proto . inet_service : verdict }  -> goto l_web_b<k>_rev
     chain   stateless_in   filter prerouting  -300  VIP packets -> their listener; replies notrack
-    chain   stateless_out  filter postrouting  100  replies -> their listener's l_web_rev
+    chain   stateless_out  filter postrouting  100  replies -> their backend's l_web_b<k>_rev
     (and the same three for IPv6, ..6)
+    set     stateless_vports, stateless_bports { inet_service }  the VIPs' and backends' ports:
+                                                 a bitmap test in front of each lookup above
 
 and each listener has:
 
-    map     l_web_slot_addr  { typeof numgen inc mod 2 : ip daddr }   slot -> backend address
-    map     l_web_slot_port  { typeof numgen inc mod 2 : tcp dport }  slot -> backend port
-    chain   l_web_sin   (regular)  notrack; rewrite the destination from the slot, count in the
-                                   backend's counter, accept; refuse what no slot took
-    chain   l_web_syn   (regular)  TCP SYNs: the lists, then the same with the backend's `new`
-    chain   l_web_rev   (regular)  replies: count, rewrite the source to the VIP
+    map     l_web_slot_to  { typeof numgen inc mod 2 : verdict }  slot -> goto l_web_b<k>_sin
+    chain   l_web_sin   (regular)  one jhash, one lookup: goto the slot's backend chain; refuse
+                                   what no slot took
+    chain   l_web_syn   (regular)  TCP SYNs: the lists (jumped to, returns what they let through)
 
--300 is the raw priority: notrack must come before conntrack (-200) sees the packet. The two slot
-maps are indexed by the same jhash expression (computed twice, over the source, which the rewrite
-does not touch) and always change in the same transaction, so they act as one map of the slots the
-conntrack mode uses. Replies are rewritten after routing (postrouting): a VIP source before
-routing would fail the reverse-path and martian checks. Replies to addresses of this host (health
-checks) stay tracked. New-flow counts are TCP SYNs (retransmissions included); UDP has none. The
-shared chains and maps stay while the table does (the last listener's removal deletes it).
+and per backend k (created and removed with its counters):
+
+    chain   l_web_b<k>_sin  (regular)  a SYN -> l_web_b<k>_syn; notrack, write its address (and
+                                       port) as constants, count, accept
+    chain   l_web_b<k>_syn  (regular)  jump l_web_syn; the same, counting `new` too (TCP)
+    chain   l_web_b<k>_rev  (regular)  replies: count, write the VIP (and port) back as constants
+
+-300 is the raw priority: notrack must come before conntrack (-200) sees the packet. The slot
+map holds verdicts, not addresses: the hash (over the source, which the rewrite does not touch)
+is computed once per packet and its one lookup lands in a chain that writes the backend's
+address as a constant and counts with a named counter, so a packet pays no address, port or
+counter-map lookup; a port equal to the VIP's is not written at all. It holds the slots the
+conntrack mode's map does. The shared reply map sends a backend's replies straight to its own
+l_web_b<k>_rev. Replies are rewritten after routing (postrouting): a VIP source before routing
+would fail the reverse-path and martian checks. Replies to addresses of this host (health
+checks) stay tracked. New-flow counts are TCP SYNs (retransmissions included); UDP has none.
+The shared chains and maps stay while the table does (the last listener's removal deletes it).
 
 Structure is written as text (nft 1.0.6 cannot read its own JSON for `typeof` and concatenated
 maps); element changes are JSON. Each is one transaction, so the kernel never sees a half-written
@@ -71,7 +81,7 @@ listener or slot map.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pointsman.kernel.acl import Interval, KernelAcl, element_json, element_text, kernel_acl, set_diff
@@ -83,6 +93,8 @@ FAMILY = "inet"
 TABLE_REF = f"{FAMILY} {TABLE}"
 
 JsonCommand = dict[str, Any]
+Index = Mapping[Target, int]
+"""Backends and their stable indices (their counters' and, stateless, their chains' names)."""
 
 # No listener counter sits on the path of a forwarded packet: a listener's packets, bytes and
 # new flows are the sums of its backends' (stats.py), and `new` counts only the first packets no
@@ -112,19 +124,25 @@ _HOOKS = {
 # Chains per mode in deletion order: base chains (which jump) before the chains they jump to.
 _CHAINS: dict[Nat, tuple[str, ...]] = {
     "conntrack": ("dnat", "dnat_local", "guard", "guard_local", "snat", "fwd", "count"),
-    "stateless": ("guard_local", "rev", "sin", "syn"),
+    "stateless": ("guard_local", "sin", "syn"),
 }
 
 # Shared by every stateless listener of the table: one base chain per hook, dispatching by a
 # verdict map on (address, protocol, port), so a packet crosses one chain whatever the number
 # of listeners, and a packet of no listener costs one lookup per family and hook.
 SHARED_IN = "stateless_in"  # filter prerouting -300: VIP packets -> l_<name>_sin; replies notrack
-SHARED_OUT = "stateless_out"  # filter postrouting 100: replies -> l_<name>_rev
+SHARED_OUT = "stateless_out"  # filter postrouting 100: replies -> l_<name>_b<k>_rev
 _SHARED_HOOKS = {
     SHARED_IN: f"type filter hook prerouting priority {PRIORITY_RAW}",
     SHARED_OUT: f"type filter hook postrouting priority {PRIORITY_SRCNAT}",
 }
-_FAMILIES = (("ip", "4", "ipv4_addr"), ("ip6", "6", "ipv6_addr"))
+_FAMILIES = (("ip", "ipv4", "ipv4_addr"), ("ip6", "ipv6", "ipv6_addr"))
+VIP_PORTS = "stateless_vports"
+"""Every stateless listener's port: the bitmap in front of the VIP maps."""
+BACKEND_PORTS = "stateless_bports"
+"""Every stateless backend's port, in front of the reply set and map. Ports are added, never
+taken out (another listener may share one; nft 1.0.6 cannot count): one left behind costs only
+the hash lookup it would have saved. They go with the table."""
 
 
 def shared_vips(family: str) -> str:
@@ -138,7 +156,7 @@ def shared_replies(family: str) -> str:
 
 
 def shared_rev(family: str) -> str:
-    """Backend address . protocol . port -> goto the listener's l_<name>_rev."""
+    """Backend address . protocol . port -> goto its chain l_<name>_b<k>_rev."""
     return f"stateless_rev{'6' if family == 'ip6' else '4'}"
 
 
@@ -151,18 +169,22 @@ def _shared_text() -> list[str]:
         lines += [f"add map {t} {shared_vips(fam)} {{ type {key} : verdict ; }}",
                   f"add set {t} {shared_replies(fam)} {{ type {key} ; }}",
                   f"add map {t} {shared_rev(fam)} {{ type {key} : verdict ; }}"]
+    lines += [f"add set {t} {name} {{ type inet_service ; }}" for name in (VIP_PORTS, BACKEND_PORTS)]
     for chain, hook in _SHARED_HOOKS.items():
         lines += [f"add chain {t} {chain} {{ {hook} ; policy accept ; }}", f"flush chain {t} {chain}"]
-    for fam, _, _ in _FAMILIES:
-        lines.append(f"add rule {t} {SHARED_IN} {fam} daddr . meta l4proto . th dport "
-                     f"vmap @{shared_vips(fam)}")
-    for fam, _, _ in _FAMILIES:
+    # Each lookup of a shared map sits behind a test of the port alone, in a bitmap: a packet of
+    # no listener (a reply on the way in, a client's packet on the way out, other traffic) fails
+    # there, cheaply, instead of missing in the hash (docs/kernel.md, Measurements).
+    for fam, nfproto, _ in _FAMILIES:  # a family's two rules together: IPv4 replies skip the IPv6 VIPs
+        lines.append(f"add rule {t} {SHARED_IN} meta nfproto {nfproto} th dport @{VIP_PORTS} "
+                     f"{fam} daddr . meta l4proto . th dport vmap @{shared_vips(fam)}")
         # Replies to this host's own addresses (health checks) stay tracked.
-        lines.append(f"add rule {t} {SHARED_IN} {fam} saddr . meta l4proto . th sport "
-                     f"@{shared_replies(fam)} fib daddr type != local notrack")
-    for fam, _, _ in _FAMILIES:
-        lines.append(f"add rule {t} {SHARED_OUT} {fam} saddr . meta l4proto . th sport "
-                     f"vmap @{shared_rev(fam)}")
+        lines.append(f"add rule {t} {SHARED_IN} meta nfproto {nfproto} th sport @{BACKEND_PORTS} "
+                     f"{fam} saddr . meta l4proto . th sport @{shared_replies(fam)} "
+                     "fib daddr type != local notrack")
+    for fam, nfproto, _ in _FAMILIES:
+        lines.append(f"add rule {t} {SHARED_OUT} meta nfproto {nfproto} th sport @{BACKEND_PORTS} "
+                     f"{fam} saddr . meta l4proto . th sport vmap @{shared_rev(fam)}")
     return lines
 
 
@@ -170,18 +192,18 @@ def _key_text(spec: ListenerSpec, address: str, port: int) -> str:
     return f"{address} . {spec.protocol} . {port}"
 
 
-def _dispatch_elements(spec: ListenerSpec, backends: Iterable[Target]) -> list[tuple[str, str]]:
+def _dispatch_elements(spec: ListenerSpec, backends: Index) -> list[tuple[str, str]]:
     """(shared set or map, element text) of one stateless listener: its VIP and its backends."""
     n = Names(spec.name)
     elements = [(shared_vips(spec.family), f"{_key_text(spec, spec.vip, spec.port)} : goto {n.chain('sin')}")]
-    for address, port in sorted(set(backends)):
+    for (address, port), index in sorted(backends.items()):
         key = _key_text(spec, address, port)
         elements += [(shared_replies(spec.family), key),
-                     (shared_rev(spec.family), f"{key} : goto {n.chain('rev')}")]
+                     (shared_rev(spec.family), f"{key} : goto {n.backend_chain(index, 'rev')}")]
     return elements
 
 
-def _dispatch_removal(spec: ListenerSpec, backends: Iterable[Target]) -> list[str]:
+def _dispatch_removal(spec: ListenerSpec, backends: Index) -> list[str]:
     """Delete the listener's dispatch elements, whether or not they are there: nft 1.0.6 has no
     `destroy`, and `add` of an element that exists is a no-op, so add, then delete."""
     t = TABLE_REF
@@ -209,17 +231,18 @@ class Names:
     def backend_counter(self, index: int, kind: str) -> str:
         return f"{self.prefix}_b{index}_{kind}"
 
+    def backend_chain(self, index: int, kind: str) -> str:
+        """A stateless backend's own chain: `sin`, `syn` or `rev` (BACKEND_CHAINS)."""
+        return f"{self.prefix}_b{index}_{kind}"
+
     @property
     def slots(self) -> str:
         return f"{self.prefix}_slots"
 
     @property
-    def slot_addr(self) -> str:
-        return f"{self.prefix}_slot_addr"
-
-    @property
-    def slot_port(self) -> str:
-        return f"{self.prefix}_slot_port"
+    def slot_map(self) -> str:
+        """The stateless slot map (verdicts): slot -> goto the backend's chain."""
+        return f"{self.prefix}_slot_to"
 
     def acl(self, kind: str) -> str:
         """The allow or deny set (kernel/acl.py)."""
@@ -233,7 +256,7 @@ class Names:
 
     def mode_maps(self, nat: Nat) -> tuple[str, ...]:
         """Maps only one NAT mode uses (deleted when a reload switches modes)."""
-        return (self.slots,) if nat == "conntrack" else (self.slot_addr, self.slot_port)
+        return (self.slots,) if nat == "conntrack" else (self.slot_map,)
 
 
 def _addr_type(spec: ListenerSpec) -> str:
@@ -279,12 +302,13 @@ _SYN = "tcp flags & (syn | ack) == syn"
 """A TCP packet opening a flow (SYN without ACK): the stateless mode's "new flow"."""
 
 
-def _refuses(spec: ListenerSpec, n: Names, new: bool = False) -> list[str]:
+def _refuses(spec: ListenerSpec, n: Names, new: bool = False, only: str = "") -> list[str]:
     """The guard's rules: a packet still addressed to the VIP found no backend. `new`: it opens a
-    flow, so it counts as a new one too (a DNATed flow counts in its backend's `new` instead)."""
+    flow, so it counts as a new one too (a DNATed flow counts in its backend's `new` instead).
+    `only`: a further match, before the counters (stateless TCP: the SYN test)."""
     counted = (f"counter name \"{n.counter('new')}\" " if new else "") + \
         f"counter name \"{n.counter('rejected')}\" {_reject(spec)}"
-    return [f"{match} {counted}" for match in _vip_matches(spec)]
+    return [f"{match} {only}{counted}" for match in _vip_matches(spec)]
 
 
 def _target_text(target: Target) -> str:
@@ -319,34 +343,95 @@ def _conntrack_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
 
 def _stateless_rules(spec: ListenerSpec, n: Names) -> list[tuple[str, str]]:
     """The per-packet path is short on purpose (docs/kernel.md, Measurements): a packet to the
-    VIP is rewritten and counted once, in its backend's counter, and accepted there; a TCP SYN
-    takes a chain of its own (l_web_syn: the lists, the backend's `new`), so the other packets
-    pass one flag test for it. What no slot took falls through to the refusals."""
-    fam, proto = spec.family, spec.protocol
+    VIP is hashed once and its slot's verdict sends it to its backend's chain, which writes
+    constants, counts and accepts. A TCP SYN is told apart there (one flag test) and takes the
+    backend's `syn` chain, which jumps to l_web_syn for the lists and counts `new` too. What no
+    slot took (an empty slot: the lookup fails) falls through to the refusals."""
     index = _index_expr(spec)
-    backend_in = f"{fam} daddr . {proto} dport"
-    backend_out = f"{fam} saddr . {proto} sport"
-    # An empty slot fails the map lookups: nothing is rewritten and the refusal below takes it.
-    rewrite = f"{fam} daddr set {index} map @{n.slot_addr} {proto} dport set {index} map @{n.slot_port}"
-    count_in = f"counter name {backend_in} map @{n.backend_map('in')}"
-    # The shared prerouting chain sends the VIP's packets here (its verdict map).
-    rules = [("sin", "notrack")]
-    if proto == "tcp":
-        # The lists judge only what opens a flow (a SYN), so established flows go on.
-        rules.append(("sin", f"{_SYN} goto {n.chain('syn')}"))
+    # The shared prerouting chain sends the VIP's packets here (its verdict map). `notrack` is
+    # in the backends' chains: a packet dropped or refused here never reaches conntrack anyway.
+    rules: list[tuple[str, str]] = []
+    if spec.protocol == "tcp":
+        # The lists judge only what opens a flow (a SYN), so established flows go on; l_web_syn
+        # returns to the backend's chain for what they let through.
         rules += [("syn", drop) for drop in _acl_drops(spec, n)]
-        rules.append(("syn", f"{rewrite} counter name {backend_in} map @{n.backend_map('new')} "
-                             f"{count_in} accept"))
-        rules += [("syn", refuse) for refuse in _refuses(spec, n, new=True)]
     else:
         # UDP has no packet that opens a flow: a denied source's datagrams are all dropped.
         rules += [("sin", drop) for drop in _acl_drops(spec, n)]
-    rules.append(("sin", f"{rewrite} {count_in} accept"))
+    rules.append(("sin", f"{index} vmap @{n.slot_map}"))
+    if spec.protocol == "tcp":  # a SYN no slot took is a new flow refused
+        rules += [("sin", refuse) for refuse in _refuses(spec, n, new=True, only=f"{_SYN} ")]
     rules += [("sin", refuse) for refuse in _refuses(spec, n)]
-    # The counter-map lookup is also the match: it fails for any source that is not a backend.
-    rules.append(("rev", f"counter name {backend_out} map @{n.backend_map('out')} "
-                         f"{fam} saddr set {spec.vip} {proto} sport set {spec.port}"))
     return rules
+
+
+BACKEND_CHAINS = ("sin", "syn", "rev")
+"""A stateless backend's chains, for either protocol (`syn` stays empty for UDP), so a reload
+that changes the protocol leaves no chain behind that still counts in the backend's counters."""
+
+BackendRule = tuple[str, str, list[JsonCommand]]
+"""(chain kind, the rule as nft text, the same as JSON expressions)."""
+
+
+def _backend_rules(spec: ListenerSpec, index: int, target: Target) -> list[BackendRule]:
+    """A stateless backend's rules, in order: the destination (or, on replies, the source)
+    written as constants, the backend's named counters. The port is left alone where it equals
+    the VIP's (a stateless listener has one port)."""
+    n = Names(spec.name)
+    fam, proto = spec.family, spec.protocol
+    address, port = target
+    same_port = port == spec.port
+
+    def mangle(protocol: str, field: str, value: str | int) -> tuple[str, JsonCommand]:
+        return (f"{protocol} {field} set {value}",
+                {"mangle": {"key": {"payload": {"protocol": protocol, "field": field}}, "value": value}})
+
+    def counted(*kinds: str) -> list[tuple[str, JsonCommand]]:
+        return [(f'counter name "{name}"', {"counter": name})
+                for name in (n.backend_counter(index, kind) for kind in kinds)]
+
+    def rule(kind: str, parts: list[tuple[str, JsonCommand]]) -> BackendRule:
+        return kind, " ".join(text for text, _ in parts), [expr for _, expr in parts]
+
+    to = [mangle(fam, "daddr", address)] + ([] if same_port else [mangle(proto, "dport", port)])
+    back = [mangle(fam, "saddr", spec.vip)] + ([] if same_port else [mangle(proto, "sport", spec.port)])
+    accept = [("accept", {"accept": None})]
+    notrack = [("notrack", {"notrack": None})]
+    rules = []
+    if proto == "tcp":
+        syn = n.backend_chain(index, "syn")
+        flags = {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}
+        rules.append(rule("sin", [(_SYN, {"match": {"op": "==", "left": flags, "right": "syn"}}),
+                                  (f"goto {syn}", {"goto": {"target": syn}})]))
+        rules.append(rule("syn", [(f"jump {n.chain('syn')}", {"jump": {"target": n.chain("syn")}})]))
+        rules.append(rule("syn", notrack + to + counted("new", "in") + accept))
+    rules.append(rule("sin", notrack + to + counted("in") + accept))
+    rules.append(rule("rev", counted("out") + back))
+    return rules
+
+
+def _backend_text(spec: ListenerSpec, index: int, target: Target) -> list[str]:
+    """Create (or rewrite) a stateless backend's counters and chains (idempotent)."""
+    n, t = Names(spec.name), TABLE_REF
+    lines = [f"add counter {t} {n.backend_counter(index, kind)}" for kind in BACKEND_COUNTER_KINDS]
+    for kind in BACKEND_CHAINS:
+        chain = n.backend_chain(index, kind)
+        lines += [f"add chain {t} {chain}", f"flush chain {t} {chain}"]
+    lines += [f"add rule {t} {n.backend_chain(index, kind)} {text}"
+              for kind, text, _ in _backend_rules(spec, index, target)]
+    return lines
+
+
+def _backend_chains_removal(spec: ListenerSpec, indices: Iterable[int]) -> list[str]:
+    """Delete stateless backends' chains whether or not they are there (add, flush, delete):
+    after whatever jumps to them, before the counters they name."""
+    n, t = Names(spec.name), TABLE_REF
+    lines = []
+    for index in sorted(set(indices)):
+        for kind in BACKEND_CHAINS:
+            chain = n.backend_chain(index, kind)
+            lines += [f"add chain {t} {chain}", f"flush chain {t} {chain}", f"delete chain {t} {chain}"]
+    return lines
 
 
 def _mode_maps_text(spec: ListenerSpec, n: Names) -> list[str]:
@@ -354,11 +439,11 @@ def _mode_maps_text(spec: ListenerSpec, n: Names) -> list[str]:
     fam, proto = spec.family, spec.protocol
     if spec.nat == "conntrack":
         return [f"add map {t} {n.slots} {{ typeof numgen inc mod 2 : {fam} daddr . {proto} dport ; }}"]
-    return [f"add map {t} {n.slot_addr} {{ typeof numgen inc mod 2 : {fam} daddr ; }}",
-            f"add map {t} {n.slot_port} {{ typeof numgen inc mod 2 : {proto} dport ; }}"]
+    return [f"add map {t} {n.slot_map} {{ typeof numgen inc mod 2 : verdict ; }}"]
 
 
-def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target | None]) -> list[str]:
+def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target | None],
+                        backends: Index) -> list[str]:
     t = TABLE_REF
     filled = [(i, x) for i, x in enumerate(targets) if x is not None]
     if spec.nat == "conntrack":
@@ -367,17 +452,25 @@ def _slot_elements_text(spec: ListenerSpec, n: Names, targets: Sequence[Target |
             lines.append(f"add element {t} {n.slots} {{ "
                          f"{', '.join(f'{i} : {_target_text(x)}' for i, x in filled)} }}")
         return lines
-    lines = [f"flush map {t} {n.slot_addr}", f"flush map {t} {n.slot_port}"]
+    lines = [f"flush map {t} {n.slot_map}"]
     if filled:
-        lines.append(f"add element {t} {n.slot_addr} {{ {', '.join(f'{i} : {x[0]}' for i, x in filled)} }}")
-        lines.append(f"add element {t} {n.slot_port} {{ {', '.join(f'{i} : {x[1]}' for i, x in filled)} }}")
+        elements = ", ".join(f"{i} : goto {n.backend_chain(backends[x], 'sin')}" for i, x in filled)
+        lines.append(f"add element {t} {n.slot_map} {{ {elements} }}")
     return lines
 
 
-def _remove_chains_lines(n: Names, chains: Iterable[str]) -> list[str]:
+def _teardown_lines(spec: ListenerSpec, nat: Nat, chains: Iterable[str], backends: Index) -> list[str]:
+    """Delete a mode's chains and maps in the order references allow: the listener's chains
+    emptied (their rules name the slot map), the slot maps (stateless: their elements jump to
+    the backends' chains), the backends' chains (their `syn` chains jump to l_web_syn), then
+    the listener's chains."""
+    n, t = Names(spec.name), TABLE_REF
     chains = list(chains)
-    return ([f"flush chain {TABLE_REF} {n.chain(kind)}" for kind in chains]
-            + [f"delete chain {TABLE_REF} {n.chain(kind)}" for kind in chains])
+    lines = [f"flush chain {t} {n.chain(kind)}" for kind in chains]
+    lines += [f"delete map {t} {name}" for name in n.mode_maps(nat)]
+    if nat == "stateless":
+        lines += _backend_chains_removal(spec, backends.values())
+    return lines + [f"delete chain {t} {n.chain(kind)}" for kind in chains]
 
 
 def _version(spec: ListenerSpec) -> int:
@@ -401,30 +494,35 @@ def _acl_text(spec: ListenerSpec, n: Names, acl: KernelAcl) -> list[str]:
 
 
 def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = None,
-                  previous: Nat | None = None, backends: Iterable[Target] = (),
-                  acl: KernelAcl | None = None, was: ListenerSpec | None = None) -> str:
+                  previous: Nat | None = None, backends: Index | None = None,
+                  acl: KernelAcl | None = None, was: ListenerSpec | None = None,
+                  held: Index | None = None) -> str:
     """Create (or re-create the rules of) one listener, with its slot map's full contents.
 
     Idempotent: `add` of an existing table, chain, map or counter is a no-op, chains are flushed
     and refilled, so a reload that changes slots, hash key or SNAT keeps the counters. `previous`
     is the NAT mode the kernel holds now: if it differs, that mode's own chains and maps go first.
     `was` is the whole spec the kernel holds (it gives `previous`): a stateless one's entries in
-    the shared dispatch go first. `backends` are the backends that already have counters
-    (`add_backend_commands` adds the ones joining): with stateless, their entries in the shared
-    dispatch are written again. `acl` refills the allow and deny sets (None: no lists), in the
-    same transaction that creates them: an allow set left empty would refuse everyone.
+    the shared dispatch go first. `backends` are the backends that have counters, with their
+    indices: every backend the kernel holds and every one `targets` names (`add_backend_commands`
+    adds the joining ones' counters to the maps): with stateless, their chains and their entries
+    in the shared dispatch are written again. `held` are the backends the kernel holds now (default:
+    `backends`): only theirs are taken out of the shared dispatch first, since an entry names its
+    backend's chain, which a joining backend does not have yet. `acl` refills the allow and deny
+    sets (None: no lists), in the same transaction that creates them: an allow set left empty
+    would refuse everyone.
     """
     n = Names(spec.name)
     t = TABLE_REF
-    backends = sorted(set(backends))
+    backends = backends or {}
     lines = [f"add table {t}"]
     if was is not None:
         previous = was.nat
         if was.stateless:  # before its chains change: the entries name them
-            lines += _dispatch_removal(was, backends)
+            lines += _dispatch_removal(was, held if held is not None else backends)
     if previous is not None and previous != spec.nat:
-        lines += _remove_chains_lines(n, (c for c in _CHAINS[previous] if c not in _CHAINS[spec.nat]))
-        lines += [f"delete map {t} {name}" for name in n.mode_maps(previous)]
+        lines += _teardown_lines(spec, previous, (c for c in _CHAINS[previous] if c not in _CHAINS[spec.nat]),
+                                 backends)
     lines += [f"add counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
     lines += _mode_maps_text(spec, n)
     lines += [f"add map {t} {n.backend_map(kind)} {{ type {_addr_type(spec)} . inet_service : counter ; }}"
@@ -445,17 +543,24 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
         rules += [("guard", refuse) for refuse in _refuses(spec, n, new=True)]
     rules += _conntrack_rules(spec, n) if spec.nat == "conntrack" else _stateless_rules(spec, n)
     lines += [f"add rule {t} {n.chain(kind)} {rule}" for kind, rule in rules]
+    if spec.stateless:  # before the slot maps and the dispatch that jump to them
+        for target, index in sorted(backends.items()):
+            lines += _backend_text(spec, index, target)
     if targets is not None:
-        lines += _slot_elements_text(spec, n, targets)
+        lines += _slot_elements_text(spec, n, targets, backends)
     if spec.stateless:
         lines += _shared_text()
         lines += [f"add element {t} {name} {{ {element} }}"
                   for name, element in _dispatch_elements(spec, backends)]
+        ports = sorted({port for _, port in backends})
+        lines.append(f"add element {t} {VIP_PORTS} {{ {spec.port} }}")
+        if ports:
+            lines.append(f"add element {t} {BACKEND_PORTS} {{ {', '.join(map(str, ports))} }}")
     return "\n".join(lines) + "\n"
 
 
 def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = (),
-                         backends: Iterable[Target] = ()) -> str:
+                         backends: Index | None = None) -> str:
     """Delete one listener's objects in one transaction (rules first, then what they used).
 
     With conntrack, established flows keep working: their NAT lives in conntrack entries, not in
@@ -464,9 +569,9 @@ def remove_listener_text(spec: ListenerSpec, backend_counters: Iterable[str] = (
     n = Names(spec.name)
     t = TABLE_REF
     # The shared dispatch's entries name the chains: they go first (`backends`: stateless).
+    backends = backends or {}
     lines = _dispatch_removal(spec, backends) if spec.stateless else []
-    lines += _remove_chains_lines(n, _CHAINS[spec.nat])
-    lines += [f"delete map {t} {name}" for name in n.mode_maps(spec.nat)]
+    lines += _teardown_lines(spec, spec.nat, _CHAINS[spec.nat], backends)  # before the counters
     lines += [f"delete map {t} {n.backend_map(kind)}" for kind in BACKEND_COUNTER_KINDS]
     lines += [f"delete set {t} {n.acl(kind)}" for kind in ACL_SETS]
     lines += [f"delete counter {t} {n.counter(kind)}" for kind in _LISTENER_COUNTERS]
@@ -508,8 +613,9 @@ def _dispatch_key(spec: ListenerSpec, target: Target) -> dict[str, list[str | in
     return {"concat": [target[0], spec.protocol, target[1]]}
 
 
-def slot_commands(spec: ListenerSpec, diff: SlotDiff) -> list[JsonCommand]:
-    """Apply a slot diff: deletes, then adds (a changed slot is in both)."""
+def slot_commands(spec: ListenerSpec, diff: SlotDiff, backends: Index | None = None) -> list[JsonCommand]:
+    """Apply a slot diff: deletes, then adds (a changed slot is in both). Stateless: `backends`
+    gives each added target's index (its chains)."""
     n = Names(spec.name)
     commands: list[JsonCommand] = []
     if spec.nat == "conntrack":
@@ -519,29 +625,40 @@ def slot_commands(spec: ListenerSpec, diff: SlotDiff) -> list[JsonCommand]:
             elem = [[i, _concat(target)] for i, target in diff.add]
             commands.append({"add": {"element": {**_ref(n.slots), "elem": elem}}})
         return commands
-    for name in (n.slot_addr, n.slot_port):
-        if diff.delete:
-            commands.append({"delete": {"element": {**_ref(name), "elem": list(diff.delete)}}})
+    if diff.delete:
+        commands.append({"delete": {"element": {**_ref(n.slot_map), "elem": list(diff.delete)}}})
     if diff.add:
-        commands.append({"add": {"element": {**_ref(n.slot_addr),
-                                             "elem": [[i, target[0]] for i, target in diff.add]}}})
-        commands.append({"add": {"element": {**_ref(n.slot_port),
-                                             "elem": [[i, target[1]] for i, target in diff.add]}}})
+        assert backends is not None, "stateless slots need the backends' indices"
+        elem = [[i, {"goto": {"target": n.backend_chain(backends[target], "sin")}}] for i, target in diff.add]
+        commands.append({"add": {"element": {**_ref(n.slot_map), "elem": elem}}})
     return commands
 
 
-def replace_slots_commands(spec: ListenerSpec, targets: Sequence[Target | None]) -> list[JsonCommand]:
+def replace_slots_commands(spec: ListenerSpec, targets: Sequence[Target | None],
+                           backends: Index | None = None) -> list[JsonCommand]:
     """Replace the whole slot map (flush and fill): the fallback when a diff cannot apply."""
     n = Names(spec.name)
     filled = tuple((i, x) for i, x in enumerate(targets) if x is not None)
-    names = (n.slots,) if spec.nat == "conntrack" else (n.slot_addr, n.slot_port)
-    commands: list[JsonCommand] = [{"flush": {"map": _ref(name)}} for name in names]
-    return commands + slot_commands(spec, SlotDiff((), filled))
+    commands: list[JsonCommand] = [{"flush": {"map": _ref(name)}} for name in n.mode_maps(spec.nat)]
+    return commands + slot_commands(spec, SlotDiff((), filled), backends)
+
+
+def _backend_chain_commands(spec: ListenerSpec, index: int, target: Target) -> list[JsonCommand]:
+    """A stateless backend's chains, created or rewritten (add, flush, add the rule)."""
+    n = Names(spec.name)
+    commands: list[JsonCommand] = []
+    for kind in BACKEND_CHAINS:
+        ref = _ref(n.backend_chain(index, kind))
+        commands += [{"add": {"chain": ref}}, {"flush": {"chain": ref}}]
+    for kind, _, exprs in _backend_rules(spec, index, target):
+        rule = {"family": FAMILY, "table": TABLE, "chain": n.backend_chain(index, kind), "expr": exprs}
+        commands.append({"add": {"rule": rule}})
+    return commands
 
 
 def add_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list[JsonCommand]:
     """Counters for a backend joining the listener, their entries in the counter maps, and (for
-    stateless) its address in the set that tells replies apart."""
+    stateless) its chains and its address in the set and map that tell replies apart."""
     n = Names(spec.name)
     commands: list[JsonCommand] = []
     for kind in BACKEND_COUNTER_KINDS:
@@ -550,21 +667,27 @@ def add_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list
         commands.append({"add": {"element": {**_ref(n.backend_map(kind)),
                                              "elem": [[_concat(target), name]]}}})
     if spec.stateless:
+        commands += _backend_chain_commands(spec, index, target)
         key = _dispatch_key(spec, target)
+        commands.append({"add": {"element": {**_ref(BACKEND_PORTS), "elem": [target[1]]}}})
         commands.append({"add": {"element": {**_ref(shared_replies(spec.family)), "elem": [key]}}})
-        commands.append({"add": {"element": {**_ref(shared_rev(spec.family)),
-                                             "elem": [[key, {"goto": {"target": n.chain("rev")}}]]}}})
+        commands.append({"add": {"element": {**_ref(shared_rev(spec.family)), "elem": [
+            [key, {"goto": {"target": n.backend_chain(index, "rev")}}]]}}})
     return commands
 
 
 def remove_backend_commands(spec: ListenerSpec, index: int, target: Target) -> list[JsonCommand]:
-    """The reverse of `add_backend_commands`: elements first, then the counters they name."""
+    """The reverse of `add_backend_commands`: what jumps to its chains first (its slots are
+    already elsewhere: the slot diff comes before this), then its chains, then the counters."""
     n = Names(spec.name)
     commands: list[JsonCommand] = []
     if spec.stateless:
         key = _dispatch_key(spec, target)
         commands += [{"delete": {"element": {**_ref(name), "elem": [key]}}}
                      for name in (shared_rev(spec.family), shared_replies(spec.family))]
+        for kind in BACKEND_CHAINS:
+            ref = _ref(n.backend_chain(index, kind))
+            commands += [{"flush": {"chain": ref}}, {"delete": {"chain": ref}}]
     commands += [{"delete": {"element": {**_ref(n.backend_map(kind)), "elem": [_concat(target)]}}}
                  for kind in BACKEND_COUNTER_KINDS]
     commands += [{"delete": {"counter": _ref(n.backend_counter(index, kind))}}

@@ -217,10 +217,12 @@ def slot_table(topo: LbTopology) -> dict[int, str]:
     maps = {item["map"]["name"]: item["map"].get("elem", []) for item in listed if "map" in item}
     if "l_web_slots" in maps:
         return {element[0]: element[1]["concat"][0] for element in maps["l_web_slots"]}
-    ports = {element[0] for element in maps["l_web_slot_port"]}
-    addresses = {element[0]: element[1] for element in maps["l_web_slot_addr"]}
-    assert ports == set(addresses), "the stateless address and port maps hold different slots"
-    return addresses
+    # Stateless: slot -> goto the backend's chain, whose rule writes its address as a constant.
+    written = {item["rule"]["chain"]: expr["mangle"]["value"] for item in listed if "rule" in item
+               for expr in item["rule"]["expr"]
+               if expr.get("mangle", {}).get("key", {}).get("payload", {}).get("field") == "daddr"}
+    backend = {element[0]: element[1]["goto"]["target"] for element in maps["l_web_slot_to"]}
+    return {slot: written[chain] for slot, chain in backend.items()}
 
 
 def slot_map(topo: LbTopology) -> list[str]:

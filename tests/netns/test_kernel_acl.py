@@ -31,6 +31,7 @@ from .kernel_support import (
     backend_servers,
     config,
     http_get,
+    maglev_choice,
     metrics_when,
     pointsman,
     ready_servers,
@@ -200,26 +201,27 @@ def backend6(index: int) -> str:
 @contextlib.contextmanager
 def ipv6(topo: LbTopology) -> Iterator[None]:
     """IPv6 on the topology's links (no DAD: usable at once) and a server on [::]:V6_PORT in
-    every backend namespace. The addresses go with the namespaces."""
-    topo.client.run("ip", "-6", "addr", "add", f"{CLIENT6}/64", "dev", "eth0", "nodad")
-    topo.client.run("ip", "-6", "addr", "add", f"{DENIED6}/64", "dev", "eth0", "nodad")
-    topo.client.run("ip", "-6", "route", "add", "default", "via", "fd99:1::1")
-    topo.lb.run("ip", "-6", "addr", "add", "fd99:1::1/64", "dev", "c0", "nodad")
+    every backend namespace. The addresses go with the namespaces (`replace`: a second test of
+    the module finds them there)."""
+    topo.client.run("ip", "-6", "addr", "replace", f"{CLIENT6}/64", "dev", "eth0", "nodad")
+    topo.client.run("ip", "-6", "addr", "replace", f"{DENIED6}/64", "dev", "eth0", "nodad")
+    topo.client.run("ip", "-6", "route", "replace", "default", "via", "fd99:1::1")
+    topo.lb.run("ip", "-6", "addr", "replace", "fd99:1::1/64", "dev", "c0", "nodad")
     topo.lb.sysctl("net.ipv6.conf.all.forwarding", "1")
     for i, node in enumerate(topo.backends):
-        topo.lb.run("ip", "-6", "addr", "add", f"fd99:{11 + i}::1/64", "dev", f"b{i + 1}", "nodad")
-        node.run("ip", "-6", "addr", "add", f"{backend6(i)}/64", "dev", "eth0", "nodad")
-        node.run("ip", "-6", "route", "add", "default", "via", f"fd99:{11 + i}::1")
+        topo.lb.run("ip", "-6", "addr", "replace", f"fd99:{11 + i}::1/64", "dev", f"b{i + 1}", "nodad")
+        node.run("ip", "-6", "addr", "replace", f"{backend6(i)}/64", "dev", "eth0", "nodad")
+        node.run("ip", "-6", "route", "replace", "default", "via", f"fd99:{11 + i}::1")
     with ready_servers([node.popen(sys.executable, "-c", V6_SERVER, name, str(V6_PORT),
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
                         for node, name in zip(topo.backends, topo.names, strict=True)], "v6 server"):
         yield
 
 
-def answer6(topo: LbTopology, source: str) -> str:
+def answer6(topo: LbTopology, source: str, port: int = 0) -> str:
     with topo.client.socket(socket.AF_INET6) as sock:
         sock.settimeout(IO_TIMEOUT)
-        sock.bind((source, 0))
+        sock.bind((source, port))
         sock.connect((VIP6, 80))
         data = b""
         while chunk := sock.recv(4096):
@@ -242,6 +244,37 @@ def test_ipv6_deny(topo: LbTopology, tmp_path: Path) -> None:
         listed = acl_set(topo, "deny")
         assert DENIED6 in listed and "10.0.0.0" not in listed  # only the listener's family
         metrics_when(topo, lambda m: denied(m) >= 1, "the denied IPv6 SYN counted")
+
+
+def test_ipv6_stateless(topo: LbTopology, tmp_path: Path) -> None:
+    """`nat: stateless` over IPv6: the kernel's pick is userspace Maglev's, the backend port is
+    rewritten both ways (VIP port 80, backends V6_PORT), replies come from the VIP (the client's
+    connected socket takes nothing else), nothing is tracked, every SYN is counted exactly once."""
+    text = yaml.safe_dump({
+        "listeners": [{"name": "web", "bind": f"[{VIP6}]:80", "pool": "web", "dataplane": "kernel",
+                       "kernel": {"slots": 13, "nat": "stateless", "snat": "none"}}],
+        "pools": [{"name": "web", "algorithm": "maglev", "hash_key": "source_ip_port",
+                   "maglev_table_size": 13,
+                   "backends": [{"address": f"[{backend6(i)}]:{V6_PORT}", "name": name}
+                                for i, name in enumerate(topo.names)]}],
+        "admin": {"bind": "127.0.0.1:9900"},
+    })
+    with ipv6(topo), pointsman(topo, tmp_path, text):
+        seen: Counter[str] = Counter()
+        for i in range(24):
+            port = 48000 + i
+            name, peer = answer6(topo, CLIENT6, port).split()
+            assert name == maglev_choice(topo, 13, CLIENT6, port, "source_ip_port")
+            assert peer == CLIENT6  # no SNAT
+            seen[name] += 1
+        assert set(seen) == set(topo.names)
+        tracked = topo.lb.run("conntrack", "-L", "-f", "ipv6", "-p", "tcp", "--orig-dst", VIP6, check=False)
+        assert tracked.strip() == ""
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_new_connections_total") >= 24,
+                             "24 SYNs counted")
+        assert found("pointsman_kernel_new_connections_total") == 24
+        for name in topo.names:
+            assert found("pointsman_kernel_backend_new_connections_total", backend=name) == seen[name]
 
 
 # --- bind lists and port ranges ------------------------------------------------------------------------

@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -268,7 +270,7 @@ def test_shutdown_refuses_new_flows_and_lets_running_ones_finish(
         assert proc.popen.wait(timeout=8.0) == 0
 
 
-def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
+def test_reload_from_conntrack_to_stateless_keeps_a_running_flow_and_back(
         topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
     with pointsman(topo, tmp_path, config(topo, snat="none")) as proc:
         source = (topo.client_source(6), 57000)
@@ -285,6 +287,59 @@ def test_reload_from_conntrack_to_stateless_keeps_a_running_flow(
         name = http_get(topo, new_source).split()[0]
         assert name == maglev_choice(topo, SLOTS, *new_source, "source_ip_port")
         assert conntrack_entries(topo, "-p", "tcp", "--orig-src", new_source[0]) == 0
+        # and back: the slot maps go before the backends' chains they jump to
+        proc.path.write_text(config(topo, snat="none"))
+        proc.reload()
+        wait_until(lambda: "l_web_b0_sin" not in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
+                   5.0, what="the stateless objects removed")
+        back_source = (topo.client_source(8), 57002)
+        assert http_get(topo, back_source).split()[0] == maglev_choice(topo, SLOTS, *back_source,
+                                                                        "source_ip_port")
+        assert conntrack_entries(topo, "-p", "tcp", "--orig-src", back_source[0]) == 1
+
+
+RESIZED = 2039  # prime
+
+
+def test_reload_adds_and_removes_backends_with_their_chains(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    """A backend joining a running stateless listener, in a reload that also changes the slot
+    count (the listener's rules are rewritten: the shared dispatch's entries of the backends
+    held are taken out first, the joining one's written once its chains exist), counts exactly
+    its connections; one leaving later (a slot diff: its chains and counters in JSON) takes its
+    chains with it."""
+    ips = [topo.backend_ip(i) for i in range(len(topo.names))]
+    two = yaml.safe_load(stateless(topo))
+    two["pools"][0]["backends"] = two["pools"][0]["backends"][:2]
+    with pointsman(topo, tmp_path, yaml.safe_dump(two)) as proc:
+        assert set(slot_table(topo).values()) == set(ips[:2])
+        proc.path.write_text(stateless(topo, slots=RESIZED))
+        proc.reload()
+        wait_until(lambda: set(slot_table(topo).values()) == set(ips) and len(slot_table(topo)) == RESIZED,
+                   5.0 + HEALTH_BOUND, what="b3 in the resized slot map")
+        seen: Counter[str] = Counter()
+        for i in range(24):
+            source = (topo.client_source(i), 46000 + i)
+            name = http_get(topo, source).split()[0]
+            assert name == maglev_choice(topo, RESIZED, *source, "source_ip_port")
+            seen[name] += 1
+        assert seen["b3"] > 0
+
+        def new(m: Any, name: str) -> float:
+            return float(m("pointsman_kernel_backend_new_connections_total", backend=name))
+
+        found = metrics_when(topo, lambda m: all(new(m, n) >= seen[n] for n in topo.names),
+                             "the SYNs counted")
+        assert {n: new(found, n) for n in topo.names} == {n: float(seen[n]) for n in topo.names}
+        one_less = yaml.safe_load(stateless(topo, slots=RESIZED))
+        one_less["pools"][0]["backends"] = one_less["pools"][0]["backends"][1:]
+        proc.path.write_text(yaml.safe_dump(one_less))
+        proc.reload()
+        wait_until(lambda: "l_web_b0_" not in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
+                   5.0 + HEALTH_BOUND, what="b1's chains and counters removed")
+        assert set(slot_table(topo).values()) == set(ips[1:])
+        names = {http_get(topo, (topo.client_source(i), 47000 + i)).split()[0] for i in range(12)}
+        assert names == {"b2", "b3"}
 
 
 # --- the shared dispatch -----------------------------------------------------------------------------
@@ -325,13 +380,15 @@ def test_two_listeners_share_the_dispatch_and_one_leaves_it_alone(
             set(topo.names)
         entries = dispatch()
         assert "goto l_web_sin" in entries and "goto l_dns_sin" in entries
-        assert entries.count("goto l_web_rev") == entries.count("goto l_dns_rev") == len(topo.names)
+        assert len(re.findall(r"goto l_web_b\d+_rev", entries)) == len(topo.names)
+        assert len(re.findall(r"goto l_dns_b\d+_rev", entries)) == len(topo.names)
         proc.path.write_text(yaml.safe_dump(web))
         proc.reload()
         wait_until(lambda: "l_dns" not in topo.lb.run("nft", "list", "table", "inet", "pointsman"),
                    5.0 + HEALTH_BOUND, what="the UDP listener's objects and entries removed")
         entries = dispatch()
-        assert "goto l_web_sin" in entries and entries.count("goto l_web_rev") == len(topo.names)
+        assert "goto l_web_sin" in entries
+        assert len(re.findall(r"goto l_web_b\d+_rev", entries)) == len(topo.names)
         assert " udp " not in entries
         assert udp_who(topo, 0) is None  # nothing forwards it now
         for i in range(12):

@@ -332,9 +332,9 @@ async def test_stateless_start_writes_the_stateless_objects(table: KernelTable) 
     backends.health_verdict("b2", False, "test")
     await settle(kernel, 2)
     names = {c[verb]["element"]["name"] for c in jsons()[-1] for verb in c}
-    assert names == {"l_web_slot_addr", "l_web_slot_port"}  # the two maps, one transaction
+    assert names == {"l_web_slot_to"}
     assert kernel.updates.slots_changed == sum(1 for c in jsons()[-1] if "delete" in c
-                                               for _ in c["delete"]["element"]["elem"]) // 2
+                                               for _ in c["delete"]["element"]["elem"])
 
 
 async def test_stateless_close_backend_has_nothing_to_cut(table: KernelTable,
@@ -380,9 +380,12 @@ async def test_reload_switches_the_nat_mode(table: KernelTable) -> None:
     switched = texts()[-1]
     assert switched.index("delete chain inet pointsman l_web_dnat\n") < switched.index(
         "add chain inet pointsman l_web_sin")
-    for i in (11, 12, 13):
-        assert f"add element inet pointsman stateless_rev4 {{ 10.99.{i}.2 . tcp . 8080 : goto l_web_rev }}" \
-            in switched
+    for k, i in enumerate((11, 12, 13)):
+        rev = (f"add element inet pointsman stateless_rev4 "
+               f"{{ 10.99.{i}.2 . tcp . 8080 : goto l_web_b{k}_rev }}")
+        assert rev in switched
+        assert switched.index(f"add chain inet pointsman l_web_b{k}_sin\n") < switched.index(
+            "add element inet pointsman l_web_slot_to")
     # and back: the shared dispatch's entries go before the chains they name
     kernel.reconfigure(listener(), Pool(pool(hash_key="source_ip_port")))
     await settle(kernel, 3)
@@ -391,6 +394,9 @@ async def test_reload_switches_the_nat_mode(table: KernelTable) -> None:
         back.index("delete chain inet pointsman l_web_sin")
     assert "delete element inet pointsman stateless_rev4 { 10.99.13.2 . tcp . 8080 }" in back
     assert "stateless_in" not in back.split("delete chain inet pointsman l_web_sin")[1]
+    # the backends' chains after the slot maps that jump to them
+    assert back.index("delete map inet pointsman l_web_slot_to") < back.index(
+        "delete chain inet pointsman l_web_b0_sin")
 
 
 # --- nothing blocks the loop -------------------------------------------------------------------------

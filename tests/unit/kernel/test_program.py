@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given
@@ -38,11 +39,16 @@ def test_a_down_backend_is_a_diff_of_its_slots_only() -> None:
     tx = plan(first, STATELESS, [view(0), view(1, state=BackendState.DOWN), view(2)])
     assert tx.text is None
     held = first.slot_counts[("10.99.12.2", 8080)]
-    assert tx.slots_changed == held and tx.elements == 2 * held
-    assert element_names(tx.commands) == {("delete", "l_web_slot_addr"), ("delete", "l_web_slot_port"),
-                                          ("add", "l_web_slot_addr"), ("add", "l_web_slot_port")}
-    assert fallback(tx)[0][0] == {"flush": {"map": {"family": "inet", "table": "pointsman",
-                                                    "name": "l_web_slot_addr"}}}
+    assert tx.slots_changed == held and tx.elements == 2 * held  # deleted and added
+    assert element_names(tx.commands) == {("delete", "l_web_slot_to"), ("add", "l_web_slot_to")}
+    # every moved slot jumps to the chain of the backend it moved to
+    targets = {c["add"]["element"]["name"]: {e[1]["goto"]["target"] for e in c["add"]["element"]["elem"]}
+               for c in tx.commands if "add" in c}
+    assert targets == {"l_web_slot_to": {"l_web_b0_sin", "l_web_b2_sin"}}
+    joining, replaced, leaving = fallback(tx)
+    assert joining == leaving == []
+    assert replaced[0] == {"flush": {"map": {"family": "inet", "table": "pointsman",
+                                             "name": "l_web_slot_to"}}}
 
 
 def test_a_backend_leaving_the_config_loses_its_counters_and_reply_entry() -> None:
@@ -50,8 +56,29 @@ def test_a_backend_leaving_the_config_loses_its_counters_and_reply_entry() -> No
     tx = plan(first, STATELESS, [view(0), view(2)])
     assert {("delete", "stateless_replies4"), ("delete", "stateless_rev4")} <= set(element_names(tx.commands))
     assert ("10.99.12.2", 8080) not in tx.after.counter_index
+    # its chains go after its slots moved and before its counters
+    verbs = [(verb, kind, body[kind]["name"]) for c in tx.commands for verb, body in c.items()
+             for kind in body if kind in ("chain", "counter")]
+    assert [(v, name) for v, kind, name in verbs if kind == "chain" and v == "delete"] == [
+        ("delete", "l_web_b1_sin"), ("delete", "l_web_b1_syn"), ("delete", "l_web_b1_rev")]
+    assert verbs.index(("delete", "chain", "l_web_b1_rev")) < verbs.index(
+        ("delete", "counter", "l_web_b1_out"))
     again = plan(tx.after, STATELESS, [view(0), view(1), view(2)]).after
     assert again.counter_index[("10.99.12.2", 8080)] == 3  # counter names are never reused
+
+
+def test_a_new_spec_with_a_joining_backend_takes_out_only_the_held_entries() -> None:
+    first = plan(Programmed(), STATELESS, [view(0), view(1)]).after
+    tx = plan(first, replace(STATELESS, slots=7), [view(0), view(1), view(2)])
+    assert tx.text is not None
+    lines = tx.text.splitlines()
+    created = lines.index("add chain inet pointsman l_web_b2_rev")
+    # the held backends' entries are taken out first (added, then deleted); nothing names the
+    # joining backend's chain before it exists
+    assert "delete element inet pointsman stateless_rev4 { 10.99.12.2 . tcp . 8080 }" in lines[:created]
+    assert not any("l_web_b2_rev" in line for line in lines[:created])
+    assert created < lines.index(
+        "add element inet pointsman stateless_rev4 { 10.99.13.2 . tcp . 8080 : goto l_web_b2_rev }")
 
 
 def test_a_new_spec_restructures_from_the_old_mode() -> None:
