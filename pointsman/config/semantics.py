@@ -158,6 +158,7 @@ def model_problems(config: Config) -> Iterator[Problem]:
     for i in range(len(config.listeners)):
         yield from _listener_problems(config, i, known)
     yield from _stateless_shared_backends(config, known)
+    yield from _kernel_name_clashes(config)
     admin = config.admin
     if admin is not None and not admin.has_tokens and not _is_loopback(admin.bind.host):
         yield ("admin", "token_file"), "required when admin.bind is not a loopback address"
@@ -231,6 +232,22 @@ def _stateless_shared_backends(config: Config, known: set[str]) -> Iterator[Prob
                     f"backend {backend.address} is also a backend of stateless listener "
                     f"{other!r}: stateless listeners know replies by their source address and "
                     "port, so they cannot share a backend (use kernel.nat: conntrack for one)")
+                break
+
+
+def _kernel_name_clashes(config: Config) -> Iterator[Problem]:
+    """A kernel listener's nftables objects are named `l_<listener>_<what>`, and its backends'
+    `l_<listener>_b<index>_<what>`: a kernel listener named like another's name plus `_...`
+    (`web` and `web_b0`) could own objects of the same name, so it is refused."""
+    names = [lst.name for lst in config.listeners if lst.dataplane == "kernel"]
+    for i, listener in enumerate(config.listeners):
+        if listener.dataplane != "kernel":
+            continue
+        for other in names:
+            if listener.name.startswith(other + "_"):
+                yield ("listeners", i, "name"), (
+                    f"kernel listener {listener.name!r} starts with kernel listener {other!r} "
+                    "and '_': their nftables objects could share names; rename one")
                 break
 
 

@@ -68,3 +68,18 @@ def test_two_stateless_listeners_cannot_share_a_backend() -> None:
         f"{SOURCE}:3: listeners[1].pool: backend 10.0.1.2:80 is also a backend of stateless "
         "listener 'a': stateless listeners know replies by their source address and port, so "
         "they cannot share a backend (use kernel.nat: conntrack for one)"]
+
+
+def test_a_kernel_listener_named_like_another_plus_underscore_is_refused() -> None:
+    found = errors("""
+        listeners:
+          - {name: web, bind: "10.0.0.100:80", pool: p, dataplane: kernel}
+          - {name: web_b0, bind: "10.0.0.101:80", pool: p, dataplane: kernel}
+          - {name: web2, bind: "10.0.0.102:80", pool: p, dataplane: kernel}
+          - {name: web_user, bind: "127.0.0.1:8080", pool: p}
+        pools:
+          - {name: p, algorithm: maglev, backends: [{address: "10.0.1.1:80"}]}
+    """)
+    assert found == [
+        f"{SOURCE}:3: listeners[1].name: kernel listener 'web_b0' starts with kernel listener "
+        "'web' and '_': their nftables objects could share names; rename one"]
