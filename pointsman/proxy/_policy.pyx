@@ -18,6 +18,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memchr, memcpy
 from libc.math cimport floor
 
+from pointsman.proxy.engine._sys cimport Record
+
 from pointsman.proxy.codes import PLAIN_END, outcome
 from pointsman.proxy.engine.api import POLICY_ERROR, RECORD
 from pointsman.proxy.fold import END_JSON, REJECT_JSON
@@ -28,21 +30,7 @@ cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
     bint PyUnicode_IS_ASCII(object unicode)
 
-cdef packed struct Rec:  # api.RECORD, "=QiBBHQQqqqqq"
-    uint64_t conn_id
-    int32_t backend
-    uint8_t reason
-    uint8_t flags
-    uint16_t detail
-    uint64_t bytes_in
-    uint64_t bytes_out
-    int64_t started
-    int64_t connected
-    int64_t first_byte
-    int64_t ended
-    int64_t listener
-
-assert sizeof(Rec) == RECORD.size
+assert sizeof(Record) == RECORD.size
 
 cdef object _CONNECT_FAILED = EndReason.CONNECT_FAILED
 cdef object _INTERNAL = RejectReason.INTERNAL_ERROR
@@ -225,7 +213,7 @@ def fold(object listener, bytes records, object head, object lines):
     cdef double d_bounds[MAX_BOUNDS]
     cdef double t_bounds[MAX_BOUNDS]
     cdef Py_ssize_t d_n, t_n, i, count
-    cdef const Rec* rec
+    cdef const Record* rec
     cdef double duration, ttfb, d_sum, t_sum
     cdef long d_count = 0, t_count = 0, gone = 0
     cdef bint has_ttfb
@@ -242,16 +230,16 @@ def fold(object listener, bytes records, object head, object lines):
     cdef object flow, detour, how, slot, backend, backend_id, source_key, key, end_json
     cdef PyObject* found
     cdef Py_ssize_t b
-    if PyBytes_GET_SIZE(records) % sizeof(Rec):
+    if PyBytes_GET_SIZE(records) % sizeof(Record):
         raise ValueError("a record batch is not a whole number of records")
-    count = PyBytes_GET_SIZE(records) // sizeof(Rec)
+    count = PyBytes_GET_SIZE(records) // sizeof(Record)
     d_n = _load(durations.bounds, d_bounds)
     t_n = _load(ttfbs.bounds, t_bounds)
     if len(d_counts) != d_n + 1 or len(t_counts) != t_n + 1:
         raise ValueError("histogram counts do not match its bounds")
     d_sum = durations.sum
     t_sum = ttfbs.sum
-    rec = <const Rec*>PyBytes_AS_STRING(records)
+    rec = <const Record*>PyBytes_AS_STRING(records)
     for i in range(count):
         key = rec[i].conn_id
         found = PyDict_GetItem(connections, key)

@@ -104,7 +104,7 @@ class ConnectPolicy:
                 index = snapshot.picker.pick(b"", NOTHING)
                 if index is not None:
                     slot = targets.slots[index]
-                    if slot is not None and (not slot.cap or room(slot, pool)):
+                    if slot is not None and (not slot.cap or _room(slot, pool)):
                         flow.slot = slot
                         flow.snapshot = snapshot
                         slot.stats.active += 1
@@ -305,7 +305,7 @@ class ConnectPolicy:
         return self._attempt(conn_id, flow, picked, first=True)
 
 
-def room(slot: Slot, pool: Pool) -> bool:
+def _room(slot: Slot, pool: Pool) -> bool:
     """A capped backend the fast path picked takes this connection: below its cap, and nobody
     waits in the pool's queue (else the slow path queues it behind them)."""
     line = pool.waiting

@@ -38,7 +38,7 @@ from pointsman.protect.shedding import Shedder
 from pointsman.protocols.errors import ProtocolError
 from pointsman.proxy import engines
 from pointsman.proxy.codes import END_CODE, REJECT_CODE
-from pointsman.proxy.connect import NOTHING, REFUSE, ConnectPolicy, room
+from pointsman.proxy.connect import REFUSE, ConnectPolicy
 from pointsman.proxy.engine import Engine
 from pointsman.proxy.engine.api import EARLY_DATA_MAX, Decision, ReadPreamble, Refuse
 from pointsman.proxy.flows import Flow
@@ -254,22 +254,7 @@ class TcpListener(ConnectPolicy):
             self._live = self.loop.call_later(LIVE_INTERVAL, self._tick_live)
         if self.reads_preamble:
             return self._start_preamble(conn_id, flow)
-        # ConnectPolicy.route's fast path, inline (once per connection): a plain pool's pick.
-        pool = flow.pool
-        snapshot = pool.snapshot
-        if not self.checks_source and snapshot.available:
-            targets = self._targets.get(pool)
-            if targets is not None and targets.snapshot is snapshot and targets.plain:
-                index = snapshot.picker.pick(b"", NOTHING)
-                if index is not None:
-                    slot = targets.slots[index]
-                    if slot is not None and (not slot.cap or room(slot, pool)):
-                        flow.slot = slot
-                        flow.snapshot = snapshot
-                        slot.stats.active += 1
-                        target: Decision = slot.target
-                        return target
-        return self._route(conn_id, flow)
+        return self.route(conn_id, flow)
 
     def _admit(self, host: str) -> RejectReason | None:
         """Before the table: shutting down, table full, load shedding, the lists on the peer."""

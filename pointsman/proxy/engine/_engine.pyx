@@ -112,20 +112,6 @@ cdef uint32_t HUP_EVENTS = EPOLLRDHUP | EPOLLHUP
 cdef uint32_t WRITE_EVENTS = EPOLLOUT | EPOLLERR | EPOLLHUP
 
 
-cdef packed struct Record:  # api.RECORD, field for field
-    uint64_t conn_id
-    int backend
-    uint8_t reason
-    uint8_t flags
-    uint16_t detail
-    uint64_t bytes_in
-    uint64_t bytes_out
-    int64_t started
-    int64_t connected
-    int64_t first_byte
-    int64_t ended
-    int64_t listener
-
 cdef struct Dir:
     char* buf  # bytes read from the source not yet taken by the destination (malloc'ed)
     Py_ssize_t off
@@ -149,22 +135,6 @@ cdef inline bint is_local(int op, int err) noexcept:
     if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM or err == EADDRNOTAVAIL:
         return True
     return (op == OP_BIND and err == EADDRINUSE) or op == OP_PIPE
-
-
-cdef int parse_addr(str host, int port, SockAddr* out) except -1:
-    cdef bytes raw = host.encode("ascii")
-    memset(out, 0, sizeof(SockAddr))
-    if b":" in raw:
-        out.v6.sin6_family = AF_INET6
-        out.v6.sin6_port = htons(<unsigned short>port)
-        if inet_pton(AF_INET6, raw, &out.v6.sin6_addr) != 1:
-            raise ValueError(f"not a numeric IPv6 address: {host!r}")
-    else:
-        out.v4.sin_family = AF_INET
-        out.v4.sin_port = htons(<unsigned short>port)
-        if inet_pton(AF_INET, raw, &out.v4.sin_addr) != 1:
-            raise ValueError(f"not a numeric IPv4 address: {host!r}")
-    return 0
 
 
 cdef inline socklen_t addr_len(SockAddr* a) noexcept:

@@ -1,5 +1,6 @@
 # The Linux calls the compiled engine makes: epoll, sockets, splice, pipes, recvmmsg/sendmmsg.
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memset
 
 
 cdef extern from "<errno.h>" nogil:
@@ -170,3 +171,38 @@ cdef union SockAddr:
     sockaddr sa
     sockaddr_in v4
     sockaddr_in6 v6
+
+
+# One ended connection as the engine hands it to the policy (api.RECORD, field for field): the
+# engine writes it, proxy/_policy.pyx reads it in place.
+cdef packed struct Record:
+    uint64_t conn_id
+    int backend
+    uint8_t reason
+    uint8_t flags
+    uint16_t detail
+    uint64_t bytes_in
+    uint64_t bytes_out
+    int64_t started
+    int64_t connected
+    int64_t first_byte
+    int64_t ended
+    int64_t listener
+
+
+cdef inline int parse_addr(str host, int port, SockAddr* out) except -1:
+    """A numeric IPv4 or IPv6 address and a port into `out` (both engines' targets, the UDP
+    plane's sessions)."""
+    cdef bytes raw = host.encode("ascii")
+    memset(out, 0, sizeof(SockAddr))
+    if b":" in raw:
+        out.v6.sin6_family = AF_INET6
+        out.v6.sin6_port = htons(<unsigned short>port)
+        if inet_pton(AF_INET6, raw, &out.v6.sin6_addr) != 1:
+            raise ValueError(f"not a numeric IPv6 address: {host!r}")
+    else:
+        out.v4.sin_family = AF_INET
+        out.v4.sin_port = htons(<unsigned short>port)
+        if inet_pton(AF_INET, raw, &out.v4.sin_addr) != 1:
+            raise ValueError(f"not a numeric IPv4 address: {host!r}")
+    return 0

@@ -129,22 +129,6 @@ cdef int _ensure_buf() except -1:
     return 0
 
 
-cdef int parse_host(str host, int port, SockAddr* out) except -1:
-    cdef bytes raw = host.encode("ascii")
-    memset(out, 0, sizeof(SockAddr))
-    if b":" in raw:
-        out.v6.sin6_family = AF_INET6
-        out.v6.sin6_port = htons(<unsigned short>port)
-        if inet_pton(AF_INET6, raw, &out.v6.sin6_addr) != 1:
-            raise ValueError(f"not a numeric IPv6 address: {host!r}")
-    else:
-        out.v4.sin_family = AF_INET
-        out.v4.sin_port = htons(<unsigned short>port)
-        if inet_pton(AF_INET, raw, &out.v4.sin_addr) != 1:
-            raise ValueError(f"not a numeric IPv4 address: {host!r}")
-    return 0
-
-
 cdef object addr_tuple(SockAddr* a):
     cdef char text[48]
     if a.sa.sa_family == AF_INET6:
@@ -297,7 +281,7 @@ cdef class UdpPlane:
         cdef Sess* s
         if lid < 0 or lid >= self.nlisten:
             raise KeyError(lid)
-        parse_host(host, port, &a)
+        parse_addr(host, port, &a)
         if self._find(lid, &a) >= 0:
             raise ValueError(f"session {host}:{port} is already registered")
         cdef int fd = PyObject_AsFileDescriptor(sock)
