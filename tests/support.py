@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import selectors
 import signal
 import socket
@@ -47,19 +48,49 @@ _HANDED_OUT: set[tuple[str, int, int]] = set()
 
 
 def free_port(host: str = LOOPBACK, kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    """A port the kernel just handed out on `host` (free now; tests use it at once), and not
-    one handed out before in this test run: two calls in a row (a listener and its admin API)
-    could otherwise get the same port back from the kernel."""
+    """A port free on `host` now (tests use it at once), never handed out before in this run."""
+    return free_range(1, host, kind)
+
+
+def free_range(count: int, host: str = LOOPBACK,
+               kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """The first of `count` consecutive ports free on `host` now (tried, released), none handed
+    out before in this run (a listener and its admin API must not get the same one).
+
+    Searched below the ephemeral range (net.ipv4.ip_local_port_range): a port the kernel hands
+    out for bind(0) is one it may give the next outgoing connection of any process too, and a
+    listener then fails with EADDRINUSE (a CI run failed so on an admin API's port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    port = 0
-    for _ in range(100):
-        with socket.socket(family, kind) as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-        if (host, int(kind), port) not in _HANDED_OUT:
-            break
-    _HANDED_OUT.add((host, int(kind), port))
-    return port
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(500):
+        first = rng.randrange(10_000, low - count)
+        ports = range(first, first + count)
+        if any((host, int(kind), port) in _HANDED_OUT for port in ports):
+            continue
+        if all(_bindable(family, kind, host, port) for port in ports):
+            _HANDED_OUT.update((host, int(kind), port) for port in ports)
+            return first
+    raise AssertionError(f"no {count} free consecutive ports on {host}")
+
+
+def _bindable(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> bool:
+    with socket.socket(family, kind) as sock:
+        if kind == socket.SOCK_STREAM:  # as a listener binds (a TIME_WAIT left on it is no bar)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @contextlib.contextmanager

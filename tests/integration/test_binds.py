@@ -6,7 +6,6 @@ status document, `check` and the accept-queue metrics see every socket."""
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 import subprocess
 import sys
@@ -20,41 +19,9 @@ from pointsman.proxy.udp import UdpListener
 from tests.integration.operator_support import admin_node, names_reached
 from tests.integration.peers import named_backends
 from tests.integration.udp_support import udp_clients, udp_echo
-from tests.support import LOOPBACK, LOOPBACK6, free_port, has_ipv6, hostport, running
+from tests.support import LOOPBACK, LOOPBACK6, free_port, free_range, has_ipv6, hostport, running
 
 STEP = 5.0
-
-
-def free_range(count: int, host: str = LOOPBACK) -> int:
-    """The first of `count` consecutive ports free on `host` now (tried, released). Searched below
-    the ephemeral range (net.ipv4.ip_local_port_range), where no outgoing connection of this or
-    any other process takes a port: a random ephemeral port's neighbours often are in use."""
-    low = _ephemeral_low()
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(10_000, low - count)
-        socks = []
-        try:
-            for port in range(first, first + count):
-                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener
-                sock.bind((host, port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise AssertionError("no free port range")
-
-
-def _ephemeral_low() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
 
 
 async def test_a_list_and_a_range_serve_on_every_address(tmp_path: Path, workers: int) -> None:
