@@ -311,6 +311,15 @@ def _refuses(spec: ListenerSpec, n: Names, new: bool = False, only: str = "") ->
     return [f"{match} {only}{counted}" for match in _vip_matches(spec)]
 
 
+def _strays(spec: ListenerSpec, conntrack: bool) -> list[str]:
+    """conntrack: a packet conntrack calls invalid (a late FIN or RST of a flow whose entry is
+    gone: flushed, expired, or from before a restart) opens nothing, so it is refused uncounted;
+    counting it would add a new and a refused connection that never were."""
+    if not conntrack:
+        return []
+    return [f"{match} ct state invalid {_reject(spec)}" for match in _vip_matches(spec)]
+
+
 def _target_text(target: Target) -> str:
     return f"{target[0]} . {target[1]}"
 
@@ -538,8 +547,10 @@ def listener_text(spec: ListenerSpec, targets: Sequence[Target | None] | None = 
     # conntrack: a refused first packet counts as new (its DNAT rule counts nothing: a DNATed
     # flow counts in its backend's `new`). Stateless: local clients never reach l_web_sin.
     conntrack = spec.nat == "conntrack"
-    rules = [("guard_local", refuse) for refuse in _refuses(spec, n, new=conntrack)]
+    rules = [("guard_local", refuse) for refuse in _strays(spec, conntrack)]
+    rules += [("guard_local", refuse) for refuse in _refuses(spec, n, new=conntrack)]
     if conntrack:
+        rules += [("guard", refuse) for refuse in _strays(spec, conntrack)]
         rules += [("guard", refuse) for refuse in _refuses(spec, n, new=True)]
     rules += _conntrack_rules(spec, n) if spec.nat == "conntrack" else _stateless_rules(spec, n)
     lines += [f"add rule {t} {n.chain(kind)} {rule}" for kind, rule in rules]
