@@ -344,3 +344,29 @@ def test_refuses_an_algorithm_the_kernel_cannot_run(topo: LbTopology, tmp_path: 
     assert done.returncode == 1
     assert b"cannot start" in err and b"least_connections is not available in the kernel" in err
     assert "pointsman" not in topo.lb.run("nft", "list", "tables")
+
+
+TCP_CLOSE = 7  # tcpi_state of a socket a reset closed (linux/tcp_states.h)
+
+
+def test_a_late_fin_of_a_forgotten_flow_counts_as_nothing(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    """A flow whose conntrack entry is gone (flushed here; expired, or from before a restart in
+    life) sends its FIN: conntrack calls it invalid, the guard resets it and counts nothing."""
+    with pointsman(topo, tmp_path, config(topo, slots=13)):
+        with topo.client.socket() as sock:
+            sock.settimeout(IO_TIMEOUT)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((topo.client_source(5), 53000))
+            sock.connect((VIP, 80))
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            while sock.recv(65536):  # the whole answer, up to the backend's FIN
+                pass
+            topo.lb.run("conntrack", "-F")
+            sock.shutdown(socket.SHUT_WR)  # our FIN now belongs to no flow the LB knows
+            wait_until(lambda: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE,
+                       IO_TIMEOUT, interval=0.01, what="the guard's reset closing the socket")
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_new_connections_total") >= 1,
+                             "the connection counted")
+        assert found("pointsman_kernel_new_connections_total") == 1
+        assert found("pointsman_kernel_connections_rejected_total", reason="no_backend") == 0
