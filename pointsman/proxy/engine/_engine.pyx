@@ -1569,14 +1569,7 @@ def recv_batch(sock, int max_messages, Py_ssize_t size=65535):
     if max_messages > BATCH_MAX:
         max_messages = BATCH_MAX
     _rx_ensure(max_messages, size)
-    for i in range(max_messages):
-        _rx_iov[i].iov_base = _rx_buf + i * _rx_size
-        _rx_iov[i].iov_len = size
-        memset(&_rx_msgs[i], 0, sizeof(mmsghdr))
-        _rx_msgs[i].msg_hdr.msg_name = &_rx_addrs[i]
-        _rx_msgs[i].msg_hdr.msg_namelen = sizeof(SockAddr)
-        _rx_msgs[i].msg_hdr.msg_iov = &_rx_iov[i]
-        _rx_msgs[i].msg_hdr.msg_iovlen = 1
+    fill_rx(_rx_msgs, _rx_iov, _rx_addrs, _rx_buf, _rx_size, size, max_messages)
     n = recvmmsg(fd, _rx_msgs, max_messages, MSG_DONTWAIT, NULL)
     if n < 0:
         if errno == EAGAIN or errno == EINTR:

@@ -206,3 +206,18 @@ cdef inline int parse_addr(str host, int port, SockAddr* out) except -1:
         if inet_pton(AF_INET, raw, &out.v4.sin_addr) != 1:
             raise ValueError(f"not a numeric IPv4 address: {host!r}")
     return 0
+
+
+cdef inline void fill_rx(mmsghdr* msgs, iovec* iov, SockAddr* addrs, char* buf, size_t stride,
+                         size_t size, int count) noexcept nogil:
+    """Point `count` messages at consecutive `size`-byte slots of `buf` (`stride` apart) and at
+    their own source address, ready for recvmmsg (the engine's batch read, the UDP plane)."""
+    cdef int i
+    for i in range(count):
+        iov[i].iov_base = buf + <size_t>i * stride
+        iov[i].iov_len = size
+        memset(&msgs[i], 0, sizeof(mmsghdr))
+        msgs[i].msg_hdr.msg_name = &addrs[i]
+        msgs[i].msg_hdr.msg_namelen = sizeof(SockAddr)
+        msgs[i].msg_hdr.msg_iov = &iov[i]
+        msgs[i].msg_hdr.msg_iovlen = 1

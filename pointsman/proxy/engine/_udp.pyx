@@ -140,15 +140,7 @@ cdef object addr_tuple(SockAddr* a):
 
 
 cdef inline void prepare_rx(int count) noexcept nogil:
-    cdef int i
-    for i in range(count):
-        _iov[i].iov_base = _buf + <size_t>i * SIZE
-        _iov[i].iov_len = SIZE
-        memset(&_msgs[i], 0, sizeof(mmsghdr))
-        _msgs[i].msg_hdr.msg_name = &_addrs[i]
-        _msgs[i].msg_hdr.msg_namelen = sizeof(SockAddr)
-        _msgs[i].msg_hdr.msg_iov = &_iov[i]
-        _msgs[i].msg_hdr.msg_iovlen = 1
+    fill_rx(_msgs, _iov, _addrs, _buf, SIZE, SIZE, count)
 
 
 cdef class UdpPlane:
