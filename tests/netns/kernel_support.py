@@ -104,15 +104,14 @@ def pointsman(topo: LbTopology, tmp_path: Path, text: str) -> Iterator[Pointsman
 # --- clients -----------------------------------------------------------------------------------------
 
 
-def http_get(topo: LbTopology, source: tuple[str, int] | None = None, path: str = "/",
-             vip_port: int = 80) -> str:
+def http_get(topo: LbTopology, source: tuple[str, int] | None = None, path: str = "/") -> str:
     """GET through the VIP from the client namespace; the body (backend name and peer seen)."""
     with topo.client.socket() as sock:
         sock.settimeout(IO_TIMEOUT)
         if source is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(source)
-        sock.connect((VIP, vip_port))
+        sock.connect((VIP, 80))
         sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
         data = b""
         while chunk := sock.recv(65536):

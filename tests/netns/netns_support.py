@@ -196,6 +196,11 @@ def lb_topology(backends: int = 3) -> Iterator[LbTopology]:
             veth(node, "eth0", lb, f"b{i + 1}")
             node.run("ip", "addr", "add", f"{topo.backend_ip(i)}/24", "dev", "eth0")
             node.run("ip", "route", "add", "default", "via", topo.lb_backend_side(i))
+            # No TIME_WAIT on the backends (they close first): with SNAT, a later test's client
+            # port can map to the same 4-tuple, the TIME_WAIT socket answers its SYN with an ACK,
+            # the client resets and sends its SYN again, and conntrack counts that one connection
+            # as two new flows (and round robin gives it two turns).
+            node.sysctl("net.ipv4.tcp_max_tw_buckets", "0")
             lb.run("ip", "addr", "add", f"{topo.lb_backend_side(i)}/24", "dev", f"b{i + 1}")
         yield topo
 
