@@ -379,12 +379,14 @@ def wrk_result(proc: subprocess.Popen[str], seconds: float) -> tuple[int, float]
 
 
 def cpu_per_connection(proxies: list[Proxy], seconds: float, load_cpu: str | None,
-                       order: int, close: bool = True) -> dict[str, tuple[float, float]]:
+                       order: int, close: bool = True,
+                       connections: int = 32) -> dict[str, tuple[float, float]]:
     """All proxies under load at once; (user, system) microseconds of CPU per request for each:
     per connection with `Connection: close`, per keep-alive request without."""
     turn = proxies[order % len(proxies):] + proxies[:order % len(proxies)]
     before = {p.name: cpu_seconds(p.pid) for p in turn}
-    loads = {p.name: wrk(p.http, seconds, close=close, cpu=load_cpu, connections=32) for p in turn}
+    loads = {p.name: wrk(p.http, seconds, close=close, cpu=load_cpu, connections=connections)
+             for p in turn}
     done = {name: wrk_result(proc, seconds) for name, proc in loads.items()}
     after = {p.name: cpu_seconds(p.pid) for p in turn}
     out = {}
@@ -508,6 +510,9 @@ def main() -> None:
                              "redis or memory runs)")
     parser.add_argument("--ka-only", action="store_true",
                         help="only the paired CPU per keep-alive request")
+    parser.add_argument("--connections", type=int, default=32,
+                        help="wrk connections per proxy in the paired CPU runs (default 32; "
+                             "1 to 4: the wake-up pattern of a lightly loaded proxy)")
     parser.add_argument("--bulk-only", action="store_true",
                         help="only bulk, paired: one iperf3 stream through every proxy at once "
                              "(Gbit/s and CPU per MiB carried)")
@@ -609,14 +614,16 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
         if args.ka_only:
             print(f"round {round_ + 1}: CPU per keep-alive request (paired) ...", file=sys.stderr)
             for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu,
-                                                           round_, close=False).items():
+                                                           round_, close=False,
+                                                           connections=args.connections).items():
                 results[name].setdefault("ka_cpu_us_per_req", []).append(user + system)
                 results[name].setdefault("user_us", []).append(user)
                 results[name].setdefault("sys_us", []).append(system)
             continue
         print(f"round {round_ + 1}: CPU per connection (paired) ...", file=sys.stderr)
         for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu,
-                                                       round_).items():
+                                                       round_,
+                                                       connections=args.connections).items():
             results[name].setdefault("cpu_us_per_conn", []).append(user + system)
             results[name].setdefault("user_us", []).append(user)
             results[name].setdefault("sys_us", []).append(system)

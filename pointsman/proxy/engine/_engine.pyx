@@ -705,7 +705,7 @@ cdef class CEngine:
         return 0
 
     cdef int _contain(self, uint64_t data) except -1:
-        cdef int fd = <int>(data & 0xFFFFFFFF)
+        cdef int fd = <int><uint32_t>data  # low half (C, not a Python AND)
         cdef Conn conn
         log.exception("engine: internal error on descriptor %d; its connection is cut", fd)
         if data >> 32 or fd >= self.fdcap or self.fdmap[fd] == NULL:
@@ -716,7 +716,7 @@ cdef class CEngine:
         return 0
 
     cdef int _event(self, uint64_t data, uint32_t mask) except -1:
-        cdef int fd = <int>(data & 0xFFFFFFFF)
+        cdef int fd = <int><uint32_t>data  # low half (C, not a Python AND)
         cdef Conn conn
         if data >> 32:
             lst = self.lfds.get(fd)
@@ -1334,7 +1334,10 @@ cdef class CEngine:
             self._close(conn.bfd, False)
             conn.bfd = -1
         cdef CTarget target = conn.target
-        conn.drain_deadline = self.now + (target.half_close_ns or target.idle_ns or 30000000000)
+        cdef int64_t span = target.half_close_ns or target.idle_ns  # in C, no Python ints
+        if not span:
+            span = 30000000000
+        conn.drain_deadline = self.now + span
         self.draining.add(conn)
         self._arm(conn)
         return self._drain(conn)
