@@ -298,12 +298,19 @@ class Procs:
 # --- the proxies --------------------------------------------------------------------------------
 
 
-def start_haproxy(procs: Procs, backends: Backends, tmp: Path, cpu: str | None) -> Proxy:
-    proxy = Proxy("haproxy")
-    cfg = tmp / "haproxy.cfg"
-    cfg.write_text(HAPROXY.format(host=HOST, http=proxy.http, bulk=proxy.bulk, redis=proxy.redis,
-                                  backend_http=backends.http, backend_bulk=backends.bulk,
-                                  backend_redis=backends.redis))
+def start_haproxy(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
+                  splice: bool = False) -> Proxy:
+    """HAProxy as configured above: it copies (no splice option). `splice`: the
+    `haproxy-splice` row, `option splice-auto` in the defaults (an opt-in comparison)."""
+    proxy = Proxy("haproxy-splice" if splice else "haproxy")
+    cfg = tmp / f"{proxy.name}.cfg"
+    text = HAPROXY.format(host=HOST, http=proxy.http, bulk=proxy.bulk, redis=proxy.redis,
+                          backend_http=backends.http, backend_bulk=backends.bulk,
+                          backend_redis=backends.redis)
+    if splice:  # its pipes count against the descriptor cap too: half the connections
+        text = text.replace("  mode tcp\n", "  mode tcp\n  option splice-auto\n")
+        text = text.replace("maxconn 9900", "maxconn 4900")
+    cfg.write_text(text)
     proxy.pid = procs.start(["haproxy", "-f", str(cfg), "-db"], cpu).pid
     return proxy
 
@@ -503,8 +510,9 @@ def main() -> None:
                         help="add the bare engines with the minimal policy (engine-cython/python)")
     parser.add_argument("--only", default="",
                         help="comma-separated rows to run (haproxy is always there); "
-                             "cython-flowlog, cython-admin, before-flowlog (one extra on) and "
-                             "cython-flowlog-null (to /dev/null) run only when named here")
+                             "cython-flowlog, cython-admin, before-flowlog (one extra on), "
+                             "cython-flowlog-null (to /dev/null) and haproxy-splice (HAProxy "
+                             "with option splice-auto) run only when named here")
     parser.add_argument("--cpu-only", action="store_true",
                         help="only the paired CPU per new connection (no keep-alive, bulk, "
                              "redis or memory runs)")
@@ -594,6 +602,8 @@ def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
             # The compiled engine of --before's tree (built there with build_ext --inplace).
             proxies.append(start_raw(procs, own(), cpu, "cython", not args.no_nodelay,
                                      args.before.resolve(), "engine-before"))
+    if "haproxy-splice" in only:
+        proxies.append(start_haproxy(procs, own(), tmp, cpu, splice=True))
     proxies.append(start_haproxy(procs, own(), tmp, cpu))
     return proxies
 
