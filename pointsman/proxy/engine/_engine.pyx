@@ -565,7 +565,7 @@ cdef class CEngine:
     # --- wake-ups ---------------------------------------------------------------------------------
 
     def _on_ready(self):
-        cdef int n, i, rounds
+        cdef int n, rounds
         self.busy += 1
         try:
             self.now = now_ns()
@@ -575,11 +575,7 @@ cdef class CEngine:
                     if errno == EINTR:
                         continue
                     raise OSError(errno, "epoll_wait")
-                for i in range(n):
-                    try:
-                        self._event(self.events[i].data.u64, self.events[i].events)
-                    except Exception:  # one connection's bug must not stall the batch
-                        self._contain(self.events[i].data.u64)
+                self._events(n)
                 self._close_now()
                 if n == 0:
                     break
@@ -587,6 +583,21 @@ cdef class CEngine:
         finally:
             self.busy -= 1
             self._after_call()
+
+    cdef int _events(self, int n) except -1:
+        """Handle one poll's events; one connection's bug must not stall the batch: its
+        connection is cut and the rest go on. The try is entered once per poll, not per event
+        (Cython saves and restores the exception state at each entry)."""
+        cdef int i = 0
+        while i < n:
+            try:
+                while i < n:
+                    self._event(self.events[i].data.u64, self.events[i].events)
+                    i += 1
+            except Exception:
+                self._contain(self.events[i].data.u64)
+                i += 1
+        return 0
 
     def _run_again(self):
         cdef Conn conn
