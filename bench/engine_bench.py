@@ -1,8 +1,8 @@
 """pointsman against HAProxy 2.6 (nbthread 1), loaded side by side in one run.
 
     python bench/engine_bench.py [--seconds 5] [--rounds 3] [--idle 8000] [--skip-idle]
-                                 [--skip-redis] [--before DIR] [--raw] [--only NAME,...]
-                                 [--cpu-only | --ka-only]
+                                 [--skip-redis] [--before DIR] [--raw] [--solo] [--only NAME,...]
+                                 [--cpu-only | --ka-only | --bulk-only] [--connections 32]
 
 Proxies, each one process pinned to the same CPU:
 - `cython` / `python`: the REAL `pointsman run` (one process, `workers: 1`) on the compiled and
@@ -15,7 +15,11 @@ Proxies, each one process pinned to the same CPU:
   policy of pointsman/proxy/engine/simple.py (the engine's own cost); `engine-before` (with
   `--raw --before DIR`): the compiled engine of DIR (build it there first:
   `python setup.py build_ext --inplace`), for an engine change paired against its base;
-- `haproxy`: HAProxy with one thread. All in front of one nginx (and iperf3, redis-server).
+- `engine-solo` (with `--raw --solo`): the compiled bare engine on a minimal poll(2) loop
+  instead of uvloop, to measure the nested epoll (never a way to run pointsman);
+- `haproxy`: HAProxy with one thread; it copies (no splice option). `haproxy-splice` (named in
+  `--only`): the same with `option splice-auto`. All in front of one nginx (and iperf3,
+  redis-server; each proxy has an iperf3 server of its own).
 
 Measured:
 - CPU per new connection, paired: wrk (`Connection: close`, one connection per request) loads
@@ -26,7 +30,9 @@ Measured:
 - CPU per keep-alive request, paired the same way (wrk without `Connection: close`);
 - keep-alive requests/s (wrk -c64, one proxy at a time, rotating order, median) and the ratio
   to HAProxy: unpaired, so it moves with whatever the neighbours do;
-- bulk Gbit/s (iperf3, one stream; pointsman splices after 1 MiB, its default);
+- bulk Gbit/s (iperf3, one stream; pointsman splices after 1 MiB, its default); with
+  `--bulk-only`, paired instead: one stream through every proxy at once, Gbit/s and CPU per MiB
+  carried, ratio per round;
 - memory per idle connection: RSS growth of the proxy process with `--idle` open connections;
 - redis-benchmark (SET and GET, 50 keep-alive clients) through each proxy, one at a time:
   requests/s and the proxy's CPU per request.
