@@ -1,8 +1,8 @@
 """pointsman against HAProxy 2.6 (nbthread 1), loaded side by side in one run.
 
     python bench/engine_bench.py [--seconds 5] [--rounds 3] [--idle 8000] [--skip-idle]
-                                 [--skip-redis] [--before DIR] [--raw] [--only NAME,...]
-                                 [--cpu-only | --ka-only]
+                                 [--skip-redis] [--before DIR] [--raw] [--solo] [--only NAME,...]
+                                 [--cpu-only | --ka-only | --bulk-only] [--connections 32]
 
 Proxies, each one process pinned to the same CPU:
 - `cython` / `python`: the REAL `pointsman run` (one process, `workers: 1`) on the compiled and
@@ -15,7 +15,11 @@ Proxies, each one process pinned to the same CPU:
   policy of pointsman/proxy/engine/simple.py (the engine's own cost); `engine-before` (with
   `--raw --before DIR`): the compiled engine of DIR (build it there first:
   `python setup.py build_ext --inplace`), for an engine change paired against its base;
-- `haproxy`: HAProxy with one thread. All in front of one nginx (and iperf3, redis-server).
+- `engine-solo` (with `--raw --solo`): the compiled bare engine on a minimal poll(2) loop
+  instead of uvloop, to measure the nested epoll (never a way to run pointsman);
+- `haproxy`: HAProxy with one thread; it copies (no splice option). `haproxy-splice` (named in
+  `--only`): the same with `option splice-auto`. All in front of one nginx (and iperf3,
+  redis-server; each proxy has an iperf3 server of its own).
 
 Measured:
 - CPU per new connection, paired: wrk (`Connection: close`, one connection per request) loads
@@ -26,7 +30,9 @@ Measured:
 - CPU per keep-alive request, paired the same way (wrk without `Connection: close`);
 - keep-alive requests/s (wrk -c64, one proxy at a time, rotating order, median) and the ratio
   to HAProxy: unpaired, so it moves with whatever the neighbours do;
-- bulk Gbit/s (iperf3, one stream; pointsman splices after 1 MiB, its default);
+- bulk Gbit/s (iperf3, one stream; pointsman splices after 1 MiB, its default); with
+  `--bulk-only`, paired instead: one stream through every proxy at once, Gbit/s and CPU per MiB
+  carried, ratio per round;
 - memory per idle connection: RSS growth of the proxy process with `--idle` open connections;
 - redis-benchmark (SET and GET, 50 keep-alive clients) through each proxy, one at a time:
   requests/s and the proxy's CPU per request.
@@ -40,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import resource
@@ -81,6 +88,77 @@ async def main(name, port, backends, nodelay):
 ports = [int(p) for p in sys.argv[2].split(",")]
 backends = [int(p) for p in sys.argv[3].split(",")]
 uvloop.run(main(sys.argv[1], ports, backends, sys.argv[4] == "1"))
+"""
+
+# The same bare engine without uvloop (`engine-solo`, with `--raw --solo`): a measurement of the
+# nested epoll, never a way to run pointsman. Under uvloop the engine's epoll descriptor sits in
+# uvloop's epoll for good, so every event on any of its sockets also wakes the outer epoll (a
+# second ep_poll_callback). This loop instead waits with poll(2) on the engine's descriptor,
+# which hooks the outer wait queue only while it blocks, and does the engine's call_soon and
+# call_later itself.
+SOLO = """
+import heapq, select, socket, sys, time
+from pointsman.proxy.engine import new_engine
+from pointsman.proxy.engine.simple import RoundRobinPolicy
+
+class Handle:
+    __slots__ = ("when", "cb", "cancelled")
+    def __init__(self, when, cb):
+        self.when, self.cb, self.cancelled = when, cb, False
+    def cancel(self):
+        self.cancelled = True
+    def __lt__(self, other):
+        return self.when < other.when
+
+class SoloLoop:
+    def __init__(self):
+        self.fd, self.reader, self.ready, self.timers = -1, None, [], []
+    def add_reader(self, fd, cb):
+        self.fd, self.reader = fd, cb
+    def remove_reader(self, fd):
+        self.reader = None
+    def call_soon(self, cb):
+        handle = Handle(0.0, cb)
+        self.ready.append(handle)
+        return handle
+    def call_later(self, delay, cb):
+        handle = Handle(time.monotonic() + delay, cb)
+        heapq.heappush(self.timers, handle)
+        return handle
+    def run(self):
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while self.reader is not None:
+            timeout = None
+            if self.ready:
+                timeout = 0
+            elif self.timers:
+                timeout = max(0.0, (self.timers[0].when - time.monotonic()) * 1000.0)
+            if poller.poll(timeout):
+                self.reader()
+            now = time.monotonic()
+            while self.timers and self.timers[0].when <= now:
+                self.ready.append(heapq.heappop(self.timers))
+            ready, self.ready = self.ready, []
+            for handle in ready:
+                if not handle.cancelled:
+                    handle.cb()
+
+loop = SoloLoop()
+engine = new_engine(loop, sys.argv[1])
+ports = [int(p) for p in sys.argv[2].split(",")]
+backends = [int(p) for p in sys.argv[3].split(",")]
+for listen, port in zip(ports, backends):
+    target = engine.target(0, "127.0.0.1", port, idle_timeout=600, splice_after=1 << 20,
+                           connect_timeout=2, nodelay=sys.argv[4] == "1")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", listen))
+    sock.listen(4096)
+    engine.add_listener(sock, RoundRobinPolicy([target], keep_records=False),
+                        nodelay=sys.argv[4] == "1")
+print(engine.name, flush=True)
+loop.run()
 """
 
 POINTSMAN = """\
@@ -226,12 +304,19 @@ class Procs:
 # --- the proxies --------------------------------------------------------------------------------
 
 
-def start_haproxy(procs: Procs, backends: Backends, tmp: Path, cpu: str | None) -> Proxy:
-    proxy = Proxy("haproxy")
-    cfg = tmp / "haproxy.cfg"
-    cfg.write_text(HAPROXY.format(host=HOST, http=proxy.http, bulk=proxy.bulk, redis=proxy.redis,
-                                  backend_http=backends.http, backend_bulk=backends.bulk,
-                                  backend_redis=backends.redis))
+def start_haproxy(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
+                  splice: bool = False) -> Proxy:
+    """HAProxy as configured above: it copies (no splice option). `splice`: the
+    `haproxy-splice` row, `option splice-auto` in the defaults (an opt-in comparison)."""
+    proxy = Proxy("haproxy-splice" if splice else "haproxy")
+    cfg = tmp / f"{proxy.name}.cfg"
+    text = HAPROXY.format(host=HOST, http=proxy.http, bulk=proxy.bulk, redis=proxy.redis,
+                          backend_http=backends.http, backend_bulk=backends.bulk,
+                          backend_redis=backends.redis)
+    if splice:  # its pipes count against the descriptor cap too: half the connections
+        text = text.replace("  mode tcp\n", "  mode tcp\n  option splice-auto\n")
+        text = text.replace("maxconn 9900", "maxconn 4900")
+    cfg.write_text(text)
     proxy.pid = procs.start(["haproxy", "-f", str(cfg), "-db"], cpu).pid
     return proxy
 
@@ -267,9 +352,9 @@ def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None
 
 
 def start_raw(procs: Procs, backends: Backends, cpu: str | None, engine: str,
-              nodelay: bool, tree: Path = ROOT, name: str = "") -> Proxy:
+              nodelay: bool, tree: Path = ROOT, name: str = "", solo: bool = False) -> Proxy:
     proxy = Proxy(name or f"engine-{engine}")
-    proc = procs.start([sys.executable, "-c", SERVER, engine,
+    proc = procs.start([sys.executable, "-c", SOLO if solo else SERVER, engine,
                         f"{proxy.http},{proxy.bulk},{proxy.redis}",
                         f"{backends.http},{backends.bulk},{backends.redis}",
                         "1" if nodelay else "0"], cpu, env={**os.environ, "PYTHONPATH": str(tree)},
@@ -307,12 +392,14 @@ def wrk_result(proc: subprocess.Popen[str], seconds: float) -> tuple[int, float]
 
 
 def cpu_per_connection(proxies: list[Proxy], seconds: float, load_cpu: str | None,
-                       order: int, close: bool = True) -> dict[str, tuple[float, float]]:
+                       order: int, close: bool = True,
+                       connections: int = 32) -> dict[str, tuple[float, float]]:
     """All proxies under load at once; (user, system) microseconds of CPU per request for each:
     per connection with `Connection: close`, per keep-alive request without."""
     turn = proxies[order % len(proxies):] + proxies[:order % len(proxies)]
     before = {p.name: cpu_seconds(p.pid) for p in turn}
-    loads = {p.name: wrk(p.http, seconds, close=close, cpu=load_cpu, connections=32) for p in turn}
+    loads = {p.name: wrk(p.http, seconds, close=close, cpu=load_cpu, connections=connections)
+             for p in turn}
     done = {name: wrk_result(proc, seconds) for name, proc in loads.items()}
     after = {p.name: cpu_seconds(p.pid) for p in turn}
     out = {}
@@ -334,6 +421,34 @@ def bulk(proxy: Proxy, seconds: float, load_cpu: str | None) -> float:
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
     match = re.search(r'"sum_received":\s*{[^}]*"bits_per_second":\s*([\d.e+]+)', out)
     return float(match.group(1)) / 1e9 if match else float("nan")
+
+
+def bulk_paired(proxies: list[Proxy], seconds: float, load_cpu: str | None,
+                order: int) -> dict[str, tuple[float, float, float]]:
+    """One iperf3 stream through every proxy at once; for each (Gbit/s, user and system CPU
+    microseconds per MiB carried). Each proxy has its own iperf3 server (own_bulk)."""
+    turn = proxies[order % len(proxies):] + proxies[:order % len(proxies)]
+    before = {p.name: cpu_seconds(p.pid) for p in turn}
+    runs = {}
+    for p in turn:
+        args = ["iperf3", "-c", HOST, "-p", str(p.bulk), "-t", str(round(seconds)), "-J"]
+        if load_cpu is not None:
+            args = ["taskset", "-c", load_cpu, *args]
+        runs[p.name] = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True)
+    outs = {name: proc.communicate(timeout=seconds + 30)[0] for name, proc in runs.items()}
+    after = {p.name: cpu_seconds(p.pid) for p in turn}
+    result = {}
+    for name, out in outs.items():
+        rate = re.search(r'"sum_received":\s*{[^}]*"bits_per_second":\s*([\d.e+]+)', out)
+        total = re.search(r'"sum_received":\s*{[^}]*"bytes":\s*(\d+)', out)
+        mib = int(total.group(1)) / (1 << 20) if total else 0.0
+        if rate is None or not mib:
+            raise RuntimeError(f"iperf3 through {name} said: {out[-500:]}")
+        result[name] = (float(rate.group(1)) / 1e9,
+                        1e6 * (after[name][0] - before[name][0]) / mib,
+                        1e6 * (after[name][1] - before[name][1]) / mib)
+    return result
 
 
 def redis(proxy: Proxy, requests: int, load_cpu: str | None) -> tuple[float, float, float]:
@@ -401,13 +516,23 @@ def main() -> None:
                         help="add the bare engines with the minimal policy (engine-cython/python)")
     parser.add_argument("--only", default="",
                         help="comma-separated rows to run (haproxy is always there); "
-                             "cython-flowlog, cython-admin, before-flowlog (one extra on) and "
-                             "cython-flowlog-null (to /dev/null) run only when named here")
+                             "cython-flowlog, cython-admin, before-flowlog (one extra on), "
+                             "cython-flowlog-null (to /dev/null) and haproxy-splice (HAProxy "
+                             "with option splice-auto) run only when named here")
     parser.add_argument("--cpu-only", action="store_true",
                         help="only the paired CPU per new connection (no keep-alive, bulk, "
                              "redis or memory runs)")
     parser.add_argument("--ka-only", action="store_true",
                         help="only the paired CPU per keep-alive request")
+    parser.add_argument("--connections", type=int, default=32,
+                        help="wrk connections per proxy in the paired CPU runs (default 32; "
+                             "1 to 4: the wake-up pattern of a lightly loaded proxy)")
+    parser.add_argument("--bulk-only", action="store_true",
+                        help="only bulk, paired: one iperf3 stream through every proxy at once "
+                             "(Gbit/s and CPU per MiB carried)")
+    parser.add_argument("--solo", action="store_true",
+                        help="with --raw: add `engine-solo`, the compiled bare engine on a "
+                             "minimal poll(2) loop instead of uvloop (the nested epoll's cost)")
     parser.add_argument("--no-nodelay", action="store_true",
                         help="the raw engines only: leave Nagle on (HAProxy's default)")
     args = parser.parse_args()
@@ -432,7 +557,7 @@ def main() -> None:
                          "", "--appendonly", "no", "--maxclients", "20000"], load_cpu)
             for port in (backends.http, backends.bulk, backends.redis):
                 wait_port(port)
-            proxies = start_all(procs, backends, tmp, proxy_cpu, args, only)
+            proxies = start_all(procs, backends, tmp, proxy_cpu, args, only, load_cpu)
             for proxy in proxies:
                 wait_port(proxy.http)
                 print(f"{proxy.name}: {proxy.note or 'HAProxy, nbthread 1'}", file=sys.stderr)
@@ -442,8 +567,20 @@ def main() -> None:
     report(results, args)
 
 
+def own_bulk(procs: Procs, backends: Backends, load_cpu: str | None) -> Backends:
+    """`backends` with an iperf3 server of its own for the bulk port: one iperf3 server runs one
+    test at a time, and the paired bulk run streams through every proxy at once."""
+    mine = dataclasses.replace(backends, bulk=free_port())
+    procs.start(["iperf3", "-s", "-B", HOST, "-p", str(mine.bulk)], load_cpu)
+    wait_port(mine.bulk)
+    return mine
+
+
 def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
-              args: argparse.Namespace, only: set[str]) -> list[Proxy]:
+              args: argparse.Namespace, only: set[str], load_cpu: str | None) -> list[Proxy]:
+    def own() -> Backends:
+        return own_bulk(procs, backends, load_cpu)
+
     proxies = []
     rows: list[tuple[str, str | None, str, Path]] = [
         ("cython", "cython", "af", ROOT), ("cython-bare", "cython", "", ROOT),
@@ -459,16 +596,21 @@ def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
     rows += [row for row in opt_in if row[0] in only]
     for name, engine, extras, tree in rows:
         if not only or name in only:
-            proxies.append(start_pointsman(procs, backends, tmp, cpu, name, engine, extras, tree))
+            proxies.append(start_pointsman(procs, own(), tmp, cpu, name, engine, extras, tree))
     if args.raw:
         for engine in ("cython", "python"):
             if not only or f"engine-{engine}" in only:
-                proxies.append(start_raw(procs, backends, cpu, engine, not args.no_nodelay))
+                proxies.append(start_raw(procs, own(), cpu, engine, not args.no_nodelay))
+        if args.solo and (not only or "engine-solo" in only):
+            proxies.append(start_raw(procs, own(), cpu, "cython", not args.no_nodelay,
+                                     name="engine-solo", solo=True))
         if args.before is not None and (not only or "engine-before" in only):
             # The compiled engine of --before's tree (built there with build_ext --inplace).
-            proxies.append(start_raw(procs, backends, cpu, "cython", not args.no_nodelay,
+            proxies.append(start_raw(procs, own(), cpu, "cython", not args.no_nodelay,
                                      args.before.resolve(), "engine-before"))
-    proxies.append(start_haproxy(procs, backends, tmp, cpu))
+    if "haproxy-splice" in only:
+        proxies.append(start_haproxy(procs, own(), tmp, cpu, splice=True))
+    proxies.append(start_haproxy(procs, own(), tmp, cpu))
     return proxies
 
 
@@ -476,17 +618,28 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
             load_cpu: str | None) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {p.name: {} for p in proxies}
     for round_ in range(args.rounds):
+        if args.bulk_only:
+            print(f"round {round_ + 1}: bulk (paired) ...", file=sys.stderr)
+            for name, (gbps, user, system) in bulk_paired(proxies, args.seconds, load_cpu,
+                                                          round_).items():
+                results[name].setdefault("bulk_gbps", []).append(gbps)
+                results[name].setdefault("bulk_cpu_us_per_mib", []).append(user + system)
+                results[name].setdefault("user_us", []).append(user)
+                results[name].setdefault("sys_us", []).append(system)
+            continue
         if args.ka_only:
             print(f"round {round_ + 1}: CPU per keep-alive request (paired) ...", file=sys.stderr)
             for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu,
-                                                           round_, close=False).items():
+                                                           round_, close=False,
+                                                           connections=args.connections).items():
                 results[name].setdefault("ka_cpu_us_per_req", []).append(user + system)
                 results[name].setdefault("user_us", []).append(user)
                 results[name].setdefault("sys_us", []).append(system)
             continue
         print(f"round {round_ + 1}: CPU per connection (paired) ...", file=sys.stderr)
         for name, (user, system) in cpu_per_connection(proxies, args.seconds, load_cpu,
-                                                       round_).items():
+                                                       round_,
+                                                       connections=args.connections).items():
             results[name].setdefault("cpu_us_per_conn", []).append(user + system)
             results[name].setdefault("user_us", []).append(user)
             results[name].setdefault("sys_us", []).append(system)
@@ -501,7 +654,7 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
         for proxy in turn:
             results[proxy.name].setdefault("keepalive_rps", []).append(
                 keepalive(proxy, args.seconds, load_cpu))
-    if args.cpu_only or args.ka_only:
+    if args.cpu_only or args.ka_only or args.bulk_only:
         return results
     print("bulk ...", file=sys.stderr)
     for proxy in proxies:
@@ -521,17 +674,21 @@ def measure(proxies: list[Proxy], args: argparse.Namespace,
 
 
 COLUMNS = ["cpu_us_per_conn", "ka_cpu_us_per_req", "keepalive_rps", "bulk_gbps",
+           "bulk_cpu_us_per_mib",
            "redis_set_rps", "redis_get_rps", "redis_cpu_us_per_req", "kib_per_idle_conn"]
 # Ratios read "as good as HAProxy" at 1.0 and better above, whichever way a column runs.
 LOWER_IS_BETTER = {"cpu_us_per_conn", "ka_cpu_us_per_req", "kib_per_idle_conn",
-                   "redis_cpu_us_per_req"}
+                   "redis_cpu_us_per_req", "bulk_cpu_us_per_mib"}
 # Measured on every proxy at once, round by round: the ratio is the median of the rounds' ratios.
-PAIRED = {"cpu_us_per_conn", "ka_cpu_us_per_req"}
+PAIRED = {"cpu_us_per_conn", "ka_cpu_us_per_req", "bulk_cpu_us_per_mib"}
 
 
-def ratio(column: str, ours: list[float], haproxy: list[float]) -> float:
-    if column in PAIRED:
-        return statistics.median(h / v for h, v in zip(haproxy, ours, strict=True) if v)
+def ratio(column: str, ours: list[float], haproxy: list[float], paired: bool = False) -> float:
+    if column in PAIRED or (paired and len(ours) == len(haproxy)):  # per round, then median
+        pairs = zip(haproxy, ours, strict=True)
+        if column in LOWER_IS_BETTER:
+            return statistics.median(h / v for h, v in pairs if v)
+        return statistics.median(v / h for h, v in pairs if h)
     v, ref = statistics.median(ours), statistics.median(haproxy)
     if not ref or not v:
         return float("nan")
@@ -553,9 +710,10 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace)
             if name == "haproxy" or c not in base:
                 cells.append(f"{v:.2f}")
             else:
-                cells.append(f"{v:.2f} ({ratio(c, r[c], base[c]):.2f}x)")
+                cells.append(f"{v:.2f} ({ratio(c, r[c], base[c], args.bulk_only):.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |")
-    paired = "ka_cpu_us_per_req" if args.ka_only else "cpu_us_per_conn"
+    paired = ("bulk_cpu_us_per_mib" if args.bulk_only
+              else "ka_cpu_us_per_req" if args.ka_only else "cpu_us_per_conn")
     print(f"\nmedians of {args.rounds} rounds; ratios vs HAProxy 2.6 nbthread 1, higher is better "
           f"(CPU and memory: HAProxy's / ours). Paired CPU rounds (per round, {paired}):")
     for name, r in results.items():

@@ -272,3 +272,32 @@ async def test_a_bad_decision_cuts_only_its_connection(engine: str) -> None:
     assert ends == [(b"", "reset"), (b"<fine", "eof")]
     assert (records[0].reason, records[0].detail) == (End.CLOSED, ENGINE_ERROR)
     assert records[1].reason == End.CLIENT_FIN
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_bad_decision_spares_the_rest_of_its_batch(engine: str) -> None:
+    """Three preambles arrive before the engine's next wake-up (sent with no await between
+    them), so one poll returns the three, the bad one first (epoll reports in arrival order):
+    its connection is cut and the two events after it in the same batch are still handled."""
+    preamble = ReadPreamble(64, 5.0, TIMEOUT_CODE, OVERFLOW_CODE)
+    async with raw_backend(echo) as backend, proxy(engine, [backend.port],
+                                                   read_preamble=preamble) as p:
+
+        def decide(conn_id: int, data: bytes) -> Decision | None:
+            consume: object = "3" if data.startswith(b"bad") else 3
+            return Connect(p.policy.targets[0], consume=consume)  # type: ignore[arg-type]
+
+        p.policy.on_preamble = decide
+        socks = [await open_raw(p.address) for _ in range(3)]
+        await wait_for(lambda: p.engine.active() == 3, 5.0, what="three connections accepted")
+        for sock, line in zip(socks, (b"bad", b"ok!one", b"ok!two"), strict=True):
+            assert sock.send(line) == len(line)
+            sock.shutdown(socket.SHUT_WR)
+        ends = [await recv_to_end(sock) for sock in socks]
+        for sock in socks:
+            sock.close()
+        records = await p.wait_ended(3)
+        p.assert_adds_up()
+    assert ends == [(b"", "reset"), (b"one", "eof"), (b"two", "eof")]
+    assert sorted((r.reason, r.detail) for r in records) == sorted(
+        [(End.CLOSED, ENGINE_ERROR), (End.CLIENT_FIN, 0), (End.CLIENT_FIN, 0)])

@@ -565,7 +565,7 @@ cdef class CEngine:
     # --- wake-ups ---------------------------------------------------------------------------------
 
     def _on_ready(self):
-        cdef int n, i, rounds
+        cdef int n, rounds
         self.busy += 1
         try:
             self.now = now_ns()
@@ -575,11 +575,7 @@ cdef class CEngine:
                     if errno == EINTR:
                         continue
                     raise OSError(errno, "epoll_wait")
-                for i in range(n):
-                    try:
-                        self._event(self.events[i].data.u64, self.events[i].events)
-                    except Exception:  # one connection's bug must not stall the batch
-                        self._contain(self.events[i].data.u64)
+                self._events(n)
                 self._close_now()
                 if n == 0:
                     break
@@ -587,6 +583,21 @@ cdef class CEngine:
         finally:
             self.busy -= 1
             self._after_call()
+
+    cdef int _events(self, int n) except -1:
+        """Handle one poll's events; one connection's bug must not stall the batch: its
+        connection is cut and the rest go on. The try is entered once per poll, not per event
+        (Cython saves and restores the exception state at each entry)."""
+        cdef int i = 0
+        while i < n:
+            try:
+                while i < n:
+                    self._event(self.events[i].data.u64, self.events[i].events)
+                    i += 1
+            except Exception:
+                self._contain(self.events[i].data.u64)
+                i += 1
+        return 0
 
     def _run_again(self):
         cdef Conn conn
@@ -705,7 +716,7 @@ cdef class CEngine:
         return 0
 
     cdef int _contain(self, uint64_t data) except -1:
-        cdef int fd = <int>(data & 0xFFFFFFFF)
+        cdef int fd = <int><uint32_t>data  # low half (C, not a Python AND)
         cdef Conn conn
         log.exception("engine: internal error on descriptor %d; its connection is cut", fd)
         if data >> 32 or fd >= self.fdcap or self.fdmap[fd] == NULL:
@@ -716,7 +727,7 @@ cdef class CEngine:
         return 0
 
     cdef int _event(self, uint64_t data, uint32_t mask) except -1:
-        cdef int fd = <int>(data & 0xFFFFFFFF)
+        cdef int fd = <int><uint32_t>data  # low half (C, not a Python AND)
         cdef Conn conn
         if data >> 32:
             lst = self.lfds.get(fd)
@@ -1334,7 +1345,10 @@ cdef class CEngine:
             self._close(conn.bfd, False)
             conn.bfd = -1
         cdef CTarget target = conn.target
-        conn.drain_deadline = self.now + (target.half_close_ns or target.idle_ns or 30000000000)
+        cdef int64_t span = target.half_close_ns or target.idle_ns  # in C, no Python ints
+        if not span:
+            span = 30000000000
+        conn.drain_deadline = self.now + span
         self.draining.add(conn)
         self._arm(conn)
         return self._drain(conn)

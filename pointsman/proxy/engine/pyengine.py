@@ -909,7 +909,21 @@ class PyEngine:
                 self._count_out(conn, n)
             if n < READ_CHUNK and not src.hup:
                 src.rd = False
-            d.pending = bytes(self._rview[:n])  # sent by the next pass of the loop
+            sent = 0
+            if dst.wr:  # straight from the read buffer: a copy only of what the destination leaves
+                try:
+                    sent = dst.sock.send(self._rview[:n])
+                except BlockingIOError:
+                    dst.wr = False
+                except InterruptedError:
+                    pass
+                except OSError as exc:
+                    self._errno = exc.errno or errno.EIO
+                    return _DST_RESET
+            if sent < n:
+                d.pending = bytes(self._rview[sent:n])  # sent by the next pass of the loop
+                if sent:
+                    dst.wr = False
 
     def _forward_fin(self, conn: _Conn, d: _Dir, dst: _Side) -> int:
         if not d.fin_sent:
