@@ -178,10 +178,11 @@ def _shared_text() -> list[str]:
     for fam, nfproto, _ in _FAMILIES:  # a family's two rules together: IPv4 replies skip the IPv6 VIPs
         lines.append(f"add rule {t} {SHARED_IN} meta nfproto {nfproto} th dport @{VIP_PORTS} "
                      f"{fam} daddr . meta l4proto . th dport vmap @{shared_vips(fam)}")
-        # Replies to this host's own addresses (health checks) stay tracked.
+        # Replies to this host's own addresses (health checks) stay tracked. A reply is done
+        # here: `accept` spares it the other family's rules.
         lines.append(f"add rule {t} {SHARED_IN} meta nfproto {nfproto} th sport @{BACKEND_PORTS} "
                      f"{fam} saddr . meta l4proto . th sport @{shared_replies(fam)} "
-                     "fib daddr type != local notrack")
+                     "fib daddr type != local notrack accept")
     for fam, nfproto, _ in _FAMILIES:
         lines.append(f"add rule {t} {SHARED_OUT} meta nfproto {nfproto} th sport @{BACKEND_PORTS} "
                      f"{fam} saddr . meta l4proto . th sport vmap @{shared_rev(fam)}")

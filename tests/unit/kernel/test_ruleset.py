@@ -187,7 +187,7 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
         return (f"meta nfproto ipv{v} th dport @stateless_vports {fam} daddr . {key} dport "
                 f"vmap @stateless_vips{v}",
                 f"meta nfproto ipv{v} th sport @stateless_bports {fam} saddr . {key} sport "
-                f"@stateless_replies{v} fib daddr type != local notrack",
+                f"@stateless_replies{v} fib daddr type != local notrack accept",
                 f"meta nfproto ipv{v} th sport @stateless_bports {fam} saddr . {key} sport "
                 f"vmap @stateless_rev{v}")
 
