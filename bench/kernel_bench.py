@@ -17,6 +17,9 @@ through the lb namespace:
   pointsman's counting chains;
 - nft_stateless_bare: the stateless floor, not pointsman: notrack and a constant rewrite each way
   (no slot map, no counters, no guard);
+- nft_ladder0 .. nft_ladder5: the stateless floor again, in an `inet` table, with pointsman's
+  pieces added one per step (LADDER below; HTTP port only, so new connections only): the cost of
+  each piece, read from `--perf`'s netfilter figures, not from one run's throughput;
 - haproxy: HAProxy 2.6 in `mode tcp` (two threads) on the lb's own address, the same two ports;
 - conntrack_base, stateless_base (with `--base-tree DIR`): conntrack and stateless with the
   pointsman package of another tree (say `git archive <commit> pointsman | tar -x -C DIR`), to
@@ -71,7 +74,7 @@ HTTP_PORT = 80
 BULK_PORT = 5201
 READY_DEADLINE = 10.0
 WAYS = ("direct", "conntrack", "stateless", "nft_bare", "nft_stateless_bare", "haproxy",
-        "conntrack_base", "stateless_base")
+        "conntrack_base", "stateless_base", *(f"nft_ladder{k}" for k in range(6)))
 BASE_TREE: Path | None = None
 """--base-tree: where the *_base ways import pointsman from."""
 TESTS = ("keepalive_rps", "newconn_rps", "bulk_gbps")
@@ -136,6 +139,55 @@ STATELESS_BARE_TABLE = (
     "add rule ip sbare pre ip saddr {backend} tcp sport {{ {http}, {bulk} }} notrack\n"
     "add rule ip sbare post ip saddr {backend} tcp sport {{ {http}, {bulk} }} ip saddr set {vip}\n"
 )
+
+
+LADDER = ("inet bare: notrack and constants each way", "+ fib daddr type != local on replies",
+          "+ named counters both ways", "+ jhash and a 4093-slot verdict map to the rewrite chain",
+          "+ the VIP dispatch (port bitmap and address . protocol . port verdict map)",
+          "+ replies by port bitmap, set and verdict map (pointsman's shape, one listener, no SYN test)")
+"""nft_ladder<k>: the bare stateless table (step 0) plus pointsman's pieces one at a time, HTTP port
+only, in an `inet` table like pointsman's: the cost of each piece is the difference of two steps
+(perf's netfilter figure, `--perf`)."""
+
+
+def ladder_table(step: int, vip: str, backend: str, port: int) -> str:
+    """The nft text of ladder step `step` (LADDER)."""
+    t = "inet ladder"
+    count_in, count_out = (' counter name "cin"', ' counter name "cout"') if step >= 2 else ("", "")
+    fib = " fib daddr type != local" if step >= 1 else ""
+    slots = ", ".join(f"{i} : goto bsin" for i in range(4093))
+    lines = [
+        f"add table {t}",
+        f"add chain {t} pre {{ type filter hook prerouting priority -300 ; }}",
+        f"add chain {t} post {{ type filter hook postrouting priority 100 ; }}",
+        f"add chain {t} bsin", f"add chain {t} brev", f"add chain {t} lsin",
+        f"add counter {t} cin", f"add counter {t} cout",
+        f"add set {t} ports {{ type inet_service ; }}", f"add element {t} ports {{ {port} }}",
+        f"add map {t} vips4 {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}",
+        f"add element {t} vips4 {{ {vip} . tcp . {port} : goto lsin }}",
+        f"add set {t} replies4 {{ type ipv4_addr . inet_proto . inet_service ; }}",
+        f"add element {t} replies4 {{ {backend} . tcp . {port} }}",
+        f"add map {t} rev4 {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}",
+        f"add element {t} rev4 {{ {backend} . tcp . {port} : goto brev }}",
+        f"add map {t} slots {{ typeof numgen inc mod 2 : verdict ; }}",
+        f"add element {t} slots {{ {slots} }}",
+        f"add rule {t} bsin notrack ip daddr set {backend}{count_in} accept",
+        f"add rule {t} brev{count_out} ip saddr set {vip}",
+        f"add rule {t} lsin jhash ip saddr . tcp sport mod 4093 seed 0x706d616e vmap @slots",
+    ]
+    if step >= 4:
+        lines.append(f"add rule {t} pre th dport @ports ip daddr . meta l4proto . th dport vmap @vips4")
+    else:
+        to = "lsin" if step >= 3 else "bsin"
+        lines.append(f"add rule {t} pre ip daddr {vip} tcp dport {port} goto {to}")
+    if step >= 5:
+        lines += [f"add rule {t} pre th sport @ports ip saddr . meta l4proto . th sport @replies4{fib} "
+                  "notrack accept",
+                  f"add rule {t} post th sport @ports ip saddr . meta l4proto . th sport vmap @rev4"]
+    else:
+        lines += [f"add rule {t} pre ip saddr {backend} tcp sport {port}{fib} notrack accept",
+                  f"add rule {t} post ip saddr {backend} tcp sport {port} goto brev"]
+    return "\n".join(lines) + "\n"
 
 
 def pointsman_config(backend: str, nat: str) -> str:
@@ -317,6 +369,14 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[
             yield VIP, []
         finally:
             topo.lb.run("nft", "delete table ip sbare")
+    elif name.startswith("nft_ladder"):
+        (workdir / "ladder.nft").write_text(ladder_table(int(name.removeprefix("nft_ladder")), VIP, backend,
+                                                         HTTP_PORT))
+        topo.lb.run("nft", "-f", str(workdir / "ladder.nft"))
+        try:
+            yield VIP, []
+        finally:
+            topo.lb.run("nft", "delete table inet ladder")
     elif name in ("conntrack", "stateless", "conntrack_base", "stateless_base"):
         nat = name.removesuffix("_base")
         with base_tree(name.endswith("_base")):
@@ -496,7 +556,8 @@ def main() -> None:
     parser.add_argument("--perf", action="store_true",
                         help="profile each measurement (perf record -a): netfilter's share of the CPU")
     parser.add_argument("--tests", default=",".join(TESTS), help=f"comma-separated, from {', '.join(TESTS)}")
-    parser.add_argument("--ways", default=",".join(w for w in WAYS if not w.endswith("_base")),
+    parser.add_argument("--ways", default=",".join(w for w in WAYS if not w.endswith("_base")
+                                                   and not w.startswith("nft_ladder")),
                         help=f"comma-separated, from {', '.join(WAYS)}")
     parser.add_argument("--base-tree", type=Path,
                         help="a directory holding another version's pointsman package, for the *_base ways")

@@ -292,14 +292,15 @@ def ready_servers(procs: list[subprocess.Popen[bytes]], what: str) -> Iterator[N
                 proc.stdout.close()
 
 
-def echo_through(topo: LbTopology, source: tuple[str, int], payload: bytes) -> tuple[bytes, tuple[str, int]]:
-    """Send `payload` to the VIP's echo port from `source` (writing and reading at once); the
-    bytes that came back and the peer address the client's socket saw."""
+def echo_through(topo: LbTopology, source: tuple[str, int], payload: bytes,
+                 vip_port: int = 80) -> tuple[bytes, tuple[str, int]]:
+    """Send `payload` to the VIP's echo listener (on `vip_port`) from `source` (writing and
+    reading at once); the bytes that came back and the peer address the client's socket saw."""
     with topo.client.socket() as sock:
         sock.settimeout(IO_TIMEOUT)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(source)
-        sock.connect((VIP, 80))
+        sock.connect((VIP, vip_port))
         peer = sock.getpeername()
 
         def send() -> None:

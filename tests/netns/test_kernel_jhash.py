@@ -25,11 +25,13 @@ pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 U32_MAX = 0xFFFFFFFF
 # dport: (key expression, hash key, modulus, seed)
 RULES = {
+    9000: ("ip saddr . th sport", "source_ip_port", 4093, DEFAULT_SEED),  # stateless's slot hash
     9001: ("ip saddr", "source_ip", U32_MAX, DEFAULT_SEED),
     9002: ("ip saddr . udp sport", "source_ip_port", U32_MAX, DEFAULT_SEED),
     9003: ("ip saddr . udp sport", "source_ip_port", 4093, DEFAULT_SEED),
     9004: ("ip6 saddr", "source_ip", U32_MAX, 0x12345678),
     9005: ("ip6 saddr . udp sport", "source_ip_port", 65537, DEFAULT_SEED),
+    9006: ("ip6 saddr . th sport", "source_ip_port", 4093, DEFAULT_SEED),
 }
 V6_SOURCES = [f"fd00:99::{i:x}" for i in range(1, 9)]
 _ENTRY = re.compile(r"src=(\S+) dst=\S+ sport=(\d+) dport=(\d+) .*mark=(\d+)")

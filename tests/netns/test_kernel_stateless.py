@@ -6,7 +6,9 @@ What is checked: the kernel's choice per client is userspace Maglev's (the connt
 too); bytes arrive intact and replies come from the VIP; no conntrack entry is made; a change of
 the slot map under load resets exactly the flows of the slots that changed (the bound
 docs/kernel.md states), nothing else; shutdown refuses new flows and lets running ones finish;
-a reload switching conntrack -> stateless keeps a running flow; UDP.
+a reload switching conntrack -> stateless keeps a running flow; UDP; next to a conntrack
+listener in the same table and behind a host firewall that takes only tracked replies, the
+stateless flows make no entry either way while health-check replies stay tracked.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .kernel_support import (
     slot_table,
 )
 from .netns_support import (
+    HTTP_PORT,
     UDP_PORT,
     VIP,
     BackendServer,
@@ -59,6 +62,7 @@ _reason = nftables_unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
 SLOTS = 4093
+ECHO_VIP_PORT = 81  # the conntrack listener next to the stateless one (VIP:80)
 STREAMS = 24  # long flows in flight while the map changes: about 8 per backend
 
 
@@ -185,6 +189,66 @@ def test_udp_replies_come_from_the_vip(topo: LbTopology, servers: dict[str, Back
                                  "24 replies counted")
             assert found("pointsman_kernel_packets_total", direction="in") == 24
             assert found("pointsman_kernel_new_connections_total") == 0  # UDP: no SYN to count
+
+
+HOST_FIREWALL = """
+table inet hostfw {
+    chain input {
+        type filter hook input priority 0; policy drop;
+        ct state established,related accept
+        iif lo accept
+    }
+}
+"""
+"""A host firewall as common as they come: this host takes only replies conntrack tracked (and
+loopback). It also makes conntrack run in the lb namespace, so "no entry" means something."""
+
+
+def tracked_replies(topo: LbTopology, backend: int) -> int:
+    """Flows from the lb to a backend's HTTP port whose replies conntrack saw (health checks)."""
+    listing = topo.lb.run("conntrack", "-L", "-p", "tcp", "--orig-dst", topo.backend_ip(backend),
+                          "--orig-port-dst", str(HTTP_PORT), check=False)
+    return sum(1 for line in listing.splitlines() if "dport=" in line and "[UNREPLIED]" not in line)
+
+
+def test_next_to_conntrack_in_one_table_behind_a_host_firewall(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    """Both modes in one table, conntrack running: the stateless listener's flows (either
+    direction) make no entry, the conntrack listener's do, and health checks on the stateless
+    backends' own port keep their replies tracked (the `fib daddr type != local` test), which the
+    host firewall needs: without it the checks would fail and the backends leave the map."""
+    both = yaml.safe_load(stateless(topo))
+    both["pools"][0]["health_check"]["port"] = HTTP_PORT  # replies from the stateless backend port
+    echo = yaml.safe_load(config(topo, bind=f"{VIP}:{ECHO_VIP_PORT}", port=ECHO_PORT))
+    echo["listeners"][0].update(name="echo", pool="echo")
+    echo["pools"][0]["name"] = "echo"
+    both["listeners"] += echo["listeners"]
+    both["pools"] += echo["pools"]
+    (tmp_path / "hostfw.nft").write_text(HOST_FIREWALL)
+    topo.lb.run("nft", "-f", str(tmp_path / "hostfw.nft"))
+    try:
+        with echo_servers(topo), pointsman(topo, tmp_path, yaml.safe_dump(both)):
+            wait_until(lambda: all(tracked_replies(topo, i) > 0 for i in range(len(topo.names))),
+                       5.0 + HEALTH_BOUND, what="a tracked health check reply from every backend")
+            payload = os.urandom(200_000)
+            received, peer = echo_through(topo, (topo.client_source(3), 46000), payload, ECHO_VIP_PORT)
+            assert received == payload and peer == (VIP, ECHO_VIP_PORT)
+            assert conntrack_entries(topo, "-p", "tcp", "--orig-dst", VIP,
+                                     "--orig-port-dst", str(ECHO_VIP_PORT)) >= 1
+            seen: Counter[str] = Counter()
+            for i in range(24):  # every backend still in the map: the health checks passed
+                source = (topo.client_source(i), 46100 + i)
+                name, peer_seen = http_get(topo, source).split()
+                assert name == maglev_choice(topo, SLOTS, *source, "source_ip_port"), source
+                assert peer_seen == source[0]
+                seen[name] += 1
+            assert set(seen) == set(topo.names)
+            assert conntrack_entries(topo, "-p", "tcp", "--orig-dst", VIP, "--orig-port-dst", "80") == 0
+            for i in range(len(topo.names)):  # no reply picked up mid-flow either
+                assert conntrack_entries(topo, "-p", "tcp", "--orig-src", topo.backend_ip(i),
+                                         "--orig-port-src", str(HTTP_PORT)) == 0
+    finally:
+        topo.lb.run("nft", "delete", "table", "inet", "hostfw", check=False)
 
 
 # --- the slot map changes under load -----------------------------------------------------------------

@@ -178,7 +178,7 @@ B0 = {("10.0.0.1", 80): 0}
 
 def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
     text = listener_text(stateless(), backends={("10.0.0.1", 8080): 0})
-    index = "jhash ip saddr . tcp sport mod 13 seed 0x706d616e"
+    index = "jhash ip saddr . th sport mod 13 seed 0x706d616e"  # th: no protocol test
     # One base chain per hook for every stateless listener: verdict maps dispatch to the listener.
     # IPv4 first, a family's rules together: an IPv4 packet never meets an IPv6 rule first.
     # Each shared lookup behind a port bitmap: what belongs to no listener fails there.
@@ -187,7 +187,7 @@ def test_stateless_rules_notrack_and_rewrite_both_ways() -> None:
         return (f"meta nfproto ipv{v} th dport @stateless_vports {fam} daddr . {key} dport "
                 f"vmap @stateless_vips{v}",
                 f"meta nfproto ipv{v} th sport @stateless_bports {fam} saddr . {key} sport "
-                f"@stateless_replies{v} fib daddr type != local notrack",
+                f"@stateless_replies{v} fib daddr type != local notrack accept",
                 f"meta nfproto ipv{v} th sport @stateless_bports {fam} saddr . {key} sport "
                 f"vmap @stateless_rev{v}")
 
@@ -261,7 +261,7 @@ def test_stateless_udp_counts_no_new_flows() -> None:
     text = listener_text(stateless(protocol="udp"), [("10.0.0.1", 81)], backends={("10.0.0.1", 81): 0})
     assert not any("flags" in rule for rule in rules(text, "l_web_sin"))
     assert rules(text, "l_web_sin")[-1].endswith("reject with icmpx port-unreachable")
-    assert "jhash ip saddr . udp sport mod 13 seed 0x706d616e vmap @l_web_slot_to" in text
+    assert "jhash ip saddr . th sport mod 13 seed 0x706d616e vmap @l_web_slot_to" in text
     assert rules(text, "l_web_b0_sin") == [
         'notrack ip daddr set 10.0.0.1 udp dport set 81 counter name "l_web_b0_in" accept']
     assert "udp sport set 80" in text
@@ -271,7 +271,7 @@ def test_stateless_udp_counts_no_new_flows() -> None:
 def test_stateless_ipv6() -> None:
     text = listener_text(stateless(family="ip6", vip="fd00::1"), [("fd00::11", 8080)],
                          backends={("fd00::11", 8080): 0})
-    assert "jhash ip6 saddr . tcp sport mod 13 seed 0x706d616e vmap @l_web_slot_to" in text
+    assert "jhash ip6 saddr . th sport mod 13 seed 0x706d616e vmap @l_web_slot_to" in text
     assert rules(text, "l_web_b0_sin")[1:] == [
         'notrack ip6 daddr set fd00::11 tcp dport set 8080 counter name "l_web_b0_in" accept']
     assert rules(text, "l_web_b0_rev") == [
