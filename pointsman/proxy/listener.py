@@ -72,6 +72,16 @@ LIVE_INTERVAL = 0.1  # seconds between refreshes of the live byte totals while c
 _perf_counter = time.perf_counter
 
 
+def _connected_to(engine: Engine, conn_id: int, flow: Flow, backend_id: str) -> bool:
+    """Whether the connection is connected to `backend_id`: its flow knows it when
+    connect_result saw the success; after a quiet one (targets.py), its slot names the backend
+    and the engine knows whether the connect is done."""
+    if flow.backend_id is not None:
+        return flow.backend_id == backend_id
+    slot = flow.slot
+    return slot is not None and slot.id == backend_id and engine.is_connected(conn_id)
+
+
 class TcpListener(ConnectPolicy):
     """Accepts connections on its addresses (one socket each) and proxies them to one pool (see
     the module doc)."""
@@ -163,6 +173,7 @@ class TcpListener(ConnectPolicy):
     def _tick_live(self) -> None:
         self._live = None
         self._refresh()
+        self.report_successes()
         now = _perf_counter()
         if self.lifetimes.due <= now:
             self._cut_old(now)
@@ -442,6 +453,7 @@ class TcpListener(ConnectPolicy):
         if self._released or self.engine is None:
             return
         self._refresh()
+        self.report_successes()
         self._released = True
         if self._live is not None:
             self._live.cancel()
@@ -472,10 +484,11 @@ class TcpListener(ConnectPolicy):
         `pool`, only those that went to it through that pool (one address can serve two)."""
         if self.engine is None or self._released:
             return 0
-        victims = [cid for cid, flow in self.connections.items() if flow.backend_id == backend_id
-                   and (pool is None or flow.pool.name == pool)]
+        engine = self.engine
+        victims = [cid for cid, flow in self.connections.items() if _connected_to(
+            engine, cid, flow, backend_id) and (pool is None or flow.pool.name == pool)]
         code = END_CODE[reason]
-        return sum(self.engine.close(cid, code) for cid in victims)
+        return sum(engine.close(cid, code) for cid in victims)
 
     def oldest(self) -> dict[str, float]:
         """The accept time (time.perf_counter()) of the oldest open connection, by the pool it

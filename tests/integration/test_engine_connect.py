@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from pointsman.proxy.engine import new_engine
-from pointsman.proxy.engine.api import Decision, End, Op, Status
+from pointsman.proxy.engine.api import Decision, End, Flag, Op, Status
 from pointsman.proxy.engine.simple import RoundRobinPolicy
 from tests.integration.engine_support import ENGINES, echo, open_raw, proxy, raw_backend, recv_to_end
 from tests.support import LOOPBACK, refused_port, wait_for
@@ -243,3 +243,38 @@ async def test_socket_emfile_is_a_local_error_not_a_backend_failure(engine: str)
     assert policy.records[0].detail == errno.EMFILE
     counters = eng.listener_stats(lid)
     assert (counters.accepted, counters.ended) == (2, 2)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_quiet_target_counts_its_successes_and_reports_only_failures(engine: str) -> None:
+    """Through quiet targets a success is not reported: the target counts it, the record is
+    flagged QUIET with the successful attempt's start; a failure still reaches connect_result,
+    whose answer (a retry) is followed."""
+    async with raw_backend(echo) as good:
+        with refused_port() as bad:
+            async with proxy(engine, [bad, good.port], quiet=True) as p:
+                results = [await ping(p.address) for _ in range(3)]
+                records = await p.wait_ended(3)
+                counts = [target.connected for target in p.policy.targets]  # type: ignore[attr-defined]
+    assert results == [(b"ping", "eof")] * 3
+    assert p.policy.outcomes == {(0, Status.BACKEND, errno.ECONNREFUSED): 3}
+    assert p.policy.connect_times == []
+    assert counts == [0, 3]
+    for record in records:
+        assert record.backend == 1 and record.reason == End.CLIENT_FIN
+        assert record.flags & Flag.QUIET and record.flags & Flag.CONNECTED
+        # The attempt that succeeded (the engine's clock is read once per wake-up, so the
+        # times may be equal), and only a connected record has one.
+        assert 0 < record.started <= record.attempt <= record.connected <= record.ended
+    p.assert_adds_up()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_target_that_is_not_quiet_reports_its_success(engine: str) -> None:
+    async with raw_backend(echo) as good, proxy(engine, [good.port]) as p:
+        assert await ping(p.address) == (b"ping", "eof")
+        (record,) = await p.wait_ended(1)
+    assert p.policy.outcomes == {(0, Status.OK, 0): 1}
+    assert record.flags & Flag.CONNECTED and not record.flags & Flag.QUIET
+    # The elapsed time connect_result got is the record's connected - attempt, to the bit.
+    assert p.policy.connect_times == [(record.connected - record.attempt) / 1e9]

@@ -82,6 +82,7 @@ cdef enum:
     F_BACKEND_RESET = 8
     F_CONNECTED = 16
     F_SPLICED = 32
+    F_QUIET = 64
     # Status, Op (api.py)
     ST_OK = 0
     ST_BACKEND = 1
@@ -226,10 +227,12 @@ cdef class CTarget:
     cdef int64_t idle_ns
     cdef int64_t half_close_ns
     cdef int64_t splice_after
+    cdef readonly bint quiet  # a success is counted in `connected`, not reported (api.py)
+    cdef readonly uint64_t connected
 
     def __init__(self, int backend, str host, int port, source, bint transparent,
                  double connect_timeout, double idle_timeout, double half_close_timeout,
-                 splice_after, bint nodelay, keepalive):
+                 splice_after, bint nodelay, keepalive, bint quiet=False):
         parse_addr(host, port, &self.addr)
         if keepalive is not None:
             keepalive = Keepalive(*keepalive).check()
@@ -248,6 +251,7 @@ cdef class CTarget:
         self.idle_ns = <int64_t>(idle_timeout * 1e9)
         self.half_close_ns = <int64_t>(half_close_timeout * 1e9)
         self.splice_after = C_NEVER if splice_after is None else splice_after
+        self.quiet = quiet
 
     def __repr__(self):
         return f"CTarget({self.backend}, {self.host!r}, {self.port})"
@@ -418,9 +422,9 @@ cdef class CEngine:
     def target(self, int backend, str host, int port, *, source=None, bint transparent=False,
                double connect_timeout=5.0, double idle_timeout=300.0,
                double half_close_timeout=30.0, splice_after=None, bint nodelay=True,
-               keepalive=None):
+               keepalive=None, bint quiet=False):
         return CTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
-                       half_close_timeout, splice_after, nodelay, keepalive)
+                       half_close_timeout, splice_after, nodelay, keepalive, quiet)
 
     def add_listener(self, sock, policy, *, bint nodelay=True, keepalive=None):
         cdef Listener lst = Listener()
@@ -530,6 +534,10 @@ cdef class CEngine:
         if conn is None:
             return None
         return (conn.up.len + conn.up.pipe_len, conn.down.len + conn.down.pipe_len)
+
+    def is_connected(self, uint64_t conn_id):
+        cdef Conn conn = self.conns.get(conn_id)
+        return conn is not None and conn.t_connect != 0
 
     def connections(self):
         return list(self.conns)
@@ -1055,10 +1063,14 @@ cdef class CEngine:
         conn.flags |= F_CONNECTED
         conn.last = self.now
         conn.splice_after = conn.target.splice_after
-        self._call5(conn, conn.lst.on_connect, conn.id, conn.target.backend, ST_OK, 0,
-                    (self.now - conn.t_attempt) / 1e9)
-        if conn.state == S_DONE:
-            return 0
+        if conn.target.quiet:
+            conn.target.connected += 1
+            conn.flags |= F_QUIET
+        else:
+            self._call5(conn, conn.lst.on_connect, conn.id, conn.target.backend, ST_OK, 0,
+                        (self.now - conn.t_attempt) / 1e9)
+            if conn.state == S_DONE:
+                return 0
         if conn.first is not None:
             first = <bytes>conn.first
             n = PyBytes_GET_SIZE(first)
@@ -1515,6 +1527,7 @@ cdef class CEngine:
         rec.first_byte = conn.t_first
         rec.ended = self.now
         rec.listener = lst.id
+        rec.attempt = conn.t_attempt if conn.t_connect else 0
         del self.conns[conn.id]
         if self.paused:
             self._resume_listeners()

@@ -109,12 +109,14 @@ def _ns(seconds: float) -> int:
 class PyTarget:
     """A backend address and the per-pool settings a connection to it uses; made once."""
 
-    __slots__ = ("address", "backend", "connect_ns", "family", "half_close_ns", "idle_ns",
-                 "keepalive", "nodelay", "source", "splice_after", "transparent")
+    __slots__ = ("address", "backend", "connect_ns", "connected", "family", "half_close_ns",
+                 "idle_ns", "keepalive", "nodelay", "quiet", "source", "splice_after",
+                 "transparent")
 
     def __init__(self, backend: int, host: str, port: int, source: str | None, transparent: bool,
                  connect_timeout: float, idle_timeout: float, half_close_timeout: float,
-                 splice_after: int | None, nodelay: bool, keepalive: Keepalive | None) -> None:
+                 splice_after: int | None, nodelay: bool, keepalive: Keepalive | None,
+                 quiet: bool = False) -> None:
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
         socket.inet_pton(self.family, host)  # numeric only: the policy resolves names
         if source is not None:
@@ -129,6 +131,10 @@ class PyTarget:
         self.splice_after = NEVER if splice_after is None or not hasattr(os, "splice") else splice_after
         self.nodelay = nodelay
         self.keepalive = None if keepalive is None else Keepalive(*keepalive).check()
+        # Quiet: a success is not reported by connect_result, only counted here (and flagged
+        # in the record); the policy reads the count when it needs the successes (api.py).
+        self.quiet = quiet
+        self.connected = 0
 
 
 class _Listener:
@@ -265,9 +271,10 @@ class PyEngine:
     def target(self, backend: int, host: str, port: int, *, source: str | None = None,
                transparent: bool = False, connect_timeout: float = 5.0, idle_timeout: float = 300.0,
                half_close_timeout: float = 30.0, splice_after: int | None = None,
-               nodelay: bool = True, keepalive: Keepalive | None = None) -> PyTarget:
+               nodelay: bool = True, keepalive: Keepalive | None = None,
+               quiet: bool = False) -> PyTarget:
         return PyTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
-                        half_close_timeout, splice_after, nodelay, keepalive)
+                        half_close_timeout, splice_after, nodelay, keepalive, quiet)
 
     def add_listener(self, sock: socket.socket, policy: Policy, *, nodelay: bool = True,
                      keepalive: Keepalive | None = None) -> int:
@@ -371,6 +378,12 @@ class PyEngine:
             return None
         return (len(conn.up.pending or b"") + conn.up.pipe_len,
                 len(conn.down.pending or b"") + conn.down.pipe_len)
+
+    def is_connected(self, conn_id: int) -> bool:
+        """Whether this connection reached its backend (False once it ended): what a policy
+        that takes quiet successes asks before it acts on the backend of an open connection."""
+        conn = self._conns.get(conn_id)
+        return conn is not None and conn.t_connect != 0
 
     def connections(self) -> list[int]:
         """Ids of the live connections."""
@@ -785,10 +798,14 @@ class PyEngine:
         conn.flags |= Flag.CONNECTED
         conn.last = self.now
         conn.splice_after = target.splice_after
-        self._call(conn, conn.lst.on_connect, conn.id, target.backend, Status.OK, 0,
-                   (self.now - conn.t_attempt) / 1e9)
-        if conn.state == DONE:
-            return
+        if target.quiet:
+            target.connected += 1
+            conn.flags |= Flag.QUIET
+        else:
+            self._call(conn, conn.lst.on_connect, conn.id, target.backend, Status.OK, 0,
+                       (self.now - conn.t_attempt) / 1e9)
+            if conn.state == DONE:
+                return
         held = conn.up.pending or b""
         data = conn.first + bytes(held) if conn.first else held
         conn.up.pending = memoryview(data) if data else None
@@ -1176,7 +1193,7 @@ class PyEngine:
         lst.records += RECORD.pack(
             conn.id, conn.target.backend if conn.target is not None else -1, reason, conn.flags,
             detail & 0xFFFF, conn.bytes_in, conn.bytes_out, conn.t_start, conn.t_connect,
-            conn.t_first, self.now, lst.id)
+            conn.t_first, self.now, lst.id, conn.t_attempt if conn.t_connect else 0)
         del self._conns[conn.id]
         if self._paused:
             self._resume_listeners()

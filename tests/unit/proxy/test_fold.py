@@ -15,11 +15,12 @@ from hypothesis import strategies as st
 
 from pointsman.pool.pool import Pool
 from pointsman.proxy.codes import END_CODE, REJECT_CODE, outcome
-from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, End
+from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, End, Flag
 from pointsman.proxy.flows import Flow
 from pointsman.proxy.fold import Fold, fold, folder
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import tcp_head, tcp_line
+from pointsman.telemetry.histogram import Histogram
 from pointsman.telemetry.stats import BackendStats, ListenerStats
 
 try:
@@ -75,7 +76,10 @@ CASE = st.fixed_dictionaries({
     "detail": st.sampled_from([0, POLICY_ERROR, *REJECT_CODE.values(), *END_CODE.values()]),
     "peer": PEERS,
     "slot": st.sampled_from([None, 0, 1]),  # no slot, an uncapped one, a capped one
-    "connected": st.booleans(),
+    # Not connected; connected with connect_result told (it set backend_id); connected through
+    # a quiet target (the record flags it; fold counts the success).
+    "connected": st.sampled_from([None, "reported", "quiet"]),
+    "connect": NS,  # the successful attempt's length, ns
     "source_key": st.sampled_from([None, b"k1"]),
     "detour": st.sampled_from([None, "plain", "preamble", "queued", "failed"]),
     "bytes": st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
@@ -96,7 +100,7 @@ def build(cases: list[dict[str, Any]]) -> tuple[Listener, bytes, list[Slot]]:
                 slot = slots[case["slot"]]
                 slot.stats.active += 1
                 flow.slot = slot  # type: ignore[assignment]
-                if case["connected"]:
+                if case["connected"] == "reported":
                     flow.backend_id = slot.id
             flow.source_key = case["source_key"]
             if case["detour"] is not None:
@@ -106,9 +110,15 @@ def build(cases: list[dict[str, Any]]) -> tuple[Listener, bytes, list[Slot]]:
                 detour.backend_failed = case["detour"] == "failed"
             listener.connections[conn_id] = flow
         ttfb = case["ttfb"]
+        flags = connected = attempt = 0
+        if case["connected"] is not None:
+            flags = Flag.CONNECTED | (Flag.QUIET if case["connected"] == "quiet" else 0)
+            attempt = started + 7
+            connected = attempt + case["connect"]
         records.append(RECORD.pack(
-            conn_id, -1, case["reason"], 0, case["detail"], *case["bytes"], started, 0,
-            0 if ttfb is None else started + ttfb + 1, started + case["duration"], 0))
+            conn_id, -1, case["reason"], flags, case["detail"], *case["bytes"], started,
+            connected, 0 if ttfb is None else started + ttfb + 1, started + case["duration"], 0,
+            attempt))
     return listener, b"".join(records), slots
 
 
@@ -123,6 +133,8 @@ def run(twin: Fold, cases: list[dict[str, Any]], log: bool = True) -> tuple[Any,
             stats.duration.counts, stats.duration.sum, stats.duration.count,
             stats.ttfb.counts, stats.ttfb.sum, stats.ttfb.count,
             [(s.stats.active, s.stats.bytes_in, s.stats.bytes_out) for s in slots],
+            [(s.stats.total, s.stats.connect_time.counts, s.stats.connect_time.sum,
+              s.stats.connect_time.count) for s in slots],
             listener.admission.closed_keys, listener.calls, sorted(listener.connections))
 
 
@@ -131,7 +143,7 @@ def run(twin: Fold, cases: list[dict[str, Any]], log: bool = True) -> tuple[Any,
 @given(st.lists(CASE, max_size=12))
 def test_each_record_counts_once_as_its_outcome(twin: Fold, cases: list[dict[str, Any]]) -> None:
     (gone, freed, lines, ended, rejected, connect_failed, _, _, d_count, _, _, t_count, slots,
-     closed, calls, left) = run(twin, cases)
+     connects, closed, calls, left) = run(twin, cases)
     known = [c for c in cases if c["known"]]
     assert gone == len(known) and left == []
     outcomes = [outcome(c["reason"], c["detail"], c["detour"] == "failed") for c in known]
@@ -151,6 +163,15 @@ def test_each_record_counts_once_as_its_outcome(twin: Fold, cases: list[dict[str
         mine = [c for c in known if c["slot"] == index and c["connected"]]
         assert (bytes_in, bytes_out) == (sum(c["bytes"][0] for c in mine),
                                          sum(c["bytes"][1] for c in mine))
+    for index, (total, counts, total_time, count) in enumerate(connects):
+        # A quiet success is counted once, as connect_result would have: the total, and the
+        # connect time the engine measured, to the bit (the same division, the same order).
+        quiet = [c for c in known if c["slot"] == index and c["connected"] == "quiet"]
+        expected = Histogram()
+        for c in quiet:
+            expected.observe(c["connect"] / 1e9)
+        assert total == count == len(quiet)
+        assert (counts, total_time) == (expected.counts, expected.sum)
     assert freed == ({POOL} if any(c["slot"] == 1 for c in known) else None)
     assert closed == [c["source_key"] for c in known if c["source_key"] is not None]
     assert [name for name, _ in calls] == [
@@ -162,7 +183,7 @@ def test_each_record_counts_once_as_its_outcome(twin: Fold, cases: list[dict[str
         how = outcome(case["reason"], case["detail"], case["detour"] == "failed")
         end = how.value if type(how) is EndReason else f"rejected:{how.value}"
         backend = None
-        if case["slot"] is not None and case["connected"]:
+        if case["slot"] is not None and case["connected"] is not None:
             backend = ["b1", 'b"2'][case["slot"]]
         duration = case["duration"] * 1e-9
         ttfb = None if case["ttfb"] is None else (case["ttfb"] + 1) * 1e-9
