@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pointsman.pool.state import BackendState
-from pointsman.telemetry.flow import EndReason
+from pointsman.telemetry.flow import EndReason, RejectReason
 from tests.integration.peers import config_text, tcp_stats
 from tests.support import (
     LOOPBACK,
@@ -161,3 +161,86 @@ async def test_a_backend_removed_while_its_connection_is_open() -> None:
     assert (old.total, old.connect_time.count, old.active) == (1, 1, 0)
     assert old.bytes_in == len(b"beforeafter")
     assert (new.total, new.connect_time.count, new.active) == (1, 1, 0)
+
+
+# --- the fast path: the engine admits ---------------------------------------------------------------
+
+
+async def test_a_plain_listener_is_admitted_by_the_engine_in_turn() -> None:
+    """A round-robin pool of quiet targets behind a listener with no rule per connection: the
+    first accept goes through `accepted`, which hands the engine the rotation; the others are
+    admitted by the engine alone and folded in `admitted`, counted as `accepted` counts them,
+    and a cut of one backend's connections finds them."""
+    async with echo_backend() as a, echo_backend() as b:
+        listen = f"{LOOPBACK}:{free_port()}"
+        async with running(one_pool_config(listen, [a.address, b.address])) as runtime:
+            listener = runtime.listeners["lb"]
+            pool = runtime.pools["p"]
+            held = []
+            for i in range(6):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"x" * (i + 1))
+                held.append((reader, writer))
+            stats = tcp_stats(runtime)
+            assert stats.active == 6 and stats.accepted == 6
+            adds_up(runtime)
+            assert [s.active for s in runtime.backend_stats(pool)] == [3, 3]
+            assert (a.accepted, b.accepted) == (3, 3)
+            assert listener.fast_admitted == 5  # type: ignore[attr-defined]
+            cut = listener.close_backend(a.address, EndReason.CLOSED_BY_OPERATOR)  # type: ignore[attr-defined]
+            assert cut == 3
+            for _reader, writer in held:
+                if not writer.is_closing():
+                    await close_writer(writer)
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            stats = tcp_stats(runtime)
+            adds_up(runtime)
+            figures = [(s.total, s.connect_time.count, s.active)
+                       for s in runtime.backend_stats(pool)]
+    assert figures == [(3, 3, 0), (3, 3, 0)]
+    assert stats.ended[EndReason.CLOSED_BY_OPERATOR] == 3
+    assert sum(stats.ended.values()) == 6
+
+
+async def test_the_engine_admits_within_the_table() -> None:
+    """max_connections 2: the engine's credit stops at the table's size, so a connection past
+    it goes to `accepted`, which refuses it (table_full); room again, and the engine admits."""
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        text = one_pool_config(listen, [peer.address], listener={"max_connections": 2})
+        async with running(text) as runtime:
+            listener = runtime.listeners["lb"]
+            seen = []
+            for _ in range(2):
+                held = []
+                for _ in range(2):  # the first through `accepted`, the second the engine's
+                    reader, writer = await connect(listen)
+                    await roundtrip(reader, writer, b"in")
+                    held.append(writer)
+                reader, writer = await connect(listen)
+                assert await wait_closed(reader, 2.0) in ("eof", "reset")
+                await close_writer(writer)
+                seen.append(listener.fast_admitted)  # type: ignore[attr-defined]
+                for writer in held:
+                    await close_writer(writer)
+                await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            stats = tcp_stats(runtime)
+            adds_up(runtime)
+    assert stats.rejected[RejectReason.TABLE_FULL] == 2
+    assert stats.ended[EndReason.CLIENT_FIN] == 4
+    assert seen == [1, 2]
+
+
+async def test_a_listener_with_a_rule_per_connection_is_not_admitted_by_the_engine() -> None:
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        text = one_pool_config(listen, [peer.address],
+                               listener={"limits": {"max_connections_per_source": 10}})
+        async with running(text) as runtime:
+            for _ in range(3):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"x")
+                await close_writer(writer)
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            adds_up(runtime)
+            assert runtime.listeners["lb"].fast_admitted == 0  # type: ignore[attr-defined]

@@ -267,6 +267,15 @@ cdef class Listener:
     cdef object on_connect
     cdef object on_ended
     cdef object on_accept_error  # optional: policy.accept_error(errno)
+    cdef object on_admitted  # optional: policy.admitted(batch), for the fast path
+    # Fast admission (set_fast): while `credit` lasts and `watch.snapshot is snapshot`, a new
+    # connection goes to the next of `fast` without a call; `admits` holds them for the policy.
+    cdef tuple fast
+    cdef Py_ssize_t fast_next
+    cdef Py_ssize_t credit
+    cdef object watch
+    cdef object snapshot
+    cdef list admits
     cdef bint nodelay
     cdef bint paused
     cdef bint stopped
@@ -358,6 +367,7 @@ cdef class CEngine:
     cdef list again
     cdef list kills
     cdef list dirty
+    cdef list admitting  # listeners with fast admissions not yet handed over
     cdef list paused
     cdef int64_t resume_at
     cdef int busy
@@ -404,6 +414,7 @@ cdef class CEngine:
         self.again = []
         self.kills = []
         self.dirty = []
+        self.admitting = []
         self.paused = []
         self._on_ready_cb = self._on_ready
         self._tick_cb = self._tick
@@ -442,6 +453,8 @@ cdef class CEngine:
         lst.on_connect = policy.connect_result
         lst.on_ended = policy.ended
         lst.on_accept_error = getattr(policy, "accept_error", None)
+        lst.on_admitted = getattr(policy, "admitted", None)
+        lst.admits = []
         lst.nodelay = nodelay and not inherited
         ev.events = EPOLLIN
         ev.data.u64 = <uint64_t>lst.fd | (<uint64_t>1 << 32)
@@ -463,6 +476,28 @@ cdef class CEngine:
         if not lst.paused:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, lst.fd, NULL)
         self.lfds.pop(lst.fd, None)
+
+    def set_fast(self, int lid, targets=None, Py_ssize_t start=0, Py_ssize_t credit=0,
+                 watch=None, snapshot=None):
+        """Fast admission for a listener (pyengine.set_fast): None turns it off."""
+        cdef Listener lst = self.listeners[lid]
+        self._flush_admits(lst)
+        if not targets or lst.on_admitted is None:
+            lst.fast = None
+            lst.credit = 0
+            lst.watch = lst.snapshot = None
+            return
+        for target in targets:
+            if type(target) is not CTarget:
+                raise TypeError("fast targets are this engine's targets")
+        lst.fast = tuple(targets)
+        lst.fast_next = start % len(lst.fast)
+        lst.credit = credit
+        lst.watch = watch
+        lst.snapshot = snapshot
+
+    def set_credit(self, int lid, Py_ssize_t credit):
+        (<Listener>self.listeners[lid]).credit = credit
 
     def pause_listener(self, int lid):
         """Accept nothing for ACCEPT_BACKOFF or until a connection closes (pyengine)."""
@@ -674,6 +709,10 @@ cdef class CEngine:
 
     cdef int _flush_records(self) except -1:
         cdef Listener lst
+        while self.admitting:  # before the records: a fast connection may have ended already
+            admitting, self.admitting = self.admitting, []
+            for lst in admitting:
+                self._flush_admits(lst)
         while self.dirty:
             dirty, self.dirty = self.dirty, []
             for lst in dirty:
@@ -829,6 +868,8 @@ cdef class CEngine:
         lst.accepted += 1
         lst.active += 1
         self.conns[conn.id] = conn
+        if lst.credit > 0 and lst.fast is not None and lst.watch.snapshot is lst.snapshot:
+            return self._admit(lst, conn, peer)
         decision = self._call3(conn, lst.on_accept, conn.id, addr_host(peer), addr_port(peer))
         if conn.state == S_DONE:
             return 0
@@ -842,7 +883,43 @@ cdef class CEngine:
                 self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
         return 0
 
+    cdef int _admit(self, Listener lst, Conn conn, SockAddr* peer) except -1:
+        """Fast admission: the next target of the listener's table, no policy call; the policy
+        hears of it in `admitted` before any other call about this listener."""
+        cdef CTarget target = <CTarget>lst.fast[lst.fast_next]
+        lst.fast_next += 1
+        if lst.fast_next == len(lst.fast):
+            lst.fast_next = 0
+        lst.credit -= 1
+        lst.admits.append((conn.id, target.backend, conn.t_start, addr_host(peer),
+                           addr_port(peer)))
+        if len(lst.admits) == 1:
+            self.admitting.append(lst)
+        try:
+            self._register(conn.cfd, conn)
+            self._connect(conn, target, None, 0, None)
+        except Exception:
+            log.exception("engine: internal error on connection %d; it is cut", conn.id)
+            if conn.state != S_DONE:
+                self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
+        return 0
+
+    cdef int _flush_admits(self, Listener lst) except -1:
+        """Hand the listener's fast admissions to its policy (before any other call of it)."""
+        if not lst.admits:
+            return 0
+        batch, lst.admits = lst.admits, []
+        self.busy += 1
+        try:
+            lst.on_admitted(batch)
+        except Exception:
+            log.exception("engine: policy.admitted raised")
+        finally:
+            self.busy -= 1
+        return 0
+
     cdef object _call3(self, Conn conn, object fn, object a, object b, object c):
+        self._flush_admits(conn.lst)
         self.busy += 1
         try:
             result = fn(a, b, c)
@@ -855,6 +932,7 @@ cdef class CEngine:
         return result
 
     cdef object _call5(self, Conn conn, object fn, object a, object b, object c, object d, object e):
+        self._flush_admits(conn.lst)
         self.busy += 1
         try:
             result = fn(a, b, c, d, e)
@@ -923,6 +1001,7 @@ cdef class CEngine:
         return self._apply(conn, decision)
 
     cdef object _preamble_call(self, Conn conn, bytes data):
+        self._flush_admits(conn.lst)
         self.busy += 1
         try:
             result = conn.lst.on_preamble(conn.id, data)
