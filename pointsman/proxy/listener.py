@@ -132,6 +132,7 @@ class TcpListener(ConnectPolicy):
         # The engine's fast admission table: (pool, snapshot, slot by engine backend id).
         self._fast: tuple[Pool, PoolSnapshot, dict[int, Slot]] | None = None
         self._withdrawing = False
+        self._no_fast: PoolSnapshot | None = None  # the last snapshot found not to allow it
         self.fast_admitted = 0  # connections the engine admitted alone (tests, docs/engine.md)
         self._setup(config)
 
@@ -255,6 +256,7 @@ class TcpListener(ConnectPolicy):
             acl is not None and acl.on == "proxy_header")
         # The engine may admit on its own (admitted): nothing to decide per connection here.
         self.fast_ok = not (self.reads_preamble or self.checks_source or self.screens_peer)
+        self._no_fast = None
         self._fast_withdraw()
 
     # --- engine -> policy: accept --------------------------------------------------------------------
@@ -332,9 +334,12 @@ class TcpListener(ConnectPolicy):
             for lid in self.lids:
                 engine.set_credit(lid, credit)
             return
+        if fast is None and snapshot is self._no_fast:
+            return  # known: this snapshot does not allow it (a slow accept pays nothing more)
         table = self._fast_table(pool, snapshot)
         self._fast_withdraw()
         if table is None:
+            self._no_fast = snapshot
             return
         slots, order, start = table
         self._fast = (pool, snapshot, {slot.target.backend: slot for slot in slots})

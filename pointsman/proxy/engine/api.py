@@ -15,6 +15,10 @@ Engine -> policy (one policy object per listener; see `Policy`):
   success through a *quiet* target (`engine.target(..., quiet=True)`) is not reported: the
   engine counts it on the target (`target.connected`) and marks the record (`Flag.QUIET`, with
   the attempt's start in `attempt`), so a plain connection costs one Python call, not two;
+- `admitted(batch)`, when the policy has it (optional) and gave the engine a fast table
+  (`engine.set_fast`): the connections the engine admitted without asking, as
+  `(conn_id, backend, accepted ns, host, port)` tuples in accept order, handed over before any
+  other call about that listener;
 - `ended(records)` gets the packed records (`RECORD`) of connections that ended;
 - `accept_error(errno)`, when the policy has it (optional): accept() failed on its listener
   (rare, and worth a log line: one call each).
