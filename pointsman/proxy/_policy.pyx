@@ -232,7 +232,7 @@ def fold(object listener, bytes records, object head, object lines):
     cdef object freed = None
     cdef object flow, detour, how, slot, backend, backend_id, source_key, key, end_json
     cdef object histogram, h_counts
-    cdef object d_tuple = durations.bounds
+    cdef object t_tuple = ttfbs.bounds  # the connect-time histograms' too, as a rule
     cdef PyObject* found
     cdef Py_ssize_t b
     if PyBytes_GET_SIZE(records) % sizeof(Record):
@@ -302,8 +302,8 @@ def fold(object listener, bytes records, object head, object lines):
                 elapsed = <double>(rec[i].connected - rec[i].attempt) / 1e9
                 histogram = backend.connect_time
                 h_counts = histogram.counts
-                if histogram.bounds is d_tuple:
-                    b = _bucket(d_bounds, d_n, elapsed)
+                if histogram.bounds is t_tuple:
+                    b = _bucket(t_bounds, t_n, elapsed)
                 else:
                     b = bisect_left(histogram.bounds, elapsed)
                 h_counts[b] = h_counts[b] + 1
