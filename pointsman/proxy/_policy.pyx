@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The TCP policy's per-connection hot path, compiled, for listeners on the compiled engine:
-`fold`, fold.py's pass over a batch of ended-connection records (fold.py is the reference).
+`fold`, fold.py's pass over a batch of ended-connection records, and `admit`, the Flows of the
+connections the engine admitted alone (fold.py is the reference of both).
 
 The same steps in the same order, with the records read in place (no tuple and no integers per
 record), the histogram buckets found in C arrays, and the flow-log line printed in C (integers and
@@ -24,6 +25,7 @@ from pointsman.proxy.engine._sys cimport Record
 
 from pointsman.proxy.codes import PLAIN_END, outcome
 from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, Flag
+from pointsman.proxy.flows import Flow
 from pointsman.proxy.fold import END_JSON, REJECT_JSON
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import _QUOTED, client_text, quoted
@@ -324,3 +326,17 @@ def fold(object listener, bytes records, object head, object lines):
     ttfbs.count += t_count
     return gone, freed
 
+
+
+def admit(dict connections, list batch, object pool, object snapshot, dict slots):
+    """fold.admit, compiled: the same Flows, in the same order."""
+    cdef tuple each
+    cdef object flow, slot, stats
+    for each in batch:
+        flow = Flow((each[3], each[4]), pool, each[2] / 1e9)
+        slot = slots[each[1]]
+        flow.slot = slot
+        flow.snapshot = snapshot
+        stats = slot.stats
+        stats.active += 1
+        connections[each[0]] = flow

@@ -26,13 +26,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from pointsman.proxy.codes import PLAIN_END, outcome
 from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, Flag
+from pointsman.proxy.flows import Flow
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import client_text, quoted
 
 if TYPE_CHECKING:
     from pointsman.pool.pool import Pool
+    from pointsman.pool.snapshot import PoolSnapshot
     from pointsman.protect.limits import Admission
-    from pointsman.proxy.flows import Flow
+    from pointsman.proxy.targets import Slot
     from pointsman.telemetry.stats import ListenerStats
 
 _CONNECT_FAILED = EndReason.CONNECT_FAILED
@@ -142,6 +144,35 @@ def fold(listener: Folding, records: bytes, head: str | None,
     durations.sum, durations.count = d_sum, durations.count + d_count
     ttfbs.sum, ttfbs.count = t_sum, ttfbs.count + t_count
     return gone, freed
+
+
+def admit(connections: dict[int, Flow], batch: list[tuple[int, int, int, str, int]],
+          pool: Pool, snapshot: PoolSnapshot, slots: dict[int, Slot]) -> None:
+    """The per-connection part of `TcpListener.admitted`: a Flow for each connection the
+    engine admitted on its fast path (conn_id, engine backend id, accept time in
+    CLOCK_MONOTONIC ns, host, port), holding load on its backend's slot, in accept order."""
+    for conn_id, backend, started, host, port in batch:
+        flow = Flow((host, port), pool, started / 1e9)  # perf_counter is CLOCK_MONOTONIC
+        slot = slots[backend]
+        flow.slot = slot
+        flow.snapshot = snapshot
+        slot.stats.active += 1
+        connections[conn_id] = flow
+
+
+Admit = Callable[[dict[int, Flow], "list[tuple[int, int, int, str, int]]", "Pool",
+                  "PoolSnapshot", "dict[int, Slot]"], None]
+
+
+def admitter(engine: str) -> Admit:
+    """`admit`, compiled with the compiled engine when built (see `folder`)."""
+    if engine == "cython":
+        try:
+            from pointsman.proxy._policy import admit as compiled
+        except ImportError:
+            return admit
+        return compiled
+    return admit
 
 
 Fold = Callable[[Folding, bytes, "str | None", "list[str] | None"], "tuple[int, set[Pool] | None]"]

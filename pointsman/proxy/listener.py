@@ -48,7 +48,7 @@ from pointsman.proxy.connect import REFUSE, ConnectPolicy
 from pointsman.proxy.engine import Engine
 from pointsman.proxy.engine.api import EARLY_DATA_MAX, Decision, ReadPreamble, Refuse
 from pointsman.proxy.flows import Flow
-from pointsman.proxy.fold import Fold, fold, folder
+from pointsman.proxy.fold import Admit, Fold, admit, admitter, fold, folder
 from pointsman.proxy.lifetime import Lifetimes
 from pointsman.proxy.preamble import Preamble, Refused, Route
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
@@ -129,6 +129,7 @@ class TcpListener(ConnectPolicy):
         self._released = False
         self.lifetimes = Lifetimes()  # max_connection_duration (proxy/lifetime.py)
         self._fold: Fold = fold  # the compiled twin once on the compiled engine (start)
+        self._admit_flows: Admit = admit  # likewise
         # The engine's fast admission table: (pool, snapshot, slot by engine backend id).
         self._fast: tuple[Pool, PoolSnapshot, dict[int, Slot]] | None = None
         self._withdrawing = False
@@ -148,6 +149,7 @@ class TcpListener(ConnectPolicy):
         BUDGET.measure()
         self.engine = engine = engines.acquire(self.loop)
         self._fold = folder(engine.name)
+        self._admit_flows = admitter(engine.name)
         keepalive = engine_keepalive(self.config.tcp_keepalive)
         self.lids = [engine.add_listener(each, self, keepalive=keepalive) for each in socks]
         self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
@@ -296,15 +298,7 @@ class TcpListener(ConnectPolicy):
         do for each, in one pass. Comes before any other call about these connections."""
         fast = self._fast
         assert fast is not None  # withdrawn only after the engine handed over what it admitted
-        pool, snapshot, by_backend = fast
-        connections = self.connections
-        for conn_id, backend, started, host, port in batch:
-            flow = Flow((host, port), pool, started / 1e9)  # perf_counter is CLOCK_MONOTONIC
-            slot = by_backend[backend]
-            flow.slot = slot
-            flow.snapshot = snapshot
-            slot.stats.active += 1
-            connections[conn_id] = flow
+        self._admit_flows(self.connections, batch, *fast)
         count = len(batch)
         self.fast_admitted += count
         stats = self.stats

@@ -17,7 +17,7 @@ from pointsman.pool.pool import Pool
 from pointsman.proxy.codes import END_CODE, REJECT_CODE, outcome
 from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, End, Flag
 from pointsman.proxy.flows import Flow
-from pointsman.proxy.fold import Fold, fold, folder
+from pointsman.proxy.fold import Fold, admit, fold, folder
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import tcp_head, tcp_line
 from pointsman.telemetry.histogram import Histogram
@@ -209,3 +209,38 @@ def test_the_compiled_engine_gets_the_compiled_twin() -> None:
 def test_a_batch_that_is_not_whole_records_is_refused() -> None:
     with pytest.raises(ValueError):
         compiled(Listener(), b"\0" * (RECORD.size + 1), None, None)
+
+
+try:
+    from pointsman.proxy._policy import admit as compiled_admit
+except ImportError:
+    compiled_admit = None
+
+ADMITS: list[Any] = [pytest.param(admit, id="python"), pytest.param(
+    compiled_admit, id="cython",
+    marks=pytest.mark.skipif(compiled_admit is None, reason="not built"))]
+
+
+@pytest.mark.parametrize("twin", ADMITS)
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([7, 9]), st.integers(0, 10**15),
+                          st.sampled_from(["127.0.0.1", "::1"]), st.integers(0, 65535)),
+                max_size=10))
+def test_admit_makes_one_flow_per_admission_in_order(twin: Any, admissions: list[Any]) -> None:
+    """What the engine admitted alone becomes the Flow `accepted` would have made: its client,
+    pool, accept time (perf_counter's clock, in seconds), slot and snapshot, with load on the
+    slot; in accept order (max_connection_duration's sweep relies on it)."""
+    slots = {7: Slot("b1", 0), 9: Slot("b2", 0)}
+    snapshot = object()
+    connections: dict[int, Flow] = {1: Flow(("10.0.0.1", 1), POOL, 0.0)}
+    batch = [(conn_id, backend, started, host, port)
+             for conn_id, (backend, started, host, port) in enumerate(admissions, start=2)]
+    twin(connections, batch, POOL, snapshot, slots)
+    assert list(connections) == [1, *(conn_id for conn_id, *_ in batch)]
+    for conn_id, backend, started, host, port in batch:
+        flow = connections[conn_id]
+        assert (flow.peer, flow.pool, flow.started) == ((host, port), POOL, started / 1e9)
+        assert flow.slot is slots[backend] and flow.snapshot is snapshot
+        assert flow.backend_id is None and flow.detour is None and flow.source_key is None
+    assert [slot.stats.active for slot in slots.values()] == [
+        sum(1 for _, b, *_ in batch if b == backend) for backend in (7, 9)]
