@@ -3,8 +3,11 @@
     python bench/policy_bench.py [--connections 20000] [--rounds 7] [--batch 4] [--flow-log]
 
 No sockets move: the listener runs on a real engine (its targets are real), and this script
-plays the engine's part: `accepted` (admission and the pick), `connect_result` (OK), and the
-`ended` records of `--batch` connections at a time, as one engine wake-up hands them over. With
+plays the engine's part: `accepted` (admission and the pick), or, once the listener gave the
+engine a fast table, `admitted` for the whole batch (the engine's own admissions),
+`connect_result` (OK; not called for a quiet target, whose success the record carries, as the
+engine does), and the `ended` records of `--batch` connections at a time, as one engine
+wake-up hands them over. With
 `--flow-log` the records go to a FlowLog writing to /dev/null (formatting included, the write
 left out). Prints microseconds per connection for each callback and in all (median of the
 rounds), so a change to the policy can be measured without the kernel's noise.
@@ -52,22 +55,36 @@ async def run(args: argparse.Namespace) -> None:
     n, batch = args.connections, args.batch
     results: dict[str, list[float]] = {"accepted": [], "connect_result": [], "ended": []}
     conn_id = 1
+    flags = Flag.CLIENT_FIN | Flag.BACKEND_FIN | Flag.CONNECTED
+    quiet = getattr(Flag, "QUIET", 0)  # a tree before quiet targets has neither
+    extended = RECORD.size == 80  # the record carries the connect attempt's start
     for _ in range(args.rounds):
         spent = dict.fromkeys(results, 0.0)
         for _start in range(0, n, batch):
             ids = range(conn_id, conn_id + batch)
             conn_id += batch
             t0 = time.perf_counter()
-            backends = [listener.accepted(cid, "127.0.0.1", 40000 + cid % 20000) for cid in ids]
+            fast = getattr(listener, "_fast", None)
+            if fast is not None:  # the engine admits: one call for the batch
+                slots = list(fast[2].values())
+                backends = [slots[cid % len(slots)].target for cid in ids]
+                started = time.monotonic_ns()
+                listener.admitted([(cid, target.backend, started, "127.0.0.1", 40000 + cid % 20000)
+                                   for cid, target in zip(ids, backends, strict=True)])
+            else:
+                backends = [listener.accepted(cid, "127.0.0.1", 40000 + cid % 20000)
+                            for cid in ids]
             t1 = time.perf_counter()
-            for cid in ids:
-                listener.connect_result(cid, 1, Status.OK, 0, 0.00005)
+            for cid, target in zip(ids, backends, strict=True):
+                if not getattr(target, "quiet", False):
+                    listener.connect_result(cid, 1, Status.OK, 0, 0.00005)
             t2 = time.perf_counter()
             now = time.monotonic_ns()
             records = b"".join(
-                RECORD.pack(cid, target.backend, End.CLIENT_FIN,  # type: ignore[union-attr]
-                            Flag.CLIENT_FIN | Flag.BACKEND_FIN | Flag.CONNECTED, 0, 78, 210,
-                            now - 300_000, now - 250_000, now - 120_000, now, lid)
+                RECORD.pack(cid, target.backend, End.CLIENT_FIN,
+                            flags | (quiet if getattr(target, "quiet", False) else 0), 0, 78,
+                            210, now - 300_000, now - 250_000, now - 120_000, now, lid,
+                            *((now - 260_000,) if extended else ()))
                 for cid, target in zip(ids, backends, strict=True))
             t3 = time.perf_counter()
             listener.ended(records)

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The TCP policy's per-connection hot path, compiled, for listeners on the compiled engine:
-`fold`, fold.py's pass over a batch of ended-connection records (fold.py is the reference).
+`fold`, fold.py's pass over a batch of ended-connection records, and `admit`, the Flows of the
+connections the engine admitted alone (fold.py is the reference of both).
 
 The same steps in the same order, with the records read in place (no tuple and no integers per
 record), the histogram buckets found in C arrays, and the flow-log line printed in C (integers and
@@ -18,10 +19,13 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from libc.string cimport memchr, memcpy
 from libc.math cimport floor
 
+from bisect import bisect_left
+
 from pointsman.proxy.engine._sys cimport Record
 
 from pointsman.proxy.codes import PLAIN_END, outcome
-from pointsman.proxy.engine.api import POLICY_ERROR, RECORD
+from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, Flag
+from pointsman.proxy.flows import Flow
 from pointsman.proxy.fold import END_JSON, REJECT_JSON
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import _QUOTED, client_text, quoted
@@ -40,6 +44,7 @@ cdef dict _END_JSON = END_JSON
 cdef dict _REJECT_JSON = REJECT_JSON
 cdef dict _NAMES = _QUOTED
 cdef int _POLICY_ERROR = POLICY_ERROR
+cdef int _QUIET = Flag.QUIET
 cdef enum:
     MAX_BOUNDS = 64
 
@@ -214,7 +219,7 @@ def fold(object listener, bytes records, object head, object lines):
     cdef double t_bounds[MAX_BOUNDS]
     cdef Py_ssize_t d_n, t_n, i, count
     cdef const Record* rec
-    cdef double duration, ttfb, d_sum, t_sum
+    cdef double duration, ttfb, d_sum, t_sum, elapsed
     cdef long d_count = 0, t_count = 0, gone = 0
     cdef bint has_ttfb
     cdef dict connections = listener.connections
@@ -228,6 +233,8 @@ def fold(object listener, bytes records, object head, object lines):
     cdef object admission = listener.admission
     cdef object freed = None
     cdef object flow, detour, how, slot, backend, backend_id, source_key, key, end_json
+    cdef object histogram, h_counts
+    cdef object t_tuple = ttfbs.bounds  # the connect-time histograms' too, as a rule
     cdef PyObject* found
     cdef Py_ssize_t b
     if PyBytes_GET_SIZE(records) % sizeof(Record):
@@ -291,6 +298,19 @@ def fold(object listener, bytes records, object head, object lines):
                 if freed is None:
                     freed = set()
                 freed.add(flow.pool)
+            if rec[i].flags & _QUIET:  # its success, as connect_result counts one
+                backend_id = slot.id
+                backend.total += 1
+                elapsed = <double>(rec[i].connected - rec[i].attempt) / 1e9
+                histogram = backend.connect_time
+                h_counts = histogram.counts
+                if histogram.bounds is t_tuple:
+                    b = _bucket(t_bounds, t_n, elapsed)
+                else:
+                    b = bisect_left(histogram.bounds, elapsed)
+                h_counts[b] = h_counts[b] + 1
+                histogram.sum += elapsed
+                histogram.count += 1
             if backend_id is not None:
                 backend.bytes_in += rec[i].bytes_in
                 backend.bytes_out += rec[i].bytes_out
@@ -306,3 +326,17 @@ def fold(object listener, bytes records, object head, object lines):
     ttfbs.count += t_count
     return gone, freed
 
+
+
+def admit(dict connections, list batch, object pool, object snapshot, dict slots):
+    """fold.admit, compiled: the same Flows, in the same order."""
+    cdef tuple each
+    cdef object flow, slot, stats
+    for each in batch:
+        flow = Flow((each[3], each[4]), pool, each[2] / 1e9)
+        slot = slots[each[1]]
+        flow.slot = slot
+        flow.snapshot = snapshot
+        stats = slot.stats
+        stats.active += 1
+        connections[each[0]] = flow

@@ -6,7 +6,12 @@ PROXY header, and what to do when the connect fails.
 - the attempt: the backend's engine target (`targets.py`), with a PROXY header when the pool
   sends one, from the client's own address (transparent) or the next of `source.addresses`;
 - the outcome: only a backend's own failure (refused, unreachable, timed out) is reported to the
-  pool as a passive failure; a shortage of ours (descriptors, memory, source ports) is counted
+  pool as a passive failure; a success through a quiet target (targets.py) is not reported by
+  the engine one by one: the backend's total and connect time come from the record at the end
+  (fold.py), and passive health gets the slot's counted successes before the next failure this
+  listener reports for that backend (so one listener's order of successes and failures is
+  kept), and otherwise on the listener's live tick (`report_successes`, every 0.1 s while
+  connections are open); a shortage of ours (descriptors, memory, source ports) is counted
   as `local_resource` and blames nobody. A failed attempt moves to another backend, at most
   `retries` times; an unusable source address moves to the next address first.
 
@@ -78,6 +83,15 @@ class ConnectPolicy:
         line = existing_line(pool)
         if line is not None:
             line.leave(conn_id)
+
+    def report_successes(self) -> None:
+        """Hand the quiet connect successes counted since the last call to passive health: one
+        report per backend that had any (a success only restarts the failure streak, or, in a
+        worker, tells the control process the backend answers again)."""
+        for pool, targets in self._targets.items():
+            for slot in targets.slots:
+                if slot is not None and slot.successes():
+                    pool.report_connect_success(slot.id)
 
     def slot_freed(self, pool: Pool) -> None:
         """A connection let go of a capped backend of `pool`: its queue may move."""
@@ -280,6 +294,8 @@ class ConnectPolicy:
         if status == Status.BACKEND:
             detour.backend_failed = True
             log.debug("connect to %s failed: %s", slot.id, errno_name(err))
+            if slot.successes():  # quiet ones before this failure: they came first
+                flow.pool.report_connect_success(slot.id)
             flow.pool.report_connect_failure(slot.id)
         else:
             self.local_error(_operation(err, config), err)

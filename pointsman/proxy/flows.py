@@ -1,7 +1,8 @@
 """What the TCP policy keeps per connection, from accept to its ended record.
 
 A plain connection (no preamble, no retry, no per-source limit) carries only a `Flow`: its client
-address, pool, accept time, the backend it holds load on and, once connected, that backend's id.
+address, pool, accept time, the backend it holds load on and, once connected (when the policy
+heard of it: see targets.py, quiet targets), that backend's id.
 Everything the rarer paths need (the preamble reader, retries, source-address turns) lives in a
 `Detour` made only when one of them is taken, so the common case costs one small object.
 """
@@ -50,7 +51,9 @@ class Flow:
         self.started = started  # time.perf_counter() at accept: connection ages
         self.slot: Slot | None = None  # the backend it holds load on (BackendStats.active)
         self.snapshot: PoolSnapshot | None = None  # while connecting: retries pick from it
-        self.backend_id: str | None = None  # once connected
+        # Once connected, when connect_result saw the success; after a quiet one (targets.py)
+        # it stays None: the slot names the backend, the engine knows it connected.
+        self.backend_id: str | None = None
         self.source_key: bytes | None = None  # per-source limits: given back at its end
         self.detour: Detour | None = None
 

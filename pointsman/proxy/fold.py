@@ -4,8 +4,12 @@ The engine hands a listener the records of every connection of it that ended dur
 wake-up, packed (api.RECORD). `fold` takes each one out of the table and counts it: `ended` or
 `rejected` with its reason (codes.outcome), the duration and time-to-first-byte histograms, the
 backend's load and byte totals, the per-source count, and, when a flow log is on, the record's
-JSON line (the same text as flowlog.tcp_line). What the whole batch shares (active counts, the
-descriptor budget, the flow log's queue, freed queue slots) is the caller's, once per batch.
+JSON line (the same text as flowlog.tcp_line). A connection that connected through a quiet
+target (targets.py: `connect_result` was not called for its success) has the rest of its success
+counted here, as connect_result would have at connect: the backend's `total` and its connect
+time (`connected - attempt`, the very elapsed time the engine would have passed). What the
+whole batch shares (active counts, the descriptor budget, the flow log's queue, freed queue
+slots) is the caller's, once per batch.
 
 This is the reference; `_policy.pyx` is the same pass compiled (records read in place, no tuple
 per record, the line printed in C), used with the compiled engine. Both give the same counts,
@@ -21,18 +25,21 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from pointsman.proxy.codes import PLAIN_END, outcome
-from pointsman.proxy.engine.api import POLICY_ERROR, RECORD
+from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, Flag
+from pointsman.proxy.flows import Flow
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import client_text, quoted
 
 if TYPE_CHECKING:
     from pointsman.pool.pool import Pool
+    from pointsman.pool.snapshot import PoolSnapshot
     from pointsman.protect.limits import Admission
-    from pointsman.proxy.flows import Flow
+    from pointsman.proxy.targets import Slot
     from pointsman.telemetry.stats import ListenerStats
 
 _CONNECT_FAILED = EndReason.CONNECT_FAILED
 _INTERNAL = RejectReason.INTERNAL_ERROR
+_QUIET = int(Flag.QUIET)
 # The flow log's `end` of each outcome, as JSON. Two tables: the reasons are str enums, and
 # EndReason.INTERNAL_ERROR == RejectReason.INTERNAL_ERROR ("internal_error"), so one table
 # keyed by both would log an ended one as rejected.
@@ -69,8 +76,8 @@ def fold(listener: Folding, records: bytes, head: str | None,
     admission = listener.admission
     gone = 0
     freed: set[Pool] | None = None
-    for (conn_id, _backend, reason, _flags, detail, bytes_in, bytes_out, started, _connected,
-         first_byte, finished, _lid) in RECORD.iter_unpack(records):
+    for (conn_id, _backend, reason, flags, detail, bytes_in, bytes_out, started, connected,
+         first_byte, finished, _lid, attempt) in RECORD.iter_unpack(records):
         flow = pop(conn_id, None)
         if flow is None:  # refused at accept: counted then (unless our policy raised)
             if detail == POLICY_ERROR:
@@ -115,6 +122,14 @@ def fold(listener: Folding, records: bytes, head: str | None,
                 if freed is None:
                     freed = set()
                 freed.add(flow.pool)
+            if flags & _QUIET:  # its success, as connect_result counts one
+                backend_id = slot.id
+                backend.total += 1
+                elapsed = (connected - attempt) / 1e9
+                histogram = backend.connect_time
+                histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+                histogram.sum += elapsed
+                histogram.count += 1
             if backend_id is not None:
                 backend.bytes_in += bytes_in
                 backend.bytes_out += bytes_out
@@ -129,6 +144,35 @@ def fold(listener: Folding, records: bytes, head: str | None,
     durations.sum, durations.count = d_sum, durations.count + d_count
     ttfbs.sum, ttfbs.count = t_sum, ttfbs.count + t_count
     return gone, freed
+
+
+def admit(connections: dict[int, Flow], batch: list[tuple[int, int, int, str, int]],
+          pool: Pool, snapshot: PoolSnapshot, slots: dict[int, Slot]) -> None:
+    """The per-connection part of `TcpListener.admitted`: a Flow for each connection the
+    engine admitted on its fast path (conn_id, engine backend id, accept time in
+    CLOCK_MONOTONIC ns, host, port), holding load on its backend's slot, in accept order."""
+    for conn_id, backend, started, host, port in batch:
+        flow = Flow((host, port), pool, started / 1e9)  # perf_counter is CLOCK_MONOTONIC
+        slot = slots[backend]
+        flow.slot = slot
+        flow.snapshot = snapshot
+        slot.stats.active += 1
+        connections[conn_id] = flow
+
+
+Admit = Callable[[dict[int, Flow], "list[tuple[int, int, int, str, int]]", "Pool",
+                  "PoolSnapshot", "dict[int, Slot]"], None]
+
+
+def admitter(engine: str) -> Admit:
+    """`admit`, compiled with the compiled engine when built (see `folder`)."""
+    if engine == "cython":
+        try:
+            from pointsman.proxy._policy import admit as compiled
+        except ImportError:
+            return admit
+        return compiled
+    return admit
 
 
 Fold = Callable[[Folding, bytes, "str | None", "list[str] | None"], "tuple[int, set[Pool] | None]"]

@@ -6,6 +6,10 @@ half-close, resets, splice, the idle and FIN timers. This listener decides and c
 
 - `accepted`: admission (shutting down, table full, load shedding, the allow/deny lists on the
   peer, the descriptor budget), then a preamble to read (PROXY header, ClientHello) or a backend;
+- `admitted`: the connections the engine admitted on its own (the fast path: a listener with no
+  preamble and no per-source rule, a round-robin pool of quiet targets; the engine gets the
+  rotation and a credit of admissions within the table, budget and shedding bounds), folded in
+  one pass before any other call about this listener: the same Flow and counts as `accepted`;
 - `preamble`: the sans-I/O `Preamble` fed with every byte so far, until it decides;
 - `connect_result` (connect.py): passive signals, retries, affinity;
 - `ended`: one pass over the records of the connections that ended: counters, histograms,
@@ -30,8 +34,10 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from pointsman.balance.hashing import client_ip
+from pointsman.balance.round_robin import RoundRobin
 from pointsman.config.model import ListenerConfig
-from pointsman.pool.pool import Pool
+from pointsman.pool.pool import LazyPicker, Pool
+from pointsman.pool.snapshot import PoolSnapshot
 from pointsman.protect.acl import AclLists
 from pointsman.protect.limits import Admission, Limits
 from pointsman.protect.shedding import Shedder
@@ -42,12 +48,12 @@ from pointsman.proxy.connect import REFUSE, ConnectPolicy
 from pointsman.proxy.engine import Engine
 from pointsman.proxy.engine.api import EARLY_DATA_MAX, Decision, ReadPreamble, Refuse
 from pointsman.proxy.flows import Flow
-from pointsman.proxy.fold import Fold, fold, folder
+from pointsman.proxy.fold import Admit, Fold, admit, admitter, fold, folder
 from pointsman.proxy.lifetime import Lifetimes
 from pointsman.proxy.preamble import Preamble, Refused, Route
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
 from pointsman.proxy.sockets import listen_socket
-from pointsman.proxy.targets import engine_keepalive
+from pointsman.proxy.targets import Slot, engine_keepalive
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import tcp_head, tcp_line
 from pointsman.telemetry.stats import ListenerStats
@@ -69,7 +75,20 @@ _TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENE
                         errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
                         errno.EOPNOTSUPP, errno.ENETUNREACH})
 LIVE_INTERVAL = 0.1  # seconds between refreshes of the live byte totals while connections run
+# Admissions the engine may make on its fast path before the policy looks again (each `admitted`
+# batch and each slow-path accept renews it): bounds the overshoot of a process-wide budget.
+CREDIT_MAX = 64
 _perf_counter = time.perf_counter
+
+
+def _connected_to(engine: Engine, conn_id: int, flow: Flow, backend_id: str) -> bool:
+    """Whether the connection is connected to `backend_id`: its flow knows it when
+    connect_result saw the success; after a quiet one (targets.py), its slot names the backend
+    and the engine knows whether the connect is done."""
+    if flow.backend_id is not None:
+        return flow.backend_id == backend_id
+    slot = flow.slot
+    return slot is not None and slot.id == backend_id and engine.is_connected(conn_id)
 
 
 class TcpListener(ConnectPolicy):
@@ -110,6 +129,12 @@ class TcpListener(ConnectPolicy):
         self._released = False
         self.lifetimes = Lifetimes()  # max_connection_duration (proxy/lifetime.py)
         self._fold: Fold = fold  # the compiled twin once on the compiled engine (start)
+        self._admit_flows: Admit = admit  # likewise
+        # The engine's fast admission table: (pool, snapshot, slot by engine backend id).
+        self._fast: tuple[Pool, PoolSnapshot, dict[int, Slot]] | None = None
+        self._withdrawing = False
+        self._no_fast: PoolSnapshot | None = None  # the last snapshot found not to allow it
+        self.fast_admitted = 0  # connections the engine admitted alone (tests, docs/engine.md)
         self._setup(config)
 
     async def start(self, sock: socket.socket | Sequence[socket.socket] | None = None,
@@ -124,6 +149,7 @@ class TcpListener(ConnectPolicy):
         BUDGET.measure()
         self.engine = engine = engines.acquire(self.loop)
         self._fold = folder(engine.name)
+        self._admit_flows = admitter(engine.name)
         keepalive = engine_keepalive(self.config.tcp_keepalive)
         self.lids = [engine.add_listener(each, self, keepalive=keepalive) for each in socks]
         self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
@@ -163,6 +189,7 @@ class TcpListener(ConnectPolicy):
     def _tick_live(self) -> None:
         self._live = None
         self._refresh()
+        self.report_successes()
         now = _perf_counter()
         if self.lifetimes.due <= now:
             self._cut_old(now)
@@ -215,7 +242,7 @@ class TcpListener(ConnectPolicy):
         self.config = config
         self.stats.capacity = config.max_connections
         self.pool = pool
-        self._setup(config)
+        self._setup(config)  # withdraws the fast path: the next accept renews it
         self.lifetimes.changed()
         if config.tcp_keepalive != old and self.engine is not None and self._socks:
             keepalive = engine_keepalive(config.tcp_keepalive)
@@ -229,6 +256,10 @@ class TcpListener(ConnectPolicy):
         self.screens_peer = acl is not None and acl.on == "peer"
         self.checks_source = self.admission is not None or (
             acl is not None and acl.on == "proxy_header")
+        # The engine may admit on its own (admitted): nothing to decide per connection here.
+        self.fast_ok = not (self.reads_preamble or self.checks_source or self.screens_peer)
+        self._no_fast = None
+        self._fast_withdraw()
 
     # --- engine -> policy: accept --------------------------------------------------------------------
 
@@ -254,7 +285,117 @@ class TcpListener(ConnectPolicy):
             self._live = self.loop.call_later(LIVE_INTERVAL, self._tick_live)
         if self.reads_preamble:
             return self._start_preamble(conn_id, flow)
-        return self.route(conn_id, flow)
+        decision = self.route(conn_id, flow)
+        if self.fast_ok:
+            self._fast_refresh()
+        return decision
+
+    # --- the fast path: the engine admits -----------------------------------------------------------
+
+    def admitted(self, batch: list[tuple[int, int, int, str, int]]) -> None:
+        """Connections the engine admitted on the fast path (conn_id, engine backend id, accept
+        time in CLOCK_MONOTONIC ns, host, port), in accept order: what `accepted` and `route`
+        do for each, in one pass. Comes before any other call about these connections."""
+        fast = self._fast
+        assert fast is not None  # withdrawn only after the engine handed over what it admitted
+        self._admit_flows(self.connections, batch, *fast)
+        count = len(batch)
+        self.fast_admitted += count
+        stats = self.stats
+        stats.accepted += count
+        stats.active += count
+        self.shedder.active += count
+        budget = BUDGET
+        budget.used += 2 * count
+        if budget.used + 2 > budget.cap:
+            self._budget_spent()
+        if self._live is None:
+            self._live = self.loop.call_later(LIVE_INTERVAL, self._tick_live)
+        if not self._withdrawing:  # else the caller is replacing the table
+            self._fast_refresh()
+
+    def _fast_refresh(self) -> None:
+        """Renew the engine's fast path: the credit, and the table when the pool's snapshot
+        changed (or withdraw it when the listener or its pool no longer allows one)."""
+        engine = self.engine
+        if engine is None or self._released:
+            return
+        fast = self._fast
+        pool = self.pool
+        snapshot = pool.snapshot
+        if fast is not None and fast[0] is pool and fast[1] is snapshot and self._fast_allowed():
+            credit = self._credit()
+            for lid in self.lids:
+                engine.set_credit(lid, credit)
+            return
+        if fast is None and snapshot is self._no_fast:
+            return  # known: this snapshot does not allow it (a slow accept pays nothing more)
+        table = self._fast_table(pool, snapshot)
+        self._fast_withdraw()
+        if table is None:
+            self._no_fast = snapshot
+            return
+        slots, order, start = table
+        self._fast = (pool, snapshot, {slot.target.backend: slot for slot in slots})
+        targets = [slots[i].target for i in order]
+        credit = self._credit()
+        for lid in self.lids:
+            engine.set_fast(lid, targets, start, credit, pool, snapshot)
+
+    def _fast_table(self, pool: Pool, snapshot: PoolSnapshot
+                    ) -> tuple[list[Slot], tuple[int, ...], int] | None:
+        """The slots, rotation and start of a fast table for `snapshot`, or None: shedding on
+        (a process-wide bound), a pick that is not a plain rotation (hash, affinity, weights,
+        caps and their queue), or a backend whose target is not quiet."""
+        if not self._fast_allowed():
+            return None
+        picker: object = snapshot.picker
+        if type(picker) is LazyPicker:  # built by the pick `accepted` just made
+            picker = picker._picker
+        if not snapshot.available or snapshot.caps or type(picker) is not RoundRobin:
+            return None
+        targets = self._targets_of(pool)
+        slots = targets.of(snapshot)
+        # The rotation itself, continued where the picker is (RoundRobin's own state, read
+        # here rather than copied so the engine's turn follows the one `accepted` just took).
+        order = picker._available
+        if not targets.plain or not order:
+            return None
+        chosen: list[Slot] = []
+        for slot in slots:
+            if slot is None or not slot.target.quiet:
+                return None
+            chosen.append(slot)
+        return chosen, order, picker._next
+
+    def _fast_allowed(self) -> bool:
+        """The listener may leave admission to the engine: no rule per connection, accepting,
+        and no load shedding (its bounds are process-wide, across listeners)."""
+        shedder = self.shedder
+        return (self.fast_ok and self.accepting and shedder.max_connections is None
+                and shedder.max_loop_lag is None)
+
+    def _credit(self) -> int:
+        """Admissions the engine may make alone: below the table size and the descriptor
+        budget, at most CREDIT_MAX, shared by this listener's sockets."""
+        stats = self.stats
+        room = min(self.max_connections - (stats.active - stats.pending),
+                   (BUDGET.cap - BUDGET.used) // 2 - 1, CREDIT_MAX)
+        return max(0, room // max(1, len(self.lids))) if self.accepting else 0
+
+    def _fast_withdraw(self) -> None:
+        """Take the fast path back (what the engine admitted is folded first)."""
+        if self._fast is None:
+            return
+        engine = self.engine
+        if engine is not None and not self._released:
+            self._withdrawing = True
+            try:
+                for lid in self.lids:
+                    engine.set_fast(lid, None)
+            finally:
+                self._withdrawing = False
+        self._fast = None
 
     def _admit(self, host: str) -> RejectReason | None:
         """Before the table: shutting down, table full, load shedding, the lists on the peer."""
@@ -425,6 +566,7 @@ class TcpListener(ConnectPolicy):
 
     def stop_accepting(self) -> None:
         self.accepting = False
+        self._fast_withdraw()
         if self.engine is not None:
             for lid in self.lids:
                 self.engine.stop_listener(lid)
@@ -442,6 +584,7 @@ class TcpListener(ConnectPolicy):
         if self._released or self.engine is None:
             return
         self._refresh()
+        self.report_successes()
         self._released = True
         if self._live is not None:
             self._live.cancel()
@@ -472,10 +615,11 @@ class TcpListener(ConnectPolicy):
         `pool`, only those that went to it through that pool (one address can serve two)."""
         if self.engine is None or self._released:
             return 0
-        victims = [cid for cid, flow in self.connections.items() if flow.backend_id == backend_id
-                   and (pool is None or flow.pool.name == pool)]
+        engine = self.engine
+        victims = [cid for cid, flow in self.connections.items() if _connected_to(
+            engine, cid, flow, backend_id) and (pool is None or flow.pool.name == pool)]
         code = END_CODE[reason]
-        return sum(self.engine.close(cid, code) for cid in victims)
+        return sum(engine.close(cid, code) for cid in victims)
 
     def oldest(self) -> dict[str, float]:
         """The accept time (time.perf_counter()) of the oldest open connection, by the pool it

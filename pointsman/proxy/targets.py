@@ -6,6 +6,13 @@ pool are rebuilt when its snapshot changes, keeping the ones whose backend, addr
 settings did not change, so a slow-start ramp (a new snapshot every tick) makes no new targets.
 Each target's engine id is unique in the process for as long as the process lives, so a record
 or an operator cut never names a backend of an older snapshot by mistake.
+
+A pool whose connect success needs nothing per connection from the policy (no affinity to
+remember, no source-address turn read from the backend's total) gets *quiet* targets: the engine
+does not call `connect_result` for a success through them, it counts the success on the target
+and flags the connection's record. The policy folds the rest of the success from the record
+when the connection ends (backend total, connect time: fold.py) and hands the counted successes
+to passive health (`Slot.successes`, connect.py).
 """
 
 from __future__ import annotations
@@ -31,13 +38,22 @@ _IDS = itertools.count(1)  # engine backend ids: process-wide, never reused
 class Slot:
     """One backend of one snapshot: the engine target and the policy's view of it."""
 
-    __slots__ = ("cap", "id", "stats", "target")
+    __slots__ = ("cap", "id", "seen", "stats", "target")
 
     def __init__(self, backend_id: str, stats: BackendStats, target: Any) -> None:
         self.id = backend_id
         self.stats = stats
         self.target = target
         self.cap = 0  # max_connections in this process (0: none): a slot freed here may serve the queue
+        self.seen = 0  # the quiet target's successes already reported to passive health
+
+    def successes(self) -> int:
+        """Quiet successes through this slot since the last call (0 for a target that is not
+        quiet: its successes came through connect_result)."""
+        count: int = self.target.connected if self.target.quiet else 0
+        new = count - self.seen
+        self.seen = count
+        return new
 
 
 def settings(config: PoolConfig) -> dict[str, Any]:
@@ -53,7 +69,15 @@ def settings(config: PoolConfig) -> dict[str, Any]:
         "half_close_timeout": half,
         "splice_after": config.zero_copy_after if config.zero_copy == "auto" else None,
         "keepalive": engine_keepalive(config.tcp_keepalive),
+        "quiet": quiet(config),
     }
+
+
+def quiet(config: PoolConfig) -> bool:
+    """Whether a connect success to this pool needs nothing per connection from the policy:
+    no affinity to remember, and no source-address turn (it reads the backend's total, which
+    quiet successes reach only when their connections end)."""
+    return config.affinity is None and not config.source.addresses
 
 
 def engine_keepalive(config: TcpKeepaliveConfig | None) -> Keepalive | None:

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pointsman.proxy.engine import new_engine
-from pointsman.proxy.engine.api import Decision, End, Op, Status
+from pointsman.proxy.engine import iter_records, new_engine
+from pointsman.proxy.engine.api import Decision, End, Flag, Op, Status
 from pointsman.proxy.engine.simple import RoundRobinPolicy
 from tests.integration.engine_support import ENGINES, echo, open_raw, proxy, raw_backend, recv_to_end
 from tests.support import LOOPBACK, refused_port, wait_for
@@ -243,3 +243,116 @@ async def test_socket_emfile_is_a_local_error_not_a_backend_failure(engine: str)
     assert policy.records[0].detail == errno.EMFILE
     counters = eng.listener_stats(lid)
     assert (counters.accepted, counters.ended) == (2, 2)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_quiet_target_counts_its_successes_and_reports_only_failures(engine: str) -> None:
+    """Through quiet targets a success is not reported: the target counts it, the record is
+    flagged QUIET with the successful attempt's start; a failure still reaches connect_result,
+    whose answer (a retry) is followed."""
+    async with raw_backend(echo) as good:
+        with refused_port() as bad:
+            async with proxy(engine, [bad, good.port], quiet=True) as p:
+                results = [await ping(p.address) for _ in range(3)]
+                records = await p.wait_ended(3)
+                counts = [target.connected for target in p.policy.targets]  # type: ignore[attr-defined]
+    assert results == [(b"ping", "eof")] * 3
+    assert p.policy.outcomes == {(0, Status.BACKEND, errno.ECONNREFUSED): 3}
+    assert p.policy.connect_times == []
+    assert counts == [0, 3]
+    for record in records:
+        assert record.backend == 1 and record.reason == End.CLIENT_FIN
+        assert record.flags & Flag.QUIET and record.flags & Flag.CONNECTED
+        # The attempt that succeeded (the engine's clock is read once per wake-up, so the
+        # times may be equal), and only a connected record has one.
+        assert 0 < record.started <= record.attempt <= record.connected <= record.ended
+    p.assert_adds_up()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_target_that_is_not_quiet_reports_its_success(engine: str) -> None:
+    async with raw_backend(echo) as good, proxy(engine, [good.port]) as p:
+        assert await ping(p.address) == (b"ping", "eof")
+        (record,) = await p.wait_ended(1)
+    assert p.policy.outcomes == {(0, Status.OK, 0): 1}
+    assert record.flags & Flag.CONNECTED and not record.flags & Flag.QUIET
+    # The elapsed time connect_result got is the record's connected - attempt, to the bit.
+    assert p.policy.connect_times == [(record.connected - record.attempt) / 1e9]
+
+
+class Watched:
+    """What the engine watches for a fast table: its `snapshot` attribute."""
+
+    def __init__(self) -> None:
+        self.snapshot = object()
+
+
+class AdmittingPolicy(RoundRobinPolicy):
+    """Logs every call in order, `admitted` included."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.calls: list[tuple[str, int]] = []
+
+    def accepted(self, conn_id: int, host: str, port: int) -> Decision:
+        self.calls.append(("accepted", conn_id))
+        return super().accepted(conn_id, host, port)
+
+    def admitted(self, batch: list[tuple[int, int, int, str, int]]) -> None:
+        for conn_id, backend, started, host, port in batch:
+            assert backend in (0, 1) and started > 0 and host == LOOPBACK and port > 0
+            self.calls.append(("admitted", conn_id))
+
+    def connect_result(self, conn_id: int, backend: int, status: int, err: int,
+                       elapsed: float) -> Decision | None:
+        self.calls.append(("connect_result", conn_id))
+        super().connect_result(conn_id, backend, status, err, elapsed)
+        return None if status == Status.OK else self.targets[1]  # a retry: the good one
+
+    def ended(self, records: bytes) -> None:
+        for record in iter_records(records):
+            self.calls.append(("ended", record.conn_id))
+        super().ended(records)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_fast_admission_is_handed_over_before_any_other_call(engine: str) -> None:
+    """set_fast: the engine admits alone, in turn over the table, while the credit lasts and
+    the watched snapshot is the table's; the policy hears of each admission in `admitted`
+    before any other call about it (here a refused connect and its retry), then `accepted`
+    again once the credit is spent or the snapshot moved."""
+    async with raw_backend(echo) as good:
+        with refused_port() as bad:
+            loop = asyncio.get_running_loop()
+            eng = new_engine(loop, engine)
+            targets = [eng.target(0, LOOPBACK, bad, quiet=True),
+                       eng.target(1, LOOPBACK, good.port, quiet=True)]
+            policy = AdmittingPolicy(targets, retries=1)
+            lsock = socket.socket()
+            lsock.bind((LOOPBACK, 0))
+            lsock.listen(16)
+            lid = eng.add_listener(lsock, policy)
+            watched = Watched()
+            try:
+                eng.set_fast(lid, targets, 0, 2, watched, watched.snapshot)
+                results = [await ping(lsock.getsockname()) for _ in range(3)]
+                watched.snapshot = object()
+                eng.set_credit(lid, 5)
+                results.append(await ping(lsock.getsockname()))
+                await wait_for(lambda: policy.ended_count == 4, 5.0)
+                counts = [target.connected for target in targets]
+            finally:
+                eng.shutdown(0)
+                lsock.close()
+    assert results == [(b"ping", "eof")] * 4
+    first, second, third, fourth = sorted({cid for _, cid in policy.calls})
+    mine = {cid: [name for name, c in policy.calls if c == cid] for cid in (first, second)}
+    # The first went to the refused target: admitted, then its failure, then its record.
+    assert mine[first] == ["admitted", "connect_result", "ended"]
+    assert mine[second] == ["admitted", "ended"]  # to the good one, in turn: nobody told
+    assert next(name for name, c in policy.calls if c == third) == "accepted"  # credit spent
+    assert next(name for name, c in policy.calls if c == fourth) == "accepted"  # snapshot moved
+    assert counts == [0, 4]  # every success quiet, all on the good one (the other refuses)
+    assert all(r.reason == End.CLIENT_FIN and r.backend == 1 for r in policy.records)
+    counters = eng.listener_stats(lid)
+    assert (counters.accepted, counters.ended, counters.active) == (4, 4, 0)

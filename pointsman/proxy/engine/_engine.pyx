@@ -82,6 +82,7 @@ cdef enum:
     F_BACKEND_RESET = 8
     F_CONNECTED = 16
     F_SPLICED = 32
+    F_QUIET = 64
     # Status, Op (api.py)
     ST_OK = 0
     ST_BACKEND = 1
@@ -226,10 +227,12 @@ cdef class CTarget:
     cdef int64_t idle_ns
     cdef int64_t half_close_ns
     cdef int64_t splice_after
+    cdef readonly bint quiet  # a success is counted in `connected`, not reported (api.py)
+    cdef readonly uint64_t connected
 
     def __init__(self, int backend, str host, int port, source, bint transparent,
                  double connect_timeout, double idle_timeout, double half_close_timeout,
-                 splice_after, bint nodelay, keepalive):
+                 splice_after, bint nodelay, keepalive, bint quiet=False):
         parse_addr(host, port, &self.addr)
         if keepalive is not None:
             keepalive = Keepalive(*keepalive).check()
@@ -248,6 +251,7 @@ cdef class CTarget:
         self.idle_ns = <int64_t>(idle_timeout * 1e9)
         self.half_close_ns = <int64_t>(half_close_timeout * 1e9)
         self.splice_after = C_NEVER if splice_after is None else splice_after
+        self.quiet = quiet
 
     def __repr__(self):
         return f"CTarget({self.backend}, {self.host!r}, {self.port})"
@@ -263,6 +267,15 @@ cdef class Listener:
     cdef object on_connect
     cdef object on_ended
     cdef object on_accept_error  # optional: policy.accept_error(errno)
+    cdef object on_admitted  # optional: policy.admitted(batch), for the fast path
+    # Fast admission (set_fast): while `credit` lasts and `watch.snapshot is snapshot`, a new
+    # connection goes to the next of `fast` without a call; `admits` holds them for the policy.
+    cdef tuple fast
+    cdef Py_ssize_t fast_next
+    cdef Py_ssize_t credit
+    cdef object watch
+    cdef object snapshot
+    cdef list admits
     cdef bint nodelay
     cdef bint paused
     cdef bint stopped
@@ -354,6 +367,7 @@ cdef class CEngine:
     cdef list again
     cdef list kills
     cdef list dirty
+    cdef list admitting  # listeners with fast admissions not yet handed over
     cdef list paused
     cdef int64_t resume_at
     cdef int busy
@@ -400,6 +414,7 @@ cdef class CEngine:
         self.again = []
         self.kills = []
         self.dirty = []
+        self.admitting = []
         self.paused = []
         self._on_ready_cb = self._on_ready
         self._tick_cb = self._tick
@@ -418,9 +433,9 @@ cdef class CEngine:
     def target(self, int backend, str host, int port, *, source=None, bint transparent=False,
                double connect_timeout=5.0, double idle_timeout=300.0,
                double half_close_timeout=30.0, splice_after=None, bint nodelay=True,
-               keepalive=None):
+               keepalive=None, bint quiet=False):
         return CTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
-                       half_close_timeout, splice_after, nodelay, keepalive)
+                       half_close_timeout, splice_after, nodelay, keepalive, quiet)
 
     def add_listener(self, sock, policy, *, bint nodelay=True, keepalive=None):
         cdef Listener lst = Listener()
@@ -438,6 +453,8 @@ cdef class CEngine:
         lst.on_connect = policy.connect_result
         lst.on_ended = policy.ended
         lst.on_accept_error = getattr(policy, "accept_error", None)
+        lst.on_admitted = getattr(policy, "admitted", None)
+        lst.admits = []
         lst.nodelay = nodelay and not inherited
         ev.events = EPOLLIN
         ev.data.u64 = <uint64_t>lst.fd | (<uint64_t>1 << 32)
@@ -459,6 +476,28 @@ cdef class CEngine:
         if not lst.paused:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, lst.fd, NULL)
         self.lfds.pop(lst.fd, None)
+
+    def set_fast(self, int lid, targets=None, Py_ssize_t start=0, Py_ssize_t credit=0,
+                 watch=None, snapshot=None):
+        """Fast admission for a listener (pyengine.set_fast): None turns it off."""
+        cdef Listener lst = self.listeners[lid]
+        self._flush_admits(lst)
+        if not targets or lst.on_admitted is None:
+            lst.fast = None
+            lst.credit = 0
+            lst.watch = lst.snapshot = None
+            return
+        for target in targets:
+            if type(target) is not CTarget:
+                raise TypeError("fast targets are this engine's targets")
+        lst.fast = tuple(targets)
+        lst.fast_next = start % len(lst.fast)
+        lst.credit = credit
+        lst.watch = watch
+        lst.snapshot = snapshot
+
+    def set_credit(self, int lid, Py_ssize_t credit):
+        (<Listener>self.listeners[lid]).credit = credit
 
     def pause_listener(self, int lid):
         """Accept nothing for ACCEPT_BACKOFF or until a connection closes (pyengine)."""
@@ -530,6 +569,10 @@ cdef class CEngine:
         if conn is None:
             return None
         return (conn.up.len + conn.up.pipe_len, conn.down.len + conn.down.pipe_len)
+
+    def is_connected(self, uint64_t conn_id):
+        cdef Conn conn = self.conns.get(conn_id)
+        return conn is not None and conn.t_connect != 0
 
     def connections(self):
         return list(self.conns)
@@ -677,6 +720,10 @@ cdef class CEngine:
 
     cdef int _flush_records(self) except -1:
         cdef Listener lst
+        while self.admitting:  # before the records: a fast connection may have ended already
+            admitting, self.admitting = self.admitting, []
+            for lst in admitting:
+                self._flush_admits(lst)
         while self.dirty:
             dirty, self.dirty = self.dirty, []
             for lst in dirty:
@@ -832,6 +879,8 @@ cdef class CEngine:
         lst.accepted += 1
         lst.active += 1
         self.conns[conn.id] = conn
+        if lst.credit > 0 and lst.fast is not None and lst.watch.snapshot is lst.snapshot:
+            return self._admit(lst, conn, peer)
         decision = self._call3(conn, lst.on_accept, conn.id, addr_host(peer), addr_port(peer))
         if conn.state == S_DONE:
             return 0
@@ -845,7 +894,43 @@ cdef class CEngine:
                 self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
         return 0
 
+    cdef int _admit(self, Listener lst, Conn conn, SockAddr* peer) except -1:
+        """Fast admission: the next target of the listener's table, no policy call; the policy
+        hears of it in `admitted` before any other call about this listener."""
+        cdef CTarget target = <CTarget>lst.fast[lst.fast_next]
+        lst.fast_next += 1
+        if lst.fast_next == len(lst.fast):
+            lst.fast_next = 0
+        lst.credit -= 1
+        lst.admits.append((conn.id, target.backend, conn.t_start, addr_host(peer),
+                           addr_port(peer)))
+        if len(lst.admits) == 1:
+            self.admitting.append(lst)
+        try:
+            self._register(conn.cfd, conn)
+            self._connect(conn, target, None, 0, None)
+        except Exception:
+            log.exception("engine: internal error on connection %d; it is cut", conn.id)
+            if conn.state != S_DONE:
+                self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
+        return 0
+
+    cdef int _flush_admits(self, Listener lst) except -1:
+        """Hand the listener's fast admissions to its policy (before any other call of it)."""
+        if not lst.admits:
+            return 0
+        batch, lst.admits = lst.admits, []
+        self.busy += 1
+        try:
+            lst.on_admitted(batch)
+        except Exception:
+            log.exception("engine: policy.admitted raised")
+        finally:
+            self.busy -= 1
+        return 0
+
     cdef object _call3(self, Conn conn, object fn, object a, object b, object c):
+        self._flush_admits(conn.lst)
         self.busy += 1
         try:
             result = fn(a, b, c)
@@ -858,6 +943,7 @@ cdef class CEngine:
         return result
 
     cdef object _call5(self, Conn conn, object fn, object a, object b, object c, object d, object e):
+        self._flush_admits(conn.lst)
         self.busy += 1
         try:
             result = fn(a, b, c, d, e)
@@ -926,6 +1012,7 @@ cdef class CEngine:
         return self._apply(conn, decision)
 
     cdef object _preamble_call(self, Conn conn, bytes data):
+        self._flush_admits(conn.lst)
         self.busy += 1
         try:
             result = conn.lst.on_preamble(conn.id, data)
@@ -1066,10 +1153,14 @@ cdef class CEngine:
         conn.flags |= F_CONNECTED
         conn.last = self.now
         conn.splice_after = conn.target.splice_after
-        self._call5(conn, conn.lst.on_connect, conn.id, conn.target.backend, ST_OK, 0,
-                    (self.now - conn.t_attempt) / 1e9)
-        if conn.state == S_DONE:
-            return 0
+        if conn.target.quiet:
+            conn.target.connected += 1
+            conn.flags |= F_QUIET
+        else:
+            self._call5(conn, conn.lst.on_connect, conn.id, conn.target.backend, ST_OK, 0,
+                        (self.now - conn.t_attempt) / 1e9)
+            if conn.state == S_DONE:
+                return 0
         if conn.first is not None:
             first = <bytes>conn.first
             n = PyBytes_GET_SIZE(first)
@@ -1529,6 +1620,7 @@ cdef class CEngine:
         rec.first_byte = conn.t_first
         rec.ended = self.now
         rec.listener = lst.id
+        rec.attempt = conn.t_attempt if conn.t_connect else 0
         del self.conns[conn.id]
         if self.paused:
             self._resume_listeners()

@@ -188,6 +188,7 @@ cdef packed struct Record:
     int64_t first_byte
     int64_t ended
     int64_t listener
+    int64_t attempt
 
 
 cdef inline int parse_addr(str host, int port, SockAddr* out) except -1:

@@ -11,7 +11,14 @@ Engine -> policy (one policy object per listener; see `Policy`):
 - `preamble(conn_id, data)` gets every byte received so far while a preamble is read, and
   returns None (need more) or a decision;
 - `connect_result(conn_id, backend, status, err, elapsed)` reports one connect attempt; after a
-  failure its return value is the next decision (another target: a retry; None: give up);
+  failure its return value is the next decision (another target: a retry; None: give up). A
+  success through a *quiet* target (`engine.target(..., quiet=True)`) is not reported: the
+  engine counts it on the target (`target.connected`) and marks the record (`Flag.QUIET`, with
+  the attempt's start in `attempt`), so a plain connection costs one Python call, not two;
+- `admitted(batch)`, when the policy has it (optional) and gave the engine a fast table
+  (`engine.set_fast`): the connections the engine admitted without asking, as
+  `(conn_id, backend, accepted ns, host, port)` tuples in accept order, handed over before any
+  other call about that listener;
 - `ended(records)` gets the packed records (`RECORD`) of connections that ended;
 - `accept_error(errno)`, when the policy has it (optional): accept() failed on its listener
   (rare, and worth a log line: one call each).
@@ -105,6 +112,9 @@ class Flag(enum.IntFlag):
     BACKEND_RESET = 8
     CONNECTED = 16  # a backend connection was established
     SPLICED = 32  # moved to splice(2)
+    # Connected through a quiet target: `connect_result` was not called for the success; the
+    # record's `connected - attempt` is the elapsed time it would have been given.
+    QUIET = 64
 
 
 # Errors from socket()/bind()/connect()/pipe() that say our process or host ran out of something.
@@ -263,12 +273,13 @@ class Policy(Protocol):
 
 # --- records ----------------------------------------------------------------------------------
 
-# One ended connection, native byte order, 72 bytes: conn_id, backend (-1: none), reason (End),
+# One ended connection, native byte order, 80 bytes: conn_id, backend (-1: none), reason (End),
 # flags (Flag), detail (refusal/close code or errno), bytes_in (client -> backend), bytes_out,
 # then CLOCK_MONOTONIC nanoseconds: accepted, backend connected (0: never), first backend byte
-# (0: none), ended.
-RECORD = struct.Struct("=QiBBHQQqqqqq")
-assert RECORD.size == 72
+# (0: none), ended; the engine's listener id; the start of the connect attempt that succeeded
+# (0: never connected).
+RECORD = struct.Struct("=QiBBHQQqqqqqq")
+assert RECORD.size == 80
 
 
 class Ended(NamedTuple):
@@ -284,6 +295,7 @@ class Ended(NamedTuple):
     first_byte: int
     ended: int
     listener: int
+    attempt: int
 
 
 def iter_records(records: bytes) -> Iterator[Ended]:

@@ -35,7 +35,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pointsman.proxy.engine.api import (
@@ -109,12 +109,14 @@ def _ns(seconds: float) -> int:
 class PyTarget:
     """A backend address and the per-pool settings a connection to it uses; made once."""
 
-    __slots__ = ("address", "backend", "connect_ns", "family", "half_close_ns", "idle_ns",
-                 "keepalive", "nodelay", "source", "splice_after", "transparent")
+    __slots__ = ("address", "backend", "connect_ns", "connected", "family", "half_close_ns",
+                 "idle_ns", "keepalive", "nodelay", "quiet", "source", "splice_after",
+                 "transparent")
 
     def __init__(self, backend: int, host: str, port: int, source: str | None, transparent: bool,
                  connect_timeout: float, idle_timeout: float, half_close_timeout: float,
-                 splice_after: int | None, nodelay: bool, keepalive: Keepalive | None) -> None:
+                 splice_after: int | None, nodelay: bool, keepalive: Keepalive | None,
+                 quiet: bool = False) -> None:
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
         socket.inet_pton(self.family, host)  # numeric only: the policy resolves names
         if source is not None:
@@ -129,13 +131,18 @@ class PyTarget:
         self.splice_after = NEVER if splice_after is None or not hasattr(os, "splice") else splice_after
         self.nodelay = nodelay
         self.keepalive = None if keepalive is None else Keepalive(*keepalive).check()
+        # Quiet: a success is not reported by connect_result, only counted here (and flagged
+        # in the record); the policy reads the count when it needs the successes (api.py).
+        self.quiet = quiet
+        self.connected = 0
 
 
 class _Listener:
-    __slots__ = ("accept_errors", "accepted", "active", "bytes_in", "bytes_out", "ended", "family",
-                 "fd", "id", "nodelay", "on_accept", "on_accept_error", "on_connect", "on_ended",
-                 "on_preamble",
-                 "paused", "policy", "records", "refused", "sock", "spliced", "stopped")
+    __slots__ = ("accept_errors", "accepted", "active", "admits", "bytes_in", "bytes_out",
+                 "credit", "ended", "family", "fast", "fast_next", "fd", "id", "nodelay",
+                 "on_accept", "on_accept_error", "on_admitted", "on_connect", "on_ended",
+                 "on_preamble", "paused", "policy", "records", "refused", "snapshot", "sock",
+                 "spliced", "stopped", "watch")
 
     def __init__(self, lid: int, sock: socket.socket, policy: Policy, nodelay: bool) -> None:
         self.id = lid
@@ -148,6 +155,17 @@ class _Listener:
         self.on_connect = policy.connect_result
         self.on_ended = policy.ended
         self.on_accept_error: Callable[[int], object] | None = getattr(policy, "accept_error", None)
+        # Fast admission (PyEngine.set_fast): while `credit` lasts and `watch.snapshot is
+        # snapshot`, a new connection goes to the next of `fast` without a call; `admits` holds
+        # them until the policy's `admitted`.
+        self.on_admitted: Callable[[list[tuple[int, int, int, str, int]]], object] | None = (
+            getattr(policy, "admitted", None))
+        self.fast: tuple[PyTarget, ...] | None = None
+        self.fast_next = 0
+        self.credit = 0
+        self.watch: Any = None
+        self.snapshot: Any = None
+        self.admits: list[tuple[int, int, int, str, int]] = []
         self.nodelay = nodelay
         self.records = bytearray()
         self.paused = False
@@ -248,6 +266,7 @@ class PyEngine:
         self._again: list[_Conn] = []
         self._kills: list[_Conn] = []
         self._dirty: list[_Listener] = []
+        self._admitting: list[_Listener] = []  # with fast admissions not yet handed over
         self._paused: list[_Listener] = []
         self._resume_at = 0
         self._busy = 0
@@ -265,9 +284,10 @@ class PyEngine:
     def target(self, backend: int, host: str, port: int, *, source: str | None = None,
                transparent: bool = False, connect_timeout: float = 5.0, idle_timeout: float = 300.0,
                half_close_timeout: float = 30.0, splice_after: int | None = None,
-               nodelay: bool = True, keepalive: Keepalive | None = None) -> PyTarget:
+               nodelay: bool = True, keepalive: Keepalive | None = None,
+               quiet: bool = False) -> PyTarget:
         return PyTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
-                        half_close_timeout, splice_after, nodelay, keepalive)
+                        half_close_timeout, splice_after, nodelay, keepalive, quiet)
 
     def add_listener(self, sock: socket.socket, policy: Policy, *, nodelay: bool = True,
                      keepalive: Keepalive | None = None) -> int:
@@ -299,6 +319,31 @@ class PyEngine:
             with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(lst.fd)
         self._fds.pop(lst.fd, None)
+
+    def set_fast(self, lid: int, targets: Sequence[PyTarget] | None = None, start: int = 0,
+                 credit: int = 0, watch: Any = None, snapshot: Any = None) -> None:
+        """Fast admission for a listener whose policy has `admitted`: while `credit` lasts and
+        `watch.snapshot is snapshot`, each new connection goes to the next of `targets` (in
+        turn, from `start`) with no call; the policy gets them in `admitted(batch)` (conn_id,
+        backend, accepted ns, host, port) before any other call about this listener, and at
+        the end of the wake-up. None (or no targets) turns it off."""
+        lst = self._listeners[lid]
+        self._flush_admits(lst)
+        if not targets or lst.on_admitted is None:
+            lst.fast = lst.watch = lst.snapshot = None
+            lst.credit = 0
+            return
+        if any(type(target) is not PyTarget for target in targets):
+            raise TypeError("fast targets are this engine's targets")
+        lst.fast = tuple(targets)
+        lst.fast_next = start % len(lst.fast)
+        lst.credit = credit
+        lst.watch = watch
+        lst.snapshot = snapshot
+
+    def set_credit(self, lid: int, credit: int) -> None:
+        """How many more connections the listener may admit on its fast path."""
+        self._listeners[lid].credit = credit
 
     def pause_listener(self, lid: int) -> None:
         """Accept nothing for ACCEPT_BACKOFF, or until one of the engine's connections closes
@@ -371,6 +416,12 @@ class PyEngine:
             return None
         return (len(conn.up.pending or b"") + conn.up.pipe_len,
                 len(conn.down.pending or b"") + conn.down.pipe_len)
+
+    def is_connected(self, conn_id: int) -> bool:
+        """Whether this connection reached its backend (False once it ended): what a policy
+        that takes quiet successes asks before it acts on the backend of an open connection."""
+        conn = self._conns.get(conn_id)
+        return conn is not None and conn.t_connect != 0
 
     def connections(self) -> list[int]:
         """Ids of the live connections."""
@@ -482,6 +533,10 @@ class PyEngine:
         self._closing.append(sock)
 
     def _flush_records(self) -> None:
+        while self._admitting:  # before the records: a fast connection may have ended already
+            admitting, self._admitting = self._admitting, []
+            for lst in admitting:
+                self._flush_admits(lst)
         while self._dirty:
             dirty, self._dirty = self._dirty, []
             for lst in dirty:
@@ -580,6 +635,9 @@ class PyEngine:
         lst.accepted += 1
         lst.active += 1
         self._conns[cid] = conn
+        if lst.credit > 0 and lst.fast is not None and lst.watch.snapshot is lst.snapshot:
+            self._admit(lst, conn, addr)
+            return
         decision = self._call(conn, lst.on_accept, cid, addr[0], addr[1])
         if conn.state == DONE:
             return
@@ -594,8 +652,44 @@ class PyEngine:
             if conn.state != DONE:
                 self._end(conn, End.CLOSED, ENGINE_ERROR, rst_client=True, rst_backend=True)
 
+    def _admit(self, lst: _Listener, conn: _Conn, addr: Any) -> None:
+        """Fast admission: the next target of the listener's table, no policy call."""
+        fast = lst.fast
+        assert fast is not None and conn.client is not None
+        target = fast[lst.fast_next]
+        lst.fast_next += 1
+        if lst.fast_next == len(fast):
+            lst.fast_next = 0
+        lst.credit -= 1
+        lst.admits.append((conn.id, target.backend, conn.t_start, addr[0], addr[1]))
+        if len(lst.admits) == 1:
+            self._admitting.append(lst)
+        try:
+            self._fds[conn.client.fd] = conn.client
+            self._ep.register(conn.client.fd, _CONN_EVENTS)
+            self._apply(conn, target)
+        except Exception:
+            log.exception("engine: internal error on connection %d; it is cut", conn.id)
+            if conn.state != DONE:
+                self._end(conn, End.CLOSED, ENGINE_ERROR, rst_client=True, rst_backend=True)
+
+    def _flush_admits(self, lst: _Listener) -> None:
+        """Hand the listener's fast admissions to its policy (before any other call of it)."""
+        if not lst.admits:
+            return
+        batch, lst.admits = lst.admits, []
+        assert lst.on_admitted is not None
+        self._busy += 1
+        try:
+            lst.on_admitted(batch)
+        except Exception:
+            log.exception("engine: policy.admitted raised")
+        finally:
+            self._busy -= 1
+
     def _call(self, conn: _Conn, fn: Callable[..., Any], *args: Any) -> Any:
         """Call the policy; a raise refuses the connection (logged), a cut from inside is seen."""
+        self._flush_admits(conn.lst)
         self._busy += 1
         try:
             result = fn(*args)
@@ -785,10 +879,14 @@ class PyEngine:
         conn.flags |= Flag.CONNECTED
         conn.last = self.now
         conn.splice_after = target.splice_after
-        self._call(conn, conn.lst.on_connect, conn.id, target.backend, Status.OK, 0,
-                   (self.now - conn.t_attempt) / 1e9)
-        if conn.state == DONE:
-            return
+        if target.quiet:
+            target.connected += 1
+            conn.flags |= Flag.QUIET
+        else:
+            self._call(conn, conn.lst.on_connect, conn.id, target.backend, Status.OK, 0,
+                       (self.now - conn.t_attempt) / 1e9)
+            if conn.state == DONE:
+                return
         held = conn.up.pending or b""
         data = conn.first + bytes(held) if conn.first else held
         conn.up.pending = memoryview(data) if data else None
@@ -1190,7 +1288,7 @@ class PyEngine:
         lst.records += RECORD.pack(
             conn.id, conn.target.backend if conn.target is not None else -1, reason, conn.flags,
             detail & 0xFFFF, conn.bytes_in, conn.bytes_out, conn.t_start, conn.t_connect,
-            conn.t_first, self.now, lst.id)
+            conn.t_first, self.now, lst.id, conn.t_attempt if conn.t_connect else 0)
         del self._conns[conn.id]
         if self._paused:
             self._resume_listeners()

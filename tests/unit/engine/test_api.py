@@ -47,11 +47,12 @@ def test_read_preamble_is_bounded() -> None:
 
 def test_record_layout_is_fixed() -> None:
     """Native order, no padding: the compiled engine writes this layout with a C struct."""
-    assert RECORD.format == "=QiBBHQQqqqqq" and RECORD.size == 72
-    packed = RECORD.pack(7, -1, End.REFUSED, 3, 0xFFFF, 1, 2, 3, 4, 5, 6, 1)
+    assert RECORD.format == "=QiBBHQQqqqqqq" and RECORD.size == 80
+    packed = RECORD.pack(7, -1, End.REFUSED, 3, 0xFFFF, 1, 2, 3, 4, 5, 6, 1, 2)
     (record,) = iter_records(packed)
     assert record.conn_id == 7 and record.backend == -1 and record.reason == End.REFUSED
     assert record.detail == 0xFFFF and record.ended == 6 and record.listener == 1
+    assert record.connected == 4 and record.attempt == 2
     assert struct.calcsize("=QiBBHQQ") == 32
 
 

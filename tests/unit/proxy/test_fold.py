@@ -15,11 +15,12 @@ from hypothesis import strategies as st
 
 from pointsman.pool.pool import Pool
 from pointsman.proxy.codes import END_CODE, REJECT_CODE, outcome
-from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, End
+from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, End, Flag
 from pointsman.proxy.flows import Flow
-from pointsman.proxy.fold import Fold, fold, folder
+from pointsman.proxy.fold import Fold, admit, fold, folder
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import tcp_head, tcp_line
+from pointsman.telemetry.histogram import Histogram
 from pointsman.telemetry.stats import BackendStats, ListenerStats
 
 try:
@@ -75,7 +76,10 @@ CASE = st.fixed_dictionaries({
     "detail": st.sampled_from([0, POLICY_ERROR, *REJECT_CODE.values(), *END_CODE.values()]),
     "peer": PEERS,
     "slot": st.sampled_from([None, 0, 1]),  # no slot, an uncapped one, a capped one
-    "connected": st.booleans(),
+    # Not connected; connected with connect_result told (it set backend_id); connected through
+    # a quiet target (the record flags it; fold counts the success).
+    "connected": st.sampled_from([None, "reported", "quiet"]),
+    "connect": NS,  # the successful attempt's length, ns
     "source_key": st.sampled_from([None, b"k1"]),
     "detour": st.sampled_from([None, "plain", "preamble", "queued", "failed"]),
     "bytes": st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
@@ -96,7 +100,7 @@ def build(cases: list[dict[str, Any]]) -> tuple[Listener, bytes, list[Slot]]:
                 slot = slots[case["slot"]]
                 slot.stats.active += 1
                 flow.slot = slot  # type: ignore[assignment]
-                if case["connected"]:
+                if case["connected"] == "reported":
                     flow.backend_id = slot.id
             flow.source_key = case["source_key"]
             if case["detour"] is not None:
@@ -106,9 +110,15 @@ def build(cases: list[dict[str, Any]]) -> tuple[Listener, bytes, list[Slot]]:
                 detour.backend_failed = case["detour"] == "failed"
             listener.connections[conn_id] = flow
         ttfb = case["ttfb"]
+        flags = connected = attempt = 0
+        if case["connected"] is not None:
+            flags = Flag.CONNECTED | (Flag.QUIET if case["connected"] == "quiet" else 0)
+            attempt = started + 7
+            connected = attempt + case["connect"]
         records.append(RECORD.pack(
-            conn_id, -1, case["reason"], 0, case["detail"], *case["bytes"], started, 0,
-            0 if ttfb is None else started + ttfb + 1, started + case["duration"], 0))
+            conn_id, -1, case["reason"], flags, case["detail"], *case["bytes"], started,
+            connected, 0 if ttfb is None else started + ttfb + 1, started + case["duration"], 0,
+            attempt))
     return listener, b"".join(records), slots
 
 
@@ -123,6 +133,8 @@ def run(twin: Fold, cases: list[dict[str, Any]], log: bool = True) -> tuple[Any,
             stats.duration.counts, stats.duration.sum, stats.duration.count,
             stats.ttfb.counts, stats.ttfb.sum, stats.ttfb.count,
             [(s.stats.active, s.stats.bytes_in, s.stats.bytes_out) for s in slots],
+            [(s.stats.total, s.stats.connect_time.counts, s.stats.connect_time.sum,
+              s.stats.connect_time.count) for s in slots],
             listener.admission.closed_keys, listener.calls, sorted(listener.connections))
 
 
@@ -131,7 +143,7 @@ def run(twin: Fold, cases: list[dict[str, Any]], log: bool = True) -> tuple[Any,
 @given(st.lists(CASE, max_size=12))
 def test_each_record_counts_once_as_its_outcome(twin: Fold, cases: list[dict[str, Any]]) -> None:
     (gone, freed, lines, ended, rejected, connect_failed, _, _, d_count, _, _, t_count, slots,
-     closed, calls, left) = run(twin, cases)
+     connects, closed, calls, left) = run(twin, cases)
     known = [c for c in cases if c["known"]]
     assert gone == len(known) and left == []
     outcomes = [outcome(c["reason"], c["detail"], c["detour"] == "failed") for c in known]
@@ -151,6 +163,15 @@ def test_each_record_counts_once_as_its_outcome(twin: Fold, cases: list[dict[str
         mine = [c for c in known if c["slot"] == index and c["connected"]]
         assert (bytes_in, bytes_out) == (sum(c["bytes"][0] for c in mine),
                                          sum(c["bytes"][1] for c in mine))
+    for index, (total, counts, total_time, count) in enumerate(connects):
+        # A quiet success is counted once, as connect_result would have: the total, and the
+        # connect time the engine measured, to the bit (the same division, the same order).
+        quiet = [c for c in known if c["slot"] == index and c["connected"] == "quiet"]
+        expected = Histogram()
+        for c in quiet:
+            expected.observe(c["connect"] / 1e9)
+        assert total == count == len(quiet)
+        assert (counts, total_time) == (expected.counts, expected.sum)
     assert freed == ({POOL} if any(c["slot"] == 1 for c in known) else None)
     assert closed == [c["source_key"] for c in known if c["source_key"] is not None]
     assert [name for name, _ in calls] == [
@@ -162,7 +183,7 @@ def test_each_record_counts_once_as_its_outcome(twin: Fold, cases: list[dict[str
         how = outcome(case["reason"], case["detail"], case["detour"] == "failed")
         end = how.value if type(how) is EndReason else f"rejected:{how.value}"
         backend = None
-        if case["slot"] is not None and case["connected"]:
+        if case["slot"] is not None and case["connected"] is not None:
             backend = ["b1", 'b"2'][case["slot"]]
         duration = case["duration"] * 1e-9
         ttfb = None if case["ttfb"] is None else (case["ttfb"] + 1) * 1e-9
@@ -188,3 +209,38 @@ def test_the_compiled_engine_gets_the_compiled_twin() -> None:
 def test_a_batch_that_is_not_whole_records_is_refused() -> None:
     with pytest.raises(ValueError):
         compiled(Listener(), b"\0" * (RECORD.size + 1), None, None)
+
+
+try:
+    from pointsman.proxy._policy import admit as compiled_admit
+except ImportError:
+    compiled_admit = None
+
+ADMITS: list[Any] = [pytest.param(admit, id="python"), pytest.param(
+    compiled_admit, id="cython",
+    marks=pytest.mark.skipif(compiled_admit is None, reason="not built"))]
+
+
+@pytest.mark.parametrize("twin", ADMITS)
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([7, 9]), st.integers(0, 10**15),
+                          st.sampled_from(["127.0.0.1", "::1"]), st.integers(0, 65535)),
+                max_size=10))
+def test_admit_makes_one_flow_per_admission_in_order(twin: Any, admissions: list[Any]) -> None:
+    """What the engine admitted alone becomes the Flow `accepted` would have made: its client,
+    pool, accept time (perf_counter's clock, in seconds), slot and snapshot, with load on the
+    slot; in accept order (max_connection_duration's sweep relies on it)."""
+    slots = {7: Slot("b1", 0), 9: Slot("b2", 0)}
+    snapshot = object()
+    connections: dict[int, Flow] = {1: Flow(("10.0.0.1", 1), POOL, 0.0)}
+    batch = [(conn_id, backend, started, host, port)
+             for conn_id, (backend, started, host, port) in enumerate(admissions, start=2)]
+    twin(connections, batch, POOL, snapshot, slots)
+    assert list(connections) == [1, *(conn_id for conn_id, *_ in batch)]
+    for conn_id, backend, started, host, port in batch:
+        flow = connections[conn_id]
+        assert (flow.peer, flow.pool, flow.started) == ((host, port), POOL, started / 1e9)
+        assert flow.slot is slots[backend] and flow.snapshot is snapshot
+        assert flow.backend_id is None and flow.detour is None and flow.source_key is None
+    assert [slot.stats.active for slot in slots.values()] == [
+        sum(1 for _, b, *_ in batch if b == backend) for backend in (7, 9)]

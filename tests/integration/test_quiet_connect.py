@@ -1,0 +1,246 @@
+"""Connect successes the engine does not report one by one (quiet targets, proxy/targets.py):
+each is counted exactly once, when its connection ends (the backend's total and its connect
+time), reaches passive health before the next failure of that backend, and survives its backend
+leaving the pool while the connection is open. On both engines."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import yaml
+
+from pointsman.pool.state import BackendState
+from pointsman.telemetry.flow import EndReason, RejectReason
+from tests.integration.peers import config_text, tcp_stats
+from tests.support import (
+    LOOPBACK,
+    close_writer,
+    connect,
+    echo_backend,
+    free_port,
+    one_pool_config,
+    roundtrip,
+    running,
+    wait_closed,
+    wait_for,
+)
+
+pytestmark = pytest.mark.usefixtures("engine")
+
+CONNECT_TIMEOUT = 1.0
+
+
+def adds_up(runtime: object) -> None:
+    stats = tcp_stats(runtime)  # type: ignore[arg-type]
+    assert stats.accepted == sum(stats.rejected.values()) + sum(stats.ended.values()) + stats.active
+
+
+async def test_each_success_is_counted_once_when_its_connection_ends() -> None:
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        async with running(one_pool_config(listen, [peer.address])) as runtime:
+            pool = runtime.pools["p"]
+            [backend] = runtime.backend_stats(pool)
+            held = [await connect(listen) for _ in range(3)]
+            for reader, writer in held:
+                await roundtrip(reader, writer, b"hello")
+            # Open: the load is live, the success is counted at the end.
+            assert backend.active == 3
+            assert backend.total == backend.connect_time.count == 0
+            adds_up(runtime)
+            for i, (_reader, writer) in enumerate(held):
+                await close_writer(writer)
+                await wait_for(lambda i=i: backend.total == i + 1, 2.0, what=f"{i + 1} counted")
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            stats = tcp_stats(runtime)
+            adds_up(runtime)
+    assert backend.total == backend.connect_time.count == 3
+    assert sum(backend.connect_time.counts) == 3
+    # A loopback connect often completes within the engine wake-up that started it (its clock
+    # is read once per wake-up): 0 s; the exact figure is tests/unit/proxy/test_fold.py's.
+    assert 0.0 <= backend.connect_time.sum < 3 * CONNECT_TIMEOUT
+    assert backend.active == 0
+    assert backend.bytes_in == backend.bytes_out == 3 * len(b"hello")
+    assert stats.ended[EndReason.CLIENT_FIN] == 3
+
+
+@contextmanager
+def port_that_refuses() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A port bound and not listening (connects are refused); the caller may listen on it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((LOOPBACK, 0))
+    holder = [sock]
+    try:
+        yield sock.getsockname()[1], holder
+    finally:
+        holder[0].close()
+
+
+def refuse_again(port: int, holder: list[socket.socket]) -> None:
+    holder[0].close()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((LOOPBACK, port))
+    holder[0] = sock
+
+
+async def test_a_success_between_two_failures_restarts_the_ejection_streak() -> None:
+    """consecutive_failures 2: failure, (quiet) success, failure must not eject; one more
+    failure does. A success lost, or handed to passive health after the failure that followed
+    it, would eject at the second failure."""
+    with port_that_refuses() as (port, holder):
+        listen = f"{LOOPBACK}:{free_port()}"
+        text = config_text(
+            [{"name": "lb", "bind": listen, "pool": "p"}],
+            [{"name": "p", "retries": 0, "connect_timeout": CONNECT_TIMEOUT,
+              "health_check": {"type": "none"},
+              "passive": {"consecutive_failures": 2, "base_ejection": "30s"},
+              "backends": [{"name": "flaky", "address": f"{LOOPBACK}:{port}"}]}])
+        async with running(text) as runtime:
+            pool = runtime.pools["p"]
+            member = pool.member("flaky")
+
+            async def refused(count: int) -> None:
+                reader, writer = await connect(listen)
+                assert await wait_closed(reader, 2.0) in ("eof", "reset")
+                await close_writer(writer)
+                await wait_for(lambda: member.stats.connect_failures == count, 2.0,
+                               what=f"{count} failures")
+
+            await refused(1)
+            server = holder[0]
+            server.listen(4)
+            server.setblocking(False)
+            reader, writer = await connect(listen)
+            async with asyncio.timeout(2.0):
+                conn, _ = await asyncio.get_running_loop().sock_accept(server)
+            conn.close()
+            assert await wait_closed(reader, 2.0) in ("eof", "reset")
+            await close_writer(writer)
+            refuse_again(port, holder)
+            await refused(2)
+            assert member.machine.state is BackendState.UP
+            await refused(3)
+            await wait_for(lambda: member.machine.state is BackendState.EJECTED, 2.0,
+                           what="ejected after two failures in a row")
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            [backend] = runtime.backend_stats(pool)
+            adds_up(runtime)
+    assert backend.total == backend.connect_time.count == 1
+
+
+async def test_a_backend_removed_while_its_connection_is_open() -> None:
+    async with echo_backend() as a, echo_backend() as b:
+        listen = f"{LOOPBACK}:{free_port()}"
+        before = one_pool_config(listen, [a.address])
+        async with running(before) as runtime:
+            pool = runtime.pools["p"]
+            [old] = runtime.backend_stats(pool)
+            reader, writer = await connect(listen)
+            await roundtrip(reader, writer, b"before")
+            after = yaml.safe_load(before)
+            after["pools"][0]["backends"] = [{"address": b.address}]
+            from tests.integration.test_reload import loaded  # the reload tests' loader
+            assert await runtime.apply(loaded(yaml.safe_dump(after))) == []
+            await roundtrip(reader, writer, b"after")  # still served by a
+            assert a.accepted == 1 and b.accepted == 0
+            r2, w2 = await connect(listen)
+            await roundtrip(r2, w2, b"new")
+            assert b.accepted == 1
+            await close_writer(writer)
+            await close_writer(w2)
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            [new] = runtime.backend_stats(pool)
+            adds_up(runtime)
+    # The old backend's figures got its connection's success and bytes, once, at its end.
+    assert (old.total, old.connect_time.count, old.active) == (1, 1, 0)
+    assert old.bytes_in == len(b"beforeafter")
+    assert (new.total, new.connect_time.count, new.active) == (1, 1, 0)
+
+
+# --- the fast path: the engine admits ---------------------------------------------------------------
+
+
+async def test_a_plain_listener_is_admitted_by_the_engine_in_turn() -> None:
+    """A round-robin pool of quiet targets behind a listener with no rule per connection: the
+    first accept goes through `accepted`, which hands the engine the rotation; the others are
+    admitted by the engine alone and folded in `admitted`, counted as `accepted` counts them,
+    and a cut of one backend's connections finds them."""
+    async with echo_backend() as a, echo_backend() as b:
+        listen = f"{LOOPBACK}:{free_port()}"
+        async with running(one_pool_config(listen, [a.address, b.address])) as runtime:
+            listener = runtime.listeners["lb"]
+            pool = runtime.pools["p"]
+            held = []
+            for i in range(6):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"x" * (i + 1))
+                held.append((reader, writer))
+            stats = tcp_stats(runtime)
+            assert stats.active == 6 and stats.accepted == 6
+            adds_up(runtime)
+            assert [s.active for s in runtime.backend_stats(pool)] == [3, 3]
+            assert (a.accepted, b.accepted) == (3, 3)
+            assert listener.fast_admitted == 5  # type: ignore[attr-defined]
+            cut = listener.close_backend(a.address, EndReason.CLOSED_BY_OPERATOR)  # type: ignore[attr-defined]
+            assert cut == 3
+            for _reader, writer in held:
+                if not writer.is_closing():
+                    await close_writer(writer)
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            stats = tcp_stats(runtime)
+            adds_up(runtime)
+            figures = [(s.total, s.connect_time.count, s.active)
+                       for s in runtime.backend_stats(pool)]
+    assert figures == [(3, 3, 0), (3, 3, 0)]
+    assert stats.ended[EndReason.CLOSED_BY_OPERATOR] == 3
+    assert sum(stats.ended.values()) == 6
+
+
+async def test_the_engine_admits_within_the_table() -> None:
+    """max_connections 2: the engine's credit stops at the table's size, so a connection past
+    it goes to `accepted`, which refuses it (table_full); room again, and the engine admits."""
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        text = one_pool_config(listen, [peer.address], listener={"max_connections": 2})
+        async with running(text) as runtime:
+            listener = runtime.listeners["lb"]
+            seen = []
+            for _ in range(2):
+                held = []
+                for _ in range(2):  # the first through `accepted`, the second the engine's
+                    reader, writer = await connect(listen)
+                    await roundtrip(reader, writer, b"in")
+                    held.append(writer)
+                reader, writer = await connect(listen)
+                assert await wait_closed(reader, 2.0) in ("eof", "reset")
+                await close_writer(writer)
+                seen.append(listener.fast_admitted)  # type: ignore[attr-defined]
+                for writer in held:
+                    await close_writer(writer)
+                await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            stats = tcp_stats(runtime)
+            adds_up(runtime)
+    assert stats.rejected[RejectReason.TABLE_FULL] == 2
+    assert stats.ended[EndReason.CLIENT_FIN] == 4
+    assert seen == [1, 2]
+
+
+async def test_a_listener_with_a_rule_per_connection_is_not_admitted_by_the_engine() -> None:
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        text = one_pool_config(listen, [peer.address],
+                               listener={"limits": {"max_connections_per_source": 10}})
+        async with running(text) as runtime:
+            for _ in range(3):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"x")
+                await close_writer(writer)
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            adds_up(runtime)
+            assert runtime.listeners["lb"].fast_admitted == 0  # type: ignore[attr-defined]
