@@ -21,10 +21,10 @@ from libc.math cimport floor
 
 from bisect import bisect_left
 
-from pointsman.proxy.engine._sys cimport Record
+from pointsman.proxy.engine._sys cimport Connected, Record
 
 from pointsman.proxy.codes import PLAIN_END, outcome
-from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, Flag
+from pointsman.proxy.engine.api import CONNECTED, POLICY_ERROR, RECORD, Flag
 from pointsman.proxy.flows import Flow
 from pointsman.proxy.fold import END_JSON, REJECT_JSON
 from pointsman.telemetry.flow import EndReason, RejectReason
@@ -35,6 +35,7 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object unicode)
 
 assert sizeof(Record) == RECORD.size
+assert sizeof(Connected) == CONNECTED.size
 
 cdef object _CONNECT_FAILED = EndReason.CONNECT_FAILED
 cdef object _INTERNAL = RejectReason.INTERNAL_ERROR
@@ -219,7 +220,7 @@ def fold(object listener, bytes records, object head, object lines):
     cdef double t_bounds[MAX_BOUNDS]
     cdef Py_ssize_t d_n, t_n, i, count
     cdef const Record* rec
-    cdef double duration, ttfb, d_sum, t_sum, elapsed
+    cdef double duration, ttfb, d_sum, t_sum
     cdef long d_count = 0, t_count = 0, gone = 0
     cdef bint has_ttfb
     cdef dict connections = listener.connections
@@ -233,8 +234,6 @@ def fold(object listener, bytes records, object head, object lines):
     cdef object admission = listener.admission
     cdef object freed = None
     cdef object flow, detour, how, slot, backend, backend_id, source_key, key, end_json
-    cdef object histogram, h_counts
-    cdef object t_tuple = ttfbs.bounds  # the connect-time histograms' too, as a rule
     cdef PyObject* found
     cdef Py_ssize_t b
     if PyBytes_GET_SIZE(records) % sizeof(Record):
@@ -298,19 +297,8 @@ def fold(object listener, bytes records, object head, object lines):
                 if freed is None:
                     freed = set()
                 freed.add(flow.pool)
-            if rec[i].flags & _QUIET:  # its success, as connect_result counts one
+            if rec[i].flags & _QUIET:  # connected (counted by `connected`): its slot names it
                 backend_id = slot.id
-                backend.total += 1
-                elapsed = <double>(rec[i].connected - rec[i].attempt) / 1e9
-                histogram = backend.connect_time
-                h_counts = histogram.counts
-                if histogram.bounds is t_tuple:
-                    b = _bucket(t_bounds, t_n, elapsed)
-                else:
-                    b = bisect_left(histogram.bounds, elapsed)
-                h_counts[b] = h_counts[b] + 1
-                histogram.sum += elapsed
-                histogram.count += 1
             if backend_id is not None:
                 backend.bytes_in += rec[i].bytes_in
                 backend.bytes_out += rec[i].bytes_out
@@ -326,6 +314,48 @@ def fold(object listener, bytes records, object head, object lines):
     ttfbs.count += t_count
     return gone, freed
 
+
+def connected(dict connections, bytes entries):
+    """fold.connected, compiled: the entries read in place, the same counts and sums."""
+    cdef const Connected* entry
+    cdef Py_ssize_t i, count, b, n
+    cdef PyObject* found
+    cdef object flow, slot, backend, histogram, bounds, key
+    cdef list h_counts
+    cdef double elapsed
+    cdef double c_bounds[MAX_BOUNDS]
+    cdef object loaded = None  # the bounds tuple in c_bounds (histograms share one, as a rule)
+    if PyBytes_GET_SIZE(entries) % sizeof(Connected):
+        raise ValueError("a batch of successes is not a whole number of entries")
+    count = PyBytes_GET_SIZE(entries) // sizeof(Connected)
+    entry = <const Connected*>PyBytes_AS_STRING(entries)
+    n = 0
+    for i in range(count):
+        key = entry[i].conn_id
+        found = PyDict_GetItem(connections, key)
+        if found is NULL:  # not one of ours (a policy handed entries that are not its own)
+            continue
+        flow = <object>found
+        slot = flow.slot
+        if slot is None:
+            continue
+        backend = slot.stats
+        backend.total += 1
+        elapsed = <double>entry[i].elapsed / 1e9
+        histogram = backend.connect_time
+        bounds = histogram.bounds
+        h_counts = histogram.counts
+        if bounds is loaded:
+            b = _bucket(c_bounds, n, elapsed)
+        elif type(bounds) is tuple and len(<tuple>bounds) <= MAX_BOUNDS:
+            n = _load(bounds, c_bounds)
+            loaded = bounds
+            b = _bucket(c_bounds, n, elapsed)
+        else:
+            b = bisect_left(bounds, elapsed)
+        h_counts[b] = h_counts[b] + 1
+        histogram.sum += elapsed
+        histogram.count += 1
 
 
 def admit(dict connections, list batch, object pool, object snapshot, dict slots):

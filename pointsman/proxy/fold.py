@@ -4,17 +4,19 @@ The engine hands a listener the records of every connection of it that ended dur
 wake-up, packed (api.RECORD). `fold` takes each one out of the table and counts it: `ended` or
 `rejected` with its reason (codes.outcome), the duration and time-to-first-byte histograms, the
 backend's load and byte totals, the per-source count, and, when a flow log is on, the record's
-JSON line (the same text as flowlog.tcp_line). A connection that connected through a quiet
-target (targets.py: `connect_result` was not called for its success) has the rest of its success
-counted here, as connect_result would have at connect: the backend's `total` and its connect
-time (`connected - attempt`, the very elapsed time the engine would have passed). What the
-whole batch shares (active counts, the descriptor budget, the flow log's queue, freed queue
-slots) is the caller's, once per batch.
+JSON line (the same text as flowlog.tcp_line). What the whole batch shares (active counts, the
+descriptor budget, the flow log's queue, freed queue slots) is the caller's, once per batch.
 
-This is the reference; `_policy.pyx` is the same pass compiled (records read in place, no tuple
-per record, the line printed in C), used with the compiled engine. Both give the same counts,
-histogram sums to the last bit (the same additions in the same order) and the same lines
-(tests/unit/proxy/test_fold.py).
+`connected` counts the successes through quiet targets (targets.py: `connect_result` is not
+called for them) from the engine's packed batch of one wake-up (api.CONNECTED), as
+connect_result would have at connect: the backend's `total` and its connect time (the very
+elapsed time the engine would have passed). They are counted while their connections are open,
+not when they end, so a long-lived connection shows in the connection rate at once.
+
+This is the reference; `_policy.pyx` is the same passes compiled (records read in place, no
+tuple per record, the line printed in C), used with the compiled engine. Both give the same
+counts, histogram sums to the last bit (the same additions in the same order) and the same
+lines (tests/unit/proxy/test_fold.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from pointsman.proxy.codes import PLAIN_END, outcome
-from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, Flag
+from pointsman.proxy.engine.api import CONNECTED, POLICY_ERROR, RECORD, Flag
 from pointsman.proxy.flows import Flow
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import client_text, quoted
@@ -76,8 +78,8 @@ def fold(listener: Folding, records: bytes, head: str | None,
     admission = listener.admission
     gone = 0
     freed: set[Pool] | None = None
-    for (conn_id, _backend, reason, flags, detail, bytes_in, bytes_out, started, connected,
-         first_byte, finished, _lid, attempt) in RECORD.iter_unpack(records):
+    for (conn_id, _backend, reason, flags, detail, bytes_in, bytes_out, started, _connected,
+         first_byte, finished, _lid, _attempt) in RECORD.iter_unpack(records):
         flow = pop(conn_id, None)
         if flow is None:  # refused at accept: counted then (unless our policy raised)
             if detail == POLICY_ERROR:
@@ -122,14 +124,8 @@ def fold(listener: Folding, records: bytes, head: str | None,
                 if freed is None:
                     freed = set()
                 freed.add(flow.pool)
-            if flags & _QUIET:  # its success, as connect_result counts one
+            if flags & _QUIET:  # connected (counted by `connected`): its slot names the backend
                 backend_id = slot.id
-                backend.total += 1
-                elapsed = (connected - attempt) / 1e9
-                histogram = backend.connect_time
-                histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
-                histogram.sum += elapsed
-                histogram.count += 1
             if backend_id is not None:
                 backend.bytes_in += bytes_in
                 backend.bytes_out += bytes_out
@@ -144,6 +140,43 @@ def fold(listener: Folding, records: bytes, head: str | None,
     durations.sum, durations.count = d_sum, durations.count + d_count
     ttfbs.sum, ttfbs.count = t_sum, ttfbs.count + t_count
     return gone, freed
+
+
+def connected(connections: dict[int, Flow], entries: bytes) -> None:
+    """Count each quiet connect success of `entries` (api.CONNECTED) on the backend of its
+    connection's slot: `total` and the connect-time histogram, as connect_result does for a
+    success it is given. The engine hands them over before the records of the same wake-up, so
+    each connection is still in the table (with the slot it connected through, whether or not
+    its backend has since left the snapshot)."""
+    get = connections.get
+    for conn_id, _backend, elapsed_ns in CONNECTED.iter_unpack(entries):
+        flow = get(conn_id)
+        if flow is None:  # not one of ours (a policy handed entries that are not its own)
+            continue
+        slot = flow.slot
+        if slot is None:
+            continue
+        backend = slot.stats
+        backend.total += 1
+        elapsed = elapsed_ns / 1e9
+        histogram = backend.connect_time
+        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+        histogram.sum += elapsed
+        histogram.count += 1
+
+
+Connected = Callable[[dict[int, Flow], bytes], None]
+
+
+def connector(engine: str) -> Connected:
+    """`connected`, compiled with the compiled engine when built (see `folder`)."""
+    if engine == "cython":
+        try:
+            from pointsman.proxy._policy import connected as compiled
+        except ImportError:
+            return connected
+        return compiled
+    return connected
 
 
 def admit(connections: dict[int, Flow], batch: list[tuple[int, int, int, str, int]],

@@ -12,6 +12,8 @@ half-close, resets, splice, the idle and FIN timers. This listener decides and c
   one pass before any other call about this listener: the same Flow and counts as `accepted`;
 - `preamble`: the sans-I/O `Preamble` fed with every byte so far, until it decides;
 - `connect_result` (connect.py): passive signals, retries, affinity;
+- `connected`: the successes through quiet targets of one engine wake-up (no connect_result
+  for them), counted on their backends in one pass while their connections are open;
 - `ended`: one pass over the records of the connections that ended: counters, histograms,
   backend load and totals, per-source counts, the flow log.
 
@@ -48,7 +50,17 @@ from pointsman.proxy.connect import REFUSE, ConnectPolicy
 from pointsman.proxy.engine import Engine
 from pointsman.proxy.engine.api import EARLY_DATA_MAX, Decision, ReadPreamble, Refuse
 from pointsman.proxy.flows import Flow
-from pointsman.proxy.fold import Admit, Fold, admit, admitter, fold, folder
+from pointsman.proxy.fold import (
+    Admit,
+    Connected,
+    Fold,
+    admit,
+    admitter,
+    connected,
+    connector,
+    fold,
+    folder,
+)
 from pointsman.proxy.lifetime import Lifetimes
 from pointsman.proxy.preamble import Preamble, Refused, Route
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
@@ -130,6 +142,7 @@ class TcpListener(ConnectPolicy):
         self.lifetimes = Lifetimes()  # max_connection_duration (proxy/lifetime.py)
         self._fold: Fold = fold  # the compiled twin once on the compiled engine (start)
         self._admit_flows: Admit = admit  # likewise
+        self._count_connects: Connected = connected  # likewise
         # The engine's fast admission table: (pool, snapshot, slot by engine backend id).
         self._fast: tuple[Pool, PoolSnapshot, dict[int, Slot]] | None = None
         self._withdrawing = False
@@ -150,6 +163,7 @@ class TcpListener(ConnectPolicy):
         self.engine = engine = engines.acquire(self.loop)
         self._fold = folder(engine.name)
         self._admit_flows = admitter(engine.name)
+        self._count_connects = connector(engine.name)
         keepalive = engine_keepalive(self.config.tcp_keepalive)
         self.lids = [engine.add_listener(each, self, keepalive=keepalive) for each in socks]
         self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
@@ -537,6 +551,12 @@ class TcpListener(ConnectPolicy):
         ERRORS.note(self.name, op, name)
 
     # --- engine -> policy: records -------------------------------------------------------------------
+
+    def connected(self, entries: bytes) -> None:
+        """The quiet connect successes of one engine wake-up (api.CONNECTED): each backend's
+        total and connect time, counted now rather than when the connection ends (fold.py).
+        Comes after `admitted` and before `ended` of the same wake-up."""
+        self._count_connects(self.connections, entries)
 
     def ended(self, records: bytes) -> None:
         """One pass over the connections that ended in one engine wake-up (fold.py)."""

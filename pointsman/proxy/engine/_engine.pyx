@@ -31,6 +31,7 @@ from pointsman.proxy.engine.api import (
     POLICY_ERROR,
     PIPE_SIZE,
     READ_CHUNK,
+    CONNECTED,
     RECORD,
     TICK,
     WAKE_BUDGET,
@@ -106,6 +107,7 @@ cdef int64_t C_BACKOFF_NS = <int64_t>(ACCEPT_BACKOFF * 1e9)
 cdef int C_PIPE_SIZE = PIPE_SIZE
 cdef int C_PAGE_SIZE = _mmap.PAGESIZE
 cdef Py_ssize_t RECORD_SIZE = RECORD.size
+assert sizeof(Connected) == CONNECTED.size
 cdef unsigned int SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 cdef uint32_t READ_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
@@ -268,6 +270,7 @@ cdef class Listener:
     cdef object on_ended
     cdef object on_accept_error  # optional: policy.accept_error(errno)
     cdef object on_admitted  # optional: policy.admitted(batch), for the fast path
+    cdef object on_connected  # optional: policy.connected(entries), quiet successes
     # Fast admission (set_fast): while `credit` lasts and `watch.snapshot is snapshot`, a new
     # connection goes to the next of `fast` without a call; `admits` holds them for the policy.
     cdef tuple fast
@@ -283,11 +286,18 @@ cdef class Listener:
     cdef char* records
     cdef Py_ssize_t rec_len
     cdef Py_ssize_t rec_cap
+    # Quiet successes (api.CONNECTED) not yet handed over; `connecting`: in the engine's list.
+    cdef bint connecting
+    cdef char* connects
+    cdef Py_ssize_t con_len
+    cdef Py_ssize_t con_cap
     cdef uint64_t accepted, refused, ended, active, bytes_in, bytes_out, spliced, accept_errors
 
     def __dealloc__(self):
         if self.records != NULL:
             free(self.records)
+        if self.connects != NULL:
+            free(self.connects)
 
     cdef Record* new_record(self) except NULL:
         cdef char* grown
@@ -302,6 +312,20 @@ cdef class Listener:
         cdef Record* rec = <Record*>(self.records + self.rec_len)
         self.rec_len += RECORD_SIZE
         return rec
+
+    cdef Connected* new_connected(self) except NULL:
+        cdef char* grown
+        cdef Py_ssize_t cap
+        if self.con_len + <Py_ssize_t>sizeof(Connected) > self.con_cap:
+            cap = max(self.con_cap * 2, 64 * <Py_ssize_t>sizeof(Connected))
+            grown = <char*>realloc(self.connects, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.connects = grown
+            self.con_cap = cap
+        cdef Connected* entry = <Connected*>(self.connects + self.con_len)
+        self.con_len += sizeof(Connected)
+        return entry
 
 
 @cython.final
@@ -368,6 +392,7 @@ cdef class CEngine:
     cdef list kills
     cdef list dirty
     cdef list admitting  # listeners with fast admissions not yet handed over
+    cdef list connecting  # listeners with quiet successes not yet handed over
     cdef list paused
     cdef int64_t resume_at
     cdef int busy
@@ -414,6 +439,7 @@ cdef class CEngine:
         self.again = []
         self.kills = []
         self.dirty = []
+        self.connecting = []
         self.admitting = []
         self.paused = []
         self._on_ready_cb = self._on_ready
@@ -454,6 +480,7 @@ cdef class CEngine:
         lst.on_ended = policy.ended
         lst.on_accept_error = getattr(policy, "accept_error", None)
         lst.on_admitted = getattr(policy, "admitted", None)
+        lst.on_connected = getattr(policy, "connected", None)
         lst.admits = []
         lst.nodelay = nodelay and not inherited
         ev.events = EPOLLIN
@@ -720,13 +747,19 @@ cdef class CEngine:
 
     cdef int _flush_records(self) except -1:
         cdef Listener lst
-        while self.admitting:  # before the records: a fast connection may have ended already
-            admitting, self.admitting = self.admitting, []
-            for lst in admitting:
-                self._flush_admits(lst)
-        while self.dirty:
+        while self.admitting or self.connecting or self.dirty:
+            while self.admitting:  # before the rest: a fast connection may have ended already
+                admitting, self.admitting = self.admitting, []
+                for lst in admitting:
+                    self._flush_admits(lst)
+            while self.connecting:  # before the records: a connection may have ended already
+                connecting, self.connecting = self.connecting, []
+                for lst in connecting:
+                    self._flush_connects(lst)
             dirty, self.dirty = self.dirty, []
             for lst in dirty:
+                if lst.con_len:  # connected and ended inside an earlier listener's `ended`
+                    self._flush_connects(lst)
                 records = PyBytes_FromStringAndSize(lst.records, lst.rec_len)
                 lst.rec_len = 0
                 lst.dirty = False
@@ -913,6 +946,23 @@ cdef class CEngine:
             log.exception("engine: internal error on connection %d; it is cut", conn.id)
             if conn.state != S_DONE:
                 self._end(conn, E_CLOSED, ENGINE_ERROR, True, True)
+        return 0
+
+    cdef int _flush_connects(self, Listener lst) except -1:
+        """Hand the listener's quiet successes to its policy (after its admissions, before its
+        records: the connections they name are still in its table)."""
+        lst.connecting = False
+        if not lst.con_len:
+            return 0
+        entries = PyBytes_FromStringAndSize(lst.connects, lst.con_len)
+        lst.con_len = 0
+        self.busy += 1
+        try:
+            lst.on_connected(entries)
+        except Exception:
+            log.exception("engine: policy.connected raised")
+        finally:
+            self.busy -= 1
         return 0
 
     cdef int _flush_admits(self, Listener lst) except -1:
@@ -1148,6 +1198,8 @@ cdef class CEngine:
         cdef Dir* up = &conn.up
         cdef Py_ssize_t n
         cdef char* fresh
+        cdef Listener lst
+        cdef Connected* entry
         conn.state = S_RELAY
         conn.t_connect = self.now
         conn.flags |= F_CONNECTED
@@ -1156,6 +1208,15 @@ cdef class CEngine:
         if conn.target.quiet:
             conn.target.connected += 1
             conn.flags |= F_QUIET
+            lst = conn.lst
+            if lst.on_connected is not None:
+                if not lst.connecting:
+                    lst.connecting = True
+                    self.connecting.append(lst)
+                entry = lst.new_connected()
+                entry.conn_id = conn.id
+                entry.backend = conn.target.backend
+                entry.elapsed = self.now - conn.t_attempt
         else:
             self._call5(conn, conn.lst.on_connect, conn.id, conn.target.backend, ST_OK, 0,
                         (self.now - conn.t_attempt) / 1e9)

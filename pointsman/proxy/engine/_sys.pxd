@@ -191,6 +191,14 @@ cdef packed struct Record:
     int64_t attempt
 
 
+# One quiet connect success as the engine hands it to the policy (api.CONNECTED, field for
+# field): conn_id, the target's backend id, elapsed ns (connected - attempt).
+cdef packed struct Connected:
+    uint64_t conn_id
+    int64_t backend
+    int64_t elapsed
+
+
 cdef inline int parse_addr(str host, int port, SockAddr* out) except -1:
     """A numeric IPv4 or IPv6 address and a port into `out` (both engines' targets, the UDP
     plane's sessions)."""

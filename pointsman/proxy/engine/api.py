@@ -13,8 +13,12 @@ Engine -> policy (one policy object per listener; see `Policy`):
 - `connect_result(conn_id, backend, status, err, elapsed)` reports one connect attempt; after a
   failure its return value is the next decision (another target: a retry; None: give up). A
   success through a *quiet* target (`engine.target(..., quiet=True)`) is not reported: the
-  engine counts it on the target (`target.connected`) and marks the record (`Flag.QUIET`, with
-  the attempt's start in `attempt`), so a plain connection costs one Python call, not two;
+  engine counts it on the target (`target.connected`), marks the record (`Flag.QUIET`, with
+  the attempt's start in `attempt`) and packs it for `connected`, so a plain connection costs
+  one Python call, not two;
+- `connected(entries)`, when the policy has it (optional): the quiet successes of one wake-up,
+  packed (`CONNECTED`: conn_id, backend, elapsed ns), handed over after that listener's
+  `admitted` and before its `ended` (the connections they name are still open to the policy);
 - `admitted(batch)`, when the policy has it (optional) and gave the engine a fast table
   (`engine.set_fast`): the connections the engine admitted without asking, as
   `(conn_id, backend, accepted ns, host, port)` tuples in accept order, handed over before any
@@ -280,6 +284,25 @@ class Policy(Protocol):
 # (0: never connected).
 RECORD = struct.Struct("=QiBBHQQqqqqqq")
 assert RECORD.size == 80
+
+
+# One quiet connect success, native byte order, 24 bytes: conn_id, the target's backend id, and
+# the attempt's elapsed CLOCK_MONOTONIC nanoseconds (connected - attempt: the record's fields of
+# the same connection; elapsed / 1e9 is the float connect_result would have been given).
+CONNECTED = struct.Struct("=Qqq")
+assert CONNECTED.size == 24
+
+
+class Connected(NamedTuple):
+    conn_id: int
+    backend: int
+    elapsed: int
+
+
+def iter_connected(entries: bytes) -> Iterator[Connected]:
+    """Decode a packed batch of quiet successes (tests and slow consumers)."""
+    for fields in CONNECTED.iter_unpack(entries):
+        yield Connected._make(fields)
 
 
 class Ended(NamedTuple):

@@ -42,6 +42,7 @@ from pointsman.proxy.engine.api import (
     ACCEPT_BACKOFF,
     ACCEPT_BATCH,
     BACKOFF_ERRNOS,
+    CONNECTED,
     EARLY_DATA_MAX,
     ENGINE_ERROR,
     NEVER,
@@ -139,10 +140,10 @@ class PyTarget:
 
 class _Listener:
     __slots__ = ("accept_errors", "accepted", "active", "admits", "bytes_in", "bytes_out",
-                 "credit", "ended", "family", "fast", "fast_next", "fd", "id", "nodelay",
-                 "on_accept", "on_accept_error", "on_admitted", "on_connect", "on_ended",
-                 "on_preamble", "paused", "policy", "records", "refused", "snapshot", "sock",
-                 "spliced", "stopped", "watch")
+                 "connects", "credit", "ended", "family", "fast", "fast_next", "fd", "id",
+                 "nodelay", "on_accept", "on_accept_error", "on_admitted", "on_connect",
+                 "on_connected", "on_ended", "on_preamble", "paused", "policy", "records",
+                 "refused", "snapshot", "sock", "spliced", "stopped", "watch")
 
     def __init__(self, lid: int, sock: socket.socket, policy: Policy, nodelay: bool) -> None:
         self.id = lid
@@ -166,6 +167,10 @@ class _Listener:
         self.watch: Any = None
         self.snapshot: Any = None
         self.admits: list[tuple[int, int, int, str, int]] = []
+        # Quiet successes (api.CONNECTED) for the policy's optional `connected`, once per
+        # wake-up, after `admitted` and before `ended`.
+        self.on_connected: Callable[[bytes], object] | None = getattr(policy, "connected", None)
+        self.connects = bytearray()
         self.nodelay = nodelay
         self.records = bytearray()
         self.paused = False
@@ -267,6 +272,7 @@ class PyEngine:
         self._kills: list[_Conn] = []
         self._dirty: list[_Listener] = []
         self._admitting: list[_Listener] = []  # with fast admissions not yet handed over
+        self._connecting: list[_Listener] = []  # with quiet successes not yet handed over
         self._paused: list[_Listener] = []
         self._resume_at = 0
         self._busy = 0
@@ -533,13 +539,19 @@ class PyEngine:
         self._closing.append(sock)
 
     def _flush_records(self) -> None:
-        while self._admitting:  # before the records: a fast connection may have ended already
-            admitting, self._admitting = self._admitting, []
-            for lst in admitting:
-                self._flush_admits(lst)
-        while self._dirty:
+        while self._admitting or self._connecting or self._dirty:
+            while self._admitting:  # before the rest: a fast connection may have ended already
+                admitting, self._admitting = self._admitting, []
+                for lst in admitting:
+                    self._flush_admits(lst)
+            while self._connecting:  # before the records: a connection may have ended already
+                connecting, self._connecting = self._connecting, []
+                for lst in connecting:
+                    self._flush_connects(lst)
             dirty, self._dirty = self._dirty, []
             for lst in dirty:
+                if lst.connects:  # connected and ended inside an earlier listener's `ended`
+                    self._flush_connects(lst)
                 records = bytes(lst.records)
                 lst.records.clear()
                 try:
@@ -684,6 +696,22 @@ class PyEngine:
             lst.on_admitted(batch)
         except Exception:
             log.exception("engine: policy.admitted raised")
+        finally:
+            self._busy -= 1
+
+    def _flush_connects(self, lst: _Listener) -> None:
+        """Hand the listener's quiet successes to its policy (after its admissions, before its
+        records: the connections they name are still in its table)."""
+        if not lst.connects:
+            return
+        entries = bytes(lst.connects)
+        lst.connects.clear()
+        assert lst.on_connected is not None
+        self._busy += 1
+        try:
+            lst.on_connected(entries)
+        except Exception:
+            log.exception("engine: policy.connected raised")
         finally:
             self._busy -= 1
 
@@ -882,6 +910,11 @@ class PyEngine:
         if target.quiet:
             target.connected += 1
             conn.flags |= Flag.QUIET
+            lst = conn.lst
+            if lst.on_connected is not None:
+                if not lst.connects:
+                    self._connecting.append(lst)
+                lst.connects += CONNECTED.pack(conn.id, target.backend, self.now - conn.t_attempt)
         else:
             self._call(conn, conn.lst.on_connect, conn.id, target.backend, Status.OK, 0,
                        (self.now - conn.t_attempt) / 1e9)

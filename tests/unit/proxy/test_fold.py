@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from pointsman.pool.pool import Pool
 from pointsman.proxy.codes import END_CODE, REJECT_CODE, outcome
-from pointsman.proxy.engine.api import POLICY_ERROR, RECORD, End, Flag
+from pointsman.proxy.engine.api import CONNECTED, POLICY_ERROR, RECORD, End, Flag
 from pointsman.proxy.flows import Flow
-from pointsman.proxy.fold import Fold, admit, fold, folder
+from pointsman.proxy.fold import Fold, admit, connected, connector, fold, folder
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import tcp_head, tcp_line
 from pointsman.telemetry.histogram import Histogram
@@ -77,7 +77,7 @@ CASE = st.fixed_dictionaries({
     "peer": PEERS,
     "slot": st.sampled_from([None, 0, 1]),  # no slot, an uncapped one, a capped one
     # Not connected; connected with connect_result told (it set backend_id); connected through
-    # a quiet target (the record flags it; fold counts the success).
+    # a quiet target (the record flags it; `connected` counted the success, not fold).
     "connected": st.sampled_from([None, "reported", "quiet"]),
     "connect": NS,  # the successful attempt's length, ns
     "source_key": st.sampled_from([None, b"k1"]),
@@ -163,15 +163,9 @@ def test_each_record_counts_once_as_its_outcome(twin: Fold, cases: list[dict[str
         mine = [c for c in known if c["slot"] == index and c["connected"]]
         assert (bytes_in, bytes_out) == (sum(c["bytes"][0] for c in mine),
                                          sum(c["bytes"][1] for c in mine))
-    for index, (total, counts, total_time, count) in enumerate(connects):
-        # A quiet success is counted once, as connect_result would have: the total, and the
-        # connect time the engine measured, to the bit (the same division, the same order).
-        quiet = [c for c in known if c["slot"] == index and c["connected"] == "quiet"]
-        expected = Histogram()
-        for c in quiet:
-            expected.observe(c["connect"] / 1e9)
-        assert total == count == len(quiet)
-        assert (counts, total_time) == (expected.counts, expected.sum)
+    for total, counts, total_time, count in connects:
+        # No success is counted at the end: connect_result or `connected` counted it at connect.
+        assert (total, count, total_time) == (0, 0, 0.0) and not any(counts)
     assert freed == ({POOL} if any(c["slot"] == 1 for c in known) else None)
     assert closed == [c["source_key"] for c in known if c["source_key"] is not None]
     assert [name for name, _ in calls] == [
@@ -244,3 +238,72 @@ def test_admit_makes_one_flow_per_admission_in_order(twin: Any, admissions: list
         assert flow.backend_id is None and flow.detour is None and flow.source_key is None
     assert [slot.stats.active for slot in slots.values()] == [
         sum(1 for _, b, *_ in batch if b == backend) for backend in (7, 9)]
+
+
+try:
+    from pointsman.proxy._policy import connected as compiled_connected
+except ImportError:
+    compiled_connected = None
+
+CONNECTS: list[Any] = [pytest.param(connected, id="python"), pytest.param(
+    compiled_connected, id="cython",
+    marks=pytest.mark.skipif(compiled_connected is None, reason="not built"))]
+SUCCESS = st.tuples(
+    st.sampled_from(["b1", "b2", "odd", None, "unknown"]),  # the flow's slot (None: no slot)
+    NS)  # the attempt's elapsed ns
+
+
+def count_connects(twin: Any, successes: list[tuple[str | None, int]]) -> tuple[Any, ...]:
+    """`successes` through one table: slots b1 and b2 share the default bounds, `odd` has its
+    own (the compiled twin's other path); "unknown" names a connection not in the table."""
+    slots = {"b1": Slot("b1", 0), "b2": Slot("b2", 3), "odd": Slot("odd", 0)}
+    slots["odd"].stats.connect_time = Histogram((0.5e-6, 1e-3, 2.0))
+    connections: dict[int, Flow] = {}
+    entries = []
+    for conn_id, (name, elapsed) in enumerate(successes, start=1):
+        if name != "unknown":
+            flow = Flow(("127.0.0.1", conn_id), POOL, 0.0)
+            flow.slot = None if name is None else slots[name]  # type: ignore[assignment]
+            connections[conn_id] = flow
+        entries.append(CONNECTED.pack(conn_id, 40 + conn_id, elapsed))
+    twin(connections, b"".join(entries))
+    assert len(connections) == sum(1 for name, _ in successes if name != "unknown")
+    return tuple((s.stats.total, s.stats.connect_time.counts, s.stats.connect_time.sum,
+                  s.stats.connect_time.count, s.stats.active) for s in slots.values())
+
+
+@pytest.mark.parametrize("twin", CONNECTS)
+@settings(max_examples=100, deadline=None)
+@given(st.lists(SUCCESS, max_size=16))
+def test_each_quiet_success_counts_once_on_its_slot(twin: Any,
+                                                    successes: list[tuple[str | None, int]]) -> None:
+    """Each success of a connection in the table counts once on its slot's backend, as
+    connect_result would have: the total, and the connect time the engine measured, to the bit
+    (the same division, the same order); the connection stays in the table, load untouched."""
+    got = count_connects(twin, successes)
+    for name, (total, counts, total_time, count, active) in zip(("b1", "b2", "odd"), got,
+                                                                 strict=True):
+        expected = Histogram((0.5e-6, 1e-3, 2.0)) if name == "odd" else Histogram()
+        mine = [elapsed for each, elapsed in successes if each == name]
+        for elapsed in mine:
+            expected.observe(elapsed / 1e9)
+        assert total == count == len(mine) and active == 0
+        assert (counts, total_time) == (expected.counts, expected.sum)
+
+
+@pytest.mark.skipif(compiled_connected is None, reason="the compiled twin is not built")
+@settings(max_examples=150, deadline=None)
+@given(st.lists(SUCCESS, max_size=16))
+def test_the_compiled_connected_agrees_to_the_bit(successes: list[tuple[str | None, int]]) -> None:
+    assert count_connects(compiled_connected, successes) == count_connects(connected, successes)
+
+
+def test_the_compiled_engine_gets_the_compiled_connected() -> None:
+    assert connector("python") is connected
+    assert connector("cython") is (compiled_connected or connected)
+
+
+@pytest.mark.skipif(compiled_connected is None, reason="the compiled twin is not built")
+def test_a_batch_that_is_not_whole_entries_is_refused() -> None:
+    with pytest.raises(ValueError):
+        compiled_connected({}, b"\0" * (CONNECTED.size + 1))
