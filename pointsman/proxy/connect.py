@@ -7,13 +7,14 @@ PROXY header, and what to do when the connect fails.
   sends one, from the client's own address (transparent) or the next of `source.addresses`;
 - the outcome: only a backend's own failure (refused, unreachable, timed out) is reported to the
   pool as a passive failure; a success through a quiet target (targets.py) is not reported by
-  the engine one by one: the backend's total and connect time come from the record at the end
-  (fold.py), and passive health gets the slot's counted successes before the next failure this
-  listener reports for that backend (so one listener's order of successes and failures is
-  kept), and otherwise on the listener's live tick (`report_successes`, every 0.1 s while
-  connections are open); a shortage of ours (descriptors, memory, source ports) is counted
-  as `local_resource` and blames nobody. A failed attempt moves to another backend, at most
-  `retries` times; an unusable source address moves to the next address first.
+  the engine one by one: the backend's total and connect time come from the engine's batch of
+  them, once per wake-up while the connections are open (`connected`, fold.py), and passive
+  health gets the slot's counted successes before the next failure this listener reports for
+  that backend (so one listener's order of successes and failures is kept), and otherwise on
+  the listener's live tick (`report_successes`, every 0.1 s while connections are open); a
+  shortage of ours (descriptors, memory, source ports) is counted as `local_resource` and
+  blames nobody. A failed attempt moves to another backend, at most `retries` times; an
+  unusable source address moves to the next address first.
 
 A plain connection (no preamble, no affinity, no hash key, no PROXY header, no source address,
 no per-source limit) takes one fast path: snapshot -> pick -> the backend's target (below its

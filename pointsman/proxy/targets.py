@@ -10,9 +10,11 @@ or an operator cut never names a backend of an older snapshot by mistake.
 A pool whose connect success needs nothing per connection from the policy (no affinity to
 remember, no source-address turn read from the backend's total) gets *quiet* targets: the engine
 does not call `connect_result` for a success through them, it counts the success on the target
-and flags the connection's record. The policy folds the rest of the success from the record
-when the connection ends (backend total, connect time: fold.py) and hands the counted successes
-to passive health (`Slot.successes`, connect.py).
+and flags the connection's record, and hands the policy the wake-up's successes in one packed
+batch (`connected`). The policy folds the rest of each success from it while the connection is
+open (backend total, connect time: fold.py, from the connection's slot, so a slot this module
+has since let go of is still counted) and hands the counted successes to passive health
+(`Slot.successes`, connect.py).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def settings(config: PoolConfig) -> dict[str, Any]:
 def quiet(config: PoolConfig) -> bool:
     """Whether a connect success to this pool needs nothing per connection from the policy:
     no affinity to remember, and no source-address turn (it reads the backend's total, which
-    quiet successes reach only when their connections end)."""
+    quiet successes reach only at the end of the engine's wake-up)."""
     return config.affinity is None and not config.source.addresses
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from pointsman.proxy.engine import iter_records, new_engine
-from pointsman.proxy.engine.api import Decision, End, Flag, Op, Status
+from pointsman.proxy.engine.api import Connected, Decision, End, Flag, Op, Status, iter_connected
 from pointsman.proxy.engine.simple import RoundRobinPolicy
 from tests.integration.engine_support import ENGINES, echo, open_raw, proxy, raw_backend, recv_to_end
 from tests.support import LOOPBACK, refused_port, wait_for
@@ -288,11 +288,18 @@ class Watched:
 
 
 class AdmittingPolicy(RoundRobinPolicy):
-    """Logs every call in order, `admitted` included."""
+    """Logs every call in order, `admitted` and `connected` included."""
 
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.calls: list[tuple[str, int]] = []
+        self.connected_entries: list[Connected] = []
+
+    def connected(self, entries: bytes) -> None:
+        assert entries  # never called with nothing
+        for entry in iter_connected(entries):
+            self.calls.append(("connected", entry.conn_id))
+            self.connected_entries.append(entry)
 
     def accepted(self, conn_id: int, host: str, port: int) -> Decision:
         self.calls.append(("accepted", conn_id))
@@ -348,11 +355,74 @@ async def test_fast_admission_is_handed_over_before_any_other_call(engine: str) 
     first, second, third, fourth = sorted({cid for _, cid in policy.calls})
     mine = {cid: [name for name, c in policy.calls if c == cid] for cid in (first, second)}
     # The first went to the refused target: admitted, then its failure, then its record.
-    assert mine[first] == ["admitted", "connect_result", "ended"]
-    assert mine[second] == ["admitted", "ended"]  # to the good one, in turn: nobody told
+    # Its retry succeeded through a quiet target: `connected`, not connect_result.
+    assert mine[first] == ["admitted", "connect_result", "connected", "ended"]
+    assert mine[second] == ["admitted", "connected", "ended"]  # to the good one, in turn
     assert next(name for name, c in policy.calls if c == third) == "accepted"  # credit spent
     assert next(name for name, c in policy.calls if c == fourth) == "accepted"  # snapshot moved
     assert counts == [0, 4]  # every success quiet, all on the good one (the other refuses)
     assert all(r.reason == End.CLIENT_FIN and r.backend == 1 for r in policy.records)
     counters = eng.listener_stats(lid)
     assert (counters.accepted, counters.ended, counters.active) == (4, 4, 0)
+
+
+async def close_at_once(conn: socket.socket) -> None:
+    conn.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_quiet_successes_are_handed_over_before_their_records(engine: str) -> None:
+    """Each quiet success reaches `connected` once, while its connection is open, before the
+    record of its end (also when both happen in one wake-up: a backend that closes at once),
+    naming the record's backend with the record's elapsed time, to the nanosecond."""
+    async with raw_backend(echo) as good, raw_backend(close_at_once) as closing:
+        loop = asyncio.get_running_loop()
+        eng = new_engine(loop, engine)
+        targets = [eng.target(4, LOOPBACK, good.port, quiet=True),
+                   eng.target(9, LOOPBACK, closing.port, quiet=True)]
+        policy = AdmittingPolicy(targets, retries=0)
+        lsock = socket.socket()
+        lsock.bind((LOOPBACK, 0))
+        lsock.listen(16)
+        lid = eng.add_listener(lsock, policy)
+        try:
+            held = await open_raw(lsock.getsockname())  # to the good one (first in turn)
+            await loop.sock_sendall(held, b"hi")
+            assert await loop.sock_recv(held, 2) == b"hi"
+            await wait_for(lambda: len(policy.connected_entries) == 1, 5.0, what="connected")
+            assert policy.ended_count == 0  # counted while it is open
+            results = [await ping(lsock.getsockname()) for _ in range(4)]
+            held.shutdown(socket.SHUT_WR)
+            assert await recv_to_end(held) == (b"", "eof")
+            held.close()
+            await wait_for(lambda: policy.ended_count == 5, 5.0, what="all ended")
+            counts = [target.connected for target in targets]
+            counters = eng.listener_stats(lid)
+        finally:
+            eng.shutdown(0)
+            lsock.close()
+    assert sorted(result[0] for result in results) == [b"", b"", b"ping", b"ping"]
+    assert counts == [3, 2]
+    assert (counters.accepted, counters.ended, counters.active) == (5, 5, 0)
+    records = {record.conn_id: record for record in policy.records}
+    entries = {entry.conn_id: entry for entry in policy.connected_entries}
+    assert len(policy.connected_entries) == len(entries) == 5 and entries.keys() == records.keys()
+    for conn_id, record in records.items():
+        entry = entries[conn_id]
+        assert record.flags & Flag.QUIET
+        assert entry.backend == record.backend
+        assert entry.elapsed == record.connected - record.attempt >= 0
+        assert entry.elapsed / 1e9 == (record.connected - record.attempt) / 1e9
+        calls = [name for name, c in policy.calls if c == conn_id]
+        assert calls == ["accepted", "connected", "ended"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_policy_without_connected_is_not_told(engine: str) -> None:
+    """`connected` is optional: without it a quiet success is only counted on the target."""
+    async with raw_backend(echo) as good, proxy(engine, [good.port], quiet=True) as p:
+        assert not hasattr(p.policy, "connected")
+        assert await ping(p.address) == (b"ping", "eof")
+        (record,) = await p.wait_ended(1)
+        assert p.policy.targets[0].connected == 1  # type: ignore[attr-defined]
+    assert record.flags & Flag.QUIET

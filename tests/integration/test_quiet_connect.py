@@ -1,7 +1,8 @@
 """Connect successes the engine does not report one by one (quiet targets, proxy/targets.py):
-each is counted exactly once, when its connection ends (the backend's total and its connect
-time), reaches passive health before the next failure of that backend, and survives its backend
-leaving the pool while the connection is open. On both engines."""
+each is counted exactly once, while its connection is open (the backend's total and its connect
+time, handed over once per engine wake-up), and not again at its end; reaches passive health
+before the next failure of that backend, and stays counted when its backend leaves the pool
+while the connection is open. On both engines."""
 
 from __future__ import annotations
 
@@ -39,22 +40,26 @@ def adds_up(runtime: object) -> None:
     assert stats.accepted == sum(stats.rejected.values()) + sum(stats.ended.values()) + stats.active
 
 
-async def test_each_success_is_counted_once_when_its_connection_ends() -> None:
+async def test_each_success_is_counted_once_while_its_connection_is_open() -> None:
     async with echo_backend() as peer:
         listen = f"{LOOPBACK}:{free_port()}"
         async with running(one_pool_config(listen, [peer.address])) as runtime:
             pool = runtime.pools["p"]
             [backend] = runtime.backend_stats(pool)
-            held = [await connect(listen) for _ in range(3)]
-            for reader, writer in held:
+            held = []
+            for i in range(3):
+                reader, writer = await connect(listen)
                 await roundtrip(reader, writer, b"hello")
-            # Open: the load is live, the success is counted at the end.
+                held.append((reader, writer))
+                # Open: the success is counted now (a long-lived connection shows at once).
+                await wait_for(lambda i=i: backend.total == i + 1, 2.0, what=f"{i + 1} counted")
+                assert backend.connect_time.count == i + 1
             assert backend.active == 3
-            assert backend.total == backend.connect_time.count == 0
             adds_up(runtime)
             for i, (_reader, writer) in enumerate(held):
                 await close_writer(writer)
-                await wait_for(lambda i=i: backend.total == i + 1, 2.0, what=f"{i + 1} counted")
+                await wait_for(lambda i=i: backend.active == 2 - i, 2.0, what=f"{i + 1} ended")
+                assert backend.total == backend.connect_time.count == 3  # not again at its end
             await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
             stats = tcp_stats(runtime)
             adds_up(runtime)
@@ -143,6 +148,7 @@ async def test_a_backend_removed_while_its_connection_is_open() -> None:
             [old] = runtime.backend_stats(pool)
             reader, writer = await connect(listen)
             await roundtrip(reader, writer, b"before")
+            await wait_for(lambda: old.total == 1, 2.0, what="counted while open")
             after = yaml.safe_load(before)
             after["pools"][0]["backends"] = [{"address": b.address}]
             from tests.integration.test_reload import loaded  # the reload tests' loader
@@ -157,7 +163,7 @@ async def test_a_backend_removed_while_its_connection_is_open() -> None:
             await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
             [new] = runtime.backend_stats(pool)
             adds_up(runtime)
-    # The old backend's figures got its connection's success and bytes, once, at its end.
+    # The old backend's figures: its connection's success once (at connect), its bytes at its end.
     assert (old.total, old.connect_time.count, old.active) == (1, 1, 0)
     assert old.bytes_in == len(b"beforeafter")
     assert (new.total, new.connect_time.count, new.active) == (1, 1, 0)
