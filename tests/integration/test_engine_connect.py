@@ -373,8 +373,8 @@ async def close_at_once(conn: socket.socket) -> None:
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_quiet_successes_are_handed_over_before_their_records(engine: str) -> None:
     """Each quiet success reaches `connected` once, while its connection is open, before the
-    record of its end (also when both happen in one wake-up: a backend that closes at once),
-    naming the record's backend with the record's elapsed time, to the nanosecond."""
+    record of its end (a backend that closes at once brings both close together, often into
+    one wake-up), naming the record's backend with the record's elapsed time, to the ns."""
     async with raw_backend(echo) as good, raw_backend(close_at_once) as closing:
         loop = asyncio.get_running_loop()
         eng = new_engine(loop, engine)
