@@ -32,7 +32,8 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Protocol
 
 from pointsman.balance.hashing import client_ip
@@ -52,7 +53,6 @@ from pointsman.proxy.engine.api import EARLY_DATA_MAX, Decision, ReadPreamble, R
 from pointsman.proxy.flows import Flow
 from pointsman.proxy.fold import (
     Admit,
-    Connected,
     Fold,
     admit,
     admitter,
@@ -142,7 +142,11 @@ class TcpListener(ConnectPolicy):
         self.lifetimes = Lifetimes()  # max_connection_duration (proxy/lifetime.py)
         self._fold: Fold = fold  # the compiled twin once on the compiled engine (start)
         self._admit_flows: Admit = admit  # likewise
-        self._count_connects: Connected = connected  # likewise
+        # `connected` (the engine's optional callback): the quiet connect successes of one
+        # engine wake-up (api.CONNECTED), each backend's total and connect time counted now
+        # rather than when the connection ends (fold.py); after `admitted`, before `ended`.
+        # The fold bound to the table, so the engine calls it with no Python frame of ours.
+        self.connected: Callable[[bytes], None] = partial(connected, self.connections)
         # The engine's fast admission table: (pool, snapshot, slot by engine backend id).
         self._fast: tuple[Pool, PoolSnapshot, dict[int, Slot]] | None = None
         self._withdrawing = False
@@ -163,7 +167,7 @@ class TcpListener(ConnectPolicy):
         self.engine = engine = engines.acquire(self.loop)
         self._fold = folder(engine.name)
         self._admit_flows = admitter(engine.name)
-        self._count_connects = connector(engine.name)
+        self.connected = partial(connector(engine.name), self.connections)
         keepalive = engine_keepalive(self.config.tcp_keepalive)
         self.lids = [engine.add_listener(each, self, keepalive=keepalive) for each in socks]
         self._trimmer = MemoryTrimmer.acquire(self.loop, self._open_count)
@@ -551,12 +555,6 @@ class TcpListener(ConnectPolicy):
         ERRORS.note(self.name, op, name)
 
     # --- engine -> policy: records -------------------------------------------------------------------
-
-    def connected(self, entries: bytes) -> None:
-        """The quiet connect successes of one engine wake-up (api.CONNECTED): each backend's
-        total and connect time, counted now rather than when the connection ends (fold.py).
-        Comes after `admitted` and before `ended` of the same wake-up."""
-        self._count_connects(self.connections, entries)
 
     def ended(self, records: bytes) -> None:
         """One pass over the connections that ended in one engine wake-up (fold.py)."""
