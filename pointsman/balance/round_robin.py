@@ -23,6 +23,12 @@ class RoundRobin:
         )
         self._next = start % len(self._available) if self._available else 0
 
+    @property
+    def rotation(self) -> tuple[tuple[int, ...], int]:
+        """The indices taken in turn and the position of the next pick (what an engine that
+        admits on its own continues from)."""
+        return self._available, self._next
+
     def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
         """Return the next available index not in `exclude`, or None if there is none."""
         available = self._available

@@ -96,6 +96,11 @@ class LazyPicker:
         self._build = build
         self._picker: Picker | None = None
 
+    @property
+    def built(self) -> Picker | None:
+        """The picker, once a pick has built it."""
+        return self._picker
+
     def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
         picker = self._picker
         if picker is None:

@@ -369,14 +369,14 @@ class TcpListener(ConnectPolicy):
             return None
         picker: object = snapshot.picker
         if type(picker) is LazyPicker:  # built by the pick `accepted` just made
-            picker = picker._picker
+            picker = picker.built
         if not snapshot.available or snapshot.caps or type(picker) is not RoundRobin:
             return None
         targets = self._targets_of(pool)
         slots = targets.of(snapshot)
-        # The rotation itself, continued where the picker is (RoundRobin's own state, read
-        # here rather than copied so the engine's turn follows the one `accepted` just took).
-        order = picker._available
+        # The rotation itself, continued where the picker is (the engine's turn follows the one
+        # `accepted` just took).
+        order, start = picker.rotation
         if not targets.plain or not order:
             return None
         chosen: list[Slot] = []
@@ -384,7 +384,7 @@ class TcpListener(ConnectPolicy):
             if slot is None or not slot.target.quiet:
                 return None
             chosen.append(slot)
-        return chosen, order, picker._next
+        return chosen, order, start
 
     def _fast_allowed(self) -> bool:
         """The listener may leave admission to the engine: no rule per connection, accepting,
