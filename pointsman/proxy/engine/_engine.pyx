@@ -956,25 +956,22 @@ cdef class CEngine:
             return 0
         entries = PyBytes_FromStringAndSize(lst.connects, lst.con_len)
         lst.con_len = 0
-        self.busy += 1
-        try:
-            lst.on_connected(entries)
-        except Exception:
-            log.exception("engine: policy.connected raised")
-        finally:
-            self.busy -= 1
-        return 0
+        return self._hand(lst.on_connected, entries, "connected")
 
     cdef int _flush_admits(self, Listener lst) except -1:
         """Hand the listener's fast admissions to its policy (before any other call of it)."""
         if not lst.admits:
             return 0
         batch, lst.admits = lst.admits, []
+        return self._hand(lst.on_admitted, batch, "admitted")
+
+    cdef int _hand(self, object callback, object batch, str what) except -1:
+        """One batch to the policy; a raise is logged (the batch is the policy's from now)."""
         self.busy += 1
         try:
-            lst.on_admitted(batch)
+            callback(batch)
         except Exception:
-            log.exception("engine: policy.admitted raised")
+            log.exception("engine: policy.%s raised", what)
         finally:
             self.busy -= 1
         return 0

@@ -691,13 +691,7 @@ class PyEngine:
             return
         batch, lst.admits = lst.admits, []
         assert lst.on_admitted is not None
-        self._busy += 1
-        try:
-            lst.on_admitted(batch)
-        except Exception:
-            log.exception("engine: policy.admitted raised")
-        finally:
-            self._busy -= 1
+        self._hand(lst.on_admitted, batch, "admitted")
 
     def _flush_connects(self, lst: _Listener) -> None:
         """Hand the listener's quiet successes to its policy (after its admissions, before its
@@ -707,11 +701,15 @@ class PyEngine:
         entries = bytes(lst.connects)
         lst.connects.clear()
         assert lst.on_connected is not None
+        self._hand(lst.on_connected, entries, "connected")
+
+    def _hand(self, callback: Callable[[Any], object], batch: Any, what: str) -> None:
+        """One batch to the policy; a raise is logged (the batch is the policy's from now)."""
         self._busy += 1
         try:
-            lst.on_connected(entries)
+            callback(batch)
         except Exception:
-            log.exception("engine: policy.connected raised")
+            log.exception("engine: policy.%s raised", what)
         finally:
             self._busy -= 1
 
