@@ -24,7 +24,7 @@ from bisect import bisect_left
 from pointsman.proxy.engine._sys cimport Connected, Record
 
 from pointsman.proxy.codes import PLAIN_END, outcome
-from pointsman.proxy.engine.api import CONNECTED, POLICY_ERROR, RECORD, Flag
+from pointsman.proxy.engine.api import CONNECTED, POLICY_ERROR, RECORD
 from pointsman.proxy.flows import Flow
 from pointsman.proxy.fold import END_JSON, REJECT_JSON
 from pointsman.telemetry.flow import EndReason, RejectReason
@@ -45,7 +45,6 @@ cdef dict _END_JSON = END_JSON
 cdef dict _REJECT_JSON = REJECT_JSON
 cdef dict _NAMES = _QUOTED
 cdef int _POLICY_ERROR = POLICY_ERROR
-cdef int _QUIET = Flag.QUIET
 cdef enum:
     MAX_BOUNDS = 64
 
@@ -297,8 +296,6 @@ def fold(object listener, bytes records, object head, object lines):
                 if freed is None:
                     freed = set()
                 freed.add(flow.pool)
-            if rec[i].flags & _QUIET:  # connected (counted by `connected`): its slot names it
-                backend_id = slot.id
             if backend_id is not None:
                 backend.bytes_in += rec[i].bytes_in
                 backend.bytes_out += rec[i].bytes_out
@@ -339,6 +336,8 @@ def connected(dict connections, bytes entries):
         slot = flow.slot
         if slot is None:
             continue
+        flow.backend_id = slot.id
+        flow.snapshot = None
         backend = slot.stats
         backend.total += 1
         elapsed = <double>entry[i].elapsed / 1e9

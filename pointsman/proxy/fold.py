@@ -9,9 +9,10 @@ descriptor budget, the flow log's queue, freed queue slots) is the caller's, onc
 
 `connected` counts the successes through quiet targets (targets.py: `connect_result` is not
 called for them) from the engine's packed batch of one wake-up (api.CONNECTED), as
-connect_result would have at connect: the backend's `total` and its connect time (the very
-elapsed time the engine would have passed). They are counted while their connections are open,
-not when they end, so a long-lived connection shows in the connection rate at once.
+connect_result would have at connect: the flow's backend id, its snapshot let go, the backend's
+`total` and its connect time (the very elapsed time the engine would have passed). They are
+counted while their connections are open, not when they end, so a long-lived connection shows in
+the connection rate at once.
 
 This is the reference; `_policy.pyx` is the same passes compiled (records read in place, no
 tuple per record, the line printed in C), used with the compiled engine. Both give the same
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from pointsman.proxy.codes import PLAIN_END, outcome
-from pointsman.proxy.engine.api import CONNECTED, POLICY_ERROR, RECORD, Flag
+from pointsman.proxy.engine.api import CONNECTED, POLICY_ERROR, RECORD
 from pointsman.proxy.flows import Flow
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import client_text, quoted
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 _CONNECT_FAILED = EndReason.CONNECT_FAILED
 _INTERNAL = RejectReason.INTERNAL_ERROR
-_QUIET = int(Flag.QUIET)
 # The flow log's `end` of each outcome, as JSON. Two tables: the reasons are str enums, and
 # EndReason.INTERNAL_ERROR == RejectReason.INTERNAL_ERROR ("internal_error"), so one table
 # keyed by both would log an ended one as rejected.
@@ -78,7 +78,7 @@ def fold(listener: Folding, records: bytes, head: str | None,
     admission = listener.admission
     gone = 0
     freed: set[Pool] | None = None
-    for (conn_id, _backend, reason, flags, detail, bytes_in, bytes_out, started, _connected,
+    for (conn_id, _backend, reason, _flags, detail, bytes_in, bytes_out, started, _connected,
          first_byte, finished, _lid, _attempt) in RECORD.iter_unpack(records):
         flow = pop(conn_id, None)
         if flow is None:  # refused at accept: counted then (unless our policy raised)
@@ -124,8 +124,6 @@ def fold(listener: Folding, records: bytes, head: str | None,
                 if freed is None:
                     freed = set()
                 freed.add(flow.pool)
-            if flags & _QUIET:  # connected (counted by `connected`): its slot names the backend
-                backend_id = slot.id
             if backend_id is not None:
                 backend.bytes_in += bytes_in
                 backend.bytes_out += bytes_out
@@ -143,11 +141,12 @@ def fold(listener: Folding, records: bytes, head: str | None,
 
 
 def connected(connections: dict[int, Flow], entries: bytes) -> None:
-    """Count each quiet connect success of `entries` (api.CONNECTED) on the backend of its
-    connection's slot: `total` and the connect-time histogram, as connect_result does for a
-    success it is given. The engine hands them over before the records of the same wake-up, so
-    each connection is still in the table (with the slot it connected through, whether or not
-    its backend has since left the snapshot)."""
+    """Do for each quiet connect success of `entries` (api.CONNECTED) what connect_result does
+    for a success it is given, but passive health (connect.py reports those per slot): the
+    flow's backend id, its snapshot let go, the backend's `total` and connect-time histogram.
+    The engine hands them over before the records of the same wake-up, so each connection is
+    still in the table (with the slot it connected through, whether or not its backend has
+    since left the snapshot), and its record finds the backend id set."""
     get = connections.get
     for conn_id, _backend, elapsed_ns in CONNECTED.iter_unpack(entries):
         flow = get(conn_id)
@@ -156,6 +155,8 @@ def connected(connections: dict[int, Flow], entries: bytes) -> None:
         slot = flow.slot
         if slot is None:
             continue
+        flow.backend_id = slot.id
+        flow.snapshot = None  # the pick is done: the flow keeps no snapshot alive
         backend = slot.stats
         backend.total += 1
         elapsed = elapsed_ns / 1e9

@@ -94,9 +94,10 @@ _perf_counter = time.perf_counter
 
 
 def _connected_to(engine: Engine, conn_id: int, flow: Flow, backend_id: str) -> bool:
-    """Whether the connection is connected to `backend_id`: its flow knows it when
-    connect_result saw the success; after a quiet one (targets.py), its slot names the backend
-    and the engine knows whether the connect is done."""
+    """Whether the connection is connected to `backend_id`: its flow knows it once
+    connect_result or the wake-up's `connected` batch saw the success; a quiet success not yet
+    handed over (this is called inside the engine's wake-up, e.g. after a passive ejection):
+    its slot names the backend and the engine knows whether the connect is done."""
     if flow.backend_id is not None:
         return flow.backend_id == backend_id
     slot = flow.slot

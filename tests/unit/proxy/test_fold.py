@@ -77,7 +77,7 @@ CASE = st.fixed_dictionaries({
     "peer": PEERS,
     "slot": st.sampled_from([None, 0, 1]),  # no slot, an uncapped one, a capped one
     # Not connected; connected with connect_result told (it set backend_id); connected through
-    # a quiet target (the record flags it; `connected` counted the success, not fold).
+    # a quiet target (the record flags it; `connected` counted the success and set backend_id).
     "connected": st.sampled_from([None, "reported", "quiet"]),
     "connect": NS,  # the successful attempt's length, ns
     "source_key": st.sampled_from([None, b"k1"]),
@@ -100,7 +100,7 @@ def build(cases: list[dict[str, Any]]) -> tuple[Listener, bytes, list[Slot]]:
                 slot = slots[case["slot"]]
                 slot.stats.active += 1
                 flow.slot = slot  # type: ignore[assignment]
-                if case["connected"] == "reported":
+                if case["connected"] is not None:
                     flow.backend_id = slot.id
             flow.source_key = case["source_key"]
             if case["detour"] is not None:
@@ -253,6 +253,9 @@ SUCCESS = st.tuples(
     NS)  # the attempt's elapsed ns
 
 
+SNAPSHOT = object()  # the pick's snapshot, held until the connect succeeds
+
+
 def count_connects(twin: Any, successes: list[tuple[str | None, int]]) -> tuple[Any, ...]:
     """`successes` through one table: slots b1 and b2 share the default bounds, `odd` has its
     own (the compiled twin's other path); "unknown" names a connection not in the table."""
@@ -264,10 +267,15 @@ def count_connects(twin: Any, successes: list[tuple[str | None, int]]) -> tuple[
         if name != "unknown":
             flow = Flow(("127.0.0.1", conn_id), POOL, 0.0)
             flow.slot = None if name is None else slots[name]  # type: ignore[assignment]
+            flow.snapshot = SNAPSHOT  # type: ignore[assignment]
             connections[conn_id] = flow
         entries.append(CONNECTED.pack(conn_id, 40 + conn_id, elapsed))
     twin(connections, b"".join(entries))
     assert len(connections) == sum(1 for name, _ in successes if name != "unknown")
+    for flow in connections.values():  # the rest of connect_result's success, slot or none
+        connected_now = flow.slot is not None
+        assert flow.backend_id == (flow.slot.id if connected_now else None)  # type: ignore[union-attr]
+        assert (flow.snapshot is None) == connected_now
     return tuple((s.stats.total, s.stats.connect_time.counts, s.stats.connect_time.sum,
                   s.stats.connect_time.count, s.stats.active) for s in slots.values())
 
