@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pointsman.proxy.codes import PLAIN_END, outcome
 from pointsman.proxy.engine.api import CONNECTED, POLICY_ERROR, RECORD
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 _CONNECT_FAILED = EndReason.CONNECT_FAILED
 _INTERNAL = RejectReason.INTERNAL_ERROR
+T = TypeVar("T", bound=Callable[..., object])
 # The flow log's `end` of each outcome, as JSON. Two tables: the reasons are str enums, and
 # EndReason.INTERNAL_ERROR == RejectReason.INTERNAL_ERROR ("internal_error"), so one table
 # keyed by both would log an ended one as rejected.
@@ -170,14 +171,8 @@ Connected = Callable[[dict[int, Flow], bytes], None]
 
 
 def connector(engine: str) -> Connected:
-    """`connected`, compiled with the compiled engine when built (see `folder`)."""
-    if engine == "cython":
-        try:
-            from pointsman.proxy._policy import connected as compiled
-        except ImportError:
-            return connected
-        return compiled
-    return connected
+    """`connected`, compiled with the compiled engine when built (see `twin`)."""
+    return twin(engine, connected)
 
 
 def admit(connections: dict[int, Flow], batch: list[tuple[int, int, int, str, int]],
@@ -199,26 +194,27 @@ Admit = Callable[[dict[int, Flow], "list[tuple[int, int, int, str, int]]", "Pool
 
 
 def admitter(engine: str) -> Admit:
-    """`admit`, compiled with the compiled engine when built (see `folder`)."""
-    if engine == "cython":
-        try:
-            from pointsman.proxy._policy import admit as compiled
-        except ImportError:
-            return admit
-        return compiled
-    return admit
+    """`admit`, compiled with the compiled engine when built (see `twin`)."""
+    return twin(engine, admit)
 
 
 Fold = Callable[[Folding, bytes, "str | None", "list[str] | None"], "tuple[int, set[Pool] | None]"]
 
 
 def folder(engine: str) -> Fold:
-    """The pass for a listener on `engine` ("cython" or "python"): the compiled twin with the
-    compiled engine when it is built, else this module's."""
+    """The pass for a listener on `engine` (see `twin`)."""
+    return twin(engine, fold)
+
+
+def twin(engine: str, reference: T) -> T:
+    """The function for a listener on `engine` ("cython" or "python"): `reference`'s compiled
+    twin of the same name in _policy.pyx with the compiled engine when it is built, else
+    `reference` itself."""
     if engine == "cython":
         try:
-            from pointsman.proxy._policy import fold as compiled
+            from pointsman.proxy import _policy
         except ImportError:
-            return fold
+            return reference
+        compiled: T = getattr(_policy, reference.__name__)
         return compiled
-    return fold
+    return reference
