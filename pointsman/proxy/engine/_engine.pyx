@@ -259,6 +259,36 @@ cdef class CTarget:
         return f"CTarget({self.backend}, {self.host!r}, {self.port})"
 
 
+cdef struct Packed:
+    # Fixed-size entries appended in C and handed to Python as one bytes per wake-up.
+    char* data
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+cdef char* packed_add(Packed* packed, Py_ssize_t size) except NULL:
+    """Room for one more entry of `size` bytes at the end (the buffer doubles, from 64)."""
+    cdef char* grown
+    cdef Py_ssize_t cap
+    if packed.len + size > packed.cap:
+        cap = max(packed.cap * 2, 64 * size)
+        grown = <char*>realloc(packed.data, cap)
+        if grown == NULL:
+            raise MemoryError()
+        packed.data = grown
+        packed.cap = cap
+    cdef char* entry = packed.data + packed.len
+    packed.len += size
+    return entry
+
+
+cdef bytes packed_take(Packed* packed):
+    """The entries so far, as bytes; the buffer is empty again (its memory kept)."""
+    cdef bytes taken = PyBytes_FromStringAndSize(packed.data, packed.len)
+    packed.len = 0
+    return taken
+
+
 @cython.final
 cdef class Listener:
     cdef int id
@@ -283,49 +313,21 @@ cdef class Listener:
     cdef bint paused
     cdef bint stopped
     cdef bint dirty
-    cdef char* records
-    cdef Py_ssize_t rec_len
-    cdef Py_ssize_t rec_cap
+    cdef Packed records  # api.RECORD each, handed over in `ended`
     # Quiet successes (api.CONNECTED) not yet handed over; `connecting`: in the engine's list.
     cdef bint connecting
-    cdef char* connects
-    cdef Py_ssize_t con_len
-    cdef Py_ssize_t con_cap
+    cdef Packed connects
     cdef uint64_t accepted, refused, ended, active, bytes_in, bytes_out, spliced, accept_errors
 
     def __dealloc__(self):
-        if self.records != NULL:
-            free(self.records)
-        if self.connects != NULL:
-            free(self.connects)
+        free(self.records.data)
+        free(self.connects.data)
 
     cdef Record* new_record(self) except NULL:
-        cdef char* grown
-        cdef Py_ssize_t cap
-        if self.rec_len + RECORD_SIZE > self.rec_cap:
-            cap = max(self.rec_cap * 2, 64 * RECORD_SIZE)
-            grown = <char*>realloc(self.records, cap)
-            if grown == NULL:
-                raise MemoryError()
-            self.records = grown
-            self.rec_cap = cap
-        cdef Record* rec = <Record*>(self.records + self.rec_len)
-        self.rec_len += RECORD_SIZE
-        return rec
+        return <Record*>packed_add(&self.records, RECORD_SIZE)
 
     cdef Connected* new_connected(self) except NULL:
-        cdef char* grown
-        cdef Py_ssize_t cap
-        if self.con_len + <Py_ssize_t>sizeof(Connected) > self.con_cap:
-            cap = max(self.con_cap * 2, 64 * <Py_ssize_t>sizeof(Connected))
-            grown = <char*>realloc(self.connects, cap)
-            if grown == NULL:
-                raise MemoryError()
-            self.connects = grown
-            self.con_cap = cap
-        cdef Connected* entry = <Connected*>(self.connects + self.con_len)
-        self.con_len += sizeof(Connected)
-        return entry
+        return <Connected*>packed_add(&self.connects, sizeof(Connected))
 
 
 @cython.final
@@ -758,10 +760,9 @@ cdef class CEngine:
                     self._flush_connects(lst)
             dirty, self.dirty = self.dirty, []
             for lst in dirty:
-                if lst.con_len:  # connected and ended inside an earlier listener's `ended`
+                if lst.connects.len:  # connected and ended inside an earlier listener's `ended`
                     self._flush_connects(lst)
-                records = PyBytes_FromStringAndSize(lst.records, lst.rec_len)
-                lst.rec_len = 0
+                records = packed_take(&lst.records)
                 lst.dirty = False
                 try:
                     lst.on_ended(records)
@@ -952,10 +953,9 @@ cdef class CEngine:
         """Hand the listener's quiet successes to its policy (after its admissions, before its
         records: the connections they name are still in its table)."""
         lst.connecting = False
-        if not lst.con_len:
+        if not lst.connects.len:
             return 0
-        entries = PyBytes_FromStringAndSize(lst.connects, lst.con_len)
-        lst.con_len = 0
+        entries = packed_take(&lst.connects)
         return self._hand(lst.on_connected, entries, "connected")
 
     cdef int _flush_admits(self, Listener lst) except -1:
