@@ -99,6 +99,35 @@ async def test_accepted_bytes_and_histograms_after_echo_connections(workers: int
         assert 0 <= value(s, f"{name}_sum", **labels) < 4 * 2.0, name
 
 
+async def test_a_backend_connection_counts_while_it_is_still_open(workers: int) -> None:
+    """A plain pool's connect successes reach the engine's batches, not connect_result: they
+    must still count at the connect (a long-lived connection shows in the connection rate and
+    connect latency at once), with workers through their reports, and not again at the end."""
+    async with echo_backend() as peer:
+        listen = f"{LOOPBACK}:{free_port()}"
+        async with running(one_pool_config(listen, [peer.address]), workers=workers) as runtime:
+            backend = {"pool": "p", "backend": peer.address}
+            held = []
+            for _ in range(2):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"open")
+                held.append(writer)
+
+            def counted(samples: Samples) -> bool:
+                return (value(samples, "pointsman_backend_connections_total", **backend) == 2
+                        and value(samples, "pointsman_backend_connect_seconds_count", **backend) == 2)
+
+            await wait_for(lambda: counted(scrape(runtime)), 5.0, what="2 counted while open")
+            assert value(scrape(runtime), "pointsman_backend_active_connections", **backend) == 2
+            for writer in held:
+                await close_writer(writer)
+            await statistics_when(runtime, lambda st: sum(st.ended.values()) == 2, what="2 ended")
+            s = scrape(runtime)
+    assert value(s, "pointsman_backend_connections_total", **backend) == 2
+    assert value(s, "pointsman_backend_connect_seconds_count", **backend) == 2
+    assert value(s, "pointsman_backend_active_connections", **backend) == 0
+
+
 # One process only: with workers the table is split into per-worker shares (capacity 1 each
 # here), and which worker a connection meets is up to the kernel's spread.
 async def test_open_connections_fill_the_table_and_the_next_is_refused() -> None:
