@@ -169,7 +169,8 @@ shutdown_grace: 1s
   - {{name: bulk, bind: "{host}:{bulk}", pool: bulk}}
   - {{name: redis, bind: "{host}:{redis}", pool: redis, max_connections: 50000}}
 pools:
-  - {{name: http, idle_timeout: 10m, backends: [{{address: "{host}:{backend_http}"}}]}}
+  - {{name: http, idle_timeout: 10m, algorithm: {algorithm},
+     backends: [{{address: "{host}:{backend_http}"}}]}}
   - {{name: bulk, backends: [{{address: "{host}:{backend_bulk}"}}]}}
   - {{name: redis, idle_timeout: 10m, backends: [{{address: "{host}:{backend_redis}"}}]}}
 """
@@ -322,9 +323,10 @@ def start_haproxy(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
 
 
 def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None, name: str,
-                    engine: str | None, extras: str, tree: Path) -> Proxy:
+                    engine: str | None, extras: str, tree: Path,
+                    algorithm: str = "round_robin") -> Proxy:
     """`pointsman run` from `tree` (this checkout, or --before's), one process; `extras`: the
-    admin API ("a") and the flow log ("f") on."""
+    admin API ("a") and the flow log ("f") on; `algorithm`: the http pool's."""
     proxy = Proxy(name)
     extra = ""
     if "a" in extras:
@@ -334,8 +336,8 @@ def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None
     if "n" in extras:  # the flow log's own cost without the file's (page cache) cost
         extra += 'flow_log: {path: "/dev/null"}\n'
     conf = tmp / f"pointsman-{name}.yaml"
-    conf.write_text(POINTSMAN.format(extra=extra, host=HOST, http=proxy.http, bulk=proxy.bulk,
-                                     redis=proxy.redis, backend_http=backends.http,
+    conf.write_text(POINTSMAN.format(extra=extra, algorithm=algorithm, host=HOST, http=proxy.http,
+                                     bulk=proxy.bulk, redis=proxy.redis, backend_http=backends.http,
                                      backend_bulk=backends.bulk, backend_redis=backends.redis))
     env = {**os.environ, "PYTHONPATH": str(tree), "POINTSMAN_WORKERS": "1"}
     if engine is not None:
@@ -533,6 +535,9 @@ def main() -> None:
     parser.add_argument("--solo", action="store_true",
                         help="with --raw: add `engine-solo`, the compiled bare engine on a "
                              "minimal poll(2) loop instead of uvloop (the nested epoll's cost)")
+    parser.add_argument("--algorithm", default="round_robin",
+                        help="the http pool's balancing algorithm in every pointsman row (the "
+                             "fast admission covers round_robin and weighted_round_robin)")
     parser.add_argument("--no-nodelay", action="store_true",
                         help="the raw engines only: leave Nagle on (HAProxy's default)")
     args = parser.parse_args()
@@ -596,7 +601,8 @@ def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
     rows += [row for row in opt_in if row[0] in only]
     for name, engine, extras, tree in rows:
         if not only or name in only:
-            proxies.append(start_pointsman(procs, own(), tmp, cpu, name, engine, extras, tree))
+            proxies.append(start_pointsman(procs, own(), tmp, cpu, name, engine, extras, tree,
+                                           args.algorithm))
     if args.raw:
         for engine in ("cython", "python"):
             if not only or f"engine-{engine}" in only:

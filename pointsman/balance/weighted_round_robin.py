@@ -11,6 +11,9 @@ give a a b a c a a.
 Unlike nginx we do not lower the effective weight on failures: passive health belongs to the
 control plane, which publishes the effective weight (including slow start) in the snapshot. Float
 weights work unchanged, which slow start needs.
+
+Because the sequence repeats, an engine that admits connections on its own (docs/engine.md, "Fast
+admission") can follow it from a table: `rotation` is the next full cycle, computed on a copy.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence, Set
 
 from pointsman.balance.base import Candidate
+
+# Bounds of `rotation`: the cycle's length (one engine table entry per pick) and the work of
+# computing it (picks x backends: a few milliseconds of Python at most, once per snapshot).
+ROTATION_MAX = 4096
+ROTATION_WORK = 65536
 
 
 class WeightedRoundRobin:
@@ -31,6 +39,32 @@ class WeightedRoundRobin:
         )
         self._weights: tuple[float, ...] = tuple(c.weight for c in candidates)
         self._current: list[float] = [0.0] * len(candidates)
+
+    @property
+    def rotation(self) -> tuple[tuple[int, ...], int] | None:
+        """The next sum(weights) picks (one whole cycle: it then repeats) and 0, the position of
+        the next pick in it; None when the weights are not whole numbers (slow start), the cycle
+        is past the bounds above, or nothing is available. Computed on a copy: the picker's own
+        state does not move."""
+        available = self._available
+        weights = [self._weights[i] for i in available]
+        if not available or not all(w.is_integer() for w in map(float, weights)):
+            return None
+        period = int(sum(weights))
+        if period > ROTATION_MAX or period * len(available) > ROTATION_WORK:
+            return None
+        copy = WeightedRoundRobin.__new__(WeightedRoundRobin)
+        copy._available, copy._weights = available, self._weights
+        copy._current = list(self._current)
+        order: list[int] = []
+        for _ in range(period):
+            index = copy.pick(b"")
+            if index is None:
+                return None
+            order.append(index)
+        if copy._current != self._current:  # not on the cycle (left by a pick that excluded)
+            return None
+        return tuple(order), 0
 
     def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
         """Return the index with the largest current weight, or None if none is eligible.

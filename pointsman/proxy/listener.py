@@ -7,9 +7,10 @@ half-close, resets, splice, the idle and FIN timers. This listener decides and c
 - `accepted`: admission (shutting down, table full, load shedding, the allow/deny lists on the
   peer, the descriptor budget), then a preamble to read (PROXY header, ClientHello) or a backend;
 - `admitted`: the connections the engine admitted on its own (the fast path: a listener with no
-  preamble and no per-source rule, a round-robin pool of quiet targets; the engine gets the
-  rotation and a credit of admissions within the table, budget and shedding bounds), folded in
-  one pass before any other call about this listener: the same Flow and counts as `accepted`;
+  preamble and no per-source rule, a round-robin or whole-weight weighted pool of quiet
+  targets; the engine gets the rotation or the weighted cycle and a credit of admissions within
+  the table, budget and shedding bounds), folded in one pass before any other call about this
+  listener: the same Flow and counts as `accepted`;
 - `preamble`: the sans-I/O `Preamble` fed with every byte so far, until it decides;
 - `connect_result` (connect.py): passive signals, retries, affinity;
 - `connected`: the successes through quiet targets of one engine wake-up (no connect_result
@@ -38,6 +39,7 @@ from typing import Protocol
 
 from pointsman.balance.hashing import client_ip
 from pointsman.balance.round_robin import RoundRobin
+from pointsman.balance.weighted_round_robin import WeightedRoundRobin
 from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import LazyPicker, Pool
 from pointsman.pool.snapshot import PoolSnapshot
@@ -69,6 +71,9 @@ from pointsman.proxy.targets import Slot, engine_keepalive
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import tcp_head, tcp_line
 from pointsman.telemetry.stats import ListenerStats
+
+# The pickers whose sequence an engine table can follow (their `rotation`: order and position).
+ROTATIONS = (RoundRobin, WeightedRoundRobin)
 
 log = logging.getLogger("pointsman.listener")
 
@@ -364,22 +369,24 @@ class TcpListener(ConnectPolicy):
     def _fast_table(self, pool: Pool, snapshot: PoolSnapshot
                     ) -> tuple[list[Slot], tuple[int, ...], int] | None:
         """The slots, rotation and start of a fast table for `snapshot`, or None: shedding on
-        (a process-wide bound), a pick that is not a plain rotation (hash, affinity, weights,
-        caps and their queue), or a backend whose target is not quiet."""
+        (a process-wide bound), a pick that is not a rotation (hash, affinity, live load, caps
+        and their queue, weights that do not repeat: slow start), or a backend whose target is
+        not quiet."""
         if not self._fast_allowed():
             return None
         picker: object = snapshot.picker
         if type(picker) is LazyPicker:  # built by the pick `accepted` just made
             picker = picker.built
-        if not snapshot.available or snapshot.caps or type(picker) is not RoundRobin:
+        if not snapshot.available or snapshot.caps or not isinstance(picker, ROTATIONS):
             return None
         targets = self._targets_of(pool)
         slots = targets.of(snapshot)
         # The rotation itself, continued where the picker is (the engine's turn follows the one
-        # `accepted` just took).
-        order, start = picker.rotation
-        if not targets.plain or not order:
+        # `accepted` just took): round robin's order, or smooth weighted round robin's cycle.
+        rotation = picker.rotation
+        if rotation is None or not targets.plain or not rotation[0]:
             return None
+        order, start = rotation
         chosen: list[Slot] = []
         for slot in slots:
             if slot is None or not slot.target.quiet:

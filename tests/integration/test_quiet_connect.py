@@ -208,6 +208,33 @@ async def test_a_plain_listener_is_admitted_by_the_engine_in_turn() -> None:
     assert sum(stats.ended.values()) == 6
 
 
+async def test_a_weighted_pool_is_admitted_by_the_engine_in_its_smooth_cycle() -> None:
+    """weighted_round_robin with whole weights 2 and 1: the first accept picks `a` in Python
+    and hands the engine the cycle from there (b a a); the engine admits the other eight, and
+    the backends see exactly 2:1."""
+    async with echo_backend() as a, echo_backend() as b:
+        listen = f"{LOOPBACK}:{free_port()}"
+        pool = {"algorithm": "weighted_round_robin",
+                "backends": [{"address": a.address, "weight": 2},
+                             {"address": b.address, "weight": 1}]}
+        async with running(one_pool_config(listen, [], pool=pool)) as runtime:
+            listener = runtime.listeners["lb"]
+            held = []
+            for _ in range(9):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"w")
+                held.append(writer)
+            assert (a.accepted, b.accepted) == (6, 3)
+            assert listener.fast_admitted == 8  # type: ignore[attr-defined]
+            assert [s.active for s in runtime.backend_stats(runtime.pools["p"])] == [6, 3]
+            adds_up(runtime)
+            for writer in held:
+                await close_writer(writer)
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            adds_up(runtime)
+            assert sum(tcp_stats(runtime).ended.values()) == 9
+
+
 async def test_the_engine_admits_within_the_table() -> None:
     """max_connections 2: the engine's credit stops at the table's size, so a connection past
     it goes to `accepted`, which refuses it (table_full); room again, and the engine admits."""

@@ -5,7 +5,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pointsman.balance.weighted_round_robin import WeightedRoundRobin
+from pointsman.balance.weighted_round_robin import ROTATION_MAX, WeightedRoundRobin
 
 from .helpers import candidates
 
@@ -80,3 +80,48 @@ def test_exclusion_matches_the_nginx_loop(weights: list[int], excludes: list[set
     floats = [float(w) for w in weights]
     for exclude in excludes:
         assert picker.pick(b"", frozenset(exclude)) == reference_pick(current, floats, exclude)
+
+
+# --- rotation: the cycle an engine follows from a table --------------------------------------------
+
+
+def test_rotation_is_the_next_cycle_and_leaves_the_picker_where_it_was() -> None:
+    picker = WeightedRoundRobin(candidates(5, 1, 1))
+    assert picker.rotation == ((0, 0, 1, 0, 2, 0, 0), 0)
+    picker.pick(b"")
+    assert picker.rotation == ((0, 1, 0, 2, 0, 0, 0), 0)
+    assert picker.pick(b"") == 0
+
+
+def test_no_rotation_for_weights_that_do_not_repeat_within_bounds() -> None:
+    assert WeightedRoundRobin(candidates(0.3, 1)).rotation is None  # slow start's fractions
+    assert WeightedRoundRobin(candidates(0, 0)).rotation is None
+    assert WeightedRoundRobin(candidates(ROTATION_MAX, 1)).rotation is None
+    assert WeightedRoundRobin(candidates(*[1000] * 4)).rotation is not None
+    assert WeightedRoundRobin(candidates(*[1000] * 5)).rotation is None  # past ROTATION_MAX
+    many = candidates(*[30] * 100)  # 3000 picks x 100 backends: past ROTATION_WORK
+    assert WeightedRoundRobin(many).rotation is None
+
+
+@given(
+    st.lists(st.integers(0, 9), min_size=1, max_size=8),
+    st.lists(st.sets(st.integers(0, 7), max_size=2), max_size=20),
+)
+def test_rotation_is_what_the_picker_picks_next(weights: list[int],
+                                                 before: list[set[int]]) -> None:
+    """After any picks (with or without exclusions), a rotation, when there is one, is exactly
+    the picker's next sum(weights) picks, and then the next ones again: it repeats."""
+    picker = WeightedRoundRobin(candidates(*weights))
+    for exclude in before:
+        picker.pick(b"", frozenset(exclude))
+    rotation = picker.rotation
+    if not any(weights):
+        assert rotation is None
+        return
+    if not any(before):  # no exclusion: always on the cycle
+        assert rotation is not None
+    if rotation is None:
+        return
+    order, start = rotation
+    assert start == 0 and len(order) == sum(weights)
+    assert tuple(picker.pick(b"") for _ in range(2 * len(order))) == order * 2
