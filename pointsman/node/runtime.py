@@ -323,7 +323,7 @@ class Node:
     def _tick(self) -> None:
         now = self.loop.time()
         self.loop_lag = max(now - self._tick_at, 0.0)
-        self.shedder.lag = self.loop_lag
+        self.shedder.measured(self.loop_lag)
         for pool in self.pools.values():
             pool.tick()
         self.changes.tick()
@@ -448,8 +448,7 @@ class Node:
             await self._start_listener(listener_config, bound)
         for name in plan.remove_pools:
             del self.pools[name]
-        self.shedder.max_connections = config.shedding.max_connections
-        self.shedder.max_loop_lag = config.shedding.max_loop_lag
+        self.shedder.configure(config.shedding.max_connections, config.shedding.max_loop_lag)
         self.config = config
         self._sync_health_checks()
         for service in self.services:

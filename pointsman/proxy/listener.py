@@ -45,7 +45,7 @@ from pointsman.pool.pool import LazyPicker, Pool
 from pointsman.pool.snapshot import PoolSnapshot
 from pointsman.protect.acl import AclLists
 from pointsman.protect.limits import Admission, Limits
-from pointsman.protect.shedding import Shedder
+from pointsman.protect.shedding import Loan, Shedder
 from pointsman.protocols.errors import ProtocolError
 from pointsman.proxy import engines
 from pointsman.proxy.codes import END_CODE, REJECT_CODE
@@ -157,6 +157,7 @@ class TcpListener(ConnectPolicy):
         self._fast: tuple[Pool, PoolSnapshot, dict[int, Slot]] | None = None
         self._withdrawing = False
         self._no_fast: PoolSnapshot | None = None  # the last snapshot found not to allow it
+        self._loan = Loan(self._recall)  # the engine's credit, lent by the shedder
         self.fast_admitted = 0  # connections the engine admitted alone (tests, docs/engine.md)
         self._setup(config)
 
@@ -325,6 +326,7 @@ class TcpListener(ConnectPolicy):
         self._admit_flows(self.connections, batch, *fast)
         count = len(batch)
         self.fast_admitted += count
+        self.shedder.used(self._loan, count)
         stats = self.stats
         stats.accepted += count
         stats.active += count
@@ -395,19 +397,28 @@ class TcpListener(ConnectPolicy):
         return chosen, order, start
 
     def _fast_allowed(self) -> bool:
-        """The listener may leave admission to the engine: no rule per connection, accepting,
-        and no load shedding (its bounds are process-wide, across listeners)."""
-        shedder = self.shedder
-        return (self.fast_ok and self.accepting and shedder.max_connections is None
-                and shedder.max_loop_lag is None)
+        """The listener may leave admission to the engine: no rule per connection, accepting.
+        (Load shedding's bounds hold through the credit: `_credit`.)"""
+        return self.fast_ok and self.accepting
 
     def _credit(self) -> int:
-        """Admissions the engine may make alone: below the table size and the descriptor
-        budget, at most CREDIT_MAX, shared by this listener's sockets."""
+        """Admissions the engine may make alone, per socket: below the table size and the
+        descriptor budget, at most CREDIT_MAX, shared by this listener's sockets, and lent by
+        the shedder (within the room its process-wide bounds leave the other listeners)."""
         stats = self.stats
+        sockets = max(1, len(self.lids))
         room = min(self.max_connections - (stats.active - stats.pending),
-                   (BUDGET.cap - BUDGET.used) // 2 - 1, CREDIT_MAX)
-        return max(0, room // max(1, len(self.lids))) if self.accepting else 0
+                   (BUDGET.cap - BUDGET.used) // 2 - 1, CREDIT_MAX) if self.accepting else 0
+        return self.shedder.lend(self._loan, room, sockets) // sockets
+
+    def _recall(self) -> int:
+        """The shedder calls the credit back (another listener needs the room, the loop lags,
+        new bounds): returns what the engine had not used; the next connections go through
+        `accepted`, which sheds them or renews the credit."""
+        engine = self.engine
+        if engine is None or self._released:
+            return self._loan.amount
+        return sum(engine.set_credit(lid, 0) for lid in self.lids)
 
     def _fast_withdraw(self) -> None:
         """Take the fast path back (what the engine admitted is folded first)."""
@@ -422,6 +433,7 @@ class TcpListener(ConnectPolicy):
             finally:
                 self._withdrawing = False
         self._fast = None
+        self.shedder.repay(self._loan)
 
     def _admit(self, host: str) -> RejectReason | None:
         """Before the table: shutting down, table full, load shedding, the lists on the peer."""
@@ -430,7 +442,7 @@ class TcpListener(ConnectPolicy):
         stats = self.stats
         if stats.active - stats.pending >= self.max_connections:
             return RejectReason.TABLE_FULL
-        shed = self.shedder.reason()
+        shed = self.shedder.reason(self._loan)
         if shed is not None:
             return RejectReason(shed)
         acl = self.acl

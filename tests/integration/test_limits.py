@@ -234,6 +234,9 @@ async def test_shedding_refuses_past_the_process_wide_connection_bound() -> None
             a, b = runtime.listeners["a"].stats, runtime.listeners["b"].stats
             async with held(first, LOOPBACK, 2) as on_a, held(second, LOOPBACK, 1) as on_b:
                 assert on_a + on_b == [True] * bound
+                # a's second connection was the engine's alone (fast admission, on a credit
+                # the shedder lent); b's called back the rest of that credit.
+                assert runtime.listeners["a"].fast_admitted == 1  # type: ignore[attr-defined]
                 # The (N+1)th, on either listener, is shed.
                 assert not await one_shot(second, LOOPBACK)
                 assert not await one_shot(first, LOOPBACK)
@@ -255,6 +258,8 @@ async def test_shedding_on_event_loop_lag() -> None:
         async with running(config) as runtime:
             stats = runtime.listeners["a"].stats
             assert await one_shot(first, LOOPBACK)
+            assert await one_shot(first, LOOPBACK)  # the engine's alone, on a lent credit
+            assert runtime.listeners["a"].fast_admitted == 1  # type: ignore[attr-defined]
             # The overload under test: a blocked loop. The lag ticker runs every 0.5 s, so some
             # tick falls due during the block and runs at least 0.8 - 0.5 s late.
             time.sleep(0.8)

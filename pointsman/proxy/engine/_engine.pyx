@@ -526,7 +526,11 @@ cdef class CEngine:
         lst.snapshot = snapshot
 
     def set_credit(self, int lid, Py_ssize_t credit):
-        (<Listener>self.listeners[lid]).credit = credit
+        """pyengine.set_credit: returns what is left of the credit it replaces."""
+        cdef Listener lst = <Listener>self.listeners[lid]
+        cdef Py_ssize_t left = lst.credit
+        lst.credit = credit
+        return left
 
     def pause_listener(self, int lid):
         """Accept nothing for ACCEPT_BACKOFF or until a connection closes (pyengine)."""

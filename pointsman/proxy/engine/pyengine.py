@@ -347,9 +347,12 @@ class PyEngine:
         lst.watch = watch
         lst.snapshot = snapshot
 
-    def set_credit(self, lid: int, credit: int) -> None:
-        """How many more connections the listener may admit on its fast path."""
-        self._listeners[lid].credit = credit
+    def set_credit(self, lid: int, credit: int) -> int:
+        """How many more connections the listener may admit on its fast path; returns the
+        credit it replaces (what is left of the last one)."""
+        lst = self._listeners[lid]
+        left, lst.credit = lst.credit, credit
+        return left
 
     def pause_listener(self, lid: int) -> None:
         """Accept nothing for ACCEPT_BACKOFF, or until one of the engine's connections closes
