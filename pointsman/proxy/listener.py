@@ -370,10 +370,9 @@ class TcpListener(ConnectPolicy):
 
     def _fast_table(self, pool: Pool, snapshot: PoolSnapshot
                     ) -> tuple[list[Slot], tuple[int, ...], int] | None:
-        """The slots, rotation and start of a fast table for `snapshot`, or None: shedding on
-        (a process-wide bound), a pick that is not a rotation (hash, affinity, live load, caps
-        and their queue, weights that do not repeat: slow start), or a backend whose target is
-        not quiet."""
+        """The slots, rotation and start of a fast table for `snapshot`, or None: a pick that
+        is not a rotation (hash, affinity, live load, caps and their queue, weights that do not
+        repeat: slow start), or a backend whose target is not quiet."""
         if not self._fast_allowed():
             return None
         picker: object = snapshot.picker
