@@ -31,6 +31,13 @@ class LeastConnections:
         self._load = load
         self._offset = start % len(self._available) if self._available else 0
 
+    @property
+    def scan(self) -> tuple[tuple[int, ...], int, tuple[float, ...]]:
+        """The indices scanned in turn, where the next scan starts, and their weights: what an
+        engine that admits on its own scans with its own live counts (docs/engine.md, "Fast
+        admission")."""
+        return self._available, self._offset, tuple(self._weights[i] for i in self._available)
+
     def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
         """Return the least loaded eligible index, or None if none is eligible."""
         # A plain loop: for pools up to ~100 backends it beats list comprehensions plus

@@ -38,6 +38,7 @@ from functools import partial
 from typing import Protocol
 
 from pointsman.balance.hashing import client_ip
+from pointsman.balance.least_connections import LeastConnections
 from pointsman.balance.round_robin import RoundRobin
 from pointsman.balance.weighted_round_robin import WeightedRoundRobin
 from pointsman.config.model import ListenerConfig
@@ -361,39 +362,45 @@ class TcpListener(ConnectPolicy):
         if table is None:
             self._no_fast = snapshot
             return
-        slots, order, start = table
+        slots, order, start, weights = table
         self._fast = (pool, snapshot, {slot.target.backend: slot for slot in slots})
         targets = [slots[i].target for i in order]
         credit = self._credit()
-        for lid in self.lids:
-            engine.set_fast(lid, targets, start, credit, pool, snapshot)
+        for lid in self.lids:  # least connections: the engine scans its own live counts
+            engine.set_fast(lid, targets, start, credit, pool, snapshot, weights)
 
     def _fast_table(self, pool: Pool, snapshot: PoolSnapshot
-                    ) -> tuple[list[Slot], tuple[int, ...], int] | None:
-        """The slots, rotation and start of a fast table for `snapshot`, or None: a pick that
-        is not a rotation (hash, affinity, live load, caps and their queue, weights that do not
-        repeat: slow start), or a backend whose target is not quiet."""
+                    ) -> tuple[list[Slot], tuple[int, ...], int, tuple[float, ...] | None] | None:
+        """The slots, order, start and (least connections) weights of a fast table for
+        `snapshot`, or None: a pick the engine cannot follow (hash, affinity, power of two,
+        caps and their queue, weights that do not repeat: slow start), or a backend whose
+        target is not quiet."""
         if not self._fast_allowed():
             return None
         picker: object = snapshot.picker
         if type(picker) is LazyPicker:  # built by the pick `accepted` just made
             picker = picker.built
-        if not snapshot.available or snapshot.caps or not isinstance(picker, ROTATIONS):
+        if not snapshot.available or snapshot.caps:
+            return None
+        # Where the picker is, so the engine goes on from the pick `accepted` just made: round
+        # robin's order, smooth weighted round robin's cycle, least connections' scan.
+        weights = None
+        if isinstance(picker, LeastConnections):
+            order, start, weights = picker.scan
+        elif isinstance(picker, ROTATIONS) and (rotation := picker.rotation) is not None:
+            order, start = rotation
+        else:
             return None
         targets = self._targets_of(pool)
         slots = targets.of(snapshot)
-        # The rotation itself, continued where the picker is (the engine's turn follows the one
-        # `accepted` just took): round robin's order, or smooth weighted round robin's cycle.
-        rotation = picker.rotation
-        if rotation is None or not targets.plain or not rotation[0]:
+        if not targets.plain or not order:
             return None
-        order, start = rotation
         chosen: list[Slot] = []
         for slot in slots:
             if slot is None or not slot.target.quiet:
                 return None
             chosen.append(slot)
-        return chosen, order, start
+        return chosen, order, start, weights
 
     def _fast_allowed(self) -> bool:
         """The listener may leave admission to the engine: no rule per connection, accepting.

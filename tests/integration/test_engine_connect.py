@@ -366,6 +366,59 @@ async def test_fast_admission_is_handed_over_before_any_other_call(engine: str) 
     assert (counters.accepted, counters.ended, counters.active) == (4, 4, 0)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_least_connections_table_admits_by_live_load_per_weight(engine: str) -> None:
+    """set_fast with weights: each admission goes to the fewest active connections per weight,
+    counted by the engine (a connection counts from its connect to its end; a retry moves it),
+    the scan starting one past the last winner."""
+    async with raw_backend(echo) as good:
+        with refused_port() as bad:
+            loop = asyncio.get_running_loop()
+            eng = new_engine(loop, engine)
+            targets = [eng.target(0, LOOPBACK, good.port, quiet=True),
+                       eng.target(1, LOOPBACK, good.port, quiet=True),
+                       eng.target(2, LOOPBACK, bad, quiet=True)]
+            policy = AdmittingPolicy(targets[:2], retries=1)  # a failure retries to target 1
+            lsock = socket.socket()
+            lsock.bind((LOOPBACK, 0))
+            lsock.listen(16)
+            lid = eng.add_listener(lsock, policy)
+            watched = Watched()
+            held: list[socket.socket] = []
+            try:
+                eng.set_fast(lid, targets[:2], 0, 64, watched, watched.snapshot, [1.0, 2.0])
+                seen = []
+                for _ in range(6):
+                    held.append(await open_raw(lsock.getsockname()))
+                    await wait_for(lambda: len(policy.connected_entries) == len(held), 5.0)
+                    seen.append(policy.connected_entries[-1].backend)
+                loads = [t.active for t in targets]
+                held.pop(0).close()  # a connection of target 0 ends: its load goes
+                await wait_for(lambda: policy.ended_count == 1, 5.0)
+                after_end = [t.active for t in targets]
+                # The refusing target has the least load: admitted there, refused, retried to
+                # target 1: the load moves with it.
+                eng.set_fast(lid, [targets[2], targets[0]], 0, 1, watched, watched.snapshot,
+                             [1.0, 1.0])
+                held.append(await open_raw(lsock.getsockname()))
+                await wait_for(lambda: len(policy.connected_entries) == len(held) + 1, 5.0)
+                after_retry = [t.active for t in targets]
+                with pytest.raises(ValueError):
+                    eng.set_fast(lid, targets[:2], 0, 1, watched, watched.snapshot, [1.0])
+            finally:
+                for conn in held:
+                    conn.close()
+                eng.shutdown(0)
+                lsock.close()
+    # 0/1 ties 0/2: the first scanned, 0; the scan then starts at 1: 0/2 < 1/1: 1; from 0:
+    # 1/2 < 1/1: 1; from 0: 1/1 ties 2/2: 0; from 1: 1; from 0: 3/2 < 2/1: 1.
+    assert seen == [0, 1, 1, 0, 1, 1]
+    assert loads == [2, 4, 0]
+    assert after_end == [1, 4, 0]
+    assert policy.connected_entries[-1].backend == 1
+    assert after_retry == [1, 5, 0]
+
+
 async def close_at_once(conn: socket.socket) -> None:
     conn.close()
 

@@ -235,6 +235,42 @@ async def test_a_weighted_pool_is_admitted_by_the_engine_in_its_smooth_cycle() -
             assert sum(tcp_stats(runtime).ended.values()) == 9
 
 
+async def test_a_least_connections_pool_is_admitted_by_the_engine_by_live_load() -> None:
+    """least_connections, weights 3 and 1: the engine admits by active connections per weight
+    (6:2 of 8 held); after a cut of backend a's connections, the next two go to a."""
+    async with echo_backend() as a, echo_backend() as b:
+        listen = f"{LOOPBACK}:{free_port()}"
+        pool = {"algorithm": "least_connections",
+                "backends": [{"address": a.address, "weight": 3},
+                             {"address": b.address, "weight": 1}]}
+        async with running(one_pool_config(listen, [], pool=pool)) as runtime:
+            listener = runtime.listeners["lb"]
+            stats = runtime.pools["p"]
+            held = []
+            for _ in range(8):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"l")
+                held.append((reader, writer))
+            assert (a.accepted, b.accepted) == (6, 2)
+            assert [s.active for s in runtime.backend_stats(stats)] == [6, 2]
+            cut = listener.close_backend(a.address, EndReason.CLOSED_BY_OPERATOR)  # type: ignore[attr-defined]
+            assert cut == 6
+            await wait_for(lambda: tcp_stats(runtime).active == 2, 2.0, what="a's cut")
+            for _ in range(2):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"l")
+                held.append((reader, writer))
+            assert (a.accepted, b.accepted) == (8, 2)
+            assert listener.fast_admitted == 9  # type: ignore[attr-defined]
+            adds_up(runtime)
+            for _reader, writer in held:
+                if not writer.is_closing():
+                    await close_writer(writer)
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            adds_up(runtime)
+            assert [s.active for s in runtime.backend_stats(stats)] == [0, 0]
+
+
 async def test_the_engine_admits_within_the_table() -> None:
     """max_connections 2: the engine's credit stops at the table's size, so a connection past
     it goes to `accepted`, which refuses it (table_full); room again, and the engine admits."""

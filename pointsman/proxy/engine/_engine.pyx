@@ -231,6 +231,7 @@ cdef class CTarget:
     cdef int64_t splice_after
     cdef readonly bint quiet  # a success is counted in `connected`, not reported (api.py)
     cdef readonly uint64_t connected
+    cdef readonly Py_ssize_t active  # connections assigned to it, not ended (pyengine.PyTarget)
 
     def __init__(self, int backend, str host, int port, source, bint transparent,
                  double connect_timeout, double idle_timeout, double half_close_timeout,
@@ -290,6 +291,15 @@ cdef bytes packed_take(Packed* packed):
 
 
 @cython.final
+cdef tuple _weights(object weights, object targets):
+    """pyengine._weights: a least-connections table's weights (None: a rotation)."""
+    if weights is None:
+        return None
+    if len(weights) != len(targets) or min(weights) <= 0:
+        raise ValueError("least-connections weights: one above 0 per target")
+    return tuple([float(w) for w in weights])
+
+
 cdef class Listener:
     cdef int id
     cdef int fd
@@ -304,6 +314,7 @@ cdef class Listener:
     # Fast admission (set_fast): while `credit` lasts and `watch.snapshot is snapshot`, a new
     # connection goes to the next of `fast` without a call; `admits` holds them for the policy.
     cdef tuple fast
+    cdef tuple weights  # least connections: fast's weights (None: a rotation)
     cdef Py_ssize_t fast_next
     cdef Py_ssize_t credit
     cdef object watch
@@ -367,6 +378,25 @@ cdef inline void set_linger_reset(int fd) noexcept:
     lg.l_onoff = 1
     lg.l_linger = 0
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+cdef CTarget _least(Listener lst):
+    """pyengine._least: the fewest active connections per weight, the first in scan order on
+    a tie; the next scan starts one past the winner."""
+    cdef tuple fast = lst.fast
+    cdef tuple weights = lst.weights
+    cdef Py_ssize_t count = len(fast), position = lst.fast_next, best = -1, k
+    cdef double score, best_score = 0.0
+    for k in range(count):
+        score = (<CTarget>fast[position]).active / <double>weights[position]
+        if best < 0 or score < best_score:
+            best = position
+            best_score = score
+        position += 1
+        if position == count:
+            position = 0
+    lst.fast_next = best + 1 if best + 1 < count else 0
+    return <CTarget>fast[best]
 
 
 @cython.final
@@ -507,18 +537,19 @@ cdef class CEngine:
         self.lfds.pop(lst.fd, None)
 
     def set_fast(self, int lid, targets=None, Py_ssize_t start=0, Py_ssize_t credit=0,
-                 watch=None, snapshot=None):
+                 watch=None, snapshot=None, weights=None):
         """Fast admission for a listener (pyengine.set_fast): None turns it off."""
         cdef Listener lst = self.listeners[lid]
         self._flush_admits(lst)
         if not targets or lst.on_admitted is None:
-            lst.fast = None
+            lst.fast = lst.weights = None
             lst.credit = 0
             lst.watch = lst.snapshot = None
             return
         for target in targets:
             if type(target) is not CTarget:
                 raise TypeError("fast targets are this engine's targets")
+        lst.weights = _weights(weights, targets)
         lst.fast = tuple(targets)
         lst.fast_next = start % len(lst.fast)
         lst.credit = credit
@@ -935,10 +966,14 @@ cdef class CEngine:
     cdef int _admit(self, Listener lst, Conn conn, SockAddr* peer) except -1:
         """Fast admission: the next target of the listener's table, no policy call; the policy
         hears of it in `admitted` before any other call about this listener."""
-        cdef CTarget target = <CTarget>lst.fast[lst.fast_next]
-        lst.fast_next += 1
-        if lst.fast_next == len(lst.fast):
-            lst.fast_next = 0
+        cdef CTarget target
+        if lst.weights is not None:
+            target = _least(lst)
+        else:
+            target = <CTarget>lst.fast[lst.fast_next]
+            lst.fast_next += 1
+            if lst.fast_next == len(lst.fast):
+                lst.fast_next = 0
         lst.credit -= 1
         lst.admits.append((conn.id, target.backend, conn.t_start, addr_host(peer),
                            addr_port(peer)))
@@ -1113,6 +1148,9 @@ cdef class CEngine:
     cdef int _connect(self, Conn conn, CTarget target, object first, Py_ssize_t consume,
                       object source) except -1:
         cdef int err, op
+        if conn.target is not None:  # a retry: the load moves
+            conn.target.active -= 1
+        target.active += 1
         conn.target = target
         conn.first = bytes(first) if first else None  # _connected reads it as bytes, unchecked
         if consume > 0 and conn.up.len:
@@ -1660,6 +1698,8 @@ cdef class CEngine:
         dir_release(&conn.down)
         conn.first = None
         conn.preamble = None
+        if conn.target is not None:
+            conn.target.active -= 1
         lst = conn.lst
         lst.active -= 1
         if reason == E_REFUSED:

@@ -110,9 +110,9 @@ def _ns(seconds: float) -> int:
 class PyTarget:
     """A backend address and the per-pool settings a connection to it uses; made once."""
 
-    __slots__ = ("address", "backend", "connect_ns", "connected", "family", "half_close_ns",
-                 "idle_ns", "keepalive", "nodelay", "quiet", "source", "splice_after",
-                 "transparent")
+    __slots__ = ("active", "address", "backend", "connect_ns", "connected", "family",
+                 "half_close_ns", "idle_ns", "keepalive", "nodelay", "quiet", "source",
+                 "splice_after", "transparent")
 
     def __init__(self, backend: int, host: str, port: int, source: str | None, transparent: bool,
                  connect_timeout: float, idle_timeout: float, half_close_timeout: float,
@@ -136,6 +136,38 @@ class PyTarget:
         # in the record); the policy reads the count when it needs the successes (api.py).
         self.quiet = quiet
         self.connected = 0
+        # Connections assigned to it (connecting or connected, not ended): the live load a
+        # least-connections fast table scans (set_fast with weights).
+        self.active = 0
+
+
+def _weights(weights: Sequence[float] | None,
+             targets: Sequence[PyTarget]) -> tuple[float, ...] | None:
+    """A least-connections table's weights (None: a rotation)."""
+    if weights is None:
+        return None
+    if len(weights) != len(targets) or min(weights) <= 0:
+        raise ValueError("least-connections weights: one above 0 per target")
+    return tuple(float(w) for w in weights)
+
+
+def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...]) -> PyTarget:
+    """The fewest active connections per weight, the first in scan order on a tie; the next
+    scan starts one past the winner (as LeastConnections.pick)."""
+    count = len(fast)
+    position = lst.fast_next
+    best = -1
+    best_score = 0.0
+    for _ in range(count):
+        score = fast[position].active / weights[position]
+        if best < 0 or score < best_score:
+            best = position
+            best_score = score
+        position += 1
+        if position == count:
+            position = 0
+    lst.fast_next = best + 1 if best + 1 < count else 0
+    return fast[best]
 
 
 class _Listener:
@@ -143,7 +175,7 @@ class _Listener:
                  "connects", "credit", "ended", "family", "fast", "fast_next", "fd", "id",
                  "nodelay", "on_accept", "on_accept_error", "on_admitted", "on_connect",
                  "on_connected", "on_ended", "on_preamble", "paused", "policy", "records",
-                 "refused", "snapshot", "sock", "spliced", "stopped", "watch")
+                 "refused", "snapshot", "sock", "spliced", "stopped", "watch", "weights")
 
     def __init__(self, lid: int, sock: socket.socket, policy: Policy, nodelay: bool) -> None:
         self.id = lid
@@ -164,6 +196,7 @@ class _Listener:
         self.fast: tuple[PyTarget, ...] | None = None
         self.fast_next = 0
         self.credit = 0
+        self.weights: tuple[float, ...] | None = None  # least connections: fast's weights
         self.watch: Any = None
         self.snapshot: Any = None
         self.admits: list[tuple[int, int, int, str, int]] = []
@@ -327,20 +360,26 @@ class PyEngine:
         self._fds.pop(lst.fd, None)
 
     def set_fast(self, lid: int, targets: Sequence[PyTarget] | None = None, start: int = 0,
-                 credit: int = 0, watch: Any = None, snapshot: Any = None) -> None:
+                 credit: int = 0, watch: Any = None, snapshot: Any = None,
+                 weights: Sequence[float] | None = None) -> None:
         """Fast admission for a listener whose policy has `admitted`: while `credit` lasts and
         `watch.snapshot is snapshot`, each new connection goes to the next of `targets` (in
         turn, from `start`) with no call; the policy gets them in `admitted(batch)` (conn_id,
         backend, accepted ns, host, port) before any other call about this listener, and at
-        the end of the wake-up. None (or no targets) turns it off."""
+        the end of the wake-up. With `weights` (one per target, above 0), to the target with
+        the fewest active connections per weight instead, the scan starting at `start` and
+        then one past the last winner (balance/least_connections.py), by the engine's own
+        count per target (every connection through it, from its connect to its end or retry).
+        None (or no targets) turns it off."""
         lst = self._listeners[lid]
         self._flush_admits(lst)
         if not targets or lst.on_admitted is None:
-            lst.fast = lst.watch = lst.snapshot = None
+            lst.fast = lst.watch = lst.snapshot = lst.weights = None
             lst.credit = 0
             return
         if any(type(target) is not PyTarget for target in targets):
             raise TypeError("fast targets are this engine's targets")
+        lst.weights = _weights(weights, targets)
         lst.fast = tuple(targets)
         lst.fast_next = start % len(lst.fast)
         lst.credit = credit
@@ -671,10 +710,13 @@ class PyEngine:
         """Fast admission: the next target of the listener's table, no policy call."""
         fast = lst.fast
         assert fast is not None and conn.client is not None
-        target = fast[lst.fast_next]
-        lst.fast_next += 1
-        if lst.fast_next == len(fast):
-            lst.fast_next = 0
+        if lst.weights is not None:
+            target = _least(lst, fast, lst.weights)
+        else:
+            target = fast[lst.fast_next]
+            lst.fast_next += 1
+            if lst.fast_next == len(fast):
+                lst.fast_next = 0
         lst.credit -= 1
         lst.admits.append((conn.id, target.backend, conn.t_start, addr[0], addr[1]))
         if len(lst.admits) == 1:
@@ -841,6 +883,9 @@ class PyEngine:
 
     def _connect(self, conn: _Conn, target: PyTarget, first: bytes, consume: int,
                  source: str | None) -> None:
+        if conn.target is not None:  # a retry: the load moves
+            conn.target.active -= 1
+        target.active += 1
         conn.target = target
         conn.first = bytes(first)
         pending = conn.up.pending
@@ -1311,6 +1356,8 @@ class PyEngine:
                 os.close(d.pipe_r)
                 os.close(d.pipe_w)
                 d.pipe_r = d.pipe_w = -1
+        if conn.target is not None:
+            conn.target.active -= 1
         lst = conn.lst
         lst.active -= 1
         if reason == End.REFUSED:

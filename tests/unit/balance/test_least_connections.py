@@ -50,3 +50,10 @@ def test_skips_weight_zero_and_excluded() -> None:
 def test_load_must_match_candidates() -> None:
     with pytest.raises(ValueError, match="2 load entries for 3 candidates"):
         LeastConnections(candidates(1, 1, 1), loads(0, 0))
+
+
+def test_scan_is_where_the_next_pick_starts_over_the_available_with_their_weights() -> None:
+    picker = LeastConnections(candidates(2, 0, 1), loads(0, 0, 0), start=0)
+    assert picker.scan == ((0, 2), 0, (2.0, 1.0))
+    assert picker.pick(b"") == 0
+    assert picker.scan == ((0, 2), 1, (2.0, 1.0))  # one past the winner
