@@ -185,6 +185,11 @@ class Maglev:
         )
 
     @property
+    def key_hash(self) -> Callable[[bytes], int]:
+        """What maps a key to its slot (stable_hash64, or the kernel's jhash)."""
+        return self._key_hash
+
+    @property
     def table(self) -> Sequence[int]:
         """The lookup table, for the kernel fast path and for table utilisation metrics."""
         return self._table

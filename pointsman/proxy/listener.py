@@ -38,9 +38,6 @@ from functools import partial
 from typing import Protocol
 
 from pointsman.balance.hashing import client_ip
-from pointsman.balance.least_connections import LeastConnections
-from pointsman.balance.round_robin import RoundRobin
-from pointsman.balance.weighted_round_robin import WeightedRoundRobin
 from pointsman.config.model import ListenerConfig
 from pointsman.pool.pool import LazyPicker, Pool
 from pointsman.pool.snapshot import PoolSnapshot
@@ -64,6 +61,7 @@ from pointsman.proxy.fold import (
     fold,
     folder,
 )
+from pointsman.proxy.follow import Follow, follow
 from pointsman.proxy.lifetime import Lifetimes
 from pointsman.proxy.preamble import Preamble, Refused, Route
 from pointsman.proxy.resources import BUDGET, ERRORS, FD_ERRNOS, FD_RESERVE, MemoryTrimmer, errno_name
@@ -72,9 +70,6 @@ from pointsman.proxy.targets import Slot, engine_keepalive
 from pointsman.telemetry.flow import EndReason, RejectReason
 from pointsman.telemetry.flowlog import tcp_head, tcp_line
 from pointsman.telemetry.stats import ListenerStats
-
-# The pickers whose sequence an engine table can follow (their `rotation`: order and position).
-ROTATIONS = (RoundRobin, WeightedRoundRobin)
 
 log = logging.getLogger("pointsman.listener")
 
@@ -362,19 +357,19 @@ class TcpListener(ConnectPolicy):
         if table is None:
             self._no_fast = snapshot
             return
-        slots, order, start, weights = table
+        slots, plan = table
         self._fast = (pool, snapshot, {slot.target.backend: slot for slot in slots})
-        targets = [slots[i].target for i in order]
+        targets = [slots[i].target for i in plan.order]
         credit = self._credit()
-        for lid in self.lids:  # least connections: the engine scans its own live counts
-            engine.set_fast(lid, targets, start, credit, pool, snapshot, weights)
+        for lid in self.lids:
+            engine.set_fast(lid, targets, plan.start, credit, pool, snapshot, plan.weights,
+                            plan.lookup, plan.key_port)
 
-    def _fast_table(self, pool: Pool, snapshot: PoolSnapshot
-                    ) -> tuple[list[Slot], tuple[int, ...], int, tuple[float, ...] | None] | None:
-        """The slots, order, start and (least connections) weights of a fast table for
-        `snapshot`, or None: a pick the engine cannot follow (hash, affinity, power of two,
-        caps and their queue, weights that do not repeat: slow start), or a backend whose
-        target is not quiet."""
+    def _fast_table(self, pool: Pool, snapshot: PoolSnapshot) -> tuple[list[Slot], Follow] | None:
+        """The slots of `snapshot` and how the engine follows its picker (follow.py), from
+        where the pick `accepted` just made left it; or None: a pick the engine cannot follow,
+        caps and their queue, affinity, a PROXY header or source address to send, or a backend
+        whose target is not quiet."""
         if not self._fast_allowed():
             return None
         picker: object = snapshot.picker
@@ -382,25 +377,17 @@ class TcpListener(ConnectPolicy):
             picker = picker.built
         if not snapshot.available or snapshot.caps:
             return None
-        # Where the picker is, so the engine goes on from the pick `accepted` just made: round
-        # robin's order, smooth weighted round robin's cycle, least connections' scan.
-        weights = None
-        if isinstance(picker, LeastConnections):
-            order, start, weights = picker.scan
-        elif isinstance(picker, ROTATIONS) and (rotation := picker.rotation) is not None:
-            order, start = rotation
-        else:
-            return None
         targets = self._targets_of(pool)
         slots = targets.of(snapshot)
-        if not targets.plain or not order:
+        plan = follow(picker, len(slots), snapshot.config.hash_key)
+        if plan is None or not plan.order or not (targets.direct if plan.keyed else targets.plain):
             return None
         chosen: list[Slot] = []
         for slot in slots:
             if slot is None or not slot.target.quiet:
                 return None
             chosen.append(slot)
-        return chosen, order, start, weights
+        return chosen, plan
 
     def _fast_allowed(self) -> bool:
         """The listener may leave admission to the engine: no rule per connection, accepting.

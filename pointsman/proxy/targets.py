@@ -110,7 +110,7 @@ def numeric(host: str, port: int) -> str:
 class PoolTargets:
     """The slots of one pool's current snapshot (one per backend, by snapshot index)."""
 
-    __slots__ = ("by_key", "config", "engine", "plain", "slots", "snapshot")
+    __slots__ = ("by_key", "config", "direct", "engine", "plain", "slots", "snapshot")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -119,6 +119,7 @@ class PoolTargets:
         self.by_key: dict[tuple[str, str, int], Slot] = {}
         self.slots: list[Slot | None] = []
         self.plain = False  # a pick needs no key, no affinity, no header, no source address
+        self.direct = False  # the same but for the key (a hash policy's, which an engine makes)
 
     def of(self, snapshot: PoolSnapshot) -> list[Slot | None]:
         """The slots for `snapshot` (None where a backend's address cannot be used)."""
@@ -144,9 +145,9 @@ class PoolTargets:
         self.slots = slots
         self.snapshot = snapshot
         config = snapshot.config
-        self.plain = (not snapshot.needs_key and snapshot.affinity is None
-                      and config.proxy_protocol.send == "off"
-                      and config.source.mode == "default" and not config.source.addresses)
+        self.direct = (snapshot.affinity is None and config.proxy_protocol.send == "off"
+                       and config.source.mode == "default" and not config.source.addresses)
+        self.plain = self.direct and not snapshot.needs_key
         return slots
 
     def _make(self, backend_id: str, host: str, port: int, stats: BackendStats,

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pointsman.balance.hashing import stable_hash64
 from pointsman.proxy.engine import iter_records, new_engine
 from pointsman.proxy.engine.api import Connected, Decision, End, Flag, Op, Status, iter_connected
 from pointsman.proxy.engine.simple import RoundRobinPolicy
@@ -417,6 +418,44 @@ async def test_a_least_connections_table_admits_by_live_load_per_weight(engine: 
     assert after_end == [1, 4, 0]
     assert policy.connected_entries[-1].backend == 1
     assert after_retry == [1, 5, 0]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_hash_table_keys_an_ipv4_mapped_client_as_ipv4(engine: str) -> None:
+    """set_fast with a lookup: on a dual-stack socket an IPv4 client is ::ffff:a.b.c.d, and
+    its key is the 4-byte address (hashing.source_key), so it lands on the slot an IPv4
+    listener gives it."""
+    async with raw_backend(echo) as good:
+        loop = asyncio.get_running_loop()
+        eng = new_engine(loop, engine)
+        targets = [eng.target(i, LOOPBACK, good.port, quiet=True) for i in range(3)]
+        policy = AdmittingPolicy(targets, retries=0)
+        lsock = socket.socket(socket.AF_INET6)
+        lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        lsock.bind(("::ffff:127.0.0.1", 0))
+        lsock.listen(16)
+        port = lsock.getsockname()[1]
+        lid = eng.add_listener(lsock, policy)
+        watched = Watched()
+        lookup = [2, 0, 1, 1, 0, 2, 0]
+        expected = []
+        try:
+            eng.set_fast(lid, targets, 0, 64, watched, watched.snapshot, None, lookup, False)
+            for i in range(12):
+                source = f"127.0.0.{40 + i}"
+                conn = socket.socket()
+                conn.setblocking(False)
+                conn.bind((source, 0))
+                await loop.sock_connect(conn, (LOOPBACK, port))
+                await wait_for(lambda n=i + 1: len(policy.connected_entries) == n, 5.0)
+                conn.close()
+                slot = stable_hash64(socket.inet_aton(source)) % len(lookup)
+                expected.append(lookup[slot])
+        finally:
+            eng.shutdown(0)
+            lsock.close()
+    assert [entry.backend for entry in policy.connected_entries] == expected
+    assert len(set(expected)) > 1
 
 
 async def close_at_once(conn: socket.socket) -> None:

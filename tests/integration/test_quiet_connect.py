@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import pytest
 import yaml
 
+from pointsman.balance.hashing import source_key
 from pointsman.pool.state import BackendState
 from pointsman.telemetry.flow import EndReason, RejectReason
 from tests.integration.peers import config_text, tcp_stats
@@ -269,6 +270,43 @@ async def test_a_least_connections_pool_is_admitted_by_the_engine_by_live_load()
             await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
             adds_up(runtime)
             assert [s.active for s in runtime.backend_stats(stats)] == [0, 0]
+
+
+@pytest.mark.parametrize(("hash_key", "client"), [("source_ip", "127.0.0.{}"),
+                                                   ("source_ip_port", "127.0.0.{}"),
+                                                   ("source_ip_port", "::1")])
+async def test_a_maglev_pool_is_admitted_by_the_engine_on_the_picker_s_slots(
+        hash_key: str, client: str) -> None:
+    """maglev: the engine hashes each client's key itself (XXH64 of the packed address, and
+    port) and sends it where the pool's own Maglev picker would: 16 clients, 3 backends."""
+    async with echo_backend() as a, echo_backend() as b, echo_backend() as c:
+        port = free_port()
+        host = "::1" if ":" in client else LOOPBACK
+        listen = f"[::1]:{port}" if ":" in client else f"{LOOPBACK}:{port}"
+        pool = {"algorithm": "maglev", "hash_key": hash_key, "maglev_table_size": 251}
+        text = one_pool_config(listen, [a.address, b.address, c.address], pool=pool)
+        async with running(text) as runtime:
+            listener = runtime.listeners["lb"]
+            snapshot = runtime.pools["p"].snapshot
+            held, chosen, expected = [], [], []
+            for i in range(16):
+                reader, writer = await asyncio.open_connection(
+                    host, port, local_addr=(client.format(20 + i), 0))
+                await roundtrip(reader, writer, b"m")
+                held.append(writer)
+                peer = writer.get_extra_info("sockname")[:2]
+                flow = next(f for f in listener.connections.values()  # type: ignore[attr-defined]
+                            if f.peer == peer)
+                chosen.append(flow.slot.id)
+                index = snapshot.picker.pick(source_key(peer[0], peer[1], hash_key))
+                expected.append(snapshot.backends[index].id)
+            assert listener.fast_admitted == 15  # type: ignore[attr-defined]
+            for writer in held:
+                await close_writer(writer)
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            adds_up(runtime)
+    assert chosen == expected
+    assert len(set(chosen)) > 1  # the sources spread (a test that could not tell otherwise)
 
 
 async def test_the_engine_admits_within_the_table() -> None:

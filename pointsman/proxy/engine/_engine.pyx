@@ -12,12 +12,13 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject_AsFileDescriptor
 from cpython.ref cimport PyObject
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 from pointsman.proxy.engine._sys cimport *
 
+import array as _array
 import logging
 import mmap as _mmap
 import socket as _socket
@@ -315,6 +316,10 @@ cdef class Listener:
     # connection goes to the next of `fast` without a call; `admits` holds them for the policy.
     cdef tuple fast
     cdef tuple weights  # least connections: fast's weights (None: a rotation)
+    # A hash pool (Maglev): slot -> index into fast, int32 each (None: no hashing), and whether
+    # the client's port is part of the key (hash_key: source_ip_port).
+    cdef bytes lookup
+    cdef bint key_port
     cdef Py_ssize_t fast_next
     cdef Py_ssize_t credit
     cdef object watch
@@ -378,6 +383,136 @@ cdef inline void set_linger_reset(int fd) noexcept:
     lg.l_onoff = 1
     lg.l_linger = 0
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+cdef bytes _lookup(object lookup, object targets):
+    """pyengine._lookup: a hash table's slots as int32s, each an index into `targets`."""
+    if lookup is None:
+        return None
+    table = _array.array("i", lookup)
+    if not table or min(table) < 0 or max(table) >= len(targets):
+        raise ValueError("hash lookup: every slot an index into the targets")
+    return table.tobytes()
+
+
+# XXH64 (Yann Collet's xxHash, 64-bit), the hash balance/hashing.py's stable_hash64 is: the
+# engine hashes the client's key itself so that its pick is the Maglev picker's, to the bit.
+cdef extern from *:
+    """
+    #define XXH_P1 0x9E3779B185EBCA87ULL
+    #define XXH_P2 0xC2B2AE3D27D4EB4FULL
+    #define XXH_P3 0x165667B19E3779F9ULL
+    #define XXH_P4 0x85EBCA77C2B2AE63ULL
+    #define XXH_P5 0x27D4EB2F165667C5ULL
+    """
+    const uint64_t P1 "XXH_P1"
+    const uint64_t P2 "XXH_P2"
+    const uint64_t P3 "XXH_P3"
+    const uint64_t P4 "XXH_P4"
+    const uint64_t P5 "XXH_P5"
+
+
+cdef inline uint64_t _rotl(uint64_t x, int r) noexcept nogil:
+    return (x << r) | (x >> (64 - r))
+
+
+cdef inline uint64_t _round(uint64_t acc, uint64_t lane) noexcept nogil:
+    acc += lane * P2
+    return _rotl(acc, 31) * P1
+
+
+cdef inline uint64_t _merge(uint64_t h, uint64_t v) noexcept nogil:
+    h ^= _round(0, v)
+    return h * P1 + P4
+
+
+cdef uint64_t xxh64(const uint8_t* p, size_t n, uint64_t seed) noexcept nogil:
+    """XXH64 of the n bytes at p (little-endian lanes, as on the x86 and arm64 we build for)."""
+    cdef const uint8_t* end = p + n
+    cdef uint64_t h, v1, v2, v3, v4, lane
+    cdef uint32_t half
+    if n >= 32:
+        v1 = seed + P1 + P2
+        v2 = seed + P2
+        v3 = seed
+        v4 = seed - P1
+        while p + 32 <= end:
+            memcpy(&lane, p, 8)
+            v1 = _round(v1, lane)
+            memcpy(&lane, p + 8, 8)
+            v2 = _round(v2, lane)
+            memcpy(&lane, p + 16, 8)
+            v3 = _round(v3, lane)
+            memcpy(&lane, p + 24, 8)
+            v4 = _round(v4, lane)
+            p += 32
+        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
+        h = _merge(_merge(_merge(_merge(h, v1), v2), v3), v4)
+    else:
+        h = seed + P5
+    h += n
+    while p + 8 <= end:
+        memcpy(&lane, p, 8)
+        h ^= _round(0, lane)
+        h = _rotl(h, 27) * P1 + P4
+        p += 8
+    if p + 4 <= end:
+        memcpy(&half, p, 4)
+        h ^= <uint64_t>half * P1
+        h = _rotl(h, 23) * P2 + P3
+        p += 4
+    while p < end:
+        h ^= p[0] * P5
+        h = _rotl(h, 11) * P1
+        p += 1
+    h ^= h >> 33
+    h *= P2
+    h ^= h >> 29
+    h *= P3
+    h ^= h >> 32
+    return h
+
+
+def _xxh64(bytes data, uint64_t seed=0):
+    """xxh64 for the tests (against the xxhash package)."""
+    return xxh64(<const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), seed)
+
+
+cdef CTarget _hashed(Listener lst, SockAddr* peer):
+    """pyengine._hashed: the Maglev table's target for the client's key (hashing.source_key:
+    the packed address, an IPv4-mapped IPv6 one as IPv4, then the port for source_ip_port)."""
+    cdef uint8_t key[18]
+    cdef size_t n
+    cdef const uint8_t* a
+    cdef uint16_t port
+    if peer.sa.sa_family == AF_INET:
+        memcpy(key, &peer.v4.sin_addr, 4)
+        n = 4
+        port = peer.v4.sin_port  # network order: the key's big-endian bytes
+    else:
+        a = <const uint8_t*>&peer.v6.sin6_addr
+        if _mapped(a):
+            memcpy(key, a + 12, 4)
+            n = 4
+        else:
+            memcpy(key, a, 16)
+            n = 16
+        port = peer.v6.sin6_port
+    if lst.key_port:
+        memcpy(key + n, &port, 2)
+        n += 2
+    cdef const int32_t* table = <const int32_t*>PyBytes_AS_STRING(lst.lookup)
+    cdef uint64_t size = <uint64_t>(PyBytes_GET_SIZE(lst.lookup) // 4)
+    return <CTarget>lst.fast[table[xxh64(key, n, 0) % size]]
+
+
+cdef inline bint _mapped(const uint8_t* a) noexcept:
+    """::ffff:a.b.c.d"""
+    cdef int i
+    for i in range(10):
+        if a[i]:
+            return False
+    return a[10] == 0xFF and a[11] == 0xFF
 
 
 cdef CTarget _least(Listener lst):
@@ -537,12 +672,12 @@ cdef class CEngine:
         self.lfds.pop(lst.fd, None)
 
     def set_fast(self, int lid, targets=None, Py_ssize_t start=0, Py_ssize_t credit=0,
-                 watch=None, snapshot=None, weights=None):
+                 watch=None, snapshot=None, weights=None, lookup=None, bint key_port=False):
         """Fast admission for a listener (pyengine.set_fast): None turns it off."""
         cdef Listener lst = self.listeners[lid]
         self._flush_admits(lst)
         if not targets or lst.on_admitted is None:
-            lst.fast = lst.weights = None
+            lst.fast = lst.weights = lst.lookup = None
             lst.credit = 0
             lst.watch = lst.snapshot = None
             return
@@ -550,6 +685,8 @@ cdef class CEngine:
             if type(target) is not CTarget:
                 raise TypeError("fast targets are this engine's targets")
         lst.weights = _weights(weights, targets)
+        lst.lookup = _lookup(lookup, targets)
+        lst.key_port = key_port
         lst.fast = tuple(targets)
         lst.fast_next = start % len(lst.fast)
         lst.credit = credit
@@ -967,7 +1104,9 @@ cdef class CEngine:
         """Fast admission: the next target of the listener's table, no policy call; the policy
         hears of it in `admitted` before any other call about this listener."""
         cdef CTarget target
-        if lst.weights is not None:
+        if lst.lookup is not None:
+            target = _hashed(lst, peer)
+        elif lst.weights is not None:
             target = _least(lst)
         else:
             target = <CTarget>lst.fast[lst.fast_next]

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pointsman.balance.hashing import source_key, stable_hash64
 from pointsman.proxy.engine.api import (
     ACCEPT_BACKOFF,
     ACCEPT_BATCH,
@@ -151,6 +152,23 @@ def _weights(weights: Sequence[float] | None,
     return tuple(float(w) for w in weights)
 
 
+def _lookup(lookup: Sequence[int] | None, targets: Sequence[PyTarget]) -> tuple[int, ...] | None:
+    """A hash table's slots (None: no hashing), each an index into `targets`."""
+    if lookup is None:
+        return None
+    table = tuple(lookup)
+    if not table or min(table) < 0 or max(table) >= len(targets):
+        raise ValueError("hash lookup: every slot an index into the targets")
+    return table
+
+
+def _hashed(lst: _Listener, fast: tuple[PyTarget, ...], lookup: tuple[int, ...],
+            addr: Any) -> PyTarget:
+    """The target of the client key's slot: the Maglev picker's pick, to the bit."""
+    key = source_key(addr[0], addr[1], "source_ip_port" if lst.key_port else "source_ip")
+    return fast[lookup[stable_hash64(key) % len(lookup)]]
+
+
 def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...]) -> PyTarget:
     """The fewest active connections per weight, the first in scan order on a tie; the next
     scan starts one past the winner (as LeastConnections.pick)."""
@@ -173,9 +191,10 @@ def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...
 class _Listener:
     __slots__ = ("accept_errors", "accepted", "active", "admits", "bytes_in", "bytes_out",
                  "connects", "credit", "ended", "family", "fast", "fast_next", "fd", "id",
-                 "nodelay", "on_accept", "on_accept_error", "on_admitted", "on_connect",
-                 "on_connected", "on_ended", "on_preamble", "paused", "policy", "records",
-                 "refused", "snapshot", "sock", "spliced", "stopped", "watch", "weights")
+                 "key_port", "lookup", "nodelay", "on_accept", "on_accept_error", "on_admitted",
+                 "on_connect", "on_connected", "on_ended", "on_preamble", "paused", "policy",
+                 "records", "refused", "snapshot", "sock", "spliced", "stopped", "watch",
+                 "weights")
 
     def __init__(self, lid: int, sock: socket.socket, policy: Policy, nodelay: bool) -> None:
         self.id = lid
@@ -197,6 +216,10 @@ class _Listener:
         self.fast_next = 0
         self.credit = 0
         self.weights: tuple[float, ...] | None = None  # least connections: fast's weights
+        # A hash pool (Maglev): slot -> index into fast (None: no hashing), and whether the
+        # client's port is part of the key (hash_key: source_ip_port).
+        self.lookup: tuple[int, ...] | None = None
+        self.key_port = False
         self.watch: Any = None
         self.snapshot: Any = None
         self.admits: list[tuple[int, int, int, str, int]] = []
@@ -361,7 +384,8 @@ class PyEngine:
 
     def set_fast(self, lid: int, targets: Sequence[PyTarget] | None = None, start: int = 0,
                  credit: int = 0, watch: Any = None, snapshot: Any = None,
-                 weights: Sequence[float] | None = None) -> None:
+                 weights: Sequence[float] | None = None, lookup: Sequence[int] | None = None,
+                 key_port: bool = False) -> None:
         """Fast admission for a listener whose policy has `admitted`: while `credit` lasts and
         `watch.snapshot is snapshot`, each new connection goes to the next of `targets` (in
         turn, from `start`) with no call; the policy gets them in `admitted(batch)` (conn_id,
@@ -370,16 +394,20 @@ class PyEngine:
         the fewest active connections per weight instead, the scan starting at `start` and
         then one past the last winner (balance/least_connections.py), by the engine's own
         count per target (every connection through it, from its connect to its end or retry).
-        None (or no targets) turns it off."""
+        With `lookup` (a Maglev table: slot -> index into `targets`), to the target of the
+        client key's slot, the key and hash as balance/hashing.py's (`key_port`: the port is
+        in the key). None (or no targets) turns it off."""
         lst = self._listeners[lid]
         self._flush_admits(lst)
         if not targets or lst.on_admitted is None:
-            lst.fast = lst.watch = lst.snapshot = lst.weights = None
+            lst.fast = lst.watch = lst.snapshot = lst.weights = lst.lookup = None
             lst.credit = 0
             return
         if any(type(target) is not PyTarget for target in targets):
             raise TypeError("fast targets are this engine's targets")
         lst.weights = _weights(weights, targets)
+        lst.lookup = _lookup(lookup, targets)
+        lst.key_port = key_port
         lst.fast = tuple(targets)
         lst.fast_next = start % len(lst.fast)
         lst.credit = credit
@@ -710,7 +738,9 @@ class PyEngine:
         """Fast admission: the next target of the listener's table, no policy call."""
         fast = lst.fast
         assert fast is not None and conn.client is not None
-        if lst.weights is not None:
+        if lst.lookup is not None:
+            target = _hashed(lst, fast, lst.lookup, addr)
+        elif lst.weights is not None:
             target = _least(lst, fast, lst.weights)
         else:
             target = fast[lst.fast_next]
