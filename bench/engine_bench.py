@@ -324,11 +324,12 @@ def start_haproxy(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
 
 def start_pointsman(procs: Procs, backends: Backends, tmp: Path, cpu: str | None, name: str,
                     engine: str | None, extras: str, tree: Path,
-                    algorithm: str = "round_robin") -> Proxy:
+                    algorithm: str = "round_robin", shedding: bool = False) -> Proxy:
     """`pointsman run` from `tree` (this checkout, or --before's), one process; `extras`: the
-    admin API ("a") and the flow log ("f") on; `algorithm`: the http pool's."""
+    admin API ("a") and the flow log ("f") on; `algorithm`: the http pool's; `shedding`: load
+    shedding on, as in docs/config.md's complete example."""
     proxy = Proxy(name)
-    extra = ""
+    extra = "shedding: {max_connections: 50000, max_loop_lag: 500ms}\n" if shedding else ""
     if "a" in extras:
         extra += f'admin: {{bind: "{HOST}:{free_port()}"}}\n'
     if "f" in extras:
@@ -538,6 +539,9 @@ def main() -> None:
     parser.add_argument("--algorithm", default="round_robin",
                         help="the http pool's balancing algorithm in every pointsman row (the "
                              "fast admission covers round_robin and weighted_round_robin)")
+    parser.add_argument("--shedding", action="store_true",
+                        help="load shedding on in every pointsman row (max_connections 50000, "
+                             "max_loop_lag 500ms, as in docs/config.md's complete example)")
     parser.add_argument("--no-nodelay", action="store_true",
                         help="the raw engines only: leave Nagle on (HAProxy's default)")
     args = parser.parse_args()
@@ -602,7 +606,7 @@ def start_all(procs: Procs, backends: Backends, tmp: Path, cpu: str | None,
     for name, engine, extras, tree in rows:
         if not only or name in only:
             proxies.append(start_pointsman(procs, own(), tmp, cpu, name, engine, extras, tree,
-                                           args.algorithm))
+                                           args.algorithm, args.shedding))
     if args.raw:
         for engine in ("cython", "python"):
             if not only or f"engine-{engine}" in only:
