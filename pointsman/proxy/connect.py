@@ -115,8 +115,10 @@ class ConnectPolicy:
         snapshot = pool.snapshot
         if flow.detour is None and not self.checks_source and snapshot.available:
             targets = self._targets.get(pool)
-            if targets is not None and targets.snapshot is snapshot and targets.plain:
-                index = snapshot.picker.pick(b"", NOTHING)
+            if targets is not None and targets.snapshot is snapshot and targets.direct:
+                key = (source_key(flow.peer[0], flow.peer[1], snapshot.config.hash_key)
+                       if snapshot.needs_key else b"")  # a hash policy's (no affinity here)
+                index = snapshot.picker.pick(key, NOTHING)
                 if index is not None:
                     slot = targets.slots[index]
                     if slot is not None and (not slot.cap or _room(slot, pool)):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pointsman.balance.hashing import source_key, stable_hash64
+from pointsman.balance.hashing import client_ip, packed_ip, source_key, stable_hash64
 
 # Produced with the xxHash reference CLI, independently of the Python binding:
 #   printf '%s' "$INPUT" > f && xxhsum -H1 f      (xxhsum 0.8.1, Debian package "xxhash")
@@ -65,3 +65,31 @@ def test_source_key_rejects_bad_input() -> None:
         source_key("192.0.2.1", 65536, "source_ip_port")
     with pytest.raises(ValueError):
         source_key("not-an-ip", 1, "source_ip")
+
+
+def spellings(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[str]:
+    texts = [str(address), address.exploded, address.compressed.upper()]
+    if isinstance(address, ipaddress.IPv4Address):
+        texts.append(f"::ffff:{address}")
+    return texts
+
+
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)))
+def test_packed_ip_is_the_ipaddress_packing(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    for text in spellings(address):
+        assert packed_ip(text) == client_ip(text).packed
+
+
+@pytest.mark.parametrize("text", ["1.2.3.04", "01.2.3.4", "0x1.2.3.4", "1.2.3", " 1.2.3.4",
+                                  "1.2.3.256", "::ffff:1.2.3.04", "::1%eth0", "fe80::1%1",
+                                  "::1.2.3.4", "", "example.com"])
+def test_packed_ip_takes_the_odd_spellings_as_ipaddress_does(text: str) -> None:
+    try:
+        expected: bytes | type[ValueError] = client_ip(text).packed
+    except ValueError:
+        expected = ValueError
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            packed_ip(text)
+    else:
+        assert packed_ip(text) == expected
