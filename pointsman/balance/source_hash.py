@@ -25,8 +25,8 @@ from pointsman.balance.hashing import stable_hash64
 
 _Score = TypeVar("_Score", int, float)
 
-_TO_UNIT = 2.0**-53
-"""With it, ((h >> 11) + 0.5) * _TO_UNIT maps a 64-bit hash into the open interval (0, 1), so that
+TO_UNIT = 2.0**-53
+"""With it, ((h >> 11) + 0.5) * TO_UNIT maps a 64-bit hash into the open interval (0, 1), so that
 ln() of it is finite and negative: the top 53 bits fill a float's mantissa."""
 
 
@@ -44,6 +44,13 @@ class SourceHash:
         # With equal weights the score is monotonic in the hash, so the log can be skipped.
         self._uniform = len(set(self._weights)) <= 1
 
+    @property
+    def ranking(self) -> tuple[tuple[int, ...], tuple[bytes, ...], tuple[float, ...] | None]:
+        """The indices ranked, their ids as hashed, and their weights (None: all equal, the
+        hash alone ranks): what an engine that admits on its own needs to pick as this does
+        (docs/engine.md, "Fast admission")."""
+        return self._available, self._ids, None if self._uniform else self._weights
+
     def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
         """Return the available, non-excluded index with the highest score for `key`."""
         available = self._available
@@ -60,7 +67,7 @@ class SourceHash:
         hash64 = stable_hash64
         # _unit() inlined: a call per backend per connection is measurable at 1000 backends.
         scores = [
-            -weight / log(((hash64(name, seed) >> 11) + 0.5) * _TO_UNIT)
+            -weight / log(((hash64(name, seed) >> 11) + 0.5) * TO_UNIT)
             for name, weight in zip(self._ids, self._weights, strict=True)
         ]
         return _highest(scores, available, exclude)

@@ -272,19 +272,26 @@ async def test_a_least_connections_pool_is_admitted_by_the_engine_by_live_load()
             assert [s.active for s in runtime.backend_stats(stats)] == [0, 0]
 
 
-@pytest.mark.parametrize(("hash_key", "client"), [("source_ip", "127.0.0.{}"),
-                                                   ("source_ip_port", "127.0.0.{}"),
-                                                   ("source_ip_port", "::1")])
-async def test_a_maglev_pool_is_admitted_by_the_engine_on_the_picker_s_slots(
-        hash_key: str, client: str) -> None:
-    """maglev: the engine hashes each client's key itself (XXH64 of the packed address, and
-    port) and sends it where the pool's own Maglev picker would: 16 clients, 3 backends."""
+@pytest.mark.parametrize(("algorithm", "hash_key", "client", "weights"), [
+    ("maglev", "source_ip", "127.0.0.{}", (1, 1, 1)),
+    ("maglev", "source_ip_port", "127.0.0.{}", (1, 1, 1)),
+    ("maglev", "source_ip_port", "::1", (1, 1, 1)),
+    ("source_hash", "source_ip", "127.0.0.{}", (1, 1, 1)),
+    ("source_hash", "source_ip_port", "127.0.0.{}", (1, 2, 3)),
+])
+async def test_a_hash_pool_is_admitted_by_the_engine_where_its_picker_sends(
+        algorithm: str, hash_key: str, client: str, weights: tuple[int, ...]) -> None:
+    """maglev and source_hash: the engine hashes each client's key itself (XXH64 of the packed
+    address, and port) and sends it where the pool's own picker would (Maglev's slot, the
+    rendezvous ranking, weighted or not): 16 clients, 3 backends."""
     async with echo_backend() as a, echo_backend() as b, echo_backend() as c:
         port = free_port()
         host = "::1" if ":" in client else LOOPBACK
         listen = f"[::1]:{port}" if ":" in client else f"{LOOPBACK}:{port}"
-        pool = {"algorithm": "maglev", "hash_key": hash_key, "maglev_table_size": 251}
-        text = one_pool_config(listen, [a.address, b.address, c.address], pool=pool)
+        pool = {"algorithm": algorithm, "hash_key": hash_key, "maglev_table_size": 251,
+                "backends": [{"address": peer.address, "weight": weight}
+                             for peer, weight in zip((a, b, c), weights, strict=True)]}
+        text = one_pool_config(listen, [], pool=pool)
         async with running(text) as runtime:
             listener = runtime.listeners["lb"]
             snapshot = runtime.pools["p"].snapshot

@@ -14,6 +14,7 @@ from cpython.object cimport PyObject_AsFileDescriptor
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
+from libc.math cimport log as c_log
 from libc.string cimport memcpy, memset
 
 from pointsman.proxy.engine._sys cimport *
@@ -320,6 +321,7 @@ cdef class Listener:
     # the client's port is part of the key (hash_key: source_ip_port).
     cdef bytes lookup
     cdef bint key_port
+    cdef tuple names  # source hash: each target's backend id, UTF-8 (None: not rendezvous)
     cdef Py_ssize_t fast_next
     cdef Py_ssize_t credit
     cdef object watch
@@ -395,6 +397,16 @@ cdef bytes _lookup(object lookup, object targets):
     return table.tobytes()
 
 
+cdef tuple _names(object names, object targets):
+    """pyengine._names: a rendezvous table's backend ids, one (bytes) per target."""
+    if names is None:
+        return None
+    names = tuple(names)
+    if len(names) != len(targets) or any(type(name) is not bytes for name in names):
+        raise ValueError("rendezvous names: one bytes per target")
+    return names
+
+
 # XXH64 (Yann Collet's xxHash, 64-bit), the hash balance/hashing.py's stable_hash64 is: the
 # engine hashes the client's key itself so that its pick is the Maglev picker's, to the bit.
 cdef extern from *:
@@ -410,6 +422,8 @@ cdef extern from *:
     const uint64_t P3 "XXH_P3"
     const uint64_t P4 "XXH_P4"
     const uint64_t P5 "XXH_P5"
+
+cdef double TO_UNIT = 2.0 ** -53  # source_hash._TO_UNIT: a 53-bit hash into (0, 1)
 
 
 cdef inline uint64_t _rotl(uint64_t x, int r) noexcept nogil:
@@ -479,9 +493,40 @@ def _xxh64(bytes data, uint64_t seed=0):
 
 
 cdef CTarget _hashed(Listener lst, SockAddr* peer):
-    """pyengine._hashed: the Maglev table's target for the client's key (hashing.source_key:
-    the packed address, an IPv4-mapped IPv6 one as IPv4, then the port for source_ip_port)."""
+    """pyengine._hashed: the Maglev table's target for the client's key."""
     cdef uint8_t key[18]
+    cdef size_t n = _key(lst, peer, key)
+    cdef const int32_t* table = <const int32_t*>PyBytes_AS_STRING(lst.lookup)
+    cdef uint64_t size = <uint64_t>(PyBytes_GET_SIZE(lst.lookup) // 4)
+    return <CTarget>lst.fast[table[xxh64(key, n, 0) % size]]
+
+
+cdef CTarget _rendezvous(Listener lst, SockAddr* peer):
+    """pyengine._rendezvous: balance/source_hash.py's pick, the same hashes and scores."""
+    cdef uint8_t key[18]
+    cdef size_t n = _key(lst, peer, key)
+    cdef uint64_t seed = xxh64(key, n, 0), h, best_hash = 0
+    cdef tuple names = lst.names
+    cdef tuple weights = lst.weights
+    cdef Py_ssize_t i, best = -1
+    cdef double score, best_score = 0.0
+    cdef bytes name
+    for i in range(len(names)):
+        name = <bytes>names[i]
+        h = xxh64(<const uint8_t*>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), seed)
+        if weights is None:  # equal weights: the hash itself ranks
+            if best < 0 or h > best_hash:
+                best, best_hash = i, h
+        else:
+            score = -<double>weights[i] / c_log(((h >> 11) + 0.5) * TO_UNIT)
+            if best < 0 or score > best_score:
+                best, best_score = i, score
+    return <CTarget>lst.fast[best]
+
+
+cdef size_t _key(Listener lst, SockAddr* peer, uint8_t* key) noexcept:
+    """The client's key into `key` (18 bytes at most), as hashing.source_key makes it: the
+    packed address, an IPv4-mapped IPv6 one as IPv4, then the port for source_ip_port."""
     cdef size_t n
     cdef const uint8_t* a
     cdef uint16_t port
@@ -501,9 +546,7 @@ cdef CTarget _hashed(Listener lst, SockAddr* peer):
     if lst.key_port:
         memcpy(key + n, &port, 2)
         n += 2
-    cdef const int32_t* table = <const int32_t*>PyBytes_AS_STRING(lst.lookup)
-    cdef uint64_t size = <uint64_t>(PyBytes_GET_SIZE(lst.lookup) // 4)
-    return <CTarget>lst.fast[table[xxh64(key, n, 0) % size]]
+    return n
 
 
 cdef inline bint _mapped(const uint8_t* a) noexcept:
@@ -672,12 +715,13 @@ cdef class CEngine:
         self.lfds.pop(lst.fd, None)
 
     def set_fast(self, int lid, targets=None, Py_ssize_t start=0, Py_ssize_t credit=0,
-                 watch=None, snapshot=None, weights=None, lookup=None, bint key_port=False):
+                 watch=None, snapshot=None, weights=None, lookup=None, bint key_port=False,
+                 names=None):
         """Fast admission for a listener (pyengine.set_fast): None turns it off."""
         cdef Listener lst = self.listeners[lid]
         self._flush_admits(lst)
         if not targets or lst.on_admitted is None:
-            lst.fast = lst.weights = lst.lookup = None
+            lst.fast = lst.weights = lst.lookup = lst.names = None
             lst.credit = 0
             lst.watch = lst.snapshot = None
             return
@@ -686,6 +730,7 @@ cdef class CEngine:
                 raise TypeError("fast targets are this engine's targets")
         lst.weights = _weights(weights, targets)
         lst.lookup = _lookup(lookup, targets)
+        lst.names = _names(names, targets)
         lst.key_port = key_port
         lst.fast = tuple(targets)
         lst.fast_next = start % len(lst.fast)
@@ -1106,6 +1151,8 @@ cdef class CEngine:
         cdef CTarget target
         if lst.lookup is not None:
             target = _hashed(lst, peer)
+        elif lst.names is not None:
+            target = _rendezvous(lst, peer)
         elif lst.weights is not None:
             target = _least(lst)
         else:

@@ -29,6 +29,7 @@ import errno
 import fcntl
 import itertools
 import logging
+import math
 import mmap
 import os
 import select
@@ -39,6 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pointsman.balance.hashing import source_key, stable_hash64
+from pointsman.balance.source_hash import TO_UNIT as _TO_UNIT
 from pointsman.proxy.engine.api import (
     ACCEPT_BACKOFF,
     ACCEPT_BATCH,
@@ -162,11 +164,39 @@ def _lookup(lookup: Sequence[int] | None, targets: Sequence[PyTarget]) -> tuple[
     return table
 
 
+def _names(names: Sequence[bytes] | None, targets: Sequence[PyTarget]) -> tuple[bytes, ...] | None:
+    """A rendezvous table's backend ids (None: not rendezvous), one per target."""
+    if names is None:
+        return None
+    table = tuple(names)
+    if len(table) != len(targets) or any(type(name) is not bytes for name in table):
+        raise ValueError("rendezvous names: one bytes per target")
+    return table
+
+
+def _client_key(lst: _Listener, addr: Any) -> bytes:
+    return source_key(addr[0], addr[1], "source_ip_port" if lst.key_port else "source_ip")
+
+
 def _hashed(lst: _Listener, fast: tuple[PyTarget, ...], lookup: tuple[int, ...],
             addr: Any) -> PyTarget:
     """The target of the client key's slot: the Maglev picker's pick, to the bit."""
-    key = source_key(addr[0], addr[1], "source_ip_port" if lst.key_port else "source_ip")
-    return fast[lookup[stable_hash64(key) % len(lookup)]]
+    return fast[lookup[stable_hash64(_client_key(lst, addr)) % len(lookup)]]
+
+
+def _rendezvous(lst: _Listener, fast: tuple[PyTarget, ...], names: tuple[bytes, ...],
+                addr: Any) -> PyTarget:
+    """The source hash picker's pick (balance/source_hash.py), the same hashes and scores:
+    each backend's hash of its id seeded with the key's, the highest (or, with weights, the
+    highest -weight / ln(u)) wins, the first on a tie."""
+    seed = stable_hash64(_client_key(lst, addr))
+    hashes = [stable_hash64(name, seed) for name in names]
+    weights = lst.weights
+    if weights is None:
+        return fast[hashes.index(max(hashes))]
+    scores = [-w / math.log(((h >> 11) + 0.5) * _TO_UNIT) for h, w in zip(hashes, weights,
+                                                                          strict=True)]
+    return fast[scores.index(max(scores))]
 
 
 def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...]) -> PyTarget:
@@ -191,7 +221,7 @@ def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...
 class _Listener:
     __slots__ = ("accept_errors", "accepted", "active", "admits", "bytes_in", "bytes_out",
                  "connects", "credit", "ended", "family", "fast", "fast_next", "fd", "id",
-                 "key_port", "lookup", "nodelay", "on_accept", "on_accept_error", "on_admitted",
+                 "key_port", "lookup", "names", "nodelay", "on_accept", "on_accept_error", "on_admitted",
                  "on_connect", "on_connected", "on_ended", "on_preamble", "paused", "policy",
                  "records", "refused", "snapshot", "sock", "spliced", "stopped", "watch",
                  "weights")
@@ -220,6 +250,7 @@ class _Listener:
         # client's port is part of the key (hash_key: source_ip_port).
         self.lookup: tuple[int, ...] | None = None
         self.key_port = False
+        self.names: tuple[bytes, ...] | None = None  # source hash: each target's backend id
         self.watch: Any = None
         self.snapshot: Any = None
         self.admits: list[tuple[int, int, int, str, int]] = []
@@ -385,7 +416,7 @@ class PyEngine:
     def set_fast(self, lid: int, targets: Sequence[PyTarget] | None = None, start: int = 0,
                  credit: int = 0, watch: Any = None, snapshot: Any = None,
                  weights: Sequence[float] | None = None, lookup: Sequence[int] | None = None,
-                 key_port: bool = False) -> None:
+                 key_port: bool = False, names: Sequence[bytes] | None = None) -> None:
         """Fast admission for a listener whose policy has `admitted`: while `credit` lasts and
         `watch.snapshot is snapshot`, each new connection goes to the next of `targets` (in
         turn, from `start`) with no call; the policy gets them in `admitted(batch)` (conn_id,
@@ -396,17 +427,20 @@ class PyEngine:
         count per target (every connection through it, from its connect to its end or retry).
         With `lookup` (a Maglev table: slot -> index into `targets`), to the target of the
         client key's slot, the key and hash as balance/hashing.py's (`key_port`: the port is
-        in the key). None (or no targets) turns it off."""
+        in the key). With `names` (each target's backend id), by weighted rendezvous hashing of
+        that key as balance/source_hash.py (`weights` None: equal weights). None (or no
+        targets) turns it off."""
         lst = self._listeners[lid]
         self._flush_admits(lst)
         if not targets or lst.on_admitted is None:
-            lst.fast = lst.watch = lst.snapshot = lst.weights = lst.lookup = None
+            lst.fast = lst.watch = lst.snapshot = lst.weights = lst.lookup = lst.names = None
             lst.credit = 0
             return
         if any(type(target) is not PyTarget for target in targets):
             raise TypeError("fast targets are this engine's targets")
         lst.weights = _weights(weights, targets)
         lst.lookup = _lookup(lookup, targets)
+        lst.names = _names(names, targets)
         lst.key_port = key_port
         lst.fast = tuple(targets)
         lst.fast_next = start % len(lst.fast)
@@ -740,6 +774,8 @@ class PyEngine:
         assert fast is not None and conn.client is not None
         if lst.lookup is not None:
             target = _hashed(lst, fast, lst.lookup, addr)
+        elif lst.names is not None:
+            target = _rendezvous(lst, fast, lst.names, addr)
         elif lst.weights is not None:
             target = _least(lst, fast, lst.weights)
         else:

@@ -50,8 +50,14 @@ def test_maglev_on_the_stable_hash_follows_its_table_with_the_key() -> None:
     assert follow(kernel, 3, "source_ip") is None
 
 
-def test_other_pickers_stay_in_python() -> None:
-    assert follow(SourceHash(CANDIDATES), 3, "source_ip") is None
+def test_source_hash_follows_its_ranking_with_the_key() -> None:
+    plan = follow(SourceHash(CANDIDATES), 3, "source_ip")
+    assert plan == Follow((0, 2), 0, (2.0, 1.0), names=(b"a", b"c")) and plan.keyed
+    even = follow(SourceHash([Candidate("a", 1.0), Candidate("b", 1.0)]), 2, "source_ip_port")
+    assert even == Follow((0, 1), 0, None, key_port=True, names=(b"a", b"b"))
+
+
+def test_power_of_two_stays_in_python() -> None:
     picker = PowerOfTwo(CANDIDATES, [Load(), Load(), Load()], random.Random(1))
     assert follow(picker, 3, "source_ip") is None
 
