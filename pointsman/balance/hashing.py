@@ -14,8 +14,9 @@ from typing import Protocol
 import xxhash
 
 HASH_KEYS = ("source_ip", "source_ip_port")
-_V4_MAPPED = bytes(10) + b"\xff\xff"  # the first 12 bytes of ::ffff:a.b.c.d
 """The connection fields a hash policy may key on."""
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # the first 12 bytes of ::ffff:a.b.c.d
 
 
 class _Hash64(Protocol):

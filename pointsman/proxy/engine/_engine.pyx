@@ -294,11 +294,11 @@ cdef bytes packed_take(Packed* packed):
 
 @cython.final
 cdef tuple _weights(object weights, object targets):
-    """pyengine._weights: a least-connections table's weights (None: a rotation)."""
+    """pyengine._weights: a table's weights, one per target."""
     if weights is None:
         return None
     if len(weights) != len(targets) or min(weights) <= 0:
-        raise ValueError("least-connections weights: one above 0 per target")
+        raise ValueError("fast table weights: one above 0 per target")
     return tuple([float(w) for w in weights])
 
 
@@ -316,7 +316,7 @@ cdef class Listener:
     # Fast admission (set_fast): while `credit` lasts and `watch.snapshot is snapshot`, a new
     # connection goes to the next of `fast` without a call; `admits` holds them for the policy.
     cdef tuple fast
-    cdef tuple weights  # least connections: fast's weights (None: a rotation)
+    cdef tuple weights  # least connections, a weighted source hash: one per entry of fast
     # A hash pool (Maglev): slot -> index into fast, int32 each (None: no hashing), and whether
     # the client's port is part of the key (hash_key: source_ip_port).
     cdef bytes lookup
@@ -408,7 +408,7 @@ cdef tuple _names(object names, object targets):
 
 
 # XXH64 (Yann Collet's xxHash, 64-bit), the hash balance/hashing.py's stable_hash64 is: the
-# engine hashes the client's key itself so that its pick is the Maglev picker's, to the bit.
+# engine hashes the client's key itself so that its pick is the hash pickers', to the bit.
 cdef extern from *:
     """
     #define XXH_P1 0x9E3779B185EBCA87ULL
@@ -423,7 +423,7 @@ cdef extern from *:
     const uint64_t P4 "XXH_P4"
     const uint64_t P5 "XXH_P5"
 
-cdef double TO_UNIT = 2.0 ** -53  # source_hash._TO_UNIT: a 53-bit hash into (0, 1)
+cdef double TO_UNIT = 2.0 ** -53  # source_hash.TO_UNIT: a 53-bit hash into (0, 1)
 
 
 cdef inline uint64_t _rotl(uint64_t x, int r) noexcept nogil:

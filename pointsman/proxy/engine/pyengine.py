@@ -146,11 +146,11 @@ class PyTarget:
 
 def _weights(weights: Sequence[float] | None,
              targets: Sequence[PyTarget]) -> tuple[float, ...] | None:
-    """A least-connections table's weights (None: a rotation)."""
+    """A table's weights, one per target (least connections, a weighted source hash)."""
     if weights is None:
         return None
     if len(weights) != len(targets) or min(weights) <= 0:
-        raise ValueError("least-connections weights: one above 0 per target")
+        raise ValueError("fast table weights: one above 0 per target")
     return tuple(float(w) for w in weights)
 
 
