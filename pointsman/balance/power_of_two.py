@@ -52,6 +52,13 @@ class PowerOfTwo:
         self._load = load
         self._rng = rng
 
+    @property
+    def sampled(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The indices sampled and their weights: what an engine that admits on its own
+        samples from, with its own random numbers and live counts (docs/engine.md, "Fast
+        admission")."""
+        return self._wheel.indices, self._wheel.weights
+
     def pick(self, key: bytes, exclude: Set[int] = frozenset()) -> int | None:
         """Return the less loaded of two weighted samples, or None if none is eligible."""
         wheel = self._wheel

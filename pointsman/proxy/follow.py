@@ -5,10 +5,12 @@ admission"): the engine admits connections on its own and picks as the picker wo
 - smooth weighted round robin with whole weights: its next whole cycle (it repeats);
 - least connections: the backends and weights to scan, from where the picker's scan starts,
   by the engine's own count of each target's connections;
+- power of two: the backends and weights to sample from, with the engine's own random numbers
+  and counts;
 - Maglev keyed by the stable hash: the lookup table, the engine hashing the client key itself;
 - source hash: the backends' ids and weights, the engine ranking them for the client key.
 
-Anything else (power of two, Maglev on the kernel's jhash, affinity) is picked in Python.
+Anything else (Maglev on the kernel's jhash, affinity) is picked in Python.
 Pure: no I/O, tested on its own (tests/unit/proxy/test_follow.py).
 """
 
@@ -20,6 +22,7 @@ from typing import NamedTuple
 from pointsman.balance.hashing import stable_hash64
 from pointsman.balance.least_connections import LeastConnections
 from pointsman.balance.maglev import Maglev
+from pointsman.balance.power_of_two import PowerOfTwo
 from pointsman.balance.round_robin import RoundRobin
 from pointsman.balance.source_hash import SourceHash
 from pointsman.balance.weighted_round_robin import WeightedRoundRobin
@@ -35,6 +38,7 @@ class Follow(NamedTuple):
     lookup: Sequence[int] | None = None  # Maglev: slot -> index into `order`
     key_port: bool = False  # the client's port is part of the hashed key
     names: tuple[bytes, ...] | None = None  # source hash: the ids ranked, per `order`
+    sampled: bool = False  # power of two: `weights` are sampled, not scanned
 
     @property
     def keyed(self) -> bool:
@@ -48,6 +52,9 @@ def follow(picker: object, candidates: int, hash_key: str) -> Follow | None:
     if isinstance(picker, LeastConnections):
         order, start, weights = picker.scan
         return Follow(order, start, weights)
+    if isinstance(picker, PowerOfTwo):
+        indices, odds = picker.sampled
+        return Follow(indices, 0, odds, sampled=True)
     if isinstance(picker, RoundRobin | WeightedRoundRobin):
         rotation = picker.rotation
         return None if rotation is None else Follow(*rotation)

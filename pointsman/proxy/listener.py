@@ -363,7 +363,7 @@ class TcpListener(ConnectPolicy):
         credit = self._credit()
         for lid in self.lids:
             engine.set_fast(lid, targets, plan.start, credit, pool, snapshot, plan.weights,
-                            plan.lookup, plan.key_port, plan.names)
+                            plan.lookup, plan.key_port, plan.names, plan.sampled)
 
     def _fast_table(self, pool: Pool, snapshot: PoolSnapshot) -> tuple[list[Slot], Follow] | None:
         """The slots of `snapshot` and how the engine follows its picker (follow.py), from

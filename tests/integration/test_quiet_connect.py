@@ -316,6 +316,47 @@ async def test_a_hash_pool_is_admitted_by_the_engine_where_its_picker_sends(
     assert len(set(chosen)) > 1  # the sources spread (a test that could not tell otherwise)
 
 
+async def test_a_power_of_two_pool_is_admitted_by_the_engine_by_samples_and_load() -> None:
+    """power_of_two over two backends samples both every time, so the less loaded per weight
+    wins: weights 3 and 1, 8 held connections end 6:2 (the engine's own counts); then, with
+    nothing held, three backends are chosen in proportion to weight (a tie goes to the first
+    sample, drawn by weight): 400 short connections, each share within half its expected
+    count of it (over 3.8 standard deviations for the smallest)."""
+    async with echo_backend() as a, echo_backend() as b, echo_backend() as c:
+        listen = f"{LOOPBACK}:{free_port()}"
+        pool = {"algorithm": "power_of_two",
+                "backends": [{"address": a.address, "weight": 3},
+                             {"address": b.address, "weight": 1}]}
+        async with running(one_pool_config(listen, [], pool=pool)) as runtime:
+            listener = runtime.listeners["lb"]
+            held = []
+            for _ in range(8):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"p")
+                held.append(writer)
+            assert (a.accepted, b.accepted) == (6, 2)
+            assert listener.fast_admitted == 7  # type: ignore[attr-defined]
+            for writer in held:
+                await close_writer(writer)
+            await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="all ended")
+            adds_up(runtime)
+        pool["backends"] = [{"address": peer.address, "weight": weight}
+                            for peer, weight in ((a, 1), (b, 2), (c, 5))]
+        before = (a.accepted, b.accepted, c.accepted)
+        async with running(one_pool_config(listen, [], pool=pool)) as runtime:
+            for _ in range(400):
+                reader, writer = await connect(listen)
+                await roundtrip(reader, writer, b"p")
+                await close_writer(writer)
+                await wait_for(lambda: tcp_stats(runtime).active == 0, 2.0, what="ended")
+            adds_up(runtime)
+    counts = [after - first for after, first in zip((a.accepted, b.accepted, c.accepted),
+                                                      before, strict=True)]
+    assert sum(counts) == 400
+    for count, weight in zip(counts, (1, 2, 5), strict=True):
+        assert abs(count - 400 * weight / 8) <= 0.5 * 400 * weight / 8, counts
+
+
 async def test_the_engine_admits_within_the_table() -> None:
     """max_connections 2: the engine's credit stops at the table's size, so a connection past
     it goes to `accepted`, which refuses it (table_full); room again, and the engine admits."""

@@ -59,7 +59,8 @@ class Engine(Protocol):
     def set_fast(self, lid: int, targets: Sequence[Any] | None = None, start: int = 0,
                  credit: int = 0, watch: Any = None, snapshot: Any = None,
                  weights: Sequence[float] | None = None, lookup: Sequence[int] | None = None,
-                 key_port: bool = False, names: Sequence[bytes] | None = None) -> None: ...
+                 key_port: bool = False, names: Sequence[bytes] | None = None,
+                 sampled: bool = False) -> None: ...
 
     def set_credit(self, lid: int, credit: int) -> int: ...
 

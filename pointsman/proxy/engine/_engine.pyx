@@ -20,6 +20,7 @@ from libc.string cimport memcpy, memset
 from pointsman.proxy.engine._sys cimport *
 
 import array as _array
+import os as _os
 import logging
 import mmap as _mmap
 import socket as _socket
@@ -322,6 +323,7 @@ cdef class Listener:
     cdef bytes lookup
     cdef bint key_port
     cdef tuple names  # source hash: each target's backend id, UTF-8 (None: not rendezvous)
+    cdef bytes ends  # power of two: the weights' running sums, doubles (None: not sampled)
     cdef Py_ssize_t fast_next
     cdef Py_ssize_t credit
     cdef object watch
@@ -558,6 +560,70 @@ cdef inline bint _mapped(const uint8_t* a) noexcept:
     return a[10] == 0xFF and a[11] == 0xFF
 
 
+cdef bytes _ends(tuple weights):
+    """pyengine._ends: the running sums of a power-of-two table's weights."""
+    if weights is None:
+        raise ValueError("a sampled table needs its weights")
+    ends = _array.array("d")
+    cdef double total = 0.0
+    for weight in weights:
+        total += <double>weight
+        ends.append(total)
+    return ends.tobytes()
+
+
+cdef uint64_t _rng = 0  # xorshift64*'s state, seeded at import (below)
+
+
+cdef inline double _uniform() noexcept:
+    """A double in [0, 1) from xorshift64* (Vigna): the top 53 bits of its output."""
+    global _rng
+    _rng ^= _rng >> 12
+    _rng ^= _rng << 25
+    _rng ^= _rng >> 27
+    return <double>((_rng * 0x2545F4914F6CDD1DULL) >> 11) * TO_UNIT
+
+
+cdef inline Py_ssize_t _bisect(const double* ends, Py_ssize_t n, double x) noexcept:
+    """bisect_right: the first index whose running sum is above x."""
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if x < ends[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+cdef CTarget _two(Listener lst):
+    """pyengine._two: balance/power_of_two.py's pick with the engine's own random numbers and
+    its own count of each target's connections: two distinct weighted samples, the lower
+    active / weight wins, the first on a tie."""
+    cdef tuple fast = lst.fast
+    cdef tuple weights = lst.weights
+    cdef Py_ssize_t count = len(fast), first, second
+    if count == 1:
+        return <CTarget>fast[0]
+    cdef const double* ends = <const double*>PyBytes_AS_STRING(lst.ends)
+    cdef double total = ends[count - 1], first_weight, point
+    first = min(_bisect(ends, count, _uniform() * total), count - 1)
+    first_weight = <double>weights[first]
+    point = _uniform() * (total - first_weight)  # from the weight left once `first` is out
+    if point >= (ends[first - 1] if first else 0.0):
+        point += first_weight
+    second = min(_bisect(ends, count, point), count - 1)
+    if second == first:  # only by float rounding at an interval edge
+        second = first + 1 if first + 1 < count else first - 1
+    cdef CTarget a = <CTarget>fast[first], b = <CTarget>fast[second]
+    if b.active / <double>weights[second] < a.active / first_weight:
+        return b
+    return a
+
+
+_rng = int.from_bytes(_os.urandom(8), "little") | 1  # never 0: xorshift would stay there
+
+
 cdef CTarget _least(Listener lst):
     """pyengine._least: the fewest active connections per weight, the first in scan order on
     a tie; the next scan starts one past the winner."""
@@ -716,12 +782,12 @@ cdef class CEngine:
 
     def set_fast(self, int lid, targets=None, Py_ssize_t start=0, Py_ssize_t credit=0,
                  watch=None, snapshot=None, weights=None, lookup=None, bint key_port=False,
-                 names=None):
+                 names=None, bint sampled=False):
         """Fast admission for a listener (pyengine.set_fast): None turns it off."""
         cdef Listener lst = self.listeners[lid]
         self._flush_admits(lst)
         if not targets or lst.on_admitted is None:
-            lst.fast = lst.weights = lst.lookup = lst.names = None
+            lst.fast = lst.weights = lst.lookup = lst.names = lst.ends = None
             lst.credit = 0
             lst.watch = lst.snapshot = None
             return
@@ -731,6 +797,7 @@ cdef class CEngine:
         lst.weights = _weights(weights, targets)
         lst.lookup = _lookup(lookup, targets)
         lst.names = _names(names, targets)
+        lst.ends = _ends(lst.weights) if sampled else None
         lst.key_port = key_port
         lst.fast = tuple(targets)
         lst.fast_next = start % len(lst.fast)
@@ -1153,6 +1220,8 @@ cdef class CEngine:
             target = _hashed(lst, peer)
         elif lst.names is not None:
             target = _rendezvous(lst, peer)
+        elif lst.ends is not None:
+            target = _two(lst)
         elif lst.weights is not None:
             target = _least(lst)
         else:

@@ -24,6 +24,7 @@ A connection goes PREAMBLE? -> CONNECTING -> RELAY -> (DRAIN) -> DONE:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -32,6 +33,7 @@ import logging
 import math
 import mmap
 import os
+import random
 import select
 import socket
 import struct
@@ -199,6 +201,35 @@ def _rendezvous(lst: _Listener, fast: tuple[PyTarget, ...], names: tuple[bytes, 
     return fast[scores.index(max(scores))]
 
 
+def _ends(weights: tuple[float, ...] | None) -> list[float]:
+    """The running sums of a power-of-two table's weights."""
+    if weights is None:
+        raise ValueError("a sampled table needs its weights")
+    return list(itertools.accumulate(weights))
+
+
+_RNG = random.Random()  # the engine's own random numbers (power of two's samples)
+
+
+def _two(fast: tuple[PyTarget, ...], weights: tuple[float, ...], ends: list[float]) -> PyTarget:
+    """balance/power_of_two.py's pick with the engine's own random numbers and counts: two
+    distinct weighted samples, the lower active / weight wins, the first on a tie."""
+    count = len(fast)
+    if count == 1:
+        return fast[0]
+    total = ends[-1]
+    first = min(bisect.bisect_right(ends, _RNG.random() * total), count - 1)
+    first_weight = weights[first]
+    point = _RNG.random() * (total - first_weight)  # from the weight left once `first` is out
+    if point >= (ends[first - 1] if first else 0.0):
+        point += first_weight
+    second = min(bisect.bisect_right(ends, point), count - 1)
+    if second == first:  # only by float rounding at an interval edge
+        second = first + 1 if first + 1 < count else first - 1
+    a, b = fast[first], fast[second]
+    return b if b.active / weights[second] < a.active / first_weight else a
+
+
 def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...]) -> PyTarget:
     """The fewest active connections per weight, the first in scan order on a tie; the next
     scan starts one past the winner (as LeastConnections.pick)."""
@@ -220,7 +251,7 @@ def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...
 
 class _Listener:
     __slots__ = ("accept_errors", "accepted", "active", "admits", "bytes_in", "bytes_out",
-                 "connects", "credit", "ended", "family", "fast", "fast_next", "fd", "id",
+                 "connects", "credit", "ended", "ends", "family", "fast", "fast_next", "fd", "id",
                  "key_port", "lookup", "names", "nodelay", "on_accept", "on_accept_error", "on_admitted",
                  "on_connect", "on_connected", "on_ended", "on_preamble", "paused", "policy",
                  "records", "refused", "snapshot", "sock", "spliced", "stopped", "watch",
@@ -251,6 +282,7 @@ class _Listener:
         self.lookup: tuple[int, ...] | None = None
         self.key_port = False
         self.names: tuple[bytes, ...] | None = None  # source hash: each target's backend id
+        self.ends: list[float] | None = None  # power of two: the weights' running sums
         self.watch: Any = None
         self.snapshot: Any = None
         self.admits: list[tuple[int, int, int, str, int]] = []
@@ -416,7 +448,8 @@ class PyEngine:
     def set_fast(self, lid: int, targets: Sequence[PyTarget] | None = None, start: int = 0,
                  credit: int = 0, watch: Any = None, snapshot: Any = None,
                  weights: Sequence[float] | None = None, lookup: Sequence[int] | None = None,
-                 key_port: bool = False, names: Sequence[bytes] | None = None) -> None:
+                 key_port: bool = False, names: Sequence[bytes] | None = None,
+                 sampled: bool = False) -> None:
         """Fast admission for a listener whose policy has `admitted`: while `credit` lasts and
         `watch.snapshot is snapshot`, each new connection goes to the next of `targets` (in
         turn, from `start`) with no call; the policy gets them in `admitted(batch)` (conn_id,
@@ -428,12 +461,15 @@ class PyEngine:
         With `lookup` (a Maglev table: slot -> index into `targets`), to the target of the
         client key's slot, the key and hash as balance/hashing.py's (`key_port`: the port is
         in the key). With `names` (each target's backend id), by weighted rendezvous hashing of
-        that key as balance/source_hash.py (`weights` None: equal weights). None (or no
-        targets) turns it off."""
+        that key as balance/source_hash.py (`weights` None: equal weights). With `sampled` (and
+        `weights`), by two weighted random choices, the lower active / weight winning, as
+        balance/power_of_two.py with the engine's own counts. None (or no targets) turns it
+        off."""
         lst = self._listeners[lid]
         self._flush_admits(lst)
         if not targets or lst.on_admitted is None:
             lst.fast = lst.watch = lst.snapshot = lst.weights = lst.lookup = lst.names = None
+            lst.ends = None
             lst.credit = 0
             return
         if any(type(target) is not PyTarget for target in targets):
@@ -441,6 +477,7 @@ class PyEngine:
         lst.weights = _weights(weights, targets)
         lst.lookup = _lookup(lookup, targets)
         lst.names = _names(names, targets)
+        lst.ends = _ends(lst.weights) if sampled else None
         lst.key_port = key_port
         lst.fast = tuple(targets)
         lst.fast_next = start % len(lst.fast)
@@ -776,6 +813,9 @@ class PyEngine:
             target = _hashed(lst, fast, lst.lookup, addr)
         elif lst.names is not None:
             target = _rendezvous(lst, fast, lst.names, addr)
+        elif lst.ends is not None:
+            assert lst.weights is not None
+            target = _two(fast, lst.weights, lst.ends)
         elif lst.weights is not None:
             target = _least(lst, fast, lst.weights)
         else:

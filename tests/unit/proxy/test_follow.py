@@ -57,9 +57,10 @@ def test_source_hash_follows_its_ranking_with_the_key() -> None:
     assert even == Follow((0, 1), 0, None, key_port=True, names=(b"a", b"b"))
 
 
-def test_power_of_two_stays_in_python() -> None:
+def test_power_of_two_follows_its_samples_and_weights() -> None:
     picker = PowerOfTwo(CANDIDATES, [Load(), Load(), Load()], random.Random(1))
-    assert follow(picker, 3, "source_ip") is None
+    plan = follow(picker, 3, "source_ip")
+    assert plan == Follow((0, 2), 0, (2.0, 1.0), sampled=True) and not plan.keyed
 
 
 @given(st.binary(max_size=80), st.integers(0, 2**64 - 1))
