@@ -17,6 +17,11 @@ through the lb namespace:
   pointsman's counting chains;
 - nft_stateless_bare: the stateless floor, not pointsman: notrack and a constant rewrite each way
   (no slot map, no counters, no guard);
+- tc_stateless: stateless NAT as a tc BPF program (pointsman/kernel/bpf/stateless.c, loaded by
+  pointsman/kernel/tcbpf.py) at ingress of the lb's two interfaces, the slot map filled as
+  pointsman fills the nft one (maglev, 4093 slots, source address and port): no nft table, no
+  conntrack; packets to the VIP and the backend's replies are rewritten and sent straight to the
+  egress interface;
 - nft_ladder0 .. nft_ladder5: the stateless floor again, in an `inet` table, with pointsman's
   pieces added one per step (LADDER below; HTTP port only, so new connections only): the cost of
   each piece, read from `--perf`'s netfilter figures, not from one run's throughput;
@@ -73,7 +78,7 @@ from tests.netns.netns_support import (  # noqa: E402
 HTTP_PORT = 80
 BULK_PORT = 5201
 READY_DEADLINE = 10.0
-WAYS = ("direct", "conntrack", "stateless", "nft_bare", "nft_stateless_bare", "haproxy",
+WAYS = ("direct", "conntrack", "stateless", "nft_bare", "nft_stateless_bare", "tc_stateless", "haproxy",
         "conntrack_base", "stateless_base", *(f"nft_ladder{k}" for k in range(6)))
 BASE_TREE: Path | None = None
 """--base-tree: where the *_base ways import pointsman from."""
@@ -200,6 +205,37 @@ def pointsman_config(backend: str, nat: str) -> str:
         f"backends: [{{address: '{backend}:{port}', name: b1}}]}}\n"
         for name, port in (("web", HTTP_PORT), ("bulk", BULK_PORT)))
     return f"listeners:\n{listeners}pools:\n{pools}shutdown_grace: 1\n"
+
+
+TC_SETUP = r'''
+import sys
+from pointsman.kernel import tcmaps
+from pointsman.kernel.jhash import DEFAULT_SEED
+from pointsman.kernel.plan import slot_targets
+from pointsman.kernel.tcbpf import TcProgram, build_object
+from pointsman.pool.snapshot import BackendView
+from pointsman.pool.state import BackendState
+
+vip, backend, interfaces, ports = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4:]
+program = TcProgram(build_object())
+try:
+    for listener, port in enumerate(int(p) for p in ports):
+        views = [BackendView("b1", backend, port, 1, 1.0, BackendState.UP)]
+        targets = slot_targets("maglev", views, 4093)
+        base = listener * 4093
+        for slot, value in enumerate(tcmaps.slot_values(targets, {(backend, port): listener})):
+            program.write("slot_map", tcmaps.index_key(base + slot), value)
+        program.write("replies", tcmaps.endpoint_key(backend, port, "tcp"),
+                      tcmaps.reply_value(vip, port, listener))
+        program.write("vips", tcmaps.endpoint_key(vip, port, "tcp"),
+                      tcmaps.vip_value(base, 4093, DEFAULT_SEED, True, listener))
+    for interface in interfaces:
+        program.attach(interface)
+    print("ready", flush=True)
+    sys.stdin.read()
+finally:
+    program.close()
+'''
 
 
 def wait_port(ns: Netns, host: str, port: int) -> None:
@@ -369,6 +405,19 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[
             yield VIP, []
         finally:
             topo.lb.run("nft", "delete table ip sbare")
+    elif name == "tc_stateless":
+        setup = topo.lb.popen(sys.executable, "-c", TC_SETUP, VIP, backend, "c0,b1", str(HTTP_PORT),
+                              str(BULK_PORT), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert setup.stdout is not None and setup.stdin is not None
+            line = setup.stdout.readline()
+            if line.strip() != b"ready":
+                raise RuntimeError(f"tc_stateless set-up failed (exit {setup.wait(timeout=10)})")
+            yield VIP, []
+        finally:
+            if setup.stdin is not None:
+                setup.stdin.close()
+            setup.wait(timeout=10)
     elif name.startswith("nft_ladder"):
         (workdir / "ladder.nft").write_text(ladder_table(int(name.removeprefix("nft_ladder")), VIP, backend,
                                                          HTTP_PORT))
@@ -505,6 +554,7 @@ RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "connt
           ("conntrack_base", "direct"), ("stateless_base", "direct"), ("stateless", "stateless_base"),
           ("conntrack", "conntrack_base"),
           ("nft_stateless_bare", "direct"), ("stateless", "nft_stateless_bare"),
+          ("tc_stateless", "direct"), ("tc_stateless", "stateless"), ("tc_stateless", "nft_stateless_bare"),
           ("nft_bare", "direct"), ("conntrack", "nft_bare"), ("haproxy", "direct"),
           ("stateless", "haproxy"))
 
