@@ -99,7 +99,7 @@ def _libbpf() -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(name, use_errno=True)
     except OSError as exc:
-        raise TcUnavailable(f"the tc data path needs libbpf (Debian: apt-get install libbpf1): {exc}") from exc
+        raise TcUnavailable(f"the tc data path needs libbpf (Debian: libbpf1): {exc}") from exc
     voidp, cint = ctypes.c_void_p, ctypes.c_int
     for fn, res, args in (
             ("bpf_object__open_file", voidp, [ctypes.c_char_p, voidp]),

@@ -28,7 +28,11 @@ MAX_SLOTS = 1 << 18
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 VIP_KEY = struct.Struct("<4s2sBx")  # addr (network order), port (network order), proto, pad
-VIP_VALUE = struct.Struct("<IIIHH")  # base, slots, seed, hash_port, listener
+VIP_VALUE = struct.Struct("<IIIHH")  # base, slots, seed, flags, listener
+FLAG_HASH_PORT = 1
+"""`FLAG_HASH_PORT`: the slot hash covers the source port too (hash_key: source_ip_port)."""
+FLAG_DRAINING = 2
+"""`FLAG_DRAINING`: the listener is stopping; the program refuses TCP SYNs and UDP datagrams."""
 SLOT_VALUE = struct.Struct("<4s2sH")  # addr, port (network order), backend index
 REPLY_VALUE = struct.Struct("<4s2sH")  # vip, vport (network order), backend index
 BACKEND_STATS = struct.Struct("<QQQQQ")  # packets_in, bytes_in, packets_out, bytes_out, new_flows
@@ -59,10 +63,12 @@ def endpoint_key(address: str, port: int, protocol: str) -> bytes:
     return VIP_KEY.pack(_addr(address), _port(port), PROTOCOLS[protocol])
 
 
-def vip_value(base: int, slots: int, seed: int, hash_port: bool, listener: int) -> bytes:
-    """Where the listener's slots start in `slot_map`, how many, the jhash seed and key, and the
-    index of its counters."""
-    return VIP_VALUE.pack(base, slots, seed, int(hash_port), listener)
+def vip_value(base: int, slots: int, seed: int, hash_port: bool, listener: int,
+              draining: bool = False) -> bytes:
+    """Where the listener's slots start in `slot_map`, how many, the jhash seed and key, the
+    index of its counters, and whether it is stopping."""
+    flags = (FLAG_HASH_PORT if hash_port else 0) | (FLAG_DRAINING if draining else 0)
+    return VIP_VALUE.pack(base, slots, seed, flags, listener)
 
 
 def slot_value(target: Target | None, backend: int) -> bytes:

@@ -11,7 +11,8 @@
  *       th sport mod <slots> seed <seed>`, so a client lands on the same slot as with nftables;
  *       `slot_map[base + slot]` -> backend address and port; rewrite the destination (L3 and L4
  *       checksums), count, and forward (FIB lookup, then straight to the egress interface);
- *       an empty slot: count as rejected and drop.
+ *       an empty slot (or a listener stopping, for what would open a flow): count as rejected
+ *       and drop.
  *   from a backend (map `replies`: address . port . protocol -> VIP and port), unless addressed
  *   to this host (health checks keep their addresses): rewrite the source to the VIP, count,
  *   forward the same way.
@@ -38,6 +39,9 @@
 #define MAX_BACKENDS 4096
 #define MAX_SLOTS (1 << 18)
 
+#define FLAG_HASH_PORT 1 /* hash saddr . sport (hash_key source_ip_port); else saddr alone */
+#define FLAG_DRAINING 2  /* the listener stops: refuse what opens a flow (TCP SYN; any UDP) */
+
 struct vip_key {
 	__be32 addr;
 	__be16 port;
@@ -49,7 +53,7 @@ struct vip_value {
 	__u32 base;      /* first index of the listener's slots in slot_map */
 	__u32 slots;     /* how many */
 	__u32 seed;      /* jhash seed */
-	__u16 hash_port; /* 1: hash saddr . sport (source_ip_port); 0: saddr only */
+	__u16 flags;     /* FLAG_HASH_PORT, FLAG_DRAINING */
 	__u16 listener;  /* index into listener_stats */
 };
 
@@ -263,11 +267,11 @@ int pointsman_stateless(struct __sk_buff *skb)
 		struct slot_value *slot;
 		struct backend_stats *stats;
 
-		if (n == 0)
-			return TC_ACT_SHOT;
-		index = vip->base + reciprocal_scale(source_hash(saddr, sport, vip->seed, vip->hash_port), n);
-		slot = bpf_map_lookup_elem(&slot_map, &index);
-		if (!slot || !slot->addr) {
+		index = vip->base + reciprocal_scale(source_hash(saddr, sport, vip->seed,
+								  vip->flags & FLAG_HASH_PORT), n);
+		slot = n ? bpf_map_lookup_elem(&slot_map, &index) : NULL;
+		if (!slot || !slot->addr ||
+		    ((vip->flags & FLAG_DRAINING) && (syn || proto == IPPROTO_UDP))) {
 			__u32 at = vip->listener;
 			struct listener_stats *ls = bpf_map_lookup_elem(&listener_stats, &at);
 
