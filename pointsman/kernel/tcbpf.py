@@ -115,6 +115,7 @@ def _libbpf() -> ctypes.CDLL:
             ("bpf_map_update_elem", cint, [cint, voidp, voidp, ctypes.c_uint64]),
             ("bpf_map_lookup_elem", cint, [cint, voidp, voidp]),
             ("bpf_map_delete_elem", cint, [cint, voidp]),
+            ("bpf_map_update_batch", cint, [cint, voidp, voidp, ctypes.POINTER(ctypes.c_uint32), voidp]),
             ("libbpf_num_possible_cpus", cint, [])):
         func = getattr(lib, fn)
         func.restype = res
@@ -157,10 +158,19 @@ class TcProgram:
             _check(rc, f"clsact qdisc on {interface}")
         opts = _TcOpts(ctypes.sizeof(_TcOpts), self.prog_fd, BPF_TC_F_REPLACE, 0, HANDLE, PRIORITY, 0)
         _check(self._lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)), f"tc filter on {interface}")
-        self._attached[ifindex] = rc != -errno.EEXIST
+        self._attached.setdefault(ifindex, rc != -errno.EEXIST)
 
     def write(self, name: str, key: bytes, value: bytes) -> None:
         _check(self._lib.bpf_map_update_elem(self.maps[name], key, value, BPF_ANY), f"update {name}")
+
+    def write_many(self, name: str, keys: bytes, values: bytes, count: int) -> None:
+        """`count` entries in one system call (BPF_MAP_UPDATE_BATCH): `keys` and `values` are the
+        packed keys and values end to end. Each entry is written atomically, not the batch."""
+        if count == 0:
+            return
+        done = ctypes.c_uint32(count)
+        _check(self._lib.bpf_map_update_batch(self.maps[name], keys, values, ctypes.byref(done), None),
+               f"batch update of {name}")
 
     def delete(self, name: str, key: bytes) -> None:
         rc = self._lib.bpf_map_delete_elem(self.maps[name], key)
@@ -176,16 +186,29 @@ class TcProgram:
         _check(rc, f"lookup in {name}")
         return buffer.raw
 
+    def detach(self, interface: str) -> None:
+        """Take the program off `interface` (and the clsact qdisc, if it was created here)."""
+        try:
+            ifindex = socket.if_nametoindex(interface)
+        except OSError:
+            return  # gone with its filters
+        self._detach(ifindex)
+
+    def _detach(self, ifindex: int) -> None:
+        created = self._attached.pop(ifindex, None)
+        if created is None:
+            return
+        hook = _TcHook(ctypes.sizeof(_TcHook), ifindex, BPF_TC_INGRESS, 0, 0)
+        opts = _TcOpts(ctypes.sizeof(_TcOpts), 0, 0, 0, HANDLE, PRIORITY, 0)
+        self._lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+        if created:
+            hook.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS
+            self._lib.bpf_tc_hook_destroy(ctypes.byref(hook))
+
     def close(self) -> None:
         """Detach from every interface (deleting the clsact qdiscs created here) and free it all."""
-        for ifindex, created in self._attached.items():
-            hook = _TcHook(ctypes.sizeof(_TcHook), ifindex, BPF_TC_INGRESS, 0, 0)
-            opts = _TcOpts(ctypes.sizeof(_TcOpts), 0, 0, 0, HANDLE, PRIORITY, 0)
-            self._lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
-            if created:
-                hook.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS
-                self._lib.bpf_tc_hook_destroy(ctypes.byref(hook))
-        self._attached.clear()
+        for ifindex in list(self._attached):
+            self._detach(ifindex)
         if self._obj:
             self._lib.bpf_object__close(self._obj)
             self._obj = None

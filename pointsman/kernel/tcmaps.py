@@ -131,12 +131,12 @@ class SlotSpace:
         self._taken: dict[str, tuple[int, int]] = {}
 
     def take(self, listener: str, slots: int) -> int:
-        """The base of a free stretch of `slots` entries for `listener` (its old one if it has one
-        of that size)."""
+        """The base of a free stretch of `slots` entries for `listener`: its own if it holds one
+        of that size, else a new one that does not overlap the one it holds (so the old table
+        serves until the listener switches to the new one), which it then releases."""
         held = self._taken.get(listener)
         if held is not None and held[1] == slots:
             return held[0]
-        self._taken.pop(listener, None)
         base = 0
         for start, count in sorted(self._taken.values()):
             if start - base >= slots:

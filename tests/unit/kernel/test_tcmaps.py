@@ -88,6 +88,16 @@ def test_slot_space_first_fit_reuse_and_limit() -> None:
     with pytest.raises(ValueError, match="no room"):
         space.take("e", 30)
     assert space.take("a", 10) == 20  # the hole between c and b
+    assert space.take("a", 5) == 80  # a new size: a new stretch, clear of the one it held
+    assert space.take("f", 10) == 20  # which is free again
+
+
+def test_slot_space_failed_take_keeps_the_stretch_held() -> None:
+    space = SlotSpace(size=50)
+    assert space.take("a", 20) == 0
+    with pytest.raises(ValueError):
+        space.take("a", 40)
+    assert space.take("b", 30) == 20
 
 
 @given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(1, 40), st.booleans()), max_size=60))
@@ -102,8 +112,7 @@ def test_slot_space_never_overlaps(operations: list[tuple[str, int, bool]]) -> N
         try:
             base = space.take(name, size)
         except ValueError:
-            held.pop(name, None)  # a failed take lets the old stretch go
-            continue
+            continue  # a failed take keeps the old stretch
         held[name] = (base, size)
         assert base + size <= 200
         spans = sorted(held.values())
