@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from pathlib import Path
@@ -23,9 +24,9 @@ def c_define(name: str) -> int:
 
 
 def test_limits_are_the_programs() -> None:
-    assert tcmaps.MAX_LISTENERS == c_define("MAX_LISTENERS")
-    assert tcmaps.MAX_BACKENDS == c_define("MAX_BACKENDS")
-    assert tcmaps.MAX_SLOTS == c_define("MAX_SLOTS")
+    assert c_define("MAX_LISTENERS") == tcmaps.MAX_LISTENERS
+    assert c_define("MAX_BACKENDS") == tcmaps.MAX_BACKENDS
+    assert c_define("MAX_SLOTS") == tcmaps.MAX_SLOTS
 
 
 def test_struct_sizes_match_the_c_structs() -> None:
@@ -116,7 +117,7 @@ def test_slot_space_never_overlaps(operations: list[tuple[str, int, bool]]) -> N
         held[name] = (base, size)
         assert base + size <= 200
         spans = sorted(held.values())
-        assert all(s1 + n1 <= s2 for (s1, n1), (s2, _) in zip(spans, spans[1:], strict=False))
+        assert all(s1 + n1 <= s2 for (s1, n1), (s2, _) in itertools.pairwise(spans))
 
 
 @given(st.lists(st.tuples(st.sampled_from("abcdefghij"), st.booleans()), max_size=80))
