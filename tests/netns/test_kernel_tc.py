@@ -212,3 +212,43 @@ def test_shutdown_refuses_new_flows_lets_running_ones_finish_and_detaches(
         assert stream.finish() == stream.total
         assert proc.popen.wait(timeout=8.0) == 0
     assert attached(topo) == []
+
+
+RESIZED = 2039  # prime
+
+
+def test_reload_resizes_the_table_and_adds_and_removes_backends(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    """A reload with a new slot count moves the listener to a new stretch of the shared slot
+    map (the old one serves until the VIP's entry points at the new one); a backend joining
+    counts exactly its connections; one leaving later takes its reply entry with it (its
+    address is not rewritten to the VIP any more) while its counts stay in the listener's totals."""
+    two = yaml.safe_load(tc(topo))
+    two["pools"][0]["backends"] = two["pools"][0]["backends"][:2]
+    with pointsman(topo, tmp_path, yaml.safe_dump(two)) as proc:
+        names = {http_get(topo, (topo.client_source(i), 45000 + i)).split()[0] for i in range(12)}
+        assert names == {"b1", "b2"}
+        proc.path.write_text(tc(topo, slots=RESIZED))
+        proc.reload()
+        metrics_when(topo, lambda m: m("pointsman_kernel_backend_slots", backend="b3") > 0
+                     and m("pointsman_kernel_slots") == RESIZED, "b3 in the resized table")
+        seen: Counter[str] = Counter()
+        for i in range(24):
+            source = (topo.client_source(i), 46000 + i)
+            name = http_get(topo, source).split()[0]
+            assert name == maglev_choice(topo, RESIZED, *source, "source_ip_port")
+            seen[name] += 1
+        assert seen["b3"] > 0
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_backend_new_connections_total",
+                                               backend="b3") >= seen["b3"], "b3's SYNs counted")
+        assert found("pointsman_kernel_backend_new_connections_total", backend="b3") == seen["b3"]
+        total = found("pointsman_kernel_new_connections_total")
+        one_less = yaml.safe_load(tc(topo, slots=RESIZED))
+        one_less["pools"][0]["backends"] = one_less["pools"][0]["backends"][1:]
+        proc.path.write_text(yaml.safe_dump(one_less))
+        proc.reload()
+        gone = metrics_when(topo, lambda m: ("pointsman_kernel_backend_slots", frozenset(
+            {("listener", "web"), ("pool", "web"), ("backend", "b1")})) not in m.samples, "b1 gone")
+        assert gone("pointsman_kernel_new_connections_total") >= total  # b1's count stays
+        names = {http_get(topo, (topo.client_source(i), 47000 + i)).split()[0] for i in range(12)}
+        assert names == {"b2", "b3"}

@@ -164,7 +164,8 @@ static __always_inline int route(struct __sk_buff *skb, struct bpf_fib_lookup *f
 	fib->family = AF_INET;
 	fib->tos = ip->tos;
 	fib->l4_protocol = ip->protocol;
-	fib->tot_len = bpf_ntohs(ip->tot_len);
+	/* tot_len stays 0: the helper then checks the MTU against the skb (is_skb_forwardable),
+	 * which knows a GSO packet leaves in segments; a tot_len would refuse every one of them. */
 	fib->ipv4_src = saddr;
 	fib->ipv4_dst = daddr;
 	fib->ifindex = skb->ingress_ifindex;
