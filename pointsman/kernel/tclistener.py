@@ -173,12 +173,13 @@ class TcListener:
             self._add_backend(program, spec, target)
         held = self._held_spec
         moved = held is None or (held.vip, held.port, held.protocol) != (spec.vip, spec.port, spec.protocol)
-        if held is not None and moved:
+        if held is not None and moved:  # a reload changed the VIP, its port or the protocol
             program.delete("vips", endpoint_key(held.vip, held.port, held.protocol))
-        for target, index in self._backends.items():  # a new VIP or port for the replies
-            if target in wanted or moved:
+            for target, index in self._backends.items():
                 program.write("replies", endpoint_key(*target, spec.protocol),
                               reply_value(spec.vip, spec.port, index))
+                if held.protocol != spec.protocol:
+                    program.delete("replies", endpoint_key(*target, held.protocol))
         base = self._path.slots.take(self.name, spec.slots)
         values = slot_values(targets, self._backends)
         if base != self._base or len(values) != len(self._slots):
