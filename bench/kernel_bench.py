@@ -39,7 +39,7 @@ by 10-15%: compare ratios within one run, never figures across runs.
 
 Also measured: the slot map transaction alone (libnftables, in-process, in the lb namespace): a
 4093-slot maglev map taking one of three backends out and back (diff updates) and a whole-map
-replacement.
+replacement; with tc_stateless among the ways, the same changes as one batch of BPF map updates.
 
 Bounded: every run lasts `--seconds`, every wait has a deadline, every process and namespace
 started here is stopped or deleted at the end. Traffic stays inside the namespaces.
@@ -495,6 +495,51 @@ print(json.dumps(out))
 '''
 
 
+TC_MAP_BENCH = r'''
+import json, statistics, time
+from pointsman.kernel import tcmaps
+from pointsman.kernel.plan import slot_targets
+from pointsman.kernel.tcbpf import TcProgram, build_object
+from pointsman.pool.snapshot import BackendView
+from pointsman.pool.state import BackendState as S
+
+def views(down):
+    return [BackendView(f"b{i}", f"10.0.0.{i + 1}", 80, 1, 0.0 if i == down else 1.0,
+                        S.DOWN if i == down else S.UP) for i in range(3)]
+program = TcProgram(build_object())  # loaded, not attached: only its maps are used
+index = {(f"10.0.0.{i + 1}", 80): i for i in range(3)}
+current = tcmaps.slot_values(slot_targets("maglev", views(None), 4093), index)
+keys = b"".join(tcmaps.index_key(i) for i in range(4093))
+program.write_many("slot_map", keys, b"".join(current), 4093)
+diffs, full = [], []
+for k in range(40):
+    new = tcmaps.slot_values(slot_targets("maglev", views(None if k % 2 else 1), 4093), index)
+    changed = tcmaps.changed_slots(current, new)
+    started = time.perf_counter()
+    program.write_many("slot_map", b"".join(tcmaps.index_key(i) for i in changed),
+                       b"".join(new[i] for i in changed), len(changed))
+    diffs.append((time.perf_counter() - started, len(changed)))
+    current = new
+for k in range(10):
+    started = time.perf_counter()
+    program.write_many("slot_map", keys, b"".join(current), 4093)
+    full.append(time.perf_counter() - started)
+program.close()
+diffs.sort()
+middle = diffs[len(diffs) // 2]
+print(json.dumps({"diff_ms": round(middle[0] * 1e3, 2), "diff_slots": middle[1],
+                  "diff_max_ms": round(diffs[-1][0] * 1e3, 2),
+                  "full_ms": round(statistics.median(full) * 1e3, 2)}))
+'''
+"""The tc data path's slot map update (BPF_MAP_UPDATE_BATCH of the changed slots), the same changes
+as MAP_BENCH's."""
+
+
+def tc_map_update_latency(topo: LbTopology) -> dict[str, object]:
+    out = topo.lb.run(sys.executable, "-c", TC_MAP_BENCH, timeout=120)
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
 def map_update_latency(topo: LbTopology) -> dict[str, object]:
     out = topo.lb.run(sys.executable, "-c", MAP_BENCH, timeout=120)
     return dict(json.loads(out.strip().splitlines()[-1]))
@@ -518,6 +563,9 @@ def run(seconds: int, rounds: int, ways: tuple[str, ...], profile: bool, tests: 
             servers = [nginx.pid, iperf_server.pid,
                        *pids_where(lambda pid, comm, ppid: ppid == nginx.pid)]
             print(f"map update (4093 slots, libnftables in-process): {map_update_latency(topo)}")
+            if "tc_stateless" in ways:
+                print("map update (4093 slots, tc: one batch of BPF map updates): "
+                      f"{tc_map_update_latency(topo)}")
             for r in range(rounds):
                 order = ways[r % len(ways):] + ways[:r % len(ways)]
                 for name in order:
