@@ -27,6 +27,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,15 +41,13 @@ from pointsman.kernel.tcmaps import (
     LISTENER_STATS,
     BackendCounters,
     backend_counters,
-    changed_slots,
     endpoint_key,
     index_key,
-    reply_value,
-    slot_values,
     sum_per_cpu,
     vip_value,
 )
 from pointsman.kernel.tcpath import TcPath, shared_path
+from pointsman.kernel.tcplan import Held, plan_writes
 from pointsman.pool.pool import Pool
 from pointsman.pool.snapshot import PoolSnapshot
 from pointsman.telemetry.flow import EndReason
@@ -83,11 +82,8 @@ class TcListener:
         self.updates = MapUpdates()
         self._path = path if path is not None else shared_path()
         self._program: TcProgram | None = None
-        self._held_spec: ListenerSpec | None = None  # what the `vips` entry says
-        self._base = 0
+        self._held = Held()  # what the maps hold for this listener (tcplan.py)
         self._index = 0  # the listener's counter index
-        self._slots: list[bytes] = []  # what the listener's stretch of slot_map holds
-        self._backends: dict[Target, int] = {}  # backend -> counter index, while in the maps
         self._slot_counts: dict[Target, int] = {}
         self._retired = BackendCounters()
         self._reading = _Reading({}, 0, 0.0)
@@ -163,60 +159,46 @@ class TcListener:
             self.updates.latency.observe(time.perf_counter() - since)
 
     def _write(self, spec: ListenerSpec, snapshot: PoolSnapshot) -> None:
-        """Bring the maps to `snapshot` (and `spec`, after a reload). System calls of a few
-        microseconds each: on the loop, like the Maglev table that precedes them."""
+        """Bring the maps to `snapshot` (and `spec`, after a reload): tcplan's operations, in
+        order. System calls of a few microseconds each (the slots in one batch): on the loop,
+        like the Maglev table that precedes them."""
         program = self._program
         assert program is not None
         targets = slot_targets(spec.algorithm, snapshot.backends, spec.slots)
-        wanted = {t for t in targets if t is not None}
-        for target in sorted(wanted - self._backends.keys()):
-            self._add_backend(program, spec, target)
-        held = self._held_spec
-        moved = held is None or (held.vip, held.port, held.protocol) != (spec.vip, spec.port, spec.protocol)
-        if held is not None and moved:  # a reload changed the VIP, its port or the protocol
-            program.delete("vips", endpoint_key(held.vip, held.port, held.protocol))
-            for target, index in self._backends.items():
-                program.write("replies", endpoint_key(*target, spec.protocol),
-                              reply_value(spec.vip, spec.port, index))
-                if held.protocol != spec.protocol:
-                    program.delete("replies", endpoint_key(*target, held.protocol))
+        held = self._held
+        index = {t: held.backends[t] if t in held.backends else
+                 self._path.backend_indices.take(self._backend_name(t))  # the same again on a retry
+                 for t in set(targets) if t is not None}
         base = self._path.slots.take(self.name, spec.slots)
-        values = slot_values(targets, self._backends)
-        if base != self._base or len(values) != len(self._slots):
-            changed = list(range(len(values)))
-        else:
-            changed = changed_slots(self._slots, values)
-        program.write_many("slot_map", b"".join(index_key(base + i) for i in changed),
-                           b"".join(values[i] for i in changed), len(changed))
-        program.write("vips", endpoint_key(spec.vip, spec.port, spec.protocol),
-                      vip_value(base, spec.slots, spec.seed, spec.hash_key == "source_ip_port",
-                                self._index, draining=self._stopped))
-        if held is not None and base == self._base and len(values) == len(self._slots):
-            self.updates.slots_changed += len(changed)
+        writes = plan_writes(held, spec, targets, base, index, self._index, program.cpus,
+                             draining=self._stopped)
+        for op in writes.ops:
+            if op.action == "write":
+                program.write(op.map, op.key, op.value)
+            elif op.action == "delete":
+                program.delete(op.map, op.key)
+            else:
+                program.write_many(op.map, op.key, op.value, op.count)
+        self._held = writes.after
         self.updates.applied += 1
-        self.updates.elements = len(changed)
-        self._held_spec, self._base, self._slots = spec, base, values
-        self._slot_counts = {t: targets.count(t) for t in wanted}
-        for target in sorted(self._backends.keys() - wanted):
-            self._remove_backend(program, spec, target)
+        self.updates.elements = writes.written
+        self.updates.slots_changed += writes.slots_changed
+        self._slot_counts = Counter(t for t in targets if t is not None)
+        for target in writes.removed:
+            self._retire(program, held.backends[target], target)
         self._ids = {target_of(b): b.id for b in snapshot.backends}
 
-    def _add_backend(self, program: TcProgram, spec: ListenerSpec, target: Target) -> None:
-        index = self._path.backend_indices.take(f"{self.name}/{target[0]}:{target[1]}")
-        program.write("backend_stats", index_key(index), bytes(BACKEND_STATS.size * program.cpus))
-        program.write("replies", endpoint_key(*target, spec.protocol),
-                      reply_value(spec.vip, spec.port, index))
-        self._backends[target] = index
+    def _backend_name(self, target: Target) -> str:
+        return f"{self.name}/{target[0]}:{target[1]}"
 
-    def _remove_backend(self, program: TcProgram, spec: ListenerSpec, target: Target) -> None:
-        index = self._backends.pop(target)
-        program.delete("replies", endpoint_key(*target, spec.protocol))
+    def _retire(self, program: TcProgram, index: int, target: Target) -> None:
+        """A backend left: its last counts join the listener's totals, its index is free."""
         last = self._read_backend(program, index)
         r = self._retired
         self._retired = BackendCounters(r.packets_in + last.packets_in, r.bytes_in + last.bytes_in,
                                         r.packets_out + last.packets_out, r.bytes_out + last.bytes_out,
                                         r.new_flows + last.new_flows)
-        self._path.backend_indices.release(f"{self.name}/{target[0]}:{target[1]}")
+        self._path.backend_indices.release(self._backend_name(target))
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -229,7 +211,7 @@ class TcListener:
         program = self._program
         if program is None:
             return
-        counters = {t: self._read_backend(program, i) for t, i in self._backends.items()}
+        counters = {t: self._read_backend(program, i) for t, i in self._held.backends.items()}
         raw = program.read("listener_stats", index_key(self._index), LISTENER_STATS.size * program.cpus)
         rejected = sum_per_cpu(raw, program.cpus, LISTENER_STATS)[0] if raw is not None else 0
         self._reading = _Reading(counters, rejected, time.monotonic())
@@ -293,12 +275,12 @@ class TcListener:
         self._stopped = True
         if self._writer is not None:
             self._writer.cancel()
-        held, program = self._held_spec, self._program
+        held, program = self._held.spec, self._program
         if held is not None and program is not None:
             try:
                 program.write("vips", endpoint_key(held.vip, held.port, held.protocol),
-                              vip_value(self._base, held.slots, held.seed, held.hash_key == "source_ip_port",
-                                        self._index, draining=True))
+                              vip_value(self._held.base, held.slots, held.seed,
+                                        held.hash_key == "source_ip_port", self._index, draining=True))
             except OSError as exc:
                 log.error("tc listener %s: refusing new flows failed: %s", self.name, exc)
 
@@ -359,15 +341,15 @@ class TcListener:
             return
         try:
             self._read_with(program)
-            held = self._held_spec
+            held = self._held.spec
             if held is not None:
                 program.delete("vips", endpoint_key(held.vip, held.port, held.protocol))
-                for target in self._backends:
+                for target in self._held.backends:
                     program.delete("replies", endpoint_key(*target, held.protocol))
         except OSError as exc:
             log.error("tc listener %s: removing its map entries failed: %s", self.name, exc)
-        for target in self._backends:
-            self._path.backend_indices.release(f"{self.name}/{target[0]}:{target[1]}")
+        for target in self._held.backends:
+            self._path.backend_indices.release(self._backend_name(target))
         self._path.slots.release(self.name)
         self._path.listener_indices.release(self.name)
         await self._path.release(self.name)
