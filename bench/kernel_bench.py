@@ -12,6 +12,8 @@ through the lb namespace:
   maglev, `nat: conntrack`, `snat: none`: nftables DNAT, conntrack, the counting chains;
 - stateless: the same with `nat: stateless`: notrack both ways, the destination rewritten from
   the slot map and the source rewritten back on replies; no conntrack entry;
+- tc: the same with `datapath: tc` (and `interfaces: [c0, b1]`): the stateless rewrite done by
+  pointsman's tc BPF program instead of nftables;
 - nft_bare: a reference, not pointsman: a hand-written table with only a DNAT rule to the backend
   (no counters, no guard, no slot map), to separate the cost of conntrack and NAT from the cost of
   pointsman's counting chains;
@@ -78,7 +80,7 @@ from tests.netns.netns_support import (  # noqa: E402
 HTTP_PORT = 80
 BULK_PORT = 5201
 READY_DEADLINE = 10.0
-WAYS = ("direct", "conntrack", "stateless", "nft_bare", "nft_stateless_bare", "tc_stateless", "haproxy",
+WAYS = ("direct", "conntrack", "stateless", "tc", "nft_bare", "nft_stateless_bare", "tc_stateless", "haproxy",
         "conntrack_base", "stateless_base", *(f"nft_ladder{k}" for k in range(6)))
 BASE_TREE: Path | None = None
 """--base-tree: where the *_base ways import pointsman from."""
@@ -195,8 +197,9 @@ def ladder_table(step: int, vip: str, backend: str, port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pointsman_config(backend: str, nat: str) -> str:
-    kernel = f"{{nat: {nat}, snat: none}}"
+def pointsman_config(backend: str, nat: str, datapath: str = "nftables") -> str:
+    tc = ", datapath: tc, interfaces: [c0, b1]" if datapath == "tc" else ""
+    kernel = f"{{nat: {nat}, snat: none{tc}}}"
     listeners = "".join(
         f"  - {{name: {name}, bind: '{VIP}:{port}', pool: {name}, dataplane: kernel, kernel: {kernel}}}\n"
         for name, port in (("web", HTTP_PORT), ("bulk", BULK_PORT)))
@@ -426,10 +429,11 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[
             yield VIP, []
         finally:
             topo.lb.run("nft", "delete table inet ladder")
-    elif name in ("conntrack", "stateless", "conntrack_base", "stateless_base"):
-        nat = name.removesuffix("_base")
+    elif name in ("conntrack", "stateless", "tc", "conntrack_base", "stateless_base"):
+        nat = "stateless" if name == "tc" else name.removesuffix("_base")
+        text = pointsman_config(backend, nat, "tc" if name == "tc" else "nftables")
         with base_tree(name.endswith("_base")):
-            proc = PointsmanInNetns(topo.lb, pointsman_config(backend, nat), workdir, listeners=2)
+            proc = PointsmanInNetns(topo.lb, text, workdir, listeners=2)
         try:
             yield VIP, []
         finally:
@@ -602,6 +606,7 @@ RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "connt
           ("conntrack_base", "direct"), ("stateless_base", "direct"), ("stateless", "stateless_base"),
           ("conntrack", "conntrack_base"),
           ("nft_stateless_bare", "direct"), ("stateless", "nft_stateless_bare"),
+          ("tc", "direct"), ("tc", "stateless"), ("tc", "tc_stateless"),
           ("tc_stateless", "direct"), ("tc_stateless", "stateless"), ("tc_stateless", "nft_stateless_bare"),
           ("nft_bare", "direct"), ("conntrack", "nft_bare"), ("haproxy", "direct"),
           ("stateless", "haproxy"))
