@@ -29,7 +29,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pointsman.config.model import ListenerConfig
 from pointsman.kernel.listener import KernelListener
@@ -151,6 +151,8 @@ class TcListener:
                     self._interfaces_held = list(self.config.kernel.interfaces)
                 self._write(self.spec, snapshot)
             except (OSError, ValueError) as exc:
+                # Some of the writes may have landed: the next attempt rewrites every slot.
+                self._held = replace(self._held, slots=())
                 self.updates.failed += 1
                 log.error("tc listener %s: programming pool %s v%d failed (retrying in %.0fs): %s",
                           self.name, snapshot.name, snapshot.version, RETRY_SECONDS, exc)

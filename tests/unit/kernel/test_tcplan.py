@@ -158,3 +158,13 @@ def test_every_sequence_of_changes_stays_consistent_after_every_operation(
     held = Held()
     for new, up, draining in changes:
         held = step(maps, held, new, table(up, new.slots), space, indices, draining)
+
+
+def test_a_held_state_without_slots_rewrites_every_slot() -> None:
+    """After a failed update the listener forgets what the slots hold: the next one writes all."""
+    maps: Maps = {}
+    held = step(maps, Held(), spec(), table([0, 1], 13), SlotSpace(), Indices(16))
+    forgot = Held(held.spec, held.base, (), held.backends)
+    writes = plan_writes(forgot, spec(), table([0, 1], 13), held.base, dict(held.backends), 3, CPUS)
+    assert [op.map for op in writes.ops] == ["slot_map", "vips"]
+    assert (writes.written, writes.slots_changed) == (13, 0)
