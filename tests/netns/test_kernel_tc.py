@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from pointsman.pool.state import BackendState
 
 from .kernel_support import (
     ECHO_PORT,
+    HEALTH_BOUND,
     IO_TIMEOUT,
     Stream,
     admin,
@@ -39,10 +41,12 @@ from .kernel_support import (
     echo_through,
     http_get,
     maglev_choice,
+    metrics,
     metrics_when,
     pointsman,
 )
 from .netns_support import (
+    HTTP_PORT,
     UDP_PORT,
     VIP,
     BackendServer,
@@ -252,3 +256,41 @@ def test_reload_resizes_the_table_and_adds_and_removes_backends(
         assert gone("pointsman_kernel_new_connections_total") >= total  # b1's count stays
         names = {http_get(topo, (topo.client_source(i), 47000 + i)).split()[0] for i in range(12)}
         assert names == {"b2", "b3"}
+
+
+def test_health_checks_on_the_backends_own_port_keep_their_replies(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    """Replies to the lb's own address (health checks on the port the VIP forwards to) are not
+    rewritten to the VIP: were they, every check would fail and the backends leave the table."""
+    text = yaml.safe_load(tc(topo))
+    text["pools"][0]["health_check"]["port"] = HTTP_PORT
+    with pointsman(topo, tmp_path, yaml.safe_dump(text)):
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_map_updates_total") >= 1, "the table")
+        seen: Counter[str] = Counter()
+        deadline = time.monotonic() + HEALTH_BOUND + 1.0  # long enough for every check to have failed
+        while time.monotonic() < deadline:
+            source = (topo.client_source(len(seen) % 24), 48000 + sum(seen.values()))
+            seen[http_get(topo, source).split()[0]] += 1
+        assert set(seen) == set(topo.names), seen
+        found = metrics(topo)
+        assert all(found("pointsman_kernel_backend_slots", backend=n) > 0 for n in topo.names)
+
+
+def test_no_backend_left_drops_and_counts_the_refused(
+        topo: LbTopology, servers: dict[str, BackendServer], tmp_path: Path) -> None:
+    with pointsman(topo, tmp_path, tc(topo)):
+        for name in topo.names:
+            assert admin(topo, "POST", f"/api/v1/pools/web/backends/{name}/maintenance")[0] == 200
+        metrics_when(topo, lambda m: all(name != "pointsman_kernel_backend_slots" for name, _ in m.samples),
+                     "every backend out of the table")
+        for i in range(3):
+            with topo.client.socket() as sock:
+                sock.settimeout(0.5)
+                sock.bind((topo.client_source(i), 49000 + i))
+                with pytest.raises(TimeoutError):  # dropped: no reset, no answer
+                    sock.connect((VIP, 80))
+        found = metrics_when(topo, lambda m: m("pointsman_kernel_connections_rejected_total",
+                                               reason="no_backend") >= 3, "the refused SYNs")
+        assert found("pointsman_kernel_new_connections_total") >= 3
+        for name in topo.names:
+            assert admin(topo, "POST", f"/api/v1/pools/web/backends/{name}/enable")[0] == 200
