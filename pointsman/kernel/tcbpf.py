@@ -151,7 +151,10 @@ class TcProgram:
 
     def attach(self, interface: str) -> None:
         """Attach at clsact ingress of `interface` (creating the qdisc if there is none)."""
-        ifindex = socket.if_nametoindex(interface)
+        try:
+            ifindex = socket.if_nametoindex(interface)
+        except OSError as exc:
+            raise OSError(errno.ENODEV, f"no interface {interface!r} in this network namespace") from exc
         hook = _TcHook(ctypes.sizeof(_TcHook), ifindex, BPF_TC_INGRESS, 0, 0)
         rc = self._lib.bpf_tc_hook_create(ctypes.byref(hook))
         if rc < 0 and rc != -errno.EEXIST:

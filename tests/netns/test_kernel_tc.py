@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -294,3 +295,16 @@ def test_no_backend_left_drops_and_counts_the_refused(
         assert found("pointsman_kernel_new_connections_total") >= 3
         for name in topo.names:
             assert admin(topo, "POST", f"/api/v1/pools/web/backends/{name}/enable")[0] == 200
+
+
+def test_an_unknown_interface_is_refused_at_start_and_nothing_stays_attached(
+        topo: LbTopology, tmp_path: Path) -> None:
+    text = yaml.safe_load(tc(topo))
+    text["listeners"][0]["kernel"]["interfaces"] = ["c0", "nosuch0"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(text))
+    done = topo.lb.popen(sys.executable, "-m", "pointsman", "run", str(path), stdout=-1, stderr=-1)
+    _, err = done.communicate(timeout=30)
+    assert done.returncode == 1
+    assert b"cannot start" in err and b"no interface 'nosuch0'" in err, err
+    assert attached(topo) == []
