@@ -134,6 +134,8 @@ def test_choice_is_userspace_maglev_counted_and_nothing_in_netfilter(
             assert packets_in >= 3 * seen[name]  # SYN, request, ACKs and FIN per connection
             assert found("pointsman_kernel_backend_bytes_total", backend=name, direction="out") > 0
         assert sum(found("pointsman_kernel_backend_slots", backend=name) for name in topo.names) == SLOTS
+        status, body = admin(topo, "PUT", "/api/v1/listeners/web/deny", ["192.0.2.0/24"])  # type: ignore[arg-type]
+        assert status == 409, body  # refused, not silently ignored
     assert attached(topo) == []  # stopped: the program is off every interface
 
 
