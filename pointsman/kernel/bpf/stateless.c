@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: GPL-2.0
+// SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
 /*
  * pointsman's stateless NAT as a tc (clsact ingress) BPF program: what the `nat: stateless`
  * nftables table does, with each lookup a BPF map lookup instead of an nft interpreter run.
@@ -326,4 +326,6 @@ int pointsman_stateless(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* The kernel lets only GPL-compatible programs call bpf_fib_lookup(): this file is offered
+ * under GPL-2.0 as well as the project's Apache-2.0 (the SPDX line above). */
 char LICENSE[] SEC("license") = "GPL";
