@@ -12,11 +12,18 @@ through the lb namespace:
   maglev, `nat: conntrack`, `snat: none`: nftables DNAT, conntrack, the counting chains;
 - stateless: the same with `nat: stateless`: notrack both ways, the destination rewritten from
   the slot map and the source rewritten back on replies; no conntrack entry;
+- tc: the same with `datapath: tc` (and `interfaces: [c0, b1]`): the stateless rewrite done by
+  pointsman's tc BPF program instead of nftables;
 - nft_bare: a reference, not pointsman: a hand-written table with only a DNAT rule to the backend
   (no counters, no guard, no slot map), to separate the cost of conntrack and NAT from the cost of
   pointsman's counting chains;
 - nft_stateless_bare: the stateless floor, not pointsman: notrack and a constant rewrite each way
   (no slot map, no counters, no guard);
+- tc_stateless: stateless NAT as a tc BPF program (pointsman/kernel/bpf/stateless.c, loaded by
+  pointsman/kernel/tcbpf.py) at ingress of the lb's two interfaces, the slot map filled as
+  pointsman fills the nft one (maglev, 4093 slots, source address and port): no nft table, no
+  conntrack; packets to the VIP and the backend's replies are rewritten and sent straight to the
+  egress interface;
 - nft_ladder0 .. nft_ladder5: the stateless floor again, in an `inet` table, with pointsman's
   pieces added one per step (LADDER below; HTTP port only, so new connections only): the cost of
   each piece, read from `--perf`'s netfilter figures, not from one run's throughput;
@@ -34,7 +41,7 @@ by 10-15%: compare ratios within one run, never figures across runs.
 
 Also measured: the slot map transaction alone (libnftables, in-process, in the lb namespace): a
 4093-slot maglev map taking one of three backends out and back (diff updates) and a whole-map
-replacement.
+replacement; with tc_stateless among the ways, the same changes as one batch of BPF map updates.
 
 Bounded: every run lasts `--seconds`, every wait has a deadline, every process and namespace
 started here is stopped or deleted at the end. Traffic stays inside the namespaces.
@@ -73,7 +80,7 @@ from tests.netns.netns_support import (  # noqa: E402
 HTTP_PORT = 80
 BULK_PORT = 5201
 READY_DEADLINE = 10.0
-WAYS = ("direct", "conntrack", "stateless", "nft_bare", "nft_stateless_bare", "haproxy",
+WAYS = ("direct", "conntrack", "stateless", "tc", "nft_bare", "nft_stateless_bare", "tc_stateless", "haproxy",
         "conntrack_base", "stateless_base", *(f"nft_ladder{k}" for k in range(6)))
 BASE_TREE: Path | None = None
 """--base-tree: where the *_base ways import pointsman from."""
@@ -190,8 +197,9 @@ def ladder_table(step: int, vip: str, backend: str, port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pointsman_config(backend: str, nat: str) -> str:
-    kernel = f"{{nat: {nat}, snat: none}}"
+def pointsman_config(backend: str, nat: str, datapath: str = "nftables") -> str:
+    tc = ", datapath: tc, interfaces: [c0, b1]" if datapath == "tc" else ""
+    kernel = f"{{nat: {nat}, snat: none{tc}}}"
     listeners = "".join(
         f"  - {{name: {name}, bind: '{VIP}:{port}', pool: {name}, dataplane: kernel, kernel: {kernel}}}\n"
         for name, port in (("web", HTTP_PORT), ("bulk", BULK_PORT)))
@@ -200,6 +208,37 @@ def pointsman_config(backend: str, nat: str) -> str:
         f"backends: [{{address: '{backend}:{port}', name: b1}}]}}\n"
         for name, port in (("web", HTTP_PORT), ("bulk", BULK_PORT)))
     return f"listeners:\n{listeners}pools:\n{pools}shutdown_grace: 1\n"
+
+
+TC_SETUP = r'''
+import sys
+from pointsman.kernel import tcmaps
+from pointsman.kernel.jhash import DEFAULT_SEED
+from pointsman.kernel.plan import slot_targets
+from pointsman.kernel.tcbpf import TcProgram, build_object
+from pointsman.pool.snapshot import BackendView
+from pointsman.pool.state import BackendState
+
+vip, backend, interfaces, ports = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4:]
+program = TcProgram(build_object())
+try:
+    for listener, port in enumerate(int(p) for p in ports):
+        views = [BackendView("b1", backend, port, 1, 1.0, BackendState.UP)]
+        targets = slot_targets("maglev", views, 4093)
+        base = listener * 4093
+        for slot, value in enumerate(tcmaps.slot_values(targets, {(backend, port): listener})):
+            program.write("slot_map", tcmaps.index_key(base + slot), value)
+        program.write("replies", tcmaps.endpoint_key(backend, port, "tcp"),
+                      tcmaps.reply_value(vip, port, listener))
+        program.write("vips", tcmaps.endpoint_key(vip, port, "tcp"),
+                      tcmaps.vip_value(base, 4093, DEFAULT_SEED, True, listener))
+    for interface in interfaces:
+        program.attach(interface)
+    print("ready", flush=True)
+    sys.stdin.read()
+finally:
+    program.close()
+'''
 
 
 def wait_port(ns: Netns, host: str, port: int) -> None:
@@ -369,6 +408,19 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[
             yield VIP, []
         finally:
             topo.lb.run("nft", "delete table ip sbare")
+    elif name == "tc_stateless":
+        setup = topo.lb.popen(sys.executable, "-c", TC_SETUP, VIP, backend, "c0,b1", str(HTTP_PORT),
+                              str(BULK_PORT), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert setup.stdout is not None and setup.stdin is not None
+            line = setup.stdout.readline()
+            if line.strip() != b"ready":
+                raise RuntimeError(f"tc_stateless set-up failed (exit {setup.wait(timeout=10)})")
+            yield VIP, []
+        finally:
+            if setup.stdin is not None:
+                setup.stdin.close()
+            setup.wait(timeout=10)
     elif name.startswith("nft_ladder"):
         (workdir / "ladder.nft").write_text(ladder_table(int(name.removeprefix("nft_ladder")), VIP, backend,
                                                          HTTP_PORT))
@@ -377,10 +429,11 @@ def way(name: str, topo: LbTopology, workdir: Path) -> Iterator[tuple[str, list[
             yield VIP, []
         finally:
             topo.lb.run("nft", "delete table inet ladder")
-    elif name in ("conntrack", "stateless", "conntrack_base", "stateless_base"):
-        nat = name.removesuffix("_base")
+    elif name in ("conntrack", "stateless", "tc", "conntrack_base", "stateless_base"):
+        nat = "stateless" if name == "tc" else name.removesuffix("_base")
+        text = pointsman_config(backend, nat, "tc" if name == "tc" else "nftables")
         with base_tree(name.endswith("_base")):
-            proc = PointsmanInNetns(topo.lb, pointsman_config(backend, nat), workdir, listeners=2)
+            proc = PointsmanInNetns(topo.lb, text, workdir, listeners=2)
         try:
             yield VIP, []
         finally:
@@ -446,6 +499,51 @@ print(json.dumps(out))
 '''
 
 
+TC_MAP_BENCH = r'''
+import json, statistics, time
+from pointsman.kernel import tcmaps
+from pointsman.kernel.plan import slot_targets
+from pointsman.kernel.tcbpf import TcProgram, build_object
+from pointsman.pool.snapshot import BackendView
+from pointsman.pool.state import BackendState as S
+
+def views(down):
+    return [BackendView(f"b{i}", f"10.0.0.{i + 1}", 80, 1, 0.0 if i == down else 1.0,
+                        S.DOWN if i == down else S.UP) for i in range(3)]
+program = TcProgram(build_object())  # loaded, not attached: only its maps are used
+index = {(f"10.0.0.{i + 1}", 80): i for i in range(3)}
+current = tcmaps.slot_values(slot_targets("maglev", views(None), 4093), index)
+keys = b"".join(tcmaps.index_key(i) for i in range(4093))
+program.write_many("slot_map", keys, b"".join(current), 4093)
+diffs, full = [], []
+for k in range(40):
+    new = tcmaps.slot_values(slot_targets("maglev", views(None if k % 2 else 1), 4093), index)
+    changed = tcmaps.changed_slots(current, new)
+    started = time.perf_counter()
+    program.write_many("slot_map", b"".join(tcmaps.index_key(i) for i in changed),
+                       b"".join(new[i] for i in changed), len(changed))
+    diffs.append((time.perf_counter() - started, len(changed)))
+    current = new
+for k in range(10):
+    started = time.perf_counter()
+    program.write_many("slot_map", keys, b"".join(current), 4093)
+    full.append(time.perf_counter() - started)
+program.close()
+diffs.sort()
+middle = diffs[len(diffs) // 2]
+print(json.dumps({"diff_ms": round(middle[0] * 1e3, 2), "diff_slots": middle[1],
+                  "diff_max_ms": round(diffs[-1][0] * 1e3, 2),
+                  "full_ms": round(statistics.median(full) * 1e3, 2)}))
+'''
+"""The tc data path's slot map update (BPF_MAP_UPDATE_BATCH of the changed slots), the same changes
+as MAP_BENCH's."""
+
+
+def tc_map_update_latency(topo: LbTopology) -> dict[str, object]:
+    out = topo.lb.run(sys.executable, "-c", TC_MAP_BENCH, timeout=120)
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
 def map_update_latency(topo: LbTopology) -> dict[str, object]:
     out = topo.lb.run(sys.executable, "-c", MAP_BENCH, timeout=120)
     return dict(json.loads(out.strip().splitlines()[-1]))
@@ -469,6 +567,9 @@ def run(seconds: int, rounds: int, ways: tuple[str, ...], profile: bool, tests: 
             servers = [nginx.pid, iperf_server.pid,
                        *pids_where(lambda pid, comm, ppid: ppid == nginx.pid)]
             print(f"map update (4093 slots, libnftables in-process): {map_update_latency(topo)}")
+            if "tc_stateless" in ways:
+                print("map update (4093 slots, tc: one batch of BPF map updates): "
+                      f"{tc_map_update_latency(topo)}")
             for r in range(rounds):
                 order = ways[r % len(ways):] + ways[:r % len(ways)]
                 for name in order:
@@ -505,6 +606,8 @@ RATIOS = (("conntrack", "direct"), ("stateless", "direct"), ("stateless", "connt
           ("conntrack_base", "direct"), ("stateless_base", "direct"), ("stateless", "stateless_base"),
           ("conntrack", "conntrack_base"),
           ("nft_stateless_bare", "direct"), ("stateless", "nft_stateless_bare"),
+          ("tc", "direct"), ("tc", "stateless"), ("tc", "tc_stateless"),
+          ("tc_stateless", "direct"), ("tc_stateless", "stateless"), ("tc_stateless", "nft_stateless_bare"),
           ("nft_bare", "direct"), ("conntrack", "nft_bare"), ("haproxy", "direct"),
           ("stateless", "haproxy"))
 

@@ -2,7 +2,8 @@
 # Set up pointsman from this clone in ./.venv (an editable install: edits take effect at once).
 #
 #   bash scripts/setup.sh            pointsman and its runtime dependencies, nothing else
-#   bash scripts/setup.sh --kernel   + Debian nftables, python3-nftables, conntrack (kernel data plane)
+#   bash scripts/setup.sh --kernel   + Debian nftables, python3-nftables, conntrack (kernel data plane),
+#                                    clang, libbpf-dev (kernel.datapath: tc builds its BPF program)
 #   bash scripts/setup.sh --engine   + a C compiler and Python headers, so the install builds the
 #                                    compiled connection engine (else the pure-Python one runs)
 #   bash scripts/setup.sh --bgp      + ExaBGP in the venv (VIP announcement, docs/bgp.md)
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KERNEL_PACKAGES=(nftables python3-nftables conntrack)
+KERNEL_PACKAGES=(nftables python3-nftables conntrack clang libbpf-dev)
 ENGINE_PACKAGES=(gcc libc6-dev python3-dev)
 PEER_PACKAGES=(haproxy nginx libnginx-mod-stream redis-server openssl socat wrk iperf3 dnsutils
                dnsmasq-base prometheus prometheus-alertmanager chromium etcd-server bird2 iproute2 "${KERNEL_PACKAGES[@]}")

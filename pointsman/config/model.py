@@ -352,15 +352,30 @@ class LimitsConfig(Strict):
     max_sources: int = Field(default=100_000, ge=1)  # bounded per-source table
 
 
+InterfaceName = Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[^/\s:]+$")]
+"""A network interface's name as Linux allows it (IFNAMSIZ - 1 bytes, no '/', ':' or space)."""
+
+
 class KernelListenerConfig(Strict):
     # conntrack: DNAT with a conntrack entry per flow (flows keep their backend); stateless:
     # notrack, every packet rewritten from the slot map (see docs/kernel.md for the conditions).
     nat: Literal["conntrack", "stateless"] = "conntrack"
     snat: Literal["masquerade", "none"] = "masquerade"  # none: backends route replies via us
     slots: int = Field(default=4093, ge=3, le=1_000_003)  # prime: the kernel Maglev table size
+    # nftables: the nf_tables table (docs/kernel.md); tc: nat stateless as a BPF program at
+    # clsact ingress of `interfaces` (the ones the clients' and the backends' packets arrive on).
+    datapath: Literal["nftables", "tc"] = "nftables"
+    interfaces: list[InterfaceName] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> KernelListenerConfig:
+        if self.datapath == "tc" and self.nat != "stateless":
+            raise ValueError("datapath: tc needs nat: stateless (the BPF program keeps no flow state)")
+        if self.datapath == "tc" and not self.interfaces:
+            raise ValueError("datapath: tc needs interfaces: the ones the clients' packets to the VIP "
+                             "and the backends' replies arrive on (the program runs at their ingress)")
+        if self.interfaces and self.datapath != "tc":
+            raise ValueError("interfaces is for datapath: tc (nftables sees every interface)")
         if self.nat == "stateless" and self.snat != "none":
             raise ValueError(
                 "nat: stateless needs snat: none (with no conntrack entry nothing records which "

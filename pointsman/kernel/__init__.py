@@ -17,7 +17,12 @@ every packet rewritten from the same slot map). One module per concern:
   libnftables also reads every map element: 30+ ms with a full slot map);
 - `conntrack`: the conntrack table's use and bound, and cutting flows (conntrack -D, asyncio);
 - `stats`: the listener's statistics snapshot, built from a reading taken in the background;
-- `listener`: `KernelListener`, the runtime's listener for `dataplane: kernel`.
+- `listener`: `KernelListener`, the runtime's listener for `dataplane: kernel`;
+- `kernel.datapath: tc` (stateless NAT as a tc BPF program, `bpf/stateless.c`): `tcmaps` (the
+  maps' keys and values as bytes, the shared layout; pure), `tcplan` (the ordered map writes of
+  one update; pure), `tcbpf` (clang and libbpf: build, load, attach, map I/O), `tcpath` (the
+  process's one program, shared by the tc listeners), `tclistener` (`TcListener`, and
+  `kernel_listener`, which picks the listener for a config).
 
 See docs/kernel.md for the table layout, routing with and without SNAT, limits and metrics.
 """

@@ -140,6 +140,8 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
         issues.append(f"pool {pool.name}: nat: stateless needs algorithm maglev ({pool.algorithm} "
                       "counts new flows; with no conntrack entry to pin a flow, every packet would "
                       "be counted to the next backend)")
+    if listener.kernel.datapath == "tc":
+        issues.extend(_tc_issues(listener, vip))
     limits = listener.limits
     if (limits.max_connections_per_source is not None or limits.new_connections_per_second is not None
             or limits.new_connections_per_second_per_source is not None):
@@ -174,6 +176,16 @@ def spec_for(listener: ListenerConfig, pool: PoolConfig) -> ListenerSpec:
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _tc_issues(listener: ListenerConfig, vip: IPAddress | None) -> list[str]:
+    """What `kernel.datapath: tc` (bpf/stateless.c) does not do that nftables does."""
+    issues = []
+    if vip is not None and vip.version != 4:
+        issues.append("datapath: tc serves IPv4 VIPs only (use datapath: nftables for IPv6)")
+    if listener.allow or listener.deny:
+        issues.append("datapath: tc has no allow/deny lists (use datapath: nftables for them)")
+    return issues
 
 
 def _vips(listener: ListenerConfig, issues: list[str]) -> tuple[tuple[VipPorts, ...], IPAddress | None]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pointsman.config.addresses import HostPort
 from pointsman.config.model import Config, ListenerConfig, PoolConfig
 from pointsman.dataplane import DataPlane
-from pointsman.kernel.listener import KernelListener
+from pointsman.kernel.tclistener import kernel_listener
 from pointsman.node import steering
 from pointsman.node.activation import Inherited
 from pointsman.node.closing import close_connections
@@ -133,7 +133,7 @@ class SingleRole:
 
     def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
         if config.dataplane == "kernel":
-            return KernelListener(config, pool, node.loop)
+            return kernel_listener(config, pool, node.loop)
         return local_listener(node, config, pool)
 
     def listener_reconfigured(self, listener: DataPlane, node_config: Config) -> None:
@@ -222,8 +222,8 @@ class ControlRole(SingleRole):
         return None
 
     def new_listener(self, node: Node, config: ListenerConfig, pool: Pool) -> DataPlane | None:
-        if config.dataplane == "kernel":  # nftables is programmed once, here
-            return KernelListener(config, pool, node.loop)
+        if config.dataplane == "kernel":  # nftables (or the tc program) is programmed once, here
+            return kernel_listener(config, pool, node.loop)
         return RemoteListener(config, pool, self.reports, self.worker_processes.broadcast)
 
     def close_connections(self, node: Node, pool: str, backend: str, reason: EndReason) -> int:

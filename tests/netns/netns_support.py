@@ -87,6 +87,29 @@ def nftables_unavailable_reason() -> str | None:
     return None
 
 
+TC_PROBE = ("from pointsman.kernel.tcbpf import TcProgram, build_object\n"
+            "program = TcProgram(build_object())\nprogram.attach('lo')\nprogram.close()\n")
+
+
+def tc_unavailable_reason() -> str | None:
+    """Why tc data path tests cannot run here (namespaces, clang, libbpf, BPF), or None."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    from pointsman.kernel.tcbpf import TcUnavailable, build_object
+
+    try:
+        build_object()
+    except TcUnavailable as exc:
+        return str(exc)
+    with namespace("pmtcprobe") as ns:
+        try:
+            ns.run(sys.executable, "-c", TC_PROBE)
+        except RuntimeError as exc:
+            return f"the tc BPF program cannot be loaded and attached here: {exc}"
+    return None
+
+
 class Netns:
     """One network namespace, deleted by `close()`."""
 
