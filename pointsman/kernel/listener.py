@@ -44,6 +44,7 @@ from types import MappingProxyType
 
 from pointsman.config.model import ListenerConfig
 from pointsman.kernel import conntrack
+from pointsman.kernel.mailbox import Mailbox
 from pointsman.kernel.netlink import CounterValue, read_counters
 from pointsman.kernel.nft import KernelTable, Nft, NftError, shared_table
 from pointsman.kernel.plan import KernelConfigError, ListenerSpec, Target, spec_for, target_of
@@ -121,15 +122,12 @@ class KernelListener:
         self._stopped = False
         self._state = Programmed()
         self._reading = EMPTY_READING
-        self._pending: PoolSnapshot | None = None
-        self._pending_since = 0.0
-        self._wake = asyncio.Event()
+        self._mailbox = Mailbox(lambda pool: pool is self.pool and not self._stopped)
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
-        self._watched: list[Pool] = []
         self._cuts: set[asyncio.Task[None]] = set()
         self._cut = 0  # flows cut at the drain deadline, reported by close_all
         self.acl_lists = AclLists.from_file(config.allow, config.deny, config.acl_on)
@@ -154,11 +152,11 @@ class KernelListener:
             raise
         self._record(done)
         await self._refresh()
-        self._watch(self.pool)
+        self._mailbox.watch(self.pool)
         self._writer = self.loop.create_task(self._write_loop(), name=f"kernel-writer:{self.name}")
         self._reader = self.loop.create_task(self._read_loop(), name=f"kernel-reader:{self.name}")
         if self.pool.snapshot is not snapshot:  # published while we wrote the first one
-            self._on_snapshot(self.pool, self.pool.snapshot)
+            self._mailbox.post(self.pool, self.pool.snapshot)
         self.accepting = True
 
     def _warn_if_not_forwarding(self) -> None:
@@ -172,29 +170,11 @@ class KernelListener:
             log.warning("kernel listener %s: IP forwarding is off (%s = 0): only clients on this "
                         "host reach the backends; enable it for remote clients", self.name, path)
 
-    def _watch(self, pool: Pool) -> None:
-        if any(p is pool for p in self._watched):
-            return
-        self._watched.append(pool)
-        pool.watch(lambda snapshot: self._on_snapshot(pool, snapshot))
-
-    def _on_snapshot(self, source: Pool, snapshot: PoolSnapshot) -> None:
-        """Pool publication (on the loop): note the newest snapshot and wake the writer."""
-        if source is not self.pool or self._stopped:
-            return
-        if self._pending is None:
-            self._pending_since = time.perf_counter()
-        self._pending = snapshot
-        self._wake.set()
-
     # --- programming ---------------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            snapshot, since = self._pending, self._pending_since
-            self._pending = None
+            snapshot, since = await self._mailbox.take()
             if snapshot is None:
                 continue
             try:
@@ -214,7 +194,7 @@ class KernelListener:
         into the kernel's sets in its next transaction; established flows are not touched."""
         self.acl_lists = lists
         if self._writer is not None:
-            self._on_snapshot(self.pool, self.pool.snapshot)
+            self._mailbox.post(self.pool, self.pool.snapshot)
 
     def _programming(self, spec: ListenerSpec,
                      snapshot: PoolSnapshot) -> Callable[[Nft], Transaction | None]:
@@ -276,9 +256,8 @@ class KernelListener:
     def _retry_later(self, snapshot: PoolSnapshot, since: float) -> None:
         def retry() -> None:
             self._retry = None
-            if self._pending is None and not self._stopped:
-                self._pending, self._pending_since = snapshot, since
-            self._wake.set()
+            if not self._stopped:
+                self._mailbox.again(snapshot, since)
 
         if self._retry is not None:
             self._retry.cancel()
@@ -335,11 +314,11 @@ class KernelListener:
             return
         self.config = config
         self.pool = pool
-        self._watch(pool)
+        self._mailbox.watch(pool)
         self.spec = spec  # the writer restructures when it differs from what the kernel holds
         # A list the file changed takes the file's value; one it left keeps the API's.
         self.set_acl(AclLists.from_file(config.allow, config.deny, config.acl_on, self.acl_lists))
-        self._on_snapshot(pool, pool.snapshot)
+        self._mailbox.post(pool, pool.snapshot)
 
     # --- stop ----------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 
 from pointsman.config.model import ListenerConfig
 from pointsman.kernel.listener import KernelListener
+from pointsman.kernel.mailbox import Mailbox
 from pointsman.kernel.plan import KernelConfigError, ListenerSpec, Target, slot_targets, spec_for, target_of
 from pointsman.kernel.stats import REFRESH_SECONDS, KernelBackendStats, KernelListenerStats, MapUpdates
 from pointsman.kernel.tcbpf import TcProgram
@@ -87,14 +88,11 @@ class TcListener:
         self._slot_counts: dict[Target, int] = {}
         self._retired = BackendCounters()
         self._reading = _Reading({}, 0, 0.0)
-        self._pending: PoolSnapshot | None = None
-        self._pending_since = 0.0
-        self._wake = asyncio.Event()
         self._stopped = False
+        self._mailbox = Mailbox(lambda pool: pool is self.pool and not self._stopped)
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
-        self._watched: list[Pool] = []
         self._interfaces_held = list(config.kernel.interfaces)
         self._ids: dict[Target, str] = {}
 
@@ -116,33 +114,16 @@ class TcListener:
         except (OSError, ValueError) as exc:
             await self._release()
             raise KernelConfigError(self.name, [f"cannot write the tc maps: {exc}"]) from exc
-        self._watch(self.pool)
+        self._mailbox.watch(self.pool)
         self._writer = self.loop.create_task(self._write_loop(), name=f"tc-writer:{self.name}")
         self._reader = self.loop.create_task(self._read_loop(), name=f"tc-reader:{self.name}")
         self.accepting = True
-
-    def _watch(self, pool: Pool) -> None:
-        if any(p is pool for p in self._watched):
-            return
-        self._watched.append(pool)
-        pool.watch(lambda snapshot: self._on_snapshot(pool, snapshot))
-
-    def _on_snapshot(self, source: Pool, snapshot: PoolSnapshot) -> None:
-        if source is not self.pool or self._stopped:
-            return
-        if self._pending is None:
-            self._pending_since = time.perf_counter()
-        self._pending = snapshot
-        self._wake.set()
 
     # --- programming ---------------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            snapshot, since = self._pending, self._pending_since
-            self._pending = None
+            snapshot, since = await self._mailbox.take()
             if snapshot is None or self._stopped:
                 continue
             try:
@@ -156,7 +137,7 @@ class TcListener:
                 self.updates.failed += 1
                 log.error("tc listener %s: programming pool %s v%d failed (retrying in %.0fs): %s",
                           self.name, snapshot.name, snapshot.version, RETRY_SECONDS, exc)
-                self.loop.call_later(RETRY_SECONDS, self._on_snapshot, self.pool, self.pool.snapshot)
+                self.loop.call_later(RETRY_SECONDS, self._mailbox.post, self.pool, self.pool.snapshot)
                 continue
             self.updates.latency.observe(time.perf_counter() - since)
 
@@ -264,8 +245,8 @@ class TcListener:
             log.error("reload: %s; the running tc maps stay", exc)
             return
         self.config, self.pool, self.spec = config, pool, spec
-        self._watch(pool)
-        self._on_snapshot(pool, pool.snapshot)
+        self._mailbox.watch(pool)
+        self._mailbox.post(pool, pool.snapshot)
 
     # --- stop ----------------------------------------------------------------------------------------
 
