@@ -59,7 +59,8 @@ def main() -> None:
 def check(config: str, no_bind: bool) -> None:
     """Validate CONFIG and what `run` needs from this host: the files it names are readable, the
     flow log can be written, every listener and the admin address can be bound (tried and
-    released at once; addresses a running pointsman of this config holds are skipped).
+    released at once; addresses a running pointsman of this config holds are skipped), and a
+    `kernel.datapath: tc` listener's program can be built and its interfaces exist.
     Prints one line per listener (exit 0), or every problem with its file, line and field."""
     from pointsman.config.node import is_node_file
     from pointsman.config.preflight import preflight_file, preflight_node

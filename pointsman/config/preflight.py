@@ -2,9 +2,10 @@
 
 A config can be valid and still not start: a token file that is missing or unreadable, a flow log
 directory we cannot write, a listener port another process holds, an address this host does not
-have. `pointsman check` reports all of them at once, each with the file, line and field, and `run`
-calls the same `preflight()` before it binds anything (like `nginx -t` and `haproxy -c`, but we
-also try the binds, since that is where most first starts fail).
+have, a tc listener on a host without clang or libbpf or without its interfaces. `pointsman check`
+reports all of them at once, each with the file, line and field, and `run` calls the same
+`preflight()` before it binds anything (like `nginx -t` and `haproxy -c`, but we also try the binds,
+since that is where most first starts fail).
 
 Two halves: `needs(config)` is pure (which files to read, which directories to write, which
 addresses to bind, and where each is in the file); `problems(needs)` does the I/O with the same
@@ -26,6 +27,7 @@ from pointsman.config.addresses import HostPort
 from pointsman.config.loader import ConfigIssue, Loc, _line_for, _parse_yaml, format_loc, read_text
 from pointsman.config.model import Config
 from pointsman.config.node import _PLACEHOLDER, NodeFile
+from pointsman.kernel.tcbpf import missing as tc_missing
 from pointsman.proxy.sockets import listen_socket
 
 # An address a running pointsman already holds: (address, "tcp" | "udp").
@@ -62,7 +64,22 @@ class Bind:
     backlog: int = 1024
 
 
-Need = ReadFile | WriteFile | Bind
+@dataclass(frozen=True, slots=True)
+class TcProgram:
+    """A `kernel.datapath: tc` listener: this host must build and load its BPF program."""
+
+    loc: Loc
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """A network interface a tc listener attaches to: it must exist here."""
+
+    loc: Loc
+    name: str
+
+
+Need = ReadFile | WriteFile | Bind | TcProgram | Interface
 
 
 # --- what to check (pure) ------------------------------------------------------------------------
@@ -78,6 +95,11 @@ def needs(config: Config, *, bind: bool = True) -> list[Need]:
         out.append(WriteFile(("flow_log", "path"), config.flow_log.path))
     if config.state_file is not None:
         out.append(WriteFile(("state_file",), config.state_file, replaced=True))
+    for i, listener in enumerate(config.listeners):
+        if listener.dataplane == "kernel" and listener.kernel.datapath == "tc":
+            out.append(TcProgram(("listeners", i, "kernel", "datapath")))
+            out.extend(Interface(("listeners", i, "kernel", "interfaces", j), name)
+                       for j, name in enumerate(listener.kernel.interfaces))
     if bind:
         for i, listener in enumerate(config.listeners):
             if listener.dataplane == "kernel":
@@ -121,6 +143,10 @@ def problems(wanted: list[Need], held: Collection[Held] = ()) -> Iterator[tuple[
                 message = _read_problem(need)
             elif isinstance(need, WriteFile):
                 message = _replace_problem(need.path) if need.replaced else _write_problem(need.path)
+            elif isinstance(need, TcProgram):
+                message = tc_missing()
+            elif isinstance(need, Interface):
+                message = _interface_problem(need.name)
             elif (need.address, need.protocol) in first:
                 message = f"same address as {format_loc(first[need.address, need.protocol])}"
             elif (need.address, need.protocol) in held:
@@ -172,6 +198,14 @@ def _replace_problem(path: str) -> str | None:
         return f"cannot write {path}: directory {parent} is not writable"
     if target.exists() and not os.access(target, os.R_OK):
         return f"cannot read {path}: permission denied"
+    return None
+
+
+def _interface_problem(name: str) -> str | None:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return f"no network interface {name!r} on this host"
     return None
 
 

@@ -59,13 +59,30 @@ def include_dirs() -> list[str]:
     return [f"-I{path}"] if triplet and path.is_dir() else []
 
 
-def build_object(source: Path = SOURCE, directory: Path | None = None) -> Path:
-    """The compiled object of `source`, built now unless a build of the same text is cached."""
+def missing() -> str | None:
+    """Why this host cannot build and load the program (None: it can): what `build_object`
+    and the loader would refuse with, for `pointsman check`."""
+    try:
+        _build_tools()
+        _libbpf()
+    except TcUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def _build_tools() -> str:
+    """clang's path, once the tools and headers the build needs are known to be here."""
     clang = shutil.which("clang")
     if clang is None:
         raise TcUnavailable("the tc data path needs clang (Debian: apt-get install clang libbpf-dev)")
     if not Path("/usr/include/bpf/bpf_helpers.h").is_file():
         raise TcUnavailable("the tc data path needs libbpf's headers (Debian: apt-get install libbpf-dev)")
+    return clang
+
+
+def build_object(source: Path = SOURCE, directory: Path | None = None) -> Path:
+    """The compiled object of `source`, built now unless a build of the same text is cached."""
+    clang = _build_tools()
     text = source.read_bytes()
     digest = hashlib.sha256(text + " ".join(include_dirs()).encode()).hexdigest()[:16]
     target = (directory or cache_dir()) / f"{source.stem}-{digest}.o"

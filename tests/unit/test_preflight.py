@@ -234,3 +234,31 @@ def test_preflight_node_checks_etcd_credentials_and_node_local_keys(tmp_path: Pa
         f"9: admin.bind: cannot bind {NOT_LOCAL}:9900/tcp: {NOT_LOCAL} is not an address of this host",
         f"10: admin.token_file: cannot read {tmp_path / 'admin.token'}: no such file or directory",
     ]
+
+
+# --- kernel.datapath: tc -------------------------------------------------------------------------
+
+TC_LISTENER = ('{name: vip, bind: "10.99.0.1:80", pool: p, dataplane: kernel, '
+               'kernel: {nat: stateless, snat: none, datapath: tc, interfaces: [lo, nosuch0]}}')
+MAGLEV = 'pools:\n  - {name: p, algorithm: maglev, backends: [{address: "127.0.0.1:1"}]}\n'
+
+
+def test_a_tc_listener_needs_its_program_and_each_interface(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`check` names an interface this host lacks at its place in the list, and (with no clang
+    on the PATH) what the program's build needs, at `kernel.datapath`."""
+    path = tmp_path / "pointsman.yaml"
+    path.write_text("listeners:\n  - " + TC_LISTENER + "\n" + MAGLEV)
+    config = load_text(path.read_text(), str(path))
+    assert [need.loc for need in needs(config, bind=False)] == [
+        ("listeners", 0, "kernel", "datapath"), ("listeners", 0, "kernel", "interfaces", 0),
+        ("listeners", 0, "kernel", "interfaces", 1)]
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    issues = [str(issue) for issue in preflight_file(str(path), config, bind=False)]
+    assert issues == [
+        f"{path}:2: listeners[0].kernel.datapath: the tc data path needs clang "
+        "(Debian: apt-get install clang libbpf-dev)",
+        f"{path}:2: listeners[0].kernel.interfaces[1]: no network interface 'nosuch0' on this host",
+    ]
