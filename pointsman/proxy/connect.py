@@ -116,9 +116,7 @@ class ConnectPolicy:
         if flow.detour is None and not self.checks_source and snapshot.available:
             targets = self._targets.get(pool)
             if targets is not None and targets.snapshot is snapshot and targets.direct:
-                key = (source_key(flow.peer[0], flow.peer[1], snapshot.config.hash_key)
-                       if snapshot.needs_key else b"")  # a hash policy's (no affinity here)
-                index = snapshot.picker.pick(key, NOTHING)
+                index = snapshot.picker.pick(self._key(flow, snapshot), NOTHING)
                 if index is not None:
                     slot = targets.slots[index]
                     if slot is not None and (not slot.cap or _room(slot, pool)):
