@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_right
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
+from itertools import accumulate
 
 from pointsman.balance.base import Candidate, Loaded
 
@@ -22,18 +23,12 @@ from pointsman.balance.base import Candidate, Loaded
 class _Wheel:
     """Cumulative weights over a set of indices, for weighted sampling by bisection."""
 
-    __slots__ = ("ends", "indices", "total", "weights")
+    __slots__ = ("ends", "indices", "weights")
 
     def __init__(self, indices: Sequence[int], weights: Sequence[float]) -> None:
         self.indices = tuple(indices)
         self.weights = tuple(weights[i] for i in self.indices)
-        ends: list[float] = []
-        total = 0.0
-        for weight in self.weights:
-            total += weight
-            ends.append(total)
-        self.ends = ends
-        self.total = total
+        self.ends = list(accumulate(self.weights))  # the running sums; the last is the total
 
 
 class PowerOfTwo:
@@ -68,18 +63,7 @@ class PowerOfTwo:
         count = len(wheel.indices)
         if count < 2:
             return wheel.indices[0] if count else None
-        ends = wheel.ends
-        random_ = self._rng.random
-        first = min(bisect_right(ends, random_() * wheel.total), count - 1)
-        first_weight = wheel.weights[first]
-        first_start = ends[first - 1] if first else 0.0
-        # Draw from the weight left once `first` is taken out, then step over its interval.
-        point = random_() * (wheel.total - first_weight)
-        if point >= first_start:
-            point += first_weight
-        second = min(bisect_right(ends, point), count - 1)
-        if second == first:  # only by float rounding at an interval edge
-            second = first + 1 if first + 1 < count else first - 1
+        first, second = draw_two(wheel.ends, wheel.weights, self._rng.random)
         a = wheel.indices[first]
         b = wheel.indices[second]
         load = self._load
@@ -87,3 +71,23 @@ class PowerOfTwo:
         if load[b].active / weights[b] < load[a].active / weights[a]:
             return b
         return a
+
+
+def draw_two(ends: Sequence[float], weights: Sequence[float],
+             random: Callable[[], float]) -> tuple[int, int]:
+    """Positions of two distinct samples (two entries or more), each drawn with probability
+    proportional to its weight, the second from the weight left once the first is out; `ends`
+    are the weights' running sums. Also what the pure-Python connection engine samples with."""
+    count = len(ends)
+    total = ends[-1]
+    first = min(bisect_right(ends, random() * total), count - 1)
+    first_weight = weights[first]
+    first_start = ends[first - 1] if first else 0.0
+    # Draw from the weight left once `first` is taken out, then step over its interval.
+    point = random() * (total - first_weight)
+    if point >= first_start:
+        point += first_weight
+    second = min(bisect_right(ends, point), count - 1)
+    if second == first:  # only by float rounding at an interval edge
+        second = first + 1 if first + 1 < count else first - 1
+    return first, second

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence, Set
-from typing import TypeVar
 
 from pointsman.balance.base import Candidate
 from pointsman.balance.hashing import stable_hash64
 
-_Score = TypeVar("_Score", int, float)
-
-TO_UNIT = 2.0**-53
-"""With it, ((h >> 11) + 0.5) * TO_UNIT maps a 64-bit hash into the open interval (0, 1), so that
+_TO_UNIT = 2.0**-53
+"""With it, ((h >> 11) + 0.5) * _TO_UNIT maps a 64-bit hash into the open interval (0, 1), so that
 ln() of it is finite and negative: the top 53 bits fill a float's mantissa."""
 
 
@@ -56,24 +53,27 @@ class SourceHash:
         available = self._available
         if not available:
             return None
-        # The key's own hash seeds each backend's hash: the same as hashing key and id together,
-        # without the ambiguity of concatenation (b"ab" + "c" == b"a" + "bc").
-        seed = stable_hash64(key)
-        if self._uniform:
-            hash64 = stable_hash64
-            hashes = [hash64(name, seed) for name in self._ids]
-            return _highest(hashes, available, exclude)
-        log = math.log
-        hash64 = stable_hash64
-        # _unit() inlined: a call per backend per connection is measurable at 1000 backends.
-        scores = [
-            -weight / log(((hash64(name, seed) >> 11) + 0.5) * TO_UNIT)
-            for name, weight in zip(self._ids, self._weights, strict=True)
-        ]
-        return _highest(scores, available, exclude)
+        return _highest(scores(key, self._ids, None if self._uniform else self._weights),
+                        available, exclude)
 
 
-def _highest(scores: list[_Score], available: Sequence[int], exclude: Set[int]) -> int | None:
+def scores(key: bytes, ids: Sequence[bytes], weights: Sequence[float] | None) -> Sequence[float]:
+    """Each backend's score for `key` (the highest wins): its id's hash seeded with the key's
+    (ints: all 64 bits rank), or with `weights`, -weight / ln(u) of it. Also what the
+    pure-Python connection engine ranks by, so its fast path picks as the picker does."""
+    # The key's own hash seeds each backend's hash: the same as hashing key and id together,
+    # without the ambiguity of concatenation (b"ab" + "c" == b"a" + "bc").
+    seed = stable_hash64(key)
+    hash64 = stable_hash64
+    if weights is None:  # equal weights: the score is monotonic in the hash, the log skipped
+        return [hash64(name, seed) for name in ids]
+    log = math.log
+    # _unit() inlined: a call per backend per connection is measurable at 1000 backends.
+    return [-weight / log(((hash64(name, seed) >> 11) + 0.5) * _TO_UNIT)
+            for name, weight in zip(ids, weights, strict=True)]
+
+
+def _highest(scores: Sequence[float], available: Sequence[int], exclude: Set[int]) -> int | None:
     """The index in `available` with the top score, skipping `exclude`; the first on a tie."""
     if not exclude:
         return available[scores.index(max(scores))]

@@ -425,7 +425,7 @@ cdef extern from *:
     const uint64_t P4 "XXH_P4"
     const uint64_t P5 "XXH_P5"
 
-cdef double TO_UNIT = 2.0 ** -53  # source_hash.TO_UNIT: a 53-bit hash into (0, 1)
+cdef double TO_UNIT = 2.0 ** -53  # source_hash._TO_UNIT: a 53-bit hash into (0, 1)
 
 
 cdef inline uint64_t _rotl(uint64_t x, int r) noexcept nogil:

@@ -24,13 +24,11 @@ A connection goes PREAMBLE? -> CONNECTING -> RELAY -> (DRAIN) -> DONE:
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import errno
 import fcntl
 import itertools
 import logging
-import math
 import mmap
 import os
 import random
@@ -42,7 +40,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pointsman.balance.hashing import source_key, stable_hash64
-from pointsman.balance.source_hash import TO_UNIT as _TO_UNIT
+from pointsman.balance.power_of_two import draw_two
+from pointsman.balance.source_hash import scores as rendezvous_scores
 from pointsman.proxy.engine.api import (
     ACCEPT_BACKOFF,
     ACCEPT_BATCH,
@@ -188,21 +187,14 @@ def _hashed(lst: _Listener, fast: tuple[PyTarget, ...], lookup: tuple[int, ...],
 
 def _rendezvous(lst: _Listener, fast: tuple[PyTarget, ...], names: tuple[bytes, ...],
                 addr: Any) -> PyTarget:
-    """The source hash picker's pick (balance/source_hash.py), the same hashes and scores:
-    each backend's hash of its id seeded with the key's, the highest (or, with weights, the
-    highest -weight / ln(u)) wins, the first on a tie."""
-    seed = stable_hash64(_client_key(lst, addr))
-    hashes = [stable_hash64(name, seed) for name in names]
-    weights = lst.weights
-    if weights is None:
-        return fast[hashes.index(max(hashes))]
-    scores = [-w / math.log(((h >> 11) + 0.5) * _TO_UNIT) for h, w in zip(hashes, weights,
-                                                                          strict=True)]
-    return fast[scores.index(max(scores))]
+    """The source hash picker's pick, by its own scores (balance/source_hash.py): the
+    highest wins, the first on a tie."""
+    ranked = rendezvous_scores(_client_key(lst, addr), names, lst.weights)
+    return fast[ranked.index(max(ranked))]
 
 
 def _ends(weights: tuple[float, ...] | None) -> list[float]:
-    """The running sums of a power-of-two table's weights."""
+    """The running sums of a power-of-two table's weights (as the picker's wheel)."""
     if weights is None:
         raise ValueError("a sampled table needs its weights")
     return list(itertools.accumulate(weights))
@@ -214,20 +206,11 @@ _RNG = random.Random()  # the engine's own random numbers (power of two's sample
 def _two(fast: tuple[PyTarget, ...], weights: tuple[float, ...], ends: list[float]) -> PyTarget:
     """balance/power_of_two.py's pick with the engine's own random numbers and counts: two
     distinct weighted samples, the lower active / weight wins, the first on a tie."""
-    count = len(fast)
-    if count == 1:
+    if len(fast) == 1:
         return fast[0]
-    total = ends[-1]
-    first = min(bisect.bisect_right(ends, _RNG.random() * total), count - 1)
-    first_weight = weights[first]
-    point = _RNG.random() * (total - first_weight)  # from the weight left once `first` is out
-    if point >= (ends[first - 1] if first else 0.0):
-        point += first_weight
-    second = min(bisect.bisect_right(ends, point), count - 1)
-    if second == first:  # only by float rounding at an interval edge
-        second = first + 1 if first + 1 < count else first - 1
+    first, second = draw_two(ends, weights, _RNG.random)
     a, b = fast[first], fast[second]
-    return b if b.active / weights[second] < a.active / first_weight else a
+    return b if b.active / weights[second] < a.active / weights[first] else a
 
 
 def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...]) -> PyTarget:
