@@ -27,7 +27,6 @@ from pointsman.config.addresses import HostPort
 from pointsman.config.loader import ConfigIssue, Loc, _line_for, _parse_yaml, format_loc, read_text
 from pointsman.config.model import Config
 from pointsman.config.node import _PLACEHOLDER, NodeFile
-from pointsman.kernel.tcbpf import missing as tc_missing
 from pointsman.proxy.sockets import listen_socket
 
 # An address a running pointsman already holds: (address, "tcp" | "udp").
@@ -144,7 +143,9 @@ def problems(wanted: list[Need], held: Collection[Held] = ()) -> Iterator[tuple[
             elif isinstance(need, WriteFile):
                 message = _replace_problem(need.path) if need.replaced else _write_problem(need.path)
             elif isinstance(need, TcProgram):
-                message = tc_missing()
+                from pointsman.kernel.tcbpf import missing  # ctypes, libbpf: only with tc
+
+                message = missing()
             elif isinstance(need, Interface):
                 message = _interface_problem(need.name)
             elif (need.address, need.protocol) in first:

@@ -21,8 +21,8 @@ every packet rewritten from the same slot map). One module per concern:
 - `kernel.datapath: tc` (stateless NAT as a tc BPF program, `bpf/stateless.c`): `tcmaps` (the
   maps' keys and values as bytes, the shared layout; pure), `tcplan` (the ordered map writes of
   one update; pure), `tcbpf` (clang and libbpf: build, load, attach, map I/O), `tcpath` (the
-  process's one program, shared by the tc listeners), `tclistener` (`TcListener`, and
-  `kernel_listener`, which picks the listener for a config).
+  process's one program, shared by the tc listeners), `tclistener` (`TcListener`;
+  `listener.kernel_listener` picks the listener for a config).
 
 See docs/kernel.md for the table layout, routing with and without SNAT, limits and metrics.
 """

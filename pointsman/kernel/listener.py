@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from pointsman.config.model import ListenerConfig
 from pointsman.kernel import conntrack
@@ -67,6 +68,9 @@ from pointsman.pool.pool import Pool
 from pointsman.pool.snapshot import PoolSnapshot
 from pointsman.protect.acl import AclLists
 from pointsman.telemetry.flow import EndReason
+
+if TYPE_CHECKING:
+    from pointsman.kernel.tclistener import TcListener
 
 log = logging.getLogger("pointsman.kernel")
 
@@ -488,3 +492,14 @@ class KernelListener:
         await self._table.release(self.name, self,
                                   remove_listener_text(spec, self.backend_counter_names(),
                                                        self._state.counter_index))
+
+
+def kernel_listener(config: ListenerConfig, pool: Pool,
+                    loop: asyncio.AbstractEventLoop) -> KernelListener | TcListener:
+    """The listener for a `dataplane: kernel` config: nftables, or the tc program (imported
+    only then: its ctypes and libbpf adapter are no start-up cost for anyone else)."""
+    if config.kernel.datapath == "tc":
+        from pointsman.kernel.tclistener import TcListener
+
+        return TcListener(config, pool, loop)
+    return KernelListener(config, pool, loop)

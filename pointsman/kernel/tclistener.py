@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from pointsman.config.model import ListenerConfig
-from pointsman.kernel.listener import KernelListener
 from pointsman.kernel.mailbox import Mailbox
 from pointsman.kernel.plan import KernelConfigError, ListenerSpec, Target, slot_targets, spec_for, target_of
 from pointsman.kernel.stats import REFRESH_SECONDS, KernelBackendStats, KernelListenerStats, MapUpdates
@@ -343,11 +342,3 @@ class TcListener:
             self._read()
         finally:
             self._program = None
-
-
-def kernel_listener(config: ListenerConfig, pool: Pool,
-                    loop: asyncio.AbstractEventLoop) -> KernelListener | TcListener:
-    """The listener for a `dataplane: kernel` config: nftables, or the tc program."""
-    if config.kernel.datapath == "tc":
-        return TcListener(config, pool, loop)
-    return KernelListener(config, pool, loop)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pointsman.config.addresses import HostPort
 from pointsman.config.model import Config, ListenerConfig, PoolConfig
 from pointsman.dataplane import DataPlane
-from pointsman.kernel.tclistener import kernel_listener
+from pointsman.kernel.listener import kernel_listener
 from pointsman.node import steering
 from pointsman.node.activation import Inherited
 from pointsman.node.closing import close_connections
