@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -355,6 +356,34 @@ async def test_a_power_of_two_pool_is_admitted_by_the_engine_by_samples_and_load
     assert sum(counts) == 400
     for count, weight in zip(counts, (1, 2, 5), strict=True):
         assert abs(count - 400 * weight / 8) <= 0.5 * 400 * weight / 8, counts
+
+
+async def test_a_hash_pool_picks_as_its_picker_with_workers(workers: int) -> None:
+    """The default process model: each worker's engine admits on its own table, and every
+    client still lands where the pool's Maglev picker sends it, whichever worker takes it
+    (12 sources held open, the backends' counts against the picker's)."""
+    async with echo_backend() as a, echo_backend() as b, echo_backend() as c:
+        listen = f"{LOOPBACK}:{free_port()}"
+        host, _, port = listen.rpartition(":")
+        text = one_pool_config(listen, [a.address, b.address, c.address],
+                               pool={"algorithm": "maglev", "maglev_table_size": 251})
+        async with running(text, workers=workers) as runtime:
+            snapshot = runtime.pools["p"].snapshot
+            expected = Counter()
+            held = []
+            for i in range(12):
+                source = f"127.0.0.{60 + i}"
+                reader, writer = await asyncio.open_connection(host, int(port),
+                                                               local_addr=(source, 0))
+                await roundtrip(reader, writer, b"w")
+                held.append(writer)
+                index = snapshot.picker.pick(source_key(source, 0, "source_ip"))
+                expected[snapshot.backends[index].id] += 1
+            for writer in held:
+                await close_writer(writer)
+    assert Counter({a.address: a.accepted, b.address: b.accepted, c.address: c.accepted}) \
+        == expected
+    assert len(expected) > 1
 
 
 async def test_the_engine_admits_within_the_table() -> None:
