@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import random
 import socket
+import struct
 
 import pytest
 
@@ -24,6 +25,7 @@ from tests.integration.engine_support import (
 from tests.support import LOOPBACK6, has_ipv6, wait_for
 
 CONNECTIONS = 16
+TCP_INFO_SIZE, SEGS_IN_AT = 144, 140  # struct tcp_info: its size up to tcpi_segs_in, and where
 SIZE = 2 * 1024 * 1024
 
 
@@ -122,6 +124,39 @@ async def test_backend_fin_first_and_client_keeps_sending(engine: str) -> None:
     assert (received, end) == (greeting, "eof")
     assert uploaded == [upload]
     assert record.reason == End.BACKEND_FIN
+
+
+def segments_in(sock: socket.socket) -> int:
+    """TCP segments the socket has received (struct tcp_info's tcpi_segs_in, Linux 4.2+)."""
+    return int(struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
+                                                       TCP_INFO_SIZE), SEGS_IN_AT)[0])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_the_last_data_and_the_fin_go_on_in_one_segment(engine: str) -> None:
+    """A reply and the backend's FIN that come together go to the client together, as HAProxy
+    sends them: the FIN rides on the data's segment (MSG_MORE, then the shutdown), which saves
+    a segment and the client's ACK of it. The client hears the SYN-ACK and that one segment."""
+    greeting = b"220 ready\r\n"
+
+    async def greet_and_close(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        conn.send(greeting)
+        conn.shutdown(socket.SHUT_WR)  # corked: the greeting and the FIN leave in one segment
+        await recv_to_end(conn, 5.0)
+
+    async with raw_backend(greet_and_close) as backend, proxy(engine, [backend.port]) as p:
+        seen = []
+        for _ in range(8):
+            sock = await open_raw(p.address)
+            received, end = await recv_to_end(sock)
+            seen.append((received, end, segments_in(sock)))
+            sock.close()
+        records = await p.wait_ended(8)
+    assert seen == [(greeting, "eof", 2)] * 8
+    assert [r.reason for r in records] == [End.BACKEND_FIN] * 8
+    assert [r.bytes_out for r in records] == [len(greeting)] * 8
+    p.assert_adds_up()
 
 
 @pytest.mark.parametrize("engine", ENGINES)

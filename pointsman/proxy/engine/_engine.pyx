@@ -54,6 +54,14 @@ log = logging.getLogger("pointsman.engine")
 
 NAME = "cython"
 
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void set_errno(int e) { errno = e; }
+    """
+    void set_errno(int e) nogil
+
+
 cdef enum:
     SLOTS = 4096
     MAX_EVENTS = 256
@@ -66,6 +74,9 @@ cdef enum:
     R_OK = 0
     R_SRC = 1
     R_DST = 2
+    # What a side's hang-up flag (c_hup, b_hup) says (pyengine: HUP_FIN, HUP_ERR)
+    H_FIN = 1  # its FIN came (RDHUP) and nothing worse
+    H_ERR = 2  # EPOLLHUP or EPOLLERR too: a reset, or both ways shut
     # End (api.py)
     E_CLIENT_FIN = 1
     E_BACKEND_FIN = 2
@@ -115,6 +126,7 @@ cdef unsigned int SPLICE_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 cdef uint32_t READ_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 cdef uint32_t HUP_EVENTS = EPOLLRDHUP | EPOLLHUP
+cdef uint32_t ERR_EVENTS = EPOLLHUP | EPOLLERR
 cdef uint32_t WRITE_EVENTS = EPOLLOUT | EPOLLERR | EPOLLHUP
 
 
@@ -1106,7 +1118,7 @@ cdef class CEngine:
             if mask & READ_EVENTS:
                 conn.c_rd = 1
             if mask & HUP_EVENTS:
-                conn.c_hup = 1
+                conn.c_hup = H_ERR if mask & ERR_EVENTS or conn.c_hup == H_ERR else H_FIN
             if mask & WRITE_EVENTS:
                 conn.c_wr = 1
             self._advance(conn)
@@ -1114,7 +1126,7 @@ cdef class CEngine:
         if mask & READ_EVENTS:
             conn.b_rd = 1
         if mask & HUP_EVENTS:
-            conn.b_hup = 1
+            conn.b_hup = H_ERR if mask & ERR_EVENTS or conn.b_hup == H_ERR else H_FIN
         if mask & WRITE_EVENTS:
             conn.b_wr = 1
         if conn.state == S_CONNECTING:
@@ -1604,6 +1616,7 @@ cdef class CEngine:
                    uint8_t* dst_wr, bint up) except -1:
         """Move src -> dst until one would block (pyengine._pump): R_OK, R_SRC or R_DST."""
         cdef Py_ssize_t n, w, moved = 0
+        cdef int more, failed
         if d.pipe_r >= 0:
             return self._pump_splice(conn, d, src, dst, src_rd, src_hup, dst_wr, up)
         while True:
@@ -1646,11 +1659,25 @@ cdef class CEngine:
                 continue
             moved += n
             self._count(conn, n, up)
-            if n < C_READ_CHUNK and not src_hup[0]:
-                src_rd[0] = 0
+            more = failed = 0
+            if n < C_READ_CHUNK:
+                if not src_hup[0]:
+                    src_rd[0] = 0
+                elif src_hup[0] == H_FIN:  # the end is next: read it first (pyengine._read_end)
+                    w = recv(src, self.rbuf + n, C_READ_CHUNK - n, 0)
+                    if w == 0:
+                        more = MSG_MORE
+                        d.eof = 1
+                        self._fin(conn, F_CLIENT_FIN if up else F_BACKEND_FIN)
+                    elif w > 0:
+                        moved += w
+                        self._count(conn, w, up)
+                        n += w
+                    elif errno != EAGAIN and errno != EINTR:
+                        failed = errno
             w = 0
             if dst_wr[0]:  # straight from the read buffer: no copy unless the destination is full
-                w = send(dst, self.rbuf, n, MSG_NOSIGNAL)
+                w = send(dst, self.rbuf, n, MSG_NOSIGNAL | more)
                 if w < 0:
                     if errno == EAGAIN:
                         dst_wr[0] = 0
@@ -1661,7 +1688,9 @@ cdef class CEngine:
                 dir_append(d, self.rbuf + w, n - w)
                 if w:
                     dst_wr[0] = 0
-                continue  # sends what is pending, or stops with the destination full
+            if failed:  # reset after the data: what was read went on first
+                set_errno(failed)
+                return R_SRC
 
     cdef int _forward_fin(self, Conn conn, Dir* d, int dst) except -1:
         cdef Dir* other = &conn.down if d == &conn.up else &conn.up

@@ -101,6 +101,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_LINGER
         SHUT_WR
         MSG_NOSIGNAL
+        MSG_MORE
         MSG_DONTWAIT
         MSG_TRUNC
 

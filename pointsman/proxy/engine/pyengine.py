@@ -99,6 +99,9 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK
 _CONN_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _HUP_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP
+_ERR_EVENTS = select.EPOLLHUP | select.EPOLLERR
+# What a side's `hup` says: its FIN came (RDHUP) and nothing worse; or a reset or both ways shut.
+HUP_FIN, HUP_ERR = 1, 2
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _MAX_EVENTS = 256
 _TICK_NS = int(TICK * 1e9)
@@ -296,7 +299,7 @@ class _Side:
         self.conn = conn
         self.rd = False
         self.wr = False
-        self.hup = False
+        self.hup = 0  # HUP_FIN or HUP_ERR once epoll said so
 
 
 class _Dir:
@@ -701,7 +704,7 @@ class PyEngine:
         if mask & _READ_EVENTS:
             side.rd = True
         if mask & _HUP_EVENTS:
-            side.hup = True
+            side.hup = HUP_ERR if mask & _ERR_EVENTS or side.hup == HUP_ERR else HUP_FIN
         if mask & _WRITE_EVENTS:
             side.wr = True
         conn = side.conn
@@ -1168,17 +1171,21 @@ class PyEngine:
                 d.eof = True
                 self._fin(conn, Flag.CLIENT_FIN if up else Flag.BACKEND_FIN)
                 continue
-            moved += n
             if up:
                 self._count_in(conn, n)
             else:
                 self._count_out(conn, n)
-            if n < READ_CHUNK and not src.hup:
-                src.rd = False
+            more = failed = 0
+            if n < READ_CHUNK:
+                if not src.hup:
+                    src.rd = False
+                elif src.hup == HUP_FIN:
+                    more, failed, n = self._read_end(conn, d, src, n, up)
+            moved += n
             sent = 0
             if dst.wr:  # straight from the read buffer: a copy only of what the destination leaves
                 try:
-                    sent = dst.sock.send(self._rview[:n])
+                    sent = dst.sock.send(self._rview[:n], more)
                 except BlockingIOError:
                     dst.wr = False
                 except InterruptedError:
@@ -1190,6 +1197,31 @@ class PyEngine:
                 d.pending = bytes(self._rview[sent:n])  # sent by the next pass of the loop
                 if sent:
                     dst.wr = False
+            if failed:  # reset after the data: what was read went on first
+                self._errno = failed
+                return _SRC_RESET
+
+    def _read_end(self, conn: _Conn, d: _Dir, src: _Side, n: int, up: bool) -> tuple[int, int, int]:
+        """After a short read from a side whose FIN came (and no error), the end is next: read
+        it now, before the data goes on, so that the data goes with MSG_MORE and the FIN
+        forwarded right after rides on its last segment (HAProxy merges them too): one segment
+        fewer, and one ACK fewer from the peer. Returns (send flags, the errno of a reset found
+        instead, the bytes now in the read buffer)."""
+        try:
+            more = src.sock.recv_into(self._rview[n:])
+        except (BlockingIOError, InterruptedError):
+            return 0, 0, n
+        except OSError as exc:
+            return 0, exc.errno or errno.EIO, n
+        if more:  # not the end after all (a read is short only at the end of what came)
+            if up:
+                self._count_in(conn, more)
+            else:
+                self._count_out(conn, more)
+            return 0, 0, n + more
+        d.eof = True
+        self._fin(conn, Flag.CLIENT_FIN if up else Flag.BACKEND_FIN)
+        return socket.MSG_MORE, 0, n
 
     def _forward_fin(self, conn: _Conn, d: _Dir, dst: _Side) -> int:
         if not d.fin_sent:
