@@ -538,7 +538,7 @@ def main() -> None:
                              "minimal poll(2) loop instead of uvloop (the nested epoll's cost)")
     parser.add_argument("--algorithm", default="round_robin",
                         help="the http pool's balancing algorithm in every pointsman row (the "
-                             "fast admission covers round_robin and weighted_round_robin)")
+                             "engine admits for every one: docs/engine.md, Fast admission)")
     parser.add_argument("--shedding", action="store_true",
                         help="load shedding on in every pointsman row (max_connections 50000, "
                              "max_loop_lag 500ms, as in docs/config.md's complete example)")

@@ -39,6 +39,7 @@ from pointsman.config.model import MAX_DRAIN_TIMEOUT, AdminConfig, AdminTlsConfi
 from pointsman.node.changes import BackendExists
 from pointsman.pool.pool import Member, UnknownBackend, UnknownPool
 from pointsman.pool.state import IllegalTransition
+from pointsman.proxy.sockets import listen_socket
 from pointsman.telemetry.eventlog import EVENTS, record_admin
 from pointsman.telemetry.events import AdminEvent, dicts, parse_filter
 
@@ -99,8 +100,13 @@ class AdminServer:
                                      logger=cast(logging.Logger, _ServerLog(log, {})))
         await self._runner.setup()
         bind = self.config.bind
-        site = web.TCPSite(self._runner, bind.host, bind.port, reuse_address=True,
-                           ssl_context=self.tls)
+        site: web.BaseSite
+        if bind.is_ip:  # bound here: no name lookup, no resolver threads (loop.PassingThreads)
+            site = web.SockSite(self._runner, listen_socket(bind, backlog=128),
+                                ssl_context=self.tls)
+        else:  # a name binds every address it has, as before
+            site = web.TCPSite(self._runner, bind.host, bind.port, reuse_address=True,
+                               ssl_context=self.tls)
         await site.start()
 
     async def stop(self) -> None:

@@ -375,3 +375,44 @@ async def test_node_is_typed_as_control_with_workers() -> None:
         async with running(config, workers=2) as node:
             assert isinstance(node, Node) and node.role == "control"
             assert [p.process for p in node.processes()] == ["control", "worker-0", "worker-1"]
+
+
+# --- one thread per data-path process ----------------------------------------------------------------
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+async def test_every_process_that_carries_connections_has_one_thread(workers: int,
+                                                                    tmp_path: Path) -> None:
+    """In a process of more than one thread every system call takes and drops a reference on
+    its descriptor's file (one thread skips that): a cost on each recv and send of the data path.
+    Nothing leaves a thread behind there: the admin API bound on an address (no name lookup:
+    libuv starts four resolver threads for the first and keeps them), its scrapes and status
+    (their threads leave when done: loop.PassingThreads), the flow log to a file, health checks;
+    with one process (where the admin API shares the data path's process) or workers."""
+    listen, admin = f"{LOOPBACK}:{free_port()}", f"{LOOPBACK}:{free_port()}"
+    async with echo_backend() as backend:
+        config = yaml.safe_dump({
+            "workers": workers,
+            "listeners": [{"name": "lb", "bind": listen, "pool": "p"}],
+            "pools": [{"name": "p", "health_check": {"interval": "200ms", "timeout": "100ms"},
+                       "backends": [{"address": backend.address}]}],
+            "admin": {"bind": admin},
+            "flow_log": {"path": str(tmp_path / "flows.jsonl")},
+        })
+        async with pointsman_process_async(config, tmp_path) as proc, \
+                admin_client(f"http://{admin}") as api:
+            await wait_for_async(lambda: ready(api), 10.0)
+            host, _, port = listen.rpartition(":")
+            for n in range(4):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                await roundtrip(reader, writer, b"one thread %d" % n, IO_TIMEOUT)
+                await close_writer(writer)
+            code, metrics = await api.get("/metrics")
+            assert code == 200 and "pointsman_" in metrics
+            _, status = await api.get("/api/v1/status")
+            data_path = [proc.popen.pid] if workers == 1 else [w["pid"] for w in status["workers"]]
+            await wait_for(lambda: all(threads(pid) == 1 for pid in data_path), 5.0,
+                           what="one thread in each data-path process")
