@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from pointsman.proxy.engine import new_engine
-from pointsman.proxy.engine.api import READ_CHUNK, End, Flag
+from pointsman.proxy.engine.api import READ_CHUNK, Connect, End, Flag, ReadPreamble
 from pointsman.proxy.engine.simple import RoundRobinPolicy
 from tests.integration.engine_support import (
     ENGINES,
@@ -156,6 +156,36 @@ async def test_the_last_data_and_the_fin_go_on_in_one_segment(engine: str) -> No
     assert seen == [(greeting, "eof", 2)] * 8
     assert [r.reason for r in records] == [End.BACKEND_FIN] * 8
     assert [r.bytes_out for r in records] == [len(greeting)] * 8
+    p.assert_adds_up()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_request_and_its_fin_held_for_the_connect_go_on_in_one_segment(engine: str) -> None:
+    """A client whose preamble, request and FIN come at once: the engine holds them while the
+    policy decides and the backend connects, then sends them with MSG_MORE, so the FIN rides on
+    their segment. The backend's socket hears the SYN, the handshake's ACK and that segment."""
+    request = b"TO 0\nQUIT\r\n"
+    heard: list[tuple[bytes, str, int]] = []
+
+    async def take(conn: socket.socket) -> None:
+        data, end = await recv_to_end(conn, 5.0)
+        heard.append((data, end, segments_in(conn)))
+
+    loop = asyncio.get_running_loop()
+    preamble = ReadPreamble(64, 5.0, 1, 2)
+    async with raw_backend(take) as backend, proxy(engine, [backend.port],
+                                                   read_preamble=preamble) as p:
+        p.policy.on_preamble = lambda conn_id, data: (  # type: ignore[assignment]
+            Connect(p.policy.targets[0]) if b"\n" in data else None)
+        for _ in range(8):
+            sock = await open_raw(p.address)
+            await loop.sock_sendall(sock, request)
+            sock.shutdown(socket.SHUT_WR)  # in the client's kernel before the engine reads
+            assert await recv_to_end(sock) == (b"", "eof")
+            sock.close()
+        records = await p.wait_ended(8)
+    assert heard == [(request, "eof", 3)] * 8
+    assert [r.bytes_in for r in records] == [len(request)] * 8
     p.assert_adds_up()
 
 

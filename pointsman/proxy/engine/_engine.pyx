@@ -1623,7 +1623,8 @@ cdef class CEngine:
             if d.len:
                 if not dst_wr[0]:
                     return R_OK
-                n = send(dst, d.buf + d.off, d.len, MSG_NOSIGNAL)
+                # After the source's FIN, the FIN goes on the last segment (pyengine._pump)
+                n = send(dst, d.buf + d.off, d.len, MSG_NOSIGNAL | (MSG_MORE if d.eof else 0))
                 if n < 0:
                     if errno == EAGAIN:
                         dst_wr[0] = 0

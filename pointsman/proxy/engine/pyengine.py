@@ -1135,7 +1135,9 @@ class PyEngine:
                 if not dst.wr:
                     return _OK
                 try:
-                    n = dst.sock.send(pending)
+                    # Once the source's FIN is in, MSG_MORE: the FIN forwarded after the
+                    # last of it rides on its segment (as after _read_end).
+                    n = dst.sock.send(pending, socket.MSG_MORE if d.eof else 0)
                 except BlockingIOError:
                     dst.wr = False
                     return _OK
