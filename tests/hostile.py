@@ -13,7 +13,7 @@ count bytes up to the reset. Every wait has a deadline; nothing sleeps to synchr
   PROXY header senders);
 - pointsman short of descriptors: `fd_limited_pointsman` (`pointsman run` under a lowered
   RLIMIT_NOFILE), with `admin_json` and `admin_metrics` to read it from outside;
-- memory: `rss_bytes(pid)`.
+- memory and descriptors: `rss_bytes(pid)`, `open_sockets(pid)`.
 """
 
 from __future__ import annotations
@@ -409,6 +409,18 @@ def rss_bytes(pid: int) -> int:
     """Resident set size of a process and its descendants (VmRSS from /proc): pointsman's
     control process and its workers, which hold the connections by default."""
     return sum(_own_rss(each) for each in _tree(pid))
+
+
+def open_sockets(pid: int) -> int:
+    """Sockets a process and its descendants hold open (pointsman's control process and its
+    workers): what a leaked connection leaves behind."""
+    count = 0
+    for each in _tree(pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            for fd in Path(f"/proc/{each}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    count += fd.readlink().name.startswith("socket:")
+    return count
 
 
 def _tree(pid: int) -> list[int]:

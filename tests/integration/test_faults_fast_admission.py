@@ -23,6 +23,7 @@ workers the same test reads the control process's sums).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
@@ -406,3 +407,72 @@ def backend_failures(runtime: Any, name: str) -> int:
     pool = runtime.pools["p"]
     return next(stats.connect_failures for member, stats in
                 zip(pool.members(), runtime.backend_stats(pool), strict=True) if member.id == name)
+
+
+# --- out of descriptors with a hash or a weighted pool ----------------------------------------------
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+@pytest.mark.parametrize(("algorithm", "workers"), [
+    ("source_hash", 1), ("source_hash", 2), ("maglev", 1), ("weighted_round_robin", 2)])
+async def test_out_of_descriptors_with_a_keyed_or_weighted_pool(
+        algorithm: str, workers: int, tmp_path: Path) -> None:
+    """As test_faults_resources' run short of descriptors (`prlimit --nofile=256`, 400 clients
+    held), with the engine admitting on a hash or weighted table, each client from its own
+    address: the limit is hit and counted, nobody is blamed, then 100 clients are all served at
+    once, /metrics adds up with nothing open, and the process holds no more sockets than before
+    the flood (a connection leaked on the way out of the shortage would keep two)."""
+    from tests.hostile import fd_limited_pointsman, open_sockets
+    from tests.integration.test_faults_resources import (
+        AFTER,
+        NOFILE,
+        assert_no_backend_blamed,
+        echo_once,
+    )
+    from tests.integration.test_faults_resources import HELD as FLOOD
+
+    sources = [f"127.0.{i // 200}.{10 + i % 200}" for i in range(FLOOD)]
+    async with raw_backend(echo) as a, raw_backend(echo) as b, raw_backend(echo) as c:
+        listen = f"{LOOPBACK}:{free_port()}"
+        admin = f"{LOOPBACK}:{free_port()}"
+        backends = [{"name": name, "address": peer.address, "weight": weight}
+                    for name, peer, weight in (("a", a, 3), ("b", b, 2), ("c", c, 1))]
+        pool = pool_config(algorithm, backends)
+        pool["passive"] = {}  # passive ejection on, as by default: a shortage must not trip it
+        text = node_config(listen, pool, admin=admin, workers=workers)
+        with fd_limited_pointsman(text, tmp_path, NOFILE) as proc:
+            await metrics_when(admin, lambda m: True, what="the admin API answers")
+            baseline = open_sockets(proc.pid)
+
+            def limit_was_hit(m: dict[str, float]) -> bool:
+                return (metric_sum(m, "pointsman_local_resource_errors_total")
+                        + metric_sum(m, "pointsman_accept_errors_total")) > 0
+
+            held = []
+            try:
+                for i, source in enumerate(sources):
+                    sock = await raw_connect(listen, timeout=5.0, source=source)
+                    held.append(sock)
+                    with contextlib.suppress(OSError):
+                        sock.send(b"held %d\n" % i)
+                await metrics_when(admin, limit_was_hit, what="the descriptor limit hit, counted")
+            finally:
+                for sock in held:
+                    sock.close()
+            results = await asyncio.gather(
+                *(echo_once(listen, b"after %d\n" % i) for i in range(AFTER)),
+                return_exceptions=True)
+            failures = [r for r in results if isinstance(r, BaseException)]
+            assert not failures, f"{len(failures)} of {AFTER} failed, first: {failures[0]!r}"
+            final = await metrics_when(
+                admin, lambda m: total(m, "pointsman_active_connections") == 0
+                and total(m, "pointsman_connections_accepted_total") >= AFTER,
+                what="every connection over")
+            await asyncio.to_thread(assert_no_backend_blamed, admin)
+            await wait_for(lambda: open_sockets(proc.pid) <= baseline, 5.0,
+                           what=f"back to the {baseline} sockets held before the flood")
+    assert_adds_up(final)
+    for name in "abc":
+        assert total(final, "pointsman_backend_active_connections", backend=name) == 0, name
+    assert total(final, "pointsman_connections_rejected_total", reason="local_resource") \
+        <= total(final, "pointsman_local_resource_errors_total")
