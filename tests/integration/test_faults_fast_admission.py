@@ -476,3 +476,75 @@ async def test_out_of_descriptors_with_a_keyed_or_weighted_pool(
         assert total(final, "pointsman_backend_active_connections", backend=name) == 0, name
     assert total(final, "pointsman_connections_rejected_total", reason="local_resource") \
         <= total(final, "pointsman_local_resource_errors_total")
+
+
+# --- load shedding with two workers -------------------------------------------------------------------
+
+SHED_BOUND = 6  # each of the two workers sheds at its share: 3
+SHED_ATTEMPTS = 14  # one worker meets at least 7 of them: past its share whatever the spread
+
+
+async def served(sock: socket.socket) -> bool:
+    """True when a line comes back through pointsman, False when it cut the connection."""
+    loop = asyncio.get_running_loop()
+    try:
+        await send_all(sock, b"ping\n", IO_TIMEOUT)
+        async with asyncio.timeout(IO_TIMEOUT):
+            got = b""
+            while len(got) < 5:
+                data = await loop.sock_recv(sock, 64)
+                if not data:
+                    return False
+                got += data
+    except ConnectionError:
+        return False
+    assert got == b"ping\n"
+    return True
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+@pytest.mark.parametrize("algorithm", ["least_connections", "power_of_two", "source_hash"])
+async def test_shedding_bound_holds_with_two_workers_for_every_algorithm(
+        algorithm: str, tmp_path: Path) -> None:
+    """`shedding.max_connections: 6` over two listeners on one pool, `workers: 2`: 14 clients
+    from 14 addresses held open, alternating listeners. Each worker lends its engine credit
+    within its share, so never more than 6 are served (and the backends never see more), at
+    least one worker's share (3) is, every other one is shed and counted so; once they close,
+    a new client is served again and /metrics adds up with nothing open."""
+    async with raw_backend(echo) as a, raw_backend(echo) as b:
+        first, second = (f"{LOOPBACK}:{free_port()}" for _ in range(2))
+        admin = f"{LOOPBACK}:{free_port()}"
+        backends = [{"name": "a", "address": a.address, "weight": 2},
+                    {"name": "b", "address": b.address, "weight": 1}]
+        data = yaml.safe_load(node_config(first, pool_config(algorithm, backends), admin=admin,
+                                          workers=2, shedding={"max_connections": SHED_BOUND}))
+        data["listeners"].append({"name": "lb2", "bind": second, "pool": "p"})
+        async with pointsman_process_async(yaml.safe_dump(data), tmp_path):
+            held: list[socket.socket] = []
+            outcomes: list[bool] = []
+            try:
+                for i in range(SHED_ATTEMPTS):
+                    sock = await raw_connect((first, second)[i % 2], timeout=IO_TIMEOUT,
+                                             source=f"127.0.1.{20 + i}")
+                    held.append(sock)
+                    outcomes.append(await served(sock))
+                opened = a.accepted + b.accepted
+            finally:
+                for sock in held:
+                    sock.close()
+            metrics = await metrics_when(
+                admin, lambda m: total(m, "pointsman_connections_accepted_total")
+                == SHED_ATTEMPTS and total(m, "pointsman_active_connections") == 0,
+                what="every held connection over")
+            sock = await raw_connect(first, timeout=IO_TIMEOUT, source="127.0.1.99")
+            try:
+                again = await served(sock)
+            finally:
+                sock.close()
+    count = outcomes.count(True)
+    assert SHED_BOUND // 2 <= count <= SHED_BOUND, outcomes
+    assert opened == count, "a backend saw a connection the client was not served on"
+    assert total(metrics, "pointsman_connections_rejected_total", reason="shed_connections") \
+        == SHED_ATTEMPTS - count
+    assert_adds_up(metrics)
+    assert again, "not served once the shed connections' room was free again"
