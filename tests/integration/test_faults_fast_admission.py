@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pointsman.config.loader import load_text
 from tests.hostile import (
     admin_json,
     admin_metrics,
@@ -407,6 +408,48 @@ def backend_failures(runtime: Any, name: str) -> int:
     pool = runtime.pools["p"]
     return next(stats.connect_failures for member, stats in
                 zip(pool.members(), runtime.backend_stats(pool), strict=True) if member.id == name)
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+@pytest.mark.parametrize("algorithm", LOAD_AWARE)
+async def test_the_engine_counts_a_backend_through_every_listener_and_across_a_reload(
+        algorithm: str) -> None:
+    """The engine compares what the picker compares: every connection to a backend in the
+    process. Backend b drained, 4 held on listener lb all reach a; b back, 2 held on a second
+    listener of the same pool both go to b (a has 4); the pool reloaded with a new idle timeout
+    (its targets are remade while the 6 stay open), 2 more on lb go to b again (4 against 2).
+    One process: the engine's counts are its own, exactly the policy's."""
+    async with raw_backend(greeter("a")) as a, raw_backend(greeter("b")) as b:
+        first, second = (f"{LOOPBACK}:{free_port()}" for _ in range(2))
+        backends = [{"name": "a", "address": a.address}, {"name": "b", "address": b.address}]
+        data = yaml.safe_load(node_config(first, pool_config(algorithm, backends)))
+        data["listeners"].append({"name": "lb2", "bind": second, "pool": "p"})
+        async with running(yaml.safe_dump(data)) as runtime:
+            pool = runtime.pools["p"]
+            socks: list[socket.socket] = []
+            try:
+                pool.drain("b")
+                held, split = await hold(first, 4)
+                socks += held
+                assert split == {"a": 4}
+                pool.enable("b")
+                held, split = await hold(second, 2)
+                socks += held
+                assert split == {"b": 2}, "the other listener's connections were not counted"
+                await counts_settle(runtime, 1, {"a": 4, "b": 2})
+                data["pools"][0]["idle_timeout"] = "100s"
+                assert await runtime.apply(load_text(yaml.safe_dump(data), "<reload>")) == []
+                held, split = await hold(first, 2)
+                socks += held
+                assert split == {"b": 2}, "the connections before the reload were not counted"
+                await counts_settle(runtime, 1, {"a": 4, "b": 4})
+            finally:
+                for sock in socks:
+                    sock.close()
+            await wait_for(lambda: backend_active(runtime) == {"a": 0, "b": 0}, REPORT_TIMEOUT,
+                           what="every connection ended")
+            assert engine_counts(runtime) == {"a": 0, "b": 0}
+
 
 
 # --- out of descriptors with a hash or a weighted pool ----------------------------------------------

@@ -24,6 +24,7 @@ import os as _os
 import logging
 import mmap as _mmap
 import socket as _socket
+import weakref as _weakref
 
 from pointsman.proxy.engine.api import (
     ACCEPT_BACKOFF,
@@ -214,6 +215,15 @@ cdef int dir_append(Dir* d, const char* data, Py_ssize_t n) except -1:
 
 
 @cython.final
+cdef class Load:
+    """The live load of one backend, shared by the targets made with the same `load` key
+    (see pyengine.Load)."""
+
+    cdef Py_ssize_t active
+    cdef object __weakref__
+
+
+@cython.final
 cdef class CTarget:
     """A backend address and per-pool settings, parsed once (see pyengine.PyTarget)."""
 
@@ -234,11 +244,11 @@ cdef class CTarget:
     cdef int64_t splice_after
     cdef readonly bint quiet  # a success is counted in `connected`, not reported (api.py)
     cdef readonly uint64_t connected
-    cdef readonly Py_ssize_t active  # connections assigned to it, not ended (pyengine.PyTarget)
+    cdef Load load  # its backend's connections, not ended, shared (pyengine.PyTarget)
 
     def __init__(self, int backend, str host, int port, source, bint transparent,
                  double connect_timeout, double idle_timeout, double half_close_timeout,
-                 splice_after, bint nodelay, keepalive, bint quiet=False):
+                 splice_after, bint nodelay, keepalive, bint quiet=False, Load load=None):
         parse_addr(host, port, &self.addr)
         if keepalive is not None:
             keepalive = Keepalive(*keepalive).check()
@@ -258,6 +268,12 @@ cdef class CTarget:
         self.half_close_ns = <int64_t>(half_close_timeout * 1e9)
         self.splice_after = C_NEVER if splice_after is None else splice_after
         self.quiet = quiet
+        self.load = Load() if load is None else load
+
+    @property
+    def active(self):
+        """The connections to its backend through it and every target sharing its load."""
+        return self.load.active
 
     def __repr__(self):
         return f"CTarget({self.backend}, {self.host!r}, {self.port})"
@@ -616,7 +632,7 @@ cdef CTarget _two(Listener lst):
     if second == first:  # only by float rounding at an interval edge
         second = first + 1 if first + 1 < count else first - 1
     cdef CTarget a = <CTarget>fast[first], b = <CTarget>fast[second]
-    if b.active / <double>weights[second] < a.active / first_weight:
+    if b.load.active / <double>weights[second] < a.load.active / first_weight:
         return b
     return a
 
@@ -632,7 +648,7 @@ cdef CTarget _least(Listener lst):
     cdef Py_ssize_t count = len(fast), position = lst.fast_next, best = -1, k
     cdef double score, best_score = 0.0
     for k in range(count):
-        score = (<CTarget>fast[position]).active / <double>weights[position]
+        score = (<CTarget>fast[position]).load.active / <double>weights[position]
         if best < 0 or score < best_score:
             best = position
             best_score = score
@@ -681,6 +697,7 @@ cdef class CEngine:
     cdef uint64_t local_errs[4][ERRNO_SLOTS]
     cdef bint closed
     cdef object _on_ready_cb, _tick_cb, _again_cb
+    cdef object loads  # the backends' loads by the policy's key, while a target holds one
 
     def __cinit__(self):
         self.epfd = -1
@@ -721,6 +738,7 @@ cdef class CEngine:
         self._on_ready_cb = self._on_ready
         self._tick_cb = self._tick
         self._again_cb = self._run_again
+        self.loads = _weakref.WeakValueDictionary()
         loop.add_reader(self.epfd, self._on_ready_cb)
 
     def __dealloc__(self):
@@ -735,9 +753,16 @@ cdef class CEngine:
     def target(self, int backend, str host, int port, *, source=None, bint transparent=False,
                double connect_timeout=5.0, double idle_timeout=300.0,
                double half_close_timeout=30.0, splice_after=None, bint nodelay=True,
-               keepalive=None, bint quiet=False):
+               keepalive=None, bint quiet=False, load=None):
+        """pyengine.PyEngine.target: targets made with the same `load` key share one count."""
+        cdef Load shared = None
+        if load is not None:
+            shared = self.loads.get(load)
+            if shared is None:
+                shared = Load()
+                self.loads[load] = shared
         return CTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
-                       half_close_timeout, splice_after, nodelay, keepalive, quiet)
+                       half_close_timeout, splice_after, nodelay, keepalive, quiet, shared)
 
     def add_listener(self, sock, policy, *, bint nodelay=True, keepalive=None):
         cdef Listener lst = Listener()
@@ -1404,8 +1429,8 @@ cdef class CEngine:
                       object source) except -1:
         cdef int err, op
         if conn.target is not None:  # a retry: the load moves
-            conn.target.active -= 1
-        target.active += 1
+            conn.target.load.active -= 1
+        target.load.active += 1
         conn.target = target
         conn.first = bytes(first) if first else None  # _connected reads it as bytes, unchecked
         if consume > 0 and conn.up.len:
@@ -1954,7 +1979,7 @@ cdef class CEngine:
         conn.first = None
         conn.preamble = None
         if conn.target is not None:
-            conn.target.active -= 1
+            conn.target.load.active -= 1
         lst = conn.lst
         lst.active -= 1
         if reason == E_REFUSED:
