@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
@@ -591,3 +592,74 @@ async def test_shedding_bound_holds_with_two_workers_for_every_algorithm(
         == SHED_ATTEMPTS - count
     assert_adds_up(metrics)
     assert again, "not served once the shed connections' room was free again"
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+@pytest.mark.parametrize("algorithm", ["source_hash", "weighted_round_robin", "least_connections"])
+async def test_emfile_on_a_connection_the_engine_admitted(algorithm: str) -> None:
+    """Real EMFILE in the node's own process (test_faults_resources' descriptors_exhausted:
+    pointsman's descriptor budget keeps a subprocess from reaching it). A connection the
+    engine admits on its table finds no descriptor for its backend's socket: refused as
+    local_resource, counted with its op and errno, nobody blamed, its count dropped; then the
+    accept itself fails, and once descriptors are back that client is served, and the engine
+    admits the next ones on its table again. The counters add up, in the policy and the engine."""
+    from pointsman.telemetry.flow import RejectReason
+    from tests.integration.test_faults_resources import descriptors_exhausted, echo_once
+
+    async with raw_backend(echo) as a, raw_backend(echo) as b, raw_backend(echo) as c:
+        listen = f"{LOOPBACK}:{free_port()}"
+        backends = [{"name": name, "address": peer.address, "weight": weight}
+                    for name, peer, weight in (("a", a, 3), ("b", b, 2), ("c", c, 1))]
+        pool = pool_config(algorithm, backends)
+        pool["passive"] = {"consecutive_failures": 1}  # one blamed failure would eject
+        async with running(node_config(listen, pool)) as runtime:
+            loop = asyncio.get_running_loop()
+            listener = runtime.listeners["lb"]
+            stats = listener.stats
+            port = int(listen.rpartition(":")[2])
+            await echo_once(listen, b"the first, picked in Python, sets the table\n")
+            admitted = listener.fast_admitted  # type: ignore[attr-defined]
+
+            refused, late = socket.socket(), socket.socket()
+            try:
+                refused.setblocking(False)
+                with descriptors_exhausted() as fillers:
+                    os.close(fillers.pop())  # room for the accept, none for the backend's socket
+                    with contextlib.suppress(BlockingIOError):
+                        refused.connect((LOOPBACK, port))
+                    await wait_for(lambda: stats.rejected[RejectReason.LOCAL_RESOURCE] == 1,
+                                   5.0, what="refused as local_resource")
+                assert listener.fast_admitted == admitted + 1, "not the engine's admission"
+                _, how = await read_to_end(refused, 5.0)
+                assert how in ("eof", "reset")
+
+                late.setblocking(False)
+                with descriptors_exhausted():
+                    with contextlib.suppress(BlockingIOError):
+                        late.connect((LOOPBACK, port))
+                    await wait_for(lambda: stats.accept_errors["EMFILE"] >= 1, 5.0,
+                                   what="accept EMFILE counted")
+                await loop.sock_sendall(late, b"late but served\n")
+                late.shutdown(socket.SHUT_WR)
+                assert await read_to_end(late, 5.0) == (b"late but served\n", "eof")
+            finally:
+                refused.close()
+                late.close()
+            before = listener.fast_admitted
+            for i in range(8):
+                await echo_once(listen, b"after %d\n" % i)
+            assert listener.fast_admitted > before, "the engine admits on its table no more"
+            await wait_for(lambda: stats.active == 0, 5.0, what="every connection ended")
+            assert stats.accepted == sum(stats.rejected.values()) + sum(stats.ended.values())
+            assert dict(stats.rejected) == {RejectReason.LOCAL_RESOURCE: 1}
+            assert sum(v for k, v in stats.local_resource.items() if k.endswith("EMFILE")) == 1
+            engine = listener.engine
+            for lid in listener.lids:
+                counters = engine.listener_stats(lid)
+                assert counters.accepted == counters.refused + counters.ended + counters.active
+                assert counters.active == 0
+            assert engine_counts(runtime) == {"a": 0, "b": 0, "c": 0}
+            assert backend_active(runtime) == {"a": 0, "b": 0, "c": 0}
+            assert backend_failures(runtime, "a") + backend_failures(runtime, "b") \
+                + backend_failures(runtime, "c") == 0
+            assert not runtime.transitions, "a shortage of ours blamed a backend"
