@@ -10,9 +10,12 @@ source hash's client key hashed in C, and load shedding's credit lent to the eng
 - least connections and power of two: after a storm of resets the engine's count of every target
   is 0 again, and the next held connections split as the picker says (a leaked count skews it);
   a retry off a refusing backend moves its count, so when that backend comes back it takes the
-  next connections until it has caught up;
-- out of descriptors (EMFILE) with a hash or a weighted pool: nobody blamed, nothing left open,
-  the listener serves again and the counters add up;
+  next connections until it has caught up; the count is the backend's, whichever listener or
+  whichever target (one made before a reload) a connection went through;
+- out of descriptors with a hash or a weighted pool: in `pointsman run` (the descriptor budget
+  keeps it off EMFILE) nobody blamed, no socket left open, the listener serves again and the
+  counters add up; in the test's own process, a real EMFILE on a connection the engine admitted
+  is our shortage, not the backend's, and the engine admits on its table again after;
 - load shedding with `workers: 2` and each algorithm: never more open than the process's bound.
 
 The real `pointsman` process (what operators run) is read through its admin API; where the engine's
