@@ -39,6 +39,7 @@ import yaml
 
 from pointsman.config.loader import load_text
 from tests.hostile import (
+    LINGER_RESET,
     admin_json,
     admin_metrics,
     client_send_then_reset,
@@ -104,7 +105,7 @@ def node_config(listen: str, pool: dict[str, Any], *, admin: str | None = None,
 
 async def reset_at_once(sock: socket.socket) -> None:
     """Backend: a RST right after the accept (SO_LINGER 0; the caller closes)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
 
 
 def greeter(name: str) -> Any:
@@ -120,7 +121,7 @@ def greeter(name: str) -> Any:
 @dataclass
 class Switch:
     """A backend whose behaviour the test changes: resetting (read the request, send REPLY
-    bytes, then a RST) or, once `healed`, a greeter."""
+    bytes, then a RST) or, once `resets` is off, a greeter."""
 
     name: str
     resets: bool = True
