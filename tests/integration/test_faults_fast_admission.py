@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ import pytest
 import yaml
 
 from pointsman.config.loader import load_text
+from pointsman.telemetry.flow import EndReason
 from tests.hostile import (
     LINGER_RESET,
     admin_json,
@@ -49,8 +51,10 @@ from tests.hostile import (
     raw_backend,
     raw_connect,
     read_to_end,
+    reset,
     send_all,
     send_then_reset,
+    unsent,
 )
 from tests.support import (
     LOOPBACK,
@@ -667,3 +671,83 @@ async def test_emfile_on_a_connection_the_engine_admitted(algorithm: str) -> Non
             assert backend_failures(runtime, "a") + backend_failures(runtime, "b") \
                 + backend_failures(runtime, "c") == 0
             assert not runtime.transitions, "a shortage of ours blamed a backend"
+
+
+# --- a reset found by a write ------------------------------------------------------------------------
+
+SPLICE_AFTER = 1024
+PATHS = {"transport": {"zero_copy": "off"},
+         "splice": {"zero_copy": "auto", "zero_copy_after": SPLICE_AFTER}}
+
+
+def wait_acked(sock: socket.socket, timeout: float = 5.0) -> None:
+    """Block until the peer's kernel has every byte `sock` sent (the test's loop is blocked on
+    purpose meanwhile, so this cannot await)."""
+    deadline = time.monotonic() + timeout
+    while unsent(sock):
+        if time.monotonic() > deadline:
+            raise AssertionError("the peer's kernel did not take the bytes")
+        time.sleep(0.001)
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dead", ["backend", "client"])
+async def test_a_reset_found_by_a_write_still_delivers_what_came_before_it(
+        dead: str, path: str) -> None:
+    """One side sends bytes and then a reset while the engine is not looking (the test's loop,
+    which runs the node, is blocked on purpose), after the other side sent something the engine
+    will write to it first. The engine learns of the reset from that write failing, not from a
+    read; the bytes the dead side sent before its reset are still in the kernel, and must reach
+    the survivor before the reset does (the reset stays a reset, after every byte)."""
+    loop = asyncio.get_running_loop()
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((LOOPBACK, 0))
+    server.listen(8)
+    server.setblocking(False)
+    listen = f"{LOOPBACK}:{free_port()}"
+    backends = [{"name": "a", "address": f"{LOOPBACK}:{server.getsockname()[1]}"}]
+    text = node_config(listen, pool_config("least_connections", backends, **PATHS[path]))
+    last = pattern(REPLY, seed=5)  # what the dead side sends just before its reset
+    try:
+        async with running(text) as runtime:
+            stats = runtime.listeners["lb"].stats
+            client = await raw_connect(listen)
+            backend: socket.socket | None = None
+            try:
+                await send_all(client, pattern(REQUEST))
+                async with asyncio.timeout(IO_TIMEOUT):
+                    backend, _ = await loop.sock_accept(server)
+                    got = b""
+                    while len(got) < REQUEST:
+                        got += await loop.sock_recv(backend, 65536)
+                await send_all(backend, b"ok")  # past zero_copy_after both ways, too
+                async with asyncio.timeout(IO_TIMEOUT):
+                    assert await loop.sock_recv(client, 2) == b"ok"
+                if path == "splice":
+                    await wait_for(lambda: stats.spliced == 1, 5.0, what="moved to splice")
+                # The engine does not run until the end of this block: the survivor's bytes
+                # are ready first, then the dead side's bytes and reset.
+                survivor, doomed = (client, backend) if dead == "backend" else (backend, client)
+                survivor.send(b"first")
+                wait_acked(survivor)
+                doomed.send(last)
+                wait_acked(doomed)
+                reset(doomed)
+                if dead == "backend":
+                    backend = None
+                else:
+                    client = backend  # the survivor, read below
+                data, how = await read_to_end(survivor, IO_TIMEOUT)
+            finally:
+                client.close()
+                if backend is not None:
+                    backend.close()
+            await wait_for(lambda: stats.active == 0, 5.0, what="connection ended")
+    finally:
+        server.close()
+    assert (len(data), how) == (len(last), "reset")
+    assert data == last
+    reason = EndReason.BACKEND_RESET if dead == "backend" else EndReason.CLIENT_RESET
+    assert dict(stats.ended) == {reason: 1}

@@ -1809,6 +1809,7 @@ cdef class CEngine:
         conn.state = S_DRAIN
         conn.reason = reason
         conn.drain_up = client
+        self._salvage(conn, conn.cfd if client else conn.bfd, client)
         if client:
             self._close(conn.cfd, False)
             conn.cfd = -1
@@ -1823,6 +1824,24 @@ cdef class CEngine:
         self.draining.add(conn)
         self._arm(conn)
         return self._drain(conn)
+
+    cdef int _salvage(self, Conn conn, int fd, bint up) except -1:
+        """pyengine._salvage: what the reset side's kernel still holds from it, after what is
+        buffered (a reset found by a failed write or FIN towards it)."""
+        cdef Dir* d = &conn.up if up else &conn.down
+        cdef Py_ssize_t n
+        if d.eof:
+            return 0
+        while True:
+            n = recv(fd, self.rbuf, C_READ_CHUNK, 0)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                return 0  # nothing more (EAGAIN), or the reset itself
+            if n == 0:
+                return 0
+            self._count(conn, n, up)
+            dir_append(d, self.rbuf, n)
 
     cdef int _drain(self, Conn conn) except -1:
         cdef Dir* d = &conn.up if conn.drain_up else &conn.down

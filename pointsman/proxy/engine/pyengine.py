@@ -1351,6 +1351,7 @@ class PyEngine:
         conn.drain_up = client  # the client is gone: what it sent goes up to the backend
         dead = conn.client if client else conn.backend
         assert dead is not None
+        self._salvage(conn, dead, client)
         self._fds.pop(dead.fd, None)
         self._close(dead.sock, reset=False)
         if client:
@@ -1363,6 +1364,33 @@ class PyEngine:
         self._draining.add(conn)
         self._arm(conn)
         self._drain(conn)
+
+    def _salvage(self, conn: _Conn, dead: _Side, up: bool) -> None:
+        """Take what the reset side's kernel still holds from it, after what is buffered: a
+        failed write or FIN towards it reports its reset while bytes it sent before the reset
+        are still to be read. Bounded by that socket's receive buffer (nothing comes after a
+        reset); a reset found by a read has nothing left (the kernel gives the bytes first)."""
+        d = conn.up if up else conn.down
+        if d.eof:
+            return
+        parts: list[bytes] = []
+        while True:
+            try:
+                n = dead.sock.recv_into(self._rbuf)
+            except InterruptedError:
+                continue
+            except OSError:  # nothing more (EAGAIN), or the reset itself
+                break
+            if n == 0:
+                break
+            parts.append(bytes(self._rview[:n]))
+            if up:
+                self._count_in(conn, n)
+            else:
+                self._count_out(conn, n)
+        if parts:
+            pending = d.pending
+            d.pending = (b"" if pending is None else bytes(pending)) + b"".join(parts)
 
     def _drain(self, conn: _Conn) -> None:
         """Write what the reset side sent to the survivor, then reset the survivor once its
