@@ -466,7 +466,7 @@ async def test_the_engine_counts_a_backend_through_every_listener_and_across_a_r
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 @pytest.mark.parametrize(("algorithm", "workers"), [
-    ("source_hash", 1), ("source_hash", 2), ("maglev", 1), ("weighted_round_robin", 2)])
+    ("source_hash", 1), ("source_hash", 2), ("weighted_round_robin", 2)])
 async def test_out_of_descriptors_with_a_keyed_or_weighted_pool(
         algorithm: str, workers: int, tmp_path: Path) -> None:
     """As test_faults_resources' run short of descriptors (`prlimit --nofile=256`, 400 clients
@@ -555,8 +555,8 @@ async def served(sock: socket.socket) -> bool:
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-@pytest.mark.parametrize("algorithm", ["least_connections", "power_of_two", "source_hash"])
-async def test_shedding_bound_holds_with_two_workers_for_every_algorithm(
+@pytest.mark.parametrize("algorithm", ["least_connections", "source_hash"])
+async def test_shedding_bound_holds_with_two_workers_and_a_load_aware_or_keyed_pool(
         algorithm: str, tmp_path: Path) -> None:
     """`shedding.max_connections: 6` over two listeners on one pool, `workers: 2`: 14 clients
     from 14 addresses held open, alternating listeners. Each worker lends its engine credit
