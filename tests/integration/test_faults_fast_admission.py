@@ -16,7 +16,10 @@ source hash's client key hashed in C, and load shedding's credit lent to the eng
   keeps it off EMFILE) nobody blamed, no socket left open, the listener serves again and the
   counters add up; in the test's own process, a real EMFILE on a connection the engine admitted
   is our shortage, not the backend's, and the engine admits on its table again after;
-- load shedding with `workers: 2` and each algorithm: never more open than the process's bound.
+- load shedding with `workers: 2` (least connections, source hash): never more open than the
+  process's bound;
+- a reset found by a write towards the reset side (not by a read) still delivers what that side
+  sent before it.
 
 The real `pointsman` process (what operators run) is read through its admin API; where the engine's
 own per-target counts are looked at, the node runs in the test's loop (one process; with two
