@@ -13,7 +13,7 @@ count bytes up to the reset. Every wait has a deadline; nothing sleeps to synchr
   PROXY header senders);
 - pointsman short of descriptors: `fd_limited_pointsman` (`pointsman run` under a lowered
   RLIMIT_NOFILE), with `admin_json` and `admin_metrics` to read it from outside;
-- memory: `rss_bytes(pid)`.
+- memory and descriptors: `rss_bytes(pid)`, `open_sockets(pid)`.
 """
 
 from __future__ import annotations
@@ -58,13 +58,17 @@ def split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def raw_connect(address: str, timeout: float = 2.0, rcvbuf: int | None = None) -> socket.socket:
-    """A connected non-blocking socket (`rcvbuf` set before connecting, so the window is small)."""
+async def raw_connect(address: str, timeout: float = 2.0, rcvbuf: int | None = None,
+                      source: str | None = None) -> socket.socket:
+    """A connected non-blocking socket (`rcvbuf` set before connecting, so the window is small;
+    from the local address `source`, if given: a hash pool sees another client)."""
     host, port = split(address)
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setblocking(False)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if source is not None:
+        sock.bind((source, 0))
     try:
         async with asyncio.timeout(timeout):
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
@@ -136,13 +140,19 @@ class RawBackend:
 
 
 @contextlib.asynccontextmanager
-async def raw_backend(handler: RawHandler, host: str = LOOPBACK) -> AsyncIterator[RawBackend]:
-    """Serve `handler(sock)` for every connection on an ephemeral port. The handler owns the
-    socket (closes or resets it); a handler error fails the test when the block exits."""
+async def raw_backend(handler: RawHandler, host: str = LOOPBACK,
+                      bound: socket.socket | None = None) -> AsyncIterator[RawBackend]:
+    """Serve `handler(sock)` for every connection on an ephemeral port (or on `bound`, a socket
+    bound and not listening yet: a port that refused connections until now). The handler owns
+    the socket (closes or resets it); a handler error fails the test when the block exits."""
     loop = asyncio.get_running_loop()
-    listener = socket.socket(_family(host), socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, 0))
+    if bound is None:
+        listener = socket.socket(_family(host), socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, 0))
+    else:
+        listener = bound
+        host = listener.getsockname()[0]
     listener.listen(1024)
     listener.setblocking(False)
     info = RawBackend(host, listener.getsockname()[1])
@@ -399,6 +409,18 @@ def rss_bytes(pid: int) -> int:
     """Resident set size of a process and its descendants (VmRSS from /proc): pointsman's
     control process and its workers, which hold the connections by default."""
     return sum(_own_rss(each) for each in _tree(pid))
+
+
+def open_sockets(pid: int) -> int:
+    """Sockets a process and its descendants hold open (pointsman's control process and its
+    workers): what a leaked connection leaves behind."""
+    count = 0
+    for each in _tree(pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            for fd in Path(f"/proc/{each}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    count += fd.readlink().name.startswith("socket:")
+    return count
 
 
 def _tree(pid: int) -> list[int]:

@@ -153,7 +153,11 @@ class PoolTargets:
     def _make(self, backend_id: str, host: str, port: int, stats: BackendStats,
               options: dict[str, Any]) -> Slot | None:
         try:
-            target = self.engine.target(next(_IDS), numeric(host, port), port, **options)
+            # Counted with every other target of this backend's stats (another listener's, or
+            # one from before the pool's settings changed): an engine picking by load compares
+            # what the picker compares, `stats.active` (docs/engine.md, "Fast admission").
+            target = self.engine.target(next(_IDS), numeric(host, port), port, load=stats,
+                                        **options)
         except (OSError, ValueError) as exc:
             log.error("backend %s: cannot connect to %s:%d: %s", backend_id, host, port, exc)
             return None

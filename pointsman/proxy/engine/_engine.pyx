@@ -24,6 +24,7 @@ import os as _os
 import logging
 import mmap as _mmap
 import socket as _socket
+import weakref as _weakref
 
 from pointsman.proxy.engine.api import (
     ACCEPT_BACKOFF,
@@ -226,6 +227,15 @@ cdef int dir_append(Dir* d, const char* data, Py_ssize_t n) except -1:
 
 
 @cython.final
+cdef class Load:
+    """The live load of one backend, shared by the targets made with the same `load` key
+    (see pyengine.Load)."""
+
+    cdef Py_ssize_t active
+    cdef object __weakref__
+
+
+@cython.final
 cdef class CTarget:
     """A backend address and per-pool settings, parsed once (see pyengine.PyTarget)."""
 
@@ -246,11 +256,11 @@ cdef class CTarget:
     cdef int64_t splice_after
     cdef readonly bint quiet  # a success is counted in `connected`, not reported (api.py)
     cdef readonly uint64_t connected
-    cdef readonly Py_ssize_t active  # connections assigned to it, not ended (pyengine.PyTarget)
+    cdef Load load  # its backend's connections, not ended, shared (pyengine.PyTarget)
 
     def __init__(self, int backend, str host, int port, source, bint transparent,
                  double connect_timeout, double idle_timeout, double half_close_timeout,
-                 splice_after, bint nodelay, keepalive, bint quiet=False):
+                 splice_after, bint nodelay, keepalive, bint quiet=False, Load load=None):
         parse_addr(host, port, &self.addr)
         if keepalive is not None:
             keepalive = Keepalive(*keepalive).check()
@@ -270,6 +280,12 @@ cdef class CTarget:
         self.half_close_ns = <int64_t>(half_close_timeout * 1e9)
         self.splice_after = C_NEVER if splice_after is None else splice_after
         self.quiet = quiet
+        self.load = Load() if load is None else load
+
+    @property
+    def active(self):
+        """The connections to its backend through it and every target sharing its load."""
+        return self.load.active
 
     def __repr__(self):
         return f"CTarget({self.backend}, {self.host!r}, {self.port})"
@@ -628,7 +644,7 @@ cdef CTarget _two(Listener lst):
     if second == first:  # only by float rounding at an interval edge
         second = first + 1 if first + 1 < count else first - 1
     cdef CTarget a = <CTarget>fast[first], b = <CTarget>fast[second]
-    if b.active / <double>weights[second] < a.active / first_weight:
+    if b.load.active / <double>weights[second] < a.load.active / first_weight:
         return b
     return a
 
@@ -644,7 +660,7 @@ cdef CTarget _least(Listener lst):
     cdef Py_ssize_t count = len(fast), position = lst.fast_next, best = -1, k
     cdef double score, best_score = 0.0
     for k in range(count):
-        score = (<CTarget>fast[position]).active / <double>weights[position]
+        score = (<CTarget>fast[position]).load.active / <double>weights[position]
         if best < 0 or score < best_score:
             best = position
             best_score = score
@@ -693,6 +709,7 @@ cdef class CEngine:
     cdef uint64_t local_errs[4][ERRNO_SLOTS]
     cdef bint closed
     cdef object _on_ready_cb, _tick_cb, _again_cb
+    cdef object loads  # the backends' loads by the policy's key, while a target holds one
 
     def __cinit__(self):
         self.epfd = -1
@@ -733,6 +750,7 @@ cdef class CEngine:
         self._on_ready_cb = self._on_ready
         self._tick_cb = self._tick
         self._again_cb = self._run_again
+        self.loads = _weakref.WeakValueDictionary()
         loop.add_reader(self.epfd, self._on_ready_cb)
 
     def __dealloc__(self):
@@ -747,9 +765,16 @@ cdef class CEngine:
     def target(self, int backend, str host, int port, *, source=None, bint transparent=False,
                double connect_timeout=5.0, double idle_timeout=300.0,
                double half_close_timeout=30.0, splice_after=None, bint nodelay=True,
-               keepalive=None, bint quiet=False):
+               keepalive=None, bint quiet=False, load=None):
+        """pyengine.PyEngine.target: targets made with the same `load` key share one count."""
+        cdef Load shared = None
+        if load is not None:
+            shared = self.loads.get(load)
+            if shared is None:
+                shared = Load()
+                self.loads[load] = shared
         return CTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
-                       half_close_timeout, splice_after, nodelay, keepalive, quiet)
+                       half_close_timeout, splice_after, nodelay, keepalive, quiet, shared)
 
     def add_listener(self, sock, policy, *, bint nodelay=True, keepalive=None):
         cdef Listener lst = Listener()
@@ -1416,8 +1441,8 @@ cdef class CEngine:
                       object source) except -1:
         cdef int err, op
         if conn.target is not None:  # a retry: the load moves
-            conn.target.active -= 1
-        target.active += 1
+            conn.target.load.active -= 1
+        target.load.active += 1
         conn.target = target
         conn.first = bytes(first) if first else None  # _connected reads it as bytes, unchecked
         if consume > 0 and conn.up.len:
@@ -1814,6 +1839,7 @@ cdef class CEngine:
         conn.state = S_DRAIN
         conn.reason = reason
         conn.drain_up = client
+        self._salvage(conn, conn.cfd if client else conn.bfd, client)
         if client:
             self._close(conn.cfd, False)
             conn.cfd = -1
@@ -1828,6 +1854,24 @@ cdef class CEngine:
         self.draining.add(conn)
         self._arm(conn)
         return self._drain(conn)
+
+    cdef int _salvage(self, Conn conn, int fd, bint up) except -1:
+        """pyengine._salvage: what the reset side's kernel still holds from it, after what is
+        buffered (a reset found by a failed write or FIN towards it)."""
+        cdef Dir* d = &conn.up if up else &conn.down
+        cdef Py_ssize_t n
+        if d.eof:
+            return 0
+        while True:
+            n = recv(fd, self.rbuf, C_READ_CHUNK, 0)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                return 0  # nothing more (EAGAIN), or the reset itself
+            if n == 0:
+                return 0
+            self._count(conn, n, up)
+            dir_append(d, self.rbuf, n)
 
     cdef int _drain(self, Conn conn) except -1:
         cdef Dir* d = &conn.up if conn.drain_up else &conn.down
@@ -1984,7 +2028,7 @@ cdef class CEngine:
         conn.first = None
         conn.preamble = None
         if conn.target is not None:
-            conn.target.active -= 1
+            conn.target.load.active -= 1
         lst = conn.lst
         lst.active -= 1
         if reason == E_REFUSED:

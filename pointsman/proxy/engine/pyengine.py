@@ -36,6 +36,7 @@ import select
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,17 +115,28 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
+class Load:
+    """The live load of one backend: its connections (connecting or connected, not ended)
+    through every target that shares it (PyEngine.target's `load`), which a least-connections
+    fast table scans and a power-of-two one compares."""
+
+    __slots__ = ("__weakref__", "active")
+
+    def __init__(self) -> None:
+        self.active = 0
+
+
 class PyTarget:
     """A backend address and the per-pool settings a connection to it uses; made once."""
 
-    __slots__ = ("active", "address", "backend", "connect_ns", "connected", "family",
-                 "half_close_ns", "idle_ns", "keepalive", "nodelay", "quiet", "source",
-                 "splice_after", "transparent")
+    __slots__ = ("address", "backend", "connect_ns", "connected", "family", "half_close_ns",
+                 "idle_ns", "keepalive", "load", "nodelay", "quiet", "source", "splice_after",
+                 "transparent")
 
     def __init__(self, backend: int, host: str, port: int, source: str | None, transparent: bool,
                  connect_timeout: float, idle_timeout: float, half_close_timeout: float,
                  splice_after: int | None, nodelay: bool, keepalive: Keepalive | None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, load: Load | None = None) -> None:
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
         socket.inet_pton(self.family, host)  # numeric only: the policy resolves names
         if source is not None:
@@ -143,9 +155,15 @@ class PyTarget:
         # in the record); the policy reads the count when it needs the successes (api.py).
         self.quiet = quiet
         self.connected = 0
-        # Connections assigned to it (connecting or connected, not ended): the live load a
-        # least-connections fast table scans (set_fast with weights).
-        self.active = 0
+        # Connections assigned to it (connecting or connected, not ended), counted with those
+        # of the targets that share its backend's load: what a least-connections fast table
+        # scans (set_fast with weights).
+        self.load = Load() if load is None else load
+
+    @property
+    def active(self) -> int:
+        """The connections to its backend through it and every target sharing its load."""
+        return self.load.active
 
 
 def _weights(weights: Sequence[float] | None,
@@ -213,7 +231,7 @@ def _two(fast: tuple[PyTarget, ...], weights: tuple[float, ...], ends: list[floa
         return fast[0]
     first, second = draw_two(ends, weights, _RNG.random)
     a, b = fast[first], fast[second]
-    return b if b.active / weights[second] < a.active / weights[first] else a
+    return b if b.load.active / weights[second] < a.load.active / weights[first] else a
 
 
 def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...]) -> PyTarget:
@@ -224,7 +242,7 @@ def _least(lst: _Listener, fast: tuple[PyTarget, ...], weights: tuple[float, ...
     best = -1
     best_score = 0.0
     for _ in range(count):
-        score = fast[position].active / weights[position]
+        score = fast[position].load.active / weights[position]
         if best < 0 or score < best_score:
             best = position
             best_score = score
@@ -388,6 +406,8 @@ class PyEngine:
         self._closing: list[socket.socket] = []  # closed after the poll round (see _close)
         self._errno = 0  # the error of the last failed send/recv/splice/shutdown (see _reset)
         self._closed = False
+        # The backends' loads by the policy's key (target's `load`), while a target holds one.
+        self._loads: weakref.WeakValueDictionary[object, Load] = weakref.WeakValueDictionary()
         loop.add_reader(self._epfd, self._on_ready)
 
     # --- the public API ---------------------------------------------------------------------------
@@ -396,9 +416,18 @@ class PyEngine:
                transparent: bool = False, connect_timeout: float = 5.0, idle_timeout: float = 300.0,
                half_close_timeout: float = 30.0, splice_after: int | None = None,
                nodelay: bool = True, keepalive: Keepalive | None = None,
-               quiet: bool = False) -> PyTarget:
+               quiet: bool = False, load: object = None) -> PyTarget:
+        """A target; those made with the same `load` key (the policy's: its backend's stats)
+        share one count of their connections, so a least-connections or power-of-two table
+        compares every connection to the backend in this engine, whichever listener's target
+        or whichever target (one made before a reload) it went through."""
+        shared = None
+        if load is not None:
+            shared = self._loads.get(load)
+            if shared is None:
+                shared = self._loads[load] = Load()
         return PyTarget(backend, host, port, source, transparent, connect_timeout, idle_timeout,
-                        half_close_timeout, splice_after, nodelay, keepalive, quiet)
+                        half_close_timeout, splice_after, nodelay, keepalive, quiet, shared)
 
     def add_listener(self, sock: socket.socket, policy: Policy, *, nodelay: bool = True,
                      keepalive: Keepalive | None = None) -> int:
@@ -976,8 +1005,8 @@ class PyEngine:
     def _connect(self, conn: _Conn, target: PyTarget, first: bytes, consume: int,
                  source: str | None) -> None:
         if conn.target is not None:  # a retry: the load moves
-            conn.target.active -= 1
-        target.active += 1
+            conn.target.load.active -= 1
+        target.load.active += 1
         conn.target = target
         conn.first = bytes(first)
         pending = conn.up.pending
@@ -1356,6 +1385,7 @@ class PyEngine:
         conn.drain_up = client  # the client is gone: what it sent goes up to the backend
         dead = conn.client if client else conn.backend
         assert dead is not None
+        self._salvage(conn, dead, client)
         self._fds.pop(dead.fd, None)
         self._close(dead.sock, reset=False)
         if client:
@@ -1368,6 +1398,33 @@ class PyEngine:
         self._draining.add(conn)
         self._arm(conn)
         self._drain(conn)
+
+    def _salvage(self, conn: _Conn, dead: _Side, up: bool) -> None:
+        """Take what the reset side's kernel still holds from it, after what is buffered: a
+        failed write or FIN towards it reports its reset while bytes it sent before the reset
+        are still to be read. Bounded by that socket's receive buffer (nothing comes after a
+        reset); a reset found by a read has nothing left (the kernel gives the bytes first)."""
+        d = conn.up if up else conn.down
+        if d.eof:
+            return
+        parts: list[bytes] = []
+        while True:
+            try:
+                n = dead.sock.recv_into(self._rbuf)
+            except InterruptedError:
+                continue
+            except OSError:  # nothing more (EAGAIN), or the reset itself
+                break
+            if n == 0:
+                break
+            parts.append(bytes(self._rview[:n]))
+            if up:
+                self._count_in(conn, n)
+            else:
+                self._count_out(conn, n)
+        if parts:
+            pending = d.pending
+            d.pending = (b"" if pending is None else bytes(pending)) + b"".join(parts)
 
     def _drain(self, conn: _Conn) -> None:
         """Write what the reset side sent to the survivor, then reset the survivor once its
@@ -1480,7 +1537,7 @@ class PyEngine:
                 os.close(d.pipe_w)
                 d.pipe_r = d.pipe_w = -1
         if conn.target is not None:
-            conn.target.active -= 1
+            conn.target.load.active -= 1
         lst = conn.lst
         lst.active -= 1
         if reason == End.REFUSED:

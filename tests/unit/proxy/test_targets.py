@@ -23,6 +23,7 @@ class Targets:
     def target(self, backend: int, host: str, port: int, **options: Any) -> PyTarget:
         options.setdefault("source", None)
         options.setdefault("nodelay", True)
+        options.pop("load", None)  # shared loads are the engine's (none here)
         made = PyTarget(backend, host, port, **options)
         self.made.append(made)
         return made
