@@ -52,6 +52,16 @@ def free_port(host: str = LOOPBACK, kind: socket.SocketKind = socket.SOCK_STREAM
     return free_range(1, host, kind)
 
 
+def loopback_server(backlog: int) -> socket.socket:
+    """A non-blocking TCP socket listening on LOOPBACK on a port of the kernel's choosing."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((LOOPBACK, 0))
+    server.listen(backlog)
+    server.setblocking(False)
+    return server
+
+
 def free_range(count: int, host: str = LOOPBACK,
                kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
     """The first of `count` consecutive ports free on `host` now (tried, released), none handed

@@ -20,7 +20,7 @@ import pytest
 from pointsman.proxy.engine import Engine, compiled_available, new_engine
 from pointsman.proxy.engine.api import Ended, ReadPreamble
 from pointsman.proxy.engine.simple import RoundRobinPolicy
-from tests.support import LOOPBACK, wait_for
+from tests.support import LOOPBACK, loopback_server, wait_for
 
 ENGINES = [
     "python",
@@ -145,11 +145,7 @@ async def raw_backend(handler: RawHandler) -> AsyncIterator[RawBackend]:
     """A backend that hands each accepted raw (non-blocking) socket to `handler`; the handler
     owns closing it (so it can reset instead)."""
     loop = asyncio.get_running_loop()
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((LOOPBACK, 0))
-    server.listen(512)
-    server.setblocking(False)
+    server = loopback_server(512)
     info = RawBackend(server.getsockname()[1])
     tasks: set[asyncio.Task[None]] = set()
 

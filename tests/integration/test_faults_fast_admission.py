@@ -63,6 +63,7 @@ from tests.support import (
     LOOPBACK,
     REPORT_TIMEOUT,
     free_port,
+    loopback_server,
     pointsman_process_async,
     refused_port,
     running,
@@ -704,11 +705,7 @@ async def test_a_reset_found_by_a_write_still_delivers_what_came_before_it(
     read; the bytes the dead side sent before its reset are still in the kernel, and must reach
     the survivor before the reset does (the reset stays a reset, after every byte)."""
     loop = asyncio.get_running_loop()
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((LOOPBACK, 0))
-    server.listen(8)
-    server.setblocking(False)
+    server = loopback_server(8)
     listen = f"{LOOPBACK}:{free_port()}"
     backends = [{"name": "a", "address": f"{LOOPBACK}:{server.getsockname()[1]}"}]
     text = node_config(listen, pool_config("least_connections", backends, **PATHS[path]))
