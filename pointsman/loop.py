@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import threading
 from collections import deque
@@ -23,15 +24,18 @@ class PassingThreads(ThreadPoolExecutor):
     (a process of one thread skips that): every recv and send of the data path pays, about 1 %
     of the CPU per keep-alive request (paired, 7 of 7 rounds). What runs here is rare (a metrics
     scrape, a status, a reload, a slow flow-log write), so a thread per burst costs nothing that
-    shows. A subclass, since asyncio takes only a ThreadPoolExecutor; none of its own machinery
-    is used."""
+    shows. Its threads are started with `_thread.start_new_thread`, which returns at once:
+    `Thread.start()` waits until the OS has run the new thread, on the loop (measured while the
+    test suite loaded this machine: 0.12 ms median, 3.4 ms at the 99th percentile). A subclass,
+    since asyncio takes only a ThreadPoolExecutor; none of its own machinery is used."""
 
     def __init__(self, most: int = 4) -> None:
         super().__init__(max_workers=most)
         self._most = most
         self._guard = threading.Lock()
+        self._idle = threading.Condition(self._guard)  # notified when the last thread leaves
         self._queued: deque[Work] = deque()
-        self._passing: set[threading.Thread] = set()
+        self._passing = 0  # threads running _drain
         self._closed = False
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -40,19 +44,18 @@ class PassingThreads(ThreadPoolExecutor):
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._queued.append((future, fn, args, kwargs))
-            if len(self._passing) < self._most:
-                thread = threading.Thread(target=self._drain, name="pointsman-passing",
-                                          daemon=True)
-                self._passing.add(thread)
-                thread.start()  # under the guard: shutdown never joins one not yet started
+            if self._passing < self._most:
+                _thread.start_new_thread(self._drain, ())  # raises before counting, if at all
+                self._passing += 1
         return future
 
     def _drain(self) -> None:
-        me = threading.current_thread()
         while True:
             with self._guard:
                 if not self._queued:
-                    self._passing.discard(me)
+                    self._passing -= 1
+                    if not self._passing:
+                        self._idle.notify_all()
                     return
                 future, fn, args, kwargs = self._queued.popleft()
             if not future.set_running_or_notify_cancel():
@@ -71,10 +74,8 @@ class PassingThreads(ThreadPoolExecutor):
                 for future, *_ in self._queued:
                     future.cancel()
                 self._queued.clear()
-            passing = list(self._passing)
-        if wait:
-            for thread in passing:
-                thread.join()
+            while wait and self._passing:
+                self._idle.wait()
 
 
 async def _with_passing_threads(main: Coroutine[Any, Any, T]) -> T:
