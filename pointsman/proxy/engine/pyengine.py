@@ -1202,10 +1202,7 @@ class PyEngine:
                 d.eof = True
                 self._fin(conn, Flag.CLIENT_FIN if up else Flag.BACKEND_FIN)
                 continue
-            if up:
-                self._count_in(conn, n)
-            else:
-                self._count_out(conn, n)
+            self._count(conn, n, up)
             more = failed = 0
             if n < READ_CHUNK:
                 if not src.hup:
@@ -1245,10 +1242,7 @@ class PyEngine:
         except OSError as exc:
             return 0, exc.errno or errno.EIO, n
         if more:  # not the end after all (a read is short only at the end of what came)
-            if up:
-                self._count_in(conn, more)
-            else:
-                self._count_out(conn, more)
+            self._count(conn, more, up)
             return 0, 0, n + more
         d.eof = True
         self._fin(conn, Flag.CLIENT_FIN if up else Flag.BACKEND_FIN)
@@ -1314,10 +1308,7 @@ class PyEngine:
                 continue
             moved += n
             d.pipe_len += n
-            if up:
-                self._count_in(conn, n)
-            else:
-                self._count_out(conn, n)
+            self._count(conn, n, up)
             # The pipe was empty and each of its buffers holds at least one byte: fewer bytes
             # than buffers means the pipe did not fill, so the socket had no more (a short read
             # drains, as on the copy path): no splice that would only say EAGAIN.
@@ -1348,6 +1339,13 @@ class PyEngine:
         conn.flags |= Flag.SPLICED
         conn.lst.spliced += 1
         return True
+
+    def _count(self, conn: _Conn, n: int, up: bool) -> None:
+        """`n` bytes moved from the client (`up`) or from the backend."""
+        if up:
+            self._count_in(conn, n)
+        else:
+            self._count_out(conn, n)
 
     def _count_in(self, conn: _Conn, n: int) -> None:
         conn.bytes_in += n
@@ -1418,10 +1416,7 @@ class PyEngine:
             if n == 0:
                 break
             parts.append(bytes(self._rview[:n]))
-            if up:
-                self._count_in(conn, n)
-            else:
-                self._count_out(conn, n)
+            self._count(conn, n, up)
         if parts:
             pending = d.pending
             d.pending = (b"" if pending is None else bytes(pending)) + b"".join(parts)
