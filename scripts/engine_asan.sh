@@ -36,3 +36,7 @@ LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" -k "c
     tests/integration/test_engine_connect.py tests/integration/test_engine_lifecycle.py \
     tests/integration/test_engine_udp.py tests/integration/test_udp_plane.py \
     tests/unit/proxy/test_fold.py "$@"
+# The engine waiting for uvloop (compiled only; its scenarios run in children, which inherit
+# the preload).
+LD_PRELOAD="$LIBASAN" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
+    tests/integration/test_engine_loop_wait.py "$@"

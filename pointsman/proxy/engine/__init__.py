@@ -43,6 +43,12 @@ class Engine(Protocol):
 
     name: str
 
+    @property
+    def waits_for_loop(self) -> bool:
+        """True when the engine blocks in its own epoll for uvloop too (docs/engine.md, "The
+        engine waits for uvloop"); False: one add_reader on the loop."""
+        ...
+
     def target(self, backend: int, host: str, port: int, *, source: str | None = None,
                transparent: bool = False, connect_timeout: float = 5.0, idle_timeout: float = 300.0,
                half_close_timeout: float = 30.0, splice_after: int | None = None,

@@ -17,6 +17,8 @@ class CTarget:
 
 class CEngine:
     name: str
+    @property
+    def waits_for_loop(self) -> bool: ...
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None: ...
     def target(self, backend: int, host: str, port: int, *, source: str | None = None,
                transparent: bool = False, connect_timeout: float = 5.0, idle_timeout: float = 300.0,

@@ -131,6 +131,84 @@ cdef uint32_t ERR_EVENTS = EPOLLHUP | EPOLLERR
 cdef uint32_t WRITE_EVENTS = EPOLLOUT | EPOLLERR | EPOLLHUP
 
 
+# --- the engine waits for uvloop -------------------------------------------------------------------
+# Under uvloop, a wake-up through an add_reader on the engine's epoll costs uvloop's iteration and
+# a Python call: about 1 us per keep-alive request at 32 connections (docs/engine.md, "The engine
+# waits for uvloop"). So where it can, the engine turns the nesting round: uvloop's epoll goes
+# inside the engine's, and the engine blocks in its own epoll_wait for both, as long as uvloop
+# has no callback ready and no timer due (libuv's uv_backend_timeout). When uvloop's descriptor
+# reads ready, a timer is due or a callback is queued, the engine rings a bell (an eventfd that
+# uvloop watches) and returns: uvloop runs its iteration and calls the engine again. The libuv
+# functions come from uvloop's own module (it exports them), the uv_loop_t from the first field
+# of its Loop, checked before use; anything else (another loop, an unknown uvloop build, a
+# second engine on the loop, POINTSMAN_ENGINE_WAIT=loop) keeps the add_reader.
+
+ctypedef int (*uv_loop_int)(const void*) noexcept nogil
+ctypedef void (*uv_loop_void)(void*) noexcept nogil
+
+cdef int TICK_MS = <int>(TICK * 1000)
+cdef uint64_t LOOP_TAG = 1ULL << 63  # the event of uvloop's descriptor in the engine's epoll
+_waiting = _weakref.WeakSet()  # the loops an engine waits for (one engine per loop)
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyThreadState
+    ctypedef struct PyInterpreterState
+    PyInterpreterState* PyInterpreterState_Get()
+    PyThreadState* PyInterpreterState_ThreadHead(PyInterpreterState*)
+    PyThreadState* PyThreadState_Next(PyThreadState*)
+
+
+cdef inline bint alone() noexcept:
+    """True when this is the interpreter's only thread (the executor's come and go)."""
+    return PyThreadState_Next(PyInterpreterState_ThreadHead(PyInterpreterState_Get())) == NULL
+
+
+cdef struct LoopHook:
+    void* uvl  # uvloop's uv_loop_t, or NULL: the add_reader way
+    int fd  # uvloop's epoll descriptor
+    int bell  # an eventfd in uvloop's epoll: readable while the engine wants its turn
+    uv_loop_int backend_timeout
+    uv_loop_void update_time
+
+
+cdef int hook_uvloop(object loop, LoopHook* hook) except -1:
+    """Fill `hook` when the engine can wait for `loop`; leave hook.uvl NULL otherwise."""
+    cdef void* lib
+    cdef void* uvl
+    cdef uv_loop_int backend_fd
+    hook.uvl = NULL
+    hook.bell = -1
+    if _os.environ.get("POINTSMAN_ENGINE_WAIT", "engine") != "engine":
+        return 0
+    try:
+        from uvloop import loop as uvloop_module
+    except ImportError:
+        return 0
+    if not isinstance(loop, uvloop_module.Loop) or loop in _waiting:
+        return 0
+    lib = dlopen(_os.fsencode(uvloop_module.__file__), RTLD_NOW | RTLD_NOLOAD)
+    if lib == NULL:
+        return 0
+    backend_fd = <uv_loop_int>dlsym(lib, "uv_backend_fd")
+    hook.backend_timeout = <uv_loop_int>dlsym(lib, "uv_backend_timeout")
+    hook.update_time = <uv_loop_void>dlsym(lib, "uv_update_time")
+    if backend_fd == NULL or hook.backend_timeout == NULL or hook.update_time == NULL:
+        return 0
+    # Loop's first field after the object head and Cython's method table is `uv_loop_t *uvloop`,
+    # and the first field of that (`data`) points back at the Loop.
+    if type(loop).__basicsize__ < <Py_ssize_t>(sizeof(PyObject) + 2 * sizeof(void*)):
+        return 0
+    uvl = (<void**>(<char*><PyObject*>loop + sizeof(PyObject) + sizeof(void*)))[0]
+    if uvl == NULL or (<void**>uvl)[0] != <void*>loop:
+        return 0
+    hook.fd = backend_fd(uvl)
+    if hook.fd < 0 or hook.fd != loop._get_backend_id():
+        return 0
+    hook.uvl = uvl
+    return 0
+
+
 cdef struct Dir:
     char* buf  # bytes read from the source not yet taken by the destination (malloc'ed)
     Py_ssize_t off
@@ -708,6 +786,8 @@ cdef class CEngine:
     cdef uint64_t accept_errs[ERRNO_SLOTS]
     cdef uint64_t local_errs[4][ERRNO_SLOTS]
     cdef bint closed
+    cdef LoopHook hook
+    cdef bint loop_ready  # uvloop's descriptor read ready in this poll (see LoopHook)
     cdef object _on_ready_cb, _tick_cb, _again_cb
     cdef object loads  # the backends' loads by the policy's key, while a target holds one
 
@@ -751,7 +831,28 @@ cdef class CEngine:
         self._tick_cb = self._tick
         self._again_cb = self._run_again
         self.loads = _weakref.WeakValueDictionary()
-        loop.add_reader(self.epfd, self._on_ready_cb)
+        hook_uvloop(loop, &self.hook)
+        if self.hook.uvl != NULL:
+            self._wait_for(loop)
+        else:
+            loop.add_reader(self.epfd, self._on_ready_cb)
+
+    cdef int _wait_for(self, object loop) except -1:
+        """uvloop's epoll inside the engine's, and the bell in uvloop's (see LoopHook)."""
+        cdef epoll_event ev
+        self.hook.bell = eventfd(1, EFD_NONBLOCK | EFD_CLOEXEC)  # rung: the first turn comes
+        if self.hook.bell < 0:
+            raise OSError(errno, "eventfd")
+        ev.events = EPOLLIN
+        ev.data.u64 = LOOP_TAG
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.hook.fd, &ev) < 0:
+            err = errno
+            close(self.hook.bell)
+            self.hook.bell = -1
+            raise OSError(err, "epoll_ctl")
+        loop.add_reader(self.hook.bell, self._on_ready_cb)
+        _waiting.add(loop)
+        return 0
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -761,6 +862,11 @@ cdef class CEngine:
         free(self.closing)
 
     # --- the public API ---------------------------------------------------------------------------
+
+    @property
+    def waits_for_loop(self):
+        """True when the engine waits for uvloop in its own epoll (see LoopHook)."""
+        return self.hook.uvl != NULL
 
     def target(self, int backend, str host, int port, *, source=None, bint transparent=False,
                double connect_timeout=5.0, double idle_timeout=300.0,
@@ -947,7 +1053,12 @@ cdef class CEngine:
         cut = self.close_all(code)
         self._close_now()
         self.closed = True
-        self.loop.remove_reader(self.epfd)
+        if self.hook.uvl != NULL:
+            self.loop.remove_reader(self.hook.bell)
+            close(self.hook.bell)
+            _waiting.discard(self.loop)
+        else:
+            self.loop.remove_reader(self.epfd)
         for handle in (self.tick_handle, self.soon):
             if handle is not None:
                 handle.cancel()
@@ -959,6 +1070,9 @@ cdef class CEngine:
 
     def _on_ready(self):
         cdef int n, rounds
+        if self.hook.uvl != NULL:
+            self._wait()
+            return
         self.busy += 1
         try:
             self.now = now_ns()
@@ -976,6 +1090,66 @@ cdef class CEngine:
         finally:
             self.busy -= 1
             self._after_call()
+
+    cdef int _wait(self) except -1:
+        """The engine's turn when it waits for uvloop (see LoopHook): wait in the engine's epoll,
+        for its own events and uvloop's descriptor, while uvloop has nothing else to do."""
+        cdef uint64_t rung
+        cdef int n, timeout = 0
+        cdef int64_t until = -1, left
+        read(self.hook.bell, &rung, sizeof(rung))
+        if self.loop.get_debug():  # uvloop times each callback: stay under its slow mark
+            until = now_ns() + <int64_t>(self.loop.slow_callback_duration * 0.5e9)
+        self.busy += 1
+        try:
+            while True:
+                if not timeout:
+                    n = epoll_wait(self.epfd, self.events, MAX_EVENTS, 0)
+                else:
+                    if alone():  # no other thread can want the GIL meanwhile
+                        n = epoll_wait(self.epfd, self.events, MAX_EVENTS, timeout)
+                    else:
+                        with nogil:  # the executor's threads run, as in uvloop's own wait
+                            n = epoll_wait(self.epfd, self.events, MAX_EVENTS, timeout)
+                    # libuv's clock stopped with the wait: call_later in the policy's calls
+                    self.hook.update_time(self.hook.uvl)
+                if n < 0:
+                    if errno == EINTR:  # a signal: its Python handler runs in uvloop's turn
+                        break
+                    raise OSError(errno, "epoll_wait")
+                self.now = now_ns()
+                self.loop_ready = False
+                self._events(n)
+                self._close_now()
+                self._sweep()
+                if self.loop_ready:
+                    break
+                self.busy -= 1
+                try:
+                    self._after_call()  # what the policy must see, our call_soon and call_later
+                finally:
+                    self.busy += 1
+                if self.closed:
+                    break
+                self.hook.update_time(self.hook.uvl)
+                timeout = self.hook.backend_timeout(self.hook.uvl)
+                if timeout == 0:
+                    break
+                if self._sweeping() and not 0 < timeout <= TICK_MS:  # the tick, without call_later
+                    timeout = TICK_MS
+                if until >= 0:
+                    left = (until - now_ns()) // 1000000
+                    if left <= 0:
+                        break
+                    if timeout < 0 or timeout > left:
+                        timeout = <int>left
+        finally:
+            self.busy -= 1
+            self._after_call()
+            if not self.closed:
+                rung = 1
+                write(self.hook.bell, &rung, sizeof(rung))
+        return 0
 
     cdef int _events(self, int n) except -1:
         """Handle one poll's events; one connection's bug must not stall the batch: its
@@ -1018,8 +1192,10 @@ cdef class CEngine:
 
     cdef int _sweep(self) except -1:
         cdef Conn conn
-        for conn in self._wheel_expire(self.now // C_TICK_NS):
-            self._expire(conn)
+        cdef int64_t tick = self.now // C_TICK_NS
+        if tick > self.wheel_tick:  # at most once a tick: no list for the wake-ups in between
+            for conn in self._wheel_expire(tick):
+                self._expire(conn)
         if self.draining:
             for conn in list(self.draining):
                 self._drain(conn)
@@ -1039,9 +1215,13 @@ cdef class CEngine:
         self._flush_records()
         if self.again and self.soon is None:
             self.soon = self.loop.call_soon(self._again_cb)
-        if self.tick_handle is None and (self.wheel_count or self.draining or self.paused):
+        if self.tick_handle is None and self.hook.uvl == NULL and self._sweeping():
             self.tick_handle = self.loop.call_later(TICK, self._tick_cb)
         return 0
+
+    cdef inline bint _sweeping(self) noexcept:
+        """Timers, drains or a paused listener: the engine needs a turn every tick."""
+        return self.wheel_count or self.draining or self.paused
 
     cdef int _close_now(self) except -1:
         cdef int i
@@ -1132,6 +1312,9 @@ cdef class CEngine:
         cdef int fd = <int><uint32_t>data  # low half (C, not a Python AND)
         cdef Conn conn
         if data >> 32:
+            if data == LOOP_TAG:
+                self.loop_ready = True
+                return 0
             lst = self.lfds.get(fd)
             if lst is not None:
                 self._accept(<Listener>lst)

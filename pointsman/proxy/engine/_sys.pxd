@@ -34,6 +34,8 @@ cdef extern from "<time.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     int close(int)
     int pipe2(int*, int)
+    ssize_t read(int, void*, size_t)
+    ssize_t write(int, const void*, size_t)
 
 
 cdef extern from "<fcntl.h>" nogil:
@@ -231,3 +233,28 @@ cdef inline void fill_rx(mmsghdr* msgs, iovec* iov, SockAddr* addrs, char* buf, 
         msgs[i].msg_hdr.msg_namelen = sizeof(SockAddr)
         msgs[i].msg_hdr.msg_iov = &iov[i]
         msgs[i].msg_hdr.msg_iovlen = 1
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd*, unsigned long, int)
+    enum:
+        POLLIN
+
+
+cdef extern from "<dlfcn.h>" nogil:
+    void* dlopen(const char*, int)
+    void* dlsym(void*, const char*)
+    enum:
+        RTLD_NOW
+        RTLD_NOLOAD
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int, int)
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK

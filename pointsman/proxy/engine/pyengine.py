@@ -376,6 +376,7 @@ class PyEngine:
     """Owns TCP connections' I/O on one event loop; see the module docstring and api.py."""
 
     name = NAME
+    waits_for_loop = False  # one add_reader always: the wait for uvloop is the compiled engine's
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
