@@ -196,11 +196,12 @@ cdef int hook_uvloop(object loop, LoopHook* hook) except -1:
     if backend_fd == NULL or hook.backend_timeout == NULL or hook.update_time == NULL:
         return 0
     # Loop's first field after the object head and Cython's method table is `uv_loop_t *uvloop`,
-    # and the first field of that (`data`) points back at the Loop.
+    # and the first field of that (`data`) points back at the Loop. Should a uvloop build put
+    # something else there: small integers are no address, and an object's head is not the loop.
     if type(loop).__basicsize__ < <Py_ssize_t>(sizeof(PyObject) + 2 * sizeof(void*)):
         return 0
     uvl = (<void**>(<char*><PyObject*>loop + sizeof(PyObject) + sizeof(void*)))[0]
-    if uvl == NULL or (<void**>uvl)[0] != <void*>loop:
+    if <size_t>uvl < 65536 or <size_t>uvl % sizeof(void*) or (<void**>uvl)[0] != <void*>loop:
         return 0
     hook.fd = backend_fd(uvl)
     if hook.fd < 0 or hook.fd != loop._get_backend_id():
