@@ -49,8 +49,6 @@ def run_isolated(name: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-
-
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_the_first_engine_on_a_loop_waits_for_it_and_a_second_keeps_the_add_reader() -> None:
     loop = asyncio.get_running_loop()
@@ -88,15 +86,12 @@ async def idle_connection(address: tuple[str, int]) -> tuple[asyncio.StreamReade
 
 
 async def timers_fire(connections: int) -> None:
-    loop = asyncio.get_running_loop()
+    """Ten sleeps in a row, nothing else to end the engine's wait: each needs its timer."""
     async with backend(echo) as server, proxy("cython", [server.port]) as p:
         assert p.engine.waits_for_loop
         opened = [await idle_connection(p.address) for _ in range(connections)]
-        fired: list[float] = []
         for _ in range(10):
             await asyncio.sleep(0.02)
-            fired.append(loop.time())
-        assert len(fired) == 10
         for _, writer in opened:
             writer.close()
 
