@@ -235,16 +235,6 @@ cdef inline void fill_rx(mmsghdr* msgs, iovec* iov, SockAddr* addrs, char* buf, 
         msgs[i].msg_hdr.msg_iovlen = 1
 
 
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd*, unsigned long, int)
-    enum:
-        POLLIN
-
-
 cdef extern from "<dlfcn.h>" nogil:
     void* dlopen(const char*, int)
     void* dlsym(void*, const char*)
