@@ -841,6 +841,7 @@ cdef class CEngine:
     cdef int _wait_for(self, object loop) except -1:
         """uvloop's epoll inside the engine's, and the bell in uvloop's (see LoopHook)."""
         cdef epoll_event ev
+        cdef int err
         self.hook.bell = eventfd(1, EFD_NONBLOCK | EFD_CLOEXEC)  # rung: the first turn comes
         if self.hook.bell < 0:
             raise OSError(errno, "eventfd")
@@ -851,7 +852,7 @@ cdef class CEngine:
             close(self.hook.bell)
             self.hook.bell = -1
             raise OSError(err, "epoll_ctl")
-        loop.add_reader(self.hook.bell, self._on_ready_cb)
+        loop.add_reader(self.hook.bell, self._on_bell)
         _waiting.add(loop)
         return 0
 
@@ -1071,9 +1072,6 @@ cdef class CEngine:
 
     def _on_ready(self):
         cdef int n, rounds
-        if self.hook.uvl != NULL:
-            self._wait()
-            return
         self.busy += 1
         try:
             self.now = now_ns()
@@ -1092,7 +1090,7 @@ cdef class CEngine:
             self.busy -= 1
             self._after_call()
 
-    cdef int _wait(self) except -1:
+    def _on_bell(self):
         """The engine's turn when it waits for uvloop (see LoopHook): wait in the engine's epoll,
         for its own events and uvloop's descriptor, while uvloop has nothing else to do."""
         cdef uint64_t rung
@@ -1150,7 +1148,6 @@ cdef class CEngine:
             if not self.closed:
                 rung = 1
                 write(self.hook.bell, &rung, sizeof(rung))
-        return 0
 
     cdef int _events(self, int n) except -1:
         """Handle one poll's events; one connection's bug must not stall the batch: its
